@@ -1,0 +1,50 @@
+"""zmqfabric: a brokerless messaging fabric. Named nodes find each other with zeroconf and talk
+over ZeroMQ request/reply, publish/subscribe and push/pull; messages are msgpack.
+
+    import zmqfabric as zf
+    with zf.Node("web") as web:
+        reply = web.request("thumbnail", {"path": "a.png"}, timeout=2.0)
+"""
+
+from .config import NodeConfig, Scope
+from .core.records import EndpointKind, NodeRecord
+from .core.wire import Message
+from .errors import (
+    ClosedError,
+    FabricError,
+    FabricTimeoutError,
+    InvalidNameError,
+    LocalProtocolError,
+    MessageTooLargeError,
+    NameConflictError,
+    NodeNotFoundError,
+    NoProviderError,
+    RemoteError,
+    RemoteProtocolError,
+    RequestTimeoutError,
+)
+from .node import Node
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClosedError",
+    "EndpointKind",
+    "FabricError",
+    "FabricTimeoutError",
+    "InvalidNameError",
+    "LocalProtocolError",
+    "Message",
+    "MessageTooLargeError",
+    "NameConflictError",
+    "Node",
+    "NodeConfig",
+    "NodeNotFoundError",
+    "NodeRecord",
+    "NoProviderError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "RequestTimeoutError",
+    "Scope",
+    "__version__",
+]

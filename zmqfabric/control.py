@@ -1,0 +1,193 @@
+"""The control endpoint every node answers on: ``ping``, ``info`` and ``stats``.
+
+Served by a node-owned thread that owns only the control socket (sync, even on an asyncio node),
+so a node answers pings whether or not its user runs a serve loop. Requests use the ordinary
+request/reply wire format with body ``{"op": "ping" | "info" | "stats"}``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from .constants import CONTROL_TIMEOUT_S, HELLO_LINGER_MS, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
+from .core import wire
+from .core.records import EndpointKind, encode_txt
+from .errors import (
+    FabricTimeoutError,
+    LocalProtocolError,
+    NodeNotFoundError,
+    RemoteError,
+    RemoteProtocolError,
+)
+from .patterns.reqrep import ServiceEndpoint
+
+if TYPE_CHECKING:
+    from .nodebase import NodeBase
+
+log = logging.getLogger(__name__)
+OPS = ("ping", "info", "stats")
+
+
+class ControlEndpoint(ServiceEndpoint):
+    kind = EndpointKind.CONTROL
+    noun = "control endpoint"
+    sync_socket = True
+
+
+class ControlServer:
+    """Owns the control endpoint and the thread that serves it. ``stop()`` is idempotent."""
+
+    def __init__(self, node: NodeBase) -> None:
+        self._node = node
+        self._endpoint = ControlEndpoint(node, "control", self._answer)
+        self._stop_r, self._stop_w = os.pipe()
+        os.set_blocking(self._stop_r, False)
+        os.set_blocking(self._stop_w, False)
+        self._stopping = False
+        self._introductions: collections.deque[str] = collections.deque()
+        self._thread = threading.Thread(
+            target=self._run, name=f"zmqfabric-control-{node.name}", daemon=False
+        )
+
+    @property
+    def port(self) -> int:
+        return self._endpoint.port
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def introduce(self, url: str) -> None:
+        """Send our record to the control endpoint at ``url`` (thread-safe, returns at once).
+
+        mDNS answers a newcomer's query after 20-120 ms, or a second after our last announcement;
+        introducing ourselves over ZeroMQ when we see a newcomer makes mutual discovery take
+        milliseconds. The newcomer validates the record like any other (see ``hello``)."""
+        if self._stop_w < 0 or self._stopping:
+            return
+        self._introductions.append(url)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._stop_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def stop(self) -> None:
+        if self._stop_w < 0:
+            return
+        self._stopping = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(THREAD_JOIN_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.error("control thread of %s did not stop within %s s",
+                          self._node.name, THREAD_JOIN_TIMEOUT_S)
+        self._endpoint.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        self._stop_r = self._stop_w = -1
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._endpoint.socket, zmq.POLLIN)
+        poller.register(self._stop_r, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(POLL_INTERVAL_MS * 5))
+            if self._stop_r in events:
+                _drain(self._stop_r)
+                if self._stopping:
+                    return
+                while self._introductions:
+                    self._send_hello(self._introductions.popleft())
+            if self._endpoint.socket in events:
+                self._serve_one()
+
+    def _send_hello(self, url: str) -> None:
+        sock = self._node._sockets.socket(zmq.DEALER, sync=True)
+        sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
+        try:
+            sock.connect(url)
+            header = wire.pack_header(wire.Kind.REQUEST, 0, time.time())
+            hello = {"op": "hello", "name": self._node.name, "txt": encode_txt(self._node.record)}
+            sock.send_multipart([b"", header, wire.pack_body(hello)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("cannot introduce %s to %s: %s", self._node.name, url, exc)
+        finally:
+            sock.close(HELLO_LINGER_MS)
+
+    def _serve_one(self) -> None:
+        try:
+            zframes = self._endpoint.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        parsed = self._endpoint.parse([f.bytes for f in zframes])
+        if parsed is None:
+            return
+        route, header, body = parsed
+        op = body.get("op") if isinstance(body, dict) else None
+        if op == "hello":
+            self._node._accept_hello(body, zframes[-1].get("Peer-Address"))
+            return  # introductions are one-way: no reply
+        try:
+            result = self._answer(op)
+        except LocalProtocolError as exc:
+            self._endpoint.reply_error(route, header.msg_id, exc)
+        else:
+            self._endpoint.reply(route, header.msg_id, result)
+
+    def _answer(self, op: object) -> Any:
+        if op not in OPS:
+            raise LocalProtocolError(f"unknown control op {op!r}; expected one of {', '.join(OPS)}")
+        return self._node._control_answer(str(op))
+
+
+def control_call(node: NodeBase, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S) -> Any:
+    """Ask node ``target``'s control endpoint ``op`` from a fresh socket (any thread).
+
+    Raises NodeNotFoundError, FabricTimeoutError, RemoteError.
+    """
+    if not node.directory.wait_for(lambda: node.directory.get(target) is not None, timeout):
+        raise NodeNotFoundError(target, timeout)
+    record = node.directory.get(target)
+    endpoint = record.control if record else None
+    if record is None or endpoint is None:
+        raise NodeNotFoundError(target, timeout)
+    sock = node._sockets.socket(zmq.DEALER, sync=True)
+    try:
+        sock.connect(record.url(endpoint))
+        msg_id = int(time.monotonic_ns() & 0xFFFFFFFF)
+        header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
+        sock.send_multipart([b"", header, wire.pack_body({"op": op})])
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(left * 1000) + 1):
+                break
+            try:
+                reply_header, body = wire.parse_reply(sock.recv_multipart())
+            except RemoteProtocolError:
+                continue
+            if reply_header.msg_id != msg_id:
+                continue
+            if reply_header.kind is wire.Kind.ERROR:
+                raise RemoteError(f"{target}/control", body["type"], body["message"], target)
+            return body
+        raise FabricTimeoutError(f"node {target!r} did not answer {op} within {timeout:g} s",
+                                 timeout=timeout)
+    finally:
+        sock.close(0)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass

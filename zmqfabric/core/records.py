@@ -1,0 +1,247 @@
+"""Names and discovery records: validation and the DNS-SD TXT encoding. Pure: no IO.
+
+A node registers one DNS-SD service ``<node>._zmqfabric._tcp.local.`` whose SRV port is its control
+endpoint and whose A record is the one address all its endpoints are bound to. The TXT record:
+
+=========  =====================================================================================
+key        value
+=========  =====================================================================================
+``v``      record version, ``1``
+``id``     node id: 16 lowercase hex digits, random per node start (tells restarts and conflicts)
+``host``   the host name of the machine (informational, for people and conflict messages)
+``pid``    the process id (informational)
+``seq``    record sequence number, raised on every change: a reader drops a record of the same id
+           with a lower ``seq`` (mDNS answers can arrive after a newer announcement)
+``e0``...  endpoints, ``kind:name:port`` joined by ``;``, split over keys ``e0``, ``e1``... so
+           that each value is at most 250 bytes. Kinds: ``ctl`` control, ``rep`` reply service,
+           ``pub`` stream, ``pull`` pipeline.
+=========  =====================================================================================
+
+Endpoints carry only ports: the address is always the record's own A address, so a record cannot
+point the fabric at a third host. Everything read from the network is validated here and refused
+with :class:`RemoteProtocolError` when it does not fit.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Final, Mapping
+
+from ..constants import MAX_ENDPOINTS, MAX_TXT_VALUE, SERVICE_TYPE
+from ..errors import InvalidNameError, LocalProtocolError, RemoteProtocolError
+
+RECORD_VERSION: Final = "1"
+_NODE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+_ENDPOINT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
+_HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
+
+
+class EndpointKind(str, enum.Enum):
+    CONTROL = "ctl"
+    REPLY = "rep"
+    STREAM = "pub"
+    PIPELINE = "pull"
+
+    @property
+    def noun(self) -> str:
+        return _NOUNS[self]
+
+
+_NOUNS: Final = {
+    EndpointKind.CONTROL: "control endpoint",
+    EndpointKind.REPLY: "service",
+    EndpointKind.STREAM: "stream",
+    EndpointKind.PIPELINE: "pipeline",
+}
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    kind: EndpointKind
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """What the fabric knows about one node, as advertised."""
+
+    name: str
+    node_id: str
+    host: str
+    pid: int
+    address: str
+    endpoints: tuple[Endpoint, ...]
+    seq: int = 0
+
+    def url(self, endpoint: Endpoint) -> str:
+        return f"tcp://{_url_host(self.address)}:{endpoint.port}"
+
+    def find(self, kind: EndpointKind, name: str) -> Endpoint | None:
+        for ep in self.endpoints:
+            if ep.kind is kind and ep.name == name:
+                return ep
+        return None
+
+    @property
+    def control(self) -> Endpoint | None:
+        for ep in self.endpoints:
+            if ep.kind is EndpointKind.CONTROL:
+                return ep
+        return None
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def validate_node_name(name: object) -> str:
+    """Return ``name`` if it is a valid node name; raise InvalidNameError otherwise."""
+    if not isinstance(name, str) or not _NODE_NAME.match(name):
+        raise InvalidNameError(
+            "node", name, "use 1-63 lowercase letters, digits, '-' or '_', starting with a letter "
+            "or digit"
+        )
+    return name
+
+
+def validate_endpoint_name(name: object, what: str = "endpoint") -> str:
+    """Return ``name`` if it is a valid endpoint name; raise InvalidNameError otherwise."""
+    if not isinstance(name, str) or not _ENDPOINT_NAME.match(name):
+        raise InvalidNameError(
+            what, name, "use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
+        )
+    return name
+
+
+def instance_name(node: str) -> str:
+    return f"{node}.{SERVICE_TYPE}"
+
+
+def node_from_instance(instance: str) -> str:
+    """The node name of a DNS-SD instance name. Raises RemoteProtocolError."""
+    suffix = "." + SERVICE_TYPE
+    if not instance.lower().endswith(suffix.lower()):
+        raise RemoteProtocolError(f"record {instance!r} is not of type {SERVICE_TYPE}")
+    name = instance[: -len(suffix)]
+    try:
+        return validate_node_name(name)
+    except InvalidNameError as exc:
+        raise RemoteProtocolError(f"record has a bad node name: {exc}") from exc
+
+
+def server_name(node_id: str) -> str:
+    """The SRV target host name of a node: unique per node start."""
+    return f"zf-{node_id}.local."
+
+
+# --- TXT <-> record --------------------------------------------------------------------------
+
+
+def encode_txt(record: NodeRecord) -> dict[str, str]:
+    """The TXT properties of ``record``. Raises LocalProtocolError when it cannot be advertised."""
+    if len(record.endpoints) > MAX_ENDPOINTS:
+        raise LocalProtocolError(
+            f"node {record.name!r} has {len(record.endpoints)} endpoints; at most {MAX_ENDPOINTS} "
+            "can be advertised"
+        )
+    txt = {
+        "v": RECORD_VERSION,
+        "id": record.node_id,
+        "host": record.host,
+        "pid": str(record.pid),
+        "seq": str(record.seq),
+    }
+    chunk: list[str] = []
+    size = 0
+    index = 0
+    for ep in sorted(record.endpoints):
+        item = f"{ep.kind.value}:{ep.name}:{ep.port}"
+        if chunk and size + 1 + len(item) > MAX_TXT_VALUE:
+            txt[f"e{index}"] = ";".join(chunk)
+            index += 1
+            chunk, size = [], 0
+        size += len(item) + (1 if chunk else 0)
+        chunk.append(item)
+    if chunk:
+        txt[f"e{index}"] = ";".join(chunk)
+    return txt
+
+
+def decode_txt(
+    node: str, addresses: list[str], properties: Mapping[bytes, bytes | None]
+) -> NodeRecord:
+    """Validate a peer's advertised record. Raises RemoteProtocolError for anything off."""
+    props: dict[str, str] = {}
+    for key, value in properties.items():
+        if value is None or len(value) > MAX_TXT_VALUE + 5:
+            raise RemoteProtocolError(f"record {node!r}: TXT key {key!r} has no or an oversized value")
+        try:
+            props[key.decode("ascii")] = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"record {node!r}: TXT entry is not text") from exc
+    version = props.get("v")
+    if version != RECORD_VERSION:
+        raise RemoteProtocolError(f"record {node!r}: unsupported record version {version!r}")
+    node_id = props.get("id", "")
+    if not _NODE_ID.match(node_id):
+        raise RemoteProtocolError(f"record {node!r}: bad node id {node_id!r}")
+    host = props.get("host", "")
+    if not _HOST.match(host):
+        raise RemoteProtocolError(f"record {node!r}: bad host {host[:64]!r}")
+    pid = _int_field(node, "pid", props.get("pid"), 0, 2**31)
+    seq = _int_field(node, "seq", props.get("seq"), 0, 2**32)
+    if len(addresses) < 1:
+        raise RemoteProtocolError(f"record {node!r}: no address")
+    address = _valid_address(node, addresses[0])
+    endpoints = _decode_endpoints(node, props)
+    return NodeRecord(node, node_id, host, pid, address, endpoints, seq)
+
+
+def _decode_endpoints(node: str, props: Mapping[str, str]) -> tuple[Endpoint, ...]:
+    items: list[str] = []
+    index = 0
+    while f"e{index}" in props:
+        items.extend(props[f"e{index}"].split(";"))
+        index += 1
+        if len(items) > MAX_ENDPOINTS:
+            raise RemoteProtocolError(f"record {node!r}: more than {MAX_ENDPOINTS} endpoints")
+    endpoints: set[Endpoint] = set()
+    for item in items:
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise RemoteProtocolError(f"record {node!r}: bad endpoint {item[:80]!r}")
+        kind_s, name, port_s = parts
+        try:
+            kind = EndpointKind(kind_s)
+            validate_endpoint_name(name)
+        except (ValueError, InvalidNameError) as exc:
+            raise RemoteProtocolError(f"record {node!r}: bad endpoint {item[:80]!r}") from exc
+        endpoints.add(Endpoint(kind, name, _int_field(node, "port", port_s, 1, 65535)))
+    return tuple(sorted(endpoints))
+
+
+def _int_field(node: str, key: str, value: str | None, low: int, high: int) -> int:
+    if value is None or not value.isdigit() or len(value) > 10 or not low <= int(value) <= high:
+        raise RemoteProtocolError(f"record {node!r}: bad {key} {str(value)[:20]!r}")
+    return int(value)
+
+
+def _valid_address(node: str, address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"record {node!r}: bad address {address[:64]!r}") from exc
+    if ip.is_multicast or ip.is_unspecified:
+        raise RemoteProtocolError(f"record {node!r}: address {address} cannot host endpoints")
+    return str(ip)
+
+
+def address_in_scope(address: str, networks: tuple[str, ...]) -> bool:
+    """True when ``address`` lies in one of ``networks`` (CIDR strings)."""
+    ip = ipaddress.ip_address(address)
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)

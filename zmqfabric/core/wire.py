@@ -1,0 +1,260 @@
+"""The zmqfabric wire format, version 1: frames <-> typed messages. Pure: no IO, no clock.
+
+Specification
+=============
+Any ZeroMQ program can speak this from the text below; ``tests/test_interop.py`` proves it with
+plain pyzmq programs that do not import zmqfabric.
+
+Header frame
+    A msgpack array ``[version, kind, msg_id, timestamp]`` or
+    ``[version, kind, msg_id, timestamp, headers]``:
+
+    - ``version``: integer, 1. Any other value is refused.
+    - ``kind``: integer, one of ``1`` request, ``2`` reply, ``3`` error reply, ``4`` event (pub/sub),
+      ``5`` message (push/pull).
+    - ``msg_id``: unsigned integer < 2**64, chosen by the sender. A reply repeats its request's id.
+    - ``timestamp``: float or integer, the sender's Unix time in seconds. Informational only.
+    - ``headers``: optional map with string keys. ``"enc": "raw"`` means the body frame is raw
+      bytes rather than msgpack. Other keys are passed to the application untouched.
+
+    zmqfabric itself writes the header as 21 bytes: ``94 01 KK CF <id: 8 bytes big endian>
+    CB <timestamp: IEEE-754 double big endian>``; readers accept any valid msgpack encoding.
+    The header frame is at most 4096 bytes.
+
+Body frame
+    One msgpack value (``nil`` included), or raw bytes when the header says ``"enc": "raw"``.
+    Strings are UTF-8 (msgpack str), binary data is msgpack bin.
+
+Frames per pattern
+    - request/reply (service socket: ROUTER): the client sends ``["", header, body]`` (a DEALER
+      sends the empty delimiter itself; a REQ socket adds it, so a REQ sends ``[header, body]``).
+      The reply is ``["", header, body]`` with kind 2 and the request's ``msg_id``; a failure is
+      kind 3 with body ``{"type": str, "message": str}``.
+    - publish/subscribe (stream socket: PUB): ``[topic, header, body]``; ``topic`` is UTF-8, at
+      most 1024 bytes, and subscriptions are prefixes of it.
+    - push/pull (pipeline socket: PULL, the pusher connects): ``[header, body]``.
+
+Malformed input raises :class:`~zmqfabric.errors.RemoteProtocolError` here, at the one ingress
+point; callers count it and carry on.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from ..constants import MAX_HEADER_SIZE, MAX_TOPIC_SIZE, PROTOCOL_VERSION
+from ..errors import LocalProtocolError, RemoteProtocolError
+
+
+class Kind(enum.IntEnum):
+    REQUEST = 1
+    REPLY = 2
+    ERROR = 3
+    EVENT = 4
+    MESSAGE = 5
+
+
+_KINDS: Final = frozenset(int(k) for k in Kind)
+_MAX_ID: Final = 2**64 - 1
+#: fixarray(4), positive fixint version, positive fixint kind, uint64 id, float64 timestamp.
+_HEADER: Final = struct.Struct(">BBBBQBd")
+HEADER_SIZE: Final = _HEADER.size
+RAW_HEADERS: Final = {"enc": "raw"}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    kind: Kind
+    msg_id: int
+    timestamp: float
+    headers: dict[str, Any] | None = None
+
+    @property
+    def raw(self) -> bool:
+        return bool(self.headers) and self.headers.get("enc") == "raw"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded message: what a receiver sees of one wire message."""
+
+    kind: Kind
+    msg_id: int
+    timestamp: float
+    body: Any
+    topic: str | None = None
+    headers: dict[str, Any] | None = None
+
+
+def header_prefix(kind: Kind) -> bytes:
+    """The first three bytes of every canonical header of ``kind`` (fast-path check)."""
+    return bytes((0x94, PROTOCOL_VERSION, int(kind)))
+
+
+def pack_header(
+    kind: Kind, msg_id: int, timestamp: float, headers: dict[str, Any] | None = None
+) -> bytes:
+    """Encode a header frame. Raises LocalProtocolError for an id out of range."""
+    if not 0 <= msg_id <= _MAX_ID:
+        raise LocalProtocolError(f"message id {msg_id} is not an unsigned 64-bit integer")
+    if headers:
+        return msgpack.packb([PROTOCOL_VERSION, int(kind), msg_id, float(timestamp), headers])
+    return _HEADER.pack(0x94, PROTOCOL_VERSION, int(kind), 0xCF, msg_id, 0xCB, timestamp)
+
+
+def unpack_header(data: bytes) -> Header:
+    """Decode and validate a header frame. Raises RemoteProtocolError."""
+    if len(data) == HEADER_SIZE and data[0] == 0x94 and data[3] == 0xCF and data[12] == 0xCB:
+        _, version, kind, _, msg_id, _, ts = _HEADER.unpack(data)
+        if version == PROTOCOL_VERSION and kind in _KINDS:
+            return Header(Kind(kind), msg_id, ts)
+    return _unpack_header_slow(data)
+
+
+def _unpack_header_slow(data: bytes) -> Header:
+    if len(data) > MAX_HEADER_SIZE:
+        raise RemoteProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_SIZE}")
+    try:
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise RemoteProtocolError(f"header is not valid msgpack: {exc}") from exc
+    if not isinstance(fields, list) or len(fields) not in (4, 5):
+        raise RemoteProtocolError("header must be a msgpack array of 4 or 5 items")
+    version, kind, msg_id, ts = fields[:4]
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise RemoteProtocolError(
+            f"unsupported protocol version {version!r} (this node speaks {PROTOCOL_VERSION})"
+        )
+    if type(kind) is not int or kind not in _KINDS:
+        raise RemoteProtocolError(f"unknown message kind {kind!r}")
+    if type(msg_id) is not int or not 0 <= msg_id <= _MAX_ID:
+        raise RemoteProtocolError(f"message id {msg_id!r} is not an unsigned 64-bit integer")
+    if type(ts) not in (int, float):
+        raise RemoteProtocolError(f"timestamp {ts!r} is not a number")
+    headers = fields[4] if len(fields) == 5 else None
+    if headers is not None and not isinstance(headers, dict):
+        raise RemoteProtocolError("header map must be a msgpack map with string keys")
+    return Header(Kind(kind), msg_id, float(ts), headers or None)
+
+
+def pack_body(body: Any) -> bytes:
+    """Encode a body as msgpack. Raises LocalProtocolError for values msgpack cannot encode."""
+    try:
+        return msgpack.packb(body)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"body cannot be encoded as msgpack: {exc}") from exc
+
+
+def unpack_body(data: bytes | memoryview, raw: bool = False) -> Any:
+    """Decode a body frame. Raises RemoteProtocolError."""
+    if raw:
+        return bytes(data)
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, TypeError...
+        raise RemoteProtocolError(f"body is not valid msgpack: {exc}") from exc
+
+
+def decode_topic(data: bytes) -> str:
+    if len(data) > MAX_TOPIC_SIZE:
+        raise RemoteProtocolError(f"topic of {len(data)} bytes exceeds {MAX_TOPIC_SIZE}")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("topic is not valid UTF-8") from exc
+
+
+def encode_topic(topic: str) -> bytes:
+    data = topic.encode() if isinstance(topic, str) else bytes(topic)
+    if len(data) > MAX_TOPIC_SIZE:
+        raise LocalProtocolError(f"topic of {len(data)} bytes exceeds {MAX_TOPIC_SIZE}")
+    return data
+
+
+# --- per-pattern framing ---------------------------------------------------------------------
+
+
+def split_route(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split a ROUTER message into (routing frames up to and including the delimiter, rest).
+
+    Raises RemoteProtocolError when there is no empty delimiter frame.
+    """
+    for i, frame in enumerate(frames):
+        if not frame:
+            if i == 0:
+                break
+            return frames[: i + 1], frames[i + 1 :]
+    raise RemoteProtocolError(
+        "request has no routing envelope: expected [identity..., b'', header, body]"
+    )
+
+
+def parse_request(payload: list[bytes]) -> tuple[Header, Any]:
+    """Decode ``[header, body]`` of a request (after the route). Raises RemoteProtocolError."""
+    if len(payload) != 2:
+        raise RemoteProtocolError(f"request must be [header, body], got {len(payload)} frames")
+    header = unpack_header(payload[0])
+    if header.kind is not Kind.REQUEST:
+        raise RemoteProtocolError(f"expected a request, got kind {header.kind.name.lower()}")
+    return header, unpack_body(payload[1], header.raw)
+
+
+def parse_reply(frames: list[bytes]) -> tuple[Header, Any]:
+    """Decode ``["", header, body]`` as a DEALER receives a reply. Raises RemoteProtocolError."""
+    if len(frames) != 3 or frames[0]:
+        raise RemoteProtocolError(f"reply must be ['', header, body], got {len(frames)} frames")
+    header = unpack_header(frames[1])
+    if header.kind is not Kind.REPLY and header.kind is not Kind.ERROR:
+        raise RemoteProtocolError(f"expected a reply, got kind {header.kind.name.lower()}")
+    body = unpack_body(frames[2], header.raw)
+    if header.kind is Kind.ERROR and not (
+        isinstance(body, dict)
+        and isinstance(body.get("type"), str)
+        and isinstance(body.get("message"), str)
+    ):
+        raise RemoteProtocolError("error reply body must be {'type': str, 'message': str}")
+    return header, body
+
+
+def parse_event(frames: list[bytes]) -> Message:
+    """Decode ``[topic, header, body]``. Raises RemoteProtocolError."""
+    if len(frames) != 3:
+        raise RemoteProtocolError(f"event must be [topic, header, body], got {len(frames)} frames")
+    header = unpack_header(frames[1])
+    if header.kind is not Kind.EVENT:
+        raise RemoteProtocolError(f"expected an event, got kind {header.kind.name.lower()}")
+    return Message(
+        header.kind,
+        header.msg_id,
+        header.timestamp,
+        unpack_body(frames[2], header.raw),
+        decode_topic(frames[0]),
+        header.headers,
+    )
+
+
+def parse_message(frames: list[bytes]) -> Message:
+    """Decode ``[header, body]`` of a pipeline. Raises RemoteProtocolError."""
+    if len(frames) != 2:
+        raise RemoteProtocolError(f"message must be [header, body], got {len(frames)} frames")
+    header = unpack_header(frames[0])
+    if header.kind is not Kind.MESSAGE:
+        raise RemoteProtocolError(f"expected a message, got kind {header.kind.name.lower()}")
+    return Message(
+        header.kind,
+        header.msg_id,
+        header.timestamp,
+        unpack_body(frames[1], header.raw),
+        None,
+        header.headers,
+    )
+
+
+def error_body(exc: BaseException) -> dict[str, str]:
+    """The body of an error reply describing ``exc``."""
+    return {"type": type(exc).__name__, "message": str(exc)}

@@ -1,0 +1,167 @@
+"""The live directory: every node this node knows, and who wants to hear about changes.
+
+Discovery (zeroconf's thread) writes it; socket owners read it and *watch* endpoint names. A
+watcher is a callback that must not touch sockets: it posts "connect/disconnect URL" to the
+socket's owner (see :mod:`zmqfabric.patterns.base`). All methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .core.records import EndpointKind, NodeRecord
+
+log = logging.getLogger(__name__)
+
+
+class Change(str, enum.Enum):
+    JOINED = "joined"
+    UPDATED = "updated"
+    LEFT = "left"
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryEvent:
+    change: Change
+    record: NodeRecord
+
+
+#: A watcher receives ("connect" | "disconnect", url).
+Watcher = Callable[[str, str], None]
+Listener = Callable[[DirectoryEvent], None]
+_Key = tuple[EndpointKind, str]
+
+
+class Directory:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._records: dict[str, NodeRecord] = {}
+        self._watchers: dict[_Key, list[Watcher]] = {}
+        self._listeners: list[Listener] = []
+
+    # --- writes (discovery) ----------------------------------------------------------------
+
+    def put(self, record: NodeRecord) -> None:
+        """Add or replace the record of ``record.name`` and tell watchers what moved."""
+        with self._cond:
+            old = self._records.get(record.name)
+            if old == record:
+                return
+            if old is not None and old.node_id == record.node_id and record.seq <= old.seq:
+                return  # an older (or the same) version of what we have: arrived late
+            self._records[record.name] = record
+            self._notify(_urls(old), _urls(record))
+            event = DirectoryEvent(Change.JOINED if old is None else Change.UPDATED, record)
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        if old is None or old.node_id != record.node_id:
+            log.info("node %s joined at %s (id %s)", record.name, record.address, record.node_id)
+        for listener in listeners:
+            listener(event)
+
+    def remove(self, name: str, node_id: str | None = None) -> NodeRecord | None:
+        """Drop node ``name`` (only if its id is ``node_id``, when given)."""
+        with self._cond:
+            old = self._records.get(name)
+            if old is None or (node_id is not None and old.node_id != node_id):
+                return None
+            del self._records[name]
+            self._notify(_urls(old), {})
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        log.info("node %s left", name)
+        for listener in listeners:
+            listener(DirectoryEvent(Change.LEFT, old))
+        return old
+
+    def _notify(self, before: dict[_Key, str], after: dict[_Key, str]) -> None:
+        for key, url in before.items():
+            if after.get(key) != url:
+                for watcher in self._watchers.get(key, ()):
+                    watcher("disconnect", url)
+        for key, url in after.items():
+            if before.get(key) != url:
+                for watcher in self._watchers.get(key, ()):
+                    watcher("connect", url)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def watch(self, kind: EndpointKind, name: str, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher('connect', url)`` for every current provider of (kind, name) now, and
+        connect/disconnect later as providers come and go. Returns the function that stops it."""
+        key = (kind, name)
+        with self._cond:
+            self._watchers.setdefault(key, []).append(watcher)
+            for url in self._urls_of(key):
+                watcher("connect", url)
+
+        def unwatch() -> None:
+            with self._cond:
+                watchers = self._watchers.get(key, [])
+                if watcher in watchers:
+                    watchers.remove(watcher)
+                if not watchers:
+                    self._watchers.pop(key, None)
+
+        return unwatch
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` for each join/update/leave (in discovery's thread; keep it short)."""
+        with self._cond:
+            self._listeners.append(listener)
+
+        def unlisten() -> None:
+            with self._cond:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unlisten
+
+    def providers(self, kind: EndpointKind, name: str) -> list[str]:
+        with self._cond:
+            return self._urls_of((kind, name))
+
+    def _urls_of(self, key: _Key) -> list[str]:
+        urls = []
+        for record in self._records.values():
+            ep = record.find(*key)
+            if ep is not None:
+                urls.append(record.url(ep))
+        return urls
+
+    def get(self, name: str) -> NodeRecord | None:
+        with self._cond:
+            return self._records.get(name)
+
+    def records(self) -> list[NodeRecord]:
+        with self._cond:
+            return sorted(self._records.values(), key=lambda r: r.name)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``predicate()`` (called under the lock) is true; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def clear(self) -> None:
+        with self._cond:
+            for name in list(self._records):
+                old = self._records.pop(name)
+                self._notify(_urls(old), {})
+            self._cond.notify_all()
+
+
+def _urls(record: NodeRecord | None) -> dict[_Key, str]:
+    if record is None:
+        return {}
+    return {(ep.kind, ep.name): record.url(ep) for ep in record.endpoints}

@@ -1,0 +1,178 @@
+"""Zeroconf advertise + browse, feeding a :class:`~zmqfabric.directory.Directory`.
+
+Runs in python-zeroconf's threads and never touches a ZeroMQ socket. Records from the network are
+untrusted: each is validated by :func:`zmqfabric.core.records.decode_txt`, and its address must lie
+in the node's scope; refused records are counted and logged (rate-limited), never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+from zeroconf import (
+    IPVersion,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+
+from .config import NodeConfig
+from .constants import REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
+from .core.records import (
+    NodeRecord,
+    address_in_scope,
+    decode_txt,
+    encode_txt,
+    instance_name,
+    node_from_instance,
+    server_name,
+)
+from .directory import Directory
+from .errors import FabricError, RemoteProtocolError
+from .stats import Counters, RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+
+class Discovery:
+    """Advertises one node's record and keeps ``directory`` in step with the fabric.
+
+    ``start()`` opens zeroconf pinned to the scope's address only (IPv4). ``close()`` sends the
+    goodbye, stops browsing and closes zeroconf; it is idempotent. ``advertise()`` is thread-safe.
+    """
+
+    def __init__(self, config: NodeConfig, directory: Directory, counters: Counters) -> None:
+        self._config = config
+        self._directory = directory
+        self._counters = counters
+        self._rlog = RateLimitedLog(log)
+        self._zc: Zeroconf | None = None
+        self._browser: ServiceBrowser | None = None
+        self._info: ServiceInfo | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        address = self._config.scope.address
+        try:
+            self._zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+        except OSError as exc:
+            raise FabricError(f"cannot start discovery on {address}: {exc}") from exc
+
+    def browse(self) -> None:
+        """Start browsing for peers (after our own record is out, so peers see us first)."""
+        assert self._zc is not None, "start() first"
+        self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
+
+    def advertise(self, record: NodeRecord) -> None:
+        """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
+        zc = self._zc
+        assert zc is not None, "start() first"
+        ttl = self._config.record_ttl_s
+        info = ServiceInfo(
+            SERVICE_TYPE,
+            instance_name(record.name),
+            port=record.control.port if record.control else 0,
+            properties=encode_txt(record),
+            server=server_name(record.node_id),
+            host_ttl=ttl,
+            other_ttl=ttl,
+            addresses=[socket.inet_aton(record.address)],
+        )
+        with self._lock:
+            if self._info is None:
+                coro = zc.async_register_service(info, cooperating_responders=True)
+            else:
+                coro = zc.async_update_service(info)
+            # Wait until the record is registered and its first announcement is queued, not for
+            # the repeat announcements (zeroconf's blocking call waits ~450 ms for those).
+            asyncio.run_coroutine_threadsafe(coro, zc.loop).result(REGISTER_TIMEOUT_S)
+            self._info = info
+        # Our own record goes straight into our directory: no need to hear our own multicast.
+        self._directory.put(record)
+
+    def close(self) -> None:
+        with self._lock:
+            zc, self._zc = self._zc, None
+            info, self._info = self._info, None
+            browser, self._browser = self._browser, None
+        if zc is None:
+            return
+        try:
+            if browser is not None:
+                browser.cancel()
+            if info is not None:
+                zc.unregister_service(info)
+        finally:
+            zc.close()
+
+    # --- zeroconf's thread -----------------------------------------------------------------
+
+    def _on_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        try:
+            node = node_from_instance(name)
+            if state_change is ServiceStateChange.Removed:
+                self._directory.remove(node)
+                return
+            record = self._resolve(zeroconf, service_type, name, node)
+            if record is not None:
+                self.accept(record)
+        except RemoteProtocolError as exc:
+            self._counters.add("refused_records")
+            self._rlog.warning("record", "refused discovery record %r: %s", name[:120], exc)
+        except Exception:  # a bug here must not kill zeroconf's thread
+            self._counters.add("discovery_errors")
+            log.exception("error handling discovery record %r", name[:120])
+
+    def _resolve(
+        self, zeroconf: Zeroconf, service_type: str, name: str, node: str
+    ) -> NodeRecord | None:
+        info = ServiceInfo(service_type, name)
+        if not info.load_from_cache(zeroconf):
+            if not info.request(zeroconf, int(RESOLVE_TIMEOUT_S * 1000)):
+                self._counters.add("unresolved_records")
+                log.debug("record %s did not resolve within %s s", name, RESOLVE_TIMEOUT_S)
+                return None
+        addresses = info.parsed_addresses(IPVersion.V4Only)
+        record = decode_txt(node, addresses, info.properties)
+        if info.port != (record.control.port if record.control else 0):
+            raise RemoteProtocolError(f"record {node!r}: SRV port does not match its ctl endpoint")
+        return record
+
+    def accept(self, record: NodeRecord) -> None:
+        """Put a validated peer record into the directory if it is in scope and not ours.
+
+        Raises RemoteProtocolError for a record outside the scope. Thread-safe."""
+        if not address_in_scope(record.address, self._config.scope.networks):
+            raise RemoteProtocolError(
+                f"record {record.name!r}: address {record.address} is outside this node's scope "
+                f"{', '.join(self._config.scope.networks)}"
+            )
+        own = self._info
+        if own is not None and own.name.lower() == instance_name(record.name).lower():
+            # Our own name: either our own record or another node claiming it.
+            if record.node_id != _own_id(own):
+                self._counters.add("name_conflicts")
+                self._rlog.warning(
+                    "conflict",
+                    "another node (id %s on host %s) uses this node's name %r",
+                    record.node_id,
+                    record.host,
+                    record.name,
+                )
+            return
+        self._directory.put(record)
+
+
+def _own_id(info: ServiceInfo) -> str:
+    value = info.properties.get(b"id") or b""
+    return value.decode()

@@ -1,0 +1,234 @@
+"""The synchronous node: ``zmqfabric.Node``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterable
+
+import zmq
+
+from .constants import CONTROL_TIMEOUT_S, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
+from .nodebase import NodeBase, NodeState
+from .patterns.pipeline import Puller, Pusher
+from .patterns.pubsub import Publisher, Subscription
+from .patterns.reqrep import Requester, ServiceEndpoint
+
+log = logging.getLogger(__name__)
+#: Messages served from one socket before the loop looks at the others (fairness).
+_BATCH = 64
+
+
+class Node(NodeBase):
+    """A named process on the fabric (synchronous API).
+
+    ``Node(name)`` only allocates; ``start()`` or ``with Node(name) as node:`` opens it. Handles
+    returned by ``publisher``/``subscribe``/``pusher``/``puller``/``requester`` belong to the
+    thread that made them. ``request`` may be called from any thread (one socket per thread).
+    ``stop()`` and ``close()`` are thread-safe.
+    """
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self._services: dict[str, ServiceEndpoint] = {}
+        self._local = threading.local()
+        self._stop_r, self._stop_w = -1, -1
+        self._serving = threading.Event()
+        self._serve_done = threading.Event()
+        self._serve_done.set()
+        self._background: threading.Thread | None = None
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    def start(self) -> Node:
+        """Open sockets, discovery and the control endpoint. Idempotent. Returns self."""
+        self._open()
+        return self
+
+    def _open_services(self) -> None:
+        self._stop_r, self._stop_w = os.pipe()
+        os.set_blocking(self._stop_w, False)
+        for service, handler in self._handlers.items():
+            self._services[service] = ServiceEndpoint(self, service, handler)
+
+    def close(self) -> None:
+        """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
+        if self.state is NodeState.CLOSED:
+            return
+        self.stop()
+        if self._background is not None and self._background is not threading.current_thread():
+            self._background.join(THREAD_JOIN_TIMEOUT_S)
+        elif not self._serve_done.wait(THREAD_JOIN_TIMEOUT_S):
+            log.error("node %s: serve loop did not stop within %s s", self.name,
+                      THREAD_JOIN_TIMEOUT_S)
+        self._close()
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self._stop_r = self._stop_w = -1
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def run(self, timeout: float | None = None, *, handle_signals: bool = True) -> None:
+        """Serve this node's reply services until ``stop()``, SIGINT/SIGTERM or ``timeout`` s.
+
+        Starts the node if needed. Signal handlers are installed only in the main thread.
+        """
+        self.start()
+        if self._serving.is_set():
+            raise RuntimeError(f"node {self.name!r} is already serving in another thread")
+        self._serving.set()
+        self._serve_done.clear()
+        restore = _install_signals(self.stop) if handle_signals else {}
+        try:
+            self._serve(None if timeout is None else time.monotonic() + timeout)
+        finally:
+            for signum, old in restore.items():
+                signal.signal(signum, old)
+            self._serving.clear()
+            self._serve_done.set()
+
+    def serve_in_background(self) -> threading.Thread:
+        """Run ``run()`` in a node-owned thread; ``close()`` stops and joins it."""
+        self.start()
+        self._background = threading.Thread(
+            target=self.run, kwargs={"handle_signals": False}, name=f"zmqfabric-serve-{self.name}"
+        )
+        self._background.start()
+        self._serving.wait(THREAD_JOIN_TIMEOUT_S)
+        return self._background
+
+    def stop(self) -> None:
+        """Make ``run()`` return soon. Thread-safe and signal-safe; idempotent."""
+        if self._stop_w >= 0:
+            try:
+                os.write(self._stop_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _serve(self, deadline: float | None) -> None:
+        services = {svc.socket: svc for svc in self._services.values()}
+        poller = zmq.Poller()
+        for sock in services:
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._stop_r, zmq.POLLIN)
+        while True:
+            wait = POLL_INTERVAL_MS * 5
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = min(wait, max(1, int(left * 1000)))
+            events = poller.poll(wait)
+            for sock, _ in events:
+                if sock == self._stop_r:
+                    _drain(self._stop_r)
+                    return
+                self._serve_socket(services[sock])
+
+    def _serve_socket(self, service: ServiceEndpoint) -> None:
+        sock = service.socket
+        for _ in range(_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            parsed = service.parse(frames)
+            if parsed is None:
+                continue
+            route, header, body = parsed
+            try:
+                result = service.handler(body)
+            except Exception as exc:
+                log.debug("service %s handler raised", service.name, exc_info=True)
+                service.reply_error(route, header.msg_id, exc)
+            else:
+                service.reply(route, header.msg_id, result)
+
+    # --- clients ---------------------------------------------------------------------------
+
+    def request(
+        self, service: str, body: Any = None, timeout: float | None = None, retries: int = 0
+    ) -> Any:
+        """Call ``service`` on any provider and return the reply body. Thread-safe.
+
+        Raises NoProviderError, RequestTimeoutError, RemoteError, ClosedError. See
+        :meth:`Requester.request` for ``timeout`` and ``retries``.
+        """
+        self._check_started()
+        cache: dict[str, Requester] | None = getattr(self._local, "requesters", None)
+        if cache is None:
+            cache = self._local.requesters = {}
+        requester = cache.get(service)
+        if requester is None or requester.closed:
+            requester = cache[service] = Requester(self, service)
+        return requester.request(body, timeout, retries)
+
+    def requester(self, service: str) -> Requester:
+        """A handle that calls ``service``; owned by the calling thread."""
+        self._check_started()
+        return Requester(self, _valid(service, "service"))
+
+    def publisher(self, stream: str) -> Publisher:
+        """Publish ``stream`` from this node (one publisher per stream and node)."""
+        self._check_started()
+        return Publisher(self, _valid(stream, "stream"))
+
+    def subscribe(self, stream: str, topics: Iterable[str] | None = None) -> Subscription:
+        """Subscribe to ``stream`` from every publisher, now and later, with topic prefixes."""
+        self._check_started()
+        return Subscription(self, _valid(stream, "stream"), topics)
+
+    def pusher(self, pipeline: str) -> Pusher:
+        """Send into ``pipeline``, round robin over its pullers."""
+        self._check_started()
+        return Pusher(self, _valid(pipeline, "pipeline"))
+
+    def puller(self, pipeline: str) -> Puller:
+        """Receive from ``pipeline`` (one puller per pipeline and node)."""
+        self._check_started()
+        return Puller(self, _valid(pipeline, "pipeline"))
+
+    # --- control ---------------------------------------------------------------------------
+
+    def ping(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        """Ping node ``node`` on its control endpoint. Raises NodeNotFoundError,
+        FabricTimeoutError. Thread-safe."""
+        return self._control_sync(node, "ping", timeout)
+
+    def info(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        return self._control_sync(node, "info", timeout)
+
+    def stats(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        return self._control_sync(node, "stats", timeout)
+
+
+def _valid(name: str, what: str) -> str:
+    from .core.records import validate_endpoint_name
+
+    return validate_endpoint_name(name, what)
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.read(fd, 4096)
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _install_signals(stop: Any) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    restore = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        restore[signum] = signal.signal(signum, lambda *_: stop())
+    return restore

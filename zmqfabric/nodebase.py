@@ -1,0 +1,301 @@
+"""What a sync :class:`zmqfabric.Node` and an asyncio :class:`zmqfabric.aio.Node` share: identity,
+configuration, the directory, discovery, the control endpoint, the endpoint table and lifetimes.
+
+Constructors only allocate. ``start()`` (or ``with``) opens sockets, discovery and the control
+thread; ``close()`` sends the discovery goodbye first, then closes every handle, then the context.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+from .config import NodeConfig, Scope
+from .control import ControlServer, control_call
+from .constants import MAX_ENDPOINTS
+from .core.records import (
+    Endpoint,
+    EndpointKind,
+    NodeRecord,
+    decode_txt,
+    validate_endpoint_name,
+    validate_node_name,
+)
+from .directory import Change, Directory, DirectoryEvent
+from .discovery import Discovery
+from .errors import (
+    ClosedError,
+    InvalidNameError,
+    LocalProtocolError,
+    NodeNotFoundError,
+    NoProviderError,
+    RemoteProtocolError,
+)
+from .patterns.base import Handle
+from .sockets import SocketFactory
+from .stats import Counters, RateLimitedLog
+
+log = logging.getLogger(__name__)
+_rlog = RateLimitedLog(log)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class NodeState(enum.Enum):
+    NEW = "new"
+    STARTED = "started"
+    CLOSED = "closed"
+
+
+class NodeBase:
+    _ASYNC = False
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        scope: Scope | None = None,
+        config: NodeConfig | None = None,
+    ) -> None:
+        self.name = validate_node_name(name)
+        if config is None:
+            config = NodeConfig(scope=scope if scope is not None else Scope.from_env())
+        elif scope is not None:
+            raise LocalProtocolError("pass either scope= or config=, not both")
+        self.config = config
+        self.node_id = secrets.token_hex(8)
+        self.counters = Counters()
+        self.directory = Directory()
+        self._sockets = SocketFactory(config, asyncio=self._ASYNC)
+        self._discovery = Discovery(config, self.directory, self.counters)
+        self._lock = threading.RLock()
+        self._endpoints: dict[tuple[EndpointKind, str], Endpoint] = {}
+        self._seq = 0
+        self._handles: set[Handle] = set()
+        self._handlers: dict[str, Callable[[Any], Any]] = {}
+        self._state = NodeState.NEW
+        self._opening = False
+        self._started_at = 0.0
+        self._control: ControlServer | None = None
+        self._unlisten: Callable[[], None] | None = None
+
+    # --- definition ------------------------------------------------------------------------
+
+    def reply(self, service: str) -> Callable[[F], F]:
+        """Decorator: serve request/reply ``service`` with the decorated ``handler(body) -> reply``.
+
+        Register before ``start()``; the node's serve loop (``run()``) calls the handler. A handler
+        that raises sends an error reply; the caller gets :class:`RemoteError`.
+        """
+        validate_endpoint_name(service, "service")
+
+        def register(handler: F) -> F:
+            with self._lock:
+                if service in self._handlers:
+                    raise LocalProtocolError(f"node {self.name!r} already serves {service!r}")
+                if self._state is not NodeState.NEW:
+                    raise LocalProtocolError("register services before the node starts")
+                self._handlers[service] = handler
+            return handler
+
+        return register
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    def _open(self) -> None:
+        with self._lock:
+            if self._state is NodeState.CLOSED:
+                raise ClosedError(f"node {self.name!r} is closed; make a new Node")
+            if self._state is NodeState.STARTED:
+                return
+            self._opening = True
+        try:
+            self._discovery.start()
+            self._control = ControlServer(self)
+            self._open_services()
+            self._started_at = time.monotonic()
+            self._state = NodeState.STARTED
+            self._opening = False
+            self._control.start()
+            self._unlisten = self.directory.listen(self._on_directory_event)
+            self._discovery.advertise(self.record)
+            self._discovery.browse()
+        except BaseException:
+            self._opening = False
+            self._close()
+            raise
+        log.info("node %s started at %s (id %s)", self.name, self.config.scope.address, self.node_id)
+
+    def _open_services(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._state is NodeState.CLOSED:
+                return
+            self._state = NodeState.CLOSED
+        if self._unlisten is not None:
+            self._unlisten()
+        try:
+            self._discovery.close()  # goodbye first, so peers stop sending to us
+        finally:
+            if self._control is not None:
+                self._control.stop()
+            for handle in list(self._handles):
+                handle.close()
+            self.directory.clear()
+            self._sockets.close()
+        log.info("node %s closed", self.name)
+
+    def _check_started(self) -> None:
+        if self._state is not NodeState.STARTED:
+            raise ClosedError(
+                f"node {self.name!r} is {self._state.value}: use it inside `with` or after start()"
+            )
+
+    # --- endpoints -------------------------------------------------------------------------
+
+    def _track(self, handle: Handle) -> None:
+        with self._lock:
+            self._handles.add(handle)
+
+    def _untrack(self, handle: Handle) -> None:
+        with self._lock:
+            self._handles.discard(handle)
+
+    def _add_endpoint(self, kind: EndpointKind, name: str, port: int) -> None:
+        with self._lock:
+            key = (kind, name)
+            if key in self._endpoints:
+                raise LocalProtocolError(f"node {self.name!r} already offers {kind.noun} {name!r}")
+            self._endpoints[key] = Endpoint(kind, name, port)
+            self._seq += 1
+            advertise = self._state is NodeState.STARTED
+        if advertise:
+            self._discovery.advertise(self.record)
+
+    def _remove_endpoint(self, kind: EndpointKind, name: str) -> None:
+        with self._lock:
+            if self._endpoints.pop((kind, name), None) is None:
+                return
+            self._seq += 1
+            advertise = self._state is NodeState.STARTED
+        if advertise:
+            self._discovery.advertise(self.record)
+
+    @property
+    def record(self) -> NodeRecord:
+        """This node's discovery record as advertised now."""
+        with self._lock:
+            endpoints = tuple(sorted(self._endpoints.values()))
+            seq = self._seq
+        return NodeRecord(
+            self.name,
+            self.node_id,
+            _host_name(),
+            os.getpid(),
+            self.config.scope.address,
+            endpoints,
+            seq,
+        )
+
+    # --- directory -------------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every node this node knows, itself included, sorted by name. Thread-safe."""
+        return self.directory.records()
+
+    def wait_for_node(self, name: str, timeout: float) -> NodeRecord:
+        """Wait until node ``name`` is known. Raises NodeNotFoundError. Thread-safe."""
+        if not self.directory.wait_for(lambda: self.directory.get(name) is not None, timeout):
+            raise NodeNotFoundError(name, timeout)
+        record = self.directory.get(name)
+        if record is None:
+            raise NodeNotFoundError(name, timeout)
+        return record
+
+    def wait_for_endpoint(self, kind: EndpointKind | str, name: str, timeout: float) -> int:
+        """Wait until ``kind`` endpoint ``name`` has a provider; returns how many. Raises
+        NoProviderError. Thread-safe."""
+        kind = EndpointKind(kind)
+        found = self.directory.wait_for(lambda: bool(self.directory.providers(kind, name)), timeout)
+        if not found:
+            raise NoProviderError(kind.noun, name, timeout)
+        return len(self.directory.providers(kind, name))
+
+    def _control_sync(self, target: str, op: str, timeout: float) -> Any:
+        self._check_started()
+        return control_call(self, target, op, timeout)
+
+    def _on_directory_event(self, event: DirectoryEvent) -> None:
+        """Introduce ourselves to each newcomer (runs in discovery's or the control thread)."""
+        record = event.record
+        if event.change is Change.LEFT or record.node_id == self.node_id:
+            return
+        control = record.control
+        if control is not None and self._control is not None:
+            self._control.introduce(record.url(control))
+
+    def _accept_hello(self, body: dict[str, Any], peer_address: str | None) -> None:
+        """Take a peer's introduction: validated like an mDNS record, and its address must be the
+        one the hello came from. Runs in the control thread."""
+        try:
+            name, txt = body.get("name"), body.get("txt")
+            if not isinstance(txt, dict) or len(txt) > 2 * MAX_ENDPOINTS or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in txt.items()
+            ):
+                raise RemoteProtocolError("hello must carry a TXT map of strings")
+            if peer_address is None:
+                raise RemoteProtocolError("hello has no peer address")
+            try:
+                node = validate_node_name(name)
+            except InvalidNameError as exc:
+                raise RemoteProtocolError(f"hello has a bad node name: {exc}") from exc
+            props = {k.encode(): v.encode() for k, v in txt.items()}
+            self._discovery.accept(decode_txt(node, [peer_address], props))
+        except RemoteProtocolError as exc:
+            self.counters.add("refused_hellos")
+            _rlog.warning("hello", "refused an introduction from %s: %s", peer_address, exc)
+
+    def _control_answer(self, op: str) -> Any:
+        """Answer a control op (runs in the control thread: reads only thread-safe state)."""
+        base: dict[str, Any] = {
+            "node": self.name,
+            "id": self.node_id,
+            "host": _host_name(),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+        }
+        if op == "ping":
+            return base
+        record = self.record
+        base["address"] = record.address
+        base["endpoints"] = [
+            {"kind": ep.kind.value, "name": ep.name, "port": ep.port} for ep in record.endpoints
+        ]
+        if op == "info":
+            base["peers"] = [r.name for r in self.directory.records()]
+            return base
+        base["counters"] = self.counters.snapshot()
+        return base
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__module__}.{type(self).__name__} {self.name!r} {self._state.value}>"
+
+
+_HOST_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _host_name() -> str:
+    host = _HOST_BAD.sub("-", socket.gethostname()).lstrip("-._") or "localhost"
+    return host[:200]

@@ -1,0 +1,332 @@
+"""What every endpoint handle shares: socket ownership, directory changes, bounded waits.
+
+A handle owns one socket and belongs to one thread (sync) or one event loop (asyncio). Discovery
+never touches the socket: the directory calls the handle's watcher from zeroconf's thread, which
+only queues "connect/disconnect URL" and wakes the owner:
+
+- sync: a deque plus a pipe whose read end sits in the owner's poller next to the socket; the
+  owner applies queued changes before each send/receive (one truthiness test on the hot path);
+- asyncio: ``loop.call_soon_threadsafe`` runs the change in the loop that owns the socket.
+
+Sends and receives try the socket without blocking first (the hot path is a plain
+``send_multipart``/``recv_multipart``) and only poll, with a deadline, when it would block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import zmq
+
+from ..core.records import EndpointKind
+from ..errors import ClosedError, FabricError
+from ..stats import RateLimitedLog
+
+if TYPE_CHECKING:
+    from ..nodebase import NodeBase
+
+log = logging.getLogger(__name__)
+rlog = RateLimitedLog(log)
+
+
+class Handle:
+    """Base of every endpoint handle: one socket, one owner, closed once."""
+
+    kind: EndpointKind
+    noun = "endpoint"
+
+    #: True for handles served by a node-owned thread even on an asyncio node.
+    sync_socket = False
+
+    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
+        self._node = node
+        self.name = name
+        self._sock: zmq.Socket = node._sockets.socket(socket_type, sync=self.sync_socket)
+        self._closed = False
+        node._track(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the socket. Idempotent. Call from the owning thread (or after it is done)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._on_close()
+        self._sock.close()
+        self._node._untrack(self)
+
+    def _on_close(self) -> None:
+        pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self.noun} {self.name!r} is closed")
+
+    def _refused(self, what: str, exc: Exception) -> None:
+        """Count and log (rate-limited) one malformed message from a peer."""
+        self._node.counters.add(f"refused_{what}")
+        rlog.warning(what, "%s %r dropped a malformed %s: %s", self.noun, self.name, what, exc)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {self.name!r} {state}>"
+
+
+class Bound(Handle):
+    """A handle whose socket binds a port of the node's scope and is advertised."""
+
+    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
+        super().__init__(node, name, socket_type)
+        self.port = node._sockets.bind(self._sock)
+
+    def _advertise(self) -> None:
+        self._node._add_endpoint(self.kind, self.name, self.port)
+
+    def _on_close(self) -> None:
+        self._node._remove_endpoint(self.kind, self.name)
+
+
+class Connector(Handle):
+    """A handle whose socket connects to every provider of (kind, name) the directory knows."""
+
+    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
+        super().__init__(node, name, socket_type)
+        self._urls: set[str] = set()
+        self._unwatch: Callable[[], None] | None = None
+
+    def _watch(self) -> None:
+        self._unwatch = self._node.directory.watch(self.kind, self.name, self._post)
+
+    def _post(self, op: str, url: str) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _apply(self, op: str, url: str) -> None:
+        """Connect or disconnect; runs in the owner's thread/loop only."""
+        if self._closed:
+            return
+        try:
+            log.debug("%s %r: %s %s", self.noun, self.name, op, url)
+            if op == "connect" and url not in self._urls:
+                self._sock.connect(url)
+                self._urls.add(url)
+            elif op == "disconnect" and url in self._urls:
+                self._urls.discard(url)
+                self._sock.disconnect(url)
+        except zmq.ZMQError as exc:
+            log.warning("%s %r: cannot %s %s: %s", self.noun, self.name, op, url, exc)
+
+    @property
+    def providers(self) -> int:
+        """How many providers this handle is connected to (as last applied)."""
+        return len(self._urls)
+
+    def _on_close(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+
+
+class SyncConnector(Connector):
+    """A connector owned by one thread; waits with a poller on the socket and a wake-up pipe."""
+
+    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
+        super().__init__(node, name, socket_type)
+        self._ops: collections.deque[tuple[str, str]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poll_in = zmq.Poller()
+        self._poll_in.register(self._sock, zmq.POLLIN)
+        self._poll_in.register(self._wake_r, zmq.POLLIN)
+        self._poll_out = zmq.Poller()
+        self._poll_out.register(self._sock, zmq.POLLOUT)
+        self._poll_out.register(self._wake_r, zmq.POLLIN)
+        self._watch()
+        self._drain()
+
+    def _post(self, op: str, url: str) -> None:
+        # zeroconf's thread: queue and wake, never touch the socket.
+        self._ops.append((op, url))
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # pipe full (owner already woken) or closed (handle closing)
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        ops = self._ops
+        while ops:
+            self._apply(*ops.popleft())
+
+    def _recv(self, deadline: float | None) -> list[bytes] | None:
+        """Receive one multipart message, or None when ``deadline`` (monotonic) passes."""
+        if self._ops:
+            self._drain()
+        try:
+            return self._sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            raise _closed_or(self, exc) from exc
+        return self._wait_recv(deadline)
+
+    def _wait_recv(self, deadline: float | None) -> list[bytes] | None:
+        while True:
+            timeout = _ms_left(deadline)
+            if timeout == 0:
+                return None
+            try:
+                events = dict(self._poll_in.poll(timeout))
+            except zmq.ZMQError as exc:
+                raise _closed_or(self, exc) from exc
+            if self._wake_r in events:
+                self._drain()
+            if self._sock in events:
+                try:
+                    return self._sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+
+    def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
+        """Send one multipart message; False when it could not go out before ``deadline``."""
+        if self._ops:
+            self._drain()
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            return True
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            raise _closed_or(self, exc) from exc
+        while True:
+            timeout = _ms_left(deadline)
+            if timeout == 0:
+                return False
+            events = dict(self._poll_out.poll(timeout))
+            if self._wake_r in events:
+                self._drain()
+            if self._sock in events:
+                try:
+                    self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+                    return True
+                except zmq.Again:
+                    continue
+
+    def _wait_providers(self, deadline: float | None) -> bool:
+        """Wait until at least one provider is connected; False at the deadline."""
+        if self._ops:
+            self._drain()
+        while not self._urls:
+            timeout = _ms_left(deadline)
+            if timeout == 0:
+                return False
+            poller = zmq.Poller()
+            poller.register(self._wake_r, zmq.POLLIN)
+            if poller.poll(timeout):
+                self._drain()
+        return True
+
+    def _on_close(self) -> None:
+        super()._on_close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class AsyncConnector(Connector):
+    """A connector owned by one asyncio loop: directory changes arrive by call_soon_threadsafe."""
+
+    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
+        super().__init__(node, name, socket_type)
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._watch()
+
+    def _post(self, op: str, url: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._apply_and_signal, op, url)
+        except RuntimeError:
+            pass  # loop closed: the handle is going away with it
+
+    def _apply_and_signal(self, op: str, url: str) -> None:
+        self._apply(op, url)
+        self._changed.set()
+
+    def _watch(self) -> None:
+        self._owner = threading.get_ident()
+        self._unwatch = self._node.directory.watch(self.kind, self.name, self._apply_or_post)
+
+    def _apply_or_post(self, op: str, url: str) -> None:
+        # The initial providers arrive inside watch(), in the owning loop's thread: apply them now
+        # so that the first send can go out; later changes come from zeroconf's thread.
+        if threading.get_ident() == self._owner:
+            self._apply_and_signal(op, url)
+        else:
+            self._post(op, url)
+
+    async def _recv(self, deadline: float | None) -> list[bytes] | None:
+        try:
+            return await asyncio.wait_for(self._sock.recv_multipart(), _s_left(deadline))
+        except asyncio.TimeoutError:
+            return None
+        except zmq.ZMQError as exc:
+            raise _closed_or(self, exc) from exc
+
+    async def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
+        try:
+            await asyncio.wait_for(self._sock.send_multipart(frames, copy=copy), _s_left(deadline))
+            return True
+        except asyncio.TimeoutError:
+            return False
+        except zmq.ZMQError as exc:
+            raise _closed_or(self, exc) from exc
+
+    async def _wait_providers(self, deadline: float | None) -> bool:
+        while not self._urls:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), _s_left(deadline))
+            except asyncio.TimeoutError:
+                return bool(self._urls)
+        return True
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _ms_left(deadline: float | None) -> int | None:
+    """Milliseconds to ``deadline`` for a poll: None = forever, 0 = passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    return 0 if left <= 0 else max(1, int(left * 1000))
+
+
+def _s_left(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def _closed_or(handle: Handle, exc: zmq.ZMQError) -> FabricError:
+    if exc.errno in (zmq.ETERM, zmq.ENOTSOCK) or handle.closed:
+        return ClosedError(f"{handle.noun} {handle.name!r} is closed")
+    return FabricError(f"{handle.noun} {handle.name!r}: {exc.strerror}")

@@ -1,0 +1,147 @@
+"""Publish/subscribe: publishers bind a PUB socket and advertise the stream; subscribers connect a
+SUB socket to every publisher of the stream, including ones that appear later. Topic filters are
+ZeroMQ prefix subscriptions on the first frame, applied at the publisher."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, AsyncIterator
+
+import zmq
+
+from ..constants import ZERO_COPY_THRESHOLD
+from ..core import wire
+from ..core.records import EndpointKind
+from ..errors import FabricTimeoutError, RemoteProtocolError
+from .base import AsyncConnector, Bound, SyncConnector, deadline_after
+
+if TYPE_CHECKING:
+    from ..nodebase import NodeBase
+
+
+class _Encoder:
+    """Pre-packed message framing shared by publishers and pushers."""
+
+    def _init_encoder(self, kind: wire.Kind) -> None:
+        self._kind = kind
+        self._seq = 0
+
+    def _encode(self, body: Any) -> tuple[list[Any], bool]:
+        """(header + body frames, copy flag). Large bytes bodies go raw and uncopied."""
+        self._seq += 1
+        if isinstance(body, (bytes, bytearray, memoryview)) and len(body) >= ZERO_COPY_THRESHOLD:
+            header = wire.pack_header(self._kind, self._seq, time.time(), wire.RAW_HEADERS)
+            return [header, body], False
+        header = wire.pack_header(self._kind, self._seq, time.time())
+        return [header, wire.pack_body(body)], True
+
+
+class Publisher(_Encoder, Bound):
+    """Publishes one stream. ``send`` never blocks: a subscriber that falls HWM messages behind
+    loses messages (ZeroMQ PUB semantics). Thread-affine; works for sync and asyncio nodes."""
+
+    kind = EndpointKind.STREAM
+    noun = "stream"
+
+    def __init__(self, node: NodeBase, stream: str) -> None:
+        Bound.__init__(self, node, stream, zmq.PUB)
+        self._init_encoder(wire.Kind.EVENT)
+        if getattr(self._sock, "_shadow_sock", None) is not None:
+            self._sock = self._sock._shadow_sock  # asyncio node: PUB never waits, use it directly
+        self._advertise()
+
+    def send(self, topic: str, body: Any) -> None:
+        """Publish ``body`` under ``topic``. Raises LocalProtocolError for an unencodable body."""
+        self._check_open()
+        frames, copy = self._encode(body)
+        frames.insert(0, wire.encode_topic(topic))
+        self._sock.send_multipart(frames, copy=copy)
+        self._node.counters.add("events_sent")
+
+
+class _SubscriptionBase:
+    kind = EndpointKind.STREAM
+    noun = "stream"
+    _sock: zmq.Socket
+
+    def _subscribe_topics(self, topics: Iterable[str] | None) -> None:
+        for topic in topics if topics is not None else [""]:
+            self._sock.setsockopt(zmq.SUBSCRIBE, wire.encode_topic(topic))
+
+    def _decode(self, frames: list[bytes]) -> wire.Message | None:
+        try:
+            return wire.parse_event(frames)
+        except RemoteProtocolError as exc:
+            self._refused("event", exc)  # type: ignore[attr-defined]
+            return None
+
+
+class Subscription(_SubscriptionBase, SyncConnector):
+    """Receives one stream from every publisher. Iterate for ``(topic, body)`` pairs.
+
+    Owned by one thread. ZeroMQ pub/sub is at most once: messages published before the
+    connection is up, or beyond the HWM, are not delivered.
+    """
+
+    def __init__(self, node: NodeBase, stream: str, topics: Iterable[str] | None = None) -> None:
+        SyncConnector.__init__(self, node, stream, zmq.SUB)
+        self._subscribe_topics(topics)
+
+    def recv_message(self, timeout: float | None = None) -> wire.Message | None:
+        """The next event as a Message, or None after ``timeout`` seconds (None: wait forever)."""
+        self._check_open()
+        deadline = deadline_after(timeout)
+        while (frames := self._recv(deadline)) is not None:
+            message = self._decode(frames)
+            if message is not None:
+                return message
+        return None
+
+    def recv(self, timeout: float | None = None) -> tuple[str, Any]:
+        """The next ``(topic, body)``. Raises FabricTimeoutError after ``timeout`` seconds."""
+        message = self.recv_message(timeout)
+        if message is None:
+            raise _timeout(self.name, timeout)
+        return message.topic or "", message.body
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until connected to at least one publisher; False after ``timeout`` s."""
+        return self._wait_providers(deadline_after(timeout))
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        while (message := self.recv_message()) is not None:
+            yield message.topic or "", message.body
+
+
+class AsyncSubscription(_SubscriptionBase, AsyncConnector):
+    """Receives one stream in an asyncio loop. ``async for topic, body in sub``."""
+
+    def __init__(self, node: NodeBase, stream: str, topics: Iterable[str] | None = None) -> None:
+        AsyncConnector.__init__(self, node, stream, zmq.SUB)
+        self._subscribe_topics(topics)
+
+    async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
+        self._check_open()
+        deadline = deadline_after(timeout)
+        while (frames := await self._recv(deadline)) is not None:
+            message = self._decode(frames)
+            if message is not None:
+                return message
+        return None
+
+    async def recv(self, timeout: float | None = None) -> tuple[str, Any]:
+        message = await self.recv_message(timeout)
+        if message is None:
+            raise _timeout(self.name, timeout)
+        return message.topic or "", message.body
+
+    async def wait_ready(self, timeout: float) -> bool:
+        return await self._wait_providers(deadline_after(timeout))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
+        while (message := await self.recv_message()) is not None:
+            yield message.topic or "", message.body
+
+
+def _timeout(stream: str, timeout: float | None) -> FabricTimeoutError:
+    return FabricTimeoutError(f"no event on stream {stream!r} within {timeout} s", timeout=timeout)

@@ -1,0 +1,176 @@
+"""Request/reply: services (ROUTER, bound and advertised) and requesters (DEALER, connected to
+every provider, load-balanced round robin; replies matched by message id, so a late answer to an
+abandoned attempt is dropped rather than returned to the wrong call)."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import random
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import zmq
+
+from ..core import wire
+from ..core.records import EndpointKind
+from ..errors import (
+    LocalProtocolError,
+    NoProviderError,
+    RemoteError,
+    RemoteProtocolError,
+    RequestTimeoutError,
+)
+from .base import AsyncConnector, Bound, SyncConnector, deadline_after
+
+if TYPE_CHECKING:
+    from ..nodebase import NodeBase
+
+Handler = Callable[[Any], Any]
+
+
+class ServiceEndpoint(Bound):
+    """One reply service: a bound ROUTER and its handler. Served by the node's serve loop."""
+
+    kind = EndpointKind.REPLY
+    noun = "service"
+
+    def __init__(self, node: NodeBase, name: str, handler: Handler) -> None:
+        super().__init__(node, name, zmq.ROUTER)
+        self.handler = handler
+        self.is_async = inspect.iscoroutinefunction(handler)
+        self.socket = self._sock
+        self._advertise()
+
+    def parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Header, Any] | None:
+        """Split and decode a request. Malformed input is counted; returns None, or raises
+        RemoteProtocolError carrying the route when an error reply can still be sent."""
+        try:
+            route, payload = wire.split_route(frames)
+        except RemoteProtocolError as exc:
+            self._refused("request", exc)
+            return None
+        try:
+            header, body = wire.parse_request(payload)
+        except RemoteProtocolError as exc:
+            self._refused("request", exc)
+            self.reply_error(route, 0, exc)
+            return None
+        return route, header, body
+
+    def reply(self, route: list[bytes], msg_id: int, result: Any) -> None:
+        try:
+            body = wire.pack_body(result)
+        except LocalProtocolError as exc:
+            self.reply_error(route, msg_id, exc)
+            return
+        self._send(route + [wire.pack_header(wire.Kind.REPLY, msg_id, time.time()), body])
+
+    def reply_error(self, route: list[bytes], msg_id: int, exc: BaseException) -> None:
+        self._node.counters.add("handler_errors" if msg_id else "refused_request_replies")
+        header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())
+        self._send(route + [header, wire.pack_body(wire.error_body(exc))])
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            self._node.counters.add("replies_sent")
+        except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
+            self._node.counters.add("replies_undeliverable")
+
+
+class _RequesterBase:
+    """Shared by the sync and asyncio requesters: encoding and reply matching."""
+
+    kind = EndpointKind.REPLY
+    noun = "service"
+    name: str
+    _node: NodeBase
+
+    def _setup(self) -> None:
+        self._ids = itertools.count(random.getrandbits(40))
+
+    def _frames(self, body: Any) -> tuple[int, list[bytes]]:
+        msg_id = next(self._ids)
+        header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
+        return msg_id, [b"", header, wire.pack_body(body)]
+
+    def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
+        """(True, body) for our reply; (False, None) for stale or malformed replies.
+        Raises RemoteError for an error reply to our request."""
+        try:
+            header, body = wire.parse_reply(frames)
+        except RemoteProtocolError as exc:
+            self._refused("reply", exc)  # type: ignore[attr-defined]
+            return False, None
+        if header.msg_id != msg_id:
+            self._node.counters.add("stale_replies")
+            return False, None
+        if header.kind is wire.Kind.ERROR:
+            raise RemoteError(self.name, body["type"], body["message"])
+        return True, body
+
+    def _timeouts(self, timeout: float | None) -> float:
+        return self._node.config.request_timeout_s if timeout is None else timeout
+
+
+class Requester(_RequesterBase, SyncConnector):
+    """Calls one service by name. Owned by one thread; not thread-safe."""
+
+    def __init__(self, node: NodeBase, service: str) -> None:
+        SyncConnector.__init__(self, node, service, zmq.DEALER)
+        self._setup()
+
+    def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
+        """Send ``body`` to one provider and return its reply.
+
+        Each attempt waits ``timeout`` seconds (default: the node's request timeout); on no answer,
+        up to ``retries`` more attempts go to the next provider. Raises NoProviderError,
+        RequestTimeoutError, RemoteError (the handler raised), ClosedError.
+        """
+        self._check_open()
+        timeout = self._timeouts(timeout)
+        for attempt in range(1, retries + 2):
+            deadline = deadline_after(timeout)
+            if not self._wait_providers(deadline):
+                raise NoProviderError("service", self.name, timeout)
+            msg_id, frames = self._frames(body)
+            if not self._send(frames, deadline):
+                continue
+            while (reply := self._recv(deadline)) is not None:
+                ok, result = self._match(reply, msg_id)
+                if ok:
+                    return result
+        raise RequestTimeoutError(self.name, timeout, attempt, len(self._urls))
+
+
+class AsyncRequester(_RequesterBase, AsyncConnector):
+    """Calls one service by name from one asyncio loop."""
+
+    def __init__(self, node: NodeBase, service: str) -> None:
+        AsyncConnector.__init__(self, node, service, zmq.DEALER)
+        self._setup()
+
+    async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
+        """Coroutine twin of :meth:`Requester.request`."""
+        self._check_open()
+        timeout = self._timeouts(timeout)
+        for attempt in range(1, retries + 2):
+            deadline = deadline_after(timeout)
+            if not await self._wait_providers(deadline):
+                raise NoProviderError("service", self.name, timeout)
+            msg_id, frames = self._frames(body)
+            if not await self._send(frames, deadline):
+                continue
+            while (reply := await self._recv(deadline)) is not None:
+                ok, result = self._match(reply, msg_id)
+                if ok:
+                    return result
+        raise RequestTimeoutError(self.name, timeout, attempt, len(self._urls))
+
+
+async def call_async_handler(handler: Callable[[Any], Awaitable[Any] | Any], body: Any) -> Any:
+    result = handler(body)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

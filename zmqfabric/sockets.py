@@ -1,0 +1,93 @@
+"""The only place that creates ZeroMQ sockets and sets their options, and the only place that
+translates ``zmq.ZMQError`` into the fabric's errors."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from typing import Iterator
+
+import zmq
+import zmq.asyncio
+
+from . import constants as C
+from .config import NodeConfig
+from .errors import ClosedError, FabricError, LocalProtocolError
+
+log = logging.getLogger(__name__)
+
+#: Socket types that connect to peers found by discovery and should only queue to live peers.
+_IMMEDIATE = frozenset({zmq.DEALER, zmq.PUSH})
+
+
+class SocketFactory:
+    """Owns one ZeroMQ context for one node; makes sockets with the node's options.
+
+    Not thread-safe: call from the thread that owns the node (socket creation is rare).
+    ``close()`` terminates the context; every socket must be closed first (the node does so).
+    """
+
+    def __init__(self, config: NodeConfig, *, asyncio: bool = False) -> None:
+        self._config = config
+        self._asyncio = asyncio
+        self._context: zmq.Context | None = None
+
+    @property
+    def context(self) -> zmq.Context:
+        if self._context is None:
+            self._context = zmq.asyncio.Context() if self._asyncio else zmq.Context()
+        return self._context
+
+    def socket(self, socket_type: int, *, sync: bool = False) -> zmq.Socket:
+        """A new socket with the fabric's options. ``sync=True`` gives a plain socket even on an
+        asyncio node (for node-owned threads)."""
+        cfg = self._config
+        ctx = self.context
+        if sync and self._asyncio:
+            sock: zmq.Socket = zmq.Socket(ctx, socket_type)
+        else:
+            sock = ctx.socket(socket_type)
+        sock.setsockopt(zmq.LINGER, cfg.linger_ms)
+        sock.setsockopt(zmq.SNDHWM, cfg.hwm)
+        sock.setsockopt(zmq.RCVHWM, cfg.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, cfg.heartbeat_ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, cfg.heartbeat_timeout_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, cfg.heartbeat_ttl_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL, C.RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, C.RECONNECT_IVL_MAX_MS)
+        if socket_type in _IMMEDIATE:
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+        if socket_type == zmq.ROUTER:
+            # Replies to a vanished client fail loudly instead of being dropped in silence.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        return sock
+
+    def bind(self, sock: zmq.Socket) -> int:
+        """Bind ``sock`` to a free port of the node's scope address; return the port."""
+        host = self._config.scope.address
+        host = f"[{host}]" if ":" in host else host
+        with translate_zmq_errors(f"bind to {host}"):
+            sock.bind(f"tcp://{host}:0")
+            endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        return int(endpoint.rsplit(":", 1)[1])
+
+    def close(self) -> None:
+        """Terminate the context. Idempotent."""
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+
+@contextlib.contextmanager
+def translate_zmq_errors(action: str) -> Iterator[None]:
+    """Map ``zmq.ZMQError`` raised inside the block to a fabric error naming ``action``."""
+    try:
+        yield
+    except zmq.ZMQError as exc:
+        if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+            raise ClosedError(f"cannot {action}: the node is closed") from exc
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EINVAL):
+            raise LocalProtocolError(f"cannot {action}: {exc.strerror}") from exc
+        raise FabricError(f"cannot {action}: {exc.strerror}") from exc
