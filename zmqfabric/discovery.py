@@ -58,7 +58,11 @@ class Discovery:
     def start(self) -> None:
         address = self._config.scope.address
         try:
-            self._zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+            # use_asyncio=False: zeroconf runs its own thread even when called from an asyncio loop,
+            # so the sync and asyncio nodes share one discovery path.
+            self._zc = Zeroconf(
+                interfaces=[address], ip_version=IPVersion.V4Only, use_asyncio=False
+            )
         except OSError as exc:
             raise FabricError(f"cannot start discovery on {address}: {exc}") from exc
 

@@ -142,17 +142,7 @@ class Node(NodeBase):
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            parsed = service.parse(frames)
-            if parsed is None:
-                continue
-            route, header, body = parsed
-            try:
-                result = service.handler(body)
-            except Exception as exc:
-                log.debug("service %s handler raised", service.name, exc_info=True)
-                service.reply_error(route, header.msg_id, exc)
-            else:
-                service.reply(route, header.msg_id, result)
+            service.serve(frames)
 
     # --- clients ---------------------------------------------------------------------------
 

@@ -140,21 +140,34 @@ class NodeBase:
         raise NotImplementedError
 
     def _close(self) -> None:
+        if self._begin_close():
+            try:
+                self._close_discovery()
+            finally:
+                self._close_local()
+
+    def _begin_close(self) -> bool:
+        """Mark the node closed; False if it already was."""
         with self._lock:
             if self._state is NodeState.CLOSED:
-                return
+                return False
             self._state = NodeState.CLOSED
         if self._unlisten is not None:
             self._unlisten()
-        try:
-            self._discovery.close()  # goodbye first, so peers stop sending to us
-        finally:
-            if self._control is not None:
-                self._control.stop()
-            for handle in list(self._handles):
-                handle.close()
-            self.directory.clear()
-            self._sockets.close()
+        return True
+
+    def _close_discovery(self) -> None:
+        """Goodbye first, so peers stop sending to us. Blocks ~250 ms; thread-safe."""
+        self._discovery.close()
+
+    def _close_local(self) -> None:
+        """Close the control thread, every handle and the context (in the sockets' owner)."""
+        if self._control is not None:
+            self._control.stop()
+        for handle in list(self._handles):
+            handle.close()
+        self.directory.clear()
+        self._sockets.close()
         log.info("node %s closed", self.name)
 
     def _check_started(self) -> None:

@@ -80,6 +80,13 @@ class SocketFactory:
             self._context = None
 
 
+def sync_view(sock: zmq.Socket) -> zmq.Socket:
+    """The blocking view of a socket: itself, or the sync socket behind an asyncio socket.
+
+    Used for sends that never wait (NOBLOCK replies) so their errors raise at once."""
+    return getattr(sock, "_shadow_sock", sock)
+
+
 @contextlib.contextmanager
 def translate_zmq_errors(action: str) -> Iterator[None]:
     """Map ``zmq.ZMQError`` raised inside the block to a fabric error naming ``action``."""

@@ -42,12 +42,11 @@ class Publisher(_Encoder, Bound):
 
     kind = EndpointKind.STREAM
     noun = "stream"
+    sync_socket = True  # PUB never waits, so asyncio nodes use the plain socket too
 
     def __init__(self, node: NodeBase, stream: str) -> None:
         Bound.__init__(self, node, stream, zmq.PUB)
         self._init_encoder(wire.Kind.EVENT)
-        if getattr(self._sock, "_shadow_sock", None) is not None:
-            self._sock = self._sock._shadow_sock  # asyncio node: PUB never waits, use it directly
         self._advertise()
 
     def send(self, topic: str, body: Any) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
@@ -21,11 +22,13 @@ from ..errors import (
     RemoteProtocolError,
     RequestTimeoutError,
 )
+from ..sockets import sync_view
 from .base import AsyncConnector, Bound, SyncConnector, deadline_after
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
 
+log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
 
 
@@ -38,8 +41,8 @@ class ServiceEndpoint(Bound):
     def __init__(self, node: NodeBase, name: str, handler: Handler) -> None:
         super().__init__(node, name, zmq.ROUTER)
         self.handler = handler
-        self.is_async = inspect.iscoroutinefunction(handler)
         self.socket = self._sock
+        self._reply_sock = sync_view(self._sock)
         self._advertise()
 
     def parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Header, Any] | None:
@@ -58,6 +61,36 @@ class ServiceEndpoint(Bound):
             return None
         return route, header, body
 
+    def serve(self, frames: list[bytes]) -> None:
+        """Answer one request with the (sync) handler. Never raises for bad input."""
+        parsed = self.parse(frames)
+        if parsed is None:
+            return
+        route, header, body = parsed
+        try:
+            result = self.handler(body)
+        except Exception as exc:
+            log.debug("service %s handler raised", self.name, exc_info=True)
+            self.reply_error(route, header.msg_id, exc)
+        else:
+            self.reply(route, header.msg_id, result)
+
+    async def serve_async(self, frames: list[bytes]) -> None:
+        """Answer one request; the handler may be a coroutine function."""
+        parsed = self.parse(frames)
+        if parsed is None:
+            return
+        route, header, body = parsed
+        try:
+            result = self.handler(body)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            log.debug("service %s handler raised", self.name, exc_info=True)
+            self.reply_error(route, header.msg_id, exc)
+        else:
+            self.reply(route, header.msg_id, result)
+
     def reply(self, route: list[bytes], msg_id: int, result: Any) -> None:
         try:
             body = wire.pack_body(result)
@@ -73,7 +106,7 @@ class ServiceEndpoint(Bound):
 
     def _send(self, frames: list[bytes]) -> None:
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            self._reply_sock.send_multipart(frames, zmq.NOBLOCK)
             self._node.counters.add("replies_sent")
         except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
             self._node.counters.add("replies_undeliverable")
@@ -168,9 +201,3 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
                     return result
         raise RequestTimeoutError(self.name, timeout, attempt, len(self._urls))
 
-
-async def call_async_handler(handler: Callable[[Any], Awaitable[Any] | Any], body: Any) -> Any:
-    result = handler(body)
-    if inspect.isawaitable(result):
-        result = await result
-    return result

@@ -1,0 +1,181 @@
+"""The asyncio node: ``zmqfabric.aio.Node``, the same surface as :class:`zmqfabric.Node` with
+coroutines. It shares the implementation (``NodeBase`` and the pattern bases); only waiting differs.
+
+All methods run in the loop that started the node, except ``stop()``, which is thread-safe.
+Reply handlers may be plain functions or coroutine functions; each service answers one request at
+a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from typing import Any, Iterable
+
+import zmq
+
+from .constants import CONTROL_TIMEOUT_S, THREAD_JOIN_TIMEOUT_S
+from .core.records import validate_endpoint_name
+from .errors import ClosedError
+from .nodebase import NodeBase, NodeState
+from .patterns.pipeline import AsyncPuller, AsyncPusher
+from .patterns.pubsub import AsyncSubscription, Publisher
+from .patterns.reqrep import AsyncRequester, ServiceEndpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Node"]
+
+
+class Node(NodeBase):
+    """A named process on the fabric (asyncio API). ``async with Node(name) as node: ...``"""
+
+    _ASYNC = True
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self._services: dict[str, ServiceEndpoint] = {}
+        self._requesters: dict[str, AsyncRequester] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._serving = False
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    async def start(self) -> Node:
+        """Open sockets, discovery and the control endpoint. Idempotent. Returns self."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise ClosedError(f"node {self.name!r} belongs to another event loop")
+        self._loop = loop
+        self._stop_event = self._stop_event or asyncio.Event()
+        self._open()
+        return self
+
+    def _open_services(self) -> None:
+        for service, handler in self._handlers.items():
+            self._services[service] = ServiceEndpoint(self, service, handler)
+
+    async def close(self) -> None:
+        """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
+        if self.state is NodeState.CLOSED:
+            return
+        self.stop()
+        if self._begin_close():
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(self._close_discovery), THREAD_JOIN_TIMEOUT_S
+                )
+            finally:
+                self._close_local()
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- serving ---------------------------------------------------------------------------
+
+    async def run(self, timeout: float | None = None, *, handle_signals: bool = True) -> None:
+        """Serve reply services until ``stop()``, SIGINT/SIGTERM or ``timeout`` seconds."""
+        await self.start()
+        if self._serving:
+            raise RuntimeError(f"node {self.name!r} is already serving")
+        assert self._stop_event is not None and self._loop is not None
+        self._serving = True
+        self._stop_event.clear()
+        signals = _install_signals(self._loop, self.stop) if handle_signals else []
+        tasks = [asyncio.create_task(self._serve(svc)) for svc in self._services.values()]
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for signum in signals:
+                self._loop.remove_signal_handler(signum)
+            self._serving = False
+
+    async def _serve(self, service: ServiceEndpoint) -> None:
+        while True:
+            frames = await service.socket.recv_multipart()
+            await service.serve_async(frames)
+
+    def stop(self) -> None:
+        """Make ``run()`` return. Thread-safe; idempotent."""
+        loop, event = self._loop, self._stop_event
+        if loop is None or event is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        else:
+            loop.call_soon_threadsafe(event.set)
+
+    # --- clients ---------------------------------------------------------------------------
+
+    async def request(
+        self, service: str, body: Any = None, timeout: float | None = None, retries: int = 0
+    ) -> Any:
+        """Call ``service`` on any provider; see :meth:`zmqfabric.Node.request`."""
+        self._check_started()
+        requester = self._requesters.get(service)
+        if requester is None or requester.closed:
+            requester = self._requesters[service] = AsyncRequester(self, service)
+        return await requester.request(body, timeout, retries)
+
+    def requester(self, service: str) -> AsyncRequester:
+        self._check_started()
+        return AsyncRequester(self, validate_endpoint_name(service, "service"))
+
+    def publisher(self, stream: str) -> Publisher:
+        """Publish ``stream``; ``send`` never waits, so it is a plain method."""
+        self._check_started()
+        return Publisher(self, validate_endpoint_name(stream, "stream"))
+
+    def subscribe(self, stream: str, topics: Iterable[str] | None = None) -> AsyncSubscription:
+        self._check_started()
+        return AsyncSubscription(self, validate_endpoint_name(stream, "stream"), topics)
+
+    def pusher(self, pipeline: str) -> AsyncPusher:
+        self._check_started()
+        return AsyncPusher(self, validate_endpoint_name(pipeline, "pipeline"))
+
+    def puller(self, pipeline: str) -> AsyncPuller:
+        self._check_started()
+        return AsyncPuller(self, validate_endpoint_name(pipeline, "pipeline"))
+
+    # --- control and directory ---------------------------------------------------------------
+
+    async def ping(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        return await asyncio.to_thread(self._control_sync, node, "ping", timeout)
+
+    async def info(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        return await asyncio.to_thread(self._control_sync, node, "info", timeout)
+
+    async def stats(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        return await asyncio.to_thread(self._control_sync, node, "stats", timeout)
+
+    async def wait_for_node_async(self, name: str, timeout: float) -> Any:
+        return await asyncio.to_thread(self.wait_for_node, name, timeout)
+
+
+def _install_signals(loop: asyncio.AbstractEventLoop, stop: Any) -> list[int]:
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return installed
