@@ -62,8 +62,12 @@ class NodeBase:
         *,
         scope: Scope | None = None,
         config: NodeConfig | None = None,
+        advertise: bool = True,
     ) -> None:
+        """``advertise=False`` makes an observer: it browses and calls others but is not listed
+        and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this)."""
         self.name = validate_node_name(name)
+        self.advertised = advertise
         if config is None:
             config = NodeConfig(scope=scope if scope is not None else Scope.from_env())
         elif scope is not None:
@@ -128,7 +132,10 @@ class NodeBase:
             self._opening = False
             self._control.start()
             self._unlisten = self.directory.listen(self._on_directory_event)
-            self._discovery.advertise(self.record)
+            if self.advertised:
+                self._discovery.advertise(self.record)
+            else:
+                self.directory.put(self.record)
             self._discovery.browse()
         except BaseException:
             self._opening = False
@@ -187,13 +194,18 @@ class NodeBase:
             self._handles.discard(handle)
 
     def _add_endpoint(self, kind: EndpointKind, name: str, port: int) -> None:
+        if not self.advertised and kind is not EndpointKind.CONTROL:
+            raise LocalProtocolError(
+                f"node {self.name!r} does not advertise itself, so nobody could find its "
+                f"{kind.noun} {name!r}: make it with advertise=True"
+            )
         with self._lock:
             key = (kind, name)
             if key in self._endpoints:
                 raise LocalProtocolError(f"node {self.name!r} already offers {kind.noun} {name!r}")
             self._endpoints[key] = Endpoint(kind, name, port)
             self._seq += 1
-            advertise = self._state is NodeState.STARTED
+            advertise = self._state is NodeState.STARTED and self.advertised
         if advertise:
             self._discovery.advertise(self.record)
 
@@ -202,7 +214,7 @@ class NodeBase:
             if self._endpoints.pop((kind, name), None) is None:
                 return
             self._seq += 1
-            advertise = self._state is NodeState.STARTED
+            advertise = self._state is NodeState.STARTED and self.advertised
         if advertise:
             self._discovery.advertise(self.record)
 
@@ -253,7 +265,7 @@ class NodeBase:
     def _on_directory_event(self, event: DirectoryEvent) -> None:
         """Introduce ourselves to each newcomer (runs in discovery's or the control thread)."""
         record = event.record
-        if event.change is Change.LEFT or record.node_id == self.node_id:
+        if event.change is Change.LEFT or record.node_id == self.node_id or not self.advertised:
             return
         control = record.control
         if control is not None and self._control is not None:

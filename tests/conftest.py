@@ -1,0 +1,67 @@
+"""Shared fixtures: nodes that are always closed, child processes that are always reaped, and a
+check that no test leaks a fabric thread. Discovery is pinned to loopback by the default scope."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import uuid
+from typing import Callable, Iterator
+
+import pytest
+
+import zmqfabric as zf
+from tests.procs import ProcessGroup
+
+_counter = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """A node/endpoint name no other test (or concurrent test run) uses."""
+    return f"{prefix}-{os.getpid() % 10000}-{next(_counter)}-{uuid.uuid4().hex[:4]}"
+
+
+@pytest.fixture
+def name() -> Callable[[str], str]:
+    return unique
+
+
+@pytest.fixture
+def make_node() -> Iterator[Callable[..., zf.Node]]:
+    """``make_node(prefix, **kwargs)``: a started sync node, closed after the test."""
+    nodes: list[zf.Node] = []
+
+    def make(prefix: str = "n", **kwargs: object) -> zf.Node:
+        node = zf.Node(unique(prefix), **kwargs)  # type: ignore[arg-type]
+        nodes.append(node)
+        return node.start()
+
+    yield make
+    for node in reversed(nodes):
+        node.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[ProcessGroup]:
+    """Child processes with a readiness handshake; all are stopped and reaped at teardown."""
+    group = ProcessGroup()
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    leaked = [
+        t
+        for t in threading.enumerate()
+        if t.ident not in before and t.name.startswith("zmqfabric") and t.is_alive()
+    ]
+    for t in leaked:
+        t.join(5.0)
+    still = [t.name for t in leaked if t.is_alive()]
+    assert not still, f"test leaked fabric threads: {still}"
