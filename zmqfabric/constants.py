@@ -38,6 +38,11 @@ SERVICE_TYPE = "_zmqfabric._tcp.local."
 RECORD_TTL_S = 15
 #: Registering our record is local work in zeroconf's loop; more than this means it is stuck.
 REGISTER_TIMEOUT_S = 5.0
+#: After advertising, a node listens this long (s) for another live node of its name. Peers
+#: introduce themselves over ZeroMQ within milliseconds; mDNS answers take 20-120 ms.
+CONFLICT_WINDOW_S = 0.2
+#: With on_conflict="suffix", names tried after the first: name-2 ... name-(1+this).
+MAX_NAME_SUFFIX = 8
 #: How long a browser waits for a peer's full record (SRV/TXT/A) after seeing its name.
 RESOLVE_TIMEOUT_S = 1.0
 #: Largest TXT value we write or accept (a DNS character-string is at most 255 bytes).
@@ -49,6 +54,13 @@ MAX_ENDPOINTS = 128
 HELLO_LINGER_MS = 250
 #: Largest hello body we accept (a TXT record's worth of text and some).
 MAX_HELLO_SIZE = 16 * 1024
+
+#: A peer whose control endpoint we cannot connect to within this (s) is treated as gone.
+LIVENESS_CONNECT_TIMEOUT_S = 3.0
+#: A peer found dead is still watched this long (s), and comes back if it answers again.
+DEAD_FORGET_S = 60.0
+#: The control thread checks liveness deadlines this often (ms).
+LIVENESS_TICK_MS = 250
 
 # --- requests -------------------------------------------------------------------------------
 #: A request waits this long (s) for a provider and its answer unless told otherwise.

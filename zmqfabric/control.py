@@ -16,9 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .constants import CONTROL_TIMEOUT_S, HELLO_LINGER_MS, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
+from .constants import (
+    CONTROL_TIMEOUT_S,
+    HELLO_LINGER_MS,
+    LIVENESS_TICK_MS,
+    THREAD_JOIN_TIMEOUT_S,
+)
 from .core import wire
-from .core.records import EndpointKind, encode_txt
+from .core.records import EndpointKind, NodeRecord, encode_txt
 from .errors import (
     FabricTimeoutError,
     LocalProtocolError,
@@ -26,6 +31,7 @@ from .errors import (
     RemoteError,
     RemoteProtocolError,
 )
+from .liveness import PeerWatch
 from .patterns.reqrep import ServiceEndpoint
 
 if TYPE_CHECKING:
@@ -51,7 +57,7 @@ class ControlServer:
         os.set_blocking(self._stop_r, False)
         os.set_blocking(self._stop_w, False)
         self._stopping = False
-        self._introductions: collections.deque[str] = collections.deque()
+        self._commands: collections.deque[tuple[str, Any]] = collections.deque()
         self._thread = threading.Thread(
             target=self._run, name=f"zmqfabric-control-{node.name}", daemon=False
         )
@@ -69,9 +75,20 @@ class ControlServer:
         mDNS answers a newcomer's query after 20-120 ms, or a second after our last announcement;
         introducing ourselves over ZeroMQ when we see a newcomer makes mutual discovery take
         milliseconds. The newcomer validates the record like any other (see ``hello``)."""
+        self._post("introduce", url)
+
+    def watch(self, record: NodeRecord) -> None:
+        """Start watching a peer's liveness (thread-safe)."""
+        self._post("watch", record)
+
+    def unwatch(self, record: NodeRecord) -> None:
+        """Stop watching a peer that left cleanly (thread-safe)."""
+        self._post("unwatch", record)
+
+    def _post(self, op: str, arg: Any) -> None:
         if self._stop_w < 0 or self._stopping:
             return
-        self._introductions.append(url)
+        self._commands.append((op, arg))
         self._wake()
 
     def _wake(self) -> None:
@@ -99,16 +116,33 @@ class ControlServer:
         poller = zmq.Poller()
         poller.register(self._endpoint.socket, zmq.POLLIN)
         poller.register(self._stop_r, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll(POLL_INTERVAL_MS * 5))
-            if self._stop_r in events:
-                _drain(self._stop_r)
-                if self._stopping:
-                    return
-                while self._introductions:
-                    self._send_hello(self._introductions.popleft())
-            if self._endpoint.socket in events:
-                self._serve_one()
+        peers = PeerWatch(self._node, poller)
+        try:
+            while True:
+                events = dict(poller.poll(LIVENESS_TICK_MS))
+                if self._stop_r in events:
+                    _drain(self._stop_r)
+                    if self._stopping:
+                        return
+                    self._run_commands(peers)
+                if self._endpoint.socket in events:
+                    self._serve_one()
+                for sock in events:
+                    if isinstance(sock, zmq.Socket) and sock is not self._endpoint.socket:
+                        peers.on_monitor(sock)
+                peers.tick()
+        finally:
+            peers.close()
+
+    def _run_commands(self, peers: PeerWatch) -> None:
+        while self._commands:
+            op, arg = self._commands.popleft()
+            if op == "introduce":
+                self._send_hello(arg)
+            elif op == "watch":
+                peers.watch(arg)
+            elif op == "unwatch":
+                peers.unwatch(arg.name, arg.node_id)
 
     def _send_hello(self, url: str) -> None:
         sock = self._node._sockets.socket(zmq.DEALER, sync=True)

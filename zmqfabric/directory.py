@@ -38,46 +38,87 @@ _Key = tuple[EndpointKind, str]
 
 
 class Directory:
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
+        self._who = f"{owner}: " if owner else ""
         self._cond = threading.Condition()
         self._records: dict[str, NodeRecord] = {}
+        self._candidates: dict[str, dict[str, NodeRecord]] = {}
         self._watchers: dict[_Key, list[Watcher]] = {}
         self._listeners: list[Listener] = []
 
     # --- writes (discovery) ----------------------------------------------------------------
 
     def put(self, record: NodeRecord) -> None:
-        """Add or replace the record of ``record.name`` and tell watchers what moved."""
+        """Add or update the record of ``record.name`` and tell watchers what moved.
+
+        A record of a *different* node id under a name already in use is held back as a
+        candidate (two live nodes claim one name, or a restart before the old record expired):
+        it becomes the node's record when the current one leaves or is found dead."""
+        events: list[DirectoryEvent] = []
         with self._cond:
             old = self._records.get(record.name)
-            if old == record:
+            if old is not None and old.node_id != record.node_id:
+                candidates = self._candidates.setdefault(record.name, {})
+                if record.node_id not in candidates:
+                    log.warning(
+                        "two nodes claim the name %r: %s on %s (in use) and %s on %s (held back)",
+                        record.name, old.node_id, old.host, record.node_id, record.host,
+                    )
+                held = candidates.get(record.node_id)
+                if held is None or record.seq > held.seq:
+                    candidates[record.node_id] = record
                 return
-            if old is not None and old.node_id == record.node_id and record.seq <= old.seq:
-                return  # an older (or the same) version of what we have: arrived late
-            self._records[record.name] = record
-            self._notify(_urls(old), _urls(record))
-            event = DirectoryEvent(Change.JOINED if old is None else Change.UPDATED, record)
-            self._cond.notify_all()
-            listeners = list(self._listeners)
-        if old is None or old.node_id != record.node_id:
-            log.info("node %s joined at %s (id %s)", record.name, record.address, record.node_id)
-        for listener in listeners:
-            listener(event)
+            if old is not None and (old == record or record.seq <= old.seq):
+                return  # the same, or an older version that arrived late
+            self._activate(old, record, events)
+        self._emit(events)
 
     def remove(self, name: str, node_id: str | None = None) -> NodeRecord | None:
-        """Drop node ``name`` (only if its id is ``node_id``, when given)."""
+        """Drop node ``name`` (only the node with id ``node_id``, when given); a held-back
+        candidate of the same name, if any, takes its place."""
+        events: list[DirectoryEvent] = []
         with self._cond:
             old = self._records.get(name)
             if old is None or (node_id is not None and old.node_id != node_id):
+                held = self._candidates.get(name)
+                if node_id is not None and held is not None:
+                    held.pop(node_id, None)
+                    if not held:
+                        del self._candidates[name]
                 return None
             del self._records[name]
             self._notify(_urls(old), {})
+            events.append(DirectoryEvent(Change.LEFT, old))
+            candidates = self._candidates.pop(name, {})
+            if candidates:
+                _, successor = candidates.popitem()
+                if candidates:
+                    self._candidates[name] = candidates
+                self._activate(None, successor, events)
             self._cond.notify_all()
-            listeners = list(self._listeners)
-        log.info("node %s left", name)
-        for listener in listeners:
-            listener(DirectoryEvent(Change.LEFT, old))
+        self._emit(events)
         return old
+
+    def _activate(
+        self, old: NodeRecord | None, record: NodeRecord, events: list[DirectoryEvent]
+    ) -> None:
+        self._records[record.name] = record
+        self._notify(_urls(old), _urls(record))
+        events.append(DirectoryEvent(Change.JOINED if old is None else Change.UPDATED, record))
+        self._cond.notify_all()
+
+    def _emit(self, events: list[DirectoryEvent]) -> None:
+        with self._cond:
+            listeners = list(self._listeners)
+        for event in events:
+            if event.change is Change.JOINED:
+                log.info("%snode %s joined at %s (id %s)", self._who, event.record.name,
+                         event.record.address, event.record.node_id)
+            elif event.change is Change.LEFT:
+                log.info("%snode %s left (id %s)", self._who, event.record.name,
+                         event.record.node_id)
+            for listener in listeners:
+                listener(event)
 
     def _notify(self, before: dict[_Key, str], after: dict[_Key, str]) -> None:
         for key, url in before.items():
@@ -155,6 +196,7 @@ class Directory:
 
     def clear(self) -> None:
         with self._cond:
+            self._candidates.clear()
             for name in list(self._records):
                 old = self._records.pop(name)
                 self._notify(_urls(old), {})

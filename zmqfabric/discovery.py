@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import threading
+from typing import Callable
 
 from zeroconf import (
     IPVersion,
@@ -28,7 +29,7 @@ from .core.records import (
     decode_txt,
     encode_txt,
     instance_name,
-    node_from_instance,
+    parse_instance,
     server_name,
 )
 from .directory import Directory
@@ -45,8 +46,16 @@ class Discovery:
     goodbye, stops browsing and closes zeroconf; it is idempotent. ``advertise()`` is thread-safe.
     """
 
-    def __init__(self, config: NodeConfig, directory: Directory, counters: Counters) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        directory: Directory,
+        counters: Counters,
+        on_conflict: Callable[[NodeRecord], None],
+    ) -> None:
         self._config = config
+        self._on_conflict = on_conflict
+        self._own: tuple[str, str] | None = None
         self._directory = directory
         self._counters = counters
         self._rlog = RateLimitedLog(log)
@@ -78,7 +87,7 @@ class Discovery:
         ttl = self._config.record_ttl_s
         info = ServiceInfo(
             SERVICE_TYPE,
-            instance_name(record.name),
+            instance_name(record.name, record.node_id),
             port=record.control.port if record.control else 0,
             properties=encode_txt(record),
             server=server_name(record.node_id),
@@ -95,8 +104,17 @@ class Discovery:
             # the repeat announcements (zeroconf's blocking call waits ~450 ms for those).
             asyncio.run_coroutine_threadsafe(coro, zc.loop).result(REGISTER_TIMEOUT_S)
             self._info = info
+            self._own = (record.name, record.node_id)
         # Our own record goes straight into our directory: no need to hear our own multicast.
         self._directory.put(record)
+
+    def withdraw(self) -> None:
+        """Unregister our record (goodbye) but keep browsing. Thread-safe."""
+        with self._lock:
+            info, self._info = self._info, None
+            zc = self._zc
+        if info is not None and zc is not None:
+            zc.unregister_service(info)
 
     def close(self) -> None:
         with self._lock:
@@ -123,12 +141,14 @@ class Discovery:
         state_change: ServiceStateChange,
     ) -> None:
         try:
-            node = node_from_instance(name)
+            node, node_id = parse_instance(name)
             if state_change is ServiceStateChange.Removed:
-                self._directory.remove(node)
+                self._directory.remove(node, node_id)
                 return
             record = self._resolve(zeroconf, service_type, name, node)
             if record is not None:
+                if record.node_id != node_id:
+                    raise RemoteProtocolError(f"record {node!r}: id differs from its instance name")
                 self.accept(record)
         except RemoteProtocolError as exc:
             self._counters.add("refused_records")
@@ -152,31 +172,21 @@ class Discovery:
             raise RemoteProtocolError(f"record {node!r}: SRV port does not match its ctl endpoint")
         return record
 
-    def accept(self, record: NodeRecord) -> None:
+    def accept(self, record: NodeRecord, *, direct: bool = False) -> None:
         """Put a validated peer record into the directory if it is in scope and not ours.
 
-        Raises RemoteProtocolError for a record outside the scope. Thread-safe."""
-        if not address_in_scope(record.address, self._config.scope.networks):
+        ``direct``: the record came over a connection from its own address (a hello), so it may
+        lie outside the scope's networks (peers seeded across subnets). Raises
+        RemoteProtocolError for an mDNS record outside the scope. Thread-safe."""
+        if not direct and not address_in_scope(record.address, self._config.scope.networks):
             raise RemoteProtocolError(
                 f"record {record.name!r}: address {record.address} is outside this node's scope "
                 f"{', '.join(self._config.scope.networks)}"
             )
-        own = self._info
-        if own is not None and own.name.lower() == instance_name(record.name).lower():
-            # Our own name: either our own record or another node claiming it.
-            if record.node_id != _own_id(own):
+        own = self._own
+        if own is not None and record.name == own[0]:
+            if record.node_id != own[1]:
                 self._counters.add("name_conflicts")
-                self._rlog.warning(
-                    "conflict",
-                    "another node (id %s on host %s) uses this node's name %r",
-                    record.node_id,
-                    record.host,
-                    record.name,
-                )
+                self._on_conflict(record)
             return
         self._directory.put(record)
-
-
-def _own_id(info: ServiceInfo) -> str:
-    value = info.properties.get(b"id") or b""
-    return value.decode()

@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 
 from .config import NodeConfig, Scope
 from .control import ControlServer, control_call
-from .constants import MAX_ENDPOINTS
+from .constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
 from .core.records import (
     Endpoint,
     EndpointKind,
@@ -34,6 +34,7 @@ from .errors import (
     ClosedError,
     InvalidNameError,
     LocalProtocolError,
+    NameConflictError,
     NodeNotFoundError,
     NoProviderError,
     RemoteProtocolError,
@@ -63,11 +64,18 @@ class NodeBase:
         scope: Scope | None = None,
         config: NodeConfig | None = None,
         advertise: bool = True,
+        on_conflict: str = "fail",
     ) -> None:
         """``advertise=False`` makes an observer: it browses and calls others but is not listed
         and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this)."""
         self.name = validate_node_name(name)
         self.advertised = advertise
+        if on_conflict not in ("fail", "suffix"):
+            raise LocalProtocolError("on_conflict must be 'fail' or 'suffix'")
+        self._on_conflict_mode = on_conflict
+        self._claiming = False
+        self._conflict: NodeRecord | None = None
+        self._conflict_seen = threading.Event()
         if config is None:
             config = NodeConfig(scope=scope if scope is not None else Scope.from_env())
         elif scope is not None:
@@ -75,9 +83,9 @@ class NodeBase:
         self.config = config
         self.node_id = secrets.token_hex(8)
         self.counters = Counters()
-        self.directory = Directory()
+        self.directory = Directory(self.name)
         self._sockets = SocketFactory(config, asyncio=self._ASYNC)
-        self._discovery = Discovery(config, self.directory, self.counters)
+        self._discovery = Discovery(config, self.directory, self.counters, self._on_name_conflict)
         self._lock = threading.RLock()
         self._endpoints: dict[tuple[EndpointKind, str], Endpoint] = {}
         self._seq = 0
@@ -132,16 +140,54 @@ class NodeBase:
             self._opening = False
             self._control.start()
             self._unlisten = self.directory.listen(self._on_directory_event)
+            self._discovery.browse()
             if self.advertised:
-                self._discovery.advertise(self.record)
+                self._claim_name()
             else:
                 self.directory.put(self.record)
-            self._discovery.browse()
         except BaseException:
             self._opening = False
             self._close()
             raise
         log.info("node %s started at %s (id %s)", self.name, self.config.scope.address, self.node_id)
+
+    def _claim_name(self) -> None:
+        """Advertise, then listen for CONFLICT_WINDOW_S for another live node of our name (it
+        introduces itself at once when it sees us). On a conflict, withdraw and fail, or try
+        ``name-2``, ``name-3``... with ``on_conflict="suffix"``."""
+        base = self.name
+        for attempt in range(2, 2 + MAX_NAME_SUFFIX):
+            self._conflict = None
+            self._conflict_seen.clear()
+            self._claiming = True
+            try:
+                self._discovery.advertise(self.record)
+                self._conflict_seen.wait(CONFLICT_WINDOW_S)
+            finally:
+                self._claiming = False
+            other = self._conflict
+            if other is None:
+                return
+            self._discovery.withdraw()
+            self.directory.remove(self.name, self.node_id)
+            if self._on_conflict_mode != "suffix":
+                raise NameConflictError(self.name, other.host, other.node_id)
+            log.warning("node name %r is taken by %s on %s; trying %s-%d",
+                        self.name, other.node_id, other.host, base, attempt)
+            self.name = validate_node_name(f"{base[:60]}-{attempt}")
+        raise NameConflictError(self.name, other.host, other.node_id)
+
+    def _on_name_conflict(self, other: NodeRecord) -> None:
+        """Another node advertises our name (discovery's or the control thread)."""
+        if self._claiming:
+            self._conflict = other
+            self._conflict_seen.set()
+            return
+        _rlog.warning("conflict", "node %s on host %s (%s) claims this node's name %r; it "
+                      "should yield", other.node_id, other.host, other.address, self.name)
+        control = other.control
+        if control is not None and self._control is not None:
+            self._control.introduce(other.url(control))  # tell the newcomer we exist
 
     def _open_services(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -263,13 +309,17 @@ class NodeBase:
         return control_call(self, target, op, timeout)
 
     def _on_directory_event(self, event: DirectoryEvent) -> None:
-        """Introduce ourselves to each newcomer (runs in discovery's or the control thread)."""
-        record = event.record
-        if event.change is Change.LEFT or record.node_id == self.node_id or not self.advertised:
+        """Watch each peer's liveness and introduce ourselves to newcomers (runs in discovery's
+        or the control thread: only posts to the control thread)."""
+        record, control = event.record, self._control
+        if record.node_id == self.node_id or control is None:
             return
-        control = record.control
-        if control is not None and self._control is not None:
-            self._control.introduce(record.url(control))
+        if event.change is Change.LEFT:
+            control.unwatch(record)
+            return
+        control.watch(record)
+        if event.change is Change.JOINED and self.advertised and record.control is not None:
+            control.introduce(record.url(record.control))
 
     def _accept_hello(self, body: dict[str, Any], peer_address: str | None) -> None:
         """Take a peer's introduction: validated like an mDNS record, and its address must be the
@@ -287,7 +337,7 @@ class NodeBase:
             except InvalidNameError as exc:
                 raise RemoteProtocolError(f"hello has a bad node name: {exc}") from exc
             props = {k.encode(): v.encode() for k, v in txt.items()}
-            self._discovery.accept(decode_txt(node, [peer_address], props))
+            self._discovery.accept(decode_txt(node, [peer_address], props), direct=True)
         except RemoteProtocolError as exc:
             self.counters.add("refused_hellos")
             _rlog.warning("hello", "refused an introduction from %s: %s", peer_address, exc)

@@ -1,13 +1,13 @@
 """Names and discovery records: validation and the DNS-SD TXT encoding. Pure: no IO.
 
-A node registers one DNS-SD service ``<node>._zmqfabric._tcp.local.`` whose SRV port is its control
-endpoint and whose A record is the one address all its endpoints are bound to. The TXT record:
+A node registers one DNS-SD service ``<node>@<node id>._zmqfabric._tcp.local.`` whose SRV port is its
+control endpoint and whose A record is the one address all its endpoints are bound to. The TXT record:
 
 =========  =====================================================================================
 key        value
 =========  =====================================================================================
 ``v``      record version, ``1``
-``id``     node id: 16 lowercase hex digits, random per node start (tells restarts and conflicts)
+``id``     node id: 16 lowercase hex digits, random per node start; equal to the instance's id
 ``host``   the host name of the machine (informational, for people and conflict messages)
 ``pid``    the process id (informational)
 ``seq``    record sequence number, raised on every change: a reader drops a record of the same id
@@ -118,20 +118,31 @@ def validate_endpoint_name(name: object, what: str = "endpoint") -> str:
     return name
 
 
-def instance_name(node: str) -> str:
-    return f"{node}.{SERVICE_TYPE}"
+def instance_name(node: str, node_id: str) -> str:
+    """The DNS-SD instance name of a node: ``<node>@<node id>``, unique per node start, so two
+    nodes claiming one name (a conflict, or a restart while the old record is cached) never
+    overwrite each other's records; the fabric sorts them out by id."""
+    return f"{node}@{node_id}.{SERVICE_TYPE}"
+
+
+def parse_instance(instance: str) -> tuple[str, str]:
+    """(node name, node id) of a DNS-SD instance name. Raises RemoteProtocolError."""
+    suffix = "." + SERVICE_TYPE
+    if not instance.lower().endswith(suffix.lower()):
+        raise RemoteProtocolError(f"record {instance[:120]!r} is not of type {SERVICE_TYPE}")
+    label = instance[: -len(suffix)]
+    name, sep, node_id = label.partition("@")
+    if not sep or not _NODE_ID.match(node_id):
+        raise RemoteProtocolError(f"record {instance[:120]!r}: instance is not <node>@<node id>")
+    try:
+        return validate_node_name(name), node_id
+    except InvalidNameError as exc:
+        raise RemoteProtocolError(f"record has a bad node name: {exc}") from exc
 
 
 def node_from_instance(instance: str) -> str:
     """The node name of a DNS-SD instance name. Raises RemoteProtocolError."""
-    suffix = "." + SERVICE_TYPE
-    if not instance.lower().endswith(suffix.lower()):
-        raise RemoteProtocolError(f"record {instance!r} is not of type {SERVICE_TYPE}")
-    name = instance[: -len(suffix)]
-    try:
-        return validate_node_name(name)
-    except InvalidNameError as exc:
-        raise RemoteProtocolError(f"record has a bad node name: {exc}") from exc
+    return parse_instance(instance)[0]
 
 
 def server_name(node_id: str) -> str:
