@@ -86,9 +86,40 @@ class NodeConfig:
     heartbeat_ttl_ms: int = C.HEARTBEAT_TTL_MS
     record_ttl_s: int = C.RECORD_TTL_S
     request_timeout_s: float = C.REQUEST_TIMEOUT_S
+    #: The control endpoint's port; 0 picks a free one. Fix it for nodes others seed from.
+    control_port: int = 0
+    #: Seed peers "HOST:PORT" (control endpoints) for nodes that mDNS cannot reach.
+    peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not 0 <= self.control_port <= 65535:
+            raise LocalProtocolError(f"control port {self.control_port} is not a port number")
+        for peer in self.peers:
+            parse_peer(peer)
         if self.max_message_size <= 0 or self.hwm <= 0 or self.linger_ms < 0:
             raise LocalProtocolError("max_message_size and hwm must be > 0, linger_ms >= 0")
         if self.request_timeout_s <= 0 or self.record_ttl_s <= 0:
             raise LocalProtocolError("request_timeout_s and record_ttl_s must be > 0")
+
+
+def parse_peer(peer: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` of a seed peer (an IP address and a control port).
+
+    Raises LocalProtocolError for anything else."""
+    host, sep, port = peer.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 < number < 65536:
+        raise LocalProtocolError(
+            f"peer {peer!r} is not HOST:PORT with an IP address and the peer's control port"
+        )
+    return host, number
+
+
+def peer_url(peer: str) -> str:
+    host, port = parse_peer(peer)
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"

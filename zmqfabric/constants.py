@@ -62,6 +62,11 @@ DEAD_FORGET_S = 60.0
 #: The control thread checks liveness deadlines this often (ms).
 LIVENESS_TICK_MS = 250
 
+#: Seed peers not yet known are greeted again this often (s).
+SEED_RETRY_S = 2.0
+#: Most control URLs shared or accepted in one peer list.
+MAX_SHARED = 256
+
 # --- requests -------------------------------------------------------------------------------
 #: A request waits this long (s) for a provider and its answer unless told otherwise.
 REQUEST_TIMEOUT_S = 5.0

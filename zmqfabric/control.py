@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from .constants import (
     CONTROL_TIMEOUT_S,
     HELLO_LINGER_MS,
     LIVENESS_TICK_MS,
+    MAX_SHARED,
+    SEED_RETRY_S,
     THREAD_JOIN_TIMEOUT_S,
 )
 from .core import wire
@@ -31,6 +34,7 @@ from .errors import (
     RemoteError,
     RemoteProtocolError,
 )
+from .config import peer_url
 from .liveness import PeerWatch
 from .patterns.reqrep import ServiceEndpoint
 
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from .nodebase import NodeBase
 
 log = logging.getLogger(__name__)
+_TCP_URL = re.compile(r"tcp://[0-9.]{7,15}:[0-9]{1,5}\Z")
 OPS = ("ping", "info", "stats")
 
 
@@ -46,18 +51,24 @@ class ControlEndpoint(ServiceEndpoint):
     noun = "control endpoint"
     sync_socket = True
 
+    def __init__(self, node: NodeBase, handler: Any) -> None:
+        self.fixed_port = node.config.control_port
+        super().__init__(node, "control", handler)
+
 
 class ControlServer:
     """Owns the control endpoint and the thread that serves it. ``stop()`` is idempotent."""
 
     def __init__(self, node: NodeBase) -> None:
         self._node = node
-        self._endpoint = ControlEndpoint(node, "control", self._answer)
+        self._endpoint = ControlEndpoint(node, self._answer)
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(self._stop_r, False)
         os.set_blocking(self._stop_w, False)
         self._stopping = False
         self._commands: collections.deque[tuple[str, Any]] = collections.deque()
+        self._seeds = [peer_url(peer) for peer in node.config.peers]
+        self._next_seeding = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"zmqfabric-control-{node.name}", daemon=False
         )
@@ -84,6 +95,11 @@ class ControlServer:
     def unwatch(self, record: NodeRecord) -> None:
         """Stop watching a peer that left cleanly (thread-safe)."""
         self._post("unwatch", record)
+
+    def share(self, record: NodeRecord) -> None:
+        """Send the control URLs of every node we know to ``record``'s node (thread-safe), so
+        that nodes seeded across subnets learn each other."""
+        self._post("share", record)
 
     def _post(self, op: str, arg: Any) -> None:
         if self._stop_w < 0 or self._stopping:
@@ -124,7 +140,7 @@ class ControlServer:
                     _drain(self._stop_r)
                     if self._stopping:
                         return
-                    self._run_commands(peers)
+                self._run_commands(peers)
                 if self._endpoint.socket in events:
                     self._serve_one()
                 for sock in events:
@@ -143,17 +159,35 @@ class ControlServer:
                 peers.watch(arg)
             elif op == "unwatch":
                 peers.unwatch(arg.name, arg.node_id)
+            elif op == "share" and arg.control is not None:
+                urls = [r.url(r.control) for r in self._node.directory.records() if r.control]
+                self._send_oneway(arg.url(arg.control), {"op": "peers", "urls": urls[:MAX_SHARED]})
+        if self._seeds and time.monotonic() >= self._next_seeding:
+            self._introduce_to_seeds()
+
+    def _introduce_to_seeds(self) -> None:
+        """Say hello to every seed peer we do not know yet; again every SEED_RETRY_S."""
+        self._next_seeding = time.monotonic() + SEED_RETRY_S
+        known = {r.url(r.control) for r in self._node.directory.records() if r.control}
+        for url in self._seeds:
+            if url not in known:
+                self._send_hello(url)
 
     def _send_hello(self, url: str) -> None:
+        if self._node.advertised:
+            record = self._node.record
+            self._send_oneway(url, {"op": "hello", "name": record.name, "txt": encode_txt(record)})
+
+    def _send_oneway(self, url: str, body: dict[str, Any]) -> None:
+        """Send a one-way control message (hello, peers) from a short-lived socket."""
         sock = self._node._sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
         try:
             sock.connect(url)
             header = wire.pack_header(wire.Kind.REQUEST, 0, time.time())
-            hello = {"op": "hello", "name": self._node.name, "txt": encode_txt(self._node.record)}
-            sock.send_multipart([b"", header, wire.pack_body(hello)], zmq.NOBLOCK)
+            sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.debug("cannot introduce %s to %s: %s", self._node.name, url, exc)
+            log.debug("cannot send %s to %s: %s", body.get("op"), url, exc)
         finally:
             sock.close(HELLO_LINGER_MS)
 
@@ -170,12 +204,26 @@ class ControlServer:
         if op == "hello":
             self._node._accept_hello(body, zframes[-1].get("Peer-Address"))
             return  # introductions are one-way: no reply
+        if op == "peers":
+            self._accept_peers(body.get("urls"))
+            return
         try:
             result = self._answer(op)
         except LocalProtocolError as exc:
             self._endpoint.reply_error(route, header.msg_id, exc)
         else:
             self._endpoint.reply(route, header.msg_id, result)
+
+    def _accept_peers(self, urls: object) -> None:
+        """Introduce ourselves to shared control URLs we do not know. Only URLs: a node enters
+        our directory only through its own hello or mDNS record, never on another's word."""
+        if not isinstance(urls, list) or len(urls) > MAX_SHARED:
+            self._node.counters.add("refused_peer_lists")
+            return
+        known = {r.url(r.control) for r in self._node.directory.records() if r.control}
+        for url in urls:
+            if isinstance(url, str) and url not in known and _TCP_URL.match(url):
+                self._send_hello(url)
 
     def _answer(self, op: object) -> Any:
         if op not in OPS:

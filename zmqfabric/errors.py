@@ -115,12 +115,17 @@ class RemoteError(FabricError):
 class NameConflictError(FabricError):
     """Another live node already uses this node name."""
 
-    def __init__(self, name: str, other_host: str, other_id: str) -> None:
+    def __init__(
+        self, name: str, other_host: str, other_id: str, other_address: str | None = None
+    ) -> None:
         self.name = name
         self.other_host = other_host
         self.other_id = other_id
+        self.other_address = other_address
+        at = f" ({other_address})" if other_address else ""
         super().__init__(
-            f"node name {name!r} is already used by node {other_id} on host {other_host!r}"
+            f"node name {name!r} is already used by node {other_id} on host {other_host!r}{at}; "
+            f"choose another name, or let the node take a free suffix (on_conflict='suffix')"
         )
 
 

@@ -24,6 +24,7 @@ from .core.records import (
     Endpoint,
     EndpointKind,
     NodeRecord,
+    address_in_scope,
     decode_txt,
     validate_endpoint_name,
     validate_node_name,
@@ -171,11 +172,11 @@ class NodeBase:
             self._discovery.withdraw()
             self.directory.remove(self.name, self.node_id)
             if self._on_conflict_mode != "suffix":
-                raise NameConflictError(self.name, other.host, other.node_id)
+                raise NameConflictError(self.name, other.host, other.node_id, other.address)
             log.warning("node name %r is taken by %s on %s; trying %s-%d",
                         self.name, other.node_id, other.host, base, attempt)
             self.name = validate_node_name(f"{base[:60]}-{attempt}")
-        raise NameConflictError(self.name, other.host, other.node_id)
+        raise NameConflictError(self.name, other.host, other.node_id, other.address)
 
     def _on_name_conflict(self, other: NodeRecord) -> None:
         """Another node advertises our name (discovery's or the control thread)."""
@@ -320,6 +321,10 @@ class NodeBase:
         control.watch(record)
         if event.change is Change.JOINED and self.advertised and record.control is not None:
             control.introduce(record.url(record.control))
+            if self.config.peers or not address_in_scope(
+                record.address, self.config.scope.networks
+            ):
+                control.share(record)  # across subnets: tell it whom else we know
 
     def _accept_hello(self, body: dict[str, Any], peer_address: str | None) -> None:
         """Take a peer's introduction: validated like an mDNS record, and its address must be the

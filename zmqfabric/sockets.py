@@ -64,12 +64,12 @@ class SocketFactory:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         return sock
 
-    def bind(self, sock: zmq.Socket) -> int:
-        """Bind ``sock`` to a free port of the node's scope address; return the port."""
+    def bind(self, sock: zmq.Socket, port: int = 0) -> int:
+        """Bind ``sock`` to ``port`` (0: a free one) of the node's scope address; return it."""
         host = self._config.scope.address
         host = f"[{host}]" if ":" in host else host
-        with translate_zmq_errors(f"bind to {host}"):
-            sock.bind(f"tcp://{host}:0")
+        with translate_zmq_errors(f"bind to {host}:{port or '*'}"):
+            sock.bind(f"tcp://{host}:{port}")
             endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         return int(endpoint.rsplit(":", 1)[1])
 

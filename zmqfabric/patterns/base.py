@@ -90,9 +90,16 @@ class Handle:
 class Bound(Handle):
     """A handle whose socket binds a port of the node's scope and is advertised."""
 
+    #: The port to bind; 0 picks a free one.
+    fixed_port = 0
+
     def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
         super().__init__(node, name, socket_type)
-        self.port = node._sockets.bind(self._sock)
+        try:
+            self.port = node._sockets.bind(self._sock, self.fixed_port)
+        except BaseException:
+            self.close()
+            raise
 
     def _advertise(self) -> None:
         self._node._add_endpoint(self.kind, self.name, self.port)
