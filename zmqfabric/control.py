@@ -134,21 +134,26 @@ class ControlServer:
         poller.register(self._stop_r, zmq.POLLIN)
         peers = PeerWatch(self._node, poller)
         try:
-            while True:
+            while not self._stopping:
                 events = dict(poller.poll(LIVENESS_TICK_MS))
                 if self._stop_r in events:
                     _drain(self._stop_r)
-                    if self._stopping:
-                        return
-                self._run_commands(peers)
-                if self._endpoint.socket in events:
-                    self._serve_one()
-                for sock in events:
-                    if isinstance(sock, zmq.Socket) and sock is not self._endpoint.socket:
-                        peers.on_monitor(sock)
-                peers.tick()
+                try:
+                    self._step(events, peers)
+                except Exception:  # a bug here must not silence the node's control endpoint
+                    self._node.counters.add("control_errors")
+                    log.exception("%s: error in the control thread", self._node.name)
         finally:
             peers.close()
+
+    def _step(self, events: dict[Any, int], peers: PeerWatch) -> None:
+        self._run_commands(peers)
+        if self._endpoint.socket in events:
+            self._serve_one()
+        for sock in events:
+            if isinstance(sock, zmq.Socket) and sock is not self._endpoint.socket:
+                peers.on_monitor(sock)
+        peers.tick()
 
     def _run_commands(self, peers: PeerWatch) -> None:
         while self._commands:

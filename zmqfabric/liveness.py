@@ -71,7 +71,7 @@ class PeerWatch:
                 return
             self._drop(peer)
         sock = self._node._sockets.socket(zmq.DEALER, sync=True)
-        monitor = sock.get_monitor_socket(_EVENTS)
+        monitor = self._node._sockets.monitor(sock, _EVENTS, sync=True)
         sock.connect(url)
         peer = _Peer(record, url, sock, monitor, self._clock())
         self._peers[record.name] = peer

@@ -32,6 +32,7 @@ class SocketFactory:
         self._config = config
         self._asyncio = asyncio
         self._context: zmq.Context | None = None
+        self._monitors = 0
 
     @property
     def context(self) -> zmq.Context:
@@ -72,6 +73,20 @@ class SocketFactory:
             sock.bind(f"tcp://{host}:{port}")
             endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         return int(endpoint.rsplit(":", 1)[1])
+
+    def monitor(self, sock: zmq.Socket, events: int, *, sync: bool = False) -> zmq.Socket:
+        """A PAIR socket receiving ``sock``'s connection events (``sync=True``: a plain socket
+        even on an asyncio node, for node-owned threads)."""
+        self._monitors += 1
+        address = f"inproc://zmqfabric-monitor-{id(self)}-{self._monitors}"
+        sock.monitor(address, events)
+        if sync and self._asyncio:
+            pair: zmq.Socket = zmq.Socket(self.context, zmq.PAIR)
+        else:
+            pair = self.context.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(address)
+        return pair
 
     def close(self) -> None:
         """Terminate the context. Idempotent."""

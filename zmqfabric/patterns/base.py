@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ..core.records import EndpointKind
 from ..errors import ClosedError, FabricError
@@ -33,6 +34,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log)
+
+_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class Handle:
@@ -115,6 +124,28 @@ class Connector(Handle):
         super().__init__(node, name, socket_type)
         self._urls: set[str] = set()
         self._unwatch: Callable[[], None] | None = None
+        # Connection events tell when a provider is really reachable (wait_ready) and why one
+        # is not (a refused CURVE handshake). Made before the first connect so none is missed.
+        self._monitor: zmq.Socket = node._sockets.monitor(
+            self._sock, _MONITOR_EVENTS, sync=self.sync_socket
+        )
+        self._handshaken: set[str] = set()
+        self._refused_by: dict[str, int] = {}
+
+    def _on_monitor_event(self, event: dict[str, Any]) -> None:
+        url = event["endpoint"].decode() if isinstance(event["endpoint"], bytes) else event["endpoint"]
+        kind = event["event"]
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._handshaken.add(url)
+            self._refused_by.pop(url, None)
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self._handshaken.discard(url)
+        else:  # a failed handshake: the peer refused our keys, or spoke garbage
+            self._refused_by[url] = kind
+
+    def _ready(self, at_least: int = 1) -> bool:
+        """Every provider known now has finished its handshake (and there is one at least)."""
+        return len(self._urls) >= at_least and self._urls <= self._handshaken
 
     def _watch(self) -> None:
         self._unwatch = self._node.directory.watch(self.kind, self.name, self._post)
@@ -133,6 +164,8 @@ class Connector(Handle):
                 self._urls.add(url)
             elif op == "disconnect" and url in self._urls:
                 self._urls.discard(url)
+                self._handshaken.discard(url)
+                self._refused_by.pop(url, None)
                 self._sock.disconnect(url)
         except zmq.ZMQError as exc:
             log.warning("%s %r: cannot %s %s: %s", self.noun, self.name, op, url, exc)
@@ -145,6 +178,8 @@ class Connector(Handle):
     def _on_close(self) -> None:
         if self._unwatch is not None:
             self._unwatch()
+        self._sock.disable_monitor()
+        self._monitor.close(0)
 
 
 class SyncConnector(Connector):
@@ -251,6 +286,28 @@ class SyncConnector(Connector):
                 self._drain()
         return True
 
+    def _read_monitor(self) -> None:
+        while True:
+            try:
+                self._on_monitor_event(recv_monitor_message(self._monitor, zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
+    def _wait_ready(self, deadline: float | None) -> bool:
+        """Wait until every provider known now has completed its connection handshake."""
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        while True:
+            self._drain()
+            self._read_monitor()
+            if self._ready():
+                return True
+            timeout = _ms_left(deadline)
+            if timeout == 0:
+                return False
+            poller.poll(timeout)
+
     def _on_close(self) -> None:
         super()._on_close()
         os.close(self._wake_r)
@@ -304,6 +361,19 @@ class AsyncConnector(Connector):
             return False
         except zmq.ZMQError as exc:
             raise _closed_or(self, exc) from exc
+
+    async def _wait_ready(self, deadline: float | None) -> bool:
+        """Wait until every provider known now has completed its connection handshake."""
+        while not self._ready():
+            left = _s_left(deadline)
+            if left == 0:
+                return False
+            try:
+                event = await asyncio.wait_for(recv_monitor_message(self._monitor), left)
+            except asyncio.TimeoutError:
+                return self._ready()
+            self._on_monitor_event(event)
+        return True
 
     async def _wait_providers(self, deadline: float | None) -> bool:
         while not self._urls:

@@ -117,8 +117,9 @@ class Pusher(_Encoder, SyncConnector):
             raise NoProviderError("pipeline", self.name, timeout)
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait until connected to at least one puller; False after ``timeout`` s."""
-        return self._wait_providers(deadline_after(timeout))
+        """Wait until connected to every puller known now (at least one); False after
+        ``timeout`` s."""
+        return self._wait_ready(deadline_after(timeout))
 
 
 class AsyncPusher(_Encoder, AsyncConnector):
@@ -136,4 +137,5 @@ class AsyncPusher(_Encoder, AsyncConnector):
             raise NoProviderError("pipeline", self.name, timeout)
 
     async def wait_ready(self, timeout: float) -> bool:
-        return await self._wait_providers(deadline_after(timeout))
+        """Coroutine twin of the sync ``wait_ready``."""
+        return await self._wait_ready(deadline_after(timeout))

@@ -104,8 +104,10 @@ class Subscription(_SubscriptionBase, SyncConnector):
         return message.topic or "", message.body
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait until connected to at least one publisher; False after ``timeout`` s."""
-        return self._wait_providers(deadline_after(timeout))
+        """Wait until connected to every publisher known now (at least one); False after
+        ``timeout`` s. Subscriptions travel right after the handshake, so events published
+        after this returns reach this subscriber (ZeroMQ pub/sub drops what came before)."""
+        return self._wait_ready(deadline_after(timeout))
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         while (message := self.recv_message()) is not None:
@@ -135,7 +137,8 @@ class AsyncSubscription(_SubscriptionBase, AsyncConnector):
         return message.topic or "", message.body
 
     async def wait_ready(self, timeout: float) -> bool:
-        return await self._wait_providers(deadline_after(timeout))
+        """Coroutine twin of the sync ``wait_ready``."""
+        return await self._wait_ready(deadline_after(timeout))
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
         while (message := await self.recv_message()) is not None:
