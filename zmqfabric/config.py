@@ -10,6 +10,7 @@ import ifaddr
 
 from . import constants as C
 from .errors import LocalProtocolError
+from .keys import KeySet
 
 #: Environment variable naming the interface of the LAN scope (like ``--interface``).
 INTERFACE_ENV = "ZMQFABRIC_INTERFACE"
@@ -90,6 +91,8 @@ class NodeConfig:
     control_port: int = 0
     #: Seed peers "HOST:PORT" (control endpoints) for nodes that mDNS cannot reach.
     peers: tuple[str, ...] = ()
+    #: CURVE keys: with them every endpoint is encrypted and only allowed keys get in.
+    keys: KeySet | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.control_port <= 65535:
@@ -102,24 +105,29 @@ class NodeConfig:
             raise LocalProtocolError("request_timeout_s and record_ttl_s must be > 0")
 
 
-def parse_peer(peer: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` of a seed peer (an IP address and a control port).
+def parse_peer(peer: str) -> tuple[str, int, str | None]:
+    """``"HOST:PORT"`` or ``"KEY@HOST:PORT"`` of a seed peer: an IP address, the peer's control
+    port and, for secured fabrics, the peer's CURVE public key (Z85).
 
     Raises LocalProtocolError for anything else."""
-    host, sep, port = peer.rpartition(":")
+    key, at, address = peer.rpartition("@")
+    host, sep, port = address.rpartition(":")
     host = host.strip("[]")
     try:
         ipaddress.ip_address(host)
         number = int(port)
     except ValueError:
         number = -1
-    if not sep or not 0 < number < 65536:
+    if not sep or not 0 < number < 65536 or (at and len(key) != 40):
         raise LocalProtocolError(
-            f"peer {peer!r} is not HOST:PORT with an IP address and the peer's control port"
+            f"peer {peer!r} is not [KEY@]HOST:PORT with an IP address, the peer's control port "
+            "and, for secured peers, its 40-character public key"
         )
-    return host, number
+    return host, number, key or None
 
 
-def peer_url(peer: str) -> str:
-    host, port = parse_peer(peer)
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+def peer_url(peer: str) -> tuple[str, str | None]:
+    """(control URL, CURVE key or None) of a seed peer."""
+    host, port, key = parse_peer(peer)
+    url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    return url, key

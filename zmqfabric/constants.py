@@ -47,6 +47,8 @@ MAX_NAME_SUFFIX = 8
 RESOLVE_TIMEOUT_S = 1.0
 #: Largest TXT value we write or accept (a DNS character-string is at most 255 bytes).
 MAX_TXT_VALUE = 250
+#: Refused peers remembered for `ls` (bounded: a hostile LAN can advertise without end).
+MAX_REFUSED_KEPT = 256
 #: Most endpoints one record may carry (bounded record size; a larger record is refused).
 MAX_ENDPOINTS = 128
 

@@ -28,6 +28,7 @@ from .constants import (
 from .core import wire
 from .core.records import EndpointKind, NodeRecord, encode_txt
 from .errors import (
+    FabricError,
     FabricTimeoutError,
     LocalProtocolError,
     NodeNotFoundError,
@@ -35,6 +36,7 @@ from .errors import (
     RemoteProtocolError,
 )
 from .config import peer_url
+from .keys import is_public_key
 from .liveness import PeerWatch
 from .patterns.reqrep import ServiceEndpoint
 
@@ -67,7 +69,7 @@ class ControlServer:
         os.set_blocking(self._stop_w, False)
         self._stopping = False
         self._commands: collections.deque[tuple[str, Any]] = collections.deque()
-        self._seeds = [peer_url(peer) for peer in node.config.peers]
+        self._seeds = [peer_url(peer) for peer in node.config.peers]  # (url, CURVE key)
         self._next_seeding = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"zmqfabric-control-{node.name}", daemon=False
@@ -80,13 +82,13 @@ class ControlServer:
     def start(self) -> None:
         self._thread.start()
 
-    def introduce(self, url: str) -> None:
+    def introduce(self, url: str, key: str | None = None) -> None:
         """Send our record to the control endpoint at ``url`` (thread-safe, returns at once).
 
         mDNS answers a newcomer's query after 20-120 ms, or a second after our last announcement;
         introducing ourselves over ZeroMQ when we see a newcomer makes mutual discovery take
         milliseconds. The newcomer validates the record like any other (see ``hello``)."""
-        self._post("introduce", url)
+        self._post("introduce", (url, key))
 
     def watch(self, record: NodeRecord) -> None:
         """Start watching a peer's liveness (thread-safe)."""
@@ -159,14 +161,19 @@ class ControlServer:
         while self._commands:
             op, arg = self._commands.popleft()
             if op == "introduce":
-                self._send_hello(arg)
+                self._send_hello(*arg)
             elif op == "watch":
                 peers.watch(arg)
             elif op == "unwatch":
                 peers.unwatch(arg.name, arg.node_id)
             elif op == "share" and arg.control is not None:
-                urls = [r.url(r.control) for r in self._node.directory.records() if r.control]
-                self._send_oneway(arg.url(arg.control), {"op": "peers", "urls": urls[:MAX_SHARED]})
+                known = [
+                    [r.url(r.control), r.curve_key]
+                    for r in self._node.directory.records()
+                    if r.control
+                ]
+                body = {"op": "peers", "peers": known[:MAX_SHARED]}
+                self._send_oneway(arg.url(arg.control), arg.curve_key, body)
         if self._seeds and time.monotonic() >= self._next_seeding:
             self._introduce_to_seeds()
 
@@ -174,24 +181,25 @@ class ControlServer:
         """Say hello to every seed peer we do not know yet; again every SEED_RETRY_S."""
         self._next_seeding = time.monotonic() + SEED_RETRY_S
         known = {r.url(r.control) for r in self._node.directory.records() if r.control}
-        for url in self._seeds:
+        for url, key in self._seeds:
             if url not in known:
-                self._send_hello(url)
+                self._send_hello(url, key)
 
-    def _send_hello(self, url: str) -> None:
+    def _send_hello(self, url: str, key: str | None) -> None:
         if self._node.advertised:
             record = self._node.record
-            self._send_oneway(url, {"op": "hello", "name": record.name, "txt": encode_txt(record)})
+            hello = {"op": "hello", "name": record.name, "txt": encode_txt(record)}
+            self._send_oneway(url, key, hello)
 
-    def _send_oneway(self, url: str, body: dict[str, Any]) -> None:
+    def _send_oneway(self, url: str, key: str | None, body: dict[str, Any]) -> None:
         """Send a one-way control message (hello, peers) from a short-lived socket."""
         sock = self._node._sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
         try:
-            sock.connect(url)
+            self._node._sockets.connect(sock, url, key)
             header = wire.pack_header(wire.Kind.REQUEST, 0, time.time())
             sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, FabricError) as exc:
             log.debug("cannot send %s to %s: %s", body.get("op"), url, exc)
         finally:
             sock.close(HELLO_LINGER_MS)
@@ -210,7 +218,7 @@ class ControlServer:
             self._node._accept_hello(body, zframes[-1].get("Peer-Address"))
             return  # introductions are one-way: no reply
         if op == "peers":
-            self._accept_peers(body.get("urls"))
+            self._accept_peers(body.get("peers"))
             return
         try:
             result = self._answer(op)
@@ -219,16 +227,24 @@ class ControlServer:
         else:
             self._endpoint.reply(route, header.msg_id, result)
 
-    def _accept_peers(self, urls: object) -> None:
+    def _accept_peers(self, peers: object) -> None:
         """Introduce ourselves to shared control URLs we do not know. Only URLs: a node enters
         our directory only through its own hello or mDNS record, never on another's word."""
-        if not isinstance(urls, list) or len(urls) > MAX_SHARED:
+        if not isinstance(peers, list) or len(peers) > MAX_SHARED:
             self._node.counters.add("refused_peer_lists")
             return
         known = {r.url(r.control) for r in self._node.directory.records() if r.control}
-        for url in urls:
-            if isinstance(url, str) and url not in known and _TCP_URL.match(url):
-                self._send_hello(url)
+        for item in peers:
+            if not (isinstance(item, list) and len(item) == 2):
+                continue
+            url, key = item
+            if (
+                isinstance(url, str)
+                and url not in known
+                and _TCP_URL.match(url)
+                and (key is None or (isinstance(key, str) and is_public_key(key)))
+            ):
+                self._send_hello(url, key)
 
     def _answer(self, op: object) -> Any:
         if op not in OPS:
@@ -249,7 +265,7 @@ def control_call(node: NodeBase, target: str, op: str, timeout: float = CONTROL_
         raise NodeNotFoundError(target, timeout)
     sock = node._sockets.socket(zmq.DEALER, sync=True)
     try:
-        sock.connect(record.url(endpoint))
+        node._sockets.connect(sock, record.url(endpoint), record.curve_key)
         msg_id = int(time.monotonic_ns() & 0xFFFFFFFF)
         header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
         sock.send_multipart([b"", header, wire.pack_body({"op": op})])

@@ -175,6 +175,15 @@ class Directory:
                 urls.append(record.url(ep))
         return urls
 
+    def key_for(self, url: str) -> str | None:
+        """The CURVE key of the node that offers an endpoint at ``url`` (None: unsecured or
+        unknown)."""
+        with self._cond:
+            for record in self._records.values():
+                if any(record.url(ep) == url for ep in record.endpoints):
+                    return record.curve_key
+        return None
+
     def get(self, name: str) -> NodeRecord | None:
         with self._cond:
             return self._records.get(name)

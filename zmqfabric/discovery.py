@@ -22,7 +22,7 @@ from zeroconf import (
 )
 
 from .config import NodeConfig
-from .constants import REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
+from .constants import MAX_REFUSED_KEPT, REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
 from .core.records import (
     NodeRecord,
     address_in_scope,
@@ -56,6 +56,7 @@ class Discovery:
         self._config = config
         self._on_conflict = on_conflict
         self._own: tuple[str, str] | None = None
+        self._refused: dict[str, tuple[NodeRecord, str]] = {}
         self._directory = directory
         self._counters = counters
         self._rlog = RateLimitedLog(log)
@@ -183,6 +184,10 @@ class Discovery:
                 f"record {record.name!r}: address {record.address} is outside this node's scope "
                 f"{', '.join(self._config.scope.networks)}"
             )
+        refusal = self._security_refusal(record)
+        if refusal is not None:
+            self._refuse(record, refusal)
+            return
         own = self._own
         if own is not None and record.name == own[0]:
             if record.node_id != own[1]:
@@ -190,3 +195,31 @@ class Discovery:
                 self._on_conflict(record)
             return
         self._directory.put(record)
+
+    def _security_refusal(self, record: NodeRecord) -> str | None:
+        """Why a secured node must not connect to ``record`` (or the other way round), or None."""
+        keys = self._config.keys
+        if keys is None:
+            return "it is secured (CURVE) and this node has no keys" if record.curve_key else None
+        if not record.curve_key:
+            return "it is not secured and this node only talks CURVE"
+        if not keys.allows(record.curve_key):
+            return f"its key {record.curve_key} is not in this node's allow-list"
+        return None
+
+    def _refuse(self, record: NodeRecord, reason: str) -> None:
+        """Count a refused peer; log it once per node id. Thread-safe."""
+        self._counters.add("refused_peers")
+        with self._lock:
+            first = record.node_id not in self._refused
+            self._refused[record.node_id] = (record, reason)
+            while len(self._refused) > MAX_REFUSED_KEPT:
+                self._refused.pop(next(iter(self._refused)))
+        if first:
+            log.warning("ignoring node %s on host %s (%s): %s", record.name, record.host,
+                        record.address, reason)
+
+    def refused(self) -> list[tuple[NodeRecord, str]]:
+        """Peers seen but refused for security reasons (most recent last). Thread-safe."""
+        with self._lock:
+            return list(self._refused.values())

@@ -11,6 +11,7 @@
     │   ├── NoProviderError (LookupError)      nobody offers that service/pipeline (yet)
     │   └── RequestTimeoutError                providers exist but none answered in time
     ├── NodeNotFoundError (LookupError)        no node of that name in the directory
+    ├── AuthorizationError (PermissionError)   a secured peer refused our key
     ├── RemoteError                            the remote handler raised; carries its type and text
     ├── NameConflictError                      another live node already uses this name
     └── ClosedError                            the node or handle was closed (by you)
@@ -98,6 +99,19 @@ class NodeNotFoundError(FabricError, LookupError):
         self.name = name
         self.timeout = timeout
         super().__init__(f"no node named {name!r} found (waited {_secs(timeout)})")
+
+
+class AuthorizationError(FabricError, PermissionError):
+    """Every provider of an endpoint refused our CURVE key (or we had no key for them)."""
+
+    def __init__(self, kind: str, name: str, servers: list[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.servers = servers
+        super().__init__(
+            f"{kind} {name!r}: refused by {', '.join(servers)}: this node's public key is not "
+            f"in their allow-list (add it there with `zmqfabric keys allow`)"
+        )
 
 
 class RemoteError(FabricError):

@@ -72,7 +72,7 @@ class PeerWatch:
             self._drop(peer)
         sock = self._node._sockets.socket(zmq.DEALER, sync=True)
         monitor = self._node._sockets.monitor(sock, _EVENTS, sync=True)
-        sock.connect(url)
+        self._node._sockets.connect(sock, url, record.curve_key)
         peer = _Peer(record, url, sock, monitor, self._clock())
         self._peers[record.name] = peer
         self._by_monitor[monitor] = peer

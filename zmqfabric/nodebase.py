@@ -7,6 +7,7 @@ thread; ``close()`` sends the discovery goodbye first, then closes every handle,
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -15,8 +16,9 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
+from .auth import Guard
 from .config import NodeConfig, Scope
 from .control import ControlServer, control_call
 from .constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
@@ -41,7 +43,9 @@ from .errors import (
     RemoteProtocolError,
 )
 from .patterns.base import Handle
-from .sockets import SocketFactory
+from .keys import KeySet, is_public_key
+from .keys import load as load_keys
+from .sockets import ZAP_DOMAIN, SocketFactory
 from .stats import Counters, RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ class NodeBase:
         config: NodeConfig | None = None,
         advertise: bool = True,
         on_conflict: str = "fail",
+        keys: str | os.PathLike[str] | KeySet | None = None,
     ) -> None:
         """``advertise=False`` makes an observer: it browses and calls others but is not listed
         and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this)."""
@@ -81,8 +86,14 @@ class NodeBase:
             config = NodeConfig(scope=scope if scope is not None else Scope.from_env())
         elif scope is not None:
             raise LocalProtocolError("pass either scope= or config=, not both")
+        if keys is not None:
+            if config.keys is not None:
+                raise LocalProtocolError("pass keys= or config.keys, not both")
+            loaded = keys if isinstance(keys, KeySet) else load_keys(keys)
+            config = dataclasses.replace(config, keys=loaded)
         self.config = config
         self.node_id = secrets.token_hex(8)
+        self._guard: Guard | None = None
         self.counters = Counters()
         self.directory = Directory(self.name)
         self._sockets = SocketFactory(config, asyncio=self._ASYNC)
@@ -133,6 +144,14 @@ class NodeBase:
                 return
             self._opening = True
         try:
+            if self.config.keys is not None:
+                self._guard = Guard(self._sockets.context, self.config.keys, self.counters,
+                                    self.name)
+                self._guard.start()
+            elif not self.config.scope.is_local:
+                log.warning("node %s is on %s without keys: its traffic is unauthenticated and "
+                            "unencrypted; give it keys (--keys DIR) on a shared network",
+                            self.name, self.config.scope.interface)
             self._discovery.start()
             self._control = ControlServer(self)
             self._open_services()
@@ -188,7 +207,7 @@ class NodeBase:
                       "should yield", other.node_id, other.host, other.address, self.name)
         control = other.control
         if control is not None and self._control is not None:
-            self._control.introduce(other.url(control))  # tell the newcomer we exist
+            self._control.introduce(other.url(control), other.curve_key)  # tell it we exist
 
     def _open_services(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -221,6 +240,8 @@ class NodeBase:
         for handle in list(self._handles):
             handle.close()
         self.directory.clear()
+        if self._guard is not None:
+            self._guard.stop()
         self._sockets.close()
         log.info("node %s closed", self.name)
 
@@ -279,7 +300,37 @@ class NodeBase:
             self.config.scope.address,
             endpoints,
             seq,
+            self.config.keys.public if self.config.keys else None,
         )
+
+    def _connect(self, sock: Any, url: str) -> None:
+        """Connect a socket to a peer endpoint found in the directory (with its CURVE key)."""
+        self._sockets.connect(sock, url, self.directory.key_for(url))
+
+    def refused_peers(self) -> list[tuple[NodeRecord, str]]:
+        """Nodes seen but refused for security reasons, with the reason. Thread-safe."""
+        return self._discovery.refused()
+
+    def _server_names(self, urls: Iterable[str]) -> list[str]:
+        """Node names (or the URLs themselves) of endpoint URLs, for error messages."""
+        names = []
+        for url in urls:
+            owner = next((r.name for r in self.directory.records()
+                          if any(r.url(ep) == url for ep in r.endpoints)), url)
+            names.append(owner)
+        return sorted(names)
+
+    def _zap_domain(self, kind: EndpointKind, name: str, allow: Iterable[str] | None) -> str:
+        """The ZAP domain for a bound endpoint; ``allow`` restricts it to those public keys."""
+        if allow is None:
+            return ZAP_DOMAIN
+        keys = list(allow)
+        bad = [k for k in keys if not is_public_key(k)]
+        if bad:
+            raise LocalProtocolError(f"allow= takes Z85 public keys; {bad[0]!r} is not one")
+        if self._guard is None:
+            raise LocalProtocolError(f"allow= on {kind.noun} {name!r} needs a node with keys")
+        return self._guard.restrict(kind.value, name, keys)
 
     # --- directory -------------------------------------------------------------------------
 
@@ -320,7 +371,7 @@ class NodeBase:
             return
         control.watch(record)
         if event.change is Change.JOINED and self.advertised and record.control is not None:
-            control.introduce(record.url(record.control))
+            control.introduce(record.url(record.control), record.curve_key)
             if self.config.peers or not address_in_scope(
                 record.address, self.config.scope.networks
             ):

@@ -17,6 +17,8 @@ from .errors import ClosedError, FabricError, LocalProtocolError
 
 log = logging.getLogger(__name__)
 
+#: The ZAP domain of every secured endpoint without an allow-list of its own.
+ZAP_DOMAIN = "zmqfabric"
 #: Socket types that connect to peers found by discovery and should only queue to live peers.
 _IMMEDIATE = frozenset({zmq.DEALER, zmq.PUSH})
 
@@ -65,14 +67,36 @@ class SocketFactory:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         return sock
 
-    def bind(self, sock: zmq.Socket, port: int = 0) -> int:
-        """Bind ``sock`` to ``port`` (0: a free one) of the node's scope address; return it."""
+    def bind(self, sock: zmq.Socket, port: int = 0, domain: str = ZAP_DOMAIN) -> int:
+        """Bind ``sock`` to ``port`` (0: a free one) of the node's scope address; return it.
+
+        With keys, the socket is a CURVE server whose clients ZAP checks in ``domain``."""
+        keys = self._config.keys
+        if keys is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode("ascii"))
+            sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
         host = self._config.scope.address
         host = f"[{host}]" if ":" in host else host
         with translate_zmq_errors(f"bind to {host}:{port or '*'}"):
             sock.bind(f"tcp://{host}:{port}")
             endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         return int(endpoint.rsplit(":", 1)[1])
+
+    def connect(self, sock: zmq.Socket, url: str, server_key: str | None) -> None:
+        """Connect ``sock`` to ``url``; with keys, as a CURVE client of ``server_key``.
+
+        Options are taken per connection, so one socket can reach servers with different keys.
+        Raises LocalProtocolError when a secured node is asked to connect without a key."""
+        keys = self._config.keys
+        if keys is not None:
+            if not server_key:
+                raise LocalProtocolError(f"cannot connect to {url}: the peer has no CURVE key")
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
+        with translate_zmq_errors(f"connect to {url}"):
+            sock.connect(url)
 
     def monitor(self, sock: zmq.Socket, events: int, *, sync: bool = False) -> zmq.Socket:
         """A PAIR socket receiving ``sock``'s connection events (``sync=True``: a plain socket

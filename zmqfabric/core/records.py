@@ -10,6 +10,8 @@ key        value
 ``id``     node id: 16 lowercase hex digits, random per node start; equal to the instance's id
 ``host``   the host name of the machine (informational, for people and conflict messages)
 ``pid``    the process id (informational)
+``ck``     (secured nodes only) the node's CURVE public key, Z85, 40 characters; every endpoint of
+           the node is a CURVE server with this key
 ``seq``    record sequence number, raised on every change: a reader drops a record of the same id
            with a lower ``seq`` (mDNS answers can arrive after a newer announcement)
 ``e0``...  endpoints, ``kind:name:port`` joined by ``;``, split over keys ``e0``, ``e1``... so
@@ -37,6 +39,7 @@ RECORD_VERSION: Final = "1"
 _NODE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 _ENDPOINT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
+_CURVE_KEY: Final = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 _HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
 
 
@@ -77,6 +80,7 @@ class NodeRecord:
     address: str
     endpoints: tuple[Endpoint, ...]
     seq: int = 0
+    curve_key: str | None = None
 
     def url(self, endpoint: Endpoint) -> str:
         return f"tcp://{_url_host(self.address)}:{endpoint.port}"
@@ -167,6 +171,8 @@ def encode_txt(record: NodeRecord) -> dict[str, str]:
         "pid": str(record.pid),
         "seq": str(record.seq),
     }
+    if record.curve_key:
+        txt["ck"] = record.curve_key
     chunk: list[str] = []
     size = 0
     index = 0
@@ -210,7 +216,10 @@ def decode_txt(
         raise RemoteProtocolError(f"record {node!r}: no address")
     address = _valid_address(node, addresses[0])
     endpoints = _decode_endpoints(node, props)
-    return NodeRecord(node, node_id, host, pid, address, endpoints, seq)
+    curve_key = props.get("ck")
+    if curve_key is not None and not _CURVE_KEY.match(curve_key):
+        raise RemoteProtocolError(f"record {node!r}: bad CURVE key {curve_key[:48]!r}")
+    return NodeRecord(node, node_id, host, pid, address, endpoints, seq, curve_key)
 
 
 def _decode_endpoints(node: str, props: Mapping[str, str]) -> tuple[Endpoint, ...]:

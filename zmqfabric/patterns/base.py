@@ -20,13 +20,14 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..core.records import EndpointKind
 from ..errors import ClosedError, FabricError
+from ..sockets import sync_view
 from ..stats import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -102,10 +103,13 @@ class Bound(Handle):
     #: The port to bind; 0 picks a free one.
     fixed_port = 0
 
-    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
+    def __init__(
+        self, node: NodeBase, name: str, socket_type: int, allow: Iterable[str] | None = None
+    ) -> None:
         super().__init__(node, name, socket_type)
         try:
-            self.port = node._sockets.bind(self._sock, self.fixed_port)
+            domain = node._zap_domain(self.kind, name, allow)
+            self.port = node._sockets.bind(self._sock, self.fixed_port, domain)
         except BaseException:
             self.close()
             raise
@@ -143,6 +147,25 @@ class Connector(Handle):
         else:  # a failed handshake: the peer refused our keys, or spoke garbage
             self._refused_by[url] = kind
 
+    def _read_monitor(self) -> None:
+        """Apply the connection events that arrived (never waits; sync or asyncio handles)."""
+        monitor = sync_view(self._monitor)
+        while True:
+            try:
+                self._on_monitor_event(recv_monitor_message(monitor, zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
+    def _all_refused(self) -> list[str]:
+        """The provider URLs when every one of them refused our handshake, else []."""
+        if self._urls and all(url in self._refused_by for url in self._urls):
+            return sorted(self._urls)
+        return []
+
+    def _settled(self) -> bool:
+        """Every provider's handshake has either succeeded or been refused."""
+        return all(u in self._handshaken or u in self._refused_by for u in self._urls)
+
     def _ready(self, at_least: int = 1) -> bool:
         """Every provider known now has finished its handshake (and there is one at least)."""
         return len(self._urls) >= at_least and self._urls <= self._handshaken
@@ -160,14 +183,14 @@ class Connector(Handle):
         try:
             log.debug("%s %r: %s %s", self.noun, self.name, op, url)
             if op == "connect" and url not in self._urls:
-                self._sock.connect(url)
+                self._node._connect(self._sock, url)
                 self._urls.add(url)
             elif op == "disconnect" and url in self._urls:
                 self._urls.discard(url)
                 self._handshaken.discard(url)
                 self._refused_by.pop(url, None)
                 self._sock.disconnect(url)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, FabricError) as exc:
             log.warning("%s %r: cannot %s %s: %s", self.noun, self.name, op, url, exc)
 
     @property
@@ -286,22 +309,22 @@ class SyncConnector(Connector):
                 self._drain()
         return True
 
-    def _read_monitor(self) -> None:
-        while True:
-            try:
-                self._on_monitor_event(recv_monitor_message(self._monitor, zmq.NOBLOCK))
-            except zmq.Again:
-                return
-
     def _wait_ready(self, deadline: float | None) -> bool:
         """Wait until every provider known now has completed its connection handshake."""
+        return self._wait_monitor(self._ready, deadline)
+
+    def _wait_settled(self, deadline: float | None) -> bool:
+        """Wait until every provider's handshake succeeded or was refused (secured nodes)."""
+        return self._wait_monitor(self._settled, deadline)
+
+    def _wait_monitor(self, done: Callable[[], bool], deadline: float | None) -> bool:
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         while True:
             self._drain()
             self._read_monitor()
-            if self._ready():
+            if done():
                 return True
             timeout = _ms_left(deadline)
             if timeout == 0:

@@ -16,6 +16,7 @@ import zmq
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import (
+    AuthorizationError,
     LocalProtocolError,
     NoProviderError,
     RemoteError,
@@ -122,6 +123,7 @@ class _RequesterBase:
 
     def _setup(self) -> None:
         self._ids = itertools.count(random.getrandbits(40))
+        self._secured = self._node.config.keys is not None
 
     def _frames(self, body: Any) -> tuple[int, list[bytes]]:
         msg_id = next(self._ids)
@@ -146,6 +148,14 @@ class _RequesterBase:
     def _timeouts(self, timeout: float | None) -> float:
         return self._node.config.request_timeout_s if timeout is None else timeout
 
+    def _failure(self, timeout: float, attempts: int) -> Exception:
+        """The error for a request that got no answer: refused by every provider, or timed out."""
+        self._read_monitor()  # type: ignore[attr-defined]
+        refused = self._all_refused()  # type: ignore[attr-defined]
+        if refused:
+            return AuthorizationError("service", self.name, self._node._server_names(refused))
+        return RequestTimeoutError(self.name, timeout, attempts, len(self._urls))  # type: ignore[attr-defined]
+
 
 class Requester(_RequesterBase, SyncConnector):
     """Calls one service by name. Owned by one thread; not thread-safe."""
@@ -167,6 +177,10 @@ class Requester(_RequesterBase, SyncConnector):
             deadline = deadline_after(timeout)
             if not self._wait_providers(deadline):
                 raise NoProviderError("service", self.name, timeout)
+            if self._secured and not self._settled():
+                self._wait_settled(deadline)  # new connections: learn of refusals at once
+                if self._all_refused():
+                    break
             msg_id, frames = self._frames(body)
             if not self._send(frames, deadline):
                 continue
@@ -174,7 +188,7 @@ class Requester(_RequesterBase, SyncConnector):
                 ok, result = self._match(reply, msg_id)
                 if ok:
                     return result
-        raise RequestTimeoutError(self.name, timeout, attempt, len(self._urls))
+        raise self._failure(timeout, attempt)
 
 
 class AsyncRequester(_RequesterBase, AsyncConnector):
@@ -199,5 +213,5 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
                 ok, result = self._match(reply, msg_id)
                 if ok:
                     return result
-        raise RequestTimeoutError(self.name, timeout, attempt, len(self._urls))
+        raise self._failure(timeout, attempt)
 
