@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import zmq
 
 from .constants import CONTROL_TIMEOUT_S, THREAD_JOIN_TIMEOUT_S
-from .core.records import validate_endpoint_name
+from .core.records import validate_endpoint_name, validate_node_name
 from .errors import ClosedError
 from .nodebase import NodeBase, NodeState
 from .patterns.pipeline import AsyncPuller, AsyncPusher
@@ -37,7 +37,7 @@ class Node(NodeBase):
     def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         self._services: dict[str, ServiceEndpoint] = {}
-        self._requesters: dict[str, AsyncRequester] = {}
+        self._requesters: dict[tuple[str, str | None], AsyncRequester] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._serving = False
@@ -56,7 +56,8 @@ class Node(NodeBase):
 
     def _open_services(self) -> None:
         for service, handler in self._handlers.items():
-            self._services[service] = ServiceEndpoint(self, service, handler)
+            allow = self._service_allow.get(service)
+            self._services[service] = ServiceEndpoint(self, service, handler, allow)
 
     async def close(self) -> None:
         """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
@@ -123,35 +124,45 @@ class Node(NodeBase):
     # --- clients ---------------------------------------------------------------------------
 
     async def request(
-        self, service: str, body: Any = None, timeout: float | None = None, retries: int = 0
+        self,
+        service: str,
+        body: Any = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        *,
+        via: str | None = None,
     ) -> Any:
         """Call ``service`` on any provider; see :meth:`zmqfabric.Node.request`."""
         self._check_started()
-        requester = self._requesters.get(service)
+        requester = self._requesters.get((service, via))
         if requester is None or requester.closed:
-            requester = self._requesters[service] = AsyncRequester(self, service)
+            requester = self._requesters[(service, via)] = self.requester(service, via=via)
         return await requester.request(body, timeout, retries)
 
-    def requester(self, service: str) -> AsyncRequester:
+    def requester(self, service: str, *, via: str | None = None) -> AsyncRequester:
         self._check_started()
-        return AsyncRequester(self, validate_endpoint_name(service, "service"))
+        return AsyncRequester(self, validate_endpoint_name(service, "service"), _via(via))
 
-    def publisher(self, stream: str) -> Publisher:
+    def publisher(self, stream: str, *, allow: Iterable[str] | None = None) -> Publisher:
         """Publish ``stream``; ``send`` never waits, so it is a plain method."""
         self._check_started()
-        return Publisher(self, validate_endpoint_name(stream, "stream"))
+        return Publisher(self, validate_endpoint_name(stream, "stream"), allow)
 
-    def subscribe(self, stream: str, topics: Iterable[str] | None = None) -> AsyncSubscription:
+    def subscribe(
+        self, stream: str, topics: Iterable[str] | None = None, *, via: str | None = None
+    ) -> AsyncSubscription:
         self._check_started()
-        return AsyncSubscription(self, validate_endpoint_name(stream, "stream"), topics)
+        return AsyncSubscription(
+            self, validate_endpoint_name(stream, "stream"), topics, _via(via)
+        )
 
-    def pusher(self, pipeline: str) -> AsyncPusher:
+    def pusher(self, pipeline: str, *, via: str | None = None) -> AsyncPusher:
         self._check_started()
-        return AsyncPusher(self, validate_endpoint_name(pipeline, "pipeline"))
+        return AsyncPusher(self, validate_endpoint_name(pipeline, "pipeline"), _via(via))
 
-    def puller(self, pipeline: str) -> AsyncPuller:
+    def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> AsyncPuller:
         self._check_started()
-        return AsyncPuller(self, validate_endpoint_name(pipeline, "pipeline"))
+        return AsyncPuller(self, validate_endpoint_name(pipeline, "pipeline"), allow)
 
     # --- control and directory ---------------------------------------------------------------
 
@@ -166,6 +177,10 @@ class Node(NodeBase):
 
     async def wait_for_node_async(self, name: str, timeout: float) -> Any:
         return await asyncio.to_thread(self.wait_for_node, name, timeout)
+
+
+def _via(via: str | None) -> str | None:
+    return None if via is None else validate_node_name(via)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, stop: Any) -> list[int]:

@@ -43,7 +43,7 @@ class Directory:
         self._cond = threading.Condition()
         self._records: dict[str, NodeRecord] = {}
         self._candidates: dict[str, dict[str, NodeRecord]] = {}
-        self._watchers: dict[_Key, list[Watcher]] = {}
+        self._watchers: dict[_Key, list[tuple[Watcher, str | None]]] = {}
         self._listeners: list[Listener] = []
 
     # --- writes (discovery) ----------------------------------------------------------------
@@ -87,7 +87,7 @@ class Directory:
                         del self._candidates[name]
                 return None
             del self._records[name]
-            self._notify(_urls(old), {})
+            self._notify(name, _urls(old), {})
             events.append(DirectoryEvent(Change.LEFT, old))
             candidates = self._candidates.pop(name, {})
             if candidates:
@@ -103,7 +103,7 @@ class Directory:
         self, old: NodeRecord | None, record: NodeRecord, events: list[DirectoryEvent]
     ) -> None:
         self._records[record.name] = record
-        self._notify(_urls(old), _urls(record))
+        self._notify(record.name, _urls(old), _urls(record))
         events.append(DirectoryEvent(Change.JOINED if old is None else Change.UPDATED, record))
         self._cond.notify_all()
 
@@ -120,32 +120,38 @@ class Directory:
             for listener in listeners:
                 listener(event)
 
-    def _notify(self, before: dict[_Key, str], after: dict[_Key, str]) -> None:
+    def _notify(self, node: str, before: dict[_Key, str], after: dict[_Key, str]) -> None:
         for key, url in before.items():
             if after.get(key) != url:
-                for watcher in self._watchers.get(key, ()):
-                    watcher("disconnect", url)
+                for watcher, only in self._watchers.get(key, ()):
+                    if only is None or only == node:
+                        watcher("disconnect", url)
         for key, url in after.items():
             if before.get(key) != url:
-                for watcher in self._watchers.get(key, ()):
-                    watcher("connect", url)
+                for watcher, only in self._watchers.get(key, ()):
+                    if only is None or only == node:
+                        watcher("connect", url)
 
     # --- reads -----------------------------------------------------------------------------
 
-    def watch(self, kind: EndpointKind, name: str, watcher: Watcher) -> Callable[[], None]:
-        """Call ``watcher('connect', url)`` for every current provider of (kind, name) now, and
-        connect/disconnect later as providers come and go. Returns the function that stops it."""
+    def watch(
+        self, kind: EndpointKind, name: str, watcher: Watcher, node: str | None = None
+    ) -> Callable[[], None]:
+        """Call ``watcher('connect', url)`` for every current provider of (kind, name) now (only
+        node ``node``'s, if given), and connect/disconnect later as providers come and go.
+        Returns the function that stops it."""
         key = (kind, name)
+        entry = (watcher, node)
         with self._cond:
-            self._watchers.setdefault(key, []).append(watcher)
-            for url in self._urls_of(key):
+            self._watchers.setdefault(key, []).append(entry)
+            for url in self._urls_of(key, node):
                 watcher("connect", url)
 
         def unwatch() -> None:
             with self._cond:
                 watchers = self._watchers.get(key, [])
-                if watcher in watchers:
-                    watchers.remove(watcher)
+                if entry in watchers:
+                    watchers.remove(entry)
                 if not watchers:
                     self._watchers.pop(key, None)
 
@@ -163,13 +169,15 @@ class Directory:
 
         return unlisten
 
-    def providers(self, kind: EndpointKind, name: str) -> list[str]:
+    def providers(self, kind: EndpointKind, name: str, node: str | None = None) -> list[str]:
         with self._cond:
-            return self._urls_of((kind, name))
+            return self._urls_of((kind, name), node)
 
-    def _urls_of(self, key: _Key) -> list[str]:
+    def _urls_of(self, key: _Key, node: str | None = None) -> list[str]:
         urls = []
         for record in self._records.values():
+            if node is not None and record.name != node:
+                continue
             ep = record.find(*key)
             if ep is not None:
                 urls.append(record.url(ep))
@@ -208,7 +216,7 @@ class Directory:
             self._candidates.clear()
             for name in list(self._records):
                 old = self._records.pop(name)
-                self._notify(_urls(old), {})
+                self._notify(name, _urls(old), {})
             self._cond.notify_all()
 
 

@@ -120,7 +120,7 @@ class PeerWatch:
         peer.dead = True
         peer.dead_since = self._clock()
         self._node.counters.add("peers_lost")
-        log.warning("%s: node %s (%s) is gone: %s", self._node.name, peer.record.name,
+        log.info("%s: node %s (%s) is gone: %s", self._node.name, peer.record.name,
                     peer.record.address, why)
         self._node.directory.remove(peer.record.name, peer.record.node_id)
 

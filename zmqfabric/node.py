@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import zmq
 
 from .constants import CONTROL_TIMEOUT_S, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
+from .core.records import validate_endpoint_name, validate_node_name
 from .nodebase import NodeBase, NodeState
 from .patterns.pipeline import Puller, Pusher
 from .patterns.pubsub import Publisher, Subscription
@@ -52,7 +53,8 @@ class Node(NodeBase):
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(self._stop_w, False)
         for service, handler in self._handlers.items():
-            self._services[service] = ServiceEndpoint(self, service, handler)
+            allow = self._service_allow.get(service)
+            self._services[service] = ServiceEndpoint(self, service, handler, allow)
 
     def close(self) -> None:
         """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
@@ -88,12 +90,11 @@ class Node(NodeBase):
             raise RuntimeError(f"node {self.name!r} is already serving in another thread")
         self._serving.set()
         self._serve_done.clear()
-        restore = _install_signals(self.stop) if handle_signals else {}
+        restore = _install_signals(self.stop, self._stop_w) if handle_signals else {}
         try:
             self._serve(None if timeout is None else time.monotonic() + timeout)
         finally:
-            for signum, old in restore.items():
-                signal.signal(signum, old)
+            _restore_signals(restore)
             self._serving.clear()
             self._serve_done.set()
 
@@ -147,46 +148,62 @@ class Node(NodeBase):
     # --- clients ---------------------------------------------------------------------------
 
     def request(
-        self, service: str, body: Any = None, timeout: float | None = None, retries: int = 0
+        self,
+        service: str,
+        body: Any = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        *,
+        via: str | None = None,
     ) -> Any:
-        """Call ``service`` on any provider and return the reply body. Thread-safe.
+        """Call ``service`` on any provider (or through the queue device node ``via``) and return
+        the reply body. Thread-safe.
 
-        Raises NoProviderError, RequestTimeoutError, RemoteError, ClosedError. See
-        :meth:`Requester.request` for ``timeout`` and ``retries``.
+        Raises NoProviderError, RequestTimeoutError, RemoteError, AuthorizationError,
+        ClosedError. See :meth:`Requester.request` for ``timeout`` and ``retries``.
         """
         self._check_started()
-        cache: dict[str, Requester] | None = getattr(self._local, "requesters", None)
+        cache: dict[tuple[str, str | None], Requester] | None = getattr(
+            self._local, "requesters", None
+        )
         if cache is None:
             cache = self._local.requesters = {}
-        requester = cache.get(service)
+        requester = cache.get((service, via))
         if requester is None or requester.closed:
-            requester = cache[service] = Requester(self, service)
+            requester = cache[(service, via)] = self.requester(service, via=via)
         return requester.request(body, timeout, retries)
 
-    def requester(self, service: str) -> Requester:
-        """A handle that calls ``service``; owned by the calling thread."""
+    def requester(self, service: str, *, via: str | None = None) -> Requester:
+        """A handle that calls ``service`` (through device node ``via``, if given); owned by the
+        calling thread."""
         self._check_started()
-        return Requester(self, _valid(service, "service"))
+        return Requester(self, _valid(service, "service"), _via(via))
 
-    def publisher(self, stream: str) -> Publisher:
-        """Publish ``stream`` from this node (one publisher per stream and node)."""
+    def publisher(self, stream: str, *, allow: Iterable[str] | None = None) -> Publisher:
+        """Publish ``stream`` from this node (one publisher per stream and node). ``allow``
+        (secured nodes): only these public keys may subscribe."""
         self._check_started()
-        return Publisher(self, _valid(stream, "stream"))
+        return Publisher(self, _valid(stream, "stream"), allow)
 
-    def subscribe(self, stream: str, topics: Iterable[str] | None = None) -> Subscription:
-        """Subscribe to ``stream`` from every publisher, now and later, with topic prefixes."""
+    def subscribe(
+        self, stream: str, topics: Iterable[str] | None = None, *, via: str | None = None
+    ) -> Subscription:
+        """Subscribe to ``stream`` from every publisher, now and later (or through the forwarder
+        device node ``via``), with topic prefixes."""
         self._check_started()
-        return Subscription(self, _valid(stream, "stream"), topics)
+        return Subscription(self, _valid(stream, "stream"), topics, _via(via))
 
-    def pusher(self, pipeline: str) -> Pusher:
-        """Send into ``pipeline``, round robin over its pullers."""
+    def pusher(self, pipeline: str, *, via: str | None = None) -> Pusher:
+        """Send into ``pipeline``, round robin over its pullers (or into the streamer device node
+        ``via``)."""
         self._check_started()
-        return Pusher(self, _valid(pipeline, "pipeline"))
+        return Pusher(self, _valid(pipeline, "pipeline"), _via(via))
 
-    def puller(self, pipeline: str) -> Puller:
-        """Receive from ``pipeline`` (one puller per pipeline and node)."""
+    def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> Puller:
+        """Receive from ``pipeline`` (one puller per pipeline and node). ``allow`` (secured
+        nodes): only these public keys may push."""
         self._check_started()
-        return Puller(self, _valid(pipeline, "pipeline"))
+        return Puller(self, _valid(pipeline, "pipeline"), allow)
 
     # --- control ---------------------------------------------------------------------------
 
@@ -203,9 +220,11 @@ class Node(NodeBase):
 
 
 def _valid(name: str, what: str) -> str:
-    from .core.records import validate_endpoint_name
-
     return validate_endpoint_name(name, what)
+
+
+def _via(via: str | None) -> str | None:
+    return None if via is None else validate_node_name(via)
 
 
 def _drain(fd: int) -> None:
@@ -215,10 +234,21 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _install_signals(stop: Any) -> dict[int, Any]:
+def _install_signals(stop: Any, wakeup_fd: int) -> dict[int, Any]:
+    """SIGINT/SIGTERM call ``stop``; the C-level handler also writes to ``wakeup_fd`` so the
+    serve loop's poll wakes at once even when Python runs the handler late."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    restore = {}
+    restore: dict[int, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         restore[signum] = signal.signal(signum, lambda *_: stop())
+    restore[-1] = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
     return restore
+
+
+def _restore_signals(restore: dict[int, Any]) -> None:
+    for signum, old in restore.items():
+        if signum == -1:
+            signal.set_wakeup_fd(old)
+        else:
+            signal.signal(signum, old)

@@ -103,21 +103,27 @@ class NodeBase:
         self._seq = 0
         self._handles: set[Handle] = set()
         self._handlers: dict[str, Callable[[Any], Any]] = {}
+        self._service_allow: dict[str, tuple[str, ...]] = {}
         self._state = NodeState.NEW
         self._opening = False
         self._started_at = 0.0
         self._control: ControlServer | None = None
         self._unlisten: Callable[[], None] | None = None
+        #: Extra sections of the control "stats" answer (devices, task pipelines), by name.
+        self._stats_sources: dict[str, Callable[[], Any]] = {}
 
     # --- definition ------------------------------------------------------------------------
 
-    def reply(self, service: str) -> Callable[[F], F]:
+    def reply(self, service: str, *, allow: Iterable[str] | None = None) -> Callable[[F], F]:
         """Decorator: serve request/reply ``service`` with the decorated ``handler(body) -> reply``.
 
         Register before ``start()``; the node's serve loop (``run()``) calls the handler. A handler
-        that raises sends an error reply; the caller gets :class:`RemoteError`.
+        that raises sends an error reply; the caller gets :class:`RemoteError`. ``allow``
+        (secured nodes): only these public keys may call this service.
         """
         validate_endpoint_name(service, "service")
+        if allow is not None:
+            self._service_allow[service] = tuple(allow)
 
         def register(handler: F) -> F:
             with self._lock:
@@ -418,6 +424,11 @@ class NodeBase:
             base["peers"] = [r.name for r in self.directory.records()]
             return base
         base["counters"] = self.counters.snapshot()
+        for key, source in list(self._stats_sources.items()):
+            try:
+                base[key] = source()
+            except Exception as exc:  # one broken source must not hide the rest
+                base[key] = {"error": str(exc)}
         return base
 
     def __repr__(self) -> str:

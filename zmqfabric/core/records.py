@@ -16,7 +16,9 @@ key        value
            with a lower ``seq`` (mDNS answers can arrive after a newer announcement)
 ``e0``...  endpoints, ``kind:name:port`` joined by ``;``, split over keys ``e0``, ``e1``... so
            that each value is at most 250 bytes. Kinds: ``ctl`` control, ``rep`` reply service,
-           ``pub`` stream, ``pull`` pipeline.
+           ``pub`` stream, ``pull`` pipeline; device front ends ``queue`` (a service, ROUTER),
+           ``fwd`` (a stream, XPUB), ``strm`` (a pipeline, PULL); ``task`` a reliable task queue
+           (a worker's ROUTER).
 =========  =====================================================================================
 
 Endpoints carry only ports: the address is always the record's own A address, so a record cannot
@@ -48,6 +50,13 @@ class EndpointKind(str, enum.Enum):
     REPLY = "rep"
     STREAM = "pub"
     PIPELINE = "pull"
+    #: Device front ends: a service, stream or pipeline relayed by a device node. Clients reach
+    #: them only when told to (``via=``), so nothing arrives twice through device and direct.
+    QUEUE = "queue"
+    FORWARDER = "fwd"
+    STREAMER = "strm"
+    #: A worker's reliable task queue (ROUTER; producers connect a DEALER to each worker).
+    TASK = "task"
 
     @property
     def noun(self) -> str:
@@ -59,6 +68,17 @@ _NOUNS: Final = {
     EndpointKind.REPLY: "service",
     EndpointKind.STREAM: "stream",
     EndpointKind.PIPELINE: "pipeline",
+    EndpointKind.QUEUE: "queue device",
+    EndpointKind.FORWARDER: "forwarder device",
+    EndpointKind.STREAMER: "streamer device",
+    EndpointKind.TASK: "task",
+}
+
+#: The device front end that relays each kind of endpoint (what ``via=`` connects to).
+VIA_KIND: Final = {
+    EndpointKind.REPLY: EndpointKind.QUEUE,
+    EndpointKind.STREAM: EndpointKind.FORWARDER,
+    EndpointKind.PIPELINE: EndpointKind.STREAMER,
 }
 
 

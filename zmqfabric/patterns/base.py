@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..core.records import EndpointKind
+from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError
 from ..sockets import sync_view
 from ..stats import RateLimitedLog
@@ -122,10 +122,14 @@ class Bound(Handle):
 
 
 class Connector(Handle):
-    """A handle whose socket connects to every provider of (kind, name) the directory knows."""
+    """A handle whose socket connects to every provider of (kind, name) the directory knows, or,
+    ``via`` a device node, to that device's front end for (kind, name) only."""
 
-    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
+    def __init__(
+        self, node: NodeBase, name: str, socket_type: int, via: str | None = None
+    ) -> None:
         super().__init__(node, name, socket_type)
+        self.via = via
         self._urls: set[str] = set()
         self._unwatch: Callable[[], None] | None = None
         # Connection events tell when a provider is really reachable (wait_ready) and why one
@@ -171,7 +175,10 @@ class Connector(Handle):
         return len(self._urls) >= at_least and self._urls <= self._handshaken
 
     def _watch(self) -> None:
-        self._unwatch = self._node.directory.watch(self.kind, self.name, self._post)
+        self._unwatch = self._node.directory.watch(*self._watched(), self._post, self.via)
+
+    def _watched(self) -> tuple[EndpointKind, str]:
+        return (VIA_KIND[self.kind] if self.via else self.kind), self.name
 
     def _post(self, op: str, url: str) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -208,8 +215,10 @@ class Connector(Handle):
 class SyncConnector(Connector):
     """A connector owned by one thread; waits with a poller on the socket and a wake-up pipe."""
 
-    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
-        super().__init__(node, name, socket_type)
+    def __init__(
+        self, node: NodeBase, name: str, socket_type: int, via: str | None = None
+    ) -> None:
+        super().__init__(node, name, socket_type, via)
         self._ops: collections.deque[tuple[str, str]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -340,8 +349,10 @@ class SyncConnector(Connector):
 class AsyncConnector(Connector):
     """A connector owned by one asyncio loop: directory changes arrive by call_soon_threadsafe."""
 
-    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
-        super().__init__(node, name, socket_type)
+    def __init__(
+        self, node: NodeBase, name: str, socket_type: int, via: str | None = None
+    ) -> None:
+        super().__init__(node, name, socket_type, via)
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._watch()
@@ -358,7 +369,8 @@ class AsyncConnector(Connector):
 
     def _watch(self) -> None:
         self._owner = threading.get_ident()
-        self._unwatch = self._node.directory.watch(self.kind, self.name, self._apply_or_post)
+        kind, name = self._watched()
+        self._unwatch = self._node.directory.watch(kind, name, self._apply_or_post, self.via)
 
     def _apply_or_post(self, op: str, url: str) -> None:
         # The initial providers arrive inside watch(), in the owning loop's thread: apply them now

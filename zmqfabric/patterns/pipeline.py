@@ -5,7 +5,7 @@ the pullers that are connected (IMMEDIATE: never to a puller that is gone)."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
 import zmq
 
@@ -34,8 +34,8 @@ class _PullerBase(Bound):
 class Puller(_PullerBase):
     """Receives a pipeline's messages (a worker or a sink). Owned by one thread."""
 
-    def __init__(self, node: NodeBase, pipeline: str) -> None:
-        super().__init__(node, pipeline, zmq.PULL)
+    def __init__(self, node: NodeBase, pipeline: str, allow: Iterable[str] | None = None) -> None:
+        super().__init__(node, pipeline, zmq.PULL, allow)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._advertise()
@@ -70,8 +70,8 @@ class Puller(_PullerBase):
 
 
 class AsyncPuller(_PullerBase):
-    def __init__(self, node: NodeBase, pipeline: str) -> None:
-        super().__init__(node, pipeline, zmq.PULL)
+    def __init__(self, node: NodeBase, pipeline: str, allow: Iterable[str] | None = None) -> None:
+        super().__init__(node, pipeline, zmq.PULL, allow)
         self._advertise()
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
@@ -104,8 +104,8 @@ class Pusher(_Encoder, SyncConnector):
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 
-    def __init__(self, node: NodeBase, pipeline: str) -> None:
-        SyncConnector.__init__(self, node, pipeline, zmq.PUSH)
+    def __init__(self, node: NodeBase, pipeline: str, via: str | None = None) -> None:
+        SyncConnector.__init__(self, node, pipeline, zmq.PUSH, via)
         self._init_encoder(wire.Kind.MESSAGE)
 
     def send(self, body: Any, timeout: float | None = None) -> None:
@@ -126,8 +126,8 @@ class AsyncPusher(_Encoder, AsyncConnector):
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 
-    def __init__(self, node: NodeBase, pipeline: str) -> None:
-        AsyncConnector.__init__(self, node, pipeline, zmq.PUSH)
+    def __init__(self, node: NodeBase, pipeline: str, via: str | None = None) -> None:
+        AsyncConnector.__init__(self, node, pipeline, zmq.PUSH, via)
         self._init_encoder(wire.Kind.MESSAGE)
 
     async def send(self, body: Any, timeout: float | None = None) -> None:

@@ -44,8 +44,8 @@ class Publisher(_Encoder, Bound):
     noun = "stream"
     sync_socket = True  # PUB never waits, so asyncio nodes use the plain socket too
 
-    def __init__(self, node: NodeBase, stream: str) -> None:
-        Bound.__init__(self, node, stream, zmq.PUB)
+    def __init__(self, node: NodeBase, stream: str, allow: Iterable[str] | None = None) -> None:
+        Bound.__init__(self, node, stream, zmq.PUB, allow)
         self._init_encoder(wire.Kind.EVENT)
         self._advertise()
 
@@ -82,8 +82,14 @@ class Subscription(_SubscriptionBase, SyncConnector):
     connection is up, or beyond the HWM, are not delivered.
     """
 
-    def __init__(self, node: NodeBase, stream: str, topics: Iterable[str] | None = None) -> None:
-        SyncConnector.__init__(self, node, stream, zmq.SUB)
+    def __init__(
+        self,
+        node: NodeBase,
+        stream: str,
+        topics: Iterable[str] | None = None,
+        via: str | None = None,
+    ) -> None:
+        SyncConnector.__init__(self, node, stream, zmq.SUB, via)
         self._subscribe_topics(topics)
 
     def recv_message(self, timeout: float | None = None) -> wire.Message | None:
@@ -117,8 +123,14 @@ class Subscription(_SubscriptionBase, SyncConnector):
 class AsyncSubscription(_SubscriptionBase, AsyncConnector):
     """Receives one stream in an asyncio loop. ``async for topic, body in sub``."""
 
-    def __init__(self, node: NodeBase, stream: str, topics: Iterable[str] | None = None) -> None:
-        AsyncConnector.__init__(self, node, stream, zmq.SUB)
+    def __init__(
+        self,
+        node: NodeBase,
+        stream: str,
+        topics: Iterable[str] | None = None,
+        via: str | None = None,
+    ) -> None:
+        AsyncConnector.__init__(self, node, stream, zmq.SUB, via)
         self._subscribe_topics(topics)
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:

@@ -9,7 +9,7 @@ import itertools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
 
@@ -39,8 +39,10 @@ class ServiceEndpoint(Bound):
     kind = EndpointKind.REPLY
     noun = "service"
 
-    def __init__(self, node: NodeBase, name: str, handler: Handler) -> None:
-        super().__init__(node, name, zmq.ROUTER)
+    def __init__(
+        self, node: NodeBase, name: str, handler: Handler, allow: Iterable[str] | None = None
+    ) -> None:
+        super().__init__(node, name, zmq.ROUTER, allow)
         self.handler = handler
         self.socket = self._sock
         self._reply_sock = sync_view(self._sock)
@@ -160,8 +162,8 @@ class _RequesterBase:
 class Requester(_RequesterBase, SyncConnector):
     """Calls one service by name. Owned by one thread; not thread-safe."""
 
-    def __init__(self, node: NodeBase, service: str) -> None:
-        SyncConnector.__init__(self, node, service, zmq.DEALER)
+    def __init__(self, node: NodeBase, service: str, via: str | None = None) -> None:
+        SyncConnector.__init__(self, node, service, zmq.DEALER, via)
         self._setup()
 
     def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
@@ -194,8 +196,8 @@ class Requester(_RequesterBase, SyncConnector):
 class AsyncRequester(_RequesterBase, AsyncConnector):
     """Calls one service by name from one asyncio loop."""
 
-    def __init__(self, node: NodeBase, service: str) -> None:
-        AsyncConnector.__init__(self, node, service, zmq.DEALER)
+    def __init__(self, node: NodeBase, service: str, via: str | None = None) -> None:
+        AsyncConnector.__init__(self, node, service, zmq.DEALER, via)
         self._setup()
 
     async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:

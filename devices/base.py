@@ -1,0 +1,255 @@
+"""What every device shares: a node-advertised front end, a back end that follows discovery, a
+thread that relays, and a steering socket for PAUSE / RESUME / TERMINATE / STATISTICS.
+
+Sockets belong to the device thread while it runs. Discovery only queues "connect/disconnect" for
+the back end and interrupts the relay; the device thread applies the change and relays on. The
+steering socket is the one socket used from several threads, always under its lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import zmq
+
+from zmqfabric.constants import THREAD_JOIN_TIMEOUT_S
+from zmqfabric.core.records import EndpointKind, validate_endpoint_name
+from zmqfabric.errors import ClosedError, FabricTimeoutError
+from zmqfabric.node import Node
+from zmqfabric.patterns.base import Bound
+
+log = logging.getLogger(__name__)
+
+PAUSE, RESUME, TERMINATE, STATISTICS = b"PAUSE", b"RESUME", b"TERMINATE", b"STATISTICS"
+#: How long a STATISTICS answer may take (s) before the caller gets a timeout error.
+STEER_TIMEOUT_S = 2.0
+_COUNTER_NAMES = (
+    "front_msgs_in", "front_bytes_in", "front_msgs_out", "front_bytes_out",
+    "back_msgs_in", "back_bytes_in", "back_msgs_out", "back_bytes_out",
+)
+
+
+class DeviceState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    """Message parts and bytes through a device, each way (front end and back end). Parts are
+    counted the way libzmq's proxy counts them: a fabric request is several parts."""
+
+    front_msgs_in: int = 0
+    front_bytes_in: int = 0
+    front_msgs_out: int = 0
+    front_bytes_out: int = 0
+    back_msgs_in: int = 0
+    back_bytes_in: int = 0
+    back_msgs_out: int = 0
+    back_bytes_out: int = 0
+
+    def __add__(self, other: DeviceStats) -> DeviceStats:
+        return DeviceStats(*(getattr(self, n) + getattr(other, n) for n in _COUNTER_NAMES))
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> DeviceStats:
+        return cls(*(struct.unpack("=Q", frame)[0] for frame in frames[:8]))
+
+    def to_frames(self) -> list[bytes]:
+        return [struct.pack("=Q", getattr(self, n)) for n in _COUNTER_NAMES]
+
+    def as_dict(self) -> dict[str, int]:
+        return {n: getattr(self, n) for n in _COUNTER_NAMES}
+
+
+class FrontEnd(Bound):
+    """A device's bound, advertised front end (a plain socket served by the device thread)."""
+
+    sync_socket = True
+
+    def __init__(self, node: Node, kind: EndpointKind, name: str, socket_type: int,
+                 allow: Iterable[str] | None = None) -> None:
+        self.kind = kind
+        self.noun = kind.noun
+        super().__init__(node, name, socket_type, allow)
+        self.socket = self._sock
+
+    def advertise(self) -> None:
+        self._advertise()
+
+
+class Device:
+    """Base of the queue, forwarder and streamer. Use as a context manager or start()/stop().
+
+    ``node`` is the (started) node the device runs in: its name is the name clients give as
+    ``via=``. ``name`` is the service, stream or pipeline relayed.
+    """
+
+    front_kind: EndpointKind
+    relayed_kind: EndpointKind
+    front_type: int
+    back_type: int
+    label = "device"
+
+    def __init__(self, node: Node, name: str, *, allow: Iterable[str] | None = None) -> None:
+        node._check_started()
+        self.node = node
+        self.name = validate_endpoint_name(name, self.relayed_kind.noun)
+        self.state = DeviceState.NEW
+        self._front = FrontEnd(node, self.front_kind, name, self.front_type, allow)
+        self.front = self._front.socket
+        self.back = node._sockets.socket(self.back_type, sync=True)
+        self.back.setsockopt(zmq.IMMEDIATE, 1)
+        self._ops: collections.deque[tuple[str, str]] = collections.deque()
+        self._urls: set[str] = set()
+        self._address = f"inproc://zmqfabric-device-{id(self)}"
+        self.control = node._sockets.socket(zmq.PAIR, sync=True)
+        self.control.bind(self._address)
+        self._steer = node._sockets.socket(zmq.PAIR, sync=True)
+        self._steer.connect(self._address)
+        self._steer_lock = threading.Lock()
+        self._stopping = False
+        self._unwatch: Callable[[], None] | None = None
+        self._thread = threading.Thread(
+            target=self._main, name=f"zmqfabric-{self.label}-{node.name}-{name}"
+        )
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    def start(self) -> Device:
+        """Start relaying in a device-owned thread, then advertise the front end."""
+        if self.state is not DeviceState.NEW:
+            raise ClosedError(f"{self.label} {self.name!r} was started already")
+        self.state = DeviceState.RUNNING
+        self._unwatch = self.node.directory.watch(self.relayed_kind, self.name, self._post)
+        self.node._stats_sources[f"{self.label}:{self.name}"] = self.stats_dict
+        self._thread.start()
+        self._front.advertise()
+        return self
+
+    def stop(self) -> None:
+        """Stop relaying, withdraw the front end and close every socket. Idempotent."""
+        if self.state is DeviceState.STOPPED:
+            return
+        started = self.state is not DeviceState.NEW
+        self.state = DeviceState.STOPPED
+        self._stopping = True
+        if self._unwatch is not None:
+            self._unwatch()
+        self.node._stats_sources.pop(f"{self.label}:{self.name}", None)
+        if started:
+            self._steer_call(TERMINATE)
+            self._thread.join(THREAD_JOIN_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.error("%s %s did not stop within %s s", self.label, self.name,
+                          THREAD_JOIN_TIMEOUT_S)
+        self._front.close()
+        for sock in (self.back, self.control, self._steer):
+            sock.close(0)
+
+    def __enter__(self) -> Device:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the device thread to end (TERMINATE or stop()); False on timeout."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- steering (any thread) ---------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Stop relaying; messages wait in the sockets' queues (up to their HWM)."""
+        if self.state is DeviceState.RUNNING:
+            self.state = DeviceState.PAUSED
+            self._steer_call(PAUSE)
+
+    def resume(self) -> None:
+        if self.state is DeviceState.PAUSED:
+            self.state = DeviceState.RUNNING
+            self._steer_call(RESUME)
+            if self._ops:
+                self._interrupt()  # changes that arrived while paused
+
+    def statistics(self) -> DeviceStats:
+        """Counters since start. Raises FabricTimeoutError if the device does not answer."""
+        if self.state in (DeviceState.NEW, DeviceState.STOPPED):
+            return self._carried_stats()
+        with self._steer_lock:
+            reply = self._steer_call_locked(STATISTICS)
+            if reply is None or len(reply) < 8:
+                raise FabricTimeoutError(f"{self.label} {self.name!r} did not report statistics",
+                                         timeout=STEER_TIMEOUT_S)
+            return self._carried_stats() + DeviceStats.from_frames(reply)
+
+    def stats_dict(self) -> dict[str, Any]:
+        return {"state": self.state.value, "relays": self.name, "providers": len(self._urls),
+                **self.statistics().as_dict()}
+
+    def _steer_call(self, command: bytes) -> list[bytes] | None:
+        """Send a steering command and return the device's reply (every command gets one:
+        an empty frame, or 8 counters for STATISTICS); None if it did not answer in time."""
+        with self._steer_lock:
+            return self._steer_call_locked(command)
+
+    def _steer_call_locked(self, command: bytes) -> list[bytes] | None:
+        while self._steer.poll(0):  # a late reply to an earlier call that timed out
+            self._steer.recv_multipart()
+        self._steer.send(command)
+        if not self._steer.poll(int(STEER_TIMEOUT_S * 1000)):
+            return None
+        return self._steer.recv_multipart()
+
+    # --- back end ----------------------------------------------------------------------------
+
+    def _post(self, op: str, url: str) -> None:
+        """Discovery's thread: queue the change and interrupt the relay to apply it."""
+        if self._stopping:
+            return
+        self._ops.append((op, url))
+        self._interrupt()
+
+    def _interrupt(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _apply_ops(self) -> None:
+        """Device thread: connect/disconnect the back end as discovery said."""
+        while self._ops:
+            op, url = self._ops.popleft()
+            try:
+                if op == "connect" and url not in self._urls:
+                    self.node._connect(self.back, url)
+                    self._urls.add(url)
+                elif op == "disconnect" and url in self._urls:
+                    self._urls.discard(url)
+                    self.back.disconnect(url)
+            except (zmq.ZMQError, Exception) as exc:  # a bad peer must not stop the device
+                log.warning("%s %s: cannot %s %s: %s", self.label, self.name, op, url, exc)
+
+    def _main(self) -> None:
+        try:
+            self._relay()
+        except zmq.ContextTerminated:
+            pass
+        except Exception:
+            log.exception("%s %s stopped on an error", self.label, self.name)
+        finally:
+            if self.state is not DeviceState.STOPPED:
+                self.state = DeviceState.STOPPED
+
+    def _relay(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _carried_stats(self) -> DeviceStats:
+        """Counts from earlier runs of the relay (a restarted proxy starts from zero)."""
+        return DeviceStats()
