@@ -10,9 +10,16 @@ import uuid
 from typing import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import zmqfabric as zf
 from tests.procs import ProcessGroup
+
+# The machine is small and shared (2 cores): property tests judge correctness, not speed.
+settings.register_profile(
+    "zmqfabric", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("zmqfabric")
 
 _counter = itertools.count()
 

@@ -42,7 +42,9 @@ _NODE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 _ENDPOINT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
 _CURVE_KEY: Final = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
-_HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
+#: Host names up to 200 characters: "host=" plus the name must fit a DNS character-string (255).
+_HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\Z")
+_DIGITS: Final = re.compile(r"[0-9]{1,10}\Z")
 
 
 class EndpointKind(str, enum.Enum):
@@ -262,11 +264,15 @@ def _decode_endpoints(node: str, props: Mapping[str, str]) -> tuple[Endpoint, ..
         except (ValueError, InvalidNameError) as exc:
             raise RemoteProtocolError(f"record {node!r}: bad endpoint {item[:80]!r}") from exc
         endpoints.add(Endpoint(kind, name, _int_field(node, "port", port_s, 1, 65535)))
+    keys = [(ep.kind, ep.name) for ep in endpoints]
+    controls = [ep for ep in endpoints if ep.kind is EndpointKind.CONTROL]
+    if len(set(keys)) != len(keys) or len(controls) > 1:
+        raise RemoteProtocolError(f"record {node!r}: an endpoint is listed twice")
     return tuple(sorted(endpoints))
 
 
 def _int_field(node: str, key: str, value: str | None, low: int, high: int) -> int:
-    if value is None or not value.isdigit() or len(value) > 10 or not low <= int(value) <= high:
+    if value is None or not _DIGITS.match(value) or not low <= int(value) <= high:
         raise RemoteProtocolError(f"record {node!r}: bad {key} {str(value)[:20]!r}")
     return int(value)
 
