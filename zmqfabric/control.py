@@ -26,7 +26,7 @@ from .constants import (
     THREAD_JOIN_TIMEOUT_S,
 )
 from .core import wire
-from .core.records import EndpointKind, NodeRecord, encode_txt
+from .core.records import EndpointKind, NodeRecord, address_in_scope, encode_txt
 from .errors import (
     FabricError,
     FabricTimeoutError,
@@ -39,11 +39,13 @@ from .config import peer_url
 from .keys import is_public_key
 from .liveness import PeerWatch
 from .patterns.reqrep import ServiceEndpoint
+from .stats import RateLimitedLog
 
 if TYPE_CHECKING:
     from .nodebase import NodeBase
 
 log = logging.getLogger(__name__)
+_rlog = RateLimitedLog(log)
 _TCP_URL = re.compile(r"tcp://[0-9.]{7,15}:[0-9]{1,5}\Z")
 OPS = ("ping", "info", "stats")
 
@@ -93,6 +95,10 @@ class ControlServer:
     def watch(self, record: NodeRecord) -> None:
         """Start watching a peer's liveness (thread-safe)."""
         self._post("watch", record)
+
+    def greet(self, record: NodeRecord) -> None:
+        """Introduce ourselves to a peer over its watch connection (thread-safe)."""
+        self._post("greet", record)
 
     def unwatch(self, record: NodeRecord) -> None:
         """Stop watching a peer that left cleanly (thread-safe)."""
@@ -144,7 +150,7 @@ class ControlServer:
                     self._step(events, peers)
                 except Exception:  # a bug here must not silence the node's control endpoint
                     self._node.counters.add("control_errors")
-                    log.exception("%s: error in the control thread", self._node.name)
+                    _rlog.exception("control", "%s: error in the control thread", self._node.name)
         finally:
             peers.close()
 
@@ -162,6 +168,12 @@ class ControlServer:
             op, arg = self._commands.popleft()
             if op == "introduce":
                 self._send_hello(*arg)
+            elif op == "greet":
+                # Over the peer's watch connection: delivered whenever it comes up.
+                if not self._node.advertised:
+                    continue
+                if not peers.send(arg.name, self._frames(self._hello())):
+                    self._send_hello(arg.url(arg.control), arg.curve_key)
             elif op == "watch":
                 peers.watch(arg)
             elif op == "unwatch":
@@ -185,11 +197,18 @@ class ControlServer:
             if url not in known:
                 self._send_hello(url, key)
 
+    def _hello(self) -> dict[str, Any]:
+        record = self._node.record
+        return {"op": "hello", "name": record.name, "txt": encode_txt(record)}
+
+    @staticmethod
+    def _frames(body: dict[str, Any]) -> list[bytes]:
+        header = wire.pack_header(wire.Kind.REQUEST, 0, time.time())
+        return [b"", header, wire.pack_body(body)]
+
     def _send_hello(self, url: str, key: str | None) -> None:
         if self._node.advertised:
-            record = self._node.record
-            hello = {"op": "hello", "name": record.name, "txt": encode_txt(record)}
-            self._send_oneway(url, key, hello)
+            self._send_oneway(url, key, self._hello())
 
     def _send_oneway(self, url: str, key: str | None, body: dict[str, Any]) -> None:
         """Send a one-way control message (hello, peers) from a short-lived socket."""
@@ -197,8 +216,7 @@ class ControlServer:
         sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
         try:
             self._node._sockets.connect(sock, url, key)
-            header = wire.pack_header(wire.Kind.REQUEST, 0, time.time())
-            sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
+            sock.send_multipart(self._frames(body), zmq.NOBLOCK)
         except (zmq.ZMQError, FabricError) as exc:
             log.debug("cannot send %s to %s: %s", body.get("op"), url, exc)
         finally:
@@ -234,6 +252,7 @@ class ControlServer:
             self._node.counters.add("refused_peer_lists")
             return
         known = {r.url(r.control) for r in self._node.directory.records() if r.control}
+        seeded = bool(self._node.config.peers)
         for item in peers:
             if not (isinstance(item, list) and len(item) == 2):
                 continue
@@ -243,8 +262,18 @@ class ControlServer:
                 and url not in known
                 and _TCP_URL.match(url)
                 and (key is None or (isinstance(key, str) and is_public_key(key)))
+                and (seeded or self._in_scope(url))
             ):
                 self._send_hello(url, key)
+
+    def _in_scope(self, url: str) -> bool:
+        """A node without seed peers only greets addresses of its own scope: a peer list must
+        not make it reach out to other hosts."""
+        host = url[len("tcp://"):].rsplit(":", 1)[0]
+        try:
+            return address_in_scope(host, self._node.config.scope.networks)
+        except ValueError:
+            return False
 
     def _answer(self, op: object) -> Any:
         if op not in OPS:

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import socket
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from zeroconf import (
+    DNSQuestionType,
     IPVersion,
     ServiceBrowser,
     ServiceInfo,
@@ -57,6 +58,7 @@ class Discovery:
         self._on_conflict = on_conflict
         self._own: tuple[str, str] | None = None
         self._refused: dict[str, tuple[NodeRecord, str]] = {}
+        self._broadcast: Any = None  # zeroconf's task repeating our latest announcement
         self._directory = directory
         self._counters = counters
         self._rlog = RateLimitedLog(log)
@@ -79,7 +81,11 @@ class Discovery:
     def browse(self) -> None:
         """Start browsing for peers (after our own record is out, so peers see us first)."""
         assert self._zc is not None, "start() first"
-        self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
+        # QM from the first query: a QU answer goes by unicast to port 5353, which on a host
+        # shared by several zeroconf processes (SO_REUSEPORT) mostly reaches another process.
+        self._browser = ServiceBrowser(
+            self._zc, SERVICE_TYPE, handlers=[self._on_change], question_type=DNSQuestionType.QM
+        )
 
     def advertise(self, record: NodeRecord) -> None:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
@@ -96,14 +102,21 @@ class Discovery:
             other_ttl=ttl,
             addresses=[socket.inet_aton(record.address)],
         )
+        loop = zc.loop
+        assert loop is not None
         with self._lock:
+            if self._broadcast is not None:
+                # Repeat announcements of the previous version would re-announce stale endpoints.
+                loop.call_soon_threadsafe(self._broadcast.cancel)
             if self._info is None:
                 coro = zc.async_register_service(info, cooperating_responders=True)
             else:
                 coro = zc.async_update_service(info)
             # Wait until the record is registered and its first announcement is queued, not for
             # the repeat announcements (zeroconf's blocking call waits ~450 ms for those).
-            asyncio.run_coroutine_threadsafe(coro, zc.loop).result(REGISTER_TIMEOUT_S)
+            self._broadcast = asyncio.run_coroutine_threadsafe(coro, loop).result(
+                REGISTER_TIMEOUT_S
+            )
             self._info = info
             self._own = (record.name, record.node_id)
         # Our own record goes straight into our directory: no need to hear our own multicast.
@@ -156,7 +169,7 @@ class Discovery:
             self._rlog.warning("record", "refused discovery record %r: %s", name[:120], exc)
         except Exception:  # a bug here must not kill zeroconf's thread
             self._counters.add("discovery_errors")
-            log.exception("error handling discovery record %r", name[:120])
+            self._rlog.exception("bug", "error handling discovery record %r", name[:120])
 
     def _resolve(
         self, zeroconf: Zeroconf, service_type: str, name: str, node: str

@@ -71,12 +71,25 @@ class PeerWatch:
                 return
             self._drop(peer)
         sock = self._node._sockets.socket(zmq.DEALER, sync=True)
+        sock.setsockopt(zmq.IMMEDIATE, 0)  # a hello sent now waits for the connection
         monitor = self._node._sockets.monitor(sock, _EVENTS, sync=True)
         self._node._sockets.connect(sock, url, record.curve_key)
         peer = _Peer(record, url, sock, monitor, self._clock())
         self._peers[record.name] = peer
         self._by_monitor[monitor] = peer
         self._poller.register(monitor, zmq.POLLIN)
+
+    def send(self, name: str, frames: list[bytes]) -> bool:
+        """Send a one-way control message over the watch connection to node ``name``; it waits
+        in the socket until the connection is up. False if the node is not watched."""
+        peer = self._peers.get(name)
+        if peer is None or peer.dead:
+            return False
+        try:
+            peer.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def unwatch(self, name: str, node_id: str) -> None:
         """Stop watching (the peer left cleanly). Ignored for peers we declared dead ourselves."""

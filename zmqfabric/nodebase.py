@@ -47,6 +47,7 @@ from .keys import KeySet, is_public_key
 from .keys import load as load_keys
 from .sockets import ZAP_DOMAIN, SocketFactory
 from .stats import Counters, RateLimitedLog
+from .tasks import NodeTasks, TaskConfig
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
@@ -71,6 +72,7 @@ class NodeBase:
         advertise: bool = True,
         on_conflict: str = "fail",
         keys: str | os.PathLike[str] | KeySet | None = None,
+        tasks: TaskConfig | None = None,
     ) -> None:
         """``advertise=False`` makes an observer: it browses and calls others but is not listed
         and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this)."""
@@ -111,6 +113,9 @@ class NodeBase:
         self._unlisten: Callable[[], None] | None = None
         #: Extra sections of the control "stats" answer (devices, task pipelines), by name.
         self._stats_sources: dict[str, Callable[[], Any]] = {}
+        #: Reliable tasks (``tasks=TaskConfig(...)``: journal, dead letters, defaults).
+        self._tasks = NodeTasks(self, tasks if tasks is not None else TaskConfig())
+        self._stats_sources["tasks"] = self._tasks.stats
 
     # --- definition ------------------------------------------------------------------------
 
@@ -135,6 +140,26 @@ class NodeBase:
             return handler
 
         return register
+
+    def task(
+        self, name: str, *, prefetch: int | None = None, allow: Iterable[str] | None = None
+    ) -> Callable[[F], F]:
+        """Decorator: work on reliable task ``name`` with the decorated ``handler(body)``.
+
+        Register before ``start()``; the serve loop (``run()``) runs the handler, one task at a
+        time. Returning acknowledges the task (the value goes back to the submitter); raising
+        fails this attempt (it is retried with backoff, then dead-lettered). ``prefetch``: how
+        many tasks each producer may have here at once (default ``TaskConfig.prefetch``).
+        ``allow`` (secured nodes): only these public keys may submit here. Delivery is at least
+        once: :func:`zmqfabric.current_task` gives the task's id and idempotency key.
+        """
+        return self._tasks.register(name, prefetch, allow)
+
+    def task_stats(self) -> dict[str, Any]:
+        """This node's task counters, as in its control ``stats`` answer under ``"tasks"``:
+        ``{"submit": {name: {queued, in_flight, done, retried, redelivered, dead, late,
+        workers}}, "serve": {name: {handled, failed, prefetch, undeliverable}}}``. Thread-safe."""
+        return self._tasks.stats()
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -161,6 +186,7 @@ class NodeBase:
             self._discovery.start()
             self._control = ControlServer(self)
             self._open_services()
+            self._tasks.open()
             self._started_at = time.monotonic()
             self._state = NodeState.STARTED
             self._opening = False
@@ -200,7 +226,8 @@ class NodeBase:
                 raise NameConflictError(self.name, other.host, other.node_id, other.address)
             log.warning("node name %r is taken by %s on %s; trying %s-%d",
                         self.name, other.node_id, other.host, base, attempt)
-            self.name = validate_node_name(f"{base[:60]}-{attempt}")
+            suffix = f"-{attempt}"
+            self.name = validate_node_name(f"{base[: 46 - len(suffix)]}{suffix}")
         raise NameConflictError(self.name, other.host, other.node_id, other.address)
 
     def _on_name_conflict(self, other: NodeRecord) -> None:
@@ -241,6 +268,7 @@ class NodeBase:
 
     def _close_local(self) -> None:
         """Close the control thread, every handle and the context (in the sockets' owner)."""
+        self._tasks.close()  # the dispatcher thread first: it owns sockets and a publisher
         if self._control is not None:
             self._control.stop()
         for handle in list(self._handles):
@@ -377,7 +405,7 @@ class NodeBase:
             return
         control.watch(record)
         if event.change is Change.JOINED and self.advertised and record.control is not None:
-            control.introduce(record.url(record.control), record.curve_key)
+            control.greet(record)
             if self.config.peers or not address_in_scope(
                 record.address, self.config.scope.networks
             ):

@@ -43,6 +43,14 @@ class RateLimitedLog:
         self._windows: dict[str, tuple[float, int]] = {}
 
     def warning(self, key: str, message: str, *args: object) -> None:
+        self._log(logging.WARNING, key, message, args, False)
+
+    def exception(self, key: str, message: str, *args: object) -> None:
+        """Like ``logger.exception`` (with the traceback), rate-limited per key."""
+        self._log(logging.ERROR, key, message, args, True)
+
+    def _log(self, level: int, key: str, message: str, args: tuple[object, ...],
+             exc_info: bool) -> None:
         now = time.monotonic()
         with self._lock:
             start, count = self._windows.get(key, (now, 0))
@@ -50,6 +58,6 @@ class RateLimitedLog:
                 start, count = now, 0
             self._windows[key] = (start, count + 1)
         if count < self._per_minute:
-            self._logger.warning(message, *args)
+            self._logger.log(level, message, *args, exc_info=exc_info)
         elif count == self._per_minute:
-            self._logger.warning("%s: further messages suppressed for a minute", key)
+            self._logger.log(level, "%s: further messages suppressed for a minute", key)

@@ -38,7 +38,8 @@ from ..constants import MAX_ENDPOINTS, MAX_TXT_VALUE, SERVICE_TYPE
 from ..errors import InvalidNameError, LocalProtocolError, RemoteProtocolError
 
 RECORD_VERSION: Final = "1"
-_NODE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+#: At most 46 characters: the DNS label "<name>@<16-digit id>" may hold 63 bytes.
+_NODE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,45}\Z")
 _ENDPOINT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
 _CURVE_KEY: Final = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
@@ -129,7 +130,7 @@ def validate_node_name(name: object) -> str:
     """Return ``name`` if it is a valid node name; raise InvalidNameError otherwise."""
     if not isinstance(name, str) or not _NODE_NAME.match(name):
         raise InvalidNameError(
-            "node", name, "use 1-63 lowercase letters, digits, '-' or '_', starting with a letter "
+            "node", name, "use 1-46 lowercase letters, digits, '-' or '_', starting with a letter "
             "or digit"
         )
     return name
@@ -181,6 +182,8 @@ def server_name(node_id: str) -> str:
 
 def encode_txt(record: NodeRecord) -> dict[str, str]:
     """The TXT properties of ``record``. Raises LocalProtocolError when it cannot be advertised."""
+    if not _HOST.match(record.host):
+        raise LocalProtocolError(f"host name {record.host[:80]!r} cannot be advertised")
     if len(record.endpoints) > MAX_ENDPOINTS:
         raise LocalProtocolError(
             f"node {record.name!r} has {len(record.endpoints)} endpoints; at most {MAX_ENDPOINTS} "

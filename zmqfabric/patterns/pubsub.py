@@ -8,12 +8,13 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, AsyncIterator
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import FabricTimeoutError, RemoteProtocolError
-from .base import AsyncConnector, Bound, SyncConnector, deadline_after
+from .base import AsyncConnector, Bound, SyncConnector, _ms_left, deadline_after
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -47,7 +48,45 @@ class Publisher(_Encoder, Bound):
     def __init__(self, node: NodeBase, stream: str, allow: Iterable[str] | None = None) -> None:
         Bound.__init__(self, node, stream, zmq.PUB, allow)
         self._init_encoder(wire.Kind.EVENT)
+        # Subscriber connections, watched from before the stream is advertised so none is missed.
+        self._monitor = node._sockets.monitor(
+            self._sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED, sync=True
+        )
+        self._subscribers = 0
         self._advertise()
+
+    @property
+    def subscribers(self) -> int:
+        """Subscribers connected now (completed handshakes less disconnections)."""
+        return self._read_subscribers()
+
+    def wait_subscribers(self, n: int, timeout: float) -> int:
+        """Wait until ``n`` subscribers are connected, at most ``timeout`` s; return how many are.
+        Pub/sub drops what is sent before a subscriber connects."""
+        self._check_open()
+        deadline = deadline_after(timeout)
+        while self._read_subscribers() < n:
+            left = _ms_left(deadline)
+            if left == 0:
+                break
+            self._monitor.poll(left)
+        return self._subscribers
+
+    def _read_subscribers(self) -> int:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return self._subscribers
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._subscribers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._subscribers = max(0, self._subscribers - 1)
+
+    def _on_close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(0)
+        super()._on_close()
 
     def send(self, topic: str, body: Any) -> None:
         """Publish ``body`` under ``topic``. Raises LocalProtocolError for an unencodable body."""

@@ -49,8 +49,9 @@ class ServiceEndpoint(Bound):
         self._advertise()
 
     def parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Header, Any] | None:
-        """Split and decode a request. Malformed input is counted; returns None, or raises
-        RemoteProtocolError carrying the route when an error reply can still be sent."""
+        """Split and decode a request. Malformed input is counted and, when the route is
+        readable, answered with an error reply (repeating the request's id if its header is
+        readable); returns None then."""
         try:
             route, payload = wire.split_route(frames)
         except RemoteProtocolError as exc:
@@ -60,7 +61,11 @@ class ServiceEndpoint(Bound):
             header, body = wire.parse_request(payload)
         except RemoteProtocolError as exc:
             self._refused("request", exc)
-            self.reply_error(route, 0, exc)
+            try:
+                msg_id = wire.unpack_header(payload[0]).msg_id if payload else 0
+            except RemoteProtocolError:
+                msg_id = 0
+            self.reply_error(route, msg_id, exc, refused=True)
             return None
         return route, header, body
 
@@ -102,8 +107,10 @@ class ServiceEndpoint(Bound):
             return
         self._send(route + [wire.pack_header(wire.Kind.REPLY, msg_id, time.time()), body])
 
-    def reply_error(self, route: list[bytes], msg_id: int, exc: BaseException) -> None:
-        self._node.counters.add("handler_errors" if msg_id else "refused_request_replies")
+    def reply_error(
+        self, route: list[bytes], msg_id: int, exc: BaseException, refused: bool = False
+    ) -> None:
+        self._node.counters.add("refused_request_replies" if refused else "handler_errors")
         header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())
         self._send(route + [header, wire.pack_body(wire.error_body(exc))])
 
