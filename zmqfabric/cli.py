@@ -151,11 +151,14 @@ pass_config = click.make_pass_decorator(CliConfig)
 
 # --- parameter types ---------------------------------------------------------------------------
 
+Param = click.Parameter | None
+Ctx = click.Context | None
+
 
 class Seconds(click.ParamType):
     name = "seconds"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(self, value: Any, param: Param, ctx: Ctx) -> float:
         try:
             seconds = float(value)
         except (TypeError, ValueError):
@@ -170,7 +173,7 @@ class Interface(click.ParamType):
 
     name = "iface"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Scope:
+    def convert(self, value: Any, param: Param, ctx: Ctx) -> Scope:
         if isinstance(value, Scope):
             return value
         try:
@@ -182,7 +185,7 @@ class Interface(click.ParamType):
 class NodeName(click.ParamType):
     name = "name"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+    def convert(self, value: Any, param: Param, ctx: Ctx) -> str:
         try:
             return validate_node_name(value)
         except InvalidNameError as exc:
@@ -194,7 +197,7 @@ class EndpointName(click.ParamType):
         self.what = what
         self.name = what
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+    def convert(self, value: Any, param: Param, ctx: Ctx) -> str:
         try:
             return validate_endpoint_name(value, self.what)
         except InvalidNameError as exc:
@@ -204,7 +207,7 @@ class EndpointName(click.ParamType):
 class JsonBody(click.ParamType):
     name = "json"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Body:
+    def convert(self, value: Any, param: Param, ctx: Ctx) -> Body:
         if isinstance(value, Body):
             return value
         try:
@@ -222,7 +225,7 @@ class ModuleAttr(click.ParamType):
     name = "module:attr"
 
     def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+        self, value: Any, param: Param, ctx: Ctx
     ) -> tuple[str, str]:
         module, sep, attr = str(value).partition(":")
         if not sep or not module or not attr or not all(
@@ -250,7 +253,8 @@ def _override(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
 def common(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option("--json", "json_", is_flag=True, default=None, expose_value=False,
-                           callback=_override, help="JSON lines output (as the global option).")(command)
+                           callback=_override,
+                           help="JSON lines output (as the global option).")(command)
     return click.option("--timeout", type=Seconds(), expose_value=False, callback=_override,
                         help="Bounded wait in seconds (as the global option).")(command)
 
@@ -292,7 +296,8 @@ def cli(ctx: click.Context, lan: bool, scope: Scope | None, json_: bool, timeout
 
 
 @cli.command("ls")
-@click.option("--watch", is_flag=True, help="Print nodes joining, updating and leaving as it happens.")
+@click.option("--watch", is_flag=True,
+              help="Print nodes joining, updating and leaving as it happens.")
 @click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after N events.")
 @common
 @pass_config
@@ -525,14 +530,23 @@ def _receive(cfg: CliConfig, what: str, recv: Callable[[float], Any], count: int
 
 
 def _wait_subscribers(publisher: Publisher, wanted: int, timeout: float) -> int:
-    """Count subscribers completing the handshake with ``publisher`` until ``wanted`` or timeout.
-
-    Uses a socket monitor on the publisher's socket: the library has no public subscriber count
-    yet (see the CLI notes in the report); a subscriber that connected before the monitor started
-    is not counted, so this errs towards waiting."""
+    """Wait up to ``timeout`` s for ``wanted`` subscribers of ``publisher``; return how many
+    connected. Uses ``Publisher.wait_subscribers`` when the library has it."""
     if wanted <= 0:
         return 0
-    sock: zmq.Socket = publisher._sock  # noqa: SLF001 - no public API for this yet
+    wait = getattr(publisher, "wait_subscribers", None)
+    connected = int(wait(wanted, timeout)) if wait else _count_handshakes(publisher, wanted,
+                                                                           timeout)
+    if connected >= wanted:
+        time.sleep(SUBSCRIBE_SETTLE_S)  # the SUBSCRIBE frame follows the handshake
+    return connected
+
+
+def _count_handshakes(publisher: Publisher, wanted: int, timeout: float) -> int:
+    """Stand-in for ``Publisher.wait_subscribers`` (not in the library yet): a socket monitor
+    on the publisher's socket. A subscriber that connected before the monitor started is not
+    counted, so this errs towards waiting."""
+    sock: zmq.Socket[bytes] = publisher._sock  # noqa: SLF001 - no public API for this yet
     monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
     connected = 0
     try:
@@ -541,13 +555,10 @@ def _wait_subscribers(publisher: Publisher, wanted: int, timeout: float) -> int:
             if not monitor.poll(max(1, int(min(left, WAIT_SLICE_S) * 1000))):
                 continue
             event = recv_monitor_message(monitor)["event"]
-            connected += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
-            connected = max(connected, 0)
+            connected = max(0, connected + (1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1))
     finally:
         sock.disable_monitor()
         monitor.close(0)
-    if connected >= wanted:
-        time.sleep(SUBSCRIBE_SETTLE_S)  # the SUBSCRIBE frame follows the handshake
     return connected
 
 
@@ -570,15 +581,20 @@ def run_cmd(cfg: CliConfig, target: tuple[str, str], run_name: str | None) -> in
     if node.config.scope != cfg.scope:
         click.echo(f"note: node {node.name!r} sets its own scope {_scope_text(node.config.scope)}",
                    err=True)
-    signals: list[int] = []
+    stopped_by: list[int] = []
+
+    def stop(signum: int) -> None:
+        stopped_by.append(signum)
+        node.stop()
+
     if isinstance(node, aio.Node):
-        asyncio.run(_run_async(cfg, node, signals))
+        asyncio.run(_run_async(cfg, node, stop))
     else:
         assert isinstance(node, Node)
         try:
             node.start()
             _announce(cfg, node, "ready")
-            restore = _on_signals(lambda signum: (signals.append(signum), node.stop()))
+            restore = {s: signal.signal(s, lambda signum, _frame: stop(signum)) for s in _STOPS}
             try:
                 node.run(handle_signals=False)
             finally:
@@ -587,34 +603,31 @@ def run_cmd(cfg: CliConfig, target: tuple[str, str], run_name: str | None) -> in
         finally:
             node.close()
     _announce(cfg, node, "stopped")
-    return ExitCode.INTERRUPTED if signals[:1] == [signal.SIGINT] else ExitCode.OK
+    return ExitCode.INTERRUPTED if stopped_by[:1] == [signal.SIGINT] else ExitCode.OK
 
 
-async def _run_async(cfg: CliConfig, node: aio.Node, signals: list[int]) -> None:
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def _run_async(cfg: CliConfig, node: aio.Node, stop: Callable[[int], None]) -> None:
     loop = asyncio.get_running_loop()
     try:
         await node.start()
         _announce(cfg, node, "ready")
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, lambda s=signum: (signals.append(s), node.stop()))
+        for signum in _STOPS:
+            loop.add_signal_handler(signum, stop, signum)
         await node.run(handle_signals=False)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOPS:
             loop.remove_signal_handler(signum)
         await node.close()
-
-
-def _on_signals(handler: Callable[[int], object]) -> dict[int, Any]:
-    restore = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        restore[signum] = signal.signal(signum, lambda s, _f: handler(s))
-    return restore
 
 
 def _announce(cfg: CliConfig, node: NodeBase, event: str) -> None:
     record = node.record
     if cfg.json:
-        _emit({"event": event, "node": _record_json(record)})
+        _emit({"event": event, "node": _record_json(record) if event == "ready" else
+               {"name": node.name, "id": node.node_id}})
     elif event == "ready":
         click.echo(f"ready: node {node.name} (pid {record.pid}) at {record.address}, offering "
                    f"{_endpoints_text(record) or 'nothing'}; Ctrl-C to stop")
@@ -622,7 +635,7 @@ def _announce(cfg: CliConfig, node: NodeBase, event: str) -> None:
         click.echo(f"{event}: node {node.name}")
 
 
-def _load_node(target: tuple[str, str], name: str | None, scope: Scope) -> NodeBase:
+def _load_node(target: tuple[str, str], name: str | None, scope: Scope) -> Node | aio.Node:
     module_name, attr = target
     spec = f"{module_name}:{attr}"
     if os.getcwd() not in sys.path:
@@ -639,7 +652,7 @@ def _load_node(target: tuple[str, str], name: str | None, scope: Scope) -> NodeB
         if not hasattr(obj, part):
             raise BadInput(f"module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    if isinstance(obj, NodeBase):
+    if isinstance(obj, (Node, aio.Node)):
         if name is not None and name != obj.name:
             raise BadInput(f"{spec} is the node {obj.name!r}; to run it under other names make "
                            f"{attr} a function: def {attr}(name: str) -> Node")
@@ -656,7 +669,7 @@ def _load_node(target: tuple[str, str], name: str | None, scope: Scope) -> NodeB
         need = "needs --name" if name is None else "cannot be called with name=..."
         raise BadInput(f"{spec} {need} ({exc})") from exc
     node = obj(**kwargs)
-    if not isinstance(node, NodeBase):
+    if not isinstance(node, (Node, aio.Node)):
         raise BadInput(f"{spec}(...) returned a {type(node).__name__}, not a zmqfabric Node")
     return node
 
