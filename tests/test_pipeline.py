@@ -1,0 +1,171 @@
+"""Push/pull pipelines across real processes: producer -> 3 worker processes -> sink, every message
+exactly once, work spread over every worker.
+
+PUSH deals round robin over the pullers it is *connected* to, so the producer first sends probes
+until the sink has seen one through every worker (each worker's connection is then up); only then
+does the counted batch go out.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import textwrap
+import time
+from typing import Any
+
+import pytest
+
+import zmqfabric as zf
+from tests.procs import Child, ProcessGroup
+
+pytestmark = pytest.mark.slow
+
+SLOW = 20.0
+
+PRELUDE = """\
+import json, os, signal, sys, threading, time
+import zmqfabric as zf
+
+def report(**fields):
+    print(json.dumps(fields), flush=True)
+"""
+
+#: A worker process: pulls from WORK, pushes {"id", "worker", "square"} into RESULTS. SIGTERM
+#: ends the loop between messages; it reports how many it handled and exits 0.
+WORKER = """
+stopping = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+handled = 0
+with zf.Node(NAME) as node:
+    work = node.puller(WORK)
+    results = node.pusher(RESULTS)
+    print("READY", flush=True)
+    report(event="connected", ok=results.wait_ready(30.0))
+    while not stopping.is_set():
+        message = work.recv_message(timeout=0.1)
+        if message is None:
+            continue
+        body = message.body
+        results.send({"id": body["id"], "worker": NAME, "square": body["id"] ** 2}, timeout=30.0)
+        handled += 1
+report(event="stopped", handled=handled)
+"""
+
+
+def child_code(body: str, **params: Any) -> str:
+    head = "".join(f"{key} = {value!r}\n" for key, value in params.items())
+    return PRELUDE + head + textwrap.dedent(body)
+
+
+def start_worker(procs: ProcessGroup, name: str, work: str, results: str) -> Child:
+    code = child_code(WORKER, NAME=name, WORK=work, RESULTS=results)
+    return procs.python(code, timeout=SLOW)
+
+
+def stop_worker(child: Child) -> int:
+    child.signal(signal.SIGTERM)
+    line = child.json_line(SLOW)
+    assert line["event"] == "stopped", line
+    assert child.wait(SLOW) == 0, child.err_tail()
+    return int(line["handled"])
+
+
+def test_three_workers_every_message_exactly_once(procs, make_node, name) -> None:
+    work, results = name("work"), name("results")
+    node = make_node("producer")
+    sink = node.puller(results)  # the sink exists first: workers find it as they start
+    names = [name(f"worker{i}") for i in range(3)]
+    workers = [start_worker(procs, n, work, results) for n in names]
+    for child in workers:
+        line = child.json_line(SLOW)
+        assert line == {"event": "connected", "ok": True}, line
+    ok = node.directory.wait_for(
+        lambda: len(node.directory.providers(zf.EndpointKind.PIPELINE, work)) == 3, SLOW
+    )
+    assert ok, f"the 3 workers are not all listed: {node.nodes()}"
+    producer = node.pusher(work)
+    assert producer.wait_ready(SLOW)
+
+    # Probes (negative ids) until a result came back through every worker.
+    through: collections.Counter[str] = collections.Counter()  # every result, probes included
+    probes = 0
+    deadline = time.monotonic() + SLOW
+    while set(through) != set(names):
+        assert time.monotonic() < deadline, f"probes only came back through {set(through)}"
+        probes += 1
+        producer.send({"id": -probes}, timeout=SLOW)
+        try:
+            through[sink.recv(timeout=0.05)["worker"]] += 1
+        except zf.FabricTimeoutError:
+            pass
+
+    total = 3000
+    for i in range(total):
+        producer.send({"id": i}, timeout=SLOW)
+
+    ids: collections.Counter[int] = collections.Counter()
+    by_worker: collections.Counter[str] = collections.Counter()
+
+    def take(result: dict[str, Any]) -> None:
+        through[result["worker"]] += 1
+        if result["id"] >= 0:
+            assert result["square"] == result["id"] ** 2
+            ids[result["id"]] += 1
+            by_worker[result["worker"]] += 1
+
+    # Each result must come within SLOW s of the previous one (a stall fails at once); the whole
+    # batch gets long, since 3000 round trips through Python workers crawl on a loaded machine.
+    deadline = time.monotonic() + 90.0
+    while len(ids) < total:
+        assert time.monotonic() < deadline, f"only {len(ids)} of {total} results arrived"
+        take(sink.recv(timeout=SLOW))
+    while True:  # anything still in flight is a late probe or a duplicate
+        try:
+            take(sink.recv(timeout=0.2))
+        except zf.FabricTimeoutError:
+            break
+
+    assert set(ids) == set(range(total))
+    duplicates = {i: n for i, n in ids.items() if n != 1}
+    assert not duplicates, f"delivered more than once: {dict(list(duplicates.items())[:10])}"
+    assert set(by_worker) == set(names)
+    assert min(by_worker.values()) >= total // 6, f"uneven spread: {dict(by_worker)}"
+    # Each worker reports what it handled: all of it reached the sink, nothing else did.
+    handled = [stop_worker(child) for child in workers]
+    assert handled == [through[n] for n in names]
+    assert sum(handled) == total + probes
+
+
+def test_pusher_without_puller_raises_no_provider(make_node, name) -> None:
+    pusher = make_node("producer").pusher(name("nowhere"))
+    assert pusher.wait_ready(0.2) is False
+    start = time.monotonic()
+    with pytest.raises(zf.NoProviderError) as info:
+        pusher.send({"x": 1}, timeout=0.3)
+    assert 0.25 <= time.monotonic() - start < 3.0
+    assert info.value.kind == "pipeline" and info.value.timeout == 0.3
+
+
+def test_puller_recv_timeout(make_node, name) -> None:
+    puller = make_node("sink").puller(name("empty"))
+    start = time.monotonic()
+    with pytest.raises(zf.FabricTimeoutError) as info:
+        puller.recv(timeout=0.2)
+    assert 0.15 <= time.monotonic() - start < 3.0
+    assert info.value.timeout == 0.2
+    assert puller.recv_message(timeout=0.01) is None
+
+
+def test_pipeline_in_one_process_keeps_order_and_big_bodies(make_node, name) -> None:
+    """One pusher and one puller: messages arrive in order; large bytes go zero-copy intact."""
+    pipeline = name("frames")
+    puller = make_node("sink").puller(pipeline)
+    pusher = make_node("source").pusher(pipeline)
+    assert pusher.wait_ready(SLOW)
+    big = bytes(range(256)) * 1024  # 256 KiB: above the zero-copy threshold
+    for i in range(200):
+        pusher.send({"i": i}, timeout=SLOW)
+    pusher.send(big, timeout=SLOW)
+    assert [puller.recv(timeout=SLOW) for _ in range(200)] == [{"i": i} for i in range(200)]
+    assert puller.recv(timeout=SLOW) == big
