@@ -79,6 +79,7 @@ class Queue(Device):
             self._pending.appendleft(held[1])  # at least once: another worker gets it
 
     def _relay(self) -> None:
+        self._apply_ops()  # providers known before the thread started
         self._poller.register(self.control, zmq.POLLIN)
         self._poller.register(self.front, zmq.POLLIN)
         paused = False

@@ -54,8 +54,13 @@ def generate(directory: str | os.PathLike[str], *, force: bool = False) -> str:
         raise LocalProtocolError(f"{secret} exists; pass force to replace the node's keys")
     path.mkdir(parents=True, exist_ok=True)
     (path / ALLOWED_DIR).mkdir(exist_ok=True)
-    public_file, secret_file = zmq.auth.create_certificates(str(path), NODE_CERT)
+    old_umask = os.umask(0o077)  # the secret is never readable by others, not even briefly
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(str(path), NODE_CERT)
+    finally:
+        os.umask(old_umask)
     os.chmod(secret_file, 0o600)
+    os.chmod(public_file, 0o644)
     public, _ = zmq.auth.load_certificate(public_file)
     return public.decode("ascii")
 
