@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import zmq.auth
 
 import zmqfabric as zf
 from tests.procs import ROOT, Child, ProcessGroup
+from zmqfabric import keys
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +43,8 @@ def cli_stdin(*args: str, stdin: str,
     """Run the CLI with ``stdin`` as its input (bounded)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "zmqfabric", *args], input=stdin, text=True,
-                          capture_output=True, timeout=timeout, env=env, cwd=str(ROOT))
+                          capture_output=True, timeout=timeout, env=env, cwd=str(ROOT),
+                          check=False)
 
 
 def assert_one_error_line(stderr: list[str] | str, *words: str) -> None:
@@ -118,6 +121,18 @@ def test_unknown_service_exits_3_quickly(procs: ProcessGroup, name: Callable[[st
         (["--interface", "no-such-if0", "ls"], ["no network interface named"]),
         (["run", "not-a-target"], ["MODULE:ATTR"]),
         (["run", "no_such_module_zf:make"], ["cannot import module"]),
+        (["--peer", "nonsense", "ls"], ["--peer", "[KEY@]HOST:PORT"]),
+        (["--peer", "127.0.0.1:0", "req", "svc", "{}"], ["--peer", "'127.0.0.1:0'"]),
+        (["--peer", "host.example:4000", "ls"], ["--peer", "IP address"]),
+        (["--peer", "short-key@127.0.0.1:4000", "ls"], ["--peer", "public key"]),
+        (["--keys", "/nonexistent/zf-keys", "ls"], ["--keys", "keys generate"]),
+        (["--control-port", "70000", "ls"], ["--control-port"]),
+        (["device", "pump", "x"], ["queue", "forwarder", "streamer"]),
+        (["device", "forwarder", "bad name!"], ["invalid stream name"]),
+        (["submit", "t", "{nope"], ["not valid JSON"]),
+        (["submit", "t", "--key", "k"], ["--key", "argument"]),
+        (["sub", "st", "--via", "Bad_Node"], ["--via"]),
+        (["top", "--interval", "0"], ["--interval"]),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(procs: ProcessGroup, args: list[str],
@@ -278,3 +293,249 @@ def test_run_one_definition_twice_under_two_names(
     code, _, err = finish(procs.cli("run", f"{module}:fixed", "--name", "other", env=env))
     assert code == 2
     assert_one_error_line(err, "fixed-node-name", "def fixed(name: str) -> Node")
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def cli_run(*args: str, stdin: str = "") -> tuple[int, list[str], str]:
+    """Run the CLI to completion (bounded); return (exit code, stdout lines, stderr)."""
+    done = cli_stdin(*args, stdin=stdin)
+    return done.returncode, done.stdout.splitlines(), done.stderr
+
+
+def test_keys_generate_show_allow(tmp_path: Path) -> None:
+    keydir = tmp_path / "keys"
+    code, out, err = cli_run("keys", "generate", str(keydir))
+    assert code == 0, err
+    assert len(out) == 1 and keys.is_public_key(out[0]), out
+    public = out[0]
+    secret_file = keydir / "node.key_secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    _, secret = zmq.auth.load_certificate(str(secret_file))
+    assert secret is not None and secret.decode() not in "\n".join(out) + err  # never printed
+
+    code, out, err = cli_run("keys", "generate", str(keydir))  # no silent overwrite
+    assert (code, out) == (2, [])
+    assert_one_error_line(err, "exists", "--force")
+    assert keys.show(keydir) == public
+    code, out, err = cli_run("--keys", str(keydir), "keys", "generate", "--force")  # DIR: --keys
+    assert code == 0, err
+    assert out[0] != public and keys.show(keydir) == out[0]
+    public = out[0]
+
+    code, out, err = cli_run("--keys", str(keydir), "keys", "show")
+    assert (code, out) == (0, [public]), err
+
+    other = keys.generate(tmp_path / "other")
+    code, out, err = cli_run("keys", "allow", other, "--label", "peer-1", str(keydir))
+    assert (code, out) == (0, [f"allowed peer-1: {other}"]), err
+    code, out, err = cli_run("--json", "keys", "show", str(keydir))
+    assert code == 0, err
+    assert json.loads(out[0]) == {"directory": str(keydir), "public": public,
+                                  "allowed": [{"label": "peer-1", "key": other}]}
+    assert keys.load(keydir).allows(other)  # a node started with DIR accepts it
+
+    code, out, err = cli_run("keys", "allow", public, "--label", "peer-1", str(keydir))
+    assert (code, out) == (2, [])
+    assert_one_error_line(err, "holds another key", "--force")
+    for junk, words in [("not-a-key", ["neither a Z85 public key nor a certificate file"]),
+                        (str(tmp_path / "missing.key"), ["neither a Z85 public key"])]:
+        code, out, err = cli_run("keys", "allow", junk, "--label", "x", str(keydir))
+        assert (code, out) == (2, [])
+        assert_one_error_line(err, *words)
+    code, _, err = cli_run("keys", "allow", other, "--label", "bad label!", str(keydir))
+    assert code == 2
+    assert_one_error_line(err, "label")
+    code, _, err = cli_run("keys", "show", str(tmp_path / "none"))
+    assert code == 2
+    assert_one_error_line(err, "no node key", "keys generate")
+
+
+# --- secured nodes -----------------------------------------------------------------------------
+
+
+def test_secured_req_with_keys_and_ls_marks_secured(tmp_path: Path,
+                                                     name: Callable[[str], str]) -> None:
+    keydir = tmp_path / "keys"
+    public = keys.generate(keydir)
+    svc = name("secret-echo")
+    node = zf.Node(name("secured"), keys=str(keydir))
+
+    @node.reply(svc)
+    def echo(body: Any) -> Any:
+        return {"echo": body}
+
+    node.serve_in_background()
+    try:
+        code, out, err = cli_run("--keys", str(keydir), "--json", "req", svc, '{"x": 1}')
+        assert code == 0, err
+        assert json.loads(out[0]) == {"echo": {"x": 1}}
+
+        code, out, err = cli_run("--keys", str(keydir), "--json", "ls")
+        assert code == 0, err
+        rows = {row["name"]: row for row in map(json.loads, out)}
+        assert rows[node.name]["secured"] is True and rows[node.name]["key"] == public
+        assert rows[node.name]["refused"] is None
+
+        # Without keys the secured node is refused: listed as such, and not called.
+        code, out, err = cli_run("--json", "ls")
+        assert code == 0, err
+        rows = {row["name"]: row for row in map(json.loads, out)}
+        assert "secured" in rows[node.name]["refused"], rows.get(node.name)
+        code, out, err = cli_run("--timeout", "1", "req", svc, "{}")
+        assert (code, out) == (3, [])
+        assert_one_error_line(err, svc)
+    finally:
+        node.close()
+
+
+def test_run_refuses_a_node_made_without_the_keys_asked_for(
+    tmp_path: Path, name: Callable[[str], str]
+) -> None:
+    keydir = tmp_path / "keys"
+    keys.generate(keydir)
+    module = f"zf_plain_{os.getpid()}"
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(NODE_MODULE.format(service="x")))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    done = subprocess.run([sys.executable, "-m", "zmqfabric", "--keys", str(keydir), "run",
+                           f"{module}:make", "--name", name("plain")], capture_output=True,
+                          text=True, timeout=FINISH_S, env=env, cwd=str(ROOT), check=False)
+    assert done.returncode == 2
+    assert_one_error_line(done.stderr, "--keys was given", "keys=None")
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def test_device_forwarder_relays_to_sub_via(procs: ProcessGroup,
+                                           name: Callable[[str], str]) -> None:
+    stream = name("ticks")
+    device = procs.cli("device", "forwarder", stream)
+    ready = device.expect("ready: ", timeout=15)
+    via = f"forwarder-{stream}"
+    assert f"stream {stream!r}" in ready and f"via={via}" in ready, ready
+    sub = procs.cli("--json", "sub", stream, "EUR", "--via", via, "--count", "1",
+                    "--timeout", "15")
+    with zf.Node(name("ticker")) as node:
+        publisher = node.publisher(stream)
+        assert publisher.wait_subscribers(1, 10) == 1  # the forwarder, not the CLI subscriber
+        deadline = time.monotonic() + 15
+        line = None
+        while line is None and time.monotonic() < deadline:
+            publisher.send("USD", {"skip": True})  # filtered out upstream
+            publisher.send("EURUSD", {"bid": 1.1})
+            try:
+                line = sub.readline(timeout=0.1)  # until the subscription has travelled up
+            except TimeoutError:
+                pass
+    assert line is not None, sub.err_tail()
+    event = json.loads(line)
+    assert (event["topic"], event["body"]) == ("EURUSD", {"bid": 1.1})
+    assert sub.wait(10) == 0
+    device.signal(signal.SIGINT)  # Ctrl-C: clean shutdown, exit 130
+    assert device.wait(10) == 130
+    assert device.expect("stopped: ", timeout=5).startswith(f"forwarder for stream {stream!r}")
+
+
+def _echo_node(node_name: str, svc: str) -> zf.Node:
+    node = zf.Node(node_name)
+
+    @node.reply(svc)
+    def echo(body: Any) -> Any:
+        return {"echo": body, "by": node.name}
+
+    node.serve_in_background()
+    return node
+
+
+def test_device_queue_serves_req_via(procs: ProcessGroup, name: Callable[[str], str]) -> None:
+    svc, via = name("lb-echo"), name("lb")
+    device = procs.cli("--json", "device", "queue", svc, "--name", via)
+    ready = device.json_line(timeout=15)
+    assert (ready["event"], ready["device"], ready["via"]) == ("ready", "queue", via)
+    node = _echo_node(name("behind-lb"), svc)  # after the device
+    try:
+        code, out, err = finish(procs.cli("--json", "req", svc, '"hi"', "--via", via))
+        assert code == 0, err
+        assert json.loads(out[0]) == {"echo": "hi", "by": node.name}
+    finally:
+        node.close()
+    device.signal(signal.SIGTERM)  # a service manager's stop: exit 0
+    assert device.wait(10) == 0
+    code, _, err = finish(procs.cli("--timeout", "0.3", "req", svc, "1", "--via", name("no")))
+    assert code == 3
+    assert_one_error_line(err, "no node named")
+
+
+def test_device_queue_started_after_its_service(procs: ProcessGroup,
+                                                 service: tuple[zf.Node, str],
+                                                 name: Callable[[str], str]) -> None:
+    _, svc = service
+    via = name("late-lb")
+    with zf.Node(name("waiter"), advertise=False) as waiter:
+        waiter.wait_for_endpoint("rep", svc, 10)  # the service is known to the fabric first
+    device = procs.cli("--json", "device", "queue", svc, "--name", via)
+    assert device.json_line(timeout=15)["event"] == "ready"
+    code, _, err = finish(procs.cli("--timeout", "2", "--json", "req", svc, "1", "--via", via))
+    assert code == 0, err
+
+
+# --- top ---------------------------------------------------------------------------------------
+
+
+def test_top_count_1_json_shows_a_node(procs: ProcessGroup,
+                                       make_node: Callable[..., zf.Node]) -> None:
+    node = make_node("topped")
+    code, out, err = finish(procs.cli("--json", "top", "--count", "1"))
+    assert code == 0, err
+    rows = {row["node"]: row for row in map(json.loads, out)}
+    row = rows[node.name]
+    assert (row["refresh"], row["pid"], row["id"]) == (1, os.getpid(), node.node_id)
+    assert isinstance(row["counters"], dict) and row["endpoints"]
+
+
+# --- submit ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker(name: Callable[[str], str]) -> Iterator[tuple[zf.Node, str]]:
+    """A node working on a unique task: returns {"done": body}, raises for "boom"."""
+    task = name("job")
+    node = zf.Node(name("worker"))
+
+    @node.task(task)
+    def work(body: Any) -> Any:
+        if body == "boom":
+            raise ValueError("boom today")
+        return {"done": body}
+
+    node.serve_in_background()
+    try:
+        yield node, task
+    finally:
+        node.close()
+
+
+def test_submit_wait_prints_each_result(procs: ProcessGroup,
+                                        worker: tuple[zf.Node, str]) -> None:
+    _, task = worker
+    code, out, err = finish(procs.cli("--json", "submit", task, '{"n": 1}', "--wait"))
+    assert code == 0, err
+    result = json.loads(out[0])
+    assert (result["task"], result["ok"], result["result"]) == (task, True, {"done": {"n": 1}})
+
+    done = cli_stdin("--json", "submit", task, "--wait", "--max-attempts", "1",
+                     stdin='2\n"boom"\n')
+    assert done.returncode == 5, done.stderr
+    results = {json.dumps(r.get("result")): r for r in map(json.loads, done.stdout.splitlines())}
+    assert results['{"done": 2}']["ok"] is True
+    failed = results["null"]
+    assert failed["ok"] is False and failed["error"]["type"] == "ValueError"
+    assert_one_error_line(done.stderr, "ValueError", "boom today", "1 of 2 tasks failed")
+
+
+def test_submit_without_a_worker_exits_3(procs: ProcessGroup, name: Callable[[str], str]) -> None:
+    code, _, err = finish(procs.cli("--timeout", "0.3", "submit", name("nobody"), "{}"))
+    assert code == 3
+    assert_one_error_line(err, "no node offers task")

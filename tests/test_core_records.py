@@ -330,7 +330,7 @@ BAD_TXT = {
     "pid missing": {k: v for k, v in good_txt().items() if k != b"pid"},
     "seq text": good_txt(seq="x"),
     "seq too big": good_txt(seq=str(2**32 + 1)),
-    "endpoint unknown kind": good_txt(e0="xyz:a:4000"),
+    "endpoint kind not a word": good_txt(e0="X-Y:a:4000"),
     "endpoint two parts": good_txt(e0="rep:a"),
     "endpoint four parts": good_txt(e0="rep:a:1:2"),
     "endpoint bad name": good_txt(e0="rep:bad name:4000"),
@@ -344,6 +344,12 @@ BAD_TXT = {
     "key not ascii": good_txt() | {"é".encode(): b"1"},
     "value oversized": good_txt(e0=";".join(f"rep:s{i}:{i + 1}" for i in range(40))),
 }
+
+
+def test_an_endpoint_of_an_unknown_kind_is_skipped_not_fatal() -> None:
+    """Forward compatibility: a newer node's new endpoint kind does not hide the whole node."""
+    record = decode_txt("peer", ["127.0.0.1"], good_txt(e0="ctl:control:4000;xyz:a:4001"))
+    assert [(ep.kind.value, ep.port) for ep in record.endpoints] == [("ctl", 4000)]
 
 
 @pytest.mark.parametrize("props", BAD_TXT.values(), ids=list(BAD_TXT))

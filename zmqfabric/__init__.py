@@ -23,7 +23,10 @@ from .errors import (
     RemoteProtocolError,
     RequestTimeoutError,
 )
+from .errors import JournalError, TaskFailedError
 from .node import Node
+from .patterns.tasks import TaskInfo, current_task
+from .tasks import TaskConfig, TaskHandle
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,7 @@ __all__ = [
     "FabricError",
     "FabricTimeoutError",
     "InvalidNameError",
+    "JournalError",
     "LocalProtocolError",
     "Message",
     "MessageTooLargeError",
@@ -46,5 +50,10 @@ __all__ = [
     "RemoteProtocolError",
     "RequestTimeoutError",
     "Scope",
+    "TaskConfig",
+    "TaskFailedError",
+    "TaskHandle",
+    "TaskInfo",
+    "current_task",
     "__version__",
 ]

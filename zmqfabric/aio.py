@@ -16,13 +16,15 @@ from typing import Any, Iterable
 
 import zmq
 
-from .constants import CONTROL_TIMEOUT_S, THREAD_JOIN_TIMEOUT_S
+from .constants import CONTROL_TIMEOUT_S, MAX_IDLE_REQUESTERS, THREAD_JOIN_TIMEOUT_S
 from .core.records import validate_endpoint_name, validate_node_name
-from .errors import ClosedError
+from .errors import ClosedError, FabricTimeoutError
 from .nodebase import NodeBase, NodeState
 from .patterns.pipeline import AsyncPuller, AsyncPusher
 from .patterns.pubsub import AsyncSubscription, Publisher
 from .patterns.reqrep import AsyncRequester, ServiceEndpoint
+from .patterns.tasks import TaskEndpoint
+from .tasks import TaskHandle
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class Node(NodeBase):
     def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         self._services: dict[str, ServiceEndpoint] = {}
-        self._requesters: dict[tuple[str, str | None], AsyncRequester] = {}
+        self._requesters: dict[tuple[str, str | None], list[AsyncRequester]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._serving = False
@@ -65,10 +67,12 @@ class Node(NodeBase):
             return
         self.stop()
         if self._begin_close():
+            goodbye = asyncio.ensure_future(asyncio.to_thread(self._close_discovery))
             try:
-                await asyncio.wait_for(
-                    asyncio.to_thread(self._close_discovery), THREAD_JOIN_TIMEOUT_S
-                )
+                await asyncio.wait_for(asyncio.shield(goodbye), THREAD_JOIN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("node %s: the discovery goodbye took over %s s; closing anyway",
+                            self.name, THREAD_JOIN_TIMEOUT_S)
             finally:
                 self._close_local()
 
@@ -89,7 +93,9 @@ class Node(NodeBase):
         self._serving = True
         self._stop_event.clear()
         signals = _install_signals(self._loop, self.stop) if handle_signals else []
-        tasks = [asyncio.create_task(self._serve(svc)) for svc in self._services.values()]
+        endpoints: list[ServiceEndpoint | TaskEndpoint] = [*self._services.values()]
+        endpoints.extend(self._tasks.endpoints())
+        tasks = [asyncio.create_task(self._serve(svc)) for svc in endpoints]
         try:
             await asyncio.wait_for(self._stop_event.wait(), timeout)
         except asyncio.TimeoutError:
@@ -102,7 +108,7 @@ class Node(NodeBase):
                 self._loop.remove_signal_handler(signum)
             self._serving = False
 
-    async def _serve(self, service: ServiceEndpoint) -> None:
+    async def _serve(self, service: ServiceEndpoint | TaskEndpoint) -> None:
         while True:
             frames = await service.socket.recv_multipart()
             await service.serve_async(frames)
@@ -134,10 +140,17 @@ class Node(NodeBase):
     ) -> Any:
         """Call ``service`` on any provider; see :meth:`zmqfabric.Node.request`."""
         self._check_started()
-        requester = self._requesters.get((service, via))
-        if requester is None or requester.closed:
-            requester = self._requesters[(service, via)] = self.requester(service, via=via)
-        return await requester.request(body, timeout, retries)
+        # One requester per call in flight: a requester matches one reply at a time, so
+        # concurrent coroutines each borrow their own and give it back.
+        idle = self._requesters.setdefault((service, via), [])
+        requester = idle.pop() if idle else self.requester(service, via=via)
+        try:
+            return await requester.request(body, timeout, retries)
+        finally:
+            if requester.closed or len(idle) >= MAX_IDLE_REQUESTERS:
+                requester.close()
+            else:
+                idle.append(requester)
 
     def requester(self, service: str, *, via: str | None = None) -> AsyncRequester:
         self._check_started()
@@ -163,6 +176,31 @@ class Node(NodeBase):
     def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> AsyncPuller:
         self._check_started()
         return AsyncPuller(self, validate_endpoint_name(pipeline, "pipeline"), allow)
+
+    async def submit(
+        self,
+        name: str,
+        body: Any = None,
+        *,
+        key: str | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> TaskHandle:
+        """Submit reliable task ``name``; see :meth:`zmqfabric.Node.submit`. Returns the handle
+        once the task is queued (``await handle`` gives the handler's return value)."""
+        self._check_started()
+        options: dict[str, Any] = {"key": key, "deadline": deadline, "max_attempts": max_attempts}
+        try:
+            return self._tasks.submit(name, body, timeout=0, **options)
+        except FabricTimeoutError:  # the queue is full: wait for room without blocking the loop
+            if timeout == 0:
+                raise
+        return await asyncio.to_thread(self._tasks.submit, name, body, timeout=timeout, **options)
+
+    async def wait_tasks(self, timeout: float | None = None) -> bool:
+        """Wait until every task this node submitted is settled; False after ``timeout``."""
+        return await asyncio.to_thread(self._tasks.wait_all, timeout)
 
     # --- control and directory ---------------------------------------------------------------
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 # --- wire -----------------------------------------------------------------------------------
 #: Protocol version carried in every header; a peer speaking another version is refused.
 PROTOCOL_VERSION = 1
-#: Largest message (all frames) a socket accepts; ZeroMQ drops the peer before reading more.
+#: Largest frame a socket accepts (ZeroMQ applies MAXMSGSIZE to each frame); a peer that sends
+#: more is disconnected before the frame is read into memory.
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 #: Headers are small by design; a bigger one is hostile or a bug.
 MAX_HEADER_SIZE = 4096
@@ -72,6 +73,8 @@ MAX_SHARED = 256
 # --- requests -------------------------------------------------------------------------------
 #: A request waits this long (s) for a provider and its answer unless told otherwise.
 REQUEST_TIMEOUT_S = 5.0
+#: Idle requester sockets an asyncio node keeps per service for concurrent calls.
+MAX_IDLE_REQUESTERS = 8
 #: Control-endpoint calls (ping, info, stats) are cheap; fail fast.
 CONTROL_TIMEOUT_S = 2.0
 
@@ -82,3 +85,29 @@ THREAD_JOIN_TIMEOUT_S = 5.0
 POLL_INTERVAL_MS = 200
 #: Malformed-input log lines per peer kind and minute (counters keep the exact numbers).
 LOG_RATE_PER_MINUTE = 10
+
+# --- reliable tasks -------------------------------------------------------------------------
+#: Tasks a worker holds per producer (its credit): enough to stay busy between result batches,
+#: few enough that a worker that dies strands little work.
+TASK_PREFETCH = 64
+#: Largest credit a worker may grant, and most tasks or results in one message (bounded tables).
+MAX_TASK_CREDIT = 65535
+#: A worker busy on one task for longer than this (s) is presumed hung: its tasks go elsewhere.
+TASK_DEADLINE_S = 60.0
+#: Deliveries per task before it is dead-lettered: a poison task gets a few tries, not forever.
+TASK_MAX_ATTEMPTS = 5
+#: The first retry after a handler error waits this long (s); each later one twice as long.
+TASK_BACKOFF_S = 0.1
+#: ...but never longer than this (s), so a retried task still runs while anyone waits for it.
+TASK_BACKOFF_MAX_S = 30.0
+#: Workers batch the results of fast handlers for at most this long (s): fewer messages.
+TASK_RESULT_FLUSH_S = 0.01
+#: Unsettled tasks per producer before submit() waits: bounded memory under overload.
+TASK_QUEUE_LIMIT = 100_000
+#: The dispatcher checks deadlines and retry timers at least this often (ms).
+TASK_TICK_MS = 50
+#: Completions reach the journal at least this often (s); new tasks are committed before sending.
+JOURNAL_COMMIT_S = 0.05
+#: Longest task id and idempotency key (characters): ids are keys, not payload.
+MAX_TASK_ID = 128
+MAX_TASK_KEY = 256

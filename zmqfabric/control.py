@@ -267,8 +267,10 @@ class ControlServer:
                 self._send_hello(url, key)
 
     def _in_scope(self, url: str) -> bool:
-        """A node without seed peers only greets addresses of its own scope: a peer list must
-        not make it reach out to other hosts."""
+        """A node of this host's scope only greets loopback addresses: a peer list must not make
+        it reach out to other hosts. LAN nodes greet the other subnets their peers know."""
+        if not self._node.config.scope.is_local:
+            return True
         host = url[len("tcp://"):].rsplit(":", 1)[0]
         try:
             return address_in_scope(host, self._node.config.scope.networks)

@@ -13,6 +13,8 @@
     ├── NodeNotFoundError (LookupError)        no node of that name in the directory
     ├── AuthorizationError (PermissionError)   a secured peer refused our key
     ├── RemoteError                            the remote handler raised; carries its type and text
+    ├── TaskFailedError                        a task failed its last attempt and was dead-lettered
+    ├── JournalError (OSError)                 the task journal cannot be opened or written
     ├── NameConflictError                      another live node already uses this name
     └── ClosedError                            the node or handle was closed (by you)
 
@@ -141,6 +143,33 @@ class NameConflictError(FabricError):
             f"node name {name!r} is already used by node {other_id} on host {other_host!r}{at}; "
             f"choose another name, or let the node take a free suffix (on_conflict='suffix')"
         )
+
+
+class TaskFailedError(FabricError):
+    """A task failed its last attempt and was dead-lettered. ``.error_type`` and ``.error`` describe
+    the last failure (a handler's exception, ``WorkerLost`` or ``DeadlineExceeded``)."""
+
+    def __init__(
+        self, name: str, task_id: str, attempts: int, error_type: str, error: str
+    ) -> None:
+        self.name = name
+        self.task_id = task_id
+        self.attempts = attempts
+        self.error_type = error_type
+        self.error = error
+        super().__init__(
+            f"task {task_id} of {name!r} failed after {attempts} attempt"
+            f"{'s' if attempts != 1 else ''}: {error_type}: {error}"
+        )
+
+
+class JournalError(FabricError, OSError):
+    """The task journal cannot be opened or written (``.path`` names it)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"task journal {path!r}: {reason}")
 
 
 class ClosedError(FabricError):

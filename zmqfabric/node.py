@@ -17,6 +17,8 @@ from .nodebase import NodeBase, NodeState
 from .patterns.pipeline import Puller, Pusher
 from .patterns.pubsub import Publisher, Subscription
 from .patterns.reqrep import Requester, ServiceEndpoint
+from .patterns.tasks import TaskEndpoint
+from .tasks import TaskHandle
 
 log = logging.getLogger(__name__)
 #: Messages served from one socket before the loop looks at the others (fairness).
@@ -117,7 +119,9 @@ class Node(NodeBase):
                 pass
 
     def _serve(self, deadline: float | None) -> None:
-        services = {svc.socket: svc for svc in self._services.values()}
+        endpoints: list[ServiceEndpoint | TaskEndpoint] = [*self._services.values()]
+        endpoints.extend(self._tasks.endpoints())
+        services = {svc.socket: svc for svc in endpoints}
         poller = zmq.Poller()
         for sock in services:
             poller.register(sock, zmq.POLLIN)
@@ -136,7 +140,7 @@ class Node(NodeBase):
                     return
                 self._serve_socket(services[sock])
 
-    def _serve_socket(self, service: ServiceEndpoint) -> None:
+    def _serve_socket(self, service: ServiceEndpoint | TaskEndpoint) -> None:
         sock = service.socket
         for _ in range(_BATCH):
             try:
@@ -204,6 +208,39 @@ class Node(NodeBase):
         nodes): only these public keys may push."""
         self._check_started()
         return Puller(self, _valid(pipeline, "pipeline"), allow)
+
+    def submit(
+        self,
+        name: str,
+        body: Any = None,
+        *,
+        key: str | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> TaskHandle:
+        """Submit reliable task ``name``; returns its handle at once (``handle.id``, and
+        ``handle.result(timeout)`` for the handler's return value). Thread-safe.
+
+        The task goes to a worker with credit, is redelivered when its worker dies or spends
+        more than ``deadline`` s on it, and is retried with backoff when the handler raises, up
+        to ``max_attempts`` deliveries; then it is dead-lettered. ``key``: an idempotency key
+        handed to the handler with the task. Waits up to ``timeout`` s (None: forever) while
+        ``TaskConfig.queue_limit`` tasks are unsettled. Raises LocalProtocolError (bad name or
+        unencodable body), FabricTimeoutError, ClosedError, JournalError.
+
+        Without a journal (``Node(..., tasks=TaskConfig(journal=path))``) unsettled tasks live
+        only in this process: if it dies, they are lost. With one, each task is on disk before
+        it is sent, and a producer started again with that journal resends what did not settle.
+        """
+        self._check_started()
+        return self._tasks.submit(name, body, key=key, deadline=deadline,
+                                  max_attempts=max_attempts, timeout=timeout)
+
+    def wait_tasks(self, timeout: float | None = None) -> bool:
+        """Wait until every task this node submitted (or resent from its journal) is settled;
+        False after ``timeout`` s. Thread-safe."""
+        return self._tasks.wait_all(timeout)
 
     # --- control ---------------------------------------------------------------------------
 

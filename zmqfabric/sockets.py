@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 from typing import Iterator
 
@@ -34,7 +35,7 @@ class SocketFactory:
         self._config = config
         self._asyncio = asyncio
         self._context: zmq.Context | None = None
-        self._monitors = 0
+        self._monitors = itertools.count(1)  # monitors are made from several threads
 
     @property
     def context(self) -> zmq.Context:
@@ -101,8 +102,7 @@ class SocketFactory:
     def monitor(self, sock: zmq.Socket, events: int, *, sync: bool = False) -> zmq.Socket:
         """A PAIR socket receiving ``sock``'s connection events (``sync=True``: a plain socket
         even on an asyncio node, for node-owned threads)."""
-        self._monitors += 1
-        address = f"inproc://zmqfabric-monitor-{id(self)}-{self._monitors}"
+        address = f"inproc://zmqfabric-monitor-{id(self)}-{next(self._monitors)}"
         sock.monitor(address, events)
         if sync and self._asyncio:
             pair: zmq.Socket = zmq.Socket(self.context, zmq.PAIR)

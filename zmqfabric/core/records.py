@@ -46,6 +46,7 @@ _CURVE_KEY: Final = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 #: Host names up to 200 characters: "host=" plus the name must fit a DNS character-string (255).
 _HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\Z")
 _DIGITS: Final = re.compile(r"[0-9]{1,10}\Z")
+_KIND: Final = re.compile(r"[a-z][a-z0-9]{0,15}\Z")
 
 
 class EndpointKind(str, enum.Enum):
@@ -76,6 +77,8 @@ _NOUNS: Final = {
     EndpointKind.STREAMER: "streamer device",
     EndpointKind.TASK: "task",
 }
+
+_KNOWN_KINDS: Final = frozenset(kind.value for kind in EndpointKind)
 
 #: The device front end that relays each kind of endpoint (what ``via=`` connects to).
 VIA_KIND: Final = {
@@ -261,12 +264,16 @@ def _decode_endpoints(node: str, props: Mapping[str, str]) -> tuple[Endpoint, ..
         if len(parts) != 3:
             raise RemoteProtocolError(f"record {node!r}: bad endpoint {item[:80]!r}")
         kind_s, name, port_s = parts
+        port = _int_field(node, "port", port_s, 1, 65535)
         try:
-            kind = EndpointKind(kind_s)
             validate_endpoint_name(name)
-        except (ValueError, InvalidNameError) as exc:
+        except InvalidNameError as exc:
             raise RemoteProtocolError(f"record {node!r}: bad endpoint {item[:80]!r}") from exc
-        endpoints.add(Endpoint(kind, name, _int_field(node, "port", port_s, 1, 65535)))
+        if not _KIND.match(kind_s):
+            raise RemoteProtocolError(f"record {node!r}: bad endpoint kind {kind_s[:20]!r}")
+        if kind_s not in _KNOWN_KINDS:
+            continue  # a kind from a newer version: the rest of the record is still good
+        endpoints.add(Endpoint(EndpointKind(kind_s), name, port))
     keys = [(ep.kind, ep.name) for ep in endpoints]
     controls = [ep for ep in endpoints if ep.kind is EndpointKind.CONTROL]
     if len(set(keys)) != len(keys) or len(controls) > 1:

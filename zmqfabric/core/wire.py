@@ -11,7 +11,7 @@ Header frame
 
     - ``version``: integer, 1. Any other value is refused.
     - ``kind``: integer, one of ``1`` request, ``2`` reply, ``3`` error reply, ``4`` event (pub/sub),
-      ``5`` message (push/pull).
+      ``5`` message (push/pull), ``6`` tasks, ``7`` results, ``8`` credit (reliable tasks).
     - ``msg_id``: unsigned integer < 2**64, chosen by the sender. A reply repeats its request's id.
     - ``timestamp``: float or integer, the sender's Unix time in seconds. Informational only.
     - ``headers``: optional map with string keys. ``"enc": "raw"`` means the body frame is raw
@@ -33,6 +33,35 @@ Frames per pattern
     - publish/subscribe (stream socket: PUB): ``[topic, header, body]``; ``topic`` is UTF-8, at
       most 1024 bytes, and subscriptions are prefixes of it.
     - push/pull (pipeline socket: PULL, the pusher connects): ``[header, body]``.
+    - reliable tasks (task socket: ROUTER, bound by each worker; a producer connects one DEALER
+      to each worker, so that it chooses the worker of every task). Every message is
+      ``["", header, body]`` as a DEALER sends and receives it (the worker's ROUTER reads the
+      peer's identity frame before it, and sends it back first). ``msg_id`` is the sender's
+      choice; receivers ignore it. Bodies:
+
+      * kind 8 credit. A producer opens each connection (and each reconnection) with a credit
+        message whose body is a map (workers ignore its content; zmqfabric sends
+        ``{"from": node name}``). The worker answers with body ``{"credit": N}``, ``N`` an
+        integer from 1 to 65535: how many tasks this producer may have at the worker at once
+        (sent and not yet answered by a result). A later credit message replaces the window.
+      * kind 6 tasks, producer to worker: an array of 1 to 65535 tasks, each
+        ``[task_id, attempt, payload, key]``. ``task_id``: a string of 1 to 128 characters, unique
+        per task and the same on every delivery of it. ``attempt``: an integer from 1, one more on
+        each delivery. ``payload``: the task body as submitted, any msgpack value. ``key``: the
+        submitter's idempotency key, a string of at most 256 characters, or nil.
+      * kind 7 results, worker to producer: an array of 1 to 65535 results, each
+        ``[task_id, attempt, ok, value]`` with the task's id and attempt. ``ok`` true: ``value``
+        is the handler's return value; ``ok`` false: the handler raised and ``value`` is
+        ``{"type": str, "message": str}``. Each result gives one unit of credit back.
+
+      A worker runs the tasks of a connection in the order received and sends each result
+      promptly (zmqfabric batches the results of fast handlers for at most 10 ms). A task is done
+      when an ok result for it reaches its producer; the producer then drops any other result of
+      it. The producer gives a task to another worker (a new delivery, ``attempt`` + 1) when its
+      worker's connection drops or its worker spends longer than the task's deadline on one
+      task, and retries a failed task after a backoff; a task that fails its last attempt is
+      dead-lettered. Delivery is therefore at least once: handlers and sinks drop repeats by
+      ``task_id`` or ``key``.
 
 Malformed input raises :class:`~zmqfabric.errors.RemoteProtocolError` here, at the one ingress
 point; callers count it and carry on.
@@ -48,6 +77,7 @@ from typing import Any, Final
 import msgpack
 
 from ..constants import MAX_HEADER_SIZE, MAX_TOPIC_SIZE, PROTOCOL_VERSION
+from ..constants import MAX_TASK_CREDIT, MAX_TASK_ID, MAX_TASK_KEY
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 
@@ -57,6 +87,9 @@ class Kind(enum.IntEnum):
     ERROR = 3
     EVENT = 4
     MESSAGE = 5
+    TASK = 6
+    RESULT = 7
+    CREDIT = 8
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
@@ -137,7 +170,9 @@ def _unpack_header_slow(data: bytes) -> Header:
     if type(ts) not in (int, float):
         raise RemoteProtocolError(f"timestamp {ts!r} is not a number")
     headers = fields[4] if len(fields) == 5 else None
-    if headers is not None and not isinstance(headers, dict):
+    if headers is not None and (
+        not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers)
+    ):
         raise RemoteProtocolError("header map must be a msgpack map with string keys")
     return Header(Kind(kind), msg_id, float(ts), headers or None)
 
@@ -169,8 +204,17 @@ def decode_topic(data: bytes) -> str:
         raise RemoteProtocolError("topic is not valid UTF-8") from exc
 
 
-def encode_topic(topic: str) -> bytes:
-    data = topic.encode() if isinstance(topic, str) else bytes(topic)
+def encode_topic(topic: str | bytes) -> bytes:
+    """A topic as UTF-8 bytes. Raises LocalProtocolError for non-text or oversized topics."""
+    if isinstance(topic, str):
+        try:
+            data = topic.encode()
+        except UnicodeEncodeError as exc:
+            raise LocalProtocolError(f"topic {topic!r} cannot be encoded as UTF-8") from exc
+    elif isinstance(topic, (bytes, bytearray, memoryview)):
+        data = bytes(topic)
+    else:
+        raise LocalProtocolError(f"a topic is a str or bytes, not {type(topic).__name__}")
     if len(data) > MAX_TOPIC_SIZE:
         raise LocalProtocolError(f"topic of {len(data)} bytes exceeds {MAX_TOPIC_SIZE}")
     return data
@@ -256,5 +300,166 @@ def parse_message(frames: list[bytes]) -> Message:
 
 
 def error_body(exc: BaseException) -> dict[str, str]:
-    """The body of an error reply describing ``exc``."""
-    return {"type": type(exc).__name__, "message": str(exc)}
+    """The body of an error reply describing ``exc``; always encodable (odd text is escaped)."""
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not take the serve loop down with it
+        text = f"<unprintable {type(exc).__name__}>"
+    return {
+        "type": type(exc).__name__,
+        "message": text.encode("utf-8", "backslashreplace").decode("utf-8"),
+    }
+
+
+# --- hot paths -------------------------------------------------------------------------------
+# Senders write the canonical 21-byte header (see the spec above) with one struct call and a
+# pre-packed 4-byte prefix per kind; receivers recognise it with three byte tests and read the id
+# and timestamp back with one struct call. Anything else (another encoding, a header map, a bad
+# version or kind, a malformed frame) goes to the full parsers above, so every message still
+# meets the same checks and the same RemoteProtocolError.
+
+#: ``CANONICAL.pack(canonical_prefix(kind), msg_id, FLOAT64, timestamp)`` is a canonical header;
+#: ``CANONICAL.unpack(data)`` gives ``(prefix, msg_id, FLOAT64, timestamp)`` back. struct refuses
+#: ids outside uint64 (struct.error).
+CANONICAL: Final = struct.Struct(">4sQBd")
+#: The msgpack float64 tag: byte 12 of a canonical header.
+FLOAT64: Final = 0xCB
+
+
+def canonical_prefix(kind: Kind) -> bytes:
+    """The first 4 bytes of every canonical header of ``kind``: fixarray(4), version, kind, and
+    the uint64 tag of the id."""
+    return bytes((0x94, PROTOCOL_VERSION, int(kind), 0xCF))
+
+
+def is_canonical(data: bytes, prefix: bytes) -> bool:
+    """True if ``data`` is a canonical header starting with ``prefix`` (hot paths inline this)."""
+    return len(data) == HEADER_SIZE and data.startswith(prefix) and data[12] == FLOAT64
+
+
+def unencodable(exc: Exception) -> LocalProtocolError:
+    """The error for a body msgpack cannot encode (for hot paths that pack with their own
+    ``msgpack.Packer``, which raises TypeError, ValueError or OverflowError)."""
+    return LocalProtocolError(f"body cannot be encoded as msgpack: {exc}")
+
+
+#: What an msgpack Packer raises for a body it cannot encode.
+PACK_ERRORS: Final = (TypeError, ValueError, OverflowError)
+
+
+# --- reliable tasks (kinds 6, 7, 8) ----------------------------------------------------------
+
+
+def pack_tasks(tasks: list[tuple[str, int, bytes, str | None]]) -> bytes:
+    """The body of a task message: ``(task_id, attempt, payload, key)`` items, ``payload`` already
+    encoded by :func:`pack_body` (it is spliced in, not encoded again)."""
+    pack = msgpack.Packer().pack
+    count = len(tasks)
+    parts = [_array_header(count)]
+    for task_id, attempt, payload, key in tasks:
+        parts.append(b"\x94" + pack(task_id) + pack(attempt) + payload + pack(key))
+    return b"".join(parts)
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count <= 0xFFFF:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def pack_results(results: list[list[Any]]) -> bytes:
+    """The body of a result message: ``[task_id, attempt, ok, value]`` items. A value msgpack
+    cannot encode turns its item into a failure (``ok`` false, type ``LocalProtocolError``)."""
+    try:
+        return msgpack.packb(results)
+    except (TypeError, ValueError, OverflowError):
+        fixed = []
+        for item in results:
+            try:
+                msgpack.packb(item[3])
+            except (TypeError, ValueError, OverflowError) as exc:
+                error = LocalProtocolError(f"result cannot be encoded as msgpack: {exc}")
+                item = [item[0], item[1], False, error_body(error)]
+            fixed.append(item)
+        return msgpack.packb(fixed)
+
+
+def pack_credit(credit: int) -> bytes:
+    """The body of a worker's credit message. Raises LocalProtocolError out of 1..65535."""
+    if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
+        raise LocalProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
+    return msgpack.packb({"credit": credit})
+
+
+def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:
+    """Decode ``[header, body]`` (after the route) as a worker receives it: ``(Kind.TASK, items)``
+    with items ``[task_id, attempt, payload, key]``, or ``(Kind.CREDIT, map)``.
+    Raises RemoteProtocolError."""
+    if len(payload) != 2:
+        raise RemoteProtocolError(f"task message must be [header, body], got {len(payload)} frames")
+    header = unpack_header(payload[0])
+    body = unpack_body(payload[1], header.raw)
+    if header.kind is Kind.TASK:
+        _check_items(body, "task")
+        for item in body:
+            task_id, attempt, _, key = item
+            _check_id(task_id, attempt)
+            if key is not None and (type(key) is not str or len(key) > MAX_TASK_KEY):
+                raise RemoteProtocolError("task key must be nil or a string of <= 256 characters")
+        return header.kind, body
+    if header.kind is Kind.CREDIT:
+        if not isinstance(body, dict):
+            raise RemoteProtocolError("credit request body must be a map")
+        return header.kind, body
+    raise RemoteProtocolError(f"expected tasks or credit, got kind {header.kind.name.lower()}")
+
+
+def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
+    """Decode ``["", header, body]`` as a producer's DEALER receives it: ``(Kind.RESULT, items)``
+    with items ``[task_id, attempt, ok, value]``, or ``(Kind.CREDIT, credit)``.
+    Raises RemoteProtocolError."""
+    if len(frames) != 3 or frames[0]:
+        raise RemoteProtocolError(
+            f"worker message must be ['', header, body], got {len(frames)} frames"
+        )
+    header = unpack_header(frames[1])
+    body = unpack_body(frames[2], header.raw)
+    if header.kind is Kind.RESULT:
+        _check_items(body, "result")
+        for item in body:
+            task_id, attempt, ok, value = item
+            _check_id(task_id, attempt)
+            if type(ok) is not bool:
+                raise RemoteProtocolError("result ok flag must be a boolean")
+            if not ok and not (
+                isinstance(value, dict)
+                and isinstance(value.get("type"), str)
+                and isinstance(value.get("message"), str)
+            ):
+                raise RemoteProtocolError(
+                    "failed result value must be {'type': str, 'message': str}"
+                )
+        return header.kind, body
+    if header.kind is Kind.CREDIT:
+        credit = body.get("credit") if isinstance(body, dict) else None
+        if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
+            raise RemoteProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
+        return header.kind, credit
+    raise RemoteProtocolError(f"expected results or credit, got kind {header.kind.name.lower()}")
+
+
+def _check_items(body: Any, what: str) -> None:
+    if type(body) is not list or not 1 <= len(body) <= MAX_TASK_CREDIT:
+        raise RemoteProtocolError(f"{what} body must be an array of 1 to {MAX_TASK_CREDIT} items")
+    for item in body:
+        if type(item) is not list or len(item) != 4:
+            raise RemoteProtocolError(f"each {what} must be an array of 4 items")
+
+
+def _check_id(task_id: Any, attempt: Any) -> None:
+    if type(task_id) is not str or not 0 < len(task_id) <= MAX_TASK_ID:
+        raise RemoteProtocolError("task id must be a string of 1 to 128 characters")
+    if type(attempt) is not int or not 1 <= attempt <= 0xFFFFFFFF:
+        raise RemoteProtocolError("task attempt must be an integer from 1")

@@ -251,58 +251,76 @@ class SyncConnector(Connector):
             self._apply(*ops.popleft())
 
     def _recv(self, deadline: float | None) -> list[bytes] | None:
-        """Receive one multipart message, or None when ``deadline`` (monotonic) passes."""
+        """Receive one multipart message, or None when ``deadline`` (monotonic) passes. Tries the
+        socket first (the hot path: one receive per frame, no poll); polls only when it would
+        block."""
         if self._ops:
             self._drain()
         try:
-            return self._sock.recv_multipart(zmq.NOBLOCK)
+            return recv_frames(self._sock, NOBLOCK)
         except zmq.Again:
-            pass
+            return self._wait_recv(deadline)
         except zmq.ZMQError as exc:
             raise _closed_or(self, exc) from exc
-        return self._wait_recv(deadline)
 
     def _wait_recv(self, deadline: float | None) -> list[bytes] | None:
+        """Poll the socket and the wake-up pipe until a message is there, then receive it; None
+        when ``deadline`` passes. Directory changes that arrive meanwhile are applied."""
+        sock, wake, poll = self._sock, self._wake_r, self._poll_in.poll
         while True:
             timeout = _ms_left(deadline)
             if timeout == 0:
                 return None
             try:
-                events = dict(self._poll_in.poll(timeout))
+                events = poll(timeout)
             except zmq.ZMQError as exc:
                 raise _closed_or(self, exc) from exc
-            if self._wake_r in events:
-                self._drain()
-            if self._sock in events:
-                try:
-                    return self._sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
+            for ready, _ in events:
+                if ready == wake:
+                    self._drain()
+            for ready, _ in events:
+                if ready is sock:
+                    try:
+                        return recv_frames(sock, NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError as exc:
+                        raise _closed_or(self, exc) from exc
 
     def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
-        """Send one multipart message; False when it could not go out before ``deadline``."""
+        """Send one multipart message; False when it could not go out before ``deadline``.
+        ``copy`` applies to the last frame (the body); the others are small and always copied."""
         if self._ops:
             self._drain()
+        sock = self._sock
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            send_frames(sock, frames, NOBLOCK, copy)
             return True
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
             raise _closed_or(self, exc) from exc
+        wake, poll = self._wake_r, self._poll_out.poll
         while True:
             timeout = _ms_left(deadline)
             if timeout == 0:
                 return False
-            events = dict(self._poll_out.poll(timeout))
-            if self._wake_r in events:
-                self._drain()
-            if self._sock in events:
-                try:
-                    self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
-                    return True
-                except zmq.Again:
-                    continue
+            try:
+                events = poll(timeout)
+            except zmq.ZMQError as exc:
+                raise _closed_or(self, exc) from exc
+            for ready, _ in events:
+                if ready == wake:
+                    self._drain()
+            for ready, _ in events:
+                if ready is sock:
+                    try:
+                        send_frames(sock, frames, NOBLOCK, copy)
+                        return True
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError as exc:
+                        raise _closed_or(self, exc) from exc
 
     def _wait_providers(self, deadline: float | None) -> bool:
         """Wait until at least one provider is connected; False at the deadline."""
@@ -442,3 +460,37 @@ def _closed_or(handle: Handle, exc: zmq.ZMQError) -> FabricError:
     if exc.errno in (zmq.ETERM, zmq.ENOTSOCK) or handle.closed:
         return ClosedError(f"{handle.noun} {handle.name!r} is closed")
     return FabricError(f"{handle.noun} {handle.name!r}: {exc.strerror}")
+
+
+# --- hot path: frames in and out ------------------------------------------------------------
+# pyzmq's send_multipart/recv_multipart are Python loops that pay, per frame, for the Python
+# wrapper of Socket.send (routing ids, groups) and for getsockopt(RCVMORE), which builds an enum:
+# together about 1 us per frame. These do the same with the C methods.
+
+#: Flags as plain ints: or-ing zmq's Flag enums costs about a microsecond per call.
+NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE)
+#: The C method under pyzmq's Python ``Socket.send`` wrapper.
+_SEND = zmq.backend.Socket.send
+
+
+def send_frames(sock: zmq.Socket, frames: list[Any], flags: int, copy: bool = True) -> None:
+    """``sock.send_multipart(frames, flags)`` without the wrapper; ``copy=False`` applies to the
+    last frame only (large bodies). Raises zmq.Again if nothing was queued (with NOBLOCK): once
+    the first frame is accepted, ZeroMQ accepts the rest of the message."""
+    more = flags | _MORE
+    last = len(frames) - 1
+    for i in range(last):
+        _SEND(sock, frames[i], more)
+    _SEND(sock, frames[last], flags, copy)
+
+
+def recv_frames(sock: zmq.Socket, flags: int) -> list[bytes]:
+    """``sock.recv_multipart(flags)``: a Frame's ``more`` replaces getsockopt(RCVMORE). The rest
+    of a message is there once its first frame is, so only the first receive can raise Again."""
+    frame = sock.recv(flags, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(NOBLOCK, False)
+        frames.append(frame.bytes)
+    return frames

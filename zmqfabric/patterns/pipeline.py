@@ -5,15 +5,34 @@ the pullers that are connected (IMMEDIATE: never to a puller that is gone)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
 import zmq
 
+from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import FabricTimeoutError, NoProviderError, RemoteProtocolError
-from .base import AsyncConnector, Bound, SyncConnector, _ms_left, _s_left, deadline_after
-from .pubsub import _Encoder
+from .base import (
+    NOBLOCK,
+    AsyncConnector,
+    Bound,
+    SyncConnector,
+    _closed_or,
+    _ms_left,
+    _s_left,
+    deadline_after,
+    recv_frames,
+    send_frames,
+)
+from .pubsub import BINARY, _Encoder
+
+# Hot path (see wire.CANONICAL): the pre-packed header prefix and the struct calls.
+_MESSAGE = wire.canonical_prefix(wire.Kind.MESSAGE)
+_PACK = wire.CANONICAL.pack
+_UNPACK = wire.CANONICAL.unpack
+_FLOAT64 = wire.FLOAT64
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -24,7 +43,14 @@ class _PullerBase(Bound):
     noun = "pipeline"
 
     def _decode(self, frames: list[bytes]) -> wire.Message | None:
+        """The message in ``frames``, or None (counted) when it is malformed."""
         try:
+            if len(frames) == 2:  # fast path: [canonical message header, msgpack body]
+                header = frames[0]
+                if len(header) == 21 and header.startswith(_MESSAGE) and header[12] == _FLOAT64:
+                    _, msg_id, _, timestamp = _UNPACK(header)
+                    return wire.Message(wire.Kind.MESSAGE, msg_id, timestamp,
+                                        wire.unpack_body(frames[1]))
             return wire.parse_message(frames)
         except RemoteProtocolError as exc:
             self._refused("message", exc)
@@ -44,25 +70,63 @@ class Puller(_PullerBase):
         """The next message, or None after ``timeout`` seconds (None: wait forever)."""
         self._check_open()
         deadline = deadline_after(timeout)
-        while True:
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                left = _ms_left(deadline)
-                if left == 0 or not self._poller.poll(left):
-                    return None
-                continue
+        while (frames := self._frames(deadline)) is not None:
             message = self._decode(frames)
             if message is not None:
                 return message
+        return None
 
     def recv(self, timeout: float | None = None) -> Any:
         """The next body. Raises FabricTimeoutError after ``timeout`` seconds."""
-        message = self.recv_message(timeout)
-        if message is None:
-            raise FabricTimeoutError(f"no message on pipeline {self.name!r} within {timeout} s",
-                                     timeout=timeout)
-        return message.body
+        if self._closed:
+            self._check_open()
+        sock = self._sock
+        deadline: float | None = None
+        waited = False
+        while True:
+            # Hot path: take what is there (one receive per frame); compute a deadline and poll
+            # only when nothing is.
+            try:
+                frames = recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                if not waited:
+                    deadline, waited = deadline_after(timeout), True
+                got = self._frames(deadline)
+                if got is None:
+                    raise FabricTimeoutError(
+                        f"no message on pipeline {self.name!r} within {timeout} s", timeout=timeout
+                    ) from None
+                frames = got
+            except zmq.ZMQError as exc:
+                raise _closed_or(self, exc) from exc
+            if len(frames) == 2:  # fast path: [canonical message header, msgpack body]
+                header = frames[0]
+                if len(header) == 21 and header.startswith(_MESSAGE) and header[12] == _FLOAT64:
+                    try:
+                        return wire.unpack_body(frames[1])
+                    except RemoteProtocolError as exc:
+                        self._refused("message", exc)
+                        continue
+            message = self._decode(frames)
+            if message is not None:
+                return message.body
+
+    def _frames(self, deadline: float | None) -> list[bytes] | None:
+        """The next multipart message, or None when ``deadline`` passes."""
+        sock = self._sock
+        while True:
+            try:
+                return recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as exc:
+                raise _closed_or(self, exc) from exc
+            left = _ms_left(deadline)
+            try:
+                if left == 0 or not self._poller.poll(left):
+                    return None
+            except zmq.ZMQError as exc:
+                raise _closed_or(self, exc) from exc
 
     def __iter__(self) -> Iterator[Any]:
         while (message := self.recv_message()) is not None:
@@ -110,9 +174,30 @@ class Pusher(_Encoder, SyncConnector):
 
     def send(self, body: Any, timeout: float | None = None) -> None:
         """Send ``body`` to one puller. Waits up to ``timeout`` s (None: forever) while no puller
-        is connected or all are HWM messages behind; then raises NoProviderError."""
-        self._check_open()
-        frames, copy = self._encode(body)
+        is connected or all are HWM messages behind; then raises NoProviderError. Raises
+        LocalProtocolError for a body msgpack cannot encode."""
+        if self._closed:
+            self._check_open()
+        # _Encoder._encode inlined (hot path).
+        self._seq = seq = self._seq + 1
+        if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
+            frames = [wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS), body]
+            copy = False
+        else:
+            try:
+                data = self._pack(body)
+            except wire.PACK_ERRORS as exc:
+                raise wire.unencodable(exc) from exc
+            frames, copy = [_PACK(self._prefix, seq, _FLOAT64, time.time()), data], True
+        if self._ops:
+            self._drain()
+        try:
+            send_frames(self._sock, frames, NOBLOCK, copy)
+            return
+        except zmq.Again:
+            pass  # no puller yet, or all are HWM behind: wait (below) with a deadline
+        except zmq.ZMQError as exc:
+            raise _closed_or(self, exc) from exc
         if not self._send(frames, deadline_after(timeout), copy):
             raise NoProviderError("pipeline", self.name, timeout)
 

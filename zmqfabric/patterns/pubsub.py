@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, AsyncIterator
 
+import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -14,27 +15,58 @@ from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import FabricTimeoutError, RemoteProtocolError
-from .base import AsyncConnector, Bound, SyncConnector, _ms_left, deadline_after
+from .base import (
+    NOBLOCK,
+    AsyncConnector,
+    Bound,
+    SyncConnector,
+    _closed_or,
+    _ms_left,
+    deadline_after,
+    recv_frames,
+    send_frames,
+)
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
 
 
+# Hot path (see wire.CANONICAL): pre-packed header prefixes and the struct calls.
+_EVENT = wire.canonical_prefix(wire.Kind.EVENT)
+_PACK = wire.CANONICAL.pack
+_UNPACK = wire.CANONICAL.unpack
+_FLOAT64 = wire.FLOAT64
+BINARY = (bytes, bytearray, memoryview)
+#: Encoded topics a publisher keeps (a bounded cache: cleared when full).
+_TOPIC_CACHE = 1024
+#: events_sent reaches the node's counters in batches (and on close): a locked update per event
+#: would cost more than the rest of the send.
+_COUNT_BATCH = 256
+
+
 class _Encoder:
-    """Pre-packed message framing shared by publishers and pushers."""
+    """Pre-packed message framing shared by publishers and pushers: a header prefix per kind,
+    one msgpack Packer per handle (``msgpack.packb`` builds one per call), a sequence number.
+    The sync ``send`` methods inline ``_encode``; keep them in step."""
 
     def _init_encoder(self, kind: wire.Kind) -> None:
         self._kind = kind
+        self._prefix = wire.canonical_prefix(kind)
+        self._pack = msgpack.Packer().pack
         self._seq = 0
 
     def _encode(self, body: Any) -> tuple[list[Any], bool]:
-        """(header + body frames, copy flag). Large bytes bodies go raw and uncopied."""
+        """(header + body frames, copy flag). Large bytes bodies go raw and uncopied.
+        Raises LocalProtocolError for a body msgpack cannot encode."""
         self._seq += 1
-        if isinstance(body, (bytes, bytearray, memoryview)) and len(body) >= ZERO_COPY_THRESHOLD:
+        if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
             header = wire.pack_header(self._kind, self._seq, time.time(), wire.RAW_HEADERS)
             return [header, body], False
-        header = wire.pack_header(self._kind, self._seq, time.time())
-        return [header, wire.pack_body(body)], True
+        try:
+            data = self._pack(body)
+        except wire.PACK_ERRORS as exc:
+            raise wire.unencodable(exc) from exc
+        return [_PACK(self._prefix, self._seq, _FLOAT64, time.time()), data], True
 
 
 class Publisher(_Encoder, Bound):
@@ -53,6 +85,8 @@ class Publisher(_Encoder, Bound):
             self._sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED, sync=True
         )
         self._subscribers = 0
+        self._topics: dict[str, bytes] = {}
+        self._unsent_count = 0
         self._advertise()
 
     @property
@@ -84,17 +118,45 @@ class Publisher(_Encoder, Bound):
                 self._subscribers = max(0, self._subscribers - 1)
 
     def _on_close(self) -> None:
+        self._flush_count()
         self._sock.disable_monitor()
         self._monitor.close(0)
         super()._on_close()
 
+    def _flush_count(self) -> None:
+        if self._unsent_count:
+            self._node.counters.add("events_sent", self._unsent_count)
+            self._unsent_count = 0
+
     def send(self, topic: str, body: Any) -> None:
-        """Publish ``body`` under ``topic``. Raises LocalProtocolError for an unencodable body."""
-        self._check_open()
-        frames, copy = self._encode(body)
-        frames.insert(0, wire.encode_topic(topic))
-        self._sock.send_multipart(frames, copy=copy)
-        self._node.counters.add("events_sent")
+        """Publish ``body`` under ``topic``. Raises LocalProtocolError for an unencodable body or
+        topic. The node's ``events_sent`` counter is updated every 256 events and on close."""
+        if self._closed:
+            self._check_open()
+        head = self._topics.get(topic)  # type: ignore[call-overload]
+        if head is None:
+            head = self._topic(topic)
+        self._seq = seq = self._seq + 1
+        if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
+            header = wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS)
+            send_frames(self._sock, [head, header, body], 0, False)
+        else:
+            try:
+                data = self._pack(body)
+            except wire.PACK_ERRORS as exc:
+                raise wire.unencodable(exc) from exc
+            send_frames(self._sock, [head, _PACK(self._prefix, seq, _FLOAT64, time.time()), data], 0)
+        self._unsent_count += 1
+        if self._unsent_count >= _COUNT_BATCH:
+            self._flush_count()
+
+    def _topic(self, topic: str) -> bytes:
+        head = wire.encode_topic(topic)
+        if isinstance(topic, str):
+            if len(self._topics) >= _TOPIC_CACHE:
+                self._topics.clear()
+            self._topics[topic] = head
+        return head
 
 
 class _SubscriptionBase:
@@ -107,7 +169,14 @@ class _SubscriptionBase:
             self._sock.setsockopt(zmq.SUBSCRIBE, wire.encode_topic(topic))
 
     def _decode(self, frames: list[bytes]) -> wire.Message | None:
+        """The event in ``frames``, or None (counted) when it is malformed."""
         try:
+            if len(frames) == 3:  # fast path: [topic, canonical event header, msgpack body]
+                header = frames[1]
+                if len(header) == 21 and header.startswith(_EVENT) and header[12] == _FLOAT64:
+                    _, msg_id, _, timestamp = _UNPACK(header)
+                    return wire.Message(wire.Kind.EVENT, msg_id, timestamp,
+                                        wire.unpack_body(frames[2]), wire.decode_topic(frames[0]))
             return wire.parse_event(frames)
         except RemoteProtocolError as exc:
             self._refused("event", exc)  # type: ignore[attr-defined]
@@ -143,10 +212,36 @@ class Subscription(_SubscriptionBase, SyncConnector):
 
     def recv(self, timeout: float | None = None) -> tuple[str, Any]:
         """The next ``(topic, body)``. Raises FabricTimeoutError after ``timeout`` seconds."""
-        message = self.recv_message(timeout)
-        if message is None:
-            raise _timeout(self.name, timeout)
-        return message.topic or "", message.body
+        if self._closed:
+            self._check_open()
+        deadline: float | None = None
+        waited = False
+        while True:
+            # Hot path, as _recv: take what is there; compute a deadline only to wait.
+            if self._ops:
+                self._drain()
+            try:
+                frames = recv_frames(self._sock, NOBLOCK)
+            except zmq.Again:
+                if not waited:
+                    deadline, waited = deadline_after(timeout), True
+                got = self._wait_recv(deadline)
+                if got is None:
+                    raise _timeout(self.name, timeout) from None
+                frames = got
+            except zmq.ZMQError as exc:
+                raise _closed_or(self, exc) from exc
+            if len(frames) == 3:  # fast path: [topic, canonical event header, msgpack body]
+                header = frames[1]
+                if len(header) == 21 and header.startswith(_EVENT) and header[12] == _FLOAT64:
+                    try:
+                        return wire.decode_topic(frames[0]), wire.unpack_body(frames[2])
+                    except RemoteProtocolError as exc:
+                        self._refused("event", exc)
+                        continue
+            message = self._decode(frames)
+            if message is not None:
+                return message.topic or "", message.body
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until connected to every publisher known now (at least one); False after

@@ -11,8 +11,10 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+import msgpack
 import zmq
 
+from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import (
@@ -24,13 +26,49 @@ from ..errors import (
     RequestTimeoutError,
 )
 from ..sockets import sync_view
-from .base import AsyncConnector, Bound, SyncConnector, deadline_after
+from .base import (
+    NOBLOCK,
+    AsyncConnector,
+    Bound,
+    SyncConnector,
+    _closed_or,
+    _ms_left,
+    deadline_after,
+    recv_frames,
+    send_frames,
+)
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
+
+# Hot path (see wire.CANONICAL): pre-packed header prefixes and the struct calls.
+_REQUEST = wire.canonical_prefix(wire.Kind.REQUEST)
+_REPLY = wire.canonical_prefix(wire.Kind.REPLY)
+_PACK = wire.CANONICAL.pack
+_UNPACK = wire.CANONICAL.unpack
+_FLOAT64 = wire.FLOAT64
+_BINARY = (bytes, bytearray, memoryview)
+#: A requester's receive timeout is reset only when it would overshoot the deadline by more than
+#: this share of the time left (1/64, at least 2 ms): one setsockopt per call would cost ~1 us.
+_RCVTIMEO_SLACK_SHIFT = 6
+
+
+def _encode(
+    pack: Callable[[Any], bytes], kind: wire.Kind, prefix: bytes, msg_id: int, body: Any
+) -> tuple[bytes, Any, bool]:
+    """(header, body frame, copy flag) of one request or reply. Bytes bodies of at least
+    ZERO_COPY_THRESHOLD travel raw and uncopied; others as msgpack with a canonical header.
+    Raises LocalProtocolError for a body msgpack cannot encode."""
+    if isinstance(body, _BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
+        return wire.pack_header(kind, msg_id, time.time(), wire.RAW_HEADERS), body, False
+    try:
+        data = pack(body)
+    except wire.PACK_ERRORS as exc:
+        raise wire.unencodable(exc) from exc
+    return _PACK(prefix, msg_id, _FLOAT64, time.time()), data, True
 
 
 class ServiceEndpoint(Bound):
@@ -46,7 +84,24 @@ class ServiceEndpoint(Bound):
         self.handler = handler
         self.socket = self._sock
         self._reply_sock = sync_view(self._sock)
+        self._pack = msgpack.Packer().pack  # one Packer per handle: packb builds one per call
         self._advertise()
+
+    def _request(self, frames: list[bytes]) -> tuple[list[bytes], int, Any] | None:
+        """(route, msg_id, body) of a request, or None when it was refused (see ``parse``)."""
+        # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
+        if len(frames) == 4 and not frames[1]:
+            header = frames[2]
+            if len(header) == 21 and header.startswith(_REQUEST) and header[12] == _FLOAT64:
+                try:
+                    return frames[:2], _UNPACK(header)[1], wire.unpack_body(frames[3])
+                except RemoteProtocolError:
+                    pass  # parse() below refuses it, counts it and answers with an error
+        parsed = self.parse(frames)
+        if parsed is None:
+            return None
+        route, header, body = parsed
+        return route, header.msg_id, body
 
     def parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Header, Any] | None:
         """Split and decode a request. Malformed input is counted and, when the route is
@@ -71,41 +126,41 @@ class ServiceEndpoint(Bound):
 
     def serve(self, frames: list[bytes]) -> None:
         """Answer one request with the (sync) handler. Never raises for bad input."""
-        parsed = self.parse(frames)
-        if parsed is None:
+        request = self._request(frames)
+        if request is None:
             return
-        route, header, body = parsed
+        route, msg_id, body = request
         try:
             result = self.handler(body)
         except Exception as exc:
             log.debug("service %s handler raised", self.name, exc_info=True)
-            self.reply_error(route, header.msg_id, exc)
+            self.reply_error(route, msg_id, exc)
         else:
-            self.reply(route, header.msg_id, result)
+            self.reply(route, msg_id, result)
 
     async def serve_async(self, frames: list[bytes]) -> None:
         """Answer one request; the handler may be a coroutine function."""
-        parsed = self.parse(frames)
-        if parsed is None:
+        request = self._request(frames)
+        if request is None:
             return
-        route, header, body = parsed
+        route, msg_id, body = request
         try:
             result = self.handler(body)
             if inspect.isawaitable(result):
                 result = await result
         except Exception as exc:
             log.debug("service %s handler raised", self.name, exc_info=True)
-            self.reply_error(route, header.msg_id, exc)
+            self.reply_error(route, msg_id, exc)
         else:
-            self.reply(route, header.msg_id, result)
+            self.reply(route, msg_id, result)
 
     def reply(self, route: list[bytes], msg_id: int, result: Any) -> None:
         try:
-            body = wire.pack_body(result)
+            header, body, copy = _encode(self._pack, wire.Kind.REPLY, _REPLY, msg_id, result)
         except LocalProtocolError as exc:
             self.reply_error(route, msg_id, exc)
             return
-        self._send(route + [wire.pack_header(wire.Kind.REPLY, msg_id, time.time()), body])
+        self._send(route + [header, body], copy)
 
     def reply_error(
         self, route: list[bytes], msg_id: int, exc: BaseException, refused: bool = False
@@ -114,9 +169,9 @@ class ServiceEndpoint(Bound):
         header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())
         self._send(route + [header, wire.pack_body(wire.error_body(exc))])
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[Any], copy: bool = True) -> None:
         try:
-            self._reply_sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._reply_sock, frames, NOBLOCK, copy)
             self._node.counters.add("replies_sent")
         except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
             self._node.counters.add("replies_undeliverable")
@@ -133,15 +188,29 @@ class _RequesterBase:
     def _setup(self) -> None:
         self._ids = itertools.count(random.getrandbits(40))
         self._secured = self._node.config.keys is not None
+        self._pack = msgpack.Packer().pack
 
-    def _frames(self, body: Any) -> tuple[int, list[bytes]]:
+    def _frames(self, body: Any) -> tuple[int, list[Any], bool]:
+        """(message id, frames, copy flag) of a new request."""
         msg_id = next(self._ids)
-        header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
-        return msg_id, [b"", header, wire.pack_body(body)]
+        header, data, copy = _encode(self._pack, wire.Kind.REQUEST, _REQUEST, msg_id, body)
+        return msg_id, [b"", header, data], copy
 
     def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
         """(True, body) for our reply; (False, None) for stale or malformed replies.
         Raises RemoteError for an error reply to our request."""
+        # Fast path: ["", canonical reply header, msgpack body].
+        if len(frames) == 3 and not frames[0]:
+            header = frames[1]
+            if len(header) == 21 and header.startswith(_REPLY) and header[12] == _FLOAT64:
+                if _UNPACK(header)[1] != msg_id:
+                    self._node.counters.add("stale_replies")
+                    return False, None
+                try:
+                    return True, wire.unpack_body(frames[2])
+                except RemoteProtocolError as exc:
+                    self._refused("reply", exc)  # type: ignore[attr-defined]
+                    return False, None
         try:
             header, body = wire.parse_reply(frames)
         except RemoteProtocolError as exc:
@@ -172,6 +241,7 @@ class Requester(_RequesterBase, SyncConnector):
     def __init__(self, node: NodeBase, service: str, via: str | None = None) -> None:
         SyncConnector.__init__(self, node, service, zmq.DEALER, via)
         self._setup()
+        self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set; -1: none
 
     def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
         """Send ``body`` to one provider and return its reply.
@@ -190,14 +260,34 @@ class Requester(_RequesterBase, SyncConnector):
                 self._wait_settled(deadline)  # new connections: learn of refusals at once
                 if self._all_refused():
                     break
-            msg_id, frames = self._frames(body)
-            if not self._send(frames, deadline):
+            msg_id, frames, copy = self._frames(body)
+            if not self._send(frames, deadline, copy):
                 continue
-            while (reply := self._recv(deadline)) is not None:
+            while (reply := self._await_reply(deadline)) is not None:
                 ok, result = self._match(reply, msg_id)
                 if ok:
                     return result
         raise self._failure(timeout, attempt)
+
+    def _await_reply(self, deadline: float) -> list[bytes] | None:
+        """The next message on the socket, or None at ``deadline``: a blocking receive, as a raw
+        REQ socket does. The request has just gone out, so trying without blocking first would
+        only fail (a raised zmq.Again) and polling would add syscalls to every round trip.
+        Directory changes that arrive meanwhile wait for the next send. The receive timeout may
+        overshoot the deadline by 1/64 of the time left, so that it is rarely reset."""
+        left = _ms_left(deadline)
+        if left == 0:
+            return None
+        sock = self._sock
+        if not left <= self._rcvtimeo <= left + max(2, left >> _RCVTIMEO_SLACK_SHIFT):
+            sock.setsockopt(zmq.RCVTIMEO, left)
+            self._rcvtimeo = left
+        try:
+            return recv_frames(sock, 0)
+        except zmq.Again:
+            return None
+        except zmq.ZMQError as exc:
+            raise _closed_or(self, exc) from exc
 
 
 class AsyncRequester(_RequesterBase, AsyncConnector):
@@ -215,8 +305,8 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
             deadline = deadline_after(timeout)
             if not await self._wait_providers(deadline):
                 raise NoProviderError("service", self.name, timeout)
-            msg_id, frames = self._frames(body)
-            if not await self._send(frames, deadline):
+            msg_id, frames, copy = self._frames(body)
+            if not await self._send(frames, deadline, copy):
                 continue
             while (reply := await self._recv(deadline)) is not None:
                 ok, result = self._match(reply, msg_id)

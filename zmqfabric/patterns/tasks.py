@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
 
@@ -67,8 +67,15 @@ class TaskEndpoint(Bound):
     kind = EndpointKind.TASK
     noun = "task"
 
-    def __init__(self, node: NodeBase, name: str, handler: Handler, prefetch: int) -> None:
-        super().__init__(node, name, zmq.ROUTER)
+    def __init__(
+        self,
+        node: NodeBase,
+        name: str,
+        handler: Handler,
+        prefetch: int,
+        allow: Iterable[str] | None = None,
+    ) -> None:
+        super().__init__(node, name, zmq.ROUTER, allow)
         self.handler = handler
         self.prefetch = prefetch
         self.socket = self._sock

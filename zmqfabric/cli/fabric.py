@@ -1,0 +1,159 @@
+"""Commands that look at the fabric: ``ls [--watch]``, ``ping``, ``stats`` (``top`` is in
+:mod:`.top`). They run an observer node, which finds and asks others but is not listed."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import click
+
+from ..core.records import NodeRecord
+from ..directory import DirectoryEvent
+from .config import CliConfig, NodeName, common, next_wait, pass_config
+from .output import (
+    dumps,
+    echo_table,
+    emit,
+    endpoints_text,
+    now_iso,
+    record_json,
+    scope_text,
+)
+
+#: How long `ls` listens for nodes answering discovery. An observer's first mDNS query (QU) is
+#: answered by unicast, which on a shared loopback port can reach another process; the browser's
+#: second query, one second later, is answered by multicast. 1.5 s covers both rounds.
+LS_LISTEN_S = 1.5
+
+
+@click.command("ls")
+@click.option("--watch", is_flag=True,
+              help="Print nodes joining, updating and leaving as it happens.")
+@click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after N events.")
+@common
+@pass_config
+def ls_cmd(cfg: CliConfig, watch: bool, count: int | None) -> None:
+    """List the nodes of the fabric (name, host, address, secured, endpoints), then the peers
+    refused for security reasons (name, host, reason).
+
+    A node is secured when its record carries a CURVE key. Secured and plain nodes refuse each
+    other: run with --keys DIR to see the secured ones. With --json, one object per node; refused
+    peers come last, with the reason in their "refused" field (null for the others).
+
+    Without --watch, listens LS_LISTEN_S (1.5 s) for answers, or --timeout if given. With
+    --watch, runs until Ctrl-C, --count events, or an explicit --timeout."""
+    if count is not None and not watch:
+        raise click.UsageError("--count needs --watch")
+    if watch:
+        _watch(cfg, count)
+        return
+    with cfg.observer() as node:
+        time.sleep(cfg.timeout if cfg.timeout_given else LS_LISTEN_S)  # a listening window
+        records = [r for r in node.nodes() if r.node_id != node.node_id]
+        refused = node.refused_peers()
+    if cfg.json:
+        for record in records:
+            emit({**record_json(record), "refused": None})
+        for record, reason in refused:
+            emit({**record_json(record), "refused": reason})
+        return
+    rows = [[r.name, r.host, str(r.pid), r.address, _secured(r), endpoints_text(r)]
+            for r in records]
+    echo_table(["NAME", "HOST", "PID", "ADDRESS", "SECURED", "ENDPOINTS"], rows)
+    if refused:
+        click.echo("")
+        click.echo("refused (seen, but no traffic with them):")
+        echo_table(["NAME", "HOST", "ADDRESS", "REASON"],
+                   [[r.name, r.host, r.address, reason] for r, reason in refused])
+    if not records:
+        click.echo("(no nodes found in this scope)", err=True)
+
+
+def _secured(record: NodeRecord) -> str:
+    return "yes" if record.curve_key is not None else "no"
+
+
+def _watch(cfg: CliConfig, count: int | None) -> None:
+    events: queue.Queue[DirectoryEvent] = queue.Queue()
+    node = cfg.observer()
+    unlisten = node.directory.listen(events.put)  # discovery's thread: only hand over
+    deadline = cfg.deadline
+    seen = 0
+    try:
+        with node:
+            click.echo(f"watching nodes in {scope_text(cfg.scope)} (Ctrl-C to stop)", err=True)
+            while count is None or seen < count:
+                slice_s = next_wait(deadline)
+                if slice_s is None:
+                    return
+                try:
+                    event = events.get(timeout=slice_s)
+                except queue.Empty:
+                    continue
+                if event.record.node_id == node.node_id:
+                    continue
+                seen += 1
+                now = now_iso()
+                if cfg.json:
+                    emit({"event": event.change.value, "time": now,
+                          "node": record_json(event.record)})
+                else:
+                    r = event.record
+                    click.echo(f"{now[11:]}  {event.change.value:<7}  {r.name}  {r.address}  "
+                               f"{endpoints_text(r)}")
+    finally:
+        unlisten()
+
+
+@click.command("ping")
+@click.argument("node_name", metavar="NODE", type=NodeName())
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True)
+@common
+@pass_config
+def ping_cmd(cfg: CliConfig, node_name: str, count: int) -> None:
+    """Ping NODE on its control endpoint and print the round trip time."""
+    with cfg.observer() as node:
+        node.wait_for_node(node_name, cfg.timeout)
+        for _ in range(count):
+            start = time.perf_counter()
+            answer = node.ping(node_name, timeout=cfg.timeout)
+            rtt_ms = (time.perf_counter() - start) * 1000
+            if cfg.json:
+                emit({**answer, "rtt_ms": round(rtt_ms, 3)})
+            else:
+                click.echo(f"{answer['node']} (host {answer['host']}, pid {answer['pid']}, "
+                           f"up {answer['uptime_s']:.1f} s): {rtt_ms:.2f} ms")
+
+
+@click.command("stats")
+@click.argument("node_name", metavar="NODE", type=NodeName())
+@common
+@pass_config
+def stats_cmd(cfg: CliConfig, node_name: str) -> None:
+    """Print NODE's endpoints and counters."""
+    with cfg.observer() as node:
+        answer = node.stats(node_name, timeout=cfg.timeout)
+    if cfg.json:
+        emit(answer)
+        return
+    click.echo(f"{answer['node']} (host {answer['host']}, pid {answer['pid']}, "
+               f"up {answer['uptime_s']:.1f} s) at {answer.get('address', '?')}")
+    endpoints = [[e["kind"], e["name"], str(e["port"])] for e in answer.get("endpoints", [])]
+    echo_table(["KIND", "ENDPOINT", "PORT"], endpoints)
+    counters = [[k, str(v)] for k, v in answer.get("counters", {}).items()]
+    echo_table(["COUNTER", "VALUE"], counters)
+    for section, value in answer.items():  # devices ("forwarder:prices"), tasks
+        if section not in _BASE_FIELDS and _has_content(value):
+            click.echo(f"{section}: {dumps(value)}")
+
+
+def _has_content(value: object) -> bool:
+    """False for empty sections, e.g. the tasks of a node that never used tasks."""
+    if isinstance(value, dict):
+        return any(_has_content(v) for v in value.values())
+    return value is not None
+
+
+_BASE_FIELDS = frozenset({"node", "id", "host", "pid", "uptime_s", "address", "endpoints",
+                          "counters"})

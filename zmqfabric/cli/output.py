@@ -1,0 +1,191 @@
+"""What the CLI prints and how it ends: exit codes, one-line errors, tables and JSON lines.
+
+Every command writes through these helpers, so ``--json`` output is one JSON value per line and
+text output is aligned tables. Fabric errors become one ``error: ...`` line on stderr and the exit
+code of :func:`exit_code`; nothing prints a traceback for a fabric error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+from typing import Any
+
+import click
+
+from ..config import Scope
+from ..core.records import NodeRecord
+from ..errors import (
+    AuthorizationError,
+    FabricError,
+    FabricTimeoutError,
+    LocalProtocolError,
+    NameConflictError,
+    NodeNotFoundError,
+    NoProviderError,
+    RemoteError,
+    RemoteProtocolError,
+    TaskFailedError,
+)
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    TIMEOUT = 4
+    REMOTE = 5
+    CONFLICT = 6
+    REFUSED = 7
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+
+class NotFound(FabricError, LookupError):
+    """Something the command needs is not on the fabric (exit code 3), e.g. a ``--via`` node
+    that relays nothing of that name."""
+
+
+#: Checked in order: the first matching class gives the exit code.
+_EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
+    (NoProviderError, ExitCode.NOT_FOUND),
+    (NodeNotFoundError, ExitCode.NOT_FOUND),
+    (NotFound, ExitCode.NOT_FOUND),
+    (FabricTimeoutError, ExitCode.TIMEOUT),
+    (RemoteError, ExitCode.REMOTE),
+    (RemoteProtocolError, ExitCode.REMOTE),
+    (TaskFailedError, ExitCode.REMOTE),
+    (NameConflictError, ExitCode.CONFLICT),
+    (AuthorizationError, ExitCode.REFUSED),
+    (LocalProtocolError, ExitCode.USAGE),
+    (FabricError, ExitCode.FAILURE),
+)
+
+EPILOG = """\b
+Exit codes:
+  0    success
+  1    other failure (e.g. discovery cannot start; the demo failed; a journal error)
+  2    usage error or bad input (invalid JSON, invalid name, bad key directory, unknown option)
+  3    not found: no node of that name, no provider of that service/pipeline/task,
+       a --via node that relays no such endpoint
+  4    timeout: providers exist but did not answer; --count not reached; tasks not done
+  5    remote error: the handler raised (a task was dead-lettered), or the peer broke
+       the protocol
+  6    node name conflict
+  7    refused: a secured peer does not allow this node's key
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM); `run` and `device` exit 0 on SIGTERM
+
+\b
+Bodies are JSON: an argument, or one JSON value per stdin line when the argument is absent.
+Options can be set from the environment: ZMQFABRIC_INTERFACE, ZMQFABRIC_TIMEOUT,
+ZMQFABRIC_JSON, ZMQFABRIC_KEYS, ZMQFABRIC_PEER (several: separated by spaces),
+ZMQFABRIC_CONTROL_PORT, ZMQFABRIC_NAME.
+"""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (closing nodes on the way out)."""
+
+
+class BadInput(click.ClickException):
+    """Input the user gave is unusable (exit code 2)."""
+
+    exit_code = ExitCode.USAGE
+
+
+def exit_code(exc: BaseException) -> ExitCode:
+    """The exit code of a fabric error (see EPILOG)."""
+    for cls, code in _EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return ExitCode.FAILURE
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with bytes made text (or ``{"$hex": ...}``) and keys made strings."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            return {"$hex": data.hex()}
+    return value
+
+
+def dumps(value: Any, indent: int | None = None) -> str:
+    return json.dumps(jsonable(value), ensure_ascii=False, indent=indent, default=repr)
+
+
+def emit(value: Any) -> None:
+    """One JSON line on stdout."""
+    click.echo(dumps(value))
+
+
+def warn(text: str) -> None:
+    click.echo(f"warning: {text}", err=True)
+
+
+def note(text: str) -> None:
+    click.echo(f"note: {text}", err=True)
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Aligned lines: the header, then one per row."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in [headers, *rows]]
+
+
+def echo_table(headers: list[str], rows: list[list[str]]) -> None:
+    for line in table(headers, rows):
+        click.echo(line)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def now_iso() -> str:
+    return datetime.datetime.now().isoformat(timespec="milliseconds")
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def record_json(record: NodeRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "id": record.node_id,
+        "host": record.host,
+        "pid": record.pid,
+        "address": record.address,
+        "secured": record.curve_key is not None,
+        "key": record.curve_key,
+        "endpoints": [{"kind": e.kind.value, "name": e.name, "port": e.port}
+                      for e in record.endpoints],
+    }
+
+
+def endpoints_text(record: NodeRecord) -> str:
+    return " ".join(f"{e.kind.value}:{e.name}" for e in record.endpoints if e.kind.value != "ctl")
+
+
+def scope_text(scope: Scope) -> str:
+    return "this host (127.0.0.1)" if scope.is_local else f"{scope.interface} ({scope.address})"

@@ -1,0 +1,98 @@
+"""Dead letters: tasks that failed their last attempt. Each one is published on the stream
+``<task name>.dead`` (topic: the error type) by the producer node, appended to a JSON-lines file
+when one is configured, and logged.
+
+A dead letter is ``{"id", "name", "key", "attempts", "error": {"type", "message"}, "node",
+"time", "body"}``. In the file, bytes inside the body become ``{"$bytes": base64}``, and a body
+JSON cannot hold at all becomes ``{"$msgpack": base64 of the encoded body}``.
+
+Owned by the dispatcher thread (the publishers are its sockets). An observer node
+(``advertise=False``) cannot publish: its dead letters go to the file and the log only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .core import wire
+from .core.reliable import Task
+from .errors import FabricError, RemoteProtocolError, TaskFailedError
+from .patterns.pubsub import Publisher
+from .stats import RateLimitedLog
+
+if TYPE_CHECKING:
+    from .nodebase import NodeBase
+
+log = logging.getLogger(__name__)
+_rlog = RateLimitedLog(log)
+SUFFIX = ".dead"
+
+
+class DeadLetters:
+    def __init__(self, node: NodeBase, path: str | None) -> None:
+        self._node = node
+        self.path = path
+        self._publishers: dict[str, Publisher | None] = {}
+
+    def open(self, name: str) -> None:
+        """Publish the dead-letter stream of task ``name`` from now on (so that subscribers can
+        connect before the first dead letter)."""
+        if name in self._publishers:
+            return
+        publisher = None
+        if self._node.advertised:
+            try:
+                publisher = Publisher(self._node, name + SUFFIX)
+            except FabricError as exc:
+                log.warning("%s: no dead-letter stream for task %r: %s", self._node.name, name, exc)
+        self._publishers[name] = publisher
+
+    def send(self, name: str, task: Task, failure: TaskFailedError) -> None:
+        log.warning("%s: %s", self._node.name, failure)
+        try:
+            body = wire.unpack_body(task.payload)
+        except RemoteProtocolError:
+            body = None
+        record = {
+            "id": task.id, "name": name, "key": task.key, "attempts": task.attempts,
+            "error": {"type": failure.error_type, "message": failure.error},
+            "node": self._node.name, "time": time.time(), "body": body,
+        }
+        publisher = self._publishers.get(name)
+        if publisher is not None:
+            try:
+                publisher.send(failure.error_type, record)
+            except FabricError as exc:
+                log.warning("%s: cannot publish dead letter %s: %s", self._node.name, task.id, exc)
+        if self.path is not None:
+            try:
+                with open(self.path, "a", encoding="utf-8") as out:
+                    out.write(json_line(record, task.payload))
+            except OSError as exc:
+                _rlog.warning("dead-letters", "%s: cannot write dead letter to %s: %s",
+                              self._node.name, self.path, exc)
+
+    def close(self) -> None:
+        for publisher in self._publishers.values():
+            if publisher is not None:
+                publisher.close()
+        self._publishers.clear()
+
+
+def json_line(record: dict[str, Any], payload: bytes) -> str:
+    """One line of the dead-letter file."""
+    try:
+        return json.dumps(record, default=_bytes_to_json) + "\n"
+    except (TypeError, ValueError):  # a body JSON cannot hold (e.g. a map with bytes keys)
+        record = dict(record, body={"$msgpack": base64.b64encode(payload).decode()})
+        return json.dumps(record, default=_bytes_to_json) + "\n"
+
+
+def _bytes_to_json(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}
+    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -1,0 +1,431 @@
+"""Reliable tasks, the producer side: the node's dispatcher thread ("zmqfabric-tasks-<node>").
+
+It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker
+of every task), a socket monitor on each, the dead-letter publishers, and the journal. Other
+threads only post to its :class:`~zmqfabric.mailbox.Mailbox` (a deque, and a pipe in its poller
+written only while it sleeps, so a burst of submissions costs no system call): ``submit`` (any
+thread) posts tasks; the directory's watchers (discovery's thread) post "connect/disconnect URL".
+
+Each round: read results and credit, then monitor events (a worker whose connection drops is
+lost: its tasks are redelivered at once), then new submissions (recorded in the journal and
+committed *before* anything is sent), then deadlines and retry timers, then dispatch to workers
+with credit, then completions (journal deletes are batched) and the handles' waiters.
+
+The decisions are the pure state machine's (:class:`zmqfabric.core.reliable.Pipeline`); this
+module only moves frames, rows and handles.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .constants import JOURNAL_COMMIT_S, TASK_TICK_MS
+from .core import wire
+from .core.records import EndpointKind
+from .core.reliable import Outcome, Pipeline, Task
+from .deadletters import DeadLetters
+from .errors import ClosedError, FabricError, JournalError, RemoteProtocolError, TaskFailedError
+from .journal import Journal
+from .mailbox import Mailbox
+from .stats import RateLimitedLog
+from .tasks import _DONE, _FAILED, _RECORDED, NodeTasks, TaskHandle, settle
+
+if TYPE_CHECKING:
+    from .nodebase import NodeBase
+
+log = logging.getLogger(__name__)
+_rlog = RateLimitedLog(log)
+
+_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+#: Messages read from one worker per round, and submissions taken per round (fairness).
+_READ_BATCH = 256
+_TAKE_BATCH = 8192
+
+
+@dataclass(slots=True)
+class _Link:
+    """Our connection to one worker of one task name."""
+
+    name: str
+    url: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    pipeline: Pipeline
+    hello_due: bool = False
+
+
+class Dispatcher:
+    """Allocates in the caller's thread; ``open()`` opens the journal, ``start()`` the thread."""
+
+    def __init__(self, node: NodeBase, tasks: NodeTasks) -> None:
+        self._node = node
+        self._tasks = tasks
+        config = tasks.config
+        self._retry = config.retry
+        self._journal = (
+            None if config.journal is None else Journal(config.journal, fsync=config.journal_fsync)
+        )
+        self._dead = DeadLetters(node, config.dead_letter_path)
+        self._thread = threading.Thread(target=self._run, name=f"zmqfabric-tasks-{node.name}")
+        self._mail = Mailbox()
+        self._stopping = False
+        self.closed = False
+        self._pipelines: dict[str, Pipeline] = {}
+        self._links: dict[tuple[str, str], _Link] = {}
+        self._by_sock: dict[Any, _Link] = {}
+        self._by_monitor: dict[Any, _Link] = {}
+        self._unwatch: list[Callable[[], None]] = []
+        self._poller = zmq.Poller()
+        self._resumed: list[Any] = []
+        self._unrecorded: list[tuple[str, Task]] = []
+        self._removals: list[str] = []
+        self._changes: list[tuple[TaskHandle, int, Any]] = []
+        self._settled = 0
+        self._last_commit = 0.0
+        self._hello = wire.pack_body({"from": node.name})
+
+    # --- any thread ----------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Open the journal (raises JournalError) and the wake pipe; returns how many tasks the
+        journal holds (they are resent once the thread runs)."""
+        if self._journal is not None:
+            self._resumed = self._journal.open()
+        self._poller.register(self._mail.open(), zmq.POLLIN)
+        return len(self._resumed)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, name: str, task: Task) -> None:
+        """Hand a task to the thread. Raises ClosedError once closing. Thread-safe."""
+        if self._stopping:
+            raise ClosedError(f"node {self._node.name!r} is closing")
+        self._mail.post((name, task))
+        if self.closed:  # the thread ended between our check and the append
+            self._fail_leftovers()
+
+    def _post(self, op: str, name: str, url: str) -> None:
+        # discovery's thread: queue and wake, never touch a socket
+        if not self._stopping:
+            self._mail.post((op, name, url), wake=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {name: p.stats() for name, p in list(self._pipelines.items())}
+
+    def close(self, timeout: float) -> None:
+        """Stop the thread: unsettled tasks fail with ClosedError (a journal keeps them)."""
+        self._stopping = True
+        self._mail.wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("task dispatcher of %s did not stop within %s s",
+                          self._node.name, timeout)
+                return
+        elif not self.closed:
+            self._shutdown()  # never started
+        self._mail.close()
+
+    # --- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            for entry in self._resumed:
+                task = Task(entry.task_id, entry.payload, entry.key, deadline_s=entry.deadline_s,
+                            max_attempts=entry.max_attempts)
+                self._pipeline(entry.name).submit(task)
+            self._resumed = []
+            while not self._stopping:
+                try:
+                    self._round()
+                except Exception:  # a bug here must not strand every task
+                    self._node.counters.add("task_dispatcher_errors")
+                    log.exception("%s: error in the task dispatcher", self._node.name)
+                    time.sleep(TASK_TICK_MS / 1000)
+        finally:
+            self._shutdown()
+
+    def _round(self) -> None:
+        mail = self._mail
+        events = self._poller.poll(mail.sleep_timeout(self._timeout(time.monotonic())))
+        mail.sleeping = False
+        now = time.monotonic()
+        monitors = []
+        for sock, _ in events:
+            link = self._by_sock.get(sock)
+            if link is not None:
+                self._read(link, now)
+            elif sock == mail.fd:
+                mail.drain_pipe()
+            else:
+                monitors.append(sock)
+        for sock in monitors:
+            link = self._by_monitor.get(sock)
+            if link is not None:
+                self._on_monitor(link, now)
+        self._take_commands()
+        self._record(now)
+        for pipeline in self._pipelines.values():
+            if now >= pipeline.next_due:
+                self._collect(pipeline.name, pipeline.tick(now))
+        self._dispatch(now)
+        self._finish(now)
+
+    def _timeout(self, now: float) -> int:
+        due = min((p.next_due for p in self._pipelines.values()), default=math.inf)
+        if due == math.inf:
+            return TASK_TICK_MS
+        return min(TASK_TICK_MS, max(1, math.ceil((due - now) * 1000)))
+
+    def _take_commands(self) -> None:
+        commands = self._mail.items
+        for _ in range(_TAKE_BATCH):
+            if not commands:
+                return
+            command = commands.popleft()
+            if len(command) == 2:
+                name = command[0]
+                if name not in self._pipelines:
+                    self._pipeline(name)
+                self._unrecorded.append(command)
+            elif command[0] == "connect":
+                self._connect(command[1], command[2])
+            else:
+                link = self._links.get((command[1], command[2]))
+                if link is not None:
+                    self._disconnect(link, time.monotonic())
+
+    def _pipeline(self, name: str) -> Pipeline:
+        pipeline = self._pipelines.get(name)
+        if pipeline is not None:
+            return pipeline
+        pipeline = self._pipelines[name] = Pipeline(name, self._retry)
+        self._dead.open(name)
+        self._unwatch.append(self._node.directory.watch(
+            EndpointKind.TASK, name, lambda op, url: self._post(op, name, url)))
+        return pipeline
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def _connect(self, name: str, url: str) -> None:
+        if (name, url) in self._links:
+            return
+        factory = self._node._sockets
+        sock = factory.socket(zmq.DEALER, sync=True)
+        monitor = factory.monitor(sock, _EVENTS, sync=True)
+        link = _Link(name, url, sock, monitor, self._pipelines[name])
+        try:
+            self._node._connect(sock, url)  # with the worker's CURVE key on a secured fabric
+        except (zmq.ZMQError, FabricError) as exc:
+            log.warning("%s: cannot connect to task %r at %s: %s", self._node.name, name, url, exc)
+            self._close_link(link)
+            return
+        self._links[(name, url)] = link
+        self._by_sock[sock] = link
+        self._by_monitor[monitor] = link
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(monitor, zmq.POLLIN)
+
+    def _disconnect(self, link: _Link, now: float) -> None:
+        self._read(link, now)  # what arrived before it left still counts
+        self._collect(link.name, link.pipeline.lose_worker(link.url, now))
+        del self._links[(link.name, link.url)]
+        del self._by_sock[link.sock]
+        del self._by_monitor[link.monitor]
+        self._poller.unregister(link.sock)
+        self._poller.unregister(link.monitor)
+        self._close_link(link)
+
+    def _close_link(self, link: _Link) -> None:
+        try:
+            link.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        link.monitor.close(0)
+        link.sock.close(0)
+
+    def _on_monitor(self, link: _Link, now: float) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._send_hello(link)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._read(link, now)  # results that arrived before the drop count
+                self._collect(link.name, link.pipeline.lose_worker(link.url, now))
+
+    def _send_hello(self, link: _Link) -> None:
+        header = wire.pack_header(wire.Kind.CREDIT, 0, time.time())
+        try:
+            link.sock.send_multipart([b"", header, self._hello], zmq.NOBLOCK)
+            link.hello_due = False
+        except zmq.ZMQError:
+            link.hello_due = True  # the pipe is not attached yet: try again next round
+
+    def _read(self, link: _Link, now: float) -> None:
+        sock, pipeline, url = link.sock, link.pipeline, link.url
+        for _ in range(_READ_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, body = wire.parse_from_worker(frames)
+            except RemoteProtocolError as exc:
+                self._node.counters.add("refused_task_results")
+                _rlog.warning("task-results", "task %r: dropped a malformed message from %s: %s",
+                              link.name, url, exc)
+                continue
+            if kind is wire.Kind.RESULT:
+                self._collect(link.name, pipeline.on_results(url, body, now))
+            else:
+                pipeline.set_credit(url, body, now)
+
+    # --- tasks ---------------------------------------------------------------------------------
+
+    def _record(self, now: float) -> None:
+        """Journal new submissions (committed before any is sent), then queue them."""
+        batch = self._unrecorded
+        if not batch:
+            return
+        self._unrecorded = []
+        journal = self._journal
+        if journal is not None:
+            try:
+                journal.add((t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts)
+                            for name, t in batch)
+                if self._removals:
+                    journal.remove(self._removals)
+                    self._removals = []
+                journal.commit()
+            except JournalError as exc:
+                journal.rollback()
+                log.error("%s: %s; %d tasks refused", self._node.name, exc, len(batch))
+                self._changes.extend((t.ref, _FAILED, exc) for _, t in batch)
+                self._settled += len(batch)
+                return
+            self._last_commit = now
+            self._changes.extend((t.ref, _RECORDED, None) for _, t in batch)
+        pipelines = self._pipelines
+        for name, task in batch:
+            pipelines[name].submit(task)
+
+    def _dispatch(self, now: float) -> None:
+        links = self._links
+        for name, pipeline in self._pipelines.items():
+            for url, tasks in pipeline.assign(now):
+                link = links.get((name, url))
+                if link is None:
+                    pipeline.unassign(url, tasks)
+                    continue
+                if link.hello_due:
+                    self._send_hello(link)
+                body = wire.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
+                header = wire.pack_header(wire.Kind.TASK, 0, time.time())
+                try:
+                    link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pipeline.unassign(url, tasks)
+        for link in self._links.values():
+            if link.hello_due:
+                self._send_hello(link)
+
+    def _collect(self, name: str, outcome: Outcome) -> None:
+        if not outcome:
+            return
+        changes, removals = self._changes, self._removals
+        for task in outcome.done:
+            if task.ref is not None:
+                changes.append((task.ref, _DONE, task.value))
+            removals.append(task.id)
+        for task in outcome.dead:
+            error_type, error = task.error or ("Error", "")
+            failure = TaskFailedError(name, task.id, task.attempts, error_type, error)
+            if task.ref is not None:
+                changes.append((task.ref, _FAILED, failure))
+            removals.append(task.id)
+            self._dead.send(name, task, failure)
+        self._settled += len(outcome.done) + len(outcome.dead)
+
+    def _finish(self, now: float) -> None:
+        """Journal completions (batched), then wake the handles' waiters."""
+        journal = self._journal
+        if self._removals:
+            if journal is None:
+                self._removals = []
+            elif now - self._last_commit >= JOURNAL_COMMIT_S:
+                try:
+                    journal.remove(self._removals)
+                    journal.commit()
+                except JournalError as exc:  # they are resent after a restart: a repeat, no loss
+                    _rlog.warning("journal", "%s: %s", self._node.name, exc)
+                self._removals = []
+                self._last_commit = now
+        if self._changes:
+            changes, self._changes = self._changes, []
+            settle(self._tasks, [c for c in changes if c[0] is not None])
+        if self._settled:
+            self._tasks.settled(self._settled)
+            self._settled = 0
+
+    # --- closing -------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        for unwatch in self._unwatch:
+            unwatch()
+        self._unwatch = []
+        now = time.monotonic()
+        commands = self._mail.items
+        while commands:  # submissions not yet taken: with a journal, kept for next time
+            command = commands.popleft()
+            if len(command) == 2:
+                self._unrecorded.append(command)
+        try:
+            self._record(now)
+            if self._journal is not None and self._removals:
+                self._journal.remove(self._removals)
+                self._journal.commit()
+            self._removals = []
+        except Exception:
+            log.exception("%s: cannot save the task journal on close", self._node.name)
+        closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
+        for pipeline in self._pipelines.values():
+            for task in pipeline.drain():
+                self._changes.append((task.ref, _FAILED, closed))
+                self._settled += 1
+        self._finish(now)
+        for link in self._links.values():
+            self._close_link(link)
+        self._links.clear()
+        self._dead.close()
+        if self._journal is not None:
+            self._journal.close()
+        self.closed = True
+        self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        """Fail submissions that arrived after the thread's last look (any thread)."""
+        closed = ClosedError(f"node {self._node.name!r} is closed")
+        changes = []
+        while True:
+            try:
+                command = self._mail.items.popleft()
+            except IndexError:
+                break
+            if len(command) == 2:
+                changes.append((command[1].ref, _FAILED, closed))
+        if changes:
+            settle(self._tasks, changes)
+            self._tasks.settled(len(changes))
+
