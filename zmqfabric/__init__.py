@@ -10,6 +10,7 @@ from .config import NodeConfig, Scope
 from .core.records import EndpointKind, NodeRecord
 from .core.wire import Message
 from .errors import (
+    AuthorizationError,
     ClosedError,
     FabricError,
     FabricTimeoutError,
@@ -31,6 +32,7 @@ from .tasks import TaskConfig, TaskHandle
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthorizationError",
     "ClosedError",
     "EndpointKind",
     "FabricError",
