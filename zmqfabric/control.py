@@ -233,7 +233,7 @@ class ControlServer:
         route, header, body = parsed
         op = body.get("op") if isinstance(body, dict) else None
         if op == "hello":
-            self._node._accept_hello(body, zframes[-1].get("Peer-Address"))
+            self._node._membership.accept_hello(body, zframes[-1].get("Peer-Address"))
             return  # introductions are one-way: no reply
         if op == "peers":
             self._accept_peers(body.get("peers"))

@@ -21,30 +21,25 @@ from typing import Any, Callable, Iterable, TypeVar
 from .auth import Guard
 from .config import NodeConfig, Scope
 from .control import ControlServer, control_call
-from .constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
 from .core.records import (
     Endpoint,
     EndpointKind,
     NodeRecord,
-    address_in_scope,
-    decode_txt,
     validate_endpoint_name,
     validate_node_name,
 )
-from .directory import Change, Directory, DirectoryEvent
+from .directory import Directory
 from .discovery import Discovery
 from .errors import (
     ClosedError,
-    InvalidNameError,
     LocalProtocolError,
-    NameConflictError,
     NodeNotFoundError,
     NoProviderError,
-    RemoteProtocolError,
 )
-from .patterns.base import Handle
 from .keys import KeySet, is_public_key
 from .keys import load as load_keys
+from .membership import Membership
+from .patterns.base import Handle
 from .sockets import ZAP_DOMAIN, SocketFactory
 from .stats import Counters, RateLimitedLog
 from .tasks import NodeTasks, TaskConfig
@@ -78,12 +73,7 @@ class NodeBase:
         and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this)."""
         self.name = validate_node_name(name)
         self.advertised = advertise
-        if on_conflict not in ("fail", "suffix"):
-            raise LocalProtocolError("on_conflict must be 'fail' or 'suffix'")
-        self._on_conflict_mode = on_conflict
-        self._claiming = False
-        self._conflict: NodeRecord | None = None
-        self._conflict_seen = threading.Event()
+        self._membership = Membership(self, on_conflict)
         if config is None:
             config = NodeConfig(scope=scope if scope is not None else Scope.from_env())
         elif scope is not None:
@@ -99,7 +89,9 @@ class NodeBase:
         self.counters = Counters()
         self.directory = Directory(self.name)
         self._sockets = SocketFactory(config, asyncio=self._ASYNC)
-        self._discovery = Discovery(config, self.directory, self.counters, self._on_name_conflict)
+        self._discovery = Discovery(
+            config, self.directory, self.counters, self._membership.on_name_conflict
+        )
         self._lock = threading.RLock()
         self._endpoints: dict[tuple[EndpointKind, str], Endpoint] = {}
         self._seq = 0
@@ -191,10 +183,10 @@ class NodeBase:
             self._state = NodeState.STARTED
             self._opening = False
             self._control.start()
-            self._unlisten = self.directory.listen(self._on_directory_event)
+            self._unlisten = self.directory.listen(self._membership.on_directory_event)
             self._discovery.browse()
             if self.advertised:
-                self._claim_name()
+                self._membership.claim_name()
             else:
                 self.directory.put(self.record)
         except BaseException:
@@ -202,45 +194,6 @@ class NodeBase:
             self._close()
             raise
         log.info("node %s started at %s (id %s)", self.name, self.config.scope.address, self.node_id)
-
-    def _claim_name(self) -> None:
-        """Advertise, then listen for CONFLICT_WINDOW_S for another live node of our name (it
-        introduces itself at once when it sees us). On a conflict, withdraw and fail, or try
-        ``name-2``, ``name-3``... with ``on_conflict="suffix"``."""
-        base = self.name
-        for attempt in range(2, 2 + MAX_NAME_SUFFIX):
-            self._conflict = None
-            self._conflict_seen.clear()
-            self._claiming = True
-            try:
-                self._discovery.advertise(self.record)
-                self._conflict_seen.wait(CONFLICT_WINDOW_S)
-            finally:
-                self._claiming = False
-            other = self._conflict
-            if other is None:
-                return
-            self._discovery.withdraw()
-            self.directory.remove(self.name, self.node_id)
-            if self._on_conflict_mode != "suffix":
-                raise NameConflictError(self.name, other.host, other.node_id, other.address)
-            log.warning("node name %r is taken by %s on %s; trying %s-%d",
-                        self.name, other.node_id, other.host, base, attempt)
-            suffix = f"-{attempt}"
-            self.name = validate_node_name(f"{base[: 46 - len(suffix)]}{suffix}")
-        raise NameConflictError(self.name, other.host, other.node_id, other.address)
-
-    def _on_name_conflict(self, other: NodeRecord) -> None:
-        """Another node advertises our name (discovery's or the control thread)."""
-        if self._claiming:
-            self._conflict = other
-            self._conflict_seen.set()
-            return
-        _rlog.warning("conflict", "node %s on host %s (%s) claims this node's name %r; it "
-                      "should yield", other.node_id, other.host, other.address, self.name)
-        control = other.control
-        if control is not None and self._control is not None:
-            self._control.introduce(other.url(control), other.curve_key)  # tell it we exist
 
     def _open_services(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -393,44 +346,6 @@ class NodeBase:
     def _control_sync(self, target: str, op: str, timeout: float) -> Any:
         self._check_started()
         return control_call(self, target, op, timeout)
-
-    def _on_directory_event(self, event: DirectoryEvent) -> None:
-        """Watch each peer's liveness and introduce ourselves to newcomers (runs in discovery's
-        or the control thread: only posts to the control thread)."""
-        record, control = event.record, self._control
-        if record.node_id == self.node_id or control is None:
-            return
-        if event.change is Change.LEFT:
-            control.unwatch(record)
-            return
-        control.watch(record)
-        if event.change is Change.JOINED and self.advertised and record.control is not None:
-            control.greet(record)
-            if self.config.peers or not address_in_scope(
-                record.address, self.config.scope.networks
-            ):
-                control.share(record)  # across subnets: tell it whom else we know
-
-    def _accept_hello(self, body: dict[str, Any], peer_address: str | None) -> None:
-        """Take a peer's introduction: validated like an mDNS record, and its address must be the
-        one the hello came from. Runs in the control thread."""
-        try:
-            name, txt = body.get("name"), body.get("txt")
-            if not isinstance(txt, dict) or len(txt) > 2 * MAX_ENDPOINTS or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in txt.items()
-            ):
-                raise RemoteProtocolError("hello must carry a TXT map of strings")
-            if peer_address is None:
-                raise RemoteProtocolError("hello has no peer address")
-            try:
-                node = validate_node_name(name)
-            except InvalidNameError as exc:
-                raise RemoteProtocolError(f"hello has a bad node name: {exc}") from exc
-            props = {k.encode(): v.encode() for k, v in txt.items()}
-            self._discovery.accept(decode_txt(node, [peer_address], props), direct=True)
-        except RemoteProtocolError as exc:
-            self.counters.add("refused_hellos")
-            _rlog.warning("hello", "refused an introduction from %s: %s", peer_address, exc)
 
     def _control_answer(self, op: str) -> Any:
         """Answer a control op (runs in the control thread: reads only thread-safe state)."""

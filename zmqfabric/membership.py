@@ -1,0 +1,125 @@
+"""Membership: how a node claims its name and meets its peers.
+
+- Claiming: after advertising, a node listens for CONFLICT_WINDOW_S for another live node of its
+  name (records carry a node id); on a conflict it withdraws and fails, or takes a suffix.
+- Meeting: when the directory reports a newcomer, the node watches its liveness and introduces
+  itself over the newcomer's control endpoint (a ``hello``, validated like an mDNS record), so both
+  know each other in milliseconds; across subnets it also shares whom else it knows.
+
+Runs in discovery's and the control thread; it only posts to the control thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
+from .core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
+from .directory import Change, DirectoryEvent
+from .errors import (
+    InvalidNameError,
+    LocalProtocolError,
+    NameConflictError,
+    RemoteProtocolError,
+)
+from .stats import RateLimitedLog
+
+if TYPE_CHECKING:
+    from .nodebase import NodeBase
+
+log = logging.getLogger(__name__)
+_rlog = RateLimitedLog(log)
+
+
+class Membership:
+    def __init__(self, node: NodeBase, on_conflict: str) -> None:
+        if on_conflict not in ("fail", "suffix"):
+            raise LocalProtocolError("on_conflict must be 'fail' or 'suffix'")
+        self._node = node
+        self._mode = on_conflict
+        self._claiming = False
+        self._conflict: NodeRecord | None = None
+        self._conflict_seen = threading.Event()
+
+    def claim_name(self) -> None:
+        """Advertise, then listen for CONFLICT_WINDOW_S for another live node of our name (it
+        introduces itself at once when it sees us). On a conflict, withdraw and fail, or try
+        ``name-2``, ``name-3``... with ``on_conflict="suffix"``."""
+        node = self._node
+        base = node.name
+        for attempt in range(2, 2 + MAX_NAME_SUFFIX):
+            self._conflict = None
+            self._conflict_seen.clear()
+            self._claiming = True
+            try:
+                node._discovery.advertise(node.record)
+                self._conflict_seen.wait(CONFLICT_WINDOW_S)
+            finally:
+                self._claiming = False
+            other = self._conflict
+            if other is None:
+                return
+            node._discovery.withdraw()
+            node.directory.remove(node.name, node.node_id)
+            if self._mode != "suffix":
+                raise NameConflictError(node.name, other.host, other.node_id, other.address)
+            log.warning("node name %r is taken by %s on %s; trying %s-%d",
+                        node.name, other.node_id, other.host, base, attempt)
+            suffix = f"-{attempt}"
+            node.name = validate_node_name(f"{base[: 46 - len(suffix)]}{suffix}")
+        raise NameConflictError(node.name, other.host, other.node_id, other.address)
+
+    def on_name_conflict(self, other: NodeRecord) -> None:
+        """Another node advertises our name (discovery's or the control thread)."""
+        node = self._node
+        if self._claiming:
+            self._conflict = other
+            self._conflict_seen.set()
+            return
+        _rlog.warning("conflict", "node %s on host %s (%s) claims this node's name %r; it "
+                      "should yield", other.node_id, other.host, other.address, node.name)
+        control = other.control
+        if control is not None and node._control is not None:
+            node._control.introduce(other.url(control), other.curve_key)  # tell it we exist
+
+    def on_directory_event(self, event: DirectoryEvent) -> None:
+        """Watch each peer's liveness and introduce ourselves to newcomers (runs in discovery's
+        or the control thread: only posts to the control thread)."""
+        node = self._node
+        record, control = event.record, node._control
+        if record.node_id == node.node_id or control is None:
+            return
+        if event.change is Change.LEFT:
+            control.unwatch(record)
+            return
+        control.watch(record)
+        if event.change is Change.JOINED and node.advertised and record.control is not None:
+            control.greet(record)
+            if node.config.peers or not address_in_scope(
+                record.address, node.config.scope.networks
+            ):
+                control.share(record)  # across subnets: tell it whom else we know
+
+    def accept_hello(self, body: dict[str, Any], peer_address: str | None) -> None:
+        """Take a peer's introduction: validated like an mDNS record, and its address must be the
+        one the hello came from. Runs in the control thread."""
+        node = self._node
+        try:
+            name, txt = body.get("name"), body.get("txt")
+            if not isinstance(txt, dict) or len(txt) > 2 * MAX_ENDPOINTS or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in txt.items()
+            ):
+                raise RemoteProtocolError("hello must carry a TXT map of strings")
+            if peer_address is None:
+                raise RemoteProtocolError("hello has no peer address")
+            try:
+                peer = validate_node_name(name)
+            except InvalidNameError as exc:
+                raise RemoteProtocolError(f"hello has a bad node name: {exc}") from exc
+            props = {k.encode(): v.encode() for k, v in txt.items()}
+            node._discovery.accept(decode_txt(peer, [peer_address], props), direct=True)
+        except RemoteProtocolError as exc:
+            node.counters.add("refused_hellos")
+            _rlog.warning("hello", "refused an introduction from %s: %s", peer_address, exc)
