@@ -87,11 +87,15 @@ def allow(directory: str | os.PathLike[str], key_or_file: str, label: str) -> st
     if not is_public_key(key):
         try:
             public, _ = zmq.auth.load_certificate(key_or_file)
-        except (OSError, ValueError) as exc:
+            key = public.decode("ascii")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             raise LocalProtocolError(
                 f"{key_or_file!r} is neither a Z85 public key nor a certificate file"
             ) from exc
-        key = public.decode("ascii")
+        if not is_public_key(key):
+            raise LocalProtocolError(
+                f"certificate {key_or_file!r} holds no valid public key ({key[:48]!r})"
+            )
     target = Path(directory) / ALLOWED_DIR / f"{label}.key"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(
@@ -117,6 +121,15 @@ def load(directory: str | os.PathLike[str]) -> KeySet:
         ) from exc
     if secret is None:
         raise LocalProtocolError(f"{secret_file} holds no secret key")
+    try:
+        matches = zmq.curve_public(secret) == public
+    except (zmq.ZMQError, ValueError) as exc:
+        raise LocalProtocolError(f"{secret_file}: the secret key is not a Z85 CURVE key") from exc
+    if not matches:
+        raise LocalProtocolError(
+            f"{secret_file}: the secret key does not belong to its public key; "
+            f"regenerate with `zmqfabric keys generate --force {directory}`"
+        )
     mode = secret_file.stat().st_mode & 0o077
     if mode:
         raise LocalProtocolError(
@@ -131,5 +144,8 @@ def load(directory: str | os.PathLike[str]) -> KeySet:
                 key, _ = zmq.auth.load_certificate(str(cert))
             except (OSError, ValueError) as exc:
                 raise LocalProtocolError(f"bad allow-list entry {cert}: {exc}") from exc
-            allowed.add(key.decode("ascii"))
+            text = key.decode("ascii", "replace")
+            if not is_public_key(text):
+                raise LocalProtocolError(f"bad allow-list entry {cert}: {text[:48]!r} is not a key")
+            allowed.add(text)
     return KeySet(public.decode("ascii"), secret.decode("ascii"), frozenset(allowed), str(path))

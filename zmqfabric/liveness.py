@@ -32,7 +32,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 @dataclass(slots=True)
@@ -45,6 +50,8 @@ class _Peer:
     up: bool = False
     dead: bool = False
     dead_since: float = 0.0
+    #: The peer answered a handshake by refusing our key: alive, just not ours to talk to.
+    refused: bool = False
 
 
 class PeerWatch:
@@ -113,6 +120,10 @@ class PeerWatch:
                     peer.dead = False
                     log.info("%s: node %s is reachable again", self._node.name, peer.record.name)
                     self._node.directory.put(peer.record)
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                # ZeroMQ does not retry after a refusal: from here on the peer's record (goodbye
+                # or TTL) decides when it is gone, not the connect timeout.
+                peer.refused = True
             elif kind == zmq.EVENT_DISCONNECTED and peer.up:
                 peer.up = False
                 self._declare_dead(peer, "its connection dropped")
@@ -124,7 +135,8 @@ class PeerWatch:
             if peer.dead:
                 if now - peer.dead_since > DEAD_FORGET_S:
                     self._drop(peer)
-            elif not peer.up and now - peer.since > LIVENESS_CONNECT_TIMEOUT_S:
+            elif (not peer.up and not peer.refused
+                  and now - peer.since > LIVENESS_CONNECT_TIMEOUT_S):
                 self._declare_dead(peer, f"unreachable for {LIVENESS_CONNECT_TIMEOUT_S:g} s")
 
     def _declare_dead(self, peer: _Peer, why: str) -> None:

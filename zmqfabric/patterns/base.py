@@ -428,6 +428,19 @@ class AsyncConnector(Connector):
             self._on_monitor_event(event)
         return True
 
+    async def _wait_settled(self, deadline: float | None) -> bool:
+        """Wait until every provider's handshake succeeded or was refused (secured nodes)."""
+        while not self._settled():
+            left = _s_left(deadline)
+            if left == 0:
+                return False
+            try:
+                event = await asyncio.wait_for(recv_monitor_message(self._monitor), left)
+            except asyncio.TimeoutError:
+                return self._settled()
+            self._on_monitor_event(event)
+        return True
+
     async def _wait_providers(self, deadline: float | None) -> bool:
         while not self._urls:
             self._changed.clear()

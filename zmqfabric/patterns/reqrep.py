@@ -256,8 +256,11 @@ class Requester(_RequesterBase, SyncConnector):
             deadline = deadline_after(timeout)
             if not self._wait_providers(deadline):
                 raise NoProviderError("service", self.name, timeout)
-            if self._secured and not self._settled():
-                self._wait_settled(deadline)  # new connections: learn of refusals at once
+            if self._secured:
+                if not self._settled():
+                    self._wait_settled(deadline)  # new connections: learn of refusals at once
+                else:
+                    self._read_monitor()  # refusals (or successes) since the last call
                 if self._all_refused():
                     break
             msg_id, frames, copy = self._frames(body)
@@ -305,6 +308,13 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
             deadline = deadline_after(timeout)
             if not await self._wait_providers(deadline):
                 raise NoProviderError("service", self.name, timeout)
+            if self._secured:
+                if not self._settled():
+                    await self._wait_settled(deadline)  # learn of refusals at once
+                else:
+                    self._read_monitor()
+                if self._all_refused():
+                    break
             msg_id, frames, copy = self._frames(body)
             if not await self._send(frames, deadline, copy):
                 continue
