@@ -106,6 +106,10 @@ class Device:
         self.state = DeviceState.NEW
         self._front = FrontEnd(node, self.front_kind, name, self.front_type, allow)
         self.front = self._front.socket
+        # The node closes the device (which closes its front end after its thread ended), not
+        # the front end under the running thread.
+        node._untrack(self._front)
+        node._track(self)  # type: ignore[arg-type]
         self.back = node._sockets.socket(self.back_type, sync=True)
         self.back.setsockopt(zmq.IMMEDIATE, 1)
         self._ops: collections.deque[tuple[str, str]] = collections.deque()
@@ -117,6 +121,7 @@ class Device:
         self._steer.connect(self._address)
         self._steer_lock = threading.Lock()
         self._stopping = False
+        self._closed = False
         self._unwatch: Callable[[], None] | None = None
         self._thread = threading.Thread(
             target=self._main, name=f"zmqfabric-{self.label}-{node.name}-{name}"
@@ -136,17 +141,19 @@ class Device:
         return self
 
     def stop(self) -> None:
-        """Stop relaying, withdraw the front end and close every socket. Idempotent."""
-        if self.state is DeviceState.STOPPED:
+        """Stop relaying, withdraw the front end and close every socket. Idempotent; also after
+        the device thread failed."""
+        if self._closed:
             return
-        started = self.state is not DeviceState.NEW
+        self._closed = True
+        started = self._thread.is_alive()
         self.state = DeviceState.STOPPED
         self._stopping = True
         if self._unwatch is not None:
             self._unwatch()
         self.node._stats_sources.pop(f"{self.label}:{self.name}", None)
         if started:
-            self._steer_call(TERMINATE)
+            self._terminate()
             self._thread.join(THREAD_JOIN_TIMEOUT_S)
             if self._thread.is_alive():
                 log.error("%s %s did not stop within %s s", self.label, self.name,
@@ -154,6 +161,11 @@ class Device:
         self._front.close()
         for sock in (self.back, self.control, self._steer):
             sock.close(0)
+        self.node._untrack(self)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """The node closes its tracked handles, devices included: same as stop()."""
+        self.stop()
 
     def __enter__(self) -> Device:
         return self.start()
@@ -195,6 +207,10 @@ class Device:
     def stats_dict(self) -> dict[str, Any]:
         return {"state": self.state.value, "relays": self.name, "providers": len(self._urls),
                 **self.statistics().as_dict()}
+
+    def _terminate(self) -> None:
+        """Make the device thread return (it answers with an empty frame)."""
+        self._steer_call(TERMINATE)
 
     def _steer_call(self, command: bytes) -> list[bytes] | None:
         """Send a steering command and return the device's reply (every command gets one:

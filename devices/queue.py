@@ -94,10 +94,12 @@ class Queue(Device):
                     self.control.send(b"")
                 if command == TERMINATE:
                     return
-                if command == PAUSE:
+                if command == PAUSE and not paused:
                     paused = True
-                elif command == RESUME:
+                    self._poller.unregister(self.front)  # requests wait unpolled: no busy loop
+                elif command == RESUME and paused:
                     paused = False
+                    self._poller.register(self.front, zmq.POLLIN)
                 self._apply_ops()
             for url, sock in list(self._workers.items()):
                 if sock in events:

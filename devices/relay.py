@@ -1,50 +1,184 @@
 """The forwarder (pub/sub hub) and the streamer (pipeline hub): ``zmq.proxy_steerable`` relays in C,
-so frames never pass through Python. A change of the back end's peers interrupts the proxy with
-TERMINATE; the device thread applies the change and starts the proxy again (counters are kept)."""
+so frames never pass through Python.
+
+The device thread runs the proxy only while there is something to relay: not while paused, and
+(streamer) not while no puller is known, where libzmq 4.3.5's proxy busy-loops. Otherwise it
+waits in Python on the control socket and a wake-up pipe. To pause, or to apply a change of the
+back end's peers, the steering side stops the proxy without losing a count: it pauses it, reads
+its counters, then ends it (TERMINATE); the thread applies the change and starts it again.
+
+libzmq's own PAUSE/RESUME are not used to pause the device: libzmq 4.3.5 swapped them, and other
+versions do not answer them (libzmq PR #4600). :func:`proxy_steering` finds out which command
+pauses this libzmq and whether it answers, once per process.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
+import threading
 
 import zmq
 
 from zmqfabric.core.records import EndpointKind
 
-from .base import STATISTICS, TERMINATE, Device, DeviceState, DeviceStats
+from .base import PAUSE, RESUME, STATISTICS, STEER_TIMEOUT_S, TERMINATE, Device, DeviceState
+from .base import DeviceStats
+
+#: How long (ms) the probe waits for a reply or a relayed message on inproc (µs in practice).
+_PROBE_MS = 100
+
+
+@functools.cache
+def proxy_steering() -> tuple[bytes, bool]:
+    """(the command that pauses this libzmq's proxy, whether the proxy answers PAUSE, RESUME and
+    TERMINATE). Found with a proxy on inproc sockets; takes up to 0.2 s, once per process."""
+    ctx = zmq.Context()
+    kinds = (zmq.PULL, zmq.PUSH, zmq.PAIR, zmq.PAIR, zmq.PUSH, zmq.PULL)
+    front, back, control, steer, source, sink = socks = [ctx.socket(k) for k in kinds]
+    try:
+        for sock in socks:
+            sock.setsockopt(zmq.LINGER, 0)
+        front.bind("inproc://probe-front")
+        source.connect("inproc://probe-front")
+        back.bind("inproc://probe-back")
+        sink.connect("inproc://probe-back")
+        control.bind("inproc://probe-control")
+        steer.connect("inproc://probe-control")
+        thread = threading.Thread(target=zmq.proxy_steerable, args=(front, back, None, control),
+                                  name="zmqfabric-proxy-probe")
+        thread.start()
+        steer.send(PAUSE)
+        answers = bool(steer.poll(_PROBE_MS))
+        if answers:
+            steer.recv_multipart()
+        source.send(b"probe")
+        paused = not sink.poll(_PROBE_MS)
+        steer.send(TERMINATE)
+        thread.join(STEER_TIMEOUT_S)
+    finally:
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
+    return (PAUSE if paused else RESUME), answers
 
 
 class ProxyDevice(Device):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._carried = DeviceStats()
-        self._restart_pending = False
-        self._proxy_running = False
+        #: The device thread is in (or about to enter) the proxy. Changed under _steer_lock.
+        self._in_proxy = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._pause_command, self._answers = proxy_steering()
+
+    def _relayable(self) -> bool:
+        """Whether running the proxy makes sense now (the streamer needs a puller)."""
+        return True
+
+    # --- steering side (any thread) -------------------------------------------------------
+
+    def pause(self) -> None:
+        with self._steer_lock:
+            if self.state is DeviceState.RUNNING:
+                self.state = DeviceState.PAUSED
+                self._leave_proxy_locked()
+
+    def resume(self) -> None:
+        with self._steer_lock:
+            if self.state is DeviceState.PAUSED:
+                self.state = DeviceState.RUNNING
+                self._wake()
 
     def _interrupt(self) -> None:
-        # Not relaying (starting, between runs, or paused): queued changes are applied when the
-        # loop starts the proxy next (resume() interrupts again).
-        if not self._proxy_running or self.state is DeviceState.PAUSED:
-            return
+        """Discovery changed the back end's peers: restart the proxy, or wake the idle thread."""
         with self._steer_lock:
-            if self._restart_pending or self._stopping:
+            if self._stopping:
                 return
-            self._restart_pending = True
-            # The proxy's counters restart with it: collect them first.
-            reply = self._steer_call_locked(STATISTICS)
-            if reply is not None and len(reply) >= 8:
-                self._carried = self._carried + DeviceStats.from_frames(reply)
-            self._steer_call_locked(TERMINATE)
+            if self._in_proxy:
+                self._leave_proxy_locked()
+            else:
+                self._wake()
+
+    def _leave_proxy_locked(self) -> None:
+        """Pause the proxy, carry its counters over and end it: no part goes uncounted."""
+        if not self._in_proxy:
+            return
+        self._send_locked(self._pause_command)
+        reply = self._steer_call_locked(STATISTICS)
+        if reply is not None and len(reply) >= 8:
+            self._carried = self._carried + DeviceStats.from_frames(reply)
+        self._send_locked(TERMINATE)
+        self._in_proxy = False
+
+    def _send_locked(self, command: bytes) -> None:
+        """A command that the proxy answers only on some libzmq versions."""
+        self._steer.send(command)
+        if self._answers and self._steer.poll(int(STEER_TIMEOUT_S * 1000)):
+            self._steer.recv_multipart()
+
+    def _terminate(self) -> None:
+        with self._steer_lock:
+            self._leave_proxy_locked()
+            self._steer.send(TERMINATE)  # for the idle loop (it does not answer)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already woken
 
     def _carried_stats(self) -> DeviceStats:
         return self._carried
 
+    # --- device thread ------------------------------------------------------------------------
+
     def _relay(self) -> None:
-        try:
-            while not self._stopping:
-                self._restart_pending = False
-                self._proxy_running = True  # before applying: see _interrupt
-                self._apply_ops()
+        while not self._stopping:
+            self._apply_ops()  # not under the lock: connecting reads the directory
+            with self._steer_lock:
+                if self._ops:
+                    continue  # a change arrived meanwhile: apply it first
+                self._in_proxy = (self.state is DeviceState.RUNNING and not self._stopping
+                                  and self._relayable())
+                run = self._in_proxy
+            if run:
                 zmq.proxy_steerable(self.front, self.back, None, self.control)
-        finally:
-            self._proxy_running = False
+            elif not self._idle():
+                return
+
+    def stop(self) -> None:
+        super().stop()
+        if self._wake_w >= 0 and not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def _idle(self) -> bool:
+        """Not relaying: answer the control socket until woken; False on TERMINATE."""
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self.control in events:
+                command = self.control.recv()
+                if command == TERMINATE:
+                    return False
+                if command == STATISTICS:  # the counters live in _carried meanwhile
+                    self.control.send_multipart(DeviceStats().to_frames())
+                elif self._answers:
+                    self.control.send(b"")
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                return True
 
 
 class Forwarder(ProxyDevice):
@@ -61,10 +195,14 @@ class Forwarder(ProxyDevice):
 
 class Streamer(ProxyDevice):
     """Pipeline hub for one pipeline: producers push into the front end
-    (``pusher(pipeline, via=<device node>)``), the back end deals to every puller found."""
+    (``pusher(pipeline, via=<device node>)``), the back end deals to every puller found.
+    Messages wait in the front end while no puller is known."""
 
     front_kind = EndpointKind.STREAMER
     relayed_kind = EndpointKind.PIPELINE
     front_type = zmq.PULL
     back_type = zmq.PUSH
     label = "streamer"
+
+    def _relayable(self) -> bool:
+        return bool(self._urls)

@@ -59,6 +59,7 @@ class Discovery:
         self._own: tuple[str, str] | None = None
         self._refused: dict[str, tuple[NodeRecord, str]] = {}
         self._broadcast: Any = None  # zeroconf's task repeating our latest announcement
+        self._closing = False
         self._directory = directory
         self._counters = counters
         self._rlog = RateLimitedLog(log)
@@ -132,6 +133,9 @@ class Discovery:
 
     def close(self) -> None:
         with self._lock:
+            # The browser thread finishes its queued changes before cancel() returns; resolving
+            # each could take a second. Closing: skip them.
+            self._closing = True
             zc, self._zc = self._zc, None
             info, self._info = self._info, None
             browser, self._browser = self._browser, None
@@ -154,6 +158,8 @@ class Discovery:
         name: str,
         state_change: ServiceStateChange,
     ) -> None:
+        if self._closing:
+            return
         try:
             node, node_id = parse_instance(name)
             if state_change is ServiceStateChange.Removed:
