@@ -14,6 +14,7 @@ import zmq
 from .constants import CONTROL_TIMEOUT_S, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
 from .core.records import validate_endpoint_name, validate_node_name
 from .nodebase import NodeBase, NodeState
+from .patterns.base import NOBLOCK, recv_frames
 from .patterns.pipeline import Puller, Pusher
 from .patterns.pubsub import Publisher, Subscription
 from .patterns.reqrep import Requester, ServiceEndpoint
@@ -141,13 +142,17 @@ class Node(NodeBase):
                 self._serve_socket(services[sock])
 
     def _serve_socket(self, service: ServiceEndpoint | TaskEndpoint) -> None:
+        # The poll said readable, so the first receive succeeds; after each message, the socket's
+        # EVENTS tells whether another waits (cheaper than a receive that raises zmq.Again).
         sock = service.socket
         for _ in range(_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             service.serve(frames)
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     # --- clients ---------------------------------------------------------------------------
 
