@@ -230,3 +230,46 @@ def test_recv_timeout_and_message_metadata(make_node, name) -> None:
         publisher.send("t.1", {"k": "v"})
     assert isinstance(message, zf.Message)
     assert message.topic == "t.1" and message.body == {"k": "v"}
+
+
+def test_publisher_leaving_with_events_queued_does_not_abort_the_subscriber(procs) -> None:
+    """libzmq aborts the process (assertion ``!_more``, libzmq #2163) when a SUB disconnects a
+    pipe that still holds a multipart message; the subscription must read its queued input before
+    it applies the disconnect. Run in a child process: the bug would kill it, not the test run."""
+    child = procs.python(
+        """
+        import os, secrets, time, msgpack, zmq
+        import zmqfabric as zf
+        from zmqfabric.core import wire
+        from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
+        with zf.Node("leaver-sub-%d" % os.getpid()) as node, zmq.Context() as ctx:
+            pub = ctx.socket(zmq.PUB); pub.linger = 0
+            port = pub.bind_to_random_port("tcp://127.0.0.1")
+            record = NodeRecord("leaver-pub-%d" % os.getpid(), secrets.token_hex(8), "h",
+                                os.getpid(), "127.0.0.1",
+                                (Endpoint(EndpointKind.STREAM, "queued", port),), 1)
+            node.directory.put(record)
+            sub = node.subscribe("queued")
+            assert sub.wait_ready(10)
+            deadline = time.monotonic() + 10
+            header = wire.pack_header(wire.Kind.EVENT, 1, time.time())
+            while sub.recv_message(timeout=0.05) is None:
+                assert time.monotonic() < deadline
+                pub.send_multipart([b"t", header, msgpack.packb(0)])
+            for i in range(50):
+                pub.send_multipart([b"t", header, msgpack.packb(i)])
+            while not sub._sock.get(zmq.EVENTS) & zmq.POLLIN:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            node.directory.remove(record.name, record.node_id)  # the publisher leaves
+            got = 0
+            while sub.recv_message(timeout=0.5) is not None:
+                got += 1
+            assert sub._urls == set(), sub._urls  # the disconnect happened once input was read
+            print("READY", got, flush=True)
+        """,
+        ready=False,
+    )
+    got = int(child.expect("READY", 30))
+    assert got > 0
+    assert child.wait(10) == 0

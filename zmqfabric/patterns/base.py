@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log)
+#: An asyncio handle retries a disconnect that had to wait for queued input this often (s).
+DEFER_DISCONNECT_S = 0.05
 
 _MONITOR_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -183,22 +185,28 @@ class Connector(Handle):
     def _post(self, op: str, url: str) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _apply(self, op: str, url: str) -> None:
-        """Connect or disconnect; runs in the owner's thread/loop only."""
+    def _apply(self, op: str, url: str) -> bool:
+        """Connect or disconnect; runs in the owner's thread/loop only. False when a disconnect
+        must wait: libzmq aborts the process (assertion ``!_more`` in fq.cpp, libzmq #2163) when
+        a pipe with a multipart message still queued is disconnected, so a socket that has input
+        waiting keeps the peer until that input has been read."""
         if self._closed:
-            return
+            return True
         try:
             log.debug("%s %r: %s %s", self.noun, self.name, op, url)
             if op == "connect" and url not in self._urls:
                 self._node._connect(self._sock, url)
                 self._urls.add(url)
             elif op == "disconnect" and url in self._urls:
+                if sync_view(self._sock).get(zmq.EVENTS) & zmq.POLLIN:
+                    return False
                 self._urls.discard(url)
                 self._handshaken.discard(url)
                 self._refused_by.pop(url, None)
                 self._sock.disconnect(url)
         except (zmq.ZMQError, FabricError) as exc:
             log.warning("%s %r: cannot %s %s: %s", self.noun, self.name, op, url, exc)
+        return True
 
     @property
     def providers(self) -> int:
@@ -247,8 +255,12 @@ class SyncConnector(Connector):
         except (BlockingIOError, OSError):
             pass
         ops = self._ops
+        waiting = []
         while ops:
-            self._apply(*ops.popleft())
+            op = ops.popleft()
+            if not self._apply(*op):
+                waiting.append(op)
+        ops.extend(waiting)  # retried at the next send or receive, once input has been read
 
     def _recv(self, deadline: float | None) -> list[bytes] | None:
         """Receive one multipart message, or None when ``deadline`` (monotonic) passes. Tries the
@@ -382,7 +394,9 @@ class AsyncConnector(Connector):
             pass  # loop closed: the handle is going away with it
 
     def _apply_and_signal(self, op: str, url: str) -> None:
-        self._apply(op, url)
+        if not self._apply(op, url):
+            self._loop.call_later(DEFER_DISCONNECT_S, self._apply_and_signal, op, url)
+            return
         self._changed.set()
 
     def _watch(self) -> None:
@@ -487,7 +501,9 @@ _MORE = int(zmq.SNDMORE)
 _SEND = zmq.backend.Socket.send
 
 
-def send_frames(sock: zmq.Socket, frames: list[Any], flags: int, copy: bool = True) -> None:
+def send_frames(
+    sock: zmq.Socket[Any], frames: list[Any], flags: int, copy: bool = True
+) -> None:
     """``sock.send_multipart(frames, flags)`` without the wrapper; ``copy=False`` applies to the
     last frame only (large bodies). Raises zmq.Again if nothing was queued (with NOBLOCK): once
     the first frame is accepted, ZeroMQ accepts the rest of the message."""
@@ -498,7 +514,7 @@ def send_frames(sock: zmq.Socket, frames: list[Any], flags: int, copy: bool = Tr
     _SEND(sock, frames[last], flags, copy)
 
 
-def recv_frames(sock: zmq.Socket, flags: int) -> list[bytes]:
+def recv_frames(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
     """``sock.recv_multipart(flags)``: a Frame's ``more`` replaces getsockopt(RCVMORE). The rest
     of a message is there once its first frame is, so only the first receive can raise Again."""
     frame = sock.recv(flags, False)

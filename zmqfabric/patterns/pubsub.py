@@ -133,7 +133,7 @@ class Publisher(_Encoder, Bound):
         topic. The node's ``events_sent`` counter is updated every 256 events and on close."""
         if self._closed:
             self._check_open()
-        head = self._topics.get(topic)  # type: ignore[call-overload]
+        head = self._topics.get(topic)
         if head is None:
             head = self._topic(topic)
         self._seq = seq = self._seq + 1

@@ -91,10 +91,10 @@ class ServiceEndpoint(Bound):
         """(route, msg_id, body) of a request, or None when it was refused (see ``parse``)."""
         # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
         if len(frames) == 4 and not frames[1]:
-            header = frames[2]
-            if len(header) == 21 and header.startswith(_REQUEST) and header[12] == _FLOAT64:
+            head = frames[2]
+            if len(head) == 21 and head.startswith(_REQUEST) and head[12] == _FLOAT64:
                 try:
-                    return frames[:2], _UNPACK(header)[1], wire.unpack_body(frames[3])
+                    return frames[:2], _UNPACK(head)[1], wire.unpack_body(frames[3])
                 except RemoteProtocolError:
                     pass  # parse() below refuses it, counts it and answers with an error
         parsed = self.parse(frames)
@@ -201,9 +201,9 @@ class _RequesterBase:
         Raises RemoteError for an error reply to our request."""
         # Fast path: ["", canonical reply header, msgpack body].
         if len(frames) == 3 and not frames[0]:
-            header = frames[1]
-            if len(header) == 21 and header.startswith(_REPLY) and header[12] == _FLOAT64:
-                if _UNPACK(header)[1] != msg_id:
+            head = frames[1]
+            if len(head) == 21 and head.startswith(_REPLY) and head[12] == _FLOAT64:
+                if _UNPACK(head)[1] != msg_id:
                     self._node.counters.add("stale_replies")
                     return False, None
                 try:
@@ -272,17 +272,21 @@ class Requester(_RequesterBase, SyncConnector):
                     return result
         raise self._failure(timeout, attempt)
 
-    def _await_reply(self, deadline: float) -> list[bytes] | None:
+    def _await_reply(self, deadline: float | None) -> list[bytes] | None:
         """The next message on the socket, or None at ``deadline``: a blocking receive, as a raw
         REQ socket does. The request has just gone out, so trying without blocking first would
         only fail (a raised zmq.Again) and polling would add syscalls to every round trip.
         Directory changes that arrive meanwhile wait for the next send. The receive timeout may
         overshoot the deadline by 1/64 of the time left, so that it is rarely reset."""
         left = _ms_left(deadline)
-        if left == 0:
+        if left is None:
+            left = -1  # no deadline: wait as long as it takes
+        elif left == 0:
             return None
         sock = self._sock
-        if not left <= self._rcvtimeo <= left + max(2, left >> _RCVTIMEO_SLACK_SHIFT):
+        if (left < 0) != (self._rcvtimeo < 0) or not (
+            left <= self._rcvtimeo <= left + max(2, left >> _RCVTIMEO_SLACK_SHIFT)
+        ):
             sock.setsockopt(zmq.RCVTIMEO, left)
             self._rcvtimeo = left
         try:
