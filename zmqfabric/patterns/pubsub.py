@@ -96,7 +96,8 @@ class Publisher(_Encoder, Bound):
 
     def wait_subscribers(self, n: int, timeout: float) -> int:
         """Wait until ``n`` subscribers are connected, at most ``timeout`` s; return how many are.
-        Pub/sub drops what is sent before a subscriber connects."""
+        Pub/sub drops what is sent before a subscriber's subscription arrives, which follows its
+        connection within about a millisecond (see ``Subscription.wait_ready``)."""
         self._check_open()
         deadline = deadline_after(timeout)
         while self._read_subscribers() < n:
@@ -244,9 +245,12 @@ class Subscription(_SubscriptionBase, SyncConnector):
                 return message.topic or "", message.body
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait until connected to every publisher known now (at least one); False after
-        ``timeout`` s. Subscriptions travel right after the handshake, so events published
-        after this returns reach this subscriber (ZeroMQ pub/sub drops what came before)."""
+        """Wait until the connections to every publisher known now (at least one) are up; False
+        after ``timeout`` s. ZeroMQ pub/sub drops what is published before a subscription
+        reaches the publisher, and the subscription follows the handshake: a publisher applies it
+        within about a millisecond of its own activity, so events published in that window may
+        still be missed. Where the first event matters, use a pipeline or tasks, or have the
+        publisher wait (``Publisher.wait_subscribers``) and pause briefly."""
         return self._wait_ready(deadline_after(timeout))
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
