@@ -18,7 +18,7 @@ import zmq
 from zmqfabric.core import wire
 from zmqfabric.core.records import EndpointKind
 
-from .base import PAUSE, RESUME, STATISTICS, TERMINATE, Device, DeviceState, DeviceStats
+from .base import PAUSE, RESUME, STATISTICS, TERMINATE, Device, DeviceStats
 
 log = logging.getLogger(__name__)
 #: Requests the queue holds while every worker is busy; beyond it, clients get an error reply.

@@ -22,8 +22,16 @@ import zmq
 
 from zmqfabric.core.records import EndpointKind
 
-from .base import PAUSE, RESUME, STATISTICS, STEER_TIMEOUT_S, TERMINATE, Device, DeviceState
-from .base import DeviceStats
+from .base import (
+    PAUSE,
+    RESUME,
+    STATISTICS,
+    STEER_TIMEOUT_S,
+    TERMINATE,
+    Device,
+    DeviceState,
+    DeviceStats,
+)
 
 #: How long (ms) the probe waits for a reply or a relayed message on inproc (µs in practice).
 _PROBE_MS = 100

@@ -15,6 +15,7 @@ from .errors import (
     FabricError,
     FabricTimeoutError,
     InvalidNameError,
+    JournalError,
     LocalProtocolError,
     MessageTooLargeError,
     NameConflictError,
@@ -23,8 +24,8 @@ from .errors import (
     RemoteError,
     RemoteProtocolError,
     RequestTimeoutError,
+    TaskFailedError,
 )
-from .errors import JournalError, TaskFailedError
 from .node import Node
 from .patterns.tasks import TaskInfo, current_task
 from .tasks import TaskConfig, TaskHandle

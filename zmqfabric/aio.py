@@ -14,8 +14,6 @@ import signal
 import threading
 from typing import Any, Iterable
 
-import zmq
-
 from .constants import CONTROL_TIMEOUT_S, MAX_IDLE_REQUESTERS, THREAD_JOIN_TIMEOUT_S
 from .core.records import validate_endpoint_name, validate_node_name
 from .errors import ClosedError, FabricTimeoutError

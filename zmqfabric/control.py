@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from .config import peer_url
 from .constants import (
     CONTROL_TIMEOUT_S,
     HELLO_LINGER_MS,
@@ -35,7 +36,6 @@ from .errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from .config import peer_url
 from .keys import is_public_key
 from .liveness import PeerWatch
 from .patterns.reqrep import ServiceEndpoint

@@ -207,7 +207,7 @@ def _summarize(finals: dict[str, dict[str, Any]], run_id: str, processes: int, t
     pipeline = PatternResult(
         "pipeline", produced, (sink["received"],), _rate(sink["unique"], sink["elapsed"]),
         "jobs/s", once,
-        (f"every job exactly once at the sink (by id); " if once else
+        ("every job exactly once at the sink (by id); " if once else
          f"{produced - sink['unique']:,} jobs missing, {sink['duplicates']:,} duplicates; ")
         + f"done by {_split(sink['by'])}")
     return DemoSummary(run_id, processes, traffic_s, startup_s, (req, events, pipeline),

@@ -76,8 +76,14 @@ from typing import Any, Final
 
 import msgpack
 
-from ..constants import MAX_HEADER_SIZE, MAX_TOPIC_SIZE, PROTOCOL_VERSION
-from ..constants import MAX_TASK_CREDIT, MAX_TASK_ID, MAX_TASK_KEY
+from ..constants import (
+    MAX_HEADER_SIZE,
+    MAX_TASK_CREDIT,
+    MAX_TASK_ID,
+    MAX_TASK_KEY,
+    MAX_TOPIC_SIZE,
+    PROTOCOL_VERSION,
+)
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 

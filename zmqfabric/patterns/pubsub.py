@@ -5,7 +5,7 @@ ZeroMQ prefix subscriptions on the first frame, applied at the publisher."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
 import msgpack
 import zmq
