@@ -297,12 +297,6 @@ def test_retry_moves_to_another_provider(procs, make_node, name) -> None:
     assert stop_cleanly(good)["served"] >= len(durations) + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a retry goes wherever DEALER round robin points, which can be the same "
-    "provider again: a provider whose connection comes up during attempt 1 is appended after the "
-    "one attempt 1 used, and the round-robin cursor stays on that one",
-)
 def test_retry_reaches_a_provider_that_connected_during_the_first_attempt(
     procs, make_node, name
 ) -> None:

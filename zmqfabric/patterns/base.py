@@ -127,6 +127,9 @@ class Connector(Handle):
     """A handle whose socket connects to every provider of (kind, name) the directory knows, or,
     ``via`` a device node, to that device's front end for (kind, name) only."""
 
+    #: A ROUTER that chooses the provider of each message itself (routing id = the URL).
+    routed = False
+
     def __init__(
         self, node: NodeBase, name: str, socket_type: int, via: str | None = None
     ) -> None:
@@ -195,6 +198,8 @@ class Connector(Handle):
         try:
             log.debug("%s %r: %s %s", self.noun, self.name, op, url)
             if op == "connect" and url not in self._urls:
+                if self.routed:  # the peer's routing id is its URL: we address it by name
+                    self._sock.setsockopt(zmq.CONNECT_ROUTING_ID, url.encode())
                 self._node._connect(self._sock, url)
                 self._urls.add(url)
             elif op == "disconnect" and url in self._urls:

@@ -1,9 +1,11 @@
-"""Request/reply: services (ROUTER, bound and advertised) and requesters (DEALER, connected to
+"""Request/reply: services (ROUTER, bound and advertised) and requesters (ROUTER, connected to
 every provider, load-balanced round robin; replies matched by message id, so a late answer to an
 abandoned attempt is dropped rather than returned to the wrong call)."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import inspect
 import itertools
 import logging
@@ -33,6 +35,7 @@ from .base import (
     SyncConnector,
     _closed_or,
     _ms_left,
+    _s_left,
     deadline_after,
     recv_frames,
     send_frames,
@@ -178,14 +181,23 @@ class ServiceEndpoint(Bound):
 
 
 class _RequesterBase:
-    """Shared by the sync and asyncio requesters: encoding and reply matching."""
+    """Shared by the sync and asyncio requesters: encoding, choosing the provider, matching replies.
+
+    A requester is a ROUTER connected to every provider with the provider's URL as its routing
+    id, so it picks the provider of each request itself: round robin over the providers it is
+    connected to, and a retry goes to another provider than the attempt before (a DEALER's round
+    robin may send it to the same one again)."""
 
     kind = EndpointKind.REPLY
     noun = "service"
+    routed = True
     name: str
     _node: NodeBase
+    _urls: set[str]
+    _sock: zmq.Socket
 
     def _setup(self) -> None:
+        self._turn = random.randrange(1 << 16)  # fresh requesters do not all start at one provider
         self._ids = itertools.count(random.getrandbits(40))
         self._secured = self._node.config.keys is not None
         self._pack = msgpack.Packer().pack
@@ -223,6 +235,30 @@ class _RequesterBase:
             raise RemoteError(self.name, body["type"], body["message"])
         return True, body
 
+    def _send_to_one(self, frames: list[Any], copy: bool, avoid: str | None) -> str | None:
+        """Send to the next provider in turn that is connected, ``avoid`` only if no other one
+        is; return its URL, or None when none is connected now. Never blocks."""
+        order = sorted(self._urls)
+        count = len(order)
+        if not count:
+            return None
+        start = self._turn % count
+        turns = [order[(start + k) % count] for k in range(count)]
+        if avoid in self._urls and count > 1:
+            turns.remove(avoid)
+            turns.append(avoid)
+        sock = sync_view(self._sock)
+        for url in turns:
+            try:
+                send_frames(sock, [url.encode(), *frames], NOBLOCK, copy)
+            except zmq.ZMQError as exc:
+                if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                    continue  # not connected (yet), or that provider's queue is full
+                raise _closed_or(self, exc) from exc  # type: ignore[arg-type]
+            self._turn = order.index(url) + 1
+            return url
+        return None
+
     def _timeouts(self, timeout: float | None) -> float:
         return self._node.config.request_timeout_s if timeout is None else timeout
 
@@ -239,7 +275,7 @@ class Requester(_RequesterBase, SyncConnector):
     """Calls one service by name. Owned by one thread; not thread-safe."""
 
     def __init__(self, node: NodeBase, service: str, via: str | None = None) -> None:
-        SyncConnector.__init__(self, node, service, zmq.DEALER, via)
+        SyncConnector.__init__(self, node, service, zmq.ROUTER, via)
         self._setup()
         self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set; -1: none
 
@@ -252,6 +288,7 @@ class Requester(_RequesterBase, SyncConnector):
         """
         self._check_open()
         timeout = self._timeouts(timeout)
+        last: str | None = None
         for attempt in range(1, retries + 2):
             deadline = deadline_after(timeout)
             if not self._wait_providers(deadline):
@@ -264,13 +301,30 @@ class Requester(_RequesterBase, SyncConnector):
                 if self._all_refused():
                     break
             msg_id, frames, copy = self._frames(body)
-            if not self._send(frames, deadline, copy):
+            last = self._send_routed(frames, deadline, copy, last)
+            if last is None:
                 continue
             while (reply := self._await_reply(deadline)) is not None:
-                ok, result = self._match(reply, msg_id)
+                ok, result = self._match(reply[1:], msg_id)
                 if ok:
                     return result
         raise self._failure(timeout, attempt)
+
+    def _send_routed(
+        self, frames: list[Any], deadline: float, copy: bool, avoid: str | None
+    ) -> str | None:
+        """Send to one connected provider (see ``_send_to_one``); while none is connected yet,
+        wait for a directory change or a connection, at most until ``deadline``."""
+        while True:
+            if self._ops:
+                self._drain()
+            url = self._send_to_one(frames, copy, avoid)
+            if url is not None:
+                return url
+            left = _ms_left(deadline)
+            if left == 0:
+                return None
+            self._wait_monitor(lambda: False, deadline_after(min(left, 10) / 1000))
 
     def _await_reply(self, deadline: float | None) -> list[bytes] | None:
         """The next message on the socket, or None at ``deadline``: a blocking receive, as a raw
@@ -301,13 +355,14 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
     """Calls one service by name from one asyncio loop."""
 
     def __init__(self, node: NodeBase, service: str, via: str | None = None) -> None:
-        AsyncConnector.__init__(self, node, service, zmq.DEALER, via)
+        AsyncConnector.__init__(self, node, service, zmq.ROUTER, via)
         self._setup()
 
     async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
         """Coroutine twin of :meth:`Requester.request`."""
         self._check_open()
         timeout = self._timeouts(timeout)
+        last: str | None = None
         for attempt in range(1, retries + 2):
             deadline = deadline_after(timeout)
             if not await self._wait_providers(deadline):
@@ -320,11 +375,29 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
                 if self._all_refused():
                     break
             msg_id, frames, copy = self._frames(body)
-            if not await self._send(frames, deadline, copy):
+            last = await self._send_routed(frames, deadline, copy, last)
+            if last is None:
                 continue
             while (reply := await self._recv(deadline)) is not None:
-                ok, result = self._match(reply, msg_id)
+                ok, result = self._match(reply[1:], msg_id)
                 if ok:
                     return result
         raise self._failure(timeout, attempt)
+
+    async def _send_routed(
+        self, frames: list[Any], deadline: float, copy: bool, avoid: str | None
+    ) -> str | None:
+        """Coroutine twin of :meth:`Requester._send_routed`."""
+        while True:
+            url = self._send_to_one(frames, copy, avoid)
+            if url is not None:
+                return url
+            left = _s_left(deadline)
+            if not left:
+                return None
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.01))
+            except asyncio.TimeoutError:
+                pass
 
