@@ -731,3 +731,32 @@ def test_traffic_between_secured_nodes_is_encrypted(keydir, procs: ProcessGroup,
     assert needle not in raw, "the marker crossed lo in clear text between secured nodes"
     assert all(needle not in stream for stream in flows(captured).values())
     assert all(b"zf-marker-" not in p.payload for p in captured)
+
+
+def test_a_per_endpoint_allow_list_admits_only_its_keys(tmp_path, name) -> None:
+    """Node-wide, the server trusts both clients; its "billing" service admits only one."""
+    dirs = {who: tmp_path / who for who in ("server", "accounting", "web")}
+    public = {who: keys.generate(path) for who, path in dirs.items()}
+    for who in ("accounting", "web"):
+        keys.allow(dirs["server"], public[who], who)
+        keys.allow(dirs[who], public["server"], "server")
+    billing, open_svc = name("billing"), name("open")
+    server = zf.Node(name("srv"), keys=dirs["server"])
+
+    @server.reply(billing, allow=[public["accounting"]])
+    def bill(body: object) -> object:
+        return {"billed": body}
+
+    @server.reply(open_svc)
+    def echo(body: object) -> object:
+        return body
+
+    with server, zf.Node(name("acct"), keys=dirs["accounting"]) as acct, \
+            zf.Node(name("web"), keys=dirs["web"]) as web:
+        server.serve_in_background()
+        assert acct.request(billing, 1, timeout=WAIT) == {"billed": 1}
+        assert web.request(open_svc, 2, timeout=WAIT) == 2
+        with pytest.raises(zf.AuthorizationError, match=billing):
+            web.request(billing, 3, timeout=WAIT)
+        assert server.counters.get("refused_handshakes") > 0
+        assert acct.request(billing, 4, timeout=WAIT) == {"billed": 4}
