@@ -14,7 +14,7 @@ import zmq
 from .constants import CONTROL_TIMEOUT_S, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
 from .core.records import validate_endpoint_name, validate_node_name
 from .nodebase import NodeBase, NodeState
-from .patterns.base import NOBLOCK, recv_frames
+from .patterns.io import NOBLOCK, recv_frames
 from .patterns.pipeline import Puller, Pusher
 from .patterns.pubsub import Publisher, Subscription
 from .patterns.reqrep import Requester, ServiceEndpoint

@@ -14,12 +14,9 @@ Sends and receives try the socket without blocking first (the hot path is a plai
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
-import threading
-import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
@@ -29,6 +26,7 @@ from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError
 from ..sockets import sync_view
 from ..stats import RateLimitedLog
+from .io import NOBLOCK, _ms_left, recv_frames, send_frames
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -381,150 +379,7 @@ class SyncConnector(Connector):
         os.close(self._wake_w)
 
 
-class AsyncConnector(Connector):
-    """A connector owned by one asyncio loop: directory changes arrive by call_soon_threadsafe."""
-
-    def __init__(
-        self, node: NodeBase, name: str, socket_type: int, via: str | None = None
-    ) -> None:
-        super().__init__(node, name, socket_type, via)
-        self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
-        self._watch()
-
-    def _post(self, op: str, url: str) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._apply_and_signal, op, url)
-        except RuntimeError:
-            pass  # loop closed: the handle is going away with it
-
-    def _apply_and_signal(self, op: str, url: str) -> None:
-        if not self._apply(op, url):
-            self._loop.call_later(DEFER_DISCONNECT_S, self._apply_and_signal, op, url)
-            return
-        self._changed.set()
-
-    def _watch(self) -> None:
-        self._owner = threading.get_ident()
-        kind, name = self._watched()
-        self._unwatch = self._node.directory.watch(kind, name, self._apply_or_post, self.via)
-
-    def _apply_or_post(self, op: str, url: str) -> None:
-        # The initial providers arrive inside watch(), in the owning loop's thread: apply them now
-        # so that the first send can go out; later changes come from zeroconf's thread.
-        if threading.get_ident() == self._owner:
-            self._apply_and_signal(op, url)
-        else:
-            self._post(op, url)
-
-    async def _recv(self, deadline: float | None) -> list[bytes] | None:
-        try:
-            return await asyncio.wait_for(self._sock.recv_multipart(), _s_left(deadline))
-        except asyncio.TimeoutError:
-            return None
-        except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
-
-    async def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
-        try:
-            await asyncio.wait_for(self._sock.send_multipart(frames, copy=copy), _s_left(deadline))
-            return True
-        except asyncio.TimeoutError:
-            return False
-        except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
-
-    async def _wait_ready(self, deadline: float | None) -> bool:
-        """Wait until every provider known now has completed its connection handshake."""
-        while not self._ready():
-            left = _s_left(deadline)
-            if left == 0:
-                return False
-            try:
-                event = await asyncio.wait_for(recv_monitor_message(self._monitor), left)
-            except asyncio.TimeoutError:
-                return self._ready()
-            self._on_monitor_event(event)
-        return True
-
-    async def _wait_settled(self, deadline: float | None) -> bool:
-        """Wait until every provider's handshake succeeded or was refused (secured nodes)."""
-        while not self._settled():
-            left = _s_left(deadline)
-            if left == 0:
-                return False
-            try:
-                event = await asyncio.wait_for(recv_monitor_message(self._monitor), left)
-            except asyncio.TimeoutError:
-                return self._settled()
-            self._on_monitor_event(event)
-        return True
-
-    async def _wait_providers(self, deadline: float | None) -> bool:
-        while not self._urls:
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), _s_left(deadline))
-            except asyncio.TimeoutError:
-                return bool(self._urls)
-        return True
-
-
-def deadline_after(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _ms_left(deadline: float | None) -> int | None:
-    """Milliseconds to ``deadline`` for a poll: None = forever, 0 = passed."""
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    return 0 if left <= 0 else max(1, int(left * 1000))
-
-
-def _s_left(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    return max(0.0, deadline - time.monotonic())
-
-
 def _closed_or(handle: Handle, exc: zmq.ZMQError) -> FabricError:
     if exc.errno in (zmq.ETERM, zmq.ENOTSOCK) or handle.closed:
         return ClosedError(f"{handle.noun} {handle.name!r} is closed")
     return FabricError(f"{handle.noun} {handle.name!r}: {exc.strerror}")
-
-
-# --- hot path: frames in and out ------------------------------------------------------------
-# pyzmq's send_multipart/recv_multipart are Python loops that pay, per frame, for the Python
-# wrapper of Socket.send (routing ids, groups) and for getsockopt(RCVMORE), which builds an enum:
-# together about 1 us per frame. These do the same with the C methods.
-
-#: Flags as plain ints: or-ing zmq's Flag enums costs about a microsecond per call.
-NOBLOCK = int(zmq.NOBLOCK)
-_MORE = int(zmq.SNDMORE)
-#: The C method under pyzmq's Python ``Socket.send`` wrapper.
-_SEND = zmq.backend.Socket.send
-
-
-def send_frames(
-    sock: zmq.Socket[Any], frames: list[Any], flags: int, copy: bool = True
-) -> None:
-    """``sock.send_multipart(frames, flags)`` without the wrapper; ``copy=False`` applies to the
-    last frame only (large bodies). Raises zmq.Again if nothing was queued (with NOBLOCK): once
-    the first frame is accepted, ZeroMQ accepts the rest of the message."""
-    more = flags | _MORE
-    last = len(frames) - 1
-    for i in range(last):
-        _SEND(sock, frames[i], more)
-    _SEND(sock, frames[last], flags, copy)
-
-
-def recv_frames(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
-    """``sock.recv_multipart(flags)``: a Frame's ``more`` replaces getsockopt(RCVMORE). The rest
-    of a message is there once its first frame is, so only the first receive can raise Again."""
-    frame = sock.recv(flags, False)
-    frames = [frame.bytes]
-    while frame.more:
-        frame = sock.recv(NOBLOCK, False)
-        frames.append(frame.bytes)
-    return frames

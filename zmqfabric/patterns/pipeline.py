@@ -14,12 +14,10 @@ from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import FabricTimeoutError, NoProviderError, RemoteProtocolError
-from .base import (
+from .aioconn import AsyncConnector
+from .base import Bound, SyncConnector, _closed_or
+from .io import (
     NOBLOCK,
-    AsyncConnector,
-    Bound,
-    SyncConnector,
-    _closed_or,
     _ms_left,
     _s_left,
     deadline_after,

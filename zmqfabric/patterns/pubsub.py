@@ -15,12 +15,10 @@ from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import FabricTimeoutError, RemoteProtocolError
-from .base import (
+from .aioconn import AsyncConnector
+from .base import Bound, SyncConnector, _closed_or
+from .io import (
     NOBLOCK,
-    AsyncConnector,
-    Bound,
-    SyncConnector,
-    _closed_or,
     _ms_left,
     deadline_after,
     recv_frames,

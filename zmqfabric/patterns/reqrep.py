@@ -28,12 +28,10 @@ from ..errors import (
     RequestTimeoutError,
 )
 from ..sockets import sync_view
-from .base import (
+from .aioconn import AsyncConnector
+from .base import Bound, SyncConnector, _closed_or
+from .io import (
     NOBLOCK,
-    AsyncConnector,
-    Bound,
-    SyncConnector,
-    _closed_or,
     _ms_left,
     _s_left,
     deadline_after,
