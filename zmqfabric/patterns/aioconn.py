@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -72,27 +72,22 @@ class AsyncConnector(Connector):
 
     async def _wait_ready(self, deadline: float | None) -> bool:
         """Wait until every provider known now has completed its connection handshake."""
-        while not self._ready():
-            left = _s_left(deadline)
-            if left == 0:
-                return False
-            try:
-                event = await asyncio.wait_for(recv_monitor_message(self._monitor), left)
-            except asyncio.TimeoutError:
-                return self._ready()
-            self._on_monitor_event(event)
-        return True
+        return await self._wait_monitor(self._ready, deadline)
 
     async def _wait_settled(self, deadline: float | None) -> bool:
         """Wait until every provider's handshake succeeded or was refused (secured nodes)."""
-        while not self._settled():
+        return await self._wait_monitor(self._settled, deadline)
+
+    async def _wait_monitor(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Apply connection events until ``done()``; False at the deadline."""
+        while not done():
             left = _s_left(deadline)
             if left == 0:
                 return False
             try:
                 event = await asyncio.wait_for(recv_monitor_message(self._monitor), left)
             except asyncio.TimeoutError:
-                return self._settled()
+                return done()
             self._on_monitor_event(event)
         return True
 
