@@ -4,6 +4,12 @@ thread that relays, and a steering socket for PAUSE / RESUME / TERMINATE / STATI
 Sockets belong to the device thread while it runs. Discovery only queues "connect/disconnect" for
 the back end and interrupts the relay; the device thread applies the change and relays on. The
 steering socket is the one socket used from several threads, always under its lock.
+
+Discovery's thread never waits for the device thread: it calls the watcher while holding the
+directory's lock, and the device thread may be waiting for that lock or answering another steering
+call. So a watcher resolves the peer's CURVE key itself (the lock is re-entrant), and interrupts
+with commands whose replies it does not wait for: they are "owed", and the next steering call
+reads them first (:meth:`Device._settle_locked`).
 """
 
 from __future__ import annotations
@@ -112,7 +118,8 @@ class Device:
         node._track(self)  # type: ignore[arg-type]
         self.back = node._sockets.socket(self.back_type, sync=True)
         self.back.setsockopt(zmq.IMMEDIATE, 1)
-        self._ops: collections.deque[tuple[str, str]] = collections.deque()
+        #: (op, url, CURVE key) queued by discovery for the device thread.
+        self._ops: collections.deque[tuple[str, str, str | None]] = collections.deque()
         self._urls: set[str] = set()
         self._address = f"inproc://zmqfabric-device-{id(self)}"
         self.control = node._sockets.socket(zmq.PAIR, sync=True)
@@ -120,6 +127,10 @@ class Device:
         self._steer = node._sockets.socket(zmq.PAIR, sync=True)
         self._steer.connect(self._address)
         self._steer_lock = threading.Lock()
+        #: One entry per command sent whose reply is not read yet: True for a STATISTICS reply
+        #: to add to ``_carried``. Under _steer_lock.
+        self._owed: collections.deque[bool] = collections.deque()
+        self._carried = DeviceStats()
         self._stopping = False
         self._closed = False
         self._unwatch: Callable[[], None] | None = None
@@ -219,6 +230,7 @@ class Device:
             return self._steer_call_locked(command)
 
     def _steer_call_locked(self, command: bytes) -> list[bytes] | None:
+        self._settle_locked(wait=True)
         while self._steer.poll(0):  # a late reply to an earlier call that timed out
             self._steer.recv_multipart()
         self._steer.send(command)
@@ -226,13 +238,36 @@ class Device:
             return None
         return self._steer.recv_multipart()
 
+    def _send_owed_locked(self, command: bytes, replies: bool = True, carry: bool = False) -> None:
+        """Send a command without waiting for its reply (if it gets one: ``replies``); the next
+        steering call reads it. ``carry``: the reply is a STATISTICS answer to keep."""
+        self._settle_locked(wait=False)
+        self._steer.send(command)
+        if replies:
+            self._owed.append(carry)
+
+    def _settle_locked(self, wait: bool) -> None:
+        """Read the owed replies (``wait``: up to STEER_TIMEOUT_S each; else those already here)."""
+        while self._owed:
+            if not self._steer.poll(int(STEER_TIMEOUT_S * 1000) if wait else 0):
+                if wait:
+                    log.warning("%s %s: %d steering replies did not come; counts may be short",
+                                self.label, self.name, len(self._owed))
+                    self._owed.clear()
+                return
+            reply = self._steer.recv_multipart()
+            if self._owed.popleft() and len(reply) >= 8:
+                self._carried = self._carried + DeviceStats.from_frames(reply)
+
     # --- back end ----------------------------------------------------------------------------
 
     def _post(self, op: str, url: str) -> None:
-        """Discovery's thread: queue the change and interrupt the relay to apply it."""
+        """Discovery's thread, under the directory's lock: queue the change (with the peer's key,
+        so that the device thread never needs that lock) and interrupt the relay. Never waits."""
         if self._stopping:
             return
-        self._ops.append((op, url))
+        key = self.node.directory.key_for(url) if op == "connect" else None
+        self._ops.append((op, url, key))
         self._interrupt()
 
     def _interrupt(self) -> None:  # pragma: no cover - overridden
@@ -241,10 +276,10 @@ class Device:
     def _apply_ops(self) -> None:
         """Device thread: connect/disconnect the back end as discovery said."""
         while self._ops:
-            op, url = self._ops.popleft()
+            op, url, key = self._ops.popleft()
             try:
                 if op == "connect" and url not in self._urls:
-                    self.node._connect(self.back, url)
+                    self.node._sockets.connect(self.back, url, key)
                     self._urls.add(url)
                 elif op == "disconnect" and url in self._urls:
                     self._urls.discard(url)
@@ -268,4 +303,4 @@ class Device:
 
     def _carried_stats(self) -> DeviceStats:
         """Counts from earlier runs of the relay (a restarted proxy starts from zero)."""
-        return DeviceStats()
+        return self._carried

@@ -44,19 +44,21 @@ class Queue(Device):
         self._busy_timeout = self.node.config.request_timeout_s
 
     def _interrupt(self) -> None:
+        """Discovery's thread: wake the loop to apply the change; the reply is read later."""
         if self._thread.is_alive():
-            self._steer_call(WAKE)
+            with self._steer_lock:
+                self._send_owed_locked(WAKE)
 
     def _live_stats(self) -> DeviceStats:
         return DeviceStats(*self._counts)
 
     def _apply_ops(self) -> None:
         while self._ops:
-            op, url = self._ops.popleft()
+            op, url, key = self._ops.popleft()
             if op == "connect" and url not in self._workers:
                 sock = self.node._sockets.socket(zmq.DEALER, sync=True)
                 try:
-                    self.node._connect(sock, url)
+                    self.node._sockets.connect(sock, url, key)
                 except Exception as exc:  # a bad peer must not stop the device
                     log.warning("queue %s: cannot reach worker %s: %s", self.name, url, exc)
                     sock.close(0)

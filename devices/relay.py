@@ -74,9 +74,12 @@ def proxy_steering() -> tuple[bytes, bool]:
 class ProxyDevice(Device):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._carried = DeviceStats()
-        #: The device thread is in (or about to enter) the proxy. Changed under _steer_lock.
+        #: The device thread is in (or about to enter) the proxy. Changed under _state_lock, which
+        #: is never held while waiting: the device thread takes only this one, so a steering call
+        #: that holds _steer_lock while it waits for the thread's answer cannot block the thread.
+        #: Order: _steer_lock, then _state_lock.
         self._in_proxy = False
+        self._state_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._pause_command, self._answers = proxy_steering()
@@ -104,27 +107,21 @@ class ProxyDevice(Device):
         with self._steer_lock:
             if self._stopping:
                 return
-            if self._in_proxy:
-                self._leave_proxy_locked()
-            else:
+            if not self._leave_proxy_locked():
                 self._wake()
 
-    def _leave_proxy_locked(self) -> None:
-        """Pause the proxy, carry its counters over and end it: no part goes uncounted."""
-        if not self._in_proxy:
-            return
-        self._send_locked(self._pause_command)
-        reply = self._steer_call_locked(STATISTICS)
-        if reply is not None and len(reply) >= 8:
-            self._carried = self._carried + DeviceStats.from_frames(reply)
-        self._send_locked(TERMINATE)
-        self._in_proxy = False
-
-    def _send_locked(self, command: bytes) -> None:
-        """A command that the proxy answers only on some libzmq versions."""
-        self._steer.send(command)
-        if self._answers and self._steer.poll(int(STEER_TIMEOUT_S * 1000)):
-            self._steer.recv_multipart()
+    def _leave_proxy_locked(self) -> bool:
+        """Pause the proxy, carry its counters over and end it: no part goes uncounted. The proxy
+        handles the three commands in order; their replies are read later (owed), so discovery's
+        thread never waits here. False if the thread was not relaying."""
+        with self._state_lock:
+            if not self._in_proxy:
+                return False
+            self._send_owed_locked(self._pause_command, replies=self._answers)
+            self._send_owed_locked(STATISTICS, carry=True)
+            self._send_owed_locked(TERMINATE, replies=self._answers)
+            self._in_proxy = False
+            return True
 
     def _terminate(self) -> None:
         with self._steer_lock:
@@ -140,15 +137,12 @@ class ProxyDevice(Device):
         except (BlockingIOError, OSError):
             pass  # already woken
 
-    def _carried_stats(self) -> DeviceStats:
-        return self._carried
-
     # --- device thread ------------------------------------------------------------------------
 
     def _relay(self) -> None:
         while not self._stopping:
-            self._apply_ops()  # not under the lock: connecting reads the directory
-            with self._steer_lock:
+            self._apply_ops()
+            with self._state_lock:
                 if self._ops:
                     continue  # a change arrived meanwhile: apply it first
                 self._in_proxy = (self.state is DeviceState.RUNNING and not self._stopping

@@ -645,6 +645,39 @@ def test_forwarder_counts_survive_back_end_changes(make_node, devices, name) -> 
     assert counted.front_msgs_out - before.front_msgs_out == 3 * sent
 
 
+
+@pytest.mark.parametrize("kind", ["streamer", "queue"])
+def test_statistics_answer_promptly_while_the_back_end_changes(kind, make_node, make_worker,
+                                                                devices, name) -> None:
+    """Every statistics call is answered in well under its 2 s timeout while providers come
+    and go.
+
+    Bug: discovery's thread called the device's watcher under the directory lock and waited
+    there for the device thread, which needed that lock (a peer's CURVE key) or the steering
+    lock held by a statistics call waiting for the device thread: each call could stall 2 s
+    and then fail (CI failure of test_pause_holds_traffic_until_resume[streamer])."""
+    what = name(kind)
+    hub = make_node("hub")
+    device = devices((Streamer if kind == "streamer" else Queue)(hub, what))
+    providers = make_node("provider")
+    slowest = 0.0
+    for _ in range(15):
+        if kind == "streamer":
+            handle: Any = providers.puller(what)
+        else:  # services are fixed at start: a worker node comes and goes
+            handle = zf.Node(name("worker"))
+            handle.reply(what)(lambda body: body)
+            handle.start()
+        for _ in range(3):
+            started = time.monotonic()
+            device.statistics()
+            slowest = max(slowest, time.monotonic() - started)
+        handle.close()
+        started = time.monotonic()
+        device.statistics()
+        slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 1.0, f"a statistics call took {slowest:.2f} s"
+
 # --- pause and resume -------------------------------------------------------------------------
 
 
