@@ -403,6 +403,39 @@ def test_puller_refuses_malformed_messages(target: Target, raw: RawFactory) -> N
     puller.close()
 
 
+def test_puller_fast_path_never_mixes_frames_of_two_messages(
+    target: Target, raw: RawFactory
+) -> None:
+    """``Puller.recv`` reads a canonical header's body without checking for more frames (the
+    check costs more than the rest of the receive): trailing frames are read next as if the same
+    sender had sent them as a message of their own (the wire spec allows it), and never joined
+    to a frame of any other message."""
+    from zmqfabric.core import wire
+
+    node = target.node
+    pipeline = unique("jobs")
+    puller = node.puller(pipeline)
+    push = raw(zmq.PUSH, connect=target.url(EndpointKind.PIPELINE, pipeline))
+    canonical = wire.pack_header(wire.Kind.MESSAGE, 5, 0.0)
+    assert len(canonical) == wire.HEADER_SIZE
+    push.send_multipart([canonical, msgpack.packb("first")])
+    assert puller.recv(timeout=WAIT) == "first"
+    before = counters(node)
+
+    push.send_multipart([canonical])  # header only: refused, the next message stays whole
+    push.send_multipart([canonical, msgpack.packb("second")])
+    push.send_multipart([canonical, b"\xc1"])  # not msgpack
+    push.send_multipart([canonical, msgpack.packb("third"), canonical, BODY])  # trailing frames
+    push.send_multipart([canonical, msgpack.packb("last")])
+    got = [puller.recv(timeout=WAIT) for _ in range(4)]
+
+    assert got == ["second", "third", {"x": 1}, "last"]
+    assert grew(before, counters(node), "refused_message") == 2
+    with pytest.raises(zf.FabricTimeoutError):
+        puller.recv(timeout=0.05)
+    puller.close()
+
+
 # --- streams ---------------------------------------------------------------------------------
 
 

@@ -32,7 +32,10 @@ Frames per pattern
       kind 3 with body ``{"type": str, "message": str}``.
     - publish/subscribe (stream socket: PUB): ``[topic, header, body]``; ``topic`` is UTF-8, at
       most 1024 bytes, and subscriptions are prefixes of it.
-    - push/pull (pipeline socket: PULL, the pusher connects): ``[header, body]``.
+    - push/pull (pipeline socket: PULL, the pusher connects): ``[header, body]``. Frames after
+      the body make a message malformed; a receiver may read them as a following message of the
+      same sender (zmqfabric's ``Puller.recv`` does: checking for them costs more than the rest
+      of its receive), but never joins them to a frame of another message.
     - reliable tasks (task socket: ROUTER, bound by each worker; a producer connects one DEALER
       to each worker, so that it chooses the worker of every task). Every message is
       ``["", header, body]`` as a DEALER sends and receives it (the worker's ROUTER reads the

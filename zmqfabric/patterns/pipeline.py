@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
+import msgpack
 import zmq
 
 from ..constants import ZERO_COPY_THRESHOLD
@@ -22,7 +23,6 @@ from .io import (
     _s_left,
     deadline_after,
     recv_frames,
-    send_frames,
 )
 from .pubsub import BINARY, _Encoder
 
@@ -31,6 +31,11 @@ _MESSAGE = wire.canonical_prefix(wire.Kind.MESSAGE)
 _PACK = wire.CANONICAL.pack
 _UNPACK = wire.CANONICAL.unpack
 _FLOAT64 = wire.FLOAT64
+#: The C-level receive (no attribute lookup through pyzmq's Socket classes) and msgpack's decoder.
+_RECV = zmq.backend.Socket.recv
+_SEND = zmq.backend.Socket.send
+_NOBLOCK_MORE = NOBLOCK | int(zmq.SNDMORE)
+_UNPACKB = msgpack.unpackb
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -80,21 +85,23 @@ class Puller(_PullerBase):
         if self._closed:
             self._check_open()
         sock = self._sock
-        recv = sock.recv
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            deadline, wait = None, -1
+        else:
+            deadline, wait = time.monotonic() + timeout, max(0, int(timeout * 1000))
         while True:
-            # Hot path: one blocking receive with the socket's receive timeout, as a raw PULL
-            # does (a puller has no directory changes to watch, so nothing else to poll), then
-            # the second frame; each frame's ``more`` flag comes from its zmq Frame, cheaper
-            # than getsockopt(RCVMORE), and the body is unpacked straight from its Frame.
-            wait = -1 if deadline is None else (_ms_left(deadline) or 0)
-            if (wait < 0) != (self._rcvtimeo < 0) or not (
-                wait <= self._rcvtimeo <= wait + max(2, wait >> 6)
-            ):
+            # Hot path, as a raw PULL does it: one blocking receive with the socket's receive
+            # timeout (a puller has no directory changes to watch, so nothing else to poll).
+            # The header comes as a zmq Frame, whose ``more`` is cheaper than
+            # getsockopt(RCVMORE); the body of a canonical header comes as bytes, unchecked:
+            # frames after it (a malformed message) are read next as a message of their own
+            # (see the wire spec), so nothing of another message is ever mixed in.
+            was = self._rcvtimeo
+            if wait != was and (wait < 0 or was < 0 or not wait <= was <= wait + (wait >> 6) + 2):
                 sock.setsockopt(zmq.RCVTIMEO, wait)  # reset rarely: a slack of 1/64
                 self._rcvtimeo = wait
             try:
-                head = recv(0, False)
+                head = _RECV(sock, 0, False)
             except zmq.Again:
                 raise FabricTimeoutError(
                     f"no message on pipeline {self.name!r} within {timeout} s", timeout=timeout
@@ -104,27 +111,27 @@ class Puller(_PullerBase):
             header = head.bytes
             if not head.more:
                 frames = [header]
+            elif len(header) == 21 and header[12] == _FLOAT64 and header.startswith(_MESSAGE):
+                data = _RECV(sock, NOBLOCK)  # the rest of a message is there with its first frame
+                try:
+                    return _UNPACKB(data, raw=False, strict_map_key=False)
+                except Exception as exc:  # what wire.unpack_body catches, inlined
+                    self._refused("message", RemoteProtocolError(
+                        f"body is not valid msgpack: {exc}"))
+                    if deadline is not None:
+                        wait = _ms_left(deadline) or 0
+                    continue
             else:
-                # The rest of a message is there once its first frame is.
-                part = recv(NOBLOCK, False)
-                if (
-                    not part.more
-                    and len(header) == 21
-                    and header.startswith(_MESSAGE)
-                    and header[12] == _FLOAT64
-                ):
-                    try:
-                        return wire.unpack_body(part)  # type: ignore[arg-type]  # a buffer
-                    except RemoteProtocolError as exc:
-                        self._refused("message", exc)
-                        continue
-                frames = [header, part.bytes]
+                frames = [header]
+                part = head
                 while part.more:
-                    part = recv(NOBLOCK, False)
+                    part = _RECV(sock, NOBLOCK, False)
                     frames.append(part.bytes)
             message = self._decode(frames)
             if message is not None:
                 return message.body
+            if deadline is not None:
+                wait = _ms_left(deadline) or 0
 
     def _frames(self, deadline: float | None, try_first: bool = True) -> list[bytes] | None:
         """The next multipart message, or None when ``deadline`` passes. ``try_first=False``:
@@ -196,27 +203,30 @@ class Pusher(_Encoder, SyncConnector):
         LocalProtocolError for a body msgpack cannot encode."""
         if self._closed:
             self._check_open()
-        # _Encoder._encode inlined (hot path).
+        # _Encoder._encode and send_frames inlined (hot path).
         self._seq = seq = self._seq + 1
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-            frames = [wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS), body]
+            header = wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS)
             copy = False
         else:
             try:
-                data = self._pack(body)
+                body = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            frames, copy = [_PACK(self._prefix, seq, _FLOAT64, time.time()), data], True
+            header, copy = _PACK(self._prefix, seq, _FLOAT64, time.time()), True
         if self._ops:
             self._drain()
+        sock = self._sock
         try:
-            send_frames(self._sock, frames, NOBLOCK, copy)
+            # Once ZeroMQ takes the first frame it takes the whole message: only this can fail.
+            _SEND(sock, header, _NOBLOCK_MORE)
+            _SEND(sock, body, NOBLOCK, copy)
             return
         except zmq.Again:
             pass  # no puller yet, or all are HWM behind: wait (below) with a deadline
         except zmq.ZMQError as exc:
             raise _closed_or(self, exc) from exc
-        if not self._send(frames, deadline_after(timeout), copy):
+        if not self._send([header, body], deadline_after(timeout), copy):
             raise NoProviderError("pipeline", self.name, timeout)
 
     def wait_ready(self, timeout: float) -> bool:
