@@ -2,8 +2,9 @@
 
 Raw pyzmq sockets (built by hand from the wire spec, not with the fabric's encoders) send
 malformed multipart messages to every kind of endpoint a node reads from: a reply service
-(ROUTER), the control endpoint, a pipeline puller (PULL) and a stream subscription (SUB, pointed at
-a raw PUB through the node's directory). After each batch a correct message on the same
+(ROUTER), the control endpoint, a pipeline puller (PULL), a stream subscription (SUB, pointed at
+a raw PUB through the node's directory) and a publisher (XPUB, which reads what subscribers send
+upstream). After each batch a correct message on the same
 connection proves that the node still serves and that every bad message has been handled; the
 refusal counters then have grown by exactly the number of bad messages. Forged discovery records
 are advertised with python-zeroconf pinned to 127.0.0.1 (192.0.2.1 appears only as an advertised
@@ -481,6 +482,55 @@ def test_subscriber_refuses_malformed_events(target: Target, raw: RawFactory) ->
     finally:
         sub.close()
         node.directory.remove(record.name)
+
+
+#: What a raw XSUB sends upstream to a publisher besides valid subscriptions: each is refused and
+#: counted once (a multipart message as one). Built from the marker rule of the wire spec.
+MARKER = b"\xffzf/sub/"
+BAD_SUBSCRIPTIONS: dict[str, list[bytes]] = {
+    "empty message": [b""],
+    "not a subscription": [b"garbage"],
+    "unknown command byte": [b"\x02topic"],
+    "two frames": [b"junk", b"more junk"],
+    "marker too short": [b"\x01" + MARKER + b"abc"],
+    "marker too long": [b"\x01" + MARKER + b"0" * 17],
+    "marker not hex": [b"\x01" + MARKER + b"g" * 16],
+    "marker in upper case": [b"\x01" + MARKER + b"ABCDEF0123456789"],
+}
+
+
+def test_publisher_refuses_malformed_subscription_frames(target: Target, raw: RawFactory) -> None:
+    """A publisher's XPUB reads whatever a connected peer sends. A raw XSUB sends junk and bad
+    markers, then a valid marker: once that is counted every frame before it has been handled
+    (one connection keeps its order), and the refusal counter has grown by one per bad message.
+    Topic subscriptions are not refused, and the publisher still publishes to the XSUB."""
+    node = target.node
+    publisher = node.publisher(unique("ticks"))
+    try:
+        xsub = raw(zmq.XSUB, connect=target.url(EndpointKind.STREAM, publisher.name))
+        before = counters(node)
+        xsub.send(b"\x01EUR")
+        for frames in BAD_SUBSCRIPTIONS.values():
+            xsub.send_multipart(frames)
+        good = MARKER + b"0123456789abcdef"
+        xsub.send(b"\x01" + good)
+        assert publisher.wait_subscribers(1, WAIT) == 1, "the valid marker was not counted"
+        after = counters(node)
+        assert grew(before, after, "refused_subscription") == len(BAD_SUBSCRIPTIONS)
+
+        publisher.send("EURUSD", "still publishing")  # the marker was counted: EUR is applied
+        topic, header, body = recv(xsub)
+        assert (topic, msgpack.unpackb(body)) == (b"EURUSD", "still publishing")
+        assert msgpack.unpackb(header)[:2] == [1, 4]
+
+        xsub.send(b"\x00" + good)  # unsubscribing the marker: the subscriber left
+        deadline = time.monotonic() + WAIT
+        while publisher.subscribers:
+            assert time.monotonic() < deadline, "the unsubscribed marker still counts"
+            publisher._sock.poll(20)
+        assert grew(before, counters(node), "refused_subscription") == len(BAD_SUBSCRIPTIONS)
+    finally:
+        publisher.close()
 
 
 # --- replies (a zmqfabric requester talking to a raw, broken service) -------------------------

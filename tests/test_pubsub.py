@@ -1,21 +1,27 @@
 """Publish/subscribe across real processes: subscribers that start before and after the publisher,
-and topic-prefix filtering.
+and topic-prefix filtering; in one process, the subscriber count (``Publisher.wait_subscribers``)
+and its promise that nothing published after it returns is lost.
 
-ZeroMQ pub/sub drops what is published before a subscription reaches the publisher, so the tests
-use a handshake: the publisher sends ``ctl.ping`` until every subscriber has reported one, and only
-then the numbered data, which must then arrive complete and in order.
+ZeroMQ pub/sub drops what is published before a subscription reaches the publisher, so the
+multi-process tests use a handshake: the publisher sends ``ctl.ping`` until every subscriber has
+reported one, and only then the numbered data, which must then arrive complete and in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
+import zmq
 
 import zmqfabric as zf
+import zmqfabric.aio
 from tests.procs import Child, ProcessGroup
+from zmqfabric.core.records import EndpointKind
+from zmqfabric.patterns.pubsub import MARKER_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -180,34 +186,127 @@ def test_subscription_receives_every_publisher_of_a_stream(procs, make_node, nam
             pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit, documented in Subscription.wait_ready: it sees the subscriber's "
-    "handshake, the publisher applies the subscription a moment later, so events published at "
-    "once are dropped about half the time (an XPUB publisher counting subscriptions would fix it)",
-)
-def test_events_published_right_after_wait_ready_arrive(make_node, name) -> None:
-    """The promise of ``wait_ready``'s docstring, taken literally: publish the moment it returns."""
+def wait_count(publisher: Any, n: int, timeout: float = SLOW) -> None:
+    """Wait until ``publisher.subscribers == n`` (a count that goes down: wait_subscribers waits
+    for at least n)."""
+    deadline = time.monotonic() + timeout
+    while (count := publisher.subscribers) != n:
+        assert time.monotonic() < deadline, f"{count} subscribers, not {n}, after {timeout} s"
+        publisher._sock.poll(20)  # wakes when a subscription message arrives
+
+
+def test_events_published_right_after_wait_subscribers_arrive(make_node, name) -> None:
+    """The promise of ``wait_subscribers``, taken literally: publish the moment it returns. Each
+    round adds a sync and an asyncio subscriber (the earlier ones stay, so the count only grows)
+    and sends three events at once; both must get all three. Without the markers (counting
+    connections, or waiting in ``wait_ready``) about half of the rounds lost the first events."""
     stream = name("promise")
     publisher = make_node("pub").publisher(stream)
     sub_node = make_node("sub")
-    assert sub_node.wait_for_endpoint("pub", stream, SLOW) == 1
-    lost = []
-    for trial in range(30):
-        with sub_node.subscribe(stream, topics=[f"t{trial}."]) as sub:
-            assert sub.wait_ready(SLOW)
-            for i in range(3):
-                publisher.send(f"t{trial}.x", i)
-            got: list[Any] = []
+    assert sub_node.wait_for_endpoint(EndpointKind.STREAM, stream, SLOW) == 1
+    rounds = 30
+
+    async def main() -> list[tuple[int, str, list[Any]]]:
+        lost: list[tuple[int, str, list[Any]]] = []
+        subs: list[Any] = []
+        async with zmqfabric.aio.Node(name("aiosub")) as aio_node:
+            assert aio_node.wait_for_endpoint(EndpointKind.STREAM, stream, SLOW) == 1
             try:
-                while len(got) < 3:
-                    got.append(sub.recv(timeout=0.5)[1])
-            except zf.FabricTimeoutError:
-                pass
-        if got != [0, 1, 2]:
-            lost.append((trial, got))
-            break
-    assert not lost, f"events published right after wait_ready() were lost: {lost}"
+                for trial in range(rounds):
+                    sync_sub = sub_node.subscribe(stream, topics=[f"t{trial}."])
+                    async_sub = aio_node.subscribe(stream, topics=[f"t{trial}."])
+                    subs += [sync_sub, async_sub]
+                    # Blocks the loop: fine, the asyncio subscription's connection and
+                    # subscription are libzmq's work, done in its own threads.
+                    assert publisher.wait_subscribers(len(subs), SLOW) == len(subs)
+                    for i in range(3):
+                        publisher.send(f"t{trial}.x", i)
+                    got_sync: list[Any] = []
+                    got_async: list[Any] = []
+                    try:
+                        while len(got_sync) < 3:
+                            got_sync.append(sync_sub.recv(timeout=2.0)[1])
+                        while len(got_async) < 3:
+                            got_async.append((await async_sub.recv(timeout=2.0))[1])
+                    except zf.FabricTimeoutError:
+                        pass
+                    if got_sync != [0, 1, 2]:
+                        lost.append((trial, "sync", got_sync))
+                    if got_async != [0, 1, 2]:
+                        lost.append((trial, "asyncio", got_async))
+            finally:
+                for sub in subs:
+                    sub.close()
+        return lost
+
+    lost = asyncio.run(asyncio.wait_for(main(), 4 * SLOW))
+    assert not lost, f"events published right after wait_subscribers() were lost: {lost}"
+    wait_count(publisher, 0)  # every subscriber closed: none counts any more
+
+
+def test_a_subscriber_leaving_lowers_the_count(make_node, name) -> None:
+    """Closing a subscription, or its whole node, unsubscribes its marker: the count drops, and
+    the subscriber that stays still counts and still receives."""
+    stream = name("leave")
+    publisher = make_node("pub").publisher(stream)
+    assert publisher.subscribers == 0
+    stay = make_node("stay").subscribe(stream)
+    leave = make_node("leave").subscribe(stream, topics=["x"])
+    gone_node = make_node("gone")
+    gone = gone_node.subscribe(stream)
+    assert publisher.wait_subscribers(3, SLOW) == 3
+    assert publisher.wait_subscribers(1, 0) == 3  # at least n: returns at once
+    assert stay.marker != leave.marker != gone.marker
+
+    leave.close()
+    wait_count(publisher, 2)
+    gone_node.close()
+    wait_count(publisher, 1)
+    publisher.send("after", "the others left")
+    assert stay.recv(timeout=SLOW) == ("after", "the others left")
+    assert publisher.wait_subscribers(2, 0.05) == 1
+
+
+def test_a_plain_zeromq_sub_receives_and_counts_once_it_subscribes_a_marker(
+    make_node: Callable[..., zf.Node], name: Callable[[str], str]
+) -> None:
+    """The publisher's XPUB behaves as a PUB for a raw pyzmq SUB (no fabric import needed on
+    that side): it receives the events of its topics. It is not counted until it subscribes, last,
+    to a marker of its own as the wire spec describes; then an event sent at once arrives."""
+    node = make_node("pub")
+    stream = name("raw")
+    publisher = node.publisher(stream)
+    record = node.record
+    endpoint = record.find(EndpointKind.STREAM, stream)
+    assert endpoint is not None
+    with zmq.Context() as ctx, ctx.socket(zmq.SUB) as sub:
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"EUR")
+        sub.connect(record.url(endpoint))
+        deadline = time.monotonic() + SLOW
+        while not sub.poll(20):
+            assert time.monotonic() < deadline, "the raw SUB never received an event"
+            publisher.send("EURUSD", 1.1)
+        topic, _, _ = sub.recv_multipart()
+        assert topic == b"EURUSD"
+        assert publisher.subscribers == 0  # no marker, not counted
+
+        sub.setsockopt(zmq.SUBSCRIBE, b"USD")
+        sub.setsockopt(zmq.SUBSCRIBE, MARKER_PREFIX + b"00000000deadbeef")
+        assert publisher.wait_subscribers(1, SLOW) == 1
+        publisher.send("USDJPY", 150)
+        assert sub.poll(int(SLOW * 1000)), "the event sent right after the count never came"
+        while (frames := sub.recv_multipart())[0] == b"EURUSD":  # pings still queued
+            assert sub.poll(int(SLOW * 1000))
+        assert frames[0] == b"USDJPY"
+        sub.close(0)
+    wait_count(publisher, 0)
+
+
+def test_a_topic_starting_like_a_marker_is_refused(make_node, name) -> None:
+    node = make_node("sub")
+    with pytest.raises(zf.LocalProtocolError, match="marker"):
+        node.subscribe(name("s"), topics=["ok", MARKER_PREFIX + b"x"])  # type: ignore[list-item]
 
 
 def test_recv_timeout_and_message_metadata(make_node, name) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from typing import Any, Callable, Iterator
 
 import click
@@ -25,9 +24,6 @@ from .config import (
     pass_config,
 )
 from .output import BadInput, NotFound, clip, dumps, emit, plural
-
-#: After a subscriber's handshake, its SUBSCRIBE frame still has to reach the publisher.
-SUBSCRIBE_SETTLE_S = 0.05
 
 
 def via_option(device: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -63,22 +59,23 @@ def req_cmd(cfg: CliConfig, service: str, body: Body | None, retries: int,
 @click.argument("topic")
 @click.argument("body", metavar="[JSON]", required=False, type=JsonBody())
 @click.option("--wait-subscribers", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Before publishing, wait up to --timeout for N subscribers to connect.")
+              help="Before publishing, wait up to --timeout for N subscribers to subscribe.")
 @common
 @pass_config
 def pub_cmd(cfg: CliConfig, stream: str, topic: str, body: Body | None,
             wait_subscribers: int) -> None:
     """Publish JSON bodies on STREAM under TOPIC (one per stdin line without JSON).
 
-    Pub/sub drops messages sent before a subscriber is connected, so this first waits for
-    --wait-subscribers connections (default 1) for at most --timeout, then publishes anyway
-    with a warning. A forwarder device relaying STREAM counts as one subscriber. Publishing
-    goes out as node cli-PID (or --name), listed while it runs."""
+    Pub/sub drops messages sent before a subscription reaches the publisher, so this first
+    waits until --wait-subscribers fabric subscribers (default 1) have subscribed, for at most
+    --timeout, then publishes anyway with a warning. Subscribers behind a forwarder device count
+    (the forwarder itself does not); plain ZeroMQ SUB programs receive but are not counted.
+    Publishing goes out as node cli-PID (or --name), listed while it runs."""
     with cfg.member() as node:
         publisher = node.publisher(stream)
         subscribers = _wait_subscribers(publisher, wait_subscribers, cfg.timeout)
         if subscribers < wait_subscribers:
-            click.echo(f"warning: {subscribers} of {wait_subscribers} subscriber(s) connected to "
+            click.echo(f"warning: {subscribers} of {wait_subscribers} subscriber(s) subscribed to "
                        f"stream {stream!r} within {cfg.timeout:g} s; publishing anyway "
                        "(messages nobody is subscribed to are dropped)", err=True)
         sent = 0
@@ -89,17 +86,14 @@ def pub_cmd(cfg: CliConfig, stream: str, topic: str, body: Body | None,
         emit({"stream": stream, "topic": topic, "sent": sent, "subscribers": subscribers})
     else:
         click.echo(f"published {plural(sent, 'message')} on stream {stream!r} (topic {topic!r}, "
-                   f"{plural(subscribers, 'subscriber')} connected)")
+                   f"{plural(subscribers, 'subscriber')} subscribed)")
 
 
 def _wait_subscribers(publisher: Publisher, wanted: int, timeout: float) -> int:
-    """Wait up to ``timeout`` s for ``wanted`` subscribers; return how many connected."""
+    """Wait up to ``timeout`` s for ``wanted`` subscriptions applied; return how many are."""
     if wanted <= 0:
         return publisher.subscribers
-    connected = publisher.wait_subscribers(wanted, timeout)
-    if connected >= wanted:
-        time.sleep(SUBSCRIBE_SETTLE_S)  # the SUBSCRIBE frame follows the handshake
-    return connected
+    return publisher.wait_subscribers(wanted, timeout)
 
 
 @click.command("sub")

@@ -30,8 +30,22 @@ Frames per pattern
       sends the empty delimiter itself; a REQ socket adds it, so a REQ sends ``[header, body]``).
       The reply is ``["", header, body]`` with kind 2 and the request's ``msg_id``; a failure is
       kind 3 with body ``{"type": str, "message": str}``.
-    - publish/subscribe (stream socket: PUB): ``[topic, header, body]``; ``topic`` is UTF-8, at
-      most 1024 bytes, and subscriptions are prefixes of it.
+    - publish/subscribe (stream socket: XPUB, which sends exactly as a PUB; subscribers connect a
+      SUB): ``[topic, header, body]``; ``topic`` is UTF-8, at most 1024 bytes, and subscriptions
+      are prefixes of it.
+
+      Subscriber markers. A subscriber that wants publishers to count it subscribes, after all
+      its topics, to a marker of its own: the 8 bytes ``FF 7A 66 2F 73 75 62 2F``
+      (``b"\\xffzf/sub/"``) then 16 lowercase hex digits chosen at random. 0xFF never occurs in
+      UTF-8, so no topic starts like a marker, and a marker sorts after every topic (a SUB
+      re-sends its subscriptions to a publisher it reconnects to in byte order). ZeroMQ keeps one
+      connection's subscriptions in order, so a publisher that has received a marker has applied
+      that subscriber's topics; the marker's unsubscription (ZeroMQ sends it when the connection
+      closes) means the subscriber left. A publisher counts distinct markers (at most 65,536),
+      ignores other subscriptions, and refuses (counts and drops) anything else sent upstream:
+      a frame not starting with byte 1 or 0, or a subscription that starts with the marker
+      prefix but is not a whole marker. A forwarder relays markers like any subscription. A SUB
+      without a marker receives events all the same but is not counted.
     - push/pull (pipeline socket: PULL, the pusher connects): ``[header, body]``. Frames after
       the body make a message malformed; a receiver may read them as a following message of the
       same sender (zmqfabric's ``Puller.recv`` does: checking for them costs more than the rest

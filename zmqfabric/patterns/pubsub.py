@@ -1,20 +1,30 @@
-"""Publish/subscribe: publishers bind a PUB socket and advertise the stream; subscribers connect a
-SUB socket to every publisher of the stream, including ones that appear later. Topic filters are
-ZeroMQ prefix subscriptions on the first frame, applied at the publisher."""
+"""Publish/subscribe: publishers bind an XPUB socket and advertise the stream; subscribers connect
+a SUB socket to every publisher of the stream, including ones that appear later. Topic filters are
+ZeroMQ prefix subscriptions on the first frame, applied at the publisher.
+
+Knowing when a subscription is applied: every fabric subscription subscribes, after its topics, to
+a marker topic of its own (:data:`MARKER_PREFIX` + 16 hex digits). ZeroMQ hands a connection's
+subscriptions to the publisher in order, so once the publisher's XPUB has reported a marker, the
+topics of that subscriber are applied: an event sent from then on reaches it. The publisher keeps
+the set of markers subscribed now (an unsubscribe means the subscriber left), which
+``Publisher.wait_subscribers`` and ``Publisher.subscribers`` count. A forwarder device relays
+subscriptions, markers included, so a publisher counts the subscribers behind it.
+"""
 
 from __future__ import annotations
 
+import re
+import secrets
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Iterable, Iterator, cast
 
 import msgpack
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
-from ..errors import FabricTimeoutError, RemoteProtocolError
+from ..errors import FabricTimeoutError, LocalProtocolError, RemoteProtocolError
 from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
 from .io import (
@@ -34,12 +44,48 @@ _EVENT = wire.canonical_prefix(wire.Kind.EVENT)
 _PACK = wire.CANONICAL.pack
 _UNPACK = wire.CANONICAL.unpack
 _FLOAT64 = wire.FLOAT64
+#: ``getsockopt`` as the C method, and its arguments as plain ints (see io.py).
+_GET = cast("Callable[[Any, int], int]", zmq.backend.Socket.get)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 BINARY = (bytes, bytearray, memoryview)
 #: Encoded topics a publisher keeps (a bounded cache: cleared when full).
 _TOPIC_CACHE = 1024
 #: events_sent reaches the node's counters in batches (and on close): a locked update per event
-#: would cost more than the rest of the send.
+#: would cost more than the rest of the send. The XPUB's subscription messages are read at the same
+#: moments, so that they never pile up in libzmq (which queues them without a limit) at no cost per
+#: event.
 _COUNT_BATCH = 256
+
+#: The first bytes of every subscriber marker. 0xFF is never part of UTF-8, so no fabric topic
+#: starts with it; and it sorts after every UTF-8 topic, which the ordering needs: a SUB (or a
+#: forwarder's XSUB) that (re)connects to a publisher re-sends its subscriptions in byte order, not
+#: in the order they were made (a marker starting with 0x00 would arrive before the topics).
+MARKER_PREFIX: Final = b"\xffzf/sub/"
+#: A whole marker: the prefix and 16 lowercase hex digits (64 random bits per subscription).
+_MARKER: Final = re.compile(re.escape(MARKER_PREFIX) + rb"[0-9a-f]{16}")
+#: Subscribers a publisher keeps track of; further markers are refused (a bound against peers
+#: that subscribe markers without end, far above what one publisher can serve).
+MAX_MARKERS: Final = 65_536
+#: Subscription frames read per batch: a send that reads them never stalls long, even under a
+#: flood from a hostile peer; ``subscribers`` reads at most _READ_MAX.
+_READ_BATCH: Final = 1024
+_READ_MAX: Final = 64 * _READ_BATCH
+
+
+def new_marker() -> bytes:
+    """A fresh subscriber marker (the topic a subscription subscribes to after its topics)."""
+    return MARKER_PREFIX + secrets.token_hex(8).encode()
+
+
+def _filters(topics: Iterable[str] | None) -> list[bytes]:
+    """The encoded topic filters of a subscription (None: everything). Raises
+    LocalProtocolError for a topic that cannot be encoded or that starts like a marker."""
+    heads = [wire.encode_topic(topic) for topic in (topics if topics is not None else [""])]
+    for head in heads:
+        if head.startswith(MARKER_PREFIX):
+            raise LocalProtocolError(f"topic {head!r} starts with the subscriber marker prefix")
+    return heads
 
 
 class _Encoder:
@@ -69,58 +115,106 @@ class _Encoder:
 
 class Publisher(_Encoder, Bound):
     """Publishes one stream. ``send`` never blocks: a subscriber that falls HWM messages behind
-    loses messages (ZeroMQ PUB semantics). Thread-affine; works for sync and asyncio nodes."""
+    loses messages (ZeroMQ pub/sub semantics). The socket is an XPUB, which sends exactly like a
+    PUB (plain ZeroMQ SUB programs subscribe to it as to any PUB); the publisher also reads the
+    subscription messages it receives, to count subscribers (see ``wait_subscribers``).
+    Thread-affine: one thread uses it (on an asyncio node, the loop's thread)."""
 
     kind = EndpointKind.STREAM
     noun = "stream"
-    sync_socket = True  # PUB never waits, so asyncio nodes use the plain socket too
+    sync_socket = True  # sends never wait and subscriptions are read without waiting
 
     def __init__(self, node: NodeBase, stream: str, allow: Iterable[str] | None = None) -> None:
-        Bound.__init__(self, node, stream, zmq.PUB, allow)
+        Bound.__init__(self, node, stream, zmq.XPUB, allow)
         self._init_encoder(wire.Kind.EVENT)
-        # Subscriber connections, watched from before the stream is advertised so none is missed.
-        self._monitor = node._sockets.monitor(
-            self._sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED, sync=True
-        )
-        self._subscribers = 0
+        #: Markers of the subscribers whose subscriptions are applied now.
+        self._markers: set[bytes] = set()
+        #: The last frame read was a malformed frame with more to come (counted once).
+        self._in_junk = False
         self._topics: dict[str, bytes] = {}
         self._unsent_count = 0
         self._advertise()
 
     @property
     def subscribers(self) -> int:
-        """Subscribers connected now (completed handshakes less disconnections)."""
-        return self._read_subscribers()
+        """Fabric subscribers whose subscriptions this publisher has applied: an event sent now
+        reaches each of them (if its topic matches). Subscribers that leave stop counting once
+        their connection is gone. Plain ZeroMQ SUB sockets receive events but are not counted
+        unless they subscribe to a marker (see the wire spec). Reads the subscription messages
+        queued, without waiting. Call from the owning thread; raises ClosedError once closed."""
+        self._check_open()
+        self._read_subscriptions(_READ_MAX)
+        return len(self._markers)
 
     def wait_subscribers(self, n: int, timeout: float) -> int:
-        """Wait until ``n`` subscribers are connected, at most ``timeout`` s; return how many are.
-        Pub/sub drops what is sent before a subscriber's subscription arrives, which follows its
-        connection within about a millisecond (see ``Subscription.wait_ready``)."""
+        """Wait until ``n`` fabric subscribers have their subscriptions applied here, at most
+        ``timeout`` s; return how many have (``subscribers``). When it returns ``n`` or more,
+        an event sent next reaches those subscribers (when its topic matches their filters):
+        nothing published after this returns is lost to a subscription still on its way.
+        A subscriber behind a forwarder device counts once its subscription has travelled
+        through the forwarder to here; the forwarder itself does not count. Call from the
+        owning thread (it blocks it, also on an asyncio node); raises ClosedError once closed."""
         self._check_open()
         deadline = deadline_after(timeout)
-        while self._read_subscribers() < n:
+        # A marker read means its subscriber's topics are applied: no need to read all first.
+        while True:
+            drained = self._read_subscriptions(_READ_BATCH)
+            if len(self._markers) >= n:
+                break
             left = _ms_left(deadline)
             if left == 0:
                 break
-            self._monitor.poll(left)
-        return self._subscribers
+            if drained:
+                self._sock.poll(left, zmq.POLLIN)
+        return len(self._markers)
 
-    def _read_subscribers(self) -> int:
-        while True:
+    def _read_subscriptions(self, limit: int) -> bool:
+        """Apply at most ``limit`` frames the XPUB has queued; True when none is left. Never
+        waits. libzmq turns each frame a peer sends that starts with 1 or 0 into a one-frame
+        (un)subscription message; anything else reaches us as it was sent, which no subscriber
+        does: it is counted as refused (once per multipart message) and dropped."""
+        recv = self._sock.recv
+        for _ in range(limit):
             try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+                frame = recv(NOBLOCK, False)
             except zmq.Again:
-                return self._subscribers
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._subscribers += 1
-            elif event == zmq.EVENT_DISCONNECTED:
-                self._subscribers = max(0, self._subscribers - 1)
+                return True
+            data = frame.bytes
+            if data and data[0] <= 1:
+                self._in_junk = False
+                if data.startswith(MARKER_PREFIX, 1):
+                    self._on_marker(data[0] == 1, data[1:])
+                continue  # a topic filter: applied by libzmq, nothing to do
+            if not self._in_junk:
+                self._refused("subscription", RemoteProtocolError(
+                    f"expected a (un)subscription frame (1 or 0 + topic), got {data[:32]!r}"))
+            self._in_junk = frame.more
+        return False
+
+    def _on_marker(self, subscribe: bool, marker: bytes) -> None:
+        markers = self._markers
+        if not subscribe:
+            markers.discard(marker)  # the subscriber left (or never was: nothing to do)
+        elif marker in markers:
+            pass
+        elif _MARKER.fullmatch(marker) is None:
+            self._refused("subscription", RemoteProtocolError(f"malformed marker {marker[:40]!r}"))
+        elif len(markers) >= MAX_MARKERS:
+            self._refused("subscription", RemoteProtocolError(
+                f"more than {MAX_MARKERS} subscribers: marker {marker!r} not counted"))
+        else:
+            markers.add(marker)
 
     def _on_close(self) -> None:
         self._flush_count()
-        self._sock.disable_monitor()
-        self._monitor.close(0)
         super()._on_close()
+
+    def _flush_batch(self) -> None:
+        """Every _COUNT_BATCH events: update the counter; read the subscription messages if any
+        are queued (asking costs a third of trying to receive one and failing)."""
+        self._flush_count()
+        if _GET(self._sock, _EVENTS) & _POLLIN:
+            self._read_subscriptions(_READ_BATCH)
 
     def _flush_count(self) -> None:
         if self._unsent_count:
@@ -147,7 +241,7 @@ class Publisher(_Encoder, Bound):
             send_frames(self._sock, [head, _PACK(self._prefix, seq, _FLOAT64, time.time()), data], 0)
         self._unsent_count += 1
         if self._unsent_count >= _COUNT_BATCH:
-            self._flush_count()
+            self._flush_batch()
 
     def _topic(self, topic: str) -> bytes:
         head = wire.encode_topic(topic)
@@ -163,9 +257,18 @@ class _SubscriptionBase:
     noun = "stream"
     _sock: zmq.Socket
 
-    def _subscribe_topics(self, topics: Iterable[str] | None) -> None:
-        for topic in topics if topics is not None else [""]:
-            self._sock.setsockopt(zmq.SUBSCRIBE, wire.encode_topic(topic))
+    #: This subscription's marker: subscribed after its topics, so that publishers can tell when
+    #: those are applied (see the module docstring).
+    marker: bytes
+
+    def _subscribe_topics(self, heads: list[bytes]) -> None:
+        """Subscribe to ``heads`` (from ``_filters``), then to a fresh marker: a connection's
+        subscriptions reach a publisher in order (on a reconnection, in byte order, where the
+        marker sorts last too)."""
+        for head in heads:
+            self._sock.setsockopt(zmq.SUBSCRIBE, head)
+        self.marker = new_marker()
+        self._sock.setsockopt(zmq.SUBSCRIBE, self.marker)
 
     def _decode(self, frames: list[bytes]) -> wire.Message | None:
         """The event in ``frames``, or None (counted) when it is malformed."""
@@ -186,7 +289,9 @@ class Subscription(_SubscriptionBase, SyncConnector):
     """Receives one stream from every publisher. Iterate for ``(topic, body)`` pairs.
 
     Owned by one thread. ZeroMQ pub/sub is at most once: messages published before the
-    connection is up, or beyond the HWM, are not delivered.
+    subscription reaches a publisher, or beyond the HWM, are not delivered. A publisher that must
+    not lose the first events waits for its subscribers (``Publisher.wait_subscribers``).
+    Raises LocalProtocolError for a topic that cannot be encoded.
     """
 
     def __init__(
@@ -196,8 +301,9 @@ class Subscription(_SubscriptionBase, SyncConnector):
         topics: Iterable[str] | None = None,
         via: str | None = None,
     ) -> None:
+        heads = _filters(topics)  # before the socket exists: a bad topic leaks nothing
         SyncConnector.__init__(self, node, stream, zmq.SUB, via)
-        self._subscribe_topics(topics)
+        self._subscribe_topics(heads)
 
     def recv_message(self, timeout: float | None = None) -> wire.Message | None:
         """The next event as a Message, or None after ``timeout`` seconds (None: wait forever)."""
@@ -244,11 +350,12 @@ class Subscription(_SubscriptionBase, SyncConnector):
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the connections to every publisher known now (at least one) are up; False
-        after ``timeout`` s. ZeroMQ pub/sub drops what is published before a subscription
-        reaches the publisher, and the subscription follows the handshake: a publisher applies it
-        within about a millisecond of its own activity, so events published in that window may
-        still be missed. Where the first event matters, use a pipeline or tasks, or have the
-        publisher wait (``Publisher.wait_subscribers``) and pause briefly."""
+        after ``timeout`` s (or while no publisher is known). Our subscription follows the
+        connection's handshake, so a publisher may apply it a moment later (about a millisecond):
+        events published in that moment are missed, and a subscriber cannot see when it has
+        been applied. Where the first events matter, the publisher waits instead:
+        ``Publisher.wait_subscribers(n)`` returns once ``n`` subscriptions are applied, and
+        nothing sent after it returns is lost to a subscription on its way."""
         return self._wait_ready(deadline_after(timeout))
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
@@ -266,8 +373,9 @@ class AsyncSubscription(_SubscriptionBase, AsyncConnector):
         topics: Iterable[str] | None = None,
         via: str | None = None,
     ) -> None:
+        heads = _filters(topics)  # before the socket exists: a bad topic leaks nothing
         AsyncConnector.__init__(self, node, stream, zmq.SUB, via)
-        self._subscribe_topics(topics)
+        self._subscribe_topics(heads)
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
         self._check_open()
@@ -285,7 +393,8 @@ class AsyncSubscription(_SubscriptionBase, AsyncConnector):
         return message.topic or "", message.body
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Coroutine twin of the sync ``wait_ready``."""
+        """Coroutine twin of the sync ``wait_ready``: connections up, not yet a guarantee that
+        publishers have applied the subscription (``Publisher.wait_subscribers`` is)."""
         return await self._wait_ready(deadline_after(timeout))
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
