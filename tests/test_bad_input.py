@@ -175,6 +175,16 @@ def target() -> Iterator[Target]:
         yield started
 
 
+def advertise_raw(node: zf.Node, kind: EndpointKind, name: str, sock: zmq.Socket,
+                  prefix: str) -> NodeRecord:
+    """Enter a raw socket bound with ``raw(..., bind=True)`` in ``node``'s directory as the
+    ``kind`` endpoint ``name`` of a node called ``<prefix>-...``, as discovery would."""
+    record = NodeRecord(unique(prefix), secrets.token_hex(8), "raw-host", os.getpid(),
+                        "127.0.0.1", (Endpoint(kind, name, port_of(sock)),), 1)
+    node.directory.put(record)
+    return record
+
+
 def port_of(sock: zmq.Socket) -> int:
     """The port a socket bound with ``raw(..., bind=True)`` listens on."""
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
@@ -446,17 +456,7 @@ def test_subscriber_refuses_malformed_events(target: Target, raw: RawFactory) ->
     node = target.node
     stream = unique("ticks")
     pub = raw(zmq.PUB, bind=True)
-    port = port_of(pub)
-    record = NodeRecord(
-        unique("rawpub"),
-        secrets.token_hex(8),
-        "raw-host",
-        os.getpid(),
-        "127.0.0.1",
-        (Endpoint(EndpointKind.STREAM, stream, port),),
-        1,
-    )
-    node.directory.put(record)
+    record = advertise_raw(node, EndpointKind.STREAM, stream, pub, "rawpub")
     sub = node.subscribe(stream)
     try:
         assert sub.wait_ready(WAIT)
@@ -542,17 +542,7 @@ def test_requester_refuses_malformed_replies(target: Target, raw: RawFactory) ->
     node = target.node
     service = unique("shaky")
     router = raw(zmq.ROUTER, bind=True)
-    port = port_of(router)
-    record = NodeRecord(
-        unique("rawsvc"),
-        secrets.token_hex(8),
-        "raw-host",
-        os.getpid(),
-        "127.0.0.1",
-        (Endpoint(EndpointKind.REPLY, service, port),),
-        1,
-    )
-    node.directory.put(record)
+    record = advertise_raw(node, EndpointKind.REPLY, service, router, "rawsvc")
     before = counters(node)
     bad = 0
 
