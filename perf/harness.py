@@ -677,7 +677,6 @@ def drive(session: Session, bench: Bench, opts: dict[str, Any]) -> list[Any]:
 
 def make_cli(script: str, bench: Bench) -> Any:
     import click
-
     import common
 
     def bench_options(fn: Any) -> Any:

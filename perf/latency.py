@@ -30,13 +30,12 @@ import threading
 import time
 from typing import Any
 
+import common
 import msgpack
 import zmq
-
-import common
 from harness import (
-    Env,
     SETUP_TIMEOUT_S,
+    Env,
     echo_info,
     fabric_connect,
     fabric_expose,

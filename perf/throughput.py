@@ -30,10 +30,9 @@ import threading
 import time
 from typing import Any
 
+import common
 import msgpack
 import zmq
-
-import common
 from harness import (
     SETUP_TIMEOUT_S,
     Env,
@@ -43,6 +42,7 @@ from harness import (
     payload,
     raw_is_binary,
 )
+
 from zmqfabric.errors import FabricTimeoutError
 
 #: The receiver stops this long (s) after the last message when fewer than expected arrive.

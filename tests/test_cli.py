@@ -18,7 +18,7 @@ import zmq.auth
 
 import zmqfabric as zf
 from tests.procs import ROOT, Child, ProcessGroup
-from zmqfabric import keys
+from zmqfabric.security import keys
 
 pytestmark = pytest.mark.slow
 

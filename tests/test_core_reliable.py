@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from zmqfabric.core import wire
-from zmqfabric.core.reliable import (
+from zmqfabric.core.tasktable import (
     DEADLINE_EXCEEDED,
     WORKER_LOST,
     Pipeline,

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+from zmqfabric.devices import Device, Forwarder, Queue, Streamer
 
 import zmqfabric as zf
 from tests.procs import Child, ProcessGroup
 from zmqfabric.core import wire
-from zmqfabric.devices import Device, Forwarder, Queue, Streamer
 
 pytestmark = pytest.mark.slow
 

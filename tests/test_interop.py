@@ -25,9 +25,9 @@ import pytest
 
 import zmqfabric as zf
 from tests.conftest import unique
+from tests.procs import Child, ProcessGroup
 from zmqfabric.constants import ZERO_COPY_THRESHOLD
 from zmqfabric.core.wire import Kind
-from tests.procs import Child, ProcessGroup
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.procs import ProcessGroup
 from zmqfabric.errors import FabricError, JournalError
-from zmqfabric.journal import Journal, JournalEntry
+from zmqfabric.tasks.journal import Journal, JournalEntry
 
 
 def row(i: int, name: str = "resize") -> tuple[str, str, bytes, str | None, float, int]:
@@ -58,7 +58,7 @@ def test_a_second_process_cannot_open_a_journal_in_use(tmp_path: Path, procs: Pr
     path = tmp_path / "j.db"
     holder = procs.python(f"""
         import time
-        from zmqfabric.journal import Journal
+        from zmqfabric.tasks.journal import Journal
         journal = Journal({str(path)!r})
         journal.open()
         print("READY", flush=True)
@@ -78,7 +78,7 @@ def test_committed_tasks_survive_sigkill(tmp_path: Path, procs: ProcessGroup) ->
     path = tmp_path / "j.db"
     child = procs.python(f"""
         import time
-        from zmqfabric.journal import Journal
+        from zmqfabric.tasks.journal import Journal
         journal = Journal({str(path)!r})
         journal.open()
         journal.add([(f"t-{{i}}", "resize", b"\\xc0", None, 1.0, 3) for i in range(1000)])

@@ -46,9 +46,9 @@ from zmq.utils.monitor import recv_monitor_message
 import zmqfabric as zf
 from tests.conftest import unique
 from tests.procs import Child, ProcessGroup
-from zmqfabric import keys
 from zmqfabric.constants import LIVENESS_CONNECT_TIMEOUT_S
 from zmqfabric.errors import AuthorizationError, LocalProtocolError
+from zmqfabric.security import keys
 
 #: Bound for every wait that involves discovery, a handshake or another process.
 WAIT = 10.0

@@ -30,7 +30,7 @@ import zmqfabric as zf
 import zmqfabric.aio
 from tests.conftest import unique
 from tests.procs import Child, ProcessGroup
-from zmqfabric.journal import Journal
+from zmqfabric.tasks.journal import Journal
 
 #: Generous bound for anything that involves starting a process or discovery under load.
 SLOW = 20.0

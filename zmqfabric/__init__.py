@@ -27,8 +27,8 @@ from .errors import (
     TaskFailedError,
 )
 from .node import Node
-from .patterns.tasks import TaskInfo, current_task
-from .tasks import TaskConfig, TaskHandle
+from .tasks.registry import TaskConfig, TaskHandle
+from .tasks.worker import TaskInfo, current_task
 
 __version__ = "0.1.0"
 

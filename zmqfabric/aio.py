@@ -21,8 +21,8 @@ from .nodebase import NodeBase, NodeState
 from .patterns.pipeline import AsyncPuller, AsyncPusher
 from .patterns.pubsub import AsyncSubscription, Publisher
 from .patterns.reqrep import AsyncRequester, ServiceEndpoint
-from .patterns.tasks import TaskEndpoint
-from .tasks import TaskHandle
+from .tasks.registry import TaskHandle
+from .tasks.worker import TaskEndpoint
 
 log = logging.getLogger(__name__)
 

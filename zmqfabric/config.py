@@ -10,7 +10,7 @@ import ifaddr
 
 from . import constants as C
 from .errors import LocalProtocolError
-from .keys import KeySet
+from .security.keys import KeySet
 
 #: Environment variable naming the interface of the LAN scope (like ``--interface``).
 INTERFACE_ENV = "ZMQFABRIC_INTERFACE"

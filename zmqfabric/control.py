@@ -28,6 +28,7 @@ from .constants import (
 )
 from .core import wire
 from .core.records import EndpointKind, NodeRecord, address_in_scope, encode_txt
+from .discovery.liveness import PeerWatch
 from .errors import (
     FabricError,
     FabricTimeoutError,
@@ -36,9 +37,8 @@ from .errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from .keys import is_public_key
-from .liveness import PeerWatch
 from .patterns.reqrep import ServiceEndpoint
+from .security.keys import is_public_key
 from .stats import RateLimitedLog
 
 if TYPE_CHECKING:

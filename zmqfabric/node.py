@@ -14,12 +14,12 @@ import zmq
 from .constants import CONTROL_TIMEOUT_S, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
 from .core.records import validate_endpoint_name, validate_node_name
 from .nodebase import NodeBase, NodeState
-from .patterns.io import NOBLOCK, recv_frames
 from .patterns.pipeline import Puller, Pusher
 from .patterns.pubsub import Publisher, Subscription
 from .patterns.reqrep import Requester, ServiceEndpoint
-from .patterns.tasks import TaskEndpoint
-from .tasks import TaskHandle
+from .tasks.registry import TaskHandle
+from .tasks.worker import TaskEndpoint
+from .transport.frames import NOBLOCK, recv_frames
 
 log = logging.getLogger(__name__)
 #: Messages served from one socket before the loop looks at the others (fairness).

@@ -18,7 +18,6 @@ import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-from .auth import Guard
 from .config import NodeConfig, Scope
 from .control import ControlServer, control_call
 from .core.records import (
@@ -28,21 +27,22 @@ from .core.records import (
     validate_endpoint_name,
     validate_node_name,
 )
-from .directory import Directory
-from .discovery import Discovery
+from .discovery.directory import Directory
+from .discovery.mdns import Discovery
+from .discovery.membership import Membership
 from .errors import (
     ClosedError,
     LocalProtocolError,
     NodeNotFoundError,
     NoProviderError,
 )
-from .keys import KeySet, is_public_key
-from .keys import load as load_keys
-from .membership import Membership
 from .patterns.base import Handle
-from .sockets import ZAP_DOMAIN, SocketFactory
+from .security.guard import Guard
+from .security.keys import KeySet, is_public_key
+from .security.keys import load as load_keys
 from .stats import Counters, RateLimitedLog
-from .tasks import NodeTasks, TaskConfig
+from .tasks.registry import NodeTasks, TaskConfig
+from .transport.sockets import ZAP_DOMAIN, SocketFactory
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)

@@ -24,9 +24,9 @@ from typing import Any, NoReturn, Sequence
 import click
 
 from .. import __version__
-from .. import keys as keyfiles
 from ..config import INTERFACE_ENV, Scope, parse_peer
 from ..errors import FabricError, LocalProtocolError
+from ..security import keys as keyfiles
 from .config import DEFAULT_TIMEOUT_S, CliConfig, Interface, NodeName, Peer, Seconds
 from .fabric import ls_cmd, ping_cmd, stats_cmd
 from .keys import keys_group
@@ -141,7 +141,7 @@ class _QuietLibraryWarnings(logging.Filter):
         text = str(record.msg)
         if record.name == "zmqfabric.nodebase":
             return not text.startswith("node %s is on %s without keys")
-        if record.name == "zmqfabric.discovery" and text.startswith("ignoring node "):
+        if record.name == "zmqfabric.discovery.mdns" and text.startswith("ignoring node "):
             return logging.getLogger().getEffectiveLevel() <= logging.INFO
         return True
 

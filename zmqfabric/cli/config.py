@@ -16,9 +16,9 @@ import click
 from ..config import NodeConfig, Scope, parse_peer
 from ..core.records import validate_endpoint_name, validate_node_name
 from ..errors import InvalidNameError, LocalProtocolError
-from ..keys import KeySet
 from ..node import Node
-from ..tasks import TaskConfig, validate_task_name
+from ..security.keys import KeySet
+from ..tasks.registry import TaskConfig, validate_task_name
 from .output import clip
 
 #: Default for every bounded wait of the CLI (discovery, replies, subscribers).

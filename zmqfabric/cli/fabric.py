@@ -9,7 +9,7 @@ import time
 import click
 
 from ..core.records import NodeRecord
-from ..directory import DirectoryEvent
+from ..discovery.directory import DirectoryEvent
 from .config import CliConfig, NodeName, common, next_wait, pass_config
 from .output import (
     dumps,

@@ -12,8 +12,8 @@ from typing import Any, Callable
 import click
 import zmq.auth
 
-from .. import keys
 from ..errors import LocalProtocolError
+from ..security import keys
 from .config import CliConfig, json_option, pass_config
 from .output import BadInput, emit, note, warn
 

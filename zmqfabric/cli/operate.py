@@ -286,7 +286,7 @@ def demo_cmd(cfg: CliConfig, duration: float, workers: int) -> None:
     """Start a small fabric of real processes on this host and measure it: a service with 2
     providers and a client, a stream with 2 subscribers, and a pipeline producer -> workers ->
     sink. Prints progress each second and a summary; Ctrl-C stops everything."""
-    from .. import demo
+    from .demo import run as demo
 
     ignored = [opt for opt, given in (("--keys", cfg.keys is not None), ("--peer", cfg.peers),
                                       ("--control-port", cfg.control_port)) if given]

@@ -17,7 +17,7 @@ import click
 
 from ..core.records import EndpointKind
 from ..errors import FabricError, FabricTimeoutError, TaskFailedError
-from ..tasks import TaskConfig, TaskHandle
+from ..tasks.registry import TaskConfig, TaskHandle
 from .config import (
     WAIT_SLICE_S,
     Body,
@@ -67,7 +67,7 @@ def submit_cmd(cfg: CliConfig, task: str, body: Body | None, wait: bool, key: st
     config = TaskConfig(journal=journal, dead_letter_file=dead_letters)
     if cfg.verbose == 0:
         # This command reports each dead letter itself (one line); the library also logs them.
-        logging.getLogger("zmqfabric.deadletters").setLevel(logging.ERROR)
+        logging.getLogger("zmqfabric.tasks.deadletters").setLevel(logging.ERROR)
     with cfg.observer(tasks=config) as node:
         with explain_refused(node):
             node.wait_for_endpoint(EndpointKind.TASK, task, cfg.timeout)

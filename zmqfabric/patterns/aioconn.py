@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ..transport.frames import _s_left
 from .base import DEFER_DISCONNECT_S, Connector, _closed_or
-from .io import _s_left
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase

@@ -24,9 +24,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError
-from ..sockets import sync_view
 from ..stats import RateLimitedLog
-from .io import NOBLOCK, _ms_left, recv_frames, send_frames
+from ..transport.frames import NOBLOCK, _ms_left, recv_frames, send_frames
+from ..transport.sockets import sync_view
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase

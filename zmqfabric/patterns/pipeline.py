@@ -15,15 +15,15 @@ from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import FabricTimeoutError, NoProviderError, RemoteProtocolError
-from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector, _closed_or
-from .io import (
+from ..transport.frames import (
     NOBLOCK,
     _ms_left,
     _s_left,
     deadline_after,
     recv_frames,
 )
+from .aioconn import AsyncConnector
+from .base import Bound, SyncConnector, _closed_or
 from .pubsub import BINARY, _Encoder
 
 # Hot path (see wire.CANONICAL): the pre-packed header prefix and the struct calls.

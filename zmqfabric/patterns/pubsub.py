@@ -25,15 +25,15 @@ from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import FabricTimeoutError, LocalProtocolError, RemoteProtocolError
-from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector, _closed_or
-from .io import (
+from ..transport.frames import (
     NOBLOCK,
     _ms_left,
     deadline_after,
     recv_frames,
     send_frames,
 )
+from .aioconn import AsyncConnector
+from .base import Bound, SyncConnector, _closed_or
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase

@@ -27,10 +27,7 @@ from ..errors import (
     RemoteProtocolError,
     RequestTimeoutError,
 )
-from ..sockets import sync_view
-from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector, _closed_or
-from .io import (
+from ..transport.frames import (
     NOBLOCK,
     _ms_left,
     _s_left,
@@ -38,6 +35,9 @@ from .io import (
     recv_frames,
     send_frames,
 )
+from ..transport.sockets import sync_view
+from .aioconn import AsyncConnector
+from .base import Bound, SyncConnector, _closed_or
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase

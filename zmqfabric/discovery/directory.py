@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .core.records import EndpointKind, NodeRecord
+from ..core.records import EndpointKind, NodeRecord
 
 log = logging.getLogger(__name__)
 

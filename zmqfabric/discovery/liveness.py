@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .constants import DEAD_FORGET_S, LIVENESS_CONNECT_TIMEOUT_S
-from .core.records import NodeRecord
+from ..constants import DEAD_FORGET_S, LIVENESS_CONNECT_TIMEOUT_S
+from ..core.records import NodeRecord
 
 if TYPE_CHECKING:
-    from .nodebase import NodeBase
+    from ..nodebase import NodeBase
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, TypeVar
 
-from .constants import (
+from ..constants import (
     MAX_TASK_CREDIT,
     MAX_TASK_KEY,
     TASK_BACKOFF_MAX_S,
@@ -35,22 +35,22 @@ from .constants import (
     TASK_QUEUE_LIMIT,
     THREAD_JOIN_TIMEOUT_S,
 )
-from .core import wire
-from .core.records import validate_endpoint_name
-from .core.reliable import RetryPolicy, Task, check_deadline
-from .deadletters import SUFFIX as DEAD_SUFFIX
-from .errors import (
+from ..core import wire
+from ..core.records import validate_endpoint_name
+from ..core.tasktable import RetryPolicy, Task, check_deadline
+from ..errors import (
     ClosedError,
     FabricTimeoutError,
     InvalidNameError,
     JournalError,
     LocalProtocolError,
 )
-from .patterns.tasks import TaskEndpoint
+from .deadletters import SUFFIX as DEAD_SUFFIX
+from .worker import TaskEndpoint
 
 if TYPE_CHECKING:
-    from .dispatcher import Dispatcher
-    from .nodebase import NodeBase
+    from ..nodebase import NodeBase
+    from .producer import Dispatcher
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: Task names leave room for the dead-letter stream "<name>.dead" (endpoint names: 64 chars).
@@ -302,7 +302,7 @@ class NodeTasks:
     # --- producers -----------------------------------------------------------------------------
 
     def _start_dispatcher(self) -> Dispatcher:
-        from .dispatcher import Dispatcher
+        from .producer import Dispatcher
 
         with self._start_lock:
             if self._closed:

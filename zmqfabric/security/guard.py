@@ -16,9 +16,9 @@ from typing import Iterable
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from ..stats import Counters, RateLimitedLog
+from ..transport.sockets import ZAP_DOMAIN
 from .keys import KeySet
-from .sockets import ZAP_DOMAIN
-from .stats import Counters, RateLimitedLog
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)

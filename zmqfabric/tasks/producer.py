@@ -27,19 +27,19 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .constants import JOURNAL_COMMIT_S, TASK_TICK_MS
-from .core import wire
-from .core.records import EndpointKind
-from .core.reliable import Outcome, Pipeline, Task
+from ..constants import JOURNAL_COMMIT_S, TASK_TICK_MS
+from ..core import wire
+from ..core.records import EndpointKind
+from ..core.tasktable import Outcome, Pipeline, Task
+from ..errors import ClosedError, FabricError, JournalError, RemoteProtocolError, TaskFailedError
+from ..stats import RateLimitedLog
+from ..transport.inbox import Mailbox
 from .deadletters import DeadLetters
-from .errors import ClosedError, FabricError, JournalError, RemoteProtocolError, TaskFailedError
 from .journal import Journal
-from .mailbox import Mailbox
-from .stats import RateLimitedLog
-from .tasks import _DONE, _FAILED, _RECORDED, NodeTasks, TaskHandle, settle
+from .registry import _DONE, _FAILED, _RECORDED, NodeTasks, TaskHandle, settle
 
 if TYPE_CHECKING:
-    from .nodebase import NodeBase
+    from ..nodebase import NodeBase
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)

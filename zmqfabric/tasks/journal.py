@@ -24,7 +24,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import JournalError
+from ..errors import JournalError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zmq.auth
 
-from .errors import LocalProtocolError
+from ..errors import LocalProtocolError
 
 NODE_CERT = "node"
 ALLOWED_DIR = "allowed"

@@ -12,9 +12,9 @@ from typing import Iterator
 import zmq
 import zmq.asyncio
 
-from . import constants as C
-from .config import NodeConfig
-from .errors import ClosedError, FabricError, LocalProtocolError
+from .. import constants as C
+from ..config import NodeConfig
+from ..errors import ClosedError, FabricError, LocalProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from zeroconf import (
     Zeroconf,
 )
 
-from .config import NodeConfig
-from .constants import MAX_REFUSED_KEPT, REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
-from .core.records import (
+from ..config import NodeConfig
+from ..constants import MAX_REFUSED_KEPT, REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
+from ..core.records import (
     NodeRecord,
     address_in_scope,
     decode_txt,
@@ -33,9 +33,9 @@ from .core.records import (
     parse_instance,
     server_name,
 )
+from ..errors import FabricError, RemoteProtocolError
+from ..stats import Counters, RateLimitedLog
 from .directory import Directory
-from .errors import FabricError, RemoteProtocolError
-from .stats import Counters, RateLimitedLog
 
 log = logging.getLogger(__name__)
 

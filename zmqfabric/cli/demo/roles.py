@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import msgpack
 
-from .config import NodeConfig, Scope
-from .core.records import EndpointKind
-from .errors import FabricError, NoProviderError
-from .node import Node
+from ...config import NodeConfig, Scope
+from ...core.records import EndpointKind
+from ...errors import FabricError, NoProviderError
+from ...node import Node
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``zmqfabric demo``: a small fabric of real processes on this host, measured.
 
-The parent spawns one process per role (see :mod:`zmqfabric.demo_roles`): a service with two
+The parent spawns one process per role (see :mod:`zmqfabric.cli.demo.roles`): a service with two
 providers and a client, a publisher with two subscribers, and a pipeline producer -> workers ->
 sink. The children find each other by discovery only. The parent waits until every child reports
 ready (a handshake, not a sleep), lets traffic run for ``duration`` seconds, stops the sources,
@@ -26,9 +26,9 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any, Callable
 
-from .config import Scope
-from .demo_roles import Controls, Names, RoleSpec, child_main, decode_report
-from .errors import FabricError
+from ...config import Scope
+from ...errors import FabricError
+from .roles import Controls, Names, RoleSpec, child_main, decode_report
 
 log = logging.getLogger(__name__)
 

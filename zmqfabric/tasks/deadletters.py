@@ -18,14 +18,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .core import wire
-from .core.reliable import Task
-from .errors import FabricError, RemoteProtocolError, TaskFailedError
-from .patterns.pubsub import Publisher
-from .stats import RateLimitedLog
+from ..core import wire
+from ..core.tasktable import Task
+from ..errors import FabricError, RemoteProtocolError, TaskFailedError
+from ..patterns.pubsub import Publisher
+from ..stats import RateLimitedLog
 
 if TYPE_CHECKING:
-    from .nodebase import NodeBase
+    from ..nodebase import NodeBase
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)

@@ -15,19 +15,19 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
-from .core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
-from .directory import Change, DirectoryEvent
-from .errors import (
+from ..constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
+from ..core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
+from ..errors import (
     InvalidNameError,
     LocalProtocolError,
     NameConflictError,
     RemoteProtocolError,
 )
-from .stats import RateLimitedLog
+from ..stats import RateLimitedLog
+from .directory import Change, DirectoryEvent
 
 if TYPE_CHECKING:
-    from .nodebase import NodeBase
+    from ..nodebase import NodeBase
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)

@@ -26,8 +26,8 @@ from ..constants import TASK_RESULT_FLUSH_S
 from ..core import wire
 from ..core.records import EndpointKind
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ..sockets import sync_view
-from .base import Bound
+from ..patterns.base import Bound
+from ..transport.sockets import sync_view
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase

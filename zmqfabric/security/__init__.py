@@ -1,0 +1,1 @@
+"""CURVE key files and allow-lists (keys) and the ZAP authenticator thread (guard)."""
