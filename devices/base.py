@@ -29,6 +29,7 @@ from zmqfabric.core.records import EndpointKind, validate_endpoint_name
 from zmqfabric.errors import ClosedError, FabricTimeoutError
 from zmqfabric.node import Node
 from zmqfabric.patterns.base import Bound
+from zmqfabric.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,11 @@ class FrontEnd(Bound):
 
     sync_socket = True
 
-    def __init__(self, node: Node, kind: EndpointKind, name: str, socket_type: int,
+    def __init__(self, runtime: NodeRuntime, kind: EndpointKind, name: str, socket_type: int,
                  allow: Iterable[str] | None = None) -> None:
         self.kind = kind
         self.noun = kind.noun
-        super().__init__(node, name, socket_type, allow)
+        super().__init__(runtime, name, socket_type, allow)
         self.socket = self._sock
 
     def advertise(self) -> None:
@@ -106,25 +107,26 @@ class Device:
     label = "device"
 
     def __init__(self, node: Node, name: str, *, allow: Iterable[str] | None = None) -> None:
-        node._check_started()
+        rt = self._rt = node.runtime
+        rt.check_started()
         self.node = node
         self.name = validate_endpoint_name(name, self.relayed_kind.noun)
         self.state = DeviceState.NEW
-        self._front = FrontEnd(node, self.front_kind, name, self.front_type, allow)
+        self._front = FrontEnd(rt, self.front_kind, name, self.front_type, allow)
         self.front = self._front.socket
         # The node closes the device (which closes its front end after its thread ended), not
         # the front end under the running thread.
-        node._untrack(self._front)
-        node._track(self)  # type: ignore[arg-type]
-        self.back = node._sockets.socket(self.back_type, sync=True)
+        rt.untrack(self._front)
+        rt.track(self)
+        self.back = rt.sockets.socket(self.back_type, sync=True)
         self.back.setsockopt(zmq.IMMEDIATE, 1)
         #: (op, url, CURVE key) queued by discovery for the device thread.
         self._ops: collections.deque[tuple[str, str, str | None]] = collections.deque()
         self._urls: set[str] = set()
         self._address = f"inproc://zmqfabric-device-{id(self)}"
-        self.control = node._sockets.socket(zmq.PAIR, sync=True)
+        self.control = rt.sockets.socket(zmq.PAIR, sync=True)
         self.control.bind(self._address)
-        self._steer = node._sockets.socket(zmq.PAIR, sync=True)
+        self._steer = rt.sockets.socket(zmq.PAIR, sync=True)
         self._steer.connect(self._address)
         self._steer_lock = threading.Lock()
         #: One entry per command sent whose reply is not read yet: True for a STATISTICS reply
@@ -145,8 +147,8 @@ class Device:
         if self.state is not DeviceState.NEW:
             raise ClosedError(f"{self.label} {self.name!r} was started already")
         self.state = DeviceState.RUNNING
-        self._unwatch = self.node.directory.watch(self.relayed_kind, self.name, self._post)
-        self.node._stats_sources[f"{self.label}:{self.name}"] = self.stats_dict
+        self._unwatch = self._rt.directory.watch(self.relayed_kind, self.name, self._post)
+        self._rt.add_stats_source(f"{self.label}:{self.name}", self.stats_dict)
         self._thread.start()
         self._front.advertise()
         return self
@@ -162,7 +164,7 @@ class Device:
         self._stopping = True
         if self._unwatch is not None:
             self._unwatch()
-        self.node._stats_sources.pop(f"{self.label}:{self.name}", None)
+        self._rt.remove_stats_source(f"{self.label}:{self.name}")
         if started:
             self._terminate()
             self._thread.join(THREAD_JOIN_TIMEOUT_S)
@@ -172,7 +174,7 @@ class Device:
         self._front.close()
         for sock in (self.back, self.control, self._steer):
             sock.close(0)
-        self.node._untrack(self)  # type: ignore[arg-type]
+        self._rt.untrack(self)
 
     def close(self) -> None:
         """The node closes its tracked handles, devices included: same as stop()."""
@@ -266,7 +268,7 @@ class Device:
         so that the device thread never needs that lock) and interrupt the relay. Never waits."""
         if self._stopping:
             return
-        key = self.node.directory.key_for(url) if op == "connect" else None
+        key = self._rt.directory.key_for(url) if op == "connect" else None
         self._ops.append((op, url, key))
         self._interrupt()
 
@@ -279,7 +281,7 @@ class Device:
             op, url, key = self._ops.popleft()
             try:
                 if op == "connect" and url not in self._urls:
-                    self.node._sockets.connect(self.back, url, key)
+                    self._rt.sockets.connect(self.back, url, key)
                     self._urls.add(url)
                 elif op == "disconnect" and url in self._urls:
                     self._urls.discard(url)

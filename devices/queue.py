@@ -41,7 +41,7 @@ class Queue(Device):
         self._pending: collections.deque[list[zmq.Frame]] = collections.deque()
         self._counts = [0] * 8
         self._poller = zmq.Poller()
-        self._busy_timeout = self.node.config.request_timeout_s
+        self._busy_timeout = self._rt.config.request_timeout_s
 
     def _interrupt(self) -> None:
         """Discovery's thread: wake the loop to apply the change; the reply is read later."""
@@ -56,9 +56,9 @@ class Queue(Device):
         while self._ops:
             op, url, key = self._ops.popleft()
             if op == "connect" and url not in self._workers:
-                sock = self.node._sockets.socket(zmq.DEALER, sync=True)
+                sock = self._rt.sockets.socket(zmq.DEALER, sync=True)
                 try:
-                    self.node._sockets.connect(sock, url, key)
+                    self._rt.sockets.connect(sock, url, key)
                 except Exception as exc:  # a bad peer must not stop the device
                     log.warning("queue %s: cannot reach worker %s: %s", self.name, url, exc)
                     sock.close(0)
@@ -120,7 +120,7 @@ class Queue(Device):
                 return
             self._count(0, frames)
             if len(frames) < 3 or frames[1].bytes:
-                self.node.counters.add("queue_refused_requests")  # not [client, "", ...]
+                self._rt.counters.add("queue_refused_requests")  # not [client, "", ...]
                 continue
             if len(self._pending) >= MAX_PENDING:
                 self._reply_error(frames, "queue full: every worker is busy")
@@ -150,7 +150,7 @@ class Queue(Device):
                 self.front.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 self._count(2, frames)
             except zmq.ZMQError:  # the client is gone
-                self.node.counters.add("queue_replies_undeliverable")
+                self._rt.counters.add("queue_replies_undeliverable")
 
     def _expire_busy(self) -> None:
         """A worker that has not answered in the request timeout is idle again (its client has
@@ -162,7 +162,7 @@ class Queue(Device):
             if since < limit:
                 del self._busy[url]
                 self._idle.append(url)
-                self.node.counters.add("queue_requests_expired")
+                self._rt.counters.add("queue_requests_expired")
 
     def _reply_error(self, frames: list[zmq.Frame], text: str) -> None:
         route = [f.bytes for f in frames[:2]]

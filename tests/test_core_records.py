@@ -51,7 +51,7 @@ def _names(first: str, rest: str, max_rest: int) -> st.SearchStrategy[str]:
 node_names = _names(_LOWER, _LOWER + "_-", 45)
 endpoint_names = _names(_ALNUM, _ALNUM + "_.-", 63)
 node_ids = st.text("0123456789abcdef", min_size=16, max_size=16)
-#: Hosts as nodes write them (nodebase truncates the host name to 200 characters).
+#: Hosts as nodes write them (the runtime truncates the host name to 200 characters).
 hosts = _names(_ALNUM, _ALNUM + "_.-", 199)
 ports = st.integers(1, 65535)
 ipv4 = st.ip_addresses(v=4).filter(lambda ip: not (ip.is_multicast or ip.is_unspecified)).map(str)

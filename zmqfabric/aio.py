@@ -57,7 +57,7 @@ class Node(NodeBase):
     def _open_services(self) -> None:
         for service, handler in self._handlers.items():
             allow = self._service_allow.get(service)
-            self._services[service] = ServiceEndpoint(self, service, handler, allow)
+            self._services[service] = ServiceEndpoint(self.runtime, service, handler, allow)
 
     async def close(self) -> None:
         """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
@@ -152,28 +152,28 @@ class Node(NodeBase):
 
     def requester(self, service: str, *, via: str | None = None) -> AsyncRequester:
         self._check_started()
-        return AsyncRequester(self, validate_endpoint_name(service, "service"), _via(via))
+        return AsyncRequester(self.runtime, validate_endpoint_name(service, "service"), _via(via))
 
     def publisher(self, stream: str, *, allow: Iterable[str] | None = None) -> Publisher:
         """Publish ``stream``; ``send`` never waits, so it is a plain method."""
         self._check_started()
-        return Publisher(self, validate_endpoint_name(stream, "stream"), allow)
+        return Publisher(self.runtime, validate_endpoint_name(stream, "stream"), allow)
 
     def subscribe(
         self, stream: str, topics: Iterable[str] | None = None, *, via: str | None = None
     ) -> AsyncSubscription:
         self._check_started()
         return AsyncSubscription(
-            self, validate_endpoint_name(stream, "stream"), topics, _via(via)
+            self.runtime, validate_endpoint_name(stream, "stream"), topics, _via(via)
         )
 
     def pusher(self, pipeline: str, *, via: str | None = None) -> AsyncPusher:
         self._check_started()
-        return AsyncPusher(self, validate_endpoint_name(pipeline, "pipeline"), _via(via))
+        return AsyncPusher(self.runtime, validate_endpoint_name(pipeline, "pipeline"), _via(via))
 
     def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> AsyncPuller:
         self._check_started()
-        return AsyncPuller(self, validate_endpoint_name(pipeline, "pipeline"), allow)
+        return AsyncPuller(self.runtime, validate_endpoint_name(pipeline, "pipeline"), allow)
 
     async def submit(
         self,

@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import zmq
 
@@ -38,11 +38,10 @@ from .errors import (
     RemoteProtocolError,
 )
 from .patterns.reqrep import ServiceEndpoint
+from .runtime import NodeRuntime, host_name
 from .security.keys import is_public_key
 from .stats import RateLimitedLog
 
-if TYPE_CHECKING:
-    from .nodebase import NodeBase
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
@@ -55,17 +54,23 @@ class ControlEndpoint(ServiceEndpoint):
     noun = "control endpoint"
     sync_socket = True
 
-    def __init__(self, node: NodeBase, handler: Any) -> None:
-        self.fixed_port = node.config.control_port
-        super().__init__(node, "control", handler)
+    def __init__(self, runtime: NodeRuntime, handler: Any) -> None:
+        self.fixed_port = runtime.config.control_port
+        super().__init__(runtime, "control", handler)
 
 
 class ControlServer:
-    """Owns the control endpoint and the thread that serves it. ``stop()`` is idempotent."""
+    """Owns the control endpoint and the thread that serves it. ``stop()`` is idempotent.
 
-    def __init__(self, node: NodeBase) -> None:
-        self._node = node
-        self._endpoint = ControlEndpoint(node, self._answer)
+    ``accept_hello(body, peer_address)`` takes a peer's introduction (membership's).
+    """
+
+    def __init__(
+        self, runtime: NodeRuntime, accept_hello: Callable[[dict[str, Any], str | None], None]
+    ) -> None:
+        node = self._node = runtime
+        self._accept_hello = accept_hello
+        self._endpoint = ControlEndpoint(runtime, self._answer)
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(self._stop_r, False)
         os.set_blocking(self._stop_w, False)
@@ -212,10 +217,10 @@ class ControlServer:
 
     def _send_oneway(self, url: str, key: str | None, body: dict[str, Any]) -> None:
         """Send a one-way control message (hello, peers) from a short-lived socket."""
-        sock = self._node._sockets.socket(zmq.DEALER, sync=True)
+        sock = self._node.sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
         try:
-            self._node._sockets.connect(sock, url, key)
+            self._node.sockets.connect(sock, url, key)
             sock.send_multipart(self._frames(body), zmq.NOBLOCK)
         except (zmq.ZMQError, FabricError) as exc:
             log.debug("cannot send %s to %s: %s", body.get("op"), url, exc)
@@ -233,7 +238,7 @@ class ControlServer:
         route, header, body = parsed
         op = body.get("op") if isinstance(body, dict) else None
         if op == "hello":
-            self._node._membership.accept_hello(body, zframes[-1].get("Peer-Address"))
+            self._accept_hello(body, zframes[-1].get("Peer-Address"))
             return  # introductions are one-way: no reply
         if op == "peers":
             self._accept_peers(body.get("peers"))
@@ -280,10 +285,34 @@ class ControlServer:
     def _answer(self, op: object) -> Any:
         if op not in OPS:
             raise LocalProtocolError(f"unknown control op {op!r}; expected one of {', '.join(OPS)}")
-        return self._node._control_answer(str(op))
+        return control_answer(self._node, str(op))
 
 
-def control_call(node: NodeBase, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S) -> Any:
+def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
+    """The answer to control op ``op`` (the control thread: reads only thread-safe state)."""
+    base: dict[str, Any] = {
+        "node": runtime.name,
+        "id": runtime.node_id,
+        "host": host_name(),
+        "pid": os.getpid(),
+        "uptime_s": round(time.monotonic() - runtime.started_at, 3),
+    }
+    if op == "ping":
+        return base
+    record = runtime.record
+    base["address"] = record.address
+    base["endpoints"] = [
+        {"kind": ep.kind.value, "name": ep.name, "port": ep.port} for ep in record.endpoints
+    ]
+    if op == "info":
+        base["peers"] = [r.name for r in runtime.directory.records()]
+        return base
+    base["counters"] = runtime.counters.snapshot()
+    base.update(runtime.stats_sections())
+    return base
+
+
+def control_call(node: NodeRuntime, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S) -> Any:
     """Ask node ``target``'s control endpoint ``op`` from a fresh socket (any thread).
 
     Raises NodeNotFoundError, FabricTimeoutError, RemoteError.
@@ -294,9 +323,9 @@ def control_call(node: NodeBase, target: str, op: str, timeout: float = CONTROL_
     endpoint = record.control if record else None
     if record is None or endpoint is None:
         raise NodeNotFoundError(target, timeout)
-    sock = node._sockets.socket(zmq.DEALER, sync=True)
+    sock = node.sockets.socket(zmq.DEALER, sync=True)
     try:
-        node._sockets.connect(sock, record.url(endpoint), record.curve_key)
+        node.sockets.connect(sock, record.url(endpoint), record.curve_key)
         msg_id = int(time.monotonic_ns() & 0xFFFFFFFF)
         header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
         sock.send_multipart([b"", header, wire.pack_body({"op": op})])

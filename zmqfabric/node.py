@@ -57,7 +57,7 @@ class Node(NodeBase):
         os.set_blocking(self._stop_w, False)
         for service, handler in self._handlers.items():
             allow = self._service_allow.get(service)
-            self._services[service] = ServiceEndpoint(self, service, handler, allow)
+            self._services[service] = ServiceEndpoint(self.runtime, service, handler, allow)
 
     def close(self) -> None:
         """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
@@ -186,13 +186,13 @@ class Node(NodeBase):
         """A handle that calls ``service`` (through device node ``via``, if given); owned by the
         calling thread."""
         self._check_started()
-        return Requester(self, _valid(service, "service"), _via(via))
+        return Requester(self.runtime, _valid(service, "service"), _via(via))
 
     def publisher(self, stream: str, *, allow: Iterable[str] | None = None) -> Publisher:
         """Publish ``stream`` from this node (one publisher per stream and node). ``allow``
         (secured nodes): only these public keys may subscribe."""
         self._check_started()
-        return Publisher(self, _valid(stream, "stream"), allow)
+        return Publisher(self.runtime, _valid(stream, "stream"), allow)
 
     def subscribe(
         self, stream: str, topics: Iterable[str] | None = None, *, via: str | None = None
@@ -200,19 +200,19 @@ class Node(NodeBase):
         """Subscribe to ``stream`` from every publisher, now and later (or through the forwarder
         device node ``via``), with topic prefixes."""
         self._check_started()
-        return Subscription(self, _valid(stream, "stream"), topics, _via(via))
+        return Subscription(self.runtime, _valid(stream, "stream"), topics, _via(via))
 
     def pusher(self, pipeline: str, *, via: str | None = None) -> Pusher:
         """Send into ``pipeline``, round robin over its pullers (or into the streamer device node
         ``via``)."""
         self._check_started()
-        return Pusher(self, _valid(pipeline, "pipeline"), _via(via))
+        return Pusher(self.runtime, _valid(pipeline, "pipeline"), _via(via))
 
     def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> Puller:
         """Receive from ``pipeline`` (one puller per pipeline and node). ``allow`` (secured
         nodes): only these public keys may push."""
         self._check_started()
-        return Puller(self, _valid(pipeline, "pipeline"), allow)
+        return Puller(self.runtime, _valid(pipeline, "pipeline"), allow)
 
     def submit(
         self,

@@ -8,51 +8,31 @@ thread; ``close()`` sends the discovery goodbye first, then closes every handle,
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import os
-import re
-import secrets
-import socket
 import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
 from .config import NodeConfig, Scope
 from .control import ControlServer, control_call
-from .core.records import (
-    Endpoint,
-    EndpointKind,
-    NodeRecord,
-    validate_endpoint_name,
-    validate_node_name,
-)
+from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
 from .discovery.directory import Directory
 from .discovery.mdns import Discovery
 from .discovery.membership import Membership
-from .errors import (
-    ClosedError,
-    LocalProtocolError,
-    NodeNotFoundError,
-    NoProviderError,
-)
-from .patterns.base import Handle
+from .errors import ClosedError, LocalProtocolError, NodeNotFoundError, NoProviderError
+from .runtime import NodeRuntime, NodeState, host_name
 from .security.guard import Guard
-from .security.keys import KeySet, is_public_key
+from .security.keys import KeySet
 from .security.keys import load as load_keys
 from .stats import Counters, RateLimitedLog
 from .tasks.registry import NodeTasks, TaskConfig
-from .transport.sockets import ZAP_DOMAIN, SocketFactory
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-class NodeState(enum.Enum):
-    NEW = "new"
-    STARTED = "started"
-    CLOSED = "closed"
+__all__ = ["NodeBase", "NodeState"]
 
 
 class NodeBase:
@@ -71,9 +51,7 @@ class NodeBase:
     ) -> None:
         """``advertise=False`` makes an observer: it browses and calls others but is not listed
         and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this)."""
-        self.name = validate_node_name(name)
-        self.advertised = advertise
-        self._membership = Membership(self, on_conflict)
+        name = validate_node_name(name)
         if config is None:
             config = NodeConfig(scope=scope if scope is not None else Scope.from_env())
         elif scope is not None:
@@ -84,30 +62,49 @@ class NodeBase:
             loaded = keys if isinstance(keys, KeySet) else load_keys(keys)
             config = dataclasses.replace(config, keys=loaded)
         self.config = config
-        self.node_id = secrets.token_hex(8)
-        self._guard: Guard | None = None
-        self.counters = Counters()
-        self.directory = Directory(self.name)
-        self._sockets = SocketFactory(config, asyncio=self._ASYNC)
-        self._discovery = Discovery(
-            config, self.directory, self.counters, self._membership.on_name_conflict
-        )
+        #: What the node's parts see of it (patterns, tasks, control, devices).
+        self.runtime = rt = NodeRuntime(name, config, advertised=advertise, asyncio=self._ASYNC)
+        self._discovery = Discovery(config, rt.directory, rt.counters, self._on_name_conflict)
+        self._membership = Membership(rt, self._discovery, on_conflict)
+        rt.on_record_change = self._discovery.advertise
         self._lock = threading.RLock()
-        self._endpoints: dict[tuple[EndpointKind, str], Endpoint] = {}
-        self._seq = 0
-        self._handles: set[Handle] = set()
         self._handlers: dict[str, Callable[[Any], Any]] = {}
         self._service_allow: dict[str, tuple[str, ...]] = {}
-        self._state = NodeState.NEW
         self._opening = False
         self._started_at = 0.0
         self._control: ControlServer | None = None
         self._unlisten: Callable[[], None] | None = None
-        #: Extra sections of the control "stats" answer (devices, task pipelines), by name.
-        self._stats_sources: dict[str, Callable[[], Any]] = {}
         #: Reliable tasks (``tasks=TaskConfig(...)``: journal, dead letters, defaults).
-        self._tasks = NodeTasks(self, tasks if tasks is not None else TaskConfig())
-        self._stats_sources["tasks"] = self._tasks.stats
+        self._tasks = NodeTasks(rt, tasks if tasks is not None else TaskConfig())
+        rt.add_stats_source("tasks", self._tasks.stats)
+
+    # --- identity --------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """This node's name (with a suffix if it was taken and ``on_conflict="suffix"``)."""
+        return self.runtime.name
+
+    @property
+    def node_id(self) -> str:
+        return self.runtime.node_id
+
+    @property
+    def advertised(self) -> bool:
+        return self.runtime.advertised
+
+    @property
+    def counters(self) -> Counters:
+        return self.runtime.counters
+
+    @property
+    def directory(self) -> Directory:
+        return self.runtime.directory
+
+    @property
+    def record(self) -> NodeRecord:
+        """This node's discovery record as advertised now."""
+        return self.runtime.record
 
     # --- definition ------------------------------------------------------------------------
 
@@ -126,7 +123,7 @@ class NodeBase:
             with self._lock:
                 if service in self._handlers:
                     raise LocalProtocolError(f"node {self.name!r} already serves {service!r}")
-                if self._state is not NodeState.NEW:
+                if self.runtime.state is not NodeState.NEW:
                     raise LocalProtocolError("register services before the node starts")
                 self._handlers[service] = handler
             return handler
@@ -157,30 +154,32 @@ class NodeBase:
 
     @property
     def state(self) -> NodeState:
-        return self._state
+        return self.runtime.state
 
     def _open(self) -> None:
+        rt = self.runtime
         with self._lock:
-            if self._state is NodeState.CLOSED:
+            if rt.state is NodeState.CLOSED:
                 raise ClosedError(f"node {self.name!r} is closed; make a new Node")
-            if self._state is NodeState.STARTED:
+            if rt.state is NodeState.STARTED:
                 return
             self._opening = True
         try:
             if self.config.keys is not None:
-                self._guard = Guard(self._sockets.context, self.config.keys, self.counters,
-                                    self.name)
-                self._guard.start()
+                rt.guard = Guard(rt.sockets.context, self.config.keys, rt.counters, self.name)
+                rt.guard.start()
             elif not self.config.scope.is_local:
                 log.warning("node %s is on %s without keys: its traffic is unauthenticated and "
                             "unencrypted; give it keys (--keys DIR) on a shared network",
-                            self.name, self.config.scope.interface)
+                            self.name, self.config.scope.interface,
+                            extra={"zf_event": "unsecured_lan"})
             self._discovery.start()
-            self._control = ControlServer(self)
+            self._control = ControlServer(rt, self._membership.accept_hello)
+            self._membership.attach(self._control)
             self._open_services()
             self._tasks.open()
-            self._started_at = time.monotonic()
-            self._state = NodeState.STARTED
+            rt.started_at = time.monotonic()
+            rt.state = NodeState.STARTED
             self._opening = False
             self._control.start()
             self._unlisten = self.directory.listen(self._membership.on_directory_event)
@@ -208,9 +207,9 @@ class NodeBase:
     def _begin_close(self) -> bool:
         """Mark the node closed; False if it already was."""
         with self._lock:
-            if self._state is NodeState.CLOSED:
+            if self.runtime.state is NodeState.CLOSED:
                 return False
-            self._state = NodeState.CLOSED
+            self.runtime.state = NodeState.CLOSED
         if self._unlisten is not None:
             self._unlisten()
         return True
@@ -221,103 +220,26 @@ class NodeBase:
 
     def _close_local(self) -> None:
         """Close the control thread, every handle and the context (in the sockets' owner)."""
+        rt = self.runtime
         self._tasks.close()  # the dispatcher thread first: it owns sockets and a publisher
         if self._control is not None:
             self._control.stop()
-        for handle in list(self._handles):
-            handle.close()
-        self.directory.clear()
-        if self._guard is not None:
-            self._guard.stop()
-        self._sockets.close()
+        rt.close_all()
+        rt.directory.clear()
+        if rt.guard is not None:
+            rt.guard.stop()
+        rt.sockets.close()
         log.info("node %s closed", self.name)
 
     def _check_started(self) -> None:
-        if self._state is not NodeState.STARTED:
-            raise ClosedError(
-                f"node {self.name!r} is {self._state.value}: use it inside `with` or after start()"
-            )
-
-    # --- endpoints -------------------------------------------------------------------------
-
-    def _track(self, handle: Handle) -> None:
-        with self._lock:
-            self._handles.add(handle)
-
-    def _untrack(self, handle: Handle) -> None:
-        with self._lock:
-            self._handles.discard(handle)
-
-    def _add_endpoint(self, kind: EndpointKind, name: str, port: int) -> None:
-        if not self.advertised and kind is not EndpointKind.CONTROL:
-            raise LocalProtocolError(
-                f"node {self.name!r} does not advertise itself, so nobody could find its "
-                f"{kind.noun} {name!r}: make it with advertise=True"
-            )
-        with self._lock:
-            key = (kind, name)
-            if key in self._endpoints:
-                raise LocalProtocolError(f"node {self.name!r} already offers {kind.noun} {name!r}")
-            self._endpoints[key] = Endpoint(kind, name, port)
-            self._seq += 1
-            advertise = self._state is NodeState.STARTED and self.advertised
-        if advertise:
-            self._discovery.advertise(self.record)
-
-    def _remove_endpoint(self, kind: EndpointKind, name: str) -> None:
-        with self._lock:
-            if self._endpoints.pop((kind, name), None) is None:
-                return
-            self._seq += 1
-            advertise = self._state is NodeState.STARTED and self.advertised
-        if advertise:
-            self._discovery.advertise(self.record)
-
-    @property
-    def record(self) -> NodeRecord:
-        """This node's discovery record as advertised now."""
-        with self._lock:
-            endpoints = tuple(sorted(self._endpoints.values()))
-            seq = self._seq
-        return NodeRecord(
-            self.name,
-            self.node_id,
-            _host_name(),
-            os.getpid(),
-            self.config.scope.address,
-            endpoints,
-            seq,
-            self.config.keys.public if self.config.keys else None,
-        )
-
-    def _connect(self, sock: Any, url: str) -> None:
-        """Connect a socket to a peer endpoint found in the directory (with its CURVE key)."""
-        self._sockets.connect(sock, url, self.directory.key_for(url))
+        self.runtime.check_started()
 
     def refused_peers(self) -> list[tuple[NodeRecord, str]]:
         """Nodes seen but refused for security reasons, with the reason. Thread-safe."""
         return self._discovery.refused()
 
-    def _server_names(self, urls: Iterable[str]) -> list[str]:
-        """Node names (or the URLs themselves) of endpoint URLs, for error messages."""
-        names = []
-        for url in urls:
-            owner = next((r.name for r in self.directory.records()
-                          if any(r.url(ep) == url for ep in r.endpoints)), url)
-            names.append(owner)
-        return sorted(names)
-
-    def _zap_domain(self, kind: EndpointKind, name: str, allow: Iterable[str] | None) -> str:
-        """The ZAP domain for a bound endpoint; ``allow`` restricts it to those public keys."""
-        if allow is None:
-            return ZAP_DOMAIN
-        keys = list(allow)
-        bad = [k for k in keys if not is_public_key(k)]
-        if bad:
-            raise LocalProtocolError(f"allow= takes Z85 public keys; {bad[0]!r} is not one")
-        if self._guard is None:
-            raise LocalProtocolError(f"allow= on {kind.noun} {name!r} needs a node with keys")
-        return self._guard.restrict(kind.value, name, keys)
+    def _on_name_conflict(self, other: NodeRecord) -> None:
+        self._membership.on_name_conflict(other)
 
     # --- directory -------------------------------------------------------------------------
 
@@ -345,42 +267,7 @@ class NodeBase:
 
     def _control_sync(self, target: str, op: str, timeout: float) -> Any:
         self._check_started()
-        return control_call(self, target, op, timeout)
-
-    def _control_answer(self, op: str) -> Any:
-        """Answer a control op (runs in the control thread: reads only thread-safe state)."""
-        base: dict[str, Any] = {
-            "node": self.name,
-            "id": self.node_id,
-            "host": _host_name(),
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self._started_at, 3),
-        }
-        if op == "ping":
-            return base
-        record = self.record
-        base["address"] = record.address
-        base["endpoints"] = [
-            {"kind": ep.kind.value, "name": ep.name, "port": ep.port} for ep in record.endpoints
-        ]
-        if op == "info":
-            base["peers"] = [r.name for r in self.directory.records()]
-            return base
-        base["counters"] = self.counters.snapshot()
-        for key, source in list(self._stats_sources.items()):
-            try:
-                base[key] = source()
-            except Exception as exc:  # one broken source must not hide the rest
-                base[key] = {"error": str(exc)}
-        return base
+        return control_call(self.runtime, target, op, timeout)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__module__}.{type(self).__name__} {self.name!r} {self._state.value}>"
-
-
-_HOST_BAD = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def _host_name() -> str:
-    host = _HOST_BAD.sub("-", socket.gethostname()).lstrip("-._") or "localhost"
-    return host[:200]
+        return f"<{type(self).__module__}.{type(self).__name__} {self.name!r} {self.state.value}>"

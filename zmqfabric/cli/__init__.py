@@ -130,18 +130,19 @@ class _LogFormatter(logging.Formatter):
 
 
 class _QuietLibraryWarnings(logging.Filter):
-    """Library warnings the CLI reports its own way:
+    """Library warnings the CLI reports its own way, recognised by their ``zf_event`` tag:
 
-    - "node X is on IFACE without keys": the CLI warns once per command, not once per node;
-    - "ignoring node X ...": a line per refused peer is noise on a shared fabric; `ls` lists
-      them with the reason, and a "no provider" error names refused peers that offer it.
-      Shown with -v."""
+    - ``unsecured_lan`` ("node X is on IFACE without keys"): the CLI warns once per command,
+      not once per node;
+    - ``peer_refused`` ("ignoring node X ..."): a line per refused peer is noise on a shared
+      fabric; `ls` lists them with the reason, and a "no provider" error names refused peers
+      that offer it. Shown with -v."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        if record.name == "zmqfabric.nodebase":
-            return not text.startswith("node %s is on %s without keys")
-        if record.name == "zmqfabric.discovery.mdns" and text.startswith("ignoring node "):
+        event = getattr(record, "zf_event", None)
+        if event == "unsecured_lan":
+            return False
+        if event == "peer_refused":
             return logging.getLogger().getEffectiveLevel() <= logging.INFO
         return True
 

@@ -20,7 +20,7 @@ from ..config import INTERFACE_ENV, Scope
 from ..core.records import VIA_KIND, EndpointKind, validate_endpoint_name
 from ..errors import FabricError, InvalidNameError
 from ..node import Node
-from ..nodebase import NodeBase
+
 from .config import CliConfig, ModuleAttr, NodeName, Seconds, common, pass_config
 from .output import (
     BadInput,
@@ -118,7 +118,7 @@ async def _run_async(cfg: CliConfig, node: aio.Node, stopped: Callable[[int], No
         await node.close()
 
 
-def _announce(cfg: CliConfig, node: NodeBase, event: str) -> None:
+def _announce(cfg: CliConfig, node: Node | aio.Node, event: str) -> None:
     record = node.record
     if cfg.json:
         emit({"event": event, "node": record_json(record) if event == "ready" else

@@ -28,7 +28,7 @@ from ..constants import DEAD_FORGET_S, LIVENESS_CONNECT_TIMEOUT_S
 from ..core.records import NodeRecord
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from .local import LocalNode
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class PeerWatch:
     """Owned by the control thread. ``poller`` is that thread's poller; monitors join it."""
 
     def __init__(
-        self, node: NodeBase, poller: zmq.Poller, clock: Callable[[], float] = time.monotonic
+        self, node: LocalNode, poller: zmq.Poller, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._node = node
         self._poller = poller
@@ -77,10 +77,10 @@ class PeerWatch:
                 peer.record = record
                 return
             self._drop(peer)
-        sock = self._node._sockets.socket(zmq.DEALER, sync=True)
+        sock = self._node.sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # a hello sent now waits for the connection
-        monitor = self._node._sockets.monitor(sock, _EVENTS, sync=True)
-        self._node._sockets.connect(sock, url, record.curve_key)
+        monitor = self._node.sockets.monitor(sock, _EVENTS, sync=True)
+        self._node.sockets.connect(sock, url, record.curve_key)
         peer = _Peer(record, url, sock, monitor, self._clock())
         self._peers[record.name] = peer
         self._by_monitor[monitor] = peer

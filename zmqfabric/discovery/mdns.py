@@ -236,7 +236,7 @@ class Discovery:
                 self._refused.pop(next(iter(self._refused)))
         if first:
             log.warning("ignoring node %s on host %s (%s): %s", record.name, record.host,
-                        record.address, reason)
+                        record.address, reason, extra={"zf_event": "peer_refused"})
 
     def refused(self) -> list[tuple[NodeRecord, str]]:
         """Peers seen but refused for security reasons (most recent last). Thread-safe."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
 from ..core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
@@ -27,21 +27,41 @@ from ..stats import RateLimitedLog
 from .directory import Change, DirectoryEvent
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from .local import LocalNode
+    from .mdns import Discovery
+
+
+class Introducer(Protocol):
+    """What membership asks of the control thread (all thread-safe, returning at once)."""
+
+    def introduce(self, url: str, key: str | None = None) -> None: ...
+    def watch(self, record: NodeRecord) -> None: ...
+    def unwatch(self, record: NodeRecord) -> None: ...
+    def greet(self, record: NodeRecord) -> None: ...
+    def share(self, record: NodeRecord) -> None: ...
+
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 
 
 class Membership:
-    def __init__(self, node: NodeBase, on_conflict: str) -> None:
+    """Claims the node's name and meets peers. ``attach`` gives it the control thread."""
+
+    def __init__(self, runtime: LocalNode, discovery: Discovery, on_conflict: str) -> None:
         if on_conflict not in ("fail", "suffix"):
             raise LocalProtocolError("on_conflict must be 'fail' or 'suffix'")
-        self._node = node
+        self._node = runtime
+        self._discovery = discovery
+        self._control: Introducer | None = None
         self._mode = on_conflict
         self._claiming = False
         self._conflict: NodeRecord | None = None
         self._conflict_seen = threading.Event()
+
+    def attach(self, control: Introducer | None) -> None:
+        """The control thread that introduces and watches peers (None while closed)."""
+        self._control = control
 
     def claim_name(self) -> None:
         """Advertise, then listen for CONFLICT_WINDOW_S for another live node of our name (it
@@ -54,21 +74,21 @@ class Membership:
             self._conflict_seen.clear()
             self._claiming = True
             try:
-                node._discovery.advertise(node.record)
+                self._discovery.advertise(node.record)
                 self._conflict_seen.wait(CONFLICT_WINDOW_S)
             finally:
                 self._claiming = False
             other = self._conflict
             if other is None:
                 return
-            node._discovery.withdraw()
+            self._discovery.withdraw()
             node.directory.remove(node.name, node.node_id)
             if self._mode != "suffix":
                 raise NameConflictError(node.name, other.host, other.node_id, other.address)
             log.warning("node name %r is taken by %s on %s; trying %s-%d",
                         node.name, other.node_id, other.host, base, attempt)
             suffix = f"-{attempt}"
-            node.name = validate_node_name(f"{base[: 46 - len(suffix)]}{suffix}")
+            node.rename(f"{base[: 46 - len(suffix)]}{suffix}")
         raise NameConflictError(node.name, other.host, other.node_id, other.address)
 
     def on_name_conflict(self, other: NodeRecord) -> None:
@@ -81,14 +101,14 @@ class Membership:
         _rlog.warning("conflict", "node %s on host %s (%s) claims this node's name %r; it "
                       "should yield", other.node_id, other.host, other.address, node.name)
         control = other.control
-        if control is not None and node._control is not None:
-            node._control.introduce(other.url(control), other.curve_key)  # tell it we exist
+        if control is not None and self._control is not None:
+            self._control.introduce(other.url(control), other.curve_key)  # tell it we exist
 
     def on_directory_event(self, event: DirectoryEvent) -> None:
         """Watch each peer's liveness and introduce ourselves to newcomers (runs in discovery's
         or the control thread: only posts to the control thread)."""
         node = self._node
-        record, control = event.record, node._control
+        record, control = event.record, self._control
         if record.node_id == node.node_id or control is None:
             return
         if event.change is Change.LEFT:
@@ -119,7 +139,7 @@ class Membership:
             except InvalidNameError as exc:
                 raise RemoteProtocolError(f"hello has a bad node name: {exc}") from exc
             props = {k.encode(): v.encode() for k, v in txt.items()}
-            node._discovery.accept(decode_txt(peer, [peer_address], props), direct=True)
+            self._discovery.accept(decode_txt(peer, [peer_address], props), direct=True)
         except RemoteProtocolError as exc:
             node.counters.add("refused_hellos")
             _rlog.warning("hello", "refused an introduction from %s: %s", peer_address, exc)

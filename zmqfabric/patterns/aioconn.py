@@ -14,16 +14,16 @@ from ..transport.frames import _s_left
 from .base import DEFER_DISCONNECT_S, Connector, _closed_or
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 
 class AsyncConnector(Connector):
     """A connector owned by one asyncio loop: directory changes arrive by call_soon_threadsafe."""
 
     def __init__(
-        self, node: NodeBase, name: str, socket_type: int, via: str | None = None
+        self, runtime: NodeRuntime, name: str, socket_type: int, via: str | None = None
     ) -> None:
-        super().__init__(node, name, socket_type, via)
+        super().__init__(runtime, name, socket_type, via)
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._watch()
@@ -43,7 +43,7 @@ class AsyncConnector(Connector):
     def _watch(self) -> None:
         self._owner = threading.get_ident()
         kind, name = self._watched()
-        self._unwatch = self._node.directory.watch(kind, name, self._apply_or_post, self.via)
+        self._unwatch = self._rt.directory.watch(kind, name, self._apply_or_post, self.via)
 
     def _apply_or_post(self, op: str, url: str) -> None:
         # The initial providers arrive inside watch(), in the owning loop's thread: apply them now

@@ -29,7 +29,7 @@ from ..transport.frames import NOBLOCK, _ms_left, recv_frames, send_frames
 from ..transport.sockets import sync_view
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log)
@@ -54,12 +54,12 @@ class Handle:
     #: True for handles served by a node-owned thread even on an asyncio node.
     sync_socket = False
 
-    def __init__(self, node: NodeBase, name: str, socket_type: int) -> None:
-        self._node = node
+    def __init__(self, runtime: NodeRuntime, name: str, socket_type: int) -> None:
+        self._rt = runtime
         self.name = name
-        self._sock: zmq.Socket = node._sockets.socket(socket_type, sync=self.sync_socket)
+        self._sock: zmq.Socket = runtime.sockets.socket(socket_type, sync=self.sync_socket)
         self._closed = False
-        node._track(self)
+        runtime.track(self)
 
     @property
     def closed(self) -> bool:
@@ -72,7 +72,7 @@ class Handle:
         self._closed = True
         self._on_close()
         self._sock.close()
-        self._node._untrack(self)
+        self._rt.untrack(self)
 
     def _on_close(self) -> None:
         pass
@@ -83,7 +83,7 @@ class Handle:
 
     def _refused(self, what: str, exc: Exception) -> None:
         """Count and log (rate-limited) one malformed message from a peer."""
-        self._node.counters.add(f"refused_{what}")
+        self._rt.counters.add(f"refused_{what}")
         rlog.warning(what, "%s %r dropped a malformed %s: %s", self.noun, self.name, what, exc)
 
     def __enter__(self) -> Any:
@@ -104,21 +104,21 @@ class Bound(Handle):
     fixed_port = 0
 
     def __init__(
-        self, node: NodeBase, name: str, socket_type: int, allow: Iterable[str] | None = None
+        self, runtime: NodeRuntime, name: str, socket_type: int, allow: Iterable[str] | None = None
     ) -> None:
-        super().__init__(node, name, socket_type)
+        super().__init__(runtime, name, socket_type)
         try:
-            domain = node._zap_domain(self.kind, name, allow)
-            self.port = node._sockets.bind(self._sock, self.fixed_port, domain)
+            domain = runtime.zap_domain(self.kind, name, allow)
+            self.port = runtime.sockets.bind(self._sock, self.fixed_port, domain)
         except BaseException:
             self.close()
             raise
 
     def _advertise(self) -> None:
-        self._node._add_endpoint(self.kind, self.name, self.port)
+        self._rt.add_endpoint(self.kind, self.name, self.port)
 
     def _on_close(self) -> None:
-        self._node._remove_endpoint(self.kind, self.name)
+        self._rt.remove_endpoint(self.kind, self.name)
 
 
 class Connector(Handle):
@@ -129,15 +129,15 @@ class Connector(Handle):
     routed = False
 
     def __init__(
-        self, node: NodeBase, name: str, socket_type: int, via: str | None = None
+        self, runtime: NodeRuntime, name: str, socket_type: int, via: str | None = None
     ) -> None:
-        super().__init__(node, name, socket_type)
+        super().__init__(runtime, name, socket_type)
         self.via = via
         self._urls: set[str] = set()
         self._unwatch: Callable[[], None] | None = None
         # Connection events tell when a provider is really reachable (wait_ready) and why one
         # is not (a refused CURVE handshake). Made before the first connect so none is missed.
-        self._monitor: zmq.Socket = node._sockets.monitor(
+        self._monitor: zmq.Socket = runtime.sockets.monitor(
             self._sock, _MONITOR_EVENTS, sync=self.sync_socket
         )
         self._handshaken: set[str] = set()
@@ -178,7 +178,7 @@ class Connector(Handle):
         return len(self._urls) >= at_least and self._urls <= self._handshaken
 
     def _watch(self) -> None:
-        self._unwatch = self._node.directory.watch(*self._watched(), self._post, self.via)
+        self._unwatch = self._rt.directory.watch(*self._watched(), self._post, self.via)
 
     def _watched(self) -> tuple[EndpointKind, str]:
         return (VIA_KIND[self.kind] if self.via else self.kind), self.name
@@ -198,7 +198,7 @@ class Connector(Handle):
             if op == "connect" and url not in self._urls:
                 if self.routed:  # the peer's routing id is its URL: we address it by name
                     self._sock.setsockopt(zmq.CONNECT_ROUTING_ID, url.encode())
-                self._node._connect(self._sock, url)
+                self._rt.connect(self._sock, url)
                 self._urls.add(url)
             elif op == "disconnect" and url in self._urls:
                 if sync_view(self._sock).get(zmq.EVENTS) & zmq.POLLIN:
@@ -227,9 +227,9 @@ class SyncConnector(Connector):
     """A connector owned by one thread; waits with a poller on the socket and a wake-up pipe."""
 
     def __init__(
-        self, node: NodeBase, name: str, socket_type: int, via: str | None = None
+        self, runtime: NodeRuntime, name: str, socket_type: int, via: str | None = None
     ) -> None:
-        super().__init__(node, name, socket_type, via)
+        super().__init__(runtime, name, socket_type, via)
         self._ops: collections.deque[tuple[str, str]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)

@@ -38,7 +38,7 @@ _NOBLOCK_MORE = NOBLOCK | int(zmq.SNDMORE)
 _UNPACKB = msgpack.unpackb
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 
 class _PullerBase(Bound):
@@ -63,8 +63,8 @@ class _PullerBase(Bound):
 class Puller(_PullerBase):
     """Receives a pipeline's messages (a worker or a sink). Owned by one thread."""
 
-    def __init__(self, node: NodeBase, pipeline: str, allow: Iterable[str] | None = None) -> None:
-        super().__init__(node, pipeline, zmq.PULL, allow)
+    def __init__(self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None) -> None:
+        super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set by recv(); -1: none
@@ -159,8 +159,8 @@ class Puller(_PullerBase):
 
 
 class AsyncPuller(_PullerBase):
-    def __init__(self, node: NodeBase, pipeline: str, allow: Iterable[str] | None = None) -> None:
-        super().__init__(node, pipeline, zmq.PULL, allow)
+    def __init__(self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None) -> None:
+        super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._advertise()
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
@@ -193,8 +193,8 @@ class Pusher(_Encoder, SyncConnector):
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 
-    def __init__(self, node: NodeBase, pipeline: str, via: str | None = None) -> None:
-        SyncConnector.__init__(self, node, pipeline, zmq.PUSH, via)
+    def __init__(self, runtime: NodeRuntime, pipeline: str, via: str | None = None) -> None:
+        SyncConnector.__init__(self, runtime, pipeline, zmq.PUSH, via)
         self._init_encoder(wire.Kind.MESSAGE)
 
     def send(self, body: Any, timeout: float | None = None) -> None:
@@ -239,8 +239,8 @@ class AsyncPusher(_Encoder, AsyncConnector):
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 
-    def __init__(self, node: NodeBase, pipeline: str, via: str | None = None) -> None:
-        AsyncConnector.__init__(self, node, pipeline, zmq.PUSH, via)
+    def __init__(self, runtime: NodeRuntime, pipeline: str, via: str | None = None) -> None:
+        AsyncConnector.__init__(self, runtime, pipeline, zmq.PUSH, via)
         self._init_encoder(wire.Kind.MESSAGE)
 
     async def send(self, body: Any, timeout: float | None = None) -> None:

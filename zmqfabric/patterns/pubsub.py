@@ -36,7 +36,7 @@ from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 
 # Hot path (see wire.CANONICAL): pre-packed header prefixes and the struct calls.
@@ -124,8 +124,8 @@ class Publisher(_Encoder, Bound):
     noun = "stream"
     sync_socket = True  # sends never wait and subscriptions are read without waiting
 
-    def __init__(self, node: NodeBase, stream: str, allow: Iterable[str] | None = None) -> None:
-        Bound.__init__(self, node, stream, zmq.XPUB, allow)
+    def __init__(self, runtime: NodeRuntime, stream: str, allow: Iterable[str] | None = None) -> None:
+        Bound.__init__(self, runtime, stream, zmq.XPUB, allow)
         self._init_encoder(wire.Kind.EVENT)
         #: Markers of the subscribers whose subscriptions are applied now.
         self._markers: set[bytes] = set()
@@ -218,7 +218,7 @@ class Publisher(_Encoder, Bound):
 
     def _flush_count(self) -> None:
         if self._unsent_count:
-            self._node.counters.add("events_sent", self._unsent_count)
+            self._rt.counters.add("events_sent", self._unsent_count)
             self._unsent_count = 0
 
     def send(self, topic: str, body: Any) -> None:
@@ -296,13 +296,13 @@ class Subscription(_SubscriptionBase, SyncConnector):
 
     def __init__(
         self,
-        node: NodeBase,
+        runtime: NodeRuntime,
         stream: str,
         topics: Iterable[str] | None = None,
         via: str | None = None,
     ) -> None:
         heads = _filters(topics)  # before the socket exists: a bad topic leaks nothing
-        SyncConnector.__init__(self, node, stream, zmq.SUB, via)
+        SyncConnector.__init__(self, runtime, stream, zmq.SUB, via)
         self._subscribe_topics(heads)
 
     def recv_message(self, timeout: float | None = None) -> wire.Message | None:
@@ -368,13 +368,13 @@ class AsyncSubscription(_SubscriptionBase, AsyncConnector):
 
     def __init__(
         self,
-        node: NodeBase,
+        runtime: NodeRuntime,
         stream: str,
         topics: Iterable[str] | None = None,
         via: str | None = None,
     ) -> None:
         heads = _filters(topics)  # before the socket exists: a bad topic leaks nothing
-        AsyncConnector.__init__(self, node, stream, zmq.SUB, via)
+        AsyncConnector.__init__(self, runtime, stream, zmq.SUB, via)
         self._subscribe_topics(heads)
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:

@@ -40,7 +40,7 @@ from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
@@ -79,9 +79,9 @@ class ServiceEndpoint(Bound):
     noun = "service"
 
     def __init__(
-        self, node: NodeBase, name: str, handler: Handler, allow: Iterable[str] | None = None
+        self, runtime: NodeRuntime, name: str, handler: Handler, allow: Iterable[str] | None = None
     ) -> None:
-        super().__init__(node, name, zmq.ROUTER, allow)
+        super().__init__(runtime, name, zmq.ROUTER, allow)
         self.handler = handler
         self.socket = self._sock
         self._reply_sock = sync_view(self._sock)
@@ -166,16 +166,16 @@ class ServiceEndpoint(Bound):
     def reply_error(
         self, route: list[bytes], msg_id: int, exc: BaseException, refused: bool = False
     ) -> None:
-        self._node.counters.add("refused_request_replies" if refused else "handler_errors")
+        self._rt.counters.add("refused_request_replies" if refused else "handler_errors")
         header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())
         self._send(route + [header, wire.pack_body(wire.error_body(exc))])
 
     def _send(self, frames: list[Any], copy: bool = True) -> None:
         try:
             send_frames(self._reply_sock, frames, NOBLOCK, copy)
-            self._node.counters.add("replies_sent")
+            self._rt.counters.add("replies_sent")
         except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
-            self._node.counters.add("replies_undeliverable")
+            self._rt.counters.add("replies_undeliverable")
 
 
 class _RequesterBase:
@@ -186,18 +186,20 @@ class _RequesterBase:
     connected to, and a retry goes to another provider than the attempt before (a DEALER's round
     robin may send it to the same one again)."""
 
+    _rt: NodeRuntime
+
     kind = EndpointKind.REPLY
     noun = "service"
     routed = True
     name: str
-    _node: NodeBase
+    _runtime: NodeRuntime
     _urls: set[str]
     _sock: zmq.Socket
 
     def _setup(self) -> None:
         self._turn = random.randrange(1 << 16)  # fresh requesters do not all start at one provider
         self._ids = itertools.count(random.getrandbits(40))
-        self._secured = self._node.config.keys is not None
+        self._secured = self._rt.config.keys is not None
         self._pack = msgpack.Packer().pack
 
     def _frames(self, body: Any) -> tuple[int, list[Any], bool]:
@@ -214,7 +216,7 @@ class _RequesterBase:
             head = frames[1]
             if len(head) == 21 and head.startswith(_REPLY) and head[12] == _FLOAT64:
                 if _UNPACK(head)[1] != msg_id:
-                    self._node.counters.add("stale_replies")
+                    self._rt.counters.add("stale_replies")
                     return False, None
                 try:
                     return True, wire.unpack_body(frames[2])
@@ -227,7 +229,7 @@ class _RequesterBase:
             self._refused("reply", exc)  # type: ignore[attr-defined]
             return False, None
         if header.msg_id != msg_id:
-            self._node.counters.add("stale_replies")
+            self._rt.counters.add("stale_replies")
             return False, None
         if header.kind is wire.Kind.ERROR:
             raise RemoteError(self.name, body["type"], body["message"])
@@ -258,22 +260,22 @@ class _RequesterBase:
         return None
 
     def _timeouts(self, timeout: float | None) -> float:
-        return self._node.config.request_timeout_s if timeout is None else timeout
+        return self._rt.config.request_timeout_s if timeout is None else timeout
 
     def _failure(self, timeout: float, attempts: int) -> Exception:
         """The error for a request that got no answer: refused by every provider, or timed out."""
         self._read_monitor()  # type: ignore[attr-defined]
         refused = self._all_refused()  # type: ignore[attr-defined]
         if refused:
-            return AuthorizationError("service", self.name, self._node._server_names(refused))
+            return AuthorizationError("service", self.name, self._rt.server_names(refused))
         return RequestTimeoutError(self.name, timeout, attempts, len(self._urls))  # type: ignore[attr-defined]
 
 
 class Requester(_RequesterBase, SyncConnector):
     """Calls one service by name. Owned by one thread; not thread-safe."""
 
-    def __init__(self, node: NodeBase, service: str, via: str | None = None) -> None:
-        SyncConnector.__init__(self, node, service, zmq.ROUTER, via)
+    def __init__(self, runtime: NodeRuntime, service: str, via: str | None = None) -> None:
+        SyncConnector.__init__(self, runtime, service, zmq.ROUTER, via)
         self._setup()
         self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set; -1: none
 
@@ -352,8 +354,8 @@ class Requester(_RequesterBase, SyncConnector):
 class AsyncRequester(_RequesterBase, AsyncConnector):
     """Calls one service by name from one asyncio loop."""
 
-    def __init__(self, node: NodeBase, service: str, via: str | None = None) -> None:
-        AsyncConnector.__init__(self, node, service, zmq.ROUTER, via)
+    def __init__(self, runtime: NodeRuntime, service: str, via: str | None = None) -> None:
+        AsyncConnector.__init__(self, runtime, service, zmq.ROUTER, via)
         self._setup()
 
     async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:

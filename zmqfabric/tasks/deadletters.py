@@ -25,7 +25,7 @@ from ..patterns.pubsub import Publisher
 from ..stats import RateLimitedLog
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
@@ -33,7 +33,7 @@ SUFFIX = ".dead"
 
 
 class DeadLetters:
-    def __init__(self, node: NodeBase, path: str | None) -> None:
+    def __init__(self, node: NodeRuntime, path: str | None) -> None:
         self._node = node
         self.path = path
         self._publishers: dict[str, Publisher | None] = {}

@@ -39,7 +39,7 @@ from .journal import Journal
 from .registry import _DONE, _FAILED, _RECORDED, NodeTasks, TaskHandle, settle
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
@@ -65,7 +65,7 @@ class _Link:
 class Dispatcher:
     """Allocates in the caller's thread; ``open()`` opens the journal, ``start()`` the thread."""
 
-    def __init__(self, node: NodeBase, tasks: NodeTasks) -> None:
+    def __init__(self, node: NodeRuntime, tasks: NodeTasks) -> None:
         self._node = node
         self._tasks = tasks
         config = tasks.config
@@ -219,12 +219,12 @@ class Dispatcher:
     def _connect(self, name: str, url: str) -> None:
         if (name, url) in self._links:
             return
-        factory = self._node._sockets
+        factory = self._node.sockets
         sock = factory.socket(zmq.DEALER, sync=True)
         monitor = factory.monitor(sock, _EVENTS, sync=True)
         link = _Link(name, url, sock, monitor, self._pipelines[name])
         try:
-            self._node._connect(sock, url)  # with the worker's CURVE key on a secured fabric
+            self._node.connect(sock, url)  # with the worker's CURVE key on a secured fabric
         except (zmq.ZMQError, FabricError) as exc:
             log.warning("%s: cannot connect to task %r at %s: %s", self._node.name, name, url, exc)
             self._close_link(link)

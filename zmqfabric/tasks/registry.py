@@ -45,11 +45,12 @@ from ..errors import (
     JournalError,
     LocalProtocolError,
 )
+from ..runtime import NodeState
 from .deadletters import SUFFIX as DEAD_SUFFIX
 from .worker import TaskEndpoint
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
     from .producer import Dispatcher
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -252,7 +253,7 @@ def settle(owner: NodeTasks, changes: list[tuple[TaskHandle, int, Any]]) -> None
 class NodeTasks:
     """A node's reliable tasks: its workers' endpoints and, once used, its dispatcher."""
 
-    def __init__(self, node: NodeBase, config: TaskConfig) -> None:
+    def __init__(self, node: NodeRuntime, config: TaskConfig) -> None:
         self._node = node
         self.config = config
         self._handlers: dict[str, tuple[Callable[[Any], Any], int, tuple[str, ...] | None]] = {}
@@ -281,7 +282,7 @@ class NodeTasks:
         def register(handler: F) -> F:
             if name in self._handlers:
                 raise LocalProtocolError(f"node {self._node.name!r} already serves task {name!r}")
-            if self._endpoints or self._closed or self._node._state.value != "new":
+            if self._endpoints or self._closed or self._node.state is not NodeState.NEW:
                 raise LocalProtocolError("register tasks before the node starts")
             self._handlers[name] = (handler, prefetch, allowed)
             return handler

@@ -30,7 +30,7 @@ from ..patterns.base import Bound
 from ..transport.sockets import sync_view
 
 if TYPE_CHECKING:
-    from ..nodebase import NodeBase
+    from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
@@ -69,7 +69,7 @@ class TaskEndpoint(Bound):
 
     def __init__(
         self,
-        node: NodeBase,
+        node: NodeRuntime,
         name: str,
         handler: Handler,
         prefetch: int,
@@ -181,7 +181,7 @@ class TaskEndpoint(Bound):
             )
         except zmq.ZMQError:  # the producer vanished (ROUTER_MANDATORY) or its queue is full:
             self.undeliverable += 1  # it redelivers what it did not hear back about
-            self._node.counters.add("task_results_undeliverable")
+            self._rt.counters.add("task_results_undeliverable")
 
     def stats(self) -> dict[str, int]:
         return {"handled": self.handled, "failed": self.failed, "prefetch": self.prefetch,
