@@ -78,6 +78,7 @@ def node_records(eps: st.SearchStrategy[tuple[Endpoint, ...]]) -> st.SearchStrat
         address=ipv4,
         endpoints=eps,
         seq=st.integers(0, 2**32),
+        fabric=st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True),
     )
 
 
@@ -239,12 +240,13 @@ def test_parse_instance_fuzz(label: str, typed: bool) -> None:
 
 
 def _check_txt_layout(txt: dict[str, str], record: NodeRecord) -> None:
-    """The documented layout: v, id, host, pid, seq, and e0..eN of at most 250 bytes each."""
-    assert {"v", "id", "host", "pid", "seq"} <= set(txt)
+    """The documented layout: v, id, host, pid, seq, fab, and e0..eN of at most 250 bytes each."""
+    assert {"v", "id", "host", "pid", "seq", "fab"} <= set(txt)
+    assert txt["fab"] == record.fabric
     assert txt["v"] == "1" and txt["id"] == record.node_id and txt["pid"] == str(record.pid)
     e_keys = sorted((k for k in txt if re.fullmatch(r"e\d+", k)), key=lambda k: int(k[1:]))
     assert e_keys == [f"e{i}" for i in range(len(e_keys))]
-    assert set(txt) == {"v", "id", "host", "pid", "seq", *e_keys}
+    assert set(txt) == {"v", "id", "host", "pid", "seq", "fab", *e_keys}
     items = [item for k in e_keys for item in txt[k].split(";")]
     assert all(len(txt[k].encode()) <= MAX_TXT_VALUE for k in e_keys)
     expected = [f"{e.kind.value}:{e.name}:{e.port}" for e in sorted(record.endpoints)]
@@ -498,3 +500,17 @@ def test_address_in_scope_is_the_prefix_match(address: int, network: int, prefix
     net = f"{ipaddress.IPv4Address(network)}/{prefix}"
     expected = (address & mask) == (network & mask)
     assert address_in_scope(str(ipaddress.IPv4Address(address)), (net,)) is expected
+
+
+# --- fabrics ---------------------------------------------------------------------------------
+
+
+def test_a_record_without_fab_is_of_the_default_fabric() -> None:
+    assert decode_txt("n", ["127.0.0.1"], good_txt()).fabric == "default"
+    assert decode_txt("n", ["127.0.0.1"], good_txt(fab="blue-2")).fabric == "blue-2"
+
+
+@pytest.mark.parametrize("fab", ["", "Blue", "-x", "a" * 33, "a b", "\x1b[31m"])
+def test_a_bad_fabric_name_is_refused(fab: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="fabric"):
+        decode_txt("n", ["127.0.0.1"], good_txt(fab=fab))

@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 import ifaddr
 
 from . import constants as C
+from .core.records import validate_fabric_name
 from .errors import LocalProtocolError
 from .security.keys import KeySet
 
 #: Environment variable naming the interface of the LAN scope (like ``--interface``).
 INTERFACE_ENV = "ZMQFABRIC_INTERFACE"
+#: Environment variable naming the fabric a node joins (like ``--fabric``).
+FABRIC_ENV = "ZMQFABRIC_FABRIC"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,11 @@ class Scope:
         return self.interface is None
 
 
+def fabric_from_env() -> str:
+    """The fabric named by ``ZMQFABRIC_FABRIC``, or ``default``."""
+    return os.environ.get(FABRIC_ENV) or C.DEFAULT_FABRIC
+
+
 def default_route_interface() -> str:
     """The interface of the IPv4 default route (Linux). Raises LocalProtocolError if none."""
     try:
@@ -93,8 +101,11 @@ class NodeConfig:
     peers: tuple[str, ...] = ()
     #: CURVE keys: with them every endpoint is encrypted and only allowed keys get in.
     keys: KeySet | None = None
+    #: The fabric this node joins: nodes of other fabrics never see or reach it.
+    fabric: str = C.DEFAULT_FABRIC
 
     def __post_init__(self) -> None:
+        validate_fabric_name(self.fabric)
         if not 0 <= self.control_port <= 65535:
             raise LocalProtocolError(f"control port {self.control_port} is not a port number")
         for peer in self.peers:

@@ -35,6 +35,8 @@ RECONNECT_IVL_MAX_MS = 2_000
 # --- discovery ------------------------------------------------------------------------------
 #: DNS-SD service type that every node registers.
 SERVICE_TYPE = "_zmqfabric._tcp.local."
+#: The fabric a node joins unless told otherwise; nodes of other fabrics are invisible to it.
+DEFAULT_FABRIC = "default"
 #: Record TTL (s): short, so a node that died without a goodbye expires from caches.
 RECORD_TTL_S = 15
 #: Registering our record is local work in zeroconf's loop; more than this means it is stuck.

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-from .config import NodeConfig, Scope
+from .config import NodeConfig, Scope, fabric_from_env
 from .control import ControlServer, control_call
 from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
 from .discovery.directory import Directory
@@ -48,14 +48,20 @@ class NodeBase:
         on_conflict: str = "fail",
         keys: str | os.PathLike[str] | KeySet | None = None,
         tasks: TaskConfig | None = None,
+        fabric: str | None = None,
     ) -> None:
         """``advertise=False`` makes an observer: it browses and calls others but is not listed
-        and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this)."""
+        and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this).
+        ``fabric``: the fabric to join (default ``$ZMQFABRIC_FABRIC`` or ``default``); nodes of
+        different fabrics never see, list or connect to each other."""
         name = validate_node_name(name)
         if config is None:
-            config = NodeConfig(scope=scope if scope is not None else Scope.from_env())
+            config = NodeConfig(scope=scope if scope is not None else Scope.from_env(),
+                                fabric=fabric_from_env() if fabric is None else fabric)
         elif scope is not None:
             raise LocalProtocolError("pass either scope= or config=, not both")
+        elif fabric is not None:
+            config = dataclasses.replace(config, fabric=fabric)
         if keys is not None:
             if config.keys is not None:
                 raise LocalProtocolError("pass keys= or config.keys, not both")

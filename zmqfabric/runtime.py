@@ -103,6 +103,7 @@ class NodeRuntime:
             endpoints,
             seq,
             self.config.keys.public if self.config.keys else None,
+            self.config.fabric,
         )
 
     # --- what the node closes --------------------------------------------------------------

@@ -24,10 +24,19 @@ from typing import Any, NoReturn, Sequence
 import click
 
 from .. import __version__
-from ..config import INTERFACE_ENV, Scope, parse_peer
+from ..config import FABRIC_ENV, INTERFACE_ENV, Scope, parse_peer
+from ..constants import DEFAULT_FABRIC
 from ..errors import FabricError, LocalProtocolError
 from ..security import keys as keyfiles
-from .config import DEFAULT_TIMEOUT_S, CliConfig, Interface, NodeName, Peer, Seconds
+from .config import (
+    DEFAULT_TIMEOUT_S,
+    CliConfig,
+    FabricName,
+    Interface,
+    NodeName,
+    Peer,
+    Seconds,
+)
 from .fabric import ls_cmd, ping_cmd, stats_cmd
 from .keys import keys_group
 from .messaging import pub_cmd, pull_cmd, push_cmd, req_cmd, sub_cmd
@@ -42,6 +51,9 @@ __all__ = ["BadInput", "CliConfig", "ExitCode", "cli", "exit_code", "invoke", "m
 @click.option("--lan", is_flag=True, help="Join the LAN of the default-route interface.")
 @click.option("--interface", "scope", type=Interface(), metavar="IFACE", envvar=INTERFACE_ENV,
               help="Join the LAN of interface IFACE (default: this host only, 127.0.0.1).")
+@click.option("--fabric", type=FabricName(), default=DEFAULT_FABRIC, show_default=True,
+              envvar=FABRIC_ENV,
+              help="The fabric to join: nodes of other fabrics are never seen or reached.")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False), metavar="DIR",
               envvar="ZMQFABRIC_KEYS",
               help="CURVE key directory of this command's node (`zmqfabric keys generate`): "
@@ -62,7 +74,7 @@ __all__ = ["BadInput", "CliConfig", "ExitCode", "cli", "exit_code", "invoke", "m
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.version_option(version=__version__, prog_name="zmqfabric")
 @click.pass_context
-def cli(ctx: click.Context, lan: bool, scope: Scope | None, keys_dir: str | None,
+def cli(ctx: click.Context, lan: bool, scope: Scope | None, fabric: str, keys_dir: str | None,
         peers: tuple[str, ...], control_port: int, json_: bool, timeout: float,
         name: str | None, verbose: int) -> None:
     """zmqfabric: a brokerless messaging fabric. Nodes find each other by name (zeroconf) and
@@ -86,6 +98,7 @@ def cli(ctx: click.Context, lan: bool, scope: Scope | None, keys_dir: str | None
         peers=peers,
         control_port=control_port,
         verbose=verbose,
+        fabric=fabric,
     )
     if any(parse_peer(peer)[2] for peer in peers) and cfg.keys is None and _makes_node(ctx):
         raise click.BadParameter("a peer given with its KEY@ is secured: this node needs "

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import click
 
 from ..config import NodeConfig, Scope, parse_peer
-from ..core.records import validate_endpoint_name, validate_node_name
+from ..constants import DEFAULT_FABRIC
+from ..core.records import validate_endpoint_name, validate_fabric_name, validate_node_name
 from ..errors import InvalidNameError, LocalProtocolError
 from ..node import Node
 from ..security.keys import KeySet
@@ -49,12 +50,14 @@ class CliConfig:
     peers: tuple[str, ...] = ()
     control_port: int = 0
     verbose: int = 0
+    fabric: str = DEFAULT_FABRIC
 
     def node_name(self) -> str:
         return self.name or f"cli-{os.getpid()}"
 
     def node_config(self) -> NodeConfig:
-        return NodeConfig(scope=self.scope, control_port=self.control_port, peers=self.peers)
+        return NodeConfig(scope=self.scope, control_port=self.control_port, peers=self.peers,
+                          fabric=self.fabric)
 
     def node(self, *, advertise: bool, name: str | None = None,
              tasks: TaskConfig | None = None) -> Node:
@@ -161,6 +164,16 @@ class NodeName(click.ParamType):
     def convert(self, value: Any, param: Param, ctx: Ctx) -> str:
         try:
             return validate_node_name(value)
+        except InvalidNameError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class FabricName(click.ParamType):
+    name = "fabric"
+
+    def convert(self, value: Any, param: Param, ctx: Ctx) -> str:
+        try:
+            return validate_fabric_name(value)
         except InvalidNameError as exc:
             self.fail(str(exc), param, ctx)
 

@@ -60,6 +60,7 @@ def ls_cmd(cfg: CliConfig, watch: bool, count: int | None) -> None:
         return
     rows = [[r.name, r.host, str(r.pid), r.address, _secured(r), endpoints_text(r)]
             for r in records]
+    click.echo(f"fabric {cfg.fabric!r} on {scope_text(cfg.scope)}")
     echo_table(["NAME", "HOST", "PID", "ADDRESS", "SECURED", "ENDPOINTS"], rows)
     if refused:
         click.echo("")
@@ -67,7 +68,7 @@ def ls_cmd(cfg: CliConfig, watch: bool, count: int | None) -> None:
         echo_table(["NAME", "HOST", "ADDRESS", "REASON"],
                    [[r.name, r.host, r.address, reason] for r, reason in refused])
     if not records:
-        click.echo("(no nodes found in this scope)", err=True)
+        click.echo(f"(no nodes of fabric {cfg.fabric!r} found in this scope)", err=True)
 
 
 def _secured(record: NodeRecord) -> str:
@@ -82,7 +83,8 @@ def _watch(cfg: CliConfig, count: int | None) -> None:
     seen = 0
     try:
         with node:
-            click.echo(f"watching nodes in {scope_text(cfg.scope)} (Ctrl-C to stop)", err=True)
+            click.echo(f"watching nodes of fabric {cfg.fabric!r} in {scope_text(cfg.scope)} "
+                       "(Ctrl-C to stop)", err=True)
             while count is None or seen < count:
                 slice_s = next_wait(deadline)
                 if slice_s is None:

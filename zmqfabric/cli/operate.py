@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from .. import aio
-from ..config import INTERFACE_ENV, Scope
+from ..config import FABRIC_ENV, INTERFACE_ENV, Scope
 from ..core.records import VIA_KIND, EndpointKind, validate_endpoint_name
 from ..errors import FabricError, InvalidNameError
 from ..node import Node
@@ -137,6 +137,7 @@ def _load_node(target: tuple[str, str], name: str | None, cfg: CliConfig) -> Nod
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory
     if cfg.scope.interface is not None:
         os.environ[INTERFACE_ENV] = cfg.scope.interface  # nodes made with the default scope follow
+    os.environ[FABRIC_ENV] = cfg.fabric  # and nodes made without a fabric join --fabric's
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -183,6 +184,9 @@ def _check_options(node: Node | aio.Node, cfg: CliConfig, spec: str, attr: str) 
                                      ("--control-port",
                                       node.config.control_port == cfg.control_port))
                if not used]
+    if node.config.fabric != cfg.fabric:
+        note(f"node {node.name!r} joins its own fabric {node.config.fabric!r}, not "
+             f"{cfg.fabric!r}")
     if ignored:
         note(f"node {node.name!r} does not use {' and '.join(ignored)}: let {attr} take a "
              "config parameter (a NodeConfig)")

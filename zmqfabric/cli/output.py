@@ -176,6 +176,7 @@ def record_json(record: NodeRecord) -> dict[str, Any]:
         "host": record.host,
         "pid": record.pid,
         "address": record.address,
+        "fabric": record.fabric,
         "secured": record.curve_key is not None,
         "key": record.curve_key,
         "endpoints": [{"kind": e.kind.value, "name": e.name, "port": e.port}

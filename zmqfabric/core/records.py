@@ -14,6 +14,9 @@ key        value
            the node is a CURVE server with this key
 ``seq``    record sequence number, raised on every change: a reader drops a record of the same id
            with a lower ``seq`` (mDNS answers can arrive after a newer announcement)
+``fab``    the fabric the node belongs to (the node-name syntax, at most 32 characters); a missing
+           key means ``default``. A node ignores records of other fabrics: they never enter its
+           directory, are not listed and are never connected to, and their names do not conflict
 ``e0``...  endpoints, ``kind:name:port`` joined by ``;``, split over keys ``e0``, ``e1``... so
            that each value is at most 250 bytes. Kinds: ``ctl`` control, ``rep`` reply service,
            ``pub`` stream, ``pull`` pipeline; device front ends ``queue`` (a service, ROUTER),
@@ -34,13 +37,14 @@ import re
 from dataclasses import dataclass
 from typing import Final, Mapping
 
-from ..constants import MAX_ENDPOINTS, MAX_TXT_VALUE, SERVICE_TYPE
+from ..constants import DEFAULT_FABRIC, MAX_ENDPOINTS, MAX_TXT_VALUE, SERVICE_TYPE
 from ..errors import InvalidNameError, LocalProtocolError, RemoteProtocolError
 
 RECORD_VERSION: Final = "1"
 #: At most 46 characters: the DNS label "<name>@<16-digit id>" may hold 63 bytes.
 _NODE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,45}\Z")
 _ENDPOINT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_FABRIC: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
 _NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
 _CURVE_KEY: Final = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 #: Host names up to 200 characters: "host=" plus the name must fit a DNS character-string (255).
@@ -107,6 +111,7 @@ class NodeRecord:
     endpoints: tuple[Endpoint, ...]
     seq: int = 0
     curve_key: str | None = None
+    fabric: str = DEFAULT_FABRIC
 
     def url(self, endpoint: Endpoint) -> str:
         return f"tcp://{_url_host(self.address)}:{endpoint.port}"
@@ -135,6 +140,16 @@ def validate_node_name(name: object) -> str:
         raise InvalidNameError(
             "node", name, "use 1-46 lowercase letters, digits, '-' or '_', starting with a letter "
             "or digit"
+        )
+    return name
+
+
+def validate_fabric_name(name: object) -> str:
+    """A fabric name: lowercase letters, digits, ``-`` and ``_``, at most 32 characters. Raises
+    InvalidNameError."""
+    if not isinstance(name, str) or not _FABRIC.match(name):
+        raise InvalidNameError(
+            "fabric", name, "use lowercase letters, digits, '-' and '_', at most 32 characters"
         )
     return name
 
@@ -198,6 +213,7 @@ def encode_txt(record: NodeRecord) -> dict[str, str]:
         "host": record.host,
         "pid": str(record.pid),
         "seq": str(record.seq),
+        "fab": record.fabric,
     }
     if record.curve_key:
         txt["ck"] = record.curve_key
@@ -247,7 +263,10 @@ def decode_txt(
     curve_key = props.get("ck")
     if curve_key is not None and not _CURVE_KEY.match(curve_key):
         raise RemoteProtocolError(f"record {node!r}: bad CURVE key {curve_key[:48]!r}")
-    return NodeRecord(node, node_id, host, pid, address, endpoints, seq, curve_key)
+    fabric = props.get("fab", DEFAULT_FABRIC)
+    if not _FABRIC.match(fabric):
+        raise RemoteProtocolError(f"record {node!r}: bad fabric name {fabric[:40]!r}")
+    return NodeRecord(node, node_id, host, pid, address, endpoints, seq, curve_key, fabric)
 
 
 def _decode_endpoints(node: str, props: Mapping[str, str]) -> tuple[Endpoint, ...]:

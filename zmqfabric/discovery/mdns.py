@@ -197,7 +197,12 @@ class Discovery:
 
         ``direct``: the record came over a connection from its own address (a hello), so it may
         lie outside the scope's networks (peers seeded across subnets). Raises
-        RemoteProtocolError for an mDNS record outside the scope. Thread-safe."""
+        RemoteProtocolError for an mDNS record outside the scope. A record of another fabric
+        is dropped without a word (counted): that fabric is none of this node's business.
+        Thread-safe."""
+        if record.fabric != self._config.fabric:
+            self._counters.add("other_fabric_records")
+            return
         if not direct and not address_in_scope(record.address, self._config.scope.networks):
             raise RemoteProtocolError(
                 f"record {record.name!r}: address {record.address} is outside this node's scope "
