@@ -11,7 +11,7 @@ lost: its tasks are redelivered at once), then new submissions (recorded in the 
 committed *before* anything is sent), then deadlines and retry timers, then dispatch to workers
 with credit, then completions (journal deletes are batched) and the handles' waiters.
 
-The decisions are the pure state machine's (:class:`zmqfabric.core.reliable.Pipeline`); this
+The decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`); this
 module only moves frames, rows and handles.
 """
 
@@ -30,7 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..constants import JOURNAL_COMMIT_S, TASK_TICK_MS
 from ..core import wire
 from ..core.records import EndpointKind
-from ..core.tasktable import Outcome, Pipeline, Task
+from ..core.tasktable import Outcome, Task, TaskTable
 from ..errors import ClosedError, FabricError, JournalError, RemoteProtocolError, TaskFailedError
 from ..stats import RateLimitedLog
 from ..transport.inbox import Mailbox
@@ -58,7 +58,7 @@ class _Link:
     url: str
     sock: zmq.Socket
     monitor: zmq.Socket
-    pipeline: Pipeline
+    table: TaskTable
     hello_due: bool = False
 
 
@@ -78,7 +78,7 @@ class Dispatcher:
         self._mail = Mailbox()
         self._stopping = False
         self.closed = False
-        self._pipelines: dict[str, Pipeline] = {}
+        self._tables: dict[str, TaskTable] = {}
         self._links: dict[tuple[str, str], _Link] = {}
         self._by_sock: dict[Any, _Link] = {}
         self._by_monitor: dict[Any, _Link] = {}
@@ -119,7 +119,7 @@ class Dispatcher:
             self._mail.post((op, name, url), wake=True)
 
     def stats(self) -> dict[str, Any]:
-        return {name: p.stats() for name, p in list(self._pipelines.items())}
+        return {name: t.stats() for name, t in list(self._tables.items())}
 
     def close(self, timeout: float) -> None:
         """Stop the thread: unsettled tasks fail with ClosedError (a journal keeps them)."""
@@ -142,7 +142,7 @@ class Dispatcher:
             for entry in self._resumed:
                 task = Task(entry.task_id, entry.payload, entry.key, deadline_s=entry.deadline_s,
                             max_attempts=entry.max_attempts)
-                self._pipeline(entry.name).submit(task)
+                self._table(entry.name).submit(task)
             self._resumed = []
             while not self._stopping:
                 try:
@@ -174,14 +174,14 @@ class Dispatcher:
                 self._on_monitor(link, now)
         self._take_commands()
         self._record(now)
-        for pipeline in self._pipelines.values():
-            if now >= pipeline.next_due:
-                self._collect(pipeline.name, pipeline.tick(now))
+        for table in self._tables.values():
+            if now >= table.next_due:
+                self._collect(table.name, table.tick(now))
         self._dispatch(now)
         self._finish(now)
 
     def _timeout(self, now: float) -> int:
-        due = min((p.next_due for p in self._pipelines.values()), default=math.inf)
+        due = min((t.next_due for t in self._tables.values()), default=math.inf)
         if due == math.inf:
             return TASK_TICK_MS
         return min(TASK_TICK_MS, max(1, math.ceil((due - now) * 1000)))
@@ -194,8 +194,8 @@ class Dispatcher:
             command = commands.popleft()
             if len(command) == 2:
                 name = command[0]
-                if name not in self._pipelines:
-                    self._pipeline(name)
+                if name not in self._tables:
+                    self._table(name)
                 self._unrecorded.append(command)
             elif command[0] == "connect":
                 self._connect(command[1], command[2])
@@ -204,15 +204,15 @@ class Dispatcher:
                 if link is not None:
                     self._disconnect(link, time.monotonic())
 
-    def _pipeline(self, name: str) -> Pipeline:
-        pipeline = self._pipelines.get(name)
-        if pipeline is not None:
-            return pipeline
-        pipeline = self._pipelines[name] = Pipeline(name, self._retry)
+    def _table(self, name: str) -> TaskTable:
+        table = self._tables.get(name)
+        if table is not None:
+            return table
+        table = self._tables[name] = TaskTable(name, self._retry)
         self._dead.open(name)
         self._unwatch.append(self._node.directory.watch(
             EndpointKind.TASK, name, lambda op, url: self._post(op, name, url)))
-        return pipeline
+        return table
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -222,7 +222,7 @@ class Dispatcher:
         factory = self._node._sockets
         sock = factory.socket(zmq.DEALER, sync=True)
         monitor = factory.monitor(sock, _EVENTS, sync=True)
-        link = _Link(name, url, sock, monitor, self._pipelines[name])
+        link = _Link(name, url, sock, monitor, self._tables[name])
         try:
             self._node._connect(sock, url)  # with the worker's CURVE key on a secured fabric
         except (zmq.ZMQError, FabricError) as exc:
@@ -237,7 +237,7 @@ class Dispatcher:
 
     def _disconnect(self, link: _Link, now: float) -> None:
         self._read(link, now)  # what arrived before it left still counts
-        self._collect(link.name, link.pipeline.lose_worker(link.url, now))
+        self._collect(link.name, link.table.lose_worker(link.url, now))
         del self._links[(link.name, link.url)]
         del self._by_sock[link.sock]
         del self._by_monitor[link.monitor]
@@ -263,7 +263,7 @@ class Dispatcher:
                 self._send_hello(link)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._read(link, now)  # results that arrived before the drop count
-                self._collect(link.name, link.pipeline.lose_worker(link.url, now))
+                self._collect(link.name, link.table.lose_worker(link.url, now))
 
     def _send_hello(self, link: _Link) -> None:
         header = wire.pack_header(wire.Kind.CREDIT, 0, time.time())
@@ -274,7 +274,7 @@ class Dispatcher:
             link.hello_due = True  # the pipe is not attached yet: try again next round
 
     def _read(self, link: _Link, now: float) -> None:
-        sock, pipeline, url = link.sock, link.pipeline, link.url
+        sock, table, url = link.sock, link.table, link.url
         for _ in range(_READ_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -288,9 +288,9 @@ class Dispatcher:
                               link.name, url, exc)
                 continue
             if kind is wire.Kind.RESULT:
-                self._collect(link.name, pipeline.on_results(url, body, now))
+                self._collect(link.name, table.on_results(url, body, now))
             else:
-                pipeline.set_credit(url, body, now)
+                table.set_credit(url, body, now)
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -317,17 +317,17 @@ class Dispatcher:
                 return
             self._last_commit = now
             self._changes.extend((t.ref, _RECORDED, None) for _, t in batch)
-        pipelines = self._pipelines
+        tables = self._tables
         for name, task in batch:
-            pipelines[name].submit(task)
+            tables[name].submit(task)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
-        for name, pipeline in self._pipelines.items():
-            for url, tasks in pipeline.assign(now):
+        for name, table in self._tables.items():
+            for url, tasks in table.assign(now):
                 link = links.get((name, url))
                 if link is None:
-                    pipeline.unassign(url, tasks)
+                    table.unassign(url, tasks)
                     continue
                 if link.hello_due:
                     self._send_hello(link)
@@ -336,7 +336,7 @@ class Dispatcher:
                 try:
                     link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
                 except zmq.ZMQError:
-                    pipeline.unassign(url, tasks)
+                    table.unassign(url, tasks)
         for link in self._links.values():
             if link.hello_due:
                 self._send_hello(link)
@@ -400,8 +400,8 @@ class Dispatcher:
         except Exception:
             log.exception("%s: cannot save the task journal on close", self._node.name)
         closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
-        for pipeline in self._pipelines.values():
-            for task in pipeline.drain():
+        for table in self._tables.values():
+            for task in table.drain():
                 self._changes.append((task.ref, _FAILED, closed))
                 self._settled += 1
         self._finish(now)
