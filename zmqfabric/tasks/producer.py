@@ -2,9 +2,10 @@
 
 It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker
 of every task), a socket monitor on each, the dead-letter publishers, and the journal. Other
-threads only post to its :class:`~zmqfabric.mailbox.Mailbox` (a deque, and a pipe in its poller
-written only while it sleeps, so a burst of submissions costs no system call): ``submit`` (any
-thread) posts tasks; the directory's watchers (discovery's thread) post "connect/disconnect URL".
+threads only post to its :class:`~zmqfabric.transport.inbox.Mailbox` (a deque, and a pipe in its
+poller written only while it sleeps, so a burst of submissions costs no system call): ``submit``
+(any thread) posts tasks; the directory's watchers (discovery's thread) post "connect/disconnect
+URL".
 
 Each round: read results and credit, then monitor events (a worker whose connection drops is
 lost: its tasks are redelivered at once), then new submissions (recorded in the journal and
@@ -22,7 +23,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeAlias
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -35,8 +36,8 @@ from ..errors import ClosedError, FabricError, JournalError, RemoteProtocolError
 from ..stats import RateLimitedLog
 from ..transport.inbox import Mailbox
 from .deadletters import DeadLetters
+from .handle import HandleOwner, TaskHandle, TaskState, settle
 from .journal import Journal
-from .registry import _DONE, _FAILED, _RECORDED, NodeTasks, TaskHandle, settle
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -48,6 +49,18 @@ _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 #: Messages read from one worker per round, and submissions taken per round (fairness).
 _READ_BATCH = 256
 _TAKE_BATCH = 8192
+
+
+class TaskOwner(HandleOwner, Protocol):
+    """What the dispatcher needs of :class:`~zmqfabric.tasks.registry.NodeTasks`, which starts it
+    (a Protocol: this module does not import the registry back)."""
+
+    def settled(self, count: int) -> None: ...
+
+
+if TYPE_CHECKING:
+    #: The constructor's name for TaskOwner, until the NodeRuntime change rewrites that line.
+    NodeTasks: TypeAlias = TaskOwner
 
 
 @dataclass(slots=True)
@@ -87,7 +100,7 @@ class Dispatcher:
         self._resumed: list[Any] = []
         self._unrecorded: list[tuple[str, Task]] = []
         self._removals: list[str] = []
-        self._changes: list[tuple[TaskHandle, int, Any]] = []
+        self._changes: list[tuple[TaskHandle, TaskState, Any]] = []
         self._settled = 0
         self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
@@ -312,11 +325,11 @@ class Dispatcher:
             except JournalError as exc:
                 journal.rollback()
                 log.error("%s: %s; %d tasks refused", self._node.name, exc, len(batch))
-                self._changes.extend((t.ref, _FAILED, exc) for _, t in batch)
+                self._changes.extend((t.ref, TaskState.FAILED, exc) for _, t in batch)
                 self._settled += len(batch)
                 return
             self._last_commit = now
-            self._changes.extend((t.ref, _RECORDED, None) for _, t in batch)
+            self._changes.extend((t.ref, TaskState.RECORDED, None) for _, t in batch)
         tables = self._tables
         for name, task in batch:
             tables[name].submit(task)
@@ -347,13 +360,13 @@ class Dispatcher:
         changes, removals = self._changes, self._removals
         for task in outcome.done:
             if task.ref is not None:
-                changes.append((task.ref, _DONE, task.value))
+                changes.append((task.ref, TaskState.DONE, task.value))
             removals.append(task.id)
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
             failure = TaskFailedError(name, task.id, task.attempts, error_type, error)
             if task.ref is not None:
-                changes.append((task.ref, _FAILED, failure))
+                changes.append((task.ref, TaskState.FAILED, failure))
             removals.append(task.id)
             self._dead.send(name, task, failure)
         self._settled += len(outcome.done) + len(outcome.dead)
@@ -402,7 +415,7 @@ class Dispatcher:
         closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
         for table in self._tables.values():
             for task in table.drain():
-                self._changes.append((task.ref, _FAILED, closed))
+                self._changes.append((task.ref, TaskState.FAILED, closed))
                 self._settled += 1
         self._finish(now)
         for link in self._links.values():
@@ -424,7 +437,7 @@ class Dispatcher:
             except IndexError:
                 break
             if len(command) == 2:
-                changes.append((command[1].ref, _FAILED, closed))
+                changes.append((command[1].ref, TaskState.FAILED, closed))
         if changes:
             settle(self._tasks, changes)
             self._tasks.settled(len(changes))
