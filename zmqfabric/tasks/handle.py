@@ -2,8 +2,8 @@
 :func:`settle`, which the dispatcher calls to move handles on.
 
 The registry (:mod:`.registry`) creates handles and the dispatcher (:mod:`.producer`) settles them;
-both import this module, and it imports neither: a handle only needs its owner's lock and config
-(:class:`HandleOwner`).
+both import this module, and it imports neither: handles and the dispatcher see the registry
+through the :class:`HandleOwner` Protocol.
 """
 
 from __future__ import annotations
@@ -33,12 +33,21 @@ class TaskState(enum.IntEnum):
     FAILED = 3
 
 
+#: Read for every task in the dispatcher thread: a module global reads ~8 times faster than an
+#: enum member.
+_DONE = TaskState.DONE
+
+
 class HandleOwner(Protocol):
-    """What a handle needs of its registry (:class:`~zmqfabric.tasks.registry.NodeTasks`)."""
+    """The registry that owns the handles (:class:`~zmqfabric.tasks.registry.NodeTasks`), as the
+    handles and the dispatcher see it."""
 
     config: TaskConfig
     #: Guards every handle's state and waiters.
     handle_lock: threading.Lock
+
+    def settled(self, count: int) -> None:
+        """``count`` more tasks settled (dispatcher thread)."""
 
 
 class TaskHandle:
@@ -61,7 +70,7 @@ class TaskHandle:
 
     def done(self) -> bool:
         """True once the task succeeded, failed for good, or its node closed first."""
-        return self._state >= TaskState.DONE
+        return self._state >= _DONE
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ``done()``; False after ``timeout`` seconds."""
@@ -150,7 +159,7 @@ class TaskHandle:
         if state <= self._state:
             return
         self._state = state
-        if state >= TaskState.DONE:
+        if state >= _DONE:
             self._value = value
         waiters = self._waiters
         if waiters:

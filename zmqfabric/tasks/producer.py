@@ -1,11 +1,11 @@
 """Reliable tasks, the producer side: the node's dispatcher thread ("zmqfabric-tasks-<node>").
 
-It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker
-of every task), a socket monitor on each, the dead-letter publishers, and the journal. Other
-threads only post to its :class:`~zmqfabric.transport.inbox.Mailbox` (a deque, and a pipe in its
-poller written only while it sleeps, so a burst of submissions costs no system call): ``submit``
-(any thread) posts tasks; the directory's watchers (discovery's thread) post "connect/disconnect
-URL".
+It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
+every task), a socket monitor on each (:mod:`.links`), the dead-letter publishers, and the journal.
+Other threads only post to its :class:`~zmqfabric.transport.inbox.Mailbox` (a deque, and a pipe in
+its poller written only while it sleeps, so a burst of submissions costs no system call):
+``submit`` (any thread) posts tasks; the directory's watchers (discovery's thread) post
+"connect/disconnect URL".
 
 Each round: read results and credit, then monitor events (a worker whose connection drops is
 lost: its tasks are redelivered at once), then new submissions (recorded in the journal and
@@ -22,11 +22,9 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Callable, TypeAlias
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ..constants import JOURNAL_COMMIT_S, TASK_TICK_MS
 from ..core import wire
@@ -38,6 +36,7 @@ from ..transport.inbox import Mailbox
 from .deadletters import DeadLetters
 from .handle import HandleOwner, TaskHandle, TaskState, settle
 from .journal import Journal
+from .links import Links, WorkerLink
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -51,28 +50,8 @@ _READ_BATCH = 256
 _TAKE_BATCH = 8192
 
 
-class TaskOwner(HandleOwner, Protocol):
-    """What the dispatcher needs of :class:`~zmqfabric.tasks.registry.NodeTasks`, which starts it
-    (a Protocol: this module does not import the registry back)."""
-
-    def settled(self, count: int) -> None: ...
-
-
-if TYPE_CHECKING:
-    #: The constructor's name for TaskOwner, until the NodeRuntime change rewrites that line.
-    NodeTasks: TypeAlias = TaskOwner
-
-
-@dataclass(slots=True)
-class _Link:
-    """Our connection to one worker of one task name."""
-
-    name: str
-    url: str
-    sock: zmq.Socket
-    monitor: zmq.Socket
-    table: TaskTable
-    hello_due: bool = False
+if TYPE_CHECKING:  # NodeTasks as seen from here: a Protocol, so as not to import the registry
+    NodeTasks: TypeAlias = HandleOwner
 
 
 class Dispatcher:
@@ -92,11 +71,9 @@ class Dispatcher:
         self._stopping = False
         self.closed = False
         self._tables: dict[str, TaskTable] = {}
-        self._links: dict[tuple[str, str], _Link] = {}
-        self._by_sock: dict[Any, _Link] = {}
-        self._by_monitor: dict[Any, _Link] = {}
         self._unwatch: list[Callable[[], None]] = []
         self._poller = zmq.Poller()
+        self._links = Links(self._poller)
         self._resumed: list[Any] = []
         self._unrecorded: list[tuple[str, Task]] = []
         self._removals: list[str] = []
@@ -174,7 +151,7 @@ class Dispatcher:
         now = time.monotonic()
         monitors = []
         for sock, _ in events:
-            link = self._by_sock.get(sock)
+            link = self._links.with_socket(sock)
             if link is not None:
                 self._read(link, now)
             elif sock == mail.fd:
@@ -182,7 +159,7 @@ class Dispatcher:
             else:
                 monitors.append(sock)
         for sock in monitors:
-            link = self._by_monitor.get(sock)
+            link = self._links.with_monitor(sock)
             if link is not None:
                 self._on_monitor(link, now)
         self._take_commands()
@@ -213,7 +190,7 @@ class Dispatcher:
             elif command[0] == "connect":
                 self._connect(command[1], command[2])
             else:
-                link = self._links.get((command[1], command[2]))
+                link = self._links.get(command[1], command[2])
                 if link is not None:
                     self._disconnect(link, time.monotonic())
 
@@ -230,55 +207,34 @@ class Dispatcher:
     # --- workers -------------------------------------------------------------------------------
 
     def _connect(self, name: str, url: str) -> None:
-        if (name, url) in self._links:
+        if self._links.get(name, url) is not None:
             return
         factory = self._node._sockets
         sock = factory.socket(zmq.DEALER, sync=True)
         monitor = factory.monitor(sock, _EVENTS, sync=True)
-        link = _Link(name, url, sock, monitor, self._tables[name])
+        link = WorkerLink(name, url, sock, monitor, self._tables[name])
         try:
             self._node._connect(sock, url)  # with the worker's CURVE key on a secured fabric
         except (zmq.ZMQError, FabricError) as exc:
             log.warning("%s: cannot connect to task %r at %s: %s", self._node.name, name, url, exc)
-            self._close_link(link)
+            link.close()
             return
-        self._links[(name, url)] = link
-        self._by_sock[sock] = link
-        self._by_monitor[monitor] = link
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(monitor, zmq.POLLIN)
+        self._links.add(link)
 
-    def _disconnect(self, link: _Link, now: float) -> None:
+    def _disconnect(self, link: WorkerLink, now: float) -> None:
         self._read(link, now)  # what arrived before it left still counts
         self._collect(link.name, link.table.lose_worker(link.url, now))
-        del self._links[(link.name, link.url)]
-        del self._by_sock[link.sock]
-        del self._by_monitor[link.monitor]
-        self._poller.unregister(link.sock)
-        self._poller.unregister(link.monitor)
-        self._close_link(link)
+        self._links.remove(link)
 
-    def _close_link(self, link: _Link) -> None:
-        try:
-            link.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        link.monitor.close(0)
-        link.sock.close(0)
-
-    def _on_monitor(self, link: _Link, now: float) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+    def _on_monitor(self, link: WorkerLink, now: float) -> None:
+        for event in link.events():
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._send_hello(link)
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
+            elif event == zmq.EVENT_DISCONNECTED:
                 self._read(link, now)  # results that arrived before the drop count
                 self._collect(link.name, link.table.lose_worker(link.url, now))
 
-    def _send_hello(self, link: _Link) -> None:
+    def _send_hello(self, link: WorkerLink) -> None:
         header = wire.pack_header(wire.Kind.CREDIT, 0, time.time())
         try:
             link.sock.send_multipart([b"", header, self._hello], zmq.NOBLOCK)
@@ -286,7 +242,7 @@ class Dispatcher:
         except zmq.ZMQError:
             link.hello_due = True  # the pipe is not attached yet: try again next round
 
-    def _read(self, link: _Link, now: float) -> None:
+    def _read(self, link: WorkerLink, now: float) -> None:
         sock, table, url = link.sock, link.table, link.url
         for _ in range(_READ_BATCH):
             try:
@@ -338,7 +294,7 @@ class Dispatcher:
         links = self._links
         for name, table in self._tables.items():
             for url, tasks in table.assign(now):
-                link = links.get((name, url))
+                link = links.get(name, url)
                 if link is None:
                     table.unassign(url, tasks)
                     continue
@@ -350,17 +306,17 @@ class Dispatcher:
                     link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     table.unassign(url, tasks)
-        for link in self._links.values():
+        for link in self._links:
             if link.hello_due:
                 self._send_hello(link)
 
     def _collect(self, name: str, outcome: Outcome) -> None:
         if not outcome:
             return
-        changes, removals = self._changes, self._removals
+        changes, removals, done_state = self._changes, self._removals, TaskState.DONE
         for task in outcome.done:
             if task.ref is not None:
-                changes.append((task.ref, TaskState.DONE, task.value))
+                changes.append((task.ref, done_state, task.value))
             removals.append(task.id)
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
@@ -418,9 +374,7 @@ class Dispatcher:
                 self._changes.append((task.ref, TaskState.FAILED, closed))
                 self._settled += 1
         self._finish(now)
-        for link in self._links.values():
-            self._close_link(link)
-        self._links.clear()
+        self._links.close()
         self._dead.close()
         if self._journal is not None:
             self._journal.close()
