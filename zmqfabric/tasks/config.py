@@ -26,7 +26,8 @@ MAX_TASK_NAME = 64 - len(DEAD_SUFFIX)
 
 @dataclass(frozen=True, slots=True)
 class TaskConfig:
-    """How a node submits and serves reliable tasks. Every default is in :mod:`.constants`.
+    """How a node submits and serves reliable tasks. Every default is in
+    :mod:`zmqfabric.constants`.
 
     ``journal``: path of the producer's journal (None: tasks live in memory only).
     ``dead_letter_file``: JSON-lines file of dead letters; None means ``<journal>.dead.jsonl``
