@@ -1,5 +1,5 @@
-"""The producer's task journal (:mod:`zmqfabric.journal`): sqlite in WAL mode, one process at a
-time, and committed tasks survive the process being killed with SIGKILL."""
+"""The producer's task journal (:mod:`zmqfabric.tasks.journal`): sqlite in WAL mode, one process
+at a time, and committed tasks survive the process being killed with SIGKILL."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = SLOW, what: str =
         time.sleep(0.01)
 
 
-def pipeline_stats(node: zf.Node, task: str) -> dict[str, int]:
+def table_stats(node: zf.Node, task: str) -> dict[str, int]:
     return node.task_stats()["submit"].get(task, {})
 
 
@@ -118,9 +118,9 @@ def wait_workers(node: zf.Node, task: str, count: int) -> None:
     ok = node.directory.wait_for(
         lambda: len(node.directory.providers(zf.EndpointKind.TASK, task)) >= count, SLOW)
     assert ok, f"{count} workers of {task!r} not found"
-    if not pipeline_stats(node, task):
+    if not table_stats(node, task):
         node.submit(task, {"i": -1, "warm": True}).result(SLOW)
-    wait_until(lambda: pipeline_stats(node, task).get("workers", 0) >= count, SLOW,
+    wait_until(lambda: table_stats(node, task).get("workers", 0) >= count, SLOW,
                f"credit from {count} workers")
 
 
@@ -211,7 +211,7 @@ def test_tasks_are_spread_over_workers_and_never_exceed_their_credit(
     wait_workers(producer, task, 2)
     handles = [producer.submit(task, i) for i in range(200)]
     while not all(h.done() for h in handles):
-        stats = pipeline_stats(producer, task)
+        stats = table_stats(producer, task)
         assert stats["in_flight"] <= 2 * 4, stats  # credit bounds what workers hold
         time.sleep(0.005)
     counts = collections.Counter(h.result(0) for h in handles)
@@ -362,8 +362,8 @@ def test_a_worker_slower_than_the_deadline_loses_the_task_and_its_late_result_is
     assert handle.result(SLOW) == {"attempt": 2}
     assert time.monotonic() - start < 0.3 + 3.0  # redelivered within 3 s of the deadline
     release.set()
-    wait_until(lambda: pipeline_stats(producer, task)["late"] == 1, SLOW, "the late result")
-    stats = pipeline_stats(producer, task)
+    wait_until(lambda: table_stats(producer, task)["late"] == 1, SLOW, "the late result")
+    stats = table_stats(producer, task)
     assert stats["redelivered"] == 1 and stats["done"] == 2 and stats["dead"] == 0
     assert sorted(a for i, a in ran if i == handle.id) == [1, 2]
 
@@ -396,13 +396,13 @@ def test_ten_thousand_tasks_survive_two_of_four_workers_killed(
     assert third.wait(SLOW), "a third of the tasks did not complete"
     for child in workers[:2]:
         child.kill()
-    assert producer.wait_tasks(60), pipeline_stats(producer, task)
-    assert pipeline_stats(producer, task)["redelivered"] > 0, "the kills hit no task in flight"
+    assert producer.wait_tasks(60), table_stats(producer, task)
+    assert table_stats(producer, task)["redelivered"] > 0, "the kills hit no task in flight"
 
     results = [h.result(0) for h in handles]
     assert [r["i"] for r in results] == list(range(count))  # every task id completed, once
     killed = {child.proc.pid for child in workers[:2]}
-    stats = pipeline_stats(producer, task)
+    stats = table_stats(producer, task)
     assert stats["done"] == count + 1 and stats["dead"] == 0  # + the warm-up task
     counts = runs(tmp_path, task)
     ids = {h.id for h in handles}
@@ -428,7 +428,7 @@ def test_a_dead_or_frozen_worker_s_task_is_redelivered_within_3_s(
     handle = producer.submit(task, {"i": 1, "block": True})  # the only worker known gets it
     wait_until(lambda: runs(tmp_path, task).get(handle.id) == 1, SLOW, "the first run")
     worker_node(task, lambda body: {"attempt": zf.current_task().attempt, "pid": 0})
-    wait_until(lambda: pipeline_stats(producer, task)["workers"] == 2, SLOW, "the 2nd worker")
+    wait_until(lambda: table_stats(producer, task)["workers"] == 2, SLOW, "the 2nd worker")
     assert not handle.done()
 
     start = time.monotonic()
@@ -439,7 +439,7 @@ def test_a_dead_or_frozen_worker_s_task_is_redelivered_within_3_s(
     finally:
         hung.kill()
     assert elapsed < 3.0, f"redelivered {elapsed:.2f} s after the {fault.name}"
-    assert pipeline_stats(producer, task)["redelivered"] == 1
+    assert table_stats(producer, task)["redelivered"] == 1
 
 
 @pytest.mark.slow
@@ -462,7 +462,7 @@ def test_a_handler_that_always_raises_is_retried_then_dead_lettered_once(
             handle.result(SLOW)
         with pytest.raises(zf.FabricTimeoutError):
             dead.recv(timeout=0.5)  # exactly once
-        stats = pipeline_stats(producer, task)
+        stats = table_stats(producer, task)
 
     err = info.value
     assert (err.task_id, err.name, err.attempts) == (handle.id, task, 3)

@@ -27,7 +27,7 @@ from .errors import (
     TaskFailedError,
 )
 from .node import Node
-from .tasks.registry import TaskConfig, TaskHandle
+from .tasks import TaskConfig, TaskHandle
 from .tasks.worker import TaskInfo, current_task
 
 __version__ = "0.1.0"

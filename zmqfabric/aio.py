@@ -21,7 +21,7 @@ from .nodebase import NodeBase, NodeState
 from .patterns.pipeline import AsyncPuller, AsyncPusher
 from .patterns.pubsub import AsyncSubscription, Publisher
 from .patterns.reqrep import AsyncRequester, ServiceEndpoint
-from .tasks.registry import TaskHandle
+from .tasks.handle import TaskHandle
 from .tasks.worker import TaskEndpoint
 
 log = logging.getLogger(__name__)

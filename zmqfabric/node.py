@@ -17,7 +17,7 @@ from .nodebase import NodeBase, NodeState
 from .patterns.pipeline import Puller, Pusher
 from .patterns.pubsub import Publisher, Subscription
 from .patterns.reqrep import Requester, ServiceEndpoint
-from .tasks.registry import TaskHandle
+from .tasks.handle import TaskHandle
 from .tasks.worker import TaskEndpoint
 from .transport.frames import NOBLOCK, recv_frames
 

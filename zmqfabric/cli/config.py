@@ -19,7 +19,7 @@ from ..core.records import validate_endpoint_name, validate_fabric_name, validat
 from ..errors import InvalidNameError, LocalProtocolError
 from ..node import Node
 from ..security.keys import KeySet
-from ..tasks.registry import TaskConfig, validate_task_name
+from ..tasks.config import TaskConfig, validate_task_name
 from .output import clip
 
 #: Default for every bounded wait of the CLI (discovery, replies, subscribers).

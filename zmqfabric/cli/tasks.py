@@ -17,7 +17,7 @@ import click
 
 from ..core.records import EndpointKind
 from ..errors import FabricError, FabricTimeoutError, TaskFailedError
-from ..tasks.registry import TaskConfig, TaskHandle
+from ..tasks import TaskConfig, TaskHandle
 from .config import (
     WAIT_SLICE_S,
     Body,

@@ -1,8 +1,8 @@
 """Reliable task dispatch as a pure state machine: a producer's in-flight table for one task name.
 
 No IO, no threads, no clock: every call that depends on time takes ``now`` (monotonic seconds).
-The dispatcher (:mod:`zmqfabric.dispatcher`) owns one :class:`Pipeline` per task name and turns its
-decisions into frames, journal writes and dead letters. A task moves through these states::
+The dispatcher (:mod:`zmqfabric.tasks.producer`) owns one :class:`TaskTable` per task name and turns
+its decisions into frames, journal writes and dead letters. A task moves through these states::
 
     PENDING --assign--> IN_FLIGHT --ok result--> DONE
        ^                    |   |
@@ -87,7 +87,7 @@ def check_deadline(deadline_s: float) -> float:
 
 @dataclass(slots=True, eq=False)
 class Task:
-    """One task in a pipeline's table. Owned by its :class:`Pipeline`: read it, do not change it.
+    """One task in a :class:`TaskTable`. Owned by its table: read it, do not change it.
 
     ``payload`` is the encoded body; ``ref`` is whatever the owner wants back with the task (the
     submitter's handle). ``value`` is the ok result; ``error`` the last failure, ``(type, text)``.
@@ -123,8 +123,8 @@ NOTHING = Outcome()
 
 
 @dataclass(frozen=True, slots=True)
-class PipelineStats:
-    """A snapshot of one pipeline's counters (queued includes tasks waiting for a retry)."""
+class TaskTableStats:
+    """A snapshot of one table's counters (queued includes tasks waiting for a retry)."""
 
     queued: int
     in_flight: int
@@ -146,7 +146,7 @@ class _Worker:
     stuck: bool = False
 
 
-class Pipeline:
+class TaskTable:
     """The in-flight table of one task name: pending tasks, deliveries, workers and their credit.
 
     ``policy`` gives the backoff of retries; each task carries its own ``max_attempts``. Not
@@ -444,10 +444,10 @@ class Pipeline:
                 task.state = TaskState.PENDING
                 self._pending.append(task)
 
-    def stats(self) -> PipelineStats:
+    def stats(self) -> TaskTableStats:
         """A snapshot of the counters (safe to call from another thread; may be a tick old)."""
         in_flight = self.in_flight
-        return PipelineStats(
+        return TaskTableStats(
             queued=max(0, len(self._tasks) - in_flight),
             in_flight=in_flight,
             done=self.done,

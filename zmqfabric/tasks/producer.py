@@ -1,17 +1,18 @@
 """Reliable tasks, the producer side: the node's dispatcher thread ("zmqfabric-tasks-<node>").
 
-It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker
-of every task), a socket monitor on each, the dead-letter publishers, and the journal. Other
-threads only post to its :class:`~zmqfabric.mailbox.Mailbox` (a deque, and a pipe in its poller
-written only while it sleeps, so a burst of submissions costs no system call): ``submit`` (any
-thread) posts tasks; the directory's watchers (discovery's thread) post "connect/disconnect URL".
+It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
+every task), a socket monitor on each (:mod:`.links`), the dead-letter publishers, and the journal.
+Other threads only post to its :class:`~zmqfabric.transport.inbox.Mailbox` (a deque, and a pipe in
+its poller written only while it sleeps, so a burst of submissions costs no system call):
+``submit`` (any thread) posts tasks; the directory's watchers (discovery's thread) post
+"connect/disconnect URL".
 
 Each round: read results and credit, then monitor events (a worker whose connection drops is
 lost: its tasks are redelivered at once), then new submissions (recorded in the journal and
 committed *before* anything is sent), then deadlines and retry timers, then dispatch to workers
 with credit, then completions (journal deletes are batched) and the handles' waiters.
 
-The decisions are the pure state machine's (:class:`zmqfabric.core.reliable.Pipeline`); this
+The decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`); this
 module only moves frames, rows and handles.
 """
 
@@ -21,22 +22,21 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ..constants import JOURNAL_COMMIT_S, TASK_TICK_MS
 from ..core import wire
 from ..core.records import EndpointKind
-from ..core.tasktable import Outcome, Pipeline, Task
+from ..core.tasktable import Outcome, Task, TaskTable
 from ..errors import ClosedError, FabricError, JournalError, RemoteProtocolError, TaskFailedError
 from ..stats import RateLimitedLog
 from ..transport.inbox import Mailbox
 from .deadletters import DeadLetters
+from .handle import HandleOwner, HandleState, TaskHandle, settle
 from .journal import Journal
-from .registry import _DONE, _FAILED, _RECORDED, NodeTasks, TaskHandle, settle
+from .links import Links, WorkerLink
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -50,22 +50,11 @@ _READ_BATCH = 256
 _TAKE_BATCH = 8192
 
 
-@dataclass(slots=True)
-class _Link:
-    """Our connection to one worker of one task name."""
-
-    name: str
-    url: str
-    sock: zmq.Socket
-    monitor: zmq.Socket
-    pipeline: Pipeline
-    hello_due: bool = False
-
 
 class Dispatcher:
     """Allocates in the caller's thread; ``open()`` opens the journal, ``start()`` the thread."""
 
-    def __init__(self, node: NodeRuntime, tasks: NodeTasks) -> None:
+    def __init__(self, node: NodeRuntime, tasks: HandleOwner) -> None:
         self._node = node
         self._tasks = tasks
         config = tasks.config
@@ -78,16 +67,14 @@ class Dispatcher:
         self._mail = Mailbox()
         self._stopping = False
         self.closed = False
-        self._pipelines: dict[str, Pipeline] = {}
-        self._links: dict[tuple[str, str], _Link] = {}
-        self._by_sock: dict[Any, _Link] = {}
-        self._by_monitor: dict[Any, _Link] = {}
+        self._tables: dict[str, TaskTable] = {}
         self._unwatch: list[Callable[[], None]] = []
         self._poller = zmq.Poller()
+        self._links = Links(self._poller)
         self._resumed: list[Any] = []
         self._unrecorded: list[tuple[str, Task]] = []
         self._removals: list[str] = []
-        self._changes: list[tuple[TaskHandle, int, Any]] = []
+        self._changes: list[tuple[TaskHandle, HandleState, Any]] = []
         self._settled = 0
         self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
@@ -119,7 +106,7 @@ class Dispatcher:
             self._mail.post((op, name, url), wake=True)
 
     def stats(self) -> dict[str, Any]:
-        return {name: p.stats() for name, p in list(self._pipelines.items())}
+        return {name: t.stats() for name, t in list(self._tables.items())}
 
     def close(self, timeout: float) -> None:
         """Stop the thread: unsettled tasks fail with ClosedError (a journal keeps them)."""
@@ -142,7 +129,7 @@ class Dispatcher:
             for entry in self._resumed:
                 task = Task(entry.task_id, entry.payload, entry.key, deadline_s=entry.deadline_s,
                             max_attempts=entry.max_attempts)
-                self._pipeline(entry.name).submit(task)
+                self._table(entry.name).submit(task)
             self._resumed = []
             while not self._stopping:
                 try:
@@ -161,7 +148,7 @@ class Dispatcher:
         now = time.monotonic()
         monitors = []
         for sock, _ in events:
-            link = self._by_sock.get(sock)
+            link = self._links.with_socket(sock)
             if link is not None:
                 self._read(link, now)
             elif sock == mail.fd:
@@ -169,19 +156,19 @@ class Dispatcher:
             else:
                 monitors.append(sock)
         for sock in monitors:
-            link = self._by_monitor.get(sock)
+            link = self._links.with_monitor(sock)
             if link is not None:
                 self._on_monitor(link, now)
         self._take_commands()
         self._record(now)
-        for pipeline in self._pipelines.values():
-            if now >= pipeline.next_due:
-                self._collect(pipeline.name, pipeline.tick(now))
+        for table in self._tables.values():
+            if now >= table.next_due:
+                self._collect(table.name, table.tick(now))
         self._dispatch(now)
         self._finish(now)
 
     def _timeout(self, now: float) -> int:
-        due = min((p.next_due for p in self._pipelines.values()), default=math.inf)
+        due = min((t.next_due for t in self._tables.values()), default=math.inf)
         if due == math.inf:
             return TASK_TICK_MS
         return min(TASK_TICK_MS, max(1, math.ceil((due - now) * 1000)))
@@ -194,78 +181,57 @@ class Dispatcher:
             command = commands.popleft()
             if len(command) == 2:
                 name = command[0]
-                if name not in self._pipelines:
-                    self._pipeline(name)
+                if name not in self._tables:
+                    self._table(name)
                 self._unrecorded.append(command)
             elif command[0] == "connect":
                 self._connect(command[1], command[2])
             else:
-                link = self._links.get((command[1], command[2]))
+                link = self._links.get(command[1], command[2])
                 if link is not None:
                     self._disconnect(link, time.monotonic())
 
-    def _pipeline(self, name: str) -> Pipeline:
-        pipeline = self._pipelines.get(name)
-        if pipeline is not None:
-            return pipeline
-        pipeline = self._pipelines[name] = Pipeline(name, self._retry)
+    def _table(self, name: str) -> TaskTable:
+        table = self._tables.get(name)
+        if table is not None:
+            return table
+        table = self._tables[name] = TaskTable(name, self._retry)
         self._dead.open(name)
         self._unwatch.append(self._node.directory.watch(
             EndpointKind.TASK, name, lambda op, url: self._post(op, name, url)))
-        return pipeline
+        return table
 
     # --- workers -------------------------------------------------------------------------------
 
     def _connect(self, name: str, url: str) -> None:
-        if (name, url) in self._links:
+        if self._links.get(name, url) is not None:
             return
         factory = self._node.sockets
         sock = factory.socket(zmq.DEALER, sync=True)
         monitor = factory.monitor(sock, _EVENTS, sync=True)
-        link = _Link(name, url, sock, monitor, self._pipelines[name])
+        link = WorkerLink(name, url, sock, monitor, self._tables[name])
         try:
             self._node.connect(sock, url)  # with the worker's CURVE key on a secured fabric
         except (zmq.ZMQError, FabricError) as exc:
             log.warning("%s: cannot connect to task %r at %s: %s", self._node.name, name, url, exc)
-            self._close_link(link)
+            link.close()
             return
-        self._links[(name, url)] = link
-        self._by_sock[sock] = link
-        self._by_monitor[monitor] = link
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(monitor, zmq.POLLIN)
+        self._links.add(link)
 
-    def _disconnect(self, link: _Link, now: float) -> None:
+    def _disconnect(self, link: WorkerLink, now: float) -> None:
         self._read(link, now)  # what arrived before it left still counts
-        self._collect(link.name, link.pipeline.lose_worker(link.url, now))
-        del self._links[(link.name, link.url)]
-        del self._by_sock[link.sock]
-        del self._by_monitor[link.monitor]
-        self._poller.unregister(link.sock)
-        self._poller.unregister(link.monitor)
-        self._close_link(link)
+        self._collect(link.name, link.table.lose_worker(link.url, now))
+        self._links.remove(link)
 
-    def _close_link(self, link: _Link) -> None:
-        try:
-            link.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        link.monitor.close(0)
-        link.sock.close(0)
-
-    def _on_monitor(self, link: _Link, now: float) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+    def _on_monitor(self, link: WorkerLink, now: float) -> None:
+        for event in link.events():
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._send_hello(link)
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
+            elif event == zmq.EVENT_DISCONNECTED:
                 self._read(link, now)  # results that arrived before the drop count
-                self._collect(link.name, link.pipeline.lose_worker(link.url, now))
+                self._collect(link.name, link.table.lose_worker(link.url, now))
 
-    def _send_hello(self, link: _Link) -> None:
+    def _send_hello(self, link: WorkerLink) -> None:
         header = wire.pack_header(wire.Kind.CREDIT, 0, time.time())
         try:
             link.sock.send_multipart([b"", header, self._hello], zmq.NOBLOCK)
@@ -273,8 +239,8 @@ class Dispatcher:
         except zmq.ZMQError:
             link.hello_due = True  # the pipe is not attached yet: try again next round
 
-    def _read(self, link: _Link, now: float) -> None:
-        sock, pipeline, url = link.sock, link.pipeline, link.url
+    def _read(self, link: WorkerLink, now: float) -> None:
+        sock, table, url = link.sock, link.table, link.url
         for _ in range(_READ_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -288,9 +254,9 @@ class Dispatcher:
                               link.name, url, exc)
                 continue
             if kind is wire.Kind.RESULT:
-                self._collect(link.name, pipeline.on_results(url, body, now))
+                self._collect(link.name, table.on_results(url, body, now))
             else:
-                pipeline.set_credit(url, body, now)
+                table.set_credit(url, body, now)
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -312,22 +278,22 @@ class Dispatcher:
             except JournalError as exc:
                 journal.rollback()
                 log.error("%s: %s; %d tasks refused", self._node.name, exc, len(batch))
-                self._changes.extend((t.ref, _FAILED, exc) for _, t in batch)
+                self._changes.extend((t.ref, HandleState.FAILED, exc) for _, t in batch)
                 self._settled += len(batch)
                 return
             self._last_commit = now
-            self._changes.extend((t.ref, _RECORDED, None) for _, t in batch)
-        pipelines = self._pipelines
+            self._changes.extend((t.ref, HandleState.RECORDED, None) for _, t in batch)
+        tables = self._tables
         for name, task in batch:
-            pipelines[name].submit(task)
+            tables[name].submit(task)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
-        for name, pipeline in self._pipelines.items():
-            for url, tasks in pipeline.assign(now):
-                link = links.get((name, url))
+        for name, table in self._tables.items():
+            for url, tasks in table.assign(now):
+                link = links.get(name, url)
                 if link is None:
-                    pipeline.unassign(url, tasks)
+                    table.unassign(url, tasks)
                     continue
                 if link.hello_due:
                     self._send_hello(link)
@@ -336,24 +302,24 @@ class Dispatcher:
                 try:
                     link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
                 except zmq.ZMQError:
-                    pipeline.unassign(url, tasks)
-        for link in self._links.values():
+                    table.unassign(url, tasks)
+        for link in self._links:
             if link.hello_due:
                 self._send_hello(link)
 
     def _collect(self, name: str, outcome: Outcome) -> None:
         if not outcome:
             return
-        changes, removals = self._changes, self._removals
+        changes, removals, done_state = self._changes, self._removals, HandleState.DONE
         for task in outcome.done:
             if task.ref is not None:
-                changes.append((task.ref, _DONE, task.value))
+                changes.append((task.ref, done_state, task.value))
             removals.append(task.id)
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
             failure = TaskFailedError(name, task.id, task.attempts, error_type, error)
             if task.ref is not None:
-                changes.append((task.ref, _FAILED, failure))
+                changes.append((task.ref, HandleState.FAILED, failure))
             removals.append(task.id)
             self._dead.send(name, task, failure)
         self._settled += len(outcome.done) + len(outcome.dead)
@@ -400,14 +366,12 @@ class Dispatcher:
         except Exception:
             log.exception("%s: cannot save the task journal on close", self._node.name)
         closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
-        for pipeline in self._pipelines.values():
-            for task in pipeline.drain():
-                self._changes.append((task.ref, _FAILED, closed))
+        for table in self._tables.values():
+            for task in table.drain():
+                self._changes.append((task.ref, HandleState.FAILED, closed))
                 self._settled += 1
         self._finish(now)
-        for link in self._links.values():
-            self._close_link(link)
-        self._links.clear()
+        self._links.close()
         self._dead.close()
         if self._journal is not None:
             self._journal.close()
@@ -424,7 +388,7 @@ class Dispatcher:
             except IndexError:
                 break
             if len(command) == 2:
-                changes.append((command[1].ref, _FAILED, closed))
+                changes.append((command[1].ref, HandleState.FAILED, closed))
         if changes:
             settle(self._tasks, changes)
             self._tasks.settled(len(changes))

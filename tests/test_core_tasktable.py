@@ -1,8 +1,8 @@
-"""Unit tests of the pure reliable-task core (:mod:`zmqfabric.core.reliable`) and of the task
+"""Unit tests of the pure reliable-task core (:mod:`zmqfabric.core.tasktable`) and of the task
 frames it travels in (the kinds 6, 7, 8 of :mod:`zmqfabric.core.wire`).
 
 Examples pin each rule down (credit, backoff, dead letters, redelivery on loss and on deadline,
-late results); a hypothesis state machine then drives a pipeline through random submissions,
+late results); a hypothesis state machine then drives a task table through random submissions,
 workers coming and going, results in any order and time passing, and checks the table's
 invariants after every step; a last property checks that everything settles once workers behave.
 No sockets, no clock: the time is a number the test moves.
@@ -21,10 +21,10 @@ from zmqfabric.core import wire
 from zmqfabric.core.tasktable import (
     DEADLINE_EXCEEDED,
     WORKER_LOST,
-    Pipeline,
     RetryPolicy,
     Task,
     TaskState,
+    TaskTable,
 )
 from zmqfabric.errors import LocalProtocolError, RemoteProtocolError
 
@@ -49,196 +49,196 @@ def sent(batches: list[tuple[str, list[Task]]]) -> dict[str, list[str]]:
 
 
 def test_tasks_wait_for_credit_and_never_exceed_it() -> None:
-    p = Pipeline("p")
+    table = TaskTable("job")
     tasks = [task(i) for i in range(10)]
     for t in tasks:
-        p.submit(t)
-    assert p.assign(0.0) == []  # no worker yet
-    p.set_credit("a", 3, 0.0)
-    assert sent(p.assign(0.0)) == {"a": ["0", "1", "2"]}
-    assert p.assign(0.0) == [] and p.credit("a") == 0
-    out = p.on_results("a", [ok(tasks[0], "r0")], 1.0)
+        table.submit(t)
+    assert table.assign(0.0) == []  # no worker yet
+    table.set_credit("a", 3, 0.0)
+    assert sent(table.assign(0.0)) == {"a": ["0", "1", "2"]}
+    assert table.assign(0.0) == [] and table.credit("a") == 0
+    out = table.on_results("a", [ok(tasks[0], "r0")], 1.0)
     assert [t.id for t in out.done] == ["0"] and out.done[0].value == "r0"
-    assert sent(p.assign(1.0)) == {"a": ["3"]}
-    stats = p.stats()
+    assert sent(table.assign(1.0)) == {"a": ["3"]}
+    stats = table.stats()
     assert (stats.queued, stats.in_flight, stats.done, stats.workers) == (6, 3, 1, 1)
 
 
 def test_pending_tasks_are_spread_over_workers_with_room() -> None:
-    p = Pipeline("p")
+    table = TaskTable("job")
     for w in "abcd":
-        p.set_credit(w, 100, 0.0)
+        table.set_credit(w, 100, 0.0)
     for i in range(8):
-        p.submit(task(i))
-    counts = {w: len(ts) for w, ts in p.assign(0.0)}
+        table.submit(task(i))
+    counts = {w: len(ts) for w, ts in table.assign(0.0)}
     assert counts == {"a": 2, "b": 2, "c": 2, "d": 2}
-    p.submit(task("x"))
-    assert sum(len(ts) for _, ts in p.assign(0.0)) == 1
+    table.submit(task("x"))
+    assert sum(len(ts) for _, ts in table.assign(0.0)) == 1
 
 
 def test_handler_failure_retries_with_exponential_backoff_then_dead() -> None:
-    p = Pipeline("p", RetryPolicy(backoff_s=1.0, backoff_max_s=3.0))
-    p.set_credit("a", 1, 0.0)
+    table = TaskTable("job", RetryPolicy(backoff_s=1.0, backoff_max_s=3.0))
+    table.set_credit("a", 1, 0.0)
     t = task("t", attempts=4)
-    p.submit(t)
+    table.submit(t)
     now, retries_at = 0.0, []
     for attempt in range(1, 5):
-        (worker, [got]), = p.assign(now)
+        (worker, [got]), = table.assign(now)
         assert got is t and t.attempts == attempt and worker == "a"
-        out = p.on_results("a", [failed(t, f"fail {attempt}")], now)
+        out = table.on_results("a", [failed(t, f"fail {attempt}")], now)
         if attempt < 4:
             assert not out and t.state is TaskState.DELAYED
-            assert p.assign(now) == []  # waits for its backoff
-            retries_at.append(p.next_due - now)
-            now = p.next_due
-            p.tick(now)
+            assert table.assign(now) == []  # waits for its backoff
+            retries_at.append(table.next_due - now)
+            now = table.next_due
+            table.tick(now)
         else:
             assert out.dead == (t,) and t.state is TaskState.DEAD
     assert retries_at == [1.0, 2.0, 3.0]  # doubling, capped
     assert t.error == ("ValueError", "fail 4")
-    stats = p.stats()
+    stats = table.stats()
     assert (stats.retried, stats.dead, stats.queued, stats.in_flight) == (3, 1, 0, 0)
 
 
 def test_a_lost_worker_s_tasks_are_redelivered_at_once_in_order() -> None:
-    p = Pipeline("p")
-    p.set_credit("a", 5, 0.0)
+    table = TaskTable("job")
+    table.set_credit("a", 5, 0.0)
     tasks = [task(i) for i in range(3)]
     for t in tasks:
-        p.submit(t)
-    p.assign(0.0)
-    out = p.lose_worker("a", 1.0)
+        table.submit(t)
+    table.assign(0.0)
+    out = table.lose_worker("a", 1.0)
     assert not out
     assert all(t.state is TaskState.PENDING and t.error[0] == WORKER_LOST for t in tasks)
-    p.set_credit("b", 5, 1.0)
-    assert sent(p.assign(1.0)) == {"b": ["0", "1", "2"]}
+    table.set_credit("b", 5, 1.0)
+    assert sent(table.assign(1.0)) == {"b": ["0", "1", "2"]}
     assert [t.attempts for t in tasks] == [2, 2, 2]
-    assert p.stats().redelivered == 3
+    assert table.stats().redelivered == 3
     # A result the dead worker sent before dying (read after the loss) is late.
-    assert not p.on_results("a", [[tasks[0].id, 1, True, None]], 1.0)
-    assert p.stats().late == 1
+    assert not table.on_results("a", [[tasks[0].id, 1, True, None]], 1.0)
+    assert table.stats().late == 1
 
 
 def test_losing_a_worker_on_the_last_attempt_is_a_dead_letter() -> None:
-    p = Pipeline("p")
-    p.set_credit("a", 1, 0.0)
+    table = TaskTable("job")
+    table.set_credit("a", 1, 0.0)
     t = task("t", attempts=1)
-    p.submit(t)
-    p.assign(0.0)
-    assert p.lose_worker("a", 0.5).dead == (t,)
-    assert t.error[0] == WORKER_LOST and p.unsettled == 0
+    table.submit(t)
+    table.assign(0.0)
+    assert table.lose_worker("a", 0.5).dead == (t,)
+    assert t.error[0] == WORKER_LOST and table.unsettled == 0
 
 
 def test_a_stuck_worker_gives_up_all_it_holds_and_its_late_result_is_dropped() -> None:
-    p = Pipeline("p")
-    p.set_credit("slow", 2, 0.0)
+    table = TaskTable("job")
+    table.set_credit("slow", 2, 0.0)
     a, b = task("a", deadline=1.0), task("b", deadline=1.0)
-    p.submit(a)
-    p.submit(b)
-    assert sent(p.assign(0.0)) == {"slow": ["a", "b"]}
-    assert p.tick(0.9) is not None and a.state is TaskState.IN_FLIGHT
-    assert p.next_due == pytest.approx(1.0)
-    p.tick(1.0)
+    table.submit(a)
+    table.submit(b)
+    assert sent(table.assign(0.0)) == {"slow": ["a", "b"]}
+    assert table.tick(0.9) is not None and a.state is TaskState.IN_FLIGHT
+    assert table.next_due == pytest.approx(1.0)
+    table.tick(1.0)
     assert a.state is b.state is TaskState.PENDING
     assert a.error[0] == b.error[0] == DEADLINE_EXCEEDED
-    assert p.credit("slow") == 0  # stuck: no new work, and it still holds both deliveries
-    p.set_credit("fast", 2, 1.0)
-    assert sent(p.assign(1.0)) == {"fast": ["a", "b"]}
+    assert table.credit("slow") == 0  # stuck: no new work, and it still holds both deliveries
+    table.set_credit("fast", 2, 1.0)
+    assert sent(table.assign(1.0)) == {"fast": ["a", "b"]}
     assert [t.attempts for t in (a, b)] == [2, 2]
-    assert p.on_results("fast", [ok(a, "fast-a"), ok(b, "fast-b")], 1.1).done == (a, b)
+    assert table.on_results("fast", [ok(a, "fast-a"), ok(b, "fast-b")], 1.1).done == (a, b)
     # The slow worker finally answers attempt 1: late, dropped; its slot is free again.
-    assert not p.on_results("slow", [["a", 1, True, "slow-a"], ["b", 1, True, "slow-b"]], 2.0)
-    assert a.value == "fast-a" and p.stats().late == 2 and p.credit("slow") == 2
+    assert not table.on_results("slow", [["a", 1, True, "slow-a"], ["b", 1, True, "slow-b"]], 2.0)
+    assert a.value == "fast-a" and table.stats().late == 2 and table.credit("slow") == 2
 
 
 def test_the_deadline_clock_starts_at_the_worker_s_last_result() -> None:
     """Tasks queued behind others at one worker are not timed while it works on those."""
-    p = Pipeline("p")
-    p.set_credit("w", 3, 0.0)
+    table = TaskTable("job")
+    table.set_credit("w", 3, 0.0)
     tasks = [task(i, deadline=1.0) for i in range(3)]
     for t in tasks:
-        p.submit(t)
-    p.assign(0.0)
+        table.submit(t)
+    table.assign(0.0)
     for i, now in enumerate((0.9, 1.8, 2.7)):
-        p.tick(now)
-        assert p.on_results("w", [ok(tasks[i])], now).done == (tasks[i],)
-    assert p.stats().redelivered == 0 and p.unsettled == 0
+        table.tick(now)
+        assert table.on_results("w", [ok(tasks[i])], now).done == (tasks[i],)
+    assert table.stats().redelivered == 0 and table.unsettled == 0
 
 
 def test_the_first_ok_result_wins_and_a_late_failure_is_ignored() -> None:
-    p = Pipeline("p")
-    p.set_credit("a", 1, 0.0)
+    table = TaskTable("job")
+    table.set_credit("a", 1, 0.0)
     t = task("t", deadline=1.0)
-    p.submit(t)
-    p.assign(0.0)
-    p.tick(1.0)  # a is stuck; t goes back to pending
-    p.set_credit("b", 1, 1.0)
-    p.assign(1.0)
+    table.submit(t)
+    table.assign(0.0)
+    table.tick(1.0)  # a is stuck; t goes back to pending
+    table.set_credit("b", 1, 1.0)
+    table.assign(1.0)
     assert t.worker == "b" and t.attempts == 2
     # a answers attempt 1 first: the task is done; b's answer comes late.
-    assert p.on_results("a", [["t", 1, True, "from a"]], 1.5).done == (t,)
-    assert not p.on_results("b", [failed(t)], 1.6)
-    assert t.value == "from a" and p.stats().late == 1 and p.credit("b") == 1
+    assert table.on_results("a", [["t", 1, True, "from a"]], 1.5).done == (t,)
+    assert not table.on_results("b", [failed(t)], 1.6)
+    assert t.value == "from a" and table.stats().late == 1 and table.credit("b") == 1
 
 
 def test_a_task_is_not_given_to_a_worker_that_still_holds_it() -> None:
-    p = Pipeline("p")
-    p.set_credit("only", 2, 0.0)
+    table = TaskTable("job")
+    table.set_credit("only", 2, 0.0)
     t = task("t", deadline=1.0)
-    p.submit(t)
-    p.assign(0.0)
-    p.tick(1.0)  # stuck; t is pending again but "only" still holds attempt 1
-    p.on_results("only", [], 1.1)  # any answer unsticks the worker
+    table.submit(t)
+    table.assign(0.0)
+    table.tick(1.0)  # stuck; t is pending again but "only" still holds attempt 1
+    table.on_results("only", [], 1.1)  # any answer unsticks the worker
     other = task("u")
-    p.submit(other)
-    assert sent(p.assign(1.1)) == {"only": ["u"]}
+    table.submit(other)
+    assert sent(table.assign(1.1)) == {"only": ["u"]}
     assert t.state is TaskState.PENDING
-    p.on_results("only", [["t", 1, False, {"type": "E", "message": "late"}]], 1.2)
-    assert sent(p.assign(1.2)) == {"only": ["t"]} and t.attempts == 2
+    table.on_results("only", [["t", 1, False, {"type": "E", "message": "late"}]], 1.2)
+    assert sent(table.assign(1.2)) == {"only": ["t"]} and t.attempts == 2
 
 
 def test_failed_send_puts_tasks_back_without_using_an_attempt() -> None:
-    p = Pipeline("p")
-    p.set_credit("a", 5, 0.0)
+    table = TaskTable("job")
+    table.set_credit("a", 5, 0.0)
     tasks = [task(i) for i in range(3)]
     for t in tasks:
-        p.submit(t)
-    (worker, batch), = p.assign(0.0)
-    p.unassign(worker, batch)
-    assert [t.attempts for t in tasks] == [0, 0, 0] and p.credit("a") == 5
-    assert sent(p.assign(0.0)) == {"a": ["0", "1", "2"]}
+        table.submit(t)
+    (worker, batch), = table.assign(0.0)
+    table.unassign(worker, batch)
+    assert [t.attempts for t in tasks] == [0, 0, 0] and table.credit("a") == 5
+    assert sent(table.assign(0.0)) == {"a": ["0", "1", "2"]}
 
 
 def test_results_not_ours_are_late_and_free_nothing() -> None:
-    p = Pipeline("p")
-    p.set_credit("a", 1, 0.0)
+    table = TaskTable("job")
+    table.set_credit("a", 1, 0.0)
     t = task("t")
-    p.submit(t)
-    p.assign(0.0)
-    assert not p.on_results("a", [["nope", 1, True, None], ["t", 7, True, None]], 0.1)
-    assert not p.on_results("stranger", [ok(t)], 0.1)
-    assert p.stats().late == 3 and t.state is TaskState.IN_FLIGHT and p.credit("a") == 0
+    table.submit(t)
+    table.assign(0.0)
+    assert not table.on_results("a", [["nope", 1, True, None], ["t", 7, True, None]], 0.1)
+    assert not table.on_results("stranger", [ok(t)], 0.1)
+    assert table.stats().late == 3 and t.state is TaskState.IN_FLIGHT and table.credit("a") == 0
 
 
 def test_drain_returns_every_unsettled_task() -> None:
-    p = Pipeline("p")
-    p.set_credit("a", 1, 0.0)
+    table = TaskTable("job")
+    table.set_credit("a", 1, 0.0)
     tasks = [task(i) for i in range(3)]
     for t in tasks:
-        p.submit(t)
-    p.assign(0.0)
-    assert sorted(t.id for t in p.drain()) == ["0", "1", "2"]
-    assert p.unsettled == 0 and p.stats().in_flight == 0
+        table.submit(t)
+    table.assign(0.0)
+    assert sorted(t.id for t in table.drain()) == ["0", "1", "2"]
+    assert table.unsettled == 0 and table.stats().in_flight == 0
 
 
 def test_bad_arguments_are_refused() -> None:
-    p = Pipeline("p")
-    p.submit(task("t"))
+    table = TaskTable("job")
+    table.submit(task("t"))
     with pytest.raises(LocalProtocolError):
-        p.submit(task("t"))
+        table.submit(task("t"))
     for window in (0, -1, 70000, 1.5):
         with pytest.raises(LocalProtocolError):
-            p.set_credit("a", window, 0.0)  # type: ignore[arg-type]
+            table.set_credit("a", window, 0.0)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         RetryPolicy(max_attempts=0)
     with pytest.raises(LocalProtocolError):
@@ -251,12 +251,12 @@ def test_bad_arguments_are_refused() -> None:
 WORKERS = ("w1", "w2", "w3")
 
 
-class PipelineMachine(RuleBasedStateMachine):
-    """Random operations on a pipeline and a model of what the workers hold."""
+class TaskTableMachine(RuleBasedStateMachine):
+    """Random operations on a task table and a model of what the workers hold."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.p = Pipeline("p", RetryPolicy(backoff_s=0.5, backoff_max_s=2.0))
+        self.table = TaskTable("job", RetryPolicy(backoff_s=0.5, backoff_max_s=2.0))
         self.now = 0.0
         self.next_id = 0
         self.submitted: dict[str, Task] = {}
@@ -278,29 +278,29 @@ class PipelineMachine(RuleBasedStateMachine):
             t = task(self.next_id, attempts=attempts, deadline=deadline)
             self.next_id += 1
             self.submitted[t.id] = t
-            self.p.submit(t)
+            self.table.submit(t)
 
     @rule(worker=st.sampled_from(WORKERS), window=st.integers(1, 4))
     def worker_joins(self, worker: str, window: int) -> None:
         if worker in self.windows:
             return
-        self.p.set_credit(worker, window, self.now)
+        self.table.set_credit(worker, window, self.now)
         self.windows[worker] = window
         self.outbox[worker] = []
 
     @rule(worker=st.sampled_from(WORKERS))
     def worker_lost(self, worker: str) -> None:
-        self.settle(self.p.lose_worker(worker, self.now))
+        self.settle(self.table.lose_worker(worker, self.now))
         self.windows.pop(worker, None)
         self.outbox.pop(worker, None)
 
     @rule(fail_send=st.booleans())
     def assign(self, fail_send: bool) -> None:
-        batches = self.p.assign(self.now)
+        batches = self.table.assign(self.now)
         for worker, tasks in batches:
             assert worker in self.windows
             if fail_send:
-                self.p.unassign(worker, tasks)
+                self.table.unassign(worker, tasks)
                 continue
             self.outbox[worker].extend((t.id, t.attempts) for t in tasks)
 
@@ -312,28 +312,28 @@ class PipelineMachine(RuleBasedStateMachine):
         index = 0 if in_order else data.draw(st.integers(0, len(box) - 1))
         task_id, attempt = box.pop(index)
         value = "v" if ok_ else {"type": "E", "message": "x"}
-        self.settle(self.p.on_results(worker, [[task_id, attempt, ok_, value]], self.now))
+        self.settle(self.table.on_results(worker, [[task_id, attempt, ok_, value]], self.now))
 
     @rule(dt=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
     def time_passes(self, dt: float) -> None:
         self.now += dt
-        self.settle(self.p.tick(self.now))
+        self.settle(self.table.tick(self.now))
 
     @invariant()
     def every_task_is_in_exactly_one_place(self) -> None:
         for task_id, t in self.submitted.items():
-            in_table = self.p.get(task_id) is not None
+            in_table = self.table.get(task_id) is not None
             assert in_table != (task_id in self.settled), (t, self.settled.get(task_id))
             assert t.attempts <= t.max_attempts
-        stats = self.p.stats()
-        assert stats.queued + stats.in_flight == self.p.unsettled
+        stats = self.table.stats()
+        assert stats.queued + stats.in_flight == self.table.unsettled
         assert stats.done + stats.dead == len(self.settled)
 
     @invariant()
     def credit_is_what_workers_hold(self) -> None:
-        assert sorted(self.p.workers) == sorted(self.windows)
+        assert sorted(self.table.workers) == sorted(self.windows)
         for worker, window in self.windows.items():
-            held = self.p.held(worker)
+            held = self.table.held(worker)
             assert len(held) <= window
             assert held == dict(self.outbox[worker])  # the model and the table agree
             assert len(held) == len(self.outbox[worker])  # never two deliveries of one task
@@ -344,24 +344,24 @@ class PipelineMachine(RuleBasedStateMachine):
         for t in self.submitted.values():
             if t.state is TaskState.IN_FLIGHT:
                 in_flight += 1
-                assert self.p.held(t.worker).get(t.id) == t.attempts
+                assert self.table.held(t.worker).get(t.id) == t.attempts
             else:
                 assert t.worker is None
-        assert in_flight == self.p.stats().in_flight
+        assert in_flight == self.table.stats().in_flight
 
     @invariant()
     def next_due_is_never_late(self) -> None:
         """tick() may be skipped until next_due: nothing time-based falls due before it."""
-        for worker in self.p._workers.values():  # noqa: SLF001 - white-box check
+        for worker in self.table._workers.values():  # noqa: SLF001 - white-box check
             if worker.held and not worker.stuck:
                 _, sent_at, deadline = next(iter(worker.held.values()))
-                assert self.p.next_due <= max(sent_at, worker.last_result) + deadline
-        if self.p._delayed:  # noqa: SLF001
-            assert self.p.next_due <= self.p._delayed[0][0]  # noqa: SLF001
+                assert self.table.next_due <= max(sent_at, worker.last_result) + deadline
+        if self.table._delayed:  # noqa: SLF001
+            assert self.table.next_due <= self.table._delayed[0][0]  # noqa: SLF001
 
 
-TestPipelineMachine = PipelineMachine.TestCase
-TestPipelineMachine.settings = settings(
+TestTaskTableMachine = TaskTableMachine.TestCase
+TestTaskTableMachine.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -375,41 +375,41 @@ TestPipelineMachine.settings = settings(
 def test_everything_settles_once_workers_behave(chaos: list[str], count: int) -> None:
     """Whatever went wrong before, a well-behaved worker settles every task (done or dead) in a
     bounded number of steps, and no task is settled twice."""
-    p = Pipeline("p", RetryPolicy(backoff_s=0.5, backoff_max_s=2.0))
+    table = TaskTable("job", RetryPolicy(backoff_s=0.5, backoff_max_s=2.0))
     tasks = [task(i, attempts=3, deadline=1.0) for i in range(count)]
     for t in tasks:
-        p.submit(t)
+        table.submit(t)
     now, settled = 0.0, []
     outbox: list[tuple[str, int]] = []
-    p.set_credit("w", 3, now)
+    table.set_credit("w", 3, now)
     for step in chaos:
-        outbox.extend((t.id, t.attempts) for _, ts in p.assign(now) for t in ts)
+        outbox.extend((t.id, t.attempts) for _, ts in table.assign(now) for t in ts)
         if step == "lose":
             outbox.clear()
-            out = p.lose_worker("w", now)
-            p.set_credit("w", 3, now)
+            out = table.lose_worker("w", now)
+            table.set_credit("w", 3, now)
         elif step == "stall":
             now += 1.5
-            out = p.tick(now)
+            out = table.tick(now)
         elif outbox:
             task_id, attempt = outbox.pop(0)
-            good = step == "ok"
-            out = p.on_results("w", [[task_id, attempt, good, {"type": "E", "message": ""}]], now)
+            result = [task_id, attempt, step == "ok", {"type": "E", "message": ""}]
+            out = table.on_results("w", [result], now)
         else:
             continue
         settled.extend(out.done + out.dead)
     for _ in range(500):
-        if p.unsettled == 0:
+        if table.unsettled == 0:
             break
-        outbox.extend((t.id, t.attempts) for _, ts in p.assign(now) for t in ts)
+        outbox.extend((t.id, t.attempts) for _, ts in table.assign(now) for t in ts)
         if outbox:
             task_id, attempt = outbox.pop(0)
-            out = p.on_results("w", [[task_id, attempt, True, "v"]], now)
+            out = table.on_results("w", [[task_id, attempt, True, "v"]], now)
             settled.extend(out.done + out.dead)
         now += 0.25
-        out = p.tick(now)
+        out = table.tick(now)
         settled.extend(out.done + out.dead)
-    assert p.unsettled == 0
+    assert table.unsettled == 0
     assert sorted(t.id for t in settled) == sorted(t.id for t in tasks)
     assert all(t.attempts <= 3 for t in tasks)
 

@@ -1,0 +1,95 @@
+"""Reliable tasks, the producer's connections to workers: one :class:`WorkerLink` (a DEALER and its
+socket monitor) per worker of each task name, and :class:`Links`, which finds them by name and URL
+or by socket and keeps the dispatcher's poller in step.
+
+Owned by the dispatcher thread (:mod:`.producer`), which creates the sockets and decides what to
+send; not thread-safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..core.tasktable import TaskTable
+
+
+@dataclass(slots=True)
+class WorkerLink:
+    """Our connection to one worker of one task name."""
+
+    name: str
+    url: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    table: TaskTable
+    hello_due: bool = False
+
+    def events(self) -> Iterator[int]:
+        """The socket events the monitor has queued (``zmq.EVENT_*``), without blocking."""
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            yield event["event"]
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
+        self.sock.close(0)
+
+
+class Links:
+    """Every open link, by (task name, worker URL), by socket and by monitor socket. ``add`` and
+    ``remove`` register the link's two sockets with ``poller`` and unregister them."""
+
+    def __init__(self, poller: zmq.Poller) -> None:
+        self._poller = poller
+        self._by_key: dict[tuple[str, str], WorkerLink] = {}
+        self._by_sock: dict[Any, WorkerLink] = {}
+        self._by_monitor: dict[Any, WorkerLink] = {}
+
+    def get(self, name: str, url: str) -> WorkerLink | None:
+        return self._by_key.get((name, url))
+
+    def with_socket(self, sock: Any) -> WorkerLink | None:
+        """The link whose DEALER is ``sock``."""
+        return self._by_sock.get(sock)
+
+    def with_monitor(self, sock: Any) -> WorkerLink | None:
+        """The link whose monitor socket is ``sock``."""
+        return self._by_monitor.get(sock)
+
+    def __iter__(self) -> Iterator[WorkerLink]:
+        return iter(self._by_key.values())
+
+    def add(self, link: WorkerLink) -> None:
+        self._by_key[(link.name, link.url)] = link
+        self._by_sock[link.sock] = link
+        self._by_monitor[link.monitor] = link
+        self._poller.register(link.sock, zmq.POLLIN)
+        self._poller.register(link.monitor, zmq.POLLIN)
+
+    def remove(self, link: WorkerLink) -> None:
+        """Forget the link and close it."""
+        del self._by_key[(link.name, link.url)]
+        del self._by_sock[link.sock]
+        del self._by_monitor[link.monitor]
+        self._poller.unregister(link.sock)
+        self._poller.unregister(link.monitor)
+        link.close()
+
+    def close(self) -> None:
+        """Close every link (the poller is not used any more)."""
+        for link in self._by_key.values():
+            link.close()
+        self._by_key.clear()
+        self._by_sock.clear()
+        self._by_monitor.clear()
