@@ -1,7 +1,8 @@
 """Names and discovery records: validation and the DNS-SD TXT encoding. Pure: no IO.
 
-A node registers one DNS-SD service ``<node>@<node id>._zmqfabric._tcp.local.`` whose SRV port is its
-control endpoint and whose A record is the one address all its endpoints are bound to. The TXT record:
+A node registers one DNS-SD service ``<node>@<node id>._zmqfabric._tcp.local.`` whose SRV port is
+its control endpoint and whose A record is the one address all its endpoints are bound to. The TXT
+record:
 
 =========  =====================================================================================
 key        value
@@ -240,7 +241,9 @@ def decode_txt(
     props: dict[str, str] = {}
     for key, value in properties.items():
         if value is None or len(value) > MAX_TXT_VALUE + 5:
-            raise RemoteProtocolError(f"record {node!r}: TXT key {key!r} has no or an oversized value")
+            raise RemoteProtocolError(
+                f"record {node!r}: TXT key {key!r} has no or an oversized value"
+            )
         try:
             props[key.decode("ascii")] = value.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -32,109 +32,37 @@ its decisions into frames, journal writes and dead letters. A task moves through
 from __future__ import annotations
 
 import collections
-import enum
 import heapq
 import math
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..constants import (
-    MAX_TASK_CREDIT,
-    TASK_BACKOFF_MAX_S,
-    TASK_BACKOFF_S,
-    TASK_DEADLINE_S,
-    TASK_MAX_ATTEMPTS,
-)
+from ..constants import MAX_TASK_CREDIT
 from ..errors import LocalProtocolError
+from .taskrecords import (
+    DEADLINE_EXCEEDED,
+    NOTHING,
+    WORKER_LOST,
+    Outcome,
+    RetryPolicy,
+    Task,
+    TaskState,
+    TaskTableStats,
+    check_deadline,
+)
 
-#: Error types of failures that are not a handler's exception.
-WORKER_LOST = "WorkerLost"
-DEADLINE_EXCEEDED = "DeadlineExceeded"
-
-
-class TaskState(enum.Enum):
-    PENDING = "pending"
-    DELAYED = "delayed"
-    IN_FLIGHT = "in_flight"
-    DONE = "done"
-    DEAD = "dead"
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How often and how late a task is retried. Raises LocalProtocolError for nonsense."""
-
-    max_attempts: int = TASK_MAX_ATTEMPTS
-    backoff_s: float = TASK_BACKOFF_S
-    backoff_max_s: float = TASK_BACKOFF_MAX_S
-
-    def __post_init__(self) -> None:
-        if type(self.max_attempts) is not int or self.max_attempts < 1:
-            raise LocalProtocolError("max_attempts must be an integer >= 1")
-        if not 0 <= self.backoff_s <= self.backoff_max_s:
-            raise LocalProtocolError("backoff must satisfy 0 <= backoff_s <= backoff_max_s")
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait before the retry that follows the ``failures``-th failure (from 1)."""
-        return min(self.backoff_max_s, self.backoff_s * 2.0 ** min(failures - 1, 64))
-
-
-def check_deadline(deadline_s: float) -> float:
-    if not isinstance(deadline_s, (int, float)) or not 0 < deadline_s < math.inf:
-        raise LocalProtocolError("a task deadline must be a number of seconds > 0")
-    return float(deadline_s)
-
-
-@dataclass(slots=True, eq=False)
-class Task:
-    """One task in a :class:`TaskTable`. Owned by its table: read it, do not change it.
-
-    ``payload`` is the encoded body; ``ref`` is whatever the owner wants back with the task (the
-    submitter's handle). ``value`` is the ok result; ``error`` the last failure, ``(type, text)``.
-    """
-
-    id: str
-    payload: bytes = field(repr=False)
-    key: str | None = None
-    _: KW_ONLY
-    deadline_s: float = TASK_DEADLINE_S
-    max_attempts: int = TASK_MAX_ATTEMPTS
-    ref: Any = field(default=None, repr=False)
-    attempts: int = field(default=0, init=False)
-    state: TaskState = field(default=TaskState.PENDING, init=False)
-    worker: str | None = field(default=None, init=False)
-    value: Any = field(default=None, init=False, repr=False)
-    error: tuple[str, str] | None = field(default=None, init=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """Tasks settled by one call: ``done`` (ok result in ``task.value``) and ``dead`` (failed
-    their last attempt; ``task.error``)."""
-
-    done: tuple[Task, ...] = ()
-    dead: tuple[Task, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.done or self.dead)
-
-
-NOTHING = Outcome()
-
-
-@dataclass(frozen=True, slots=True)
-class TaskTableStats:
-    """A snapshot of one table's counters (queued includes tasks waiting for a retry)."""
-
-    queued: int
-    in_flight: int
-    done: int
-    retried: int
-    redelivered: int
-    dead: int
-    late: int
-    workers: int
-
+__all__ = [
+    "DEADLINE_EXCEEDED",
+    "NOTHING",
+    "WORKER_LOST",
+    "Outcome",
+    "RetryPolicy",
+    "Task",
+    "TaskState",
+    "TaskTable",
+    "TaskTableStats",
+    "check_deadline",
+]
 
 @dataclass(slots=True, eq=False)
 class _Worker:
