@@ -21,7 +21,7 @@ from .discovery.directory import Directory
 from .discovery.mdns import Discovery
 from .discovery.membership import Membership
 from .errors import ClosedError, LocalProtocolError, NodeNotFoundError, NoProviderError
-from .runtime import NodeRuntime, NodeState, host_name
+from .runtime import NodeRuntime, NodeState
 from .security.guard import Guard
 from .security.keys import KeySet
 from .security.keys import load as load_keys
@@ -198,7 +198,8 @@ class NodeBase:
             self._opening = False
             self._close()
             raise
-        log.info("node %s started at %s (id %s)", self.name, self.config.scope.address, self.node_id)
+        log.info("node %s started at %s (id %s)", self.name, self.config.scope.address,
+                 self.node_id)
 
     def _open_services(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

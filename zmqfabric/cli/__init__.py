@@ -41,7 +41,7 @@ from .fabric import ls_cmd, ping_cmd, stats_cmd
 from .keys import keys_group
 from .messaging import pub_cmd, pull_cmd, push_cmd, req_cmd, sub_cmd
 from .operate import demo_cmd, device_cmd, plain_lan_warning, run_cmd
-from .output import EPILOG, BadInput, ExitCode, Terminated, exit_code, warn
+from .output import EPILOG, BadInput, ExitCode, Terminated, exit_code, printable, warn
 from .tasks import submit_cmd
 from .top import top_cmd
 
@@ -139,7 +139,7 @@ for _command in (demo_cmd, device_cmd, keys_group, ls_cmd, ping_cmd, pub_cmd, pu
 
 class _LogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        return f"{record.levelname.lower()}: {printable(record.getMessage())}"
 
 
 class _QuietLibraryWarnings(logging.Filter):
@@ -197,13 +197,13 @@ def invoke(argv: Sequence[str] | None = None) -> int:
         return ExitCode.TERMINATED
     except click.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        click.echo(f"error: {printable(exc.format_message())}{hint}", err=True)
         return ExitCode.USAGE
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
+        click.echo(f"error: {printable(exc.format_message())}", err=True)
         return exc.exit_code
     except FabricError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {printable(exc)}", err=True)
         return exit_code(exc)
     return int(result) if isinstance(result, int) else ExitCode.OK
 

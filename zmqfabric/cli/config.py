@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from ..errors import InvalidNameError, LocalProtocolError
 from ..node import Node
 from ..security.keys import KeySet
 from ..tasks.config import TaskConfig, validate_task_name
-from .output import clip
+from .output import BadInput, clip
 
 #: Default for every bounded wait of the CLI (discovery, replies, subscribers).
 DEFAULT_TIMEOUT_S = 5.0
@@ -212,14 +213,44 @@ class JsonBody(click.ParamType):
         if isinstance(value, Body):
             return value
         try:
-            return Body(json.loads(value))
-        except json.JSONDecodeError as exc:
-            self.fail(
-                f"not valid JSON ({exc.msg} at column {exc.colno}): {clip(value)}; "
-                f"quote it for the shell, e.g. '{{\"x\": 1}}'",
-                param,
-                ctx,
-            )
+            return Body(parse_body(str(value), "the body"))
+        except BadInput as exc:
+            self.fail(f"{exc.message}; quote it for the shell, e.g. '{{\"x\": 1}}'", param, ctx)
+
+
+#: The deepest nesting a JSON body may have: msgpack refuses 512 levels, and a body nested
+#: this deep is a mistake (or an attack on whoever decodes it).
+MAX_BODY_DEPTH = 100
+#: Integers msgpack can carry.
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def parse_body(text: str, where: str) -> Any:
+    """One JSON value the user gave, checked to be something msgpack can send. Raises BadInput
+    (exit 2) saying what is wrong with it and ``where`` it was."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{where} is not valid JSON ({exc.msg} at column {exc.colno}): "
+                       f"{clip(text.strip())}") from exc
+    except RecursionError as exc:
+        raise BadInput(f"{where} nests JSON deeper than {MAX_BODY_DEPTH} levels") from exc
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise BadInput(f"{where} has an integer of more than {sys.get_int_max_str_digits()} "
+                       "digits") from exc
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_BODY_DEPTH:
+            raise BadInput(f"{where} nests JSON deeper than {MAX_BODY_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif type(item) is int and item not in _INT_RANGE:
+            raise BadInput(f"{where} has an integer beyond 64 bits, which msgpack cannot carry: "
+                           f"{clip(str(item))}")
+    return value
 
 
 class ModuleAttr(click.ParamType):

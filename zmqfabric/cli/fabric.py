@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import time
+from typing import Any
 
 import click
 
@@ -16,7 +17,9 @@ from .output import (
     echo_table,
     emit,
     endpoints_text,
+    node_line,
     now_iso,
+    printable,
     record_json,
     scope_text,
 )
@@ -124,8 +127,7 @@ def ping_cmd(cfg: CliConfig, node_name: str, count: int) -> None:
             if cfg.json:
                 emit({**answer, "rtt_ms": round(rtt_ms, 3)})
             else:
-                click.echo(f"{answer['node']} (host {answer['host']}, pid {answer['pid']}, "
-                           f"up {answer['uptime_s']:.1f} s): {rtt_ms:.2f} ms")
+                click.echo(f"{node_line(answer)}: {rtt_ms:.2f} ms")
 
 
 @click.command("stats")
@@ -139,15 +141,23 @@ def stats_cmd(cfg: CliConfig, node_name: str) -> None:
     if cfg.json:
         emit(answer)
         return
-    click.echo(f"{answer['node']} (host {answer['host']}, pid {answer['pid']}, "
-               f"up {answer['uptime_s']:.1f} s) at {answer.get('address', '?')}")
-    endpoints = [[e["kind"], e["name"], str(e["port"])] for e in answer.get("endpoints", [])]
+    click.echo(f"{node_line(answer)} at {printable(answer.get('address', '?'))}")
+    endpoints = [[str(e.get("kind")), str(e.get("name")), str(e.get("port"))]
+                 for e in _list(answer.get("endpoints")) if isinstance(e, dict)]
     echo_table(["KIND", "ENDPOINT", "PORT"], endpoints)
-    counters = [[k, str(v)] for k, v in answer.get("counters", {}).items()]
+    counters = [[str(k), str(v)] for k, v in _dict(answer.get("counters")).items()]
     echo_table(["COUNTER", "VALUE"], counters)
     for section, value in answer.items():  # devices ("forwarder:prices"), tasks
         if section not in _BASE_FIELDS and _has_content(value):
-            click.echo(f"{section}: {dumps(value)}")
+            click.echo(f"{printable(section)}: {dumps(value)}")
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: object) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _has_content(value: object) -> bool:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import sys
 from typing import Any, Callable, Iterator
 
 import click
@@ -21,9 +21,10 @@ from .config import (
     NodeName,
     common,
     next_wait,
+    parse_body,
     pass_config,
 )
-from .output import BadInput, NotFound, clip, dumps, emit, plural
+from .output import BadInput, NotFound, dumps, emit, plural, printable
 
 
 def via_option(device: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -174,7 +175,7 @@ def _receive(cfg: CliConfig, what: str, recv: Callable[[float], Any], count: int
             row = {"topic": message.topic} if message.topic is not None else {}
             emit({**row, "body": message.body, "id": message.msg_id, "ts": message.timestamp})
         elif message.topic is not None:
-            click.echo(f"{message.topic}  {dumps(message.body)}")
+            click.echo(f"{printable(message.topic)}  {dumps(message.body)}")
         else:
             click.echo(dumps(message.body))
     if count is not None and received < count:
@@ -217,15 +218,28 @@ def check_via(node: Node, via: str, kind: EndpointKind, name: str, timeout: floa
 
 
 def bodies(body: Body | None) -> Iterator[Any]:
-    """The argument's value, or one JSON value per non-blank stdin line."""
+    """The argument's value, or one JSON value per non-blank stdin line. Raises BadInput for a
+    closed or empty stdin and for a line that is not UTF-8 or not a usable JSON value; says what
+    it waits for when stdin is a terminal."""
     if body is not None:
         yield body.value
         return
-    for lineno, line in enumerate(click.get_text_stream("stdin"), 1):
+    if sys.stdin is None or sys.stdin.closed:
+        raise BadInput("no JSON body: give one as an argument, or JSON lines on stdin (stdin is "
+                       "closed)")
+    if sys.stdin.isatty():
+        click.echo("reading JSON bodies from the terminal, one per line; Ctrl-D to end (or give "
+                   "the body as an argument)", err=True)
+    given = 0
+    for lineno, raw in enumerate(click.get_binary_stream("stdin"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"stdin line {lineno} is not UTF-8 text") from exc
         if not line.strip():
             continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"stdin line {lineno} is not valid JSON ({exc.msg} at column "
-                           f"{exc.colno}): {clip(line.strip())}") from exc
+        given += 1
+        yield parse_body(line, f"stdin line {lineno}")
+    if not given:
+        raise BadInput("no JSON body: stdin was empty; give a body as an argument, or JSON "
+                       "lines on stdin")

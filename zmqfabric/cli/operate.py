@@ -20,7 +20,6 @@ from ..config import FABRIC_ENV, INTERFACE_ENV, Scope
 from ..core.records import VIA_KIND, EndpointKind, validate_endpoint_name
 from ..errors import FabricError, InvalidNameError
 from ..node import Node
-
 from .config import CliConfig, ModuleAttr, NodeName, Seconds, common, pass_config
 from .output import (
     BadInput,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import enum
 import json
+import re
 from typing import Any
 
 import click
@@ -122,7 +123,11 @@ def jsonable(value: Any) -> Any:
 
 
 def dumps(value: Any, indent: int | None = None) -> str:
-    return json.dumps(jsonable(value), ensure_ascii=False, indent=indent, default=repr)
+    """JSON text safe for a terminal: JSON escapes C0 controls itself; DEL, C1 controls and
+    bidirectional overrides are escaped here too (``\\u0085`` in a JSON string is the same
+    character, so the output stays valid JSON of the same value)."""
+    text = json.dumps(jsonable(value), ensure_ascii=False, indent=indent, default=repr)
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def emit(value: Any) -> None:
@@ -140,12 +145,39 @@ def note(text: str) -> None:
 
 # --- text ------------------------------------------------------------------------------------
 
+#: Characters a remote peer could use to rewrite the terminal (escape sequences, carriage
+#: returns, bidirectional overrides) or to forge output lines.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     "\u2066-\u2069]")
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                             "\u2066-\u2069]")
+
+
+def printable(value: object) -> str:
+    """``value`` as one line of text with every control character escaped (``\\x1b``): for
+    strings that come from the network (node answers, topics, error texts)."""
+    return _UNSAFE.sub(_escape, str(value))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def node_line(answer: dict[str, Any]) -> str:
+    """"name (host H, pid P, up U s)" of a control answer, whatever the peer put in it."""
+    uptime = answer.get("uptime_s")
+    up = f"{uptime:.1f}" if isinstance(uptime, (int, float)) else "?"
+    return (f"{printable(answer.get('node', '?'))} (host {printable(answer.get('host', '?'))}, "
+            f"pid {printable(answer.get('pid', '?'))}, up {up} s)")
+
 
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     """Aligned lines: the header, then one per row."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             for row in [headers, *rows]]
 
 

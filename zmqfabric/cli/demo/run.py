@@ -172,7 +172,7 @@ def summary_lines(summary: DemoSummary) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["", f"summary of demo {summary.run_id}: {summary.processes} processes, "
              f"{summary.traffic_s:.1f} s of traffic (start-up took {summary.startup_s:.1f} s)"]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"request round trip: p50 {summary.p50_ms:.2f} ms, p99 {summary.p99_ms:.2f} ms")
     lines.append("result: every count matches" if summary.ok else "result: COUNTS DO NOT MATCH")
     return lines
