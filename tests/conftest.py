@@ -1,33 +1,26 @@
-"""Shared fixtures: nodes that are always closed, child processes that are always reaped, and a
-check that no test leaks a fabric thread. Discovery is pinned to loopback by the default scope."""
+"""Shared fixtures: nodes that are always closed, raw pyzmq sockets, child processes that are
+always reaped, and a check that no test leaks a fabric thread. Discovery is pinned to loopback by
+the default scope. Plain helpers live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import itertools
-import os
 import threading
-import uuid
 from typing import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 import zmqfabric as zf
+from tests.helpers import RawSockets, unique
 from tests.procs import ProcessGroup
+
+__all__ = ["unique"]  # for the test modules that import it from here
 
 # The machine is small and shared (2 cores): property tests judge correctness, not speed.
 settings.register_profile(
     "zmqfabric", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("zmqfabric")
-
-_counter = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    """A node/endpoint name no other test (or concurrent test run) uses."""
-    return f"{prefix}-{os.getpid() % 10000}-{next(_counter)}-{uuid.uuid4().hex[:4]}"
-
 
 @pytest.fixture
 def name() -> Callable[[str], str]:
@@ -47,6 +40,14 @@ def make_node() -> Iterator[Callable[..., zf.Node]]:
     yield make
     for node in reversed(nodes):
         node.close()
+
+
+@pytest.fixture
+def raw() -> Iterator[RawSockets]:
+    """``raw(kind, connect=url | bind=True)``: a plain pyzmq socket (linger 0) in a context of
+    its own; ``raw.monitor(sock)`` watches one. Everything is closed at teardown."""
+    with RawSockets() as sockets:
+        yield sockets
 
 
 @pytest.fixture
