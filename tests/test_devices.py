@@ -760,7 +760,9 @@ def test_paused_queue_with_a_pending_request_does_not_spin(make_node, make_worke
         client.request(svc, 2, timeout=SLOW, via=hub.name)), name="test-caller")
     caller.start()
     try:
-        time.sleep(0.05)  # the request reaches the paused queue's front end
+        # The request reaches the paused queue's front end. While paused, the device thread
+        # leaves that socket alone (the fix under test), so this thread may poll it meanwhile.
+        assert queue.front.poll(int(SLOW * 1000)), "the request never reached the queue"
         used = cpu_over(queue._thread)
     finally:
         queue.resume()
@@ -784,7 +786,9 @@ def test_streamer_holding_messages_without_pullers_does_not_spin(make_node, devi
     assert pusher.wait_ready(SLOW)
     for n in range(5):
         pusher.send(n, timeout=SLOW)
-    time.sleep(0.05)  # the messages reach the streamer's front end
+    # The messages reach the streamer's front end. Without a puller the device thread does not
+    # run the proxy and leaves that socket alone, so this thread may poll it meanwhile.
+    assert streamer.front.poll(int(SLOW * 1000)), "nothing reached the streamer"
     used = cpu_over(streamer._thread)
     puller = make_node("late").puller(pipe)
     assert [puller.recv(timeout=SLOW) for _ in range(5)] == list(range(5))
