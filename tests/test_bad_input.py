@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,16 +25,22 @@ from typing import Any, Callable, Iterator
 import msgpack
 import pytest
 import zmq
-from zeroconf import IPVersion, ServiceInfo, Zeroconf
-from zmq.utils.monitor import recv_monitor_message
+from zeroconf import ServiceInfo, Zeroconf
 
 import zmqfabric as zf
-from tests.conftest import unique
-from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
+from tests.helpers import (
+    SERVICE_TYPE,
+    advertise_raw,
+    forged_service_info,
+    loopback_zeroconf,
+    port_of,
+    unique,
+    wait_for_event,
+)
+from zmqfabric.core.records import EndpointKind
 
 #: Bound for waits that involve discovery or another thread.
 WAIT = 10.0
-SERVICE_TYPE = "_zmqfabric._tcp.local."
 
 # --- frames by hand, from the spec -----------------------------------------------------------
 
@@ -106,31 +110,8 @@ BAD_EVENTS: dict[str, list[bytes]] = {
 
 # --- fixtures --------------------------------------------------------------------------------
 
+#: The ``raw`` fixture (``tests.helpers.RawSockets``): ``raw(kind, connect=url | bind=True)``.
 RawFactory = Callable[..., zmq.Socket]
-
-
-@pytest.fixture
-def raw() -> Iterator[RawFactory]:
-    """``raw(kind, connect=url | bind=True)``: a plain socket (linger 0), closed at teardown."""
-    ctx = zmq.Context()
-    sockets: list[zmq.Socket] = []
-
-    def make(kind: int, *, connect: str | None = None, bind: bool = False) -> zmq.Socket:
-        sock = ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sockets.append(sock)
-        if bind:
-            sock.bind("tcp://127.0.0.1:0")
-        if connect:
-            sock.connect(connect)
-        return sock
-
-    try:
-        yield make
-    finally:
-        for sock in sockets:
-            sock.close(0)
-        ctx.term()
 
 
 @dataclass
@@ -173,23 +154,6 @@ def target() -> Iterator[Target]:
     """A started node serving ``target.service`` (an echo) from its background serve loop."""
     with serving_node() as started:
         yield started
-
-
-def advertise_raw(node: zf.Node, kind: EndpointKind, name: str, sock: zmq.Socket,
-                  prefix: str) -> NodeRecord:
-    """Enter a raw socket bound with ``raw(..., bind=True)`` in ``node``'s directory as the
-    ``kind`` endpoint ``name`` of a node called ``<prefix>-...``, as discovery would."""
-    record = NodeRecord(unique(prefix), secrets.token_hex(8), "raw-host", os.getpid(),
-                        "127.0.0.1", (Endpoint(kind, name, port_of(sock)),), 1)
-    node.directory.put(record)
-    return record
-
-
-def port_of(sock: zmq.Socket) -> int:
-    """The port a socket bound with ``raw(..., bind=True)`` listens on."""
-    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
-    assert isinstance(endpoint, bytes)
-    return int(endpoint.decode().rsplit(":", 1)[1])
 
 
 def counters(node: zf.Node) -> dict[str, int]:
@@ -596,17 +560,10 @@ def connect_and_get_dropped(sock: zmq.Socket, url: str, frames: list[bytes]) -> 
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
         sock.connect(url)
-        deadline = time.monotonic() + WAIT
-        events: list[int] = []
-        while zmq.EVENT_HANDSHAKE_SUCCEEDED not in events:  # connected first
-            left = deadline - time.monotonic()
-            assert left > 0 and monitor.poll(int(left * 1000)), f"never connected: {events}"
-            events.append(recv_monitor_message(monitor)["event"])
+        wait_for_event(monitor, {zmq.EVENT_HANDSHAKE_SUCCEEDED}, WAIT, f"a connection to {url}")
         sock.send_multipart(frames)
-        while zmq.EVENT_DISCONNECTED not in events:
-            left = deadline - time.monotonic()
-            assert left > 0 and monitor.poll(int(left * 1000)), "the oversized message was taken"
-            events.append(recv_monitor_message(monitor)["event"])
+        wait_for_event(monitor, {zmq.EVENT_DISCONNECTED}, WAIT,
+                       "the peer to drop the oversized message")
     finally:
         sock.disable_monitor()
         monitor.close(0)
@@ -713,16 +670,8 @@ def _forged(
     txt = _txt(node_id, e0=f"ctl:control:{control_port};rep:{unique('svc')}:{control_port}")
     txt.update(override)
     instance = f"{name}.{SERVICE_TYPE}" if bare_instance else f"{name}@{node_id}.{SERVICE_TYPE}"
-    return ServiceInfo(
-        SERVICE_TYPE,
-        instance,
-        port=control_port if srv_port is None else srv_port,
-        properties=txt,
-        server=f"zf-{node_id}.local.",
-        addresses=[socket.inet_aton(address)],  # advertised only: never a destination
-        host_ttl=15,
-        other_ttl=15,
-    )
+    port = control_port if srv_port is None else srv_port
+    return forged_service_info(instance, node_id, txt, port, address)
 
 
 def test_forged_discovery_records_are_refused(raw: RawFactory) -> None:
@@ -762,7 +711,7 @@ def _forge_and_check(target: Target, raw: RawFactory, refusals: _LogCapture) -> 
                 return False
         return grew(before, counters(node), "refused_records") >= len(bad)
 
-    zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    zc = loopback_zeroconf()
     try:
         for case, defect in bad.items():
             _register(zc, _forged(names[case], port, **defect))  # type: ignore[arg-type]

@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 from zmqfabric.devices import Device, Forwarder, Queue, Streamer
 
 import zmqfabric as zf
+from tests.helpers import RawSockets, wait_for_event, wait_until
 from tests.procs import Child, ProcessGroup
 from zmqfabric.core import wire
 
@@ -153,14 +153,6 @@ def hub_code(name: str, devices: list[tuple[str, str]],
     return {"NAME": name, "DEVICES": devices, "WAIT_FOR": wait_for or []}
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = SLOW) -> None:
-    """Poll ``predicate`` every 20 ms until true; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.02)
-
-
 def device_stats(node: zf.Node, hub: str, key: str) -> dict[str, Any]:
     """The device section ``key`` ("queue:calc") of node ``hub``'s control "stats" answer."""
     return node.stats(hub)[key]
@@ -168,7 +160,7 @@ def device_stats(node: zf.Node, hub: str, key: str) -> dict[str, Any]:
 
 def wait_providers(node: zf.Node, hub: str, key: str, count: int) -> None:
     """Wait until the device ``key`` on node ``hub`` is connected to ``count`` providers."""
-    wait_until(lambda: device_stats(node, hub, key)["providers"] >= count,
+    wait_until(lambda: device_stats(node, hub, key)["providers"] >= count, SLOW,
                f"{key} on {hub} reaching {count} providers")
 
 
@@ -241,17 +233,6 @@ def make_worker(name) -> Iterator[Callable[..., zf.Node]]:
     yield make
     for node in nodes:
         node.close()
-
-
-@contextlib.contextmanager
-def raw_socket(ctx: zmq.Context, kind: int, url: str) -> Iterator[zmq.Socket]:
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(url)
-    try:
-        yield sock
-    finally:
-        sock.close(0)
 
 
 # --- traffic through each device, between processes ------------------------------------------
@@ -518,15 +499,7 @@ def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     return {key: after[key] - before[key] for key in _COUNTERS}
 
 
-@pytest.fixture
-def raw_ctx() -> Iterator[zmq.Context]:
-    """A plain pyzmq context for raw sockets (closed with linger 0 by ``raw_socket``)."""
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()
-
-
-def test_statistics_count_every_part(make_node, make_worker, devices, raw_ctx, name) -> None:
+def test_statistics_count_every_part(make_node, make_worker, devices, raw, name) -> None:
     """The counters in the hub's control "stats" answer match the traffic exactly: parts as
     libzmq's proxy counts them ([topic, header, body] events, [header, body] pipeline messages,
     [client id, "", header, body] requests and replies at the queue) and their bytes."""
@@ -571,14 +544,14 @@ def test_statistics_count_every_part(make_node, make_worker, devices, raw_ctx, n
               for n in range(2 * count)]
     size = sum(len(part) for message in frames for part in message)
     got: list[Any] = []
-    with raw_socket(raw_ctx, zmq.PUSH, url) as raw:
+    with raw(zmq.PUSH, connect=url) as push:
         for message in frames[:count]:
-            raw.send_multipart(message)
+            push.send_multipart(message)
         got += [puller.recv(timeout=SLOW) for _ in range(count)]
         second = make_node("producer").puller(pipe)
         wait_providers(client, hub.name, f"streamer:{pipe}", 2)
         for message in frames[count:]:
-            raw.send_multipart(message)
+            push.send_multipart(message)
         deadline = time.monotonic() + SLOW
         while len(got) < 2 * count and time.monotonic() < deadline:
             for inp in (puller, second):
@@ -787,7 +760,9 @@ def test_paused_queue_with_a_pending_request_does_not_spin(make_node, make_worke
         client.request(svc, 2, timeout=SLOW, via=hub.name)), name="test-caller")
     caller.start()
     try:
-        time.sleep(0.05)  # the request reaches the paused queue's front end
+        # The request reaches the paused queue's front end. While paused, the device thread
+        # leaves that socket alone (the fix under test), so this thread may poll it meanwhile.
+        assert queue.front.poll(int(SLOW * 1000)), "the request never reached the queue"
         used = cpu_over(queue._thread)
     finally:
         queue.resume()
@@ -811,7 +786,9 @@ def test_streamer_holding_messages_without_pullers_does_not_spin(make_node, devi
     assert pusher.wait_ready(SLOW)
     for n in range(5):
         pusher.send(n, timeout=SLOW)
-    time.sleep(0.05)  # the messages reach the streamer's front end
+    # The messages reach the streamer's front end. Without a puller the device thread does not
+    # run the proxy and leaves that socket alone, so this thread may poll it meanwhile.
+    assert streamer.front.poll(int(SLOW * 1000)), "nothing reached the streamer"
     used = cpu_over(streamer._thread)
     puller = make_node("late").puller(pipe)
     assert [puller.recv(timeout=SLOW) for _ in range(5)] == list(range(5))
@@ -821,24 +798,19 @@ def test_streamer_holding_messages_without_pullers_does_not_spin(make_node, devi
 # --- bad input --------------------------------------------------------------------------------
 
 
-def _handshake_refused(ctx: zmq.Context, kind: int, url: str) -> None:
+def _handshake_refused(raw: RawSockets, kind: int, url: str) -> None:
     """A raw socket of type ``kind`` connecting to ``url`` is dropped without a handshake."""
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = raw(kind)
     # Watch before connecting: the refusal takes microseconds and is not retried.
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-    try:
+    monitor = raw.monitor(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    with sock:
         sock.connect(url)
-        assert monitor.poll(int(SLOW * 1000)), f"no connection event from {url}"
-        event = recv_monitor_message(monitor)["event"]
-        assert event == zmq.EVENT_DISCONNECTED, f"socket type {kind} talked to {url}: {event}"
-    finally:
-        sock.disable_monitor()
-        monitor.close(0)
-        sock.close(0)
+        events = wait_for_event(monitor, {zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED},
+                                SLOW, f"a connection event from {url}")
+    assert events == [zmq.EVENT_DISCONNECTED], f"socket type {kind} talked to {url}: {events}"
 
 
-def test_bad_input_does_not_stop_devices(make_node, make_worker, devices, raw_ctx,
+def test_bad_input_does_not_stop_devices(make_node, make_worker, devices, raw: RawSockets,
                                          name) -> None:
     """Raw pyzmq sockets send malformed frames to each front end and connect with patterns
     that cannot talk to it; every device then still relays correct traffic."""
@@ -859,34 +831,34 @@ def test_bad_input_does_not_stop_devices(make_node, make_worker, devices, raw_ct
     # The queue's ROUTER: a single frame and a request without the empty delimiter are
     # refused by the queue; a delimited request with a garbage header reaches a worker, which
     # answers with an error reply.
-    with raw_socket(raw_ctx, zmq.DEALER, front[zf.EndpointKind.QUEUE]) as raw:
-        raw.send(b"garbage")
-        raw.send_multipart([b"no", b"delimiter"])
-        raw.send_multipart([b"", b"\xc1 not a header", b"\xc1"])
-        raw.send_multipart([b""])
-        assert raw.poll(int(SLOW * 1000)), "no error reply through the queue"
-        reply = raw.recv_multipart()
+    with raw(zmq.DEALER, connect=front[zf.EndpointKind.QUEUE]) as dealer:
+        dealer.send(b"garbage")
+        dealer.send_multipart([b"no", b"delimiter"])
+        dealer.send_multipart([b"", b"\xc1 not a header", b"\xc1"])
+        dealer.send_multipart([b""])
+        assert dealer.poll(int(SLOW * 1000)), "no error reply through the queue"
+        reply = dealer.recv_multipart()
         assert reply[0] == b"" and wire.unpack_header(reply[1]).kind is wire.Kind.ERROR
-    wait_until(lambda: hub.counters.get("queue_refused_requests") == 3, "refusals counted")
+    wait_until(lambda: hub.counters.get("queue_refused_requests") == 3, SLOW, "refusals counted")
     # The forwarder's XPUB: junk where subscriptions belong (relayed upstream, where PUB
     # sockets drop it); the streamer's PULL: frames that are no pipeline message (relayed; the
     # puller refuses them and carries on).
-    with raw_socket(raw_ctx, zmq.XSUB, front[zf.EndpointKind.FORWARDER]) as raw:
+    with raw(zmq.XSUB, connect=front[zf.EndpointKind.FORWARDER]) as xsub:
         for junk in ([b"\x07junk"], [b""], [b"\x01", b"extra", b"parts"], [b"\x00" * 5000]):
-            raw.send_multipart(junk)
-    with raw_socket(raw_ctx, zmq.PUSH, front[zf.EndpointKind.STREAMER]) as raw:
-        raw.send(b"junk")
-        raw.send_multipart([b"a", b"b", b"c"])
-        raw.send_multipart([wire.pack_header(wire.Kind.MESSAGE, 1, time.time()), b"\xc1"])
-        raw.send_multipart([wire.pack_header(wire.Kind.MESSAGE, 2, time.time()),
-                            wire.pack_body("after junk")])
+            xsub.send_multipart(junk)
+    with raw(zmq.PUSH, connect=front[zf.EndpointKind.STREAMER]) as push:
+        push.send(b"junk")
+        push.send_multipart([b"a", b"b", b"c"])
+        push.send_multipart([wire.pack_header(wire.Kind.MESSAGE, 1, time.time()), b"\xc1"])
+        push.send_multipart([wire.pack_header(wire.Kind.MESSAGE, 2, time.time()),
+                             wire.pack_body("after junk")])
         assert puller.recv(timeout=SLOW) == "after junk"
     assert producer.counters.get("refused_message") == 3
     # Patterns that cannot talk to a front end: ZeroMQ refuses the handshake.
-    _handshake_refused(raw_ctx, zmq.PUB, front[zf.EndpointKind.QUEUE])
-    _handshake_refused(raw_ctx, zmq.PUSH, front[zf.EndpointKind.FORWARDER])
-    _handshake_refused(raw_ctx, zmq.PUB, front[zf.EndpointKind.STREAMER])
-    _handshake_refused(raw_ctx, zmq.REP, front[zf.EndpointKind.STREAMER])
+    _handshake_refused(raw, zmq.PUB, front[zf.EndpointKind.QUEUE])
+    _handshake_refused(raw, zmq.PUSH, front[zf.EndpointKind.FORWARDER])
+    _handshake_refused(raw, zmq.PUB, front[zf.EndpointKind.STREAMER])
+    _handshake_refused(raw, zmq.REP, front[zf.EndpointKind.STREAMER])
 
     # Correct traffic still flows through every device.
     assert client.request(svc, 42, timeout=SLOW, via=hub.name)["echo"] == 42

@@ -29,7 +29,6 @@ import secrets
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -40,11 +39,20 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import zmq
-from zeroconf import IPVersion, ServiceInfo, Zeroconf
+from zeroconf import ServiceInfo
 from zmq.utils.monitor import recv_monitor_message
 
 import zmqfabric as zf
-from tests.conftest import unique
+from tests.helpers import (
+    SERVICE_TYPE,
+    RawSockets,
+    forged_service_info,
+    loopback_zeroconf,
+    port_of,
+    unique,
+    wait_for_event,
+    wait_until,
+)
 from tests.procs import Child, ProcessGroup
 from zmqfabric.constants import LIVENESS_CONNECT_TIMEOUT_S
 from zmqfabric.errors import AuthorizationError, LocalProtocolError
@@ -54,7 +62,6 @@ from zmqfabric.security import keys
 WAIT = 10.0
 #: Poll interval for conditions that have no event to wait on (a child's state, a file).
 STEP = 0.05
-SERVICE_TYPE = "_zmqfabric._tcp.local."
 #: A documentation address (RFC 5737): advertised inside a forged record, never contacted.
 OUTSIDE_ADDRESS = "192.0.2.1"
 #: The hard upper bound of any tcpdump this file starts (coreutils timeout kills it after that).
@@ -154,20 +161,6 @@ def start_server(procs: ProcessGroup, keys_dir: Path | None, prefix: str = "srv"
 def ask(node: zf.Node, server: Server, op: str, **extra: Any) -> Any:
     """An inspection op answered by the child's reply service."""
     return node.request(server.svc, {"op": op, **extra}, timeout=WAIT)
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT,
-               detail: Callable[[], str] | None = None) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            more = f"; {detail()}" if detail is not None else ""
-            pytest.fail(f"timed out after {timeout} s waiting for {what}{more}")
-        time.sleep(STEP)
 
 
 def exercise(node: zf.Node, server: Server, body: Any) -> None:
@@ -454,12 +447,12 @@ def test_secured_and_plain_nodes_ignore_each_other(keydir, procs: ProcessGroup,
     assert plain.key is None
     refused_here = wait_until(
         lambda: {r.name: why for r, why in secured.refused_peers()}.get(plain.name),
-        f"{secured.name} to refuse {plain.name}",
+        WAIT, f"{secured.name} to refuse {plain.name}",
     )
     assert "not secured" in refused_here
     refused_there = wait_until(
         lambda: dict(map(tuple, ask(observer, plain, "refused"))).get(secured.name),
-        f"{plain.name} to refuse {secured.name}",
+        WAIT, f"{plain.name} to refuse {secured.name}",
     )
     assert "secured" in refused_there and "no keys" in refused_there
 
@@ -478,15 +471,12 @@ def test_secured_and_plain_nodes_ignore_each_other(keydir, procs: ProcessGroup,
 def forger() -> Iterator[Callable[..., str]]:
     """``forge(txt, port, address)``: advertise a record with python-zeroconf pinned to
     127.0.0.1; returns the instance name. Everything is unregistered and closed afterwards."""
-    zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    zc = loopback_zeroconf()
     infos: list[ServiceInfo] = []
 
     def forge(name: str, node_id: str, txt: dict[str, str], port: int, address: str) -> str:
         instance = f"{name}@{node_id}.{SERVICE_TYPE}"
-        info = ServiceInfo(
-            SERVICE_TYPE, instance, port=port, properties=txt, server=f"zf-{node_id}.local.",
-            addresses=[socket.inet_aton(address)], host_ttl=15, other_ttl=15,
-        )
+        info = forged_service_info(instance, node_id, txt, port, address)
         zc.register_service(info, cooperating_responders=True)
         infos.append(info)
         return instance
@@ -506,57 +496,45 @@ def forged_txt(node_id: str, key: str, port: int, svc: str) -> dict[str, str]:
 
 
 def test_a_forged_record_with_an_unknown_key_is_never_connected_to(
-    keydir, procs: ProcessGroup, make_node
+    keydir, procs: ProcessGroup, make_node, raw: RawSockets
 ) -> None:
     kd = keydir("victim")
     victim = start_server(procs, kd.path, prefix="victim")
     observer = make_node("observer", keys=kd.path)  # shares the victim's keys: allowed
     assert observer.request(victim.svc, "warm-up", timeout=WAIT) == {"echo": "warm-up"}
 
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    monitor = router.get_monitor_socket(zmq.EVENT_ALL)
+    router = raw(zmq.ROUTER)
+    monitor = raw.monitor(router)  # before the bind: it sees LISTENING
     router.bind("tcp://127.0.0.1:0")
-    port = int(router.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
-    probe = None
-    try:
-        forged_name, forged_id, forged_svc = unique("forged"), secrets.token_hex(8), unique("bait")
-        unknown_key = zmq.curve_keypair()[0].decode()
-        with forger() as forge:
-            forge(forged_name, forged_id, forged_txt(forged_id, unknown_key, port, forged_svc),
-                  port, "127.0.0.1")
-            reason = wait_until(
-                lambda: dict(map(tuple, ask(observer, victim, "refused"))).get(forged_name),
-                f"{victim.name} to list {forged_name} among its refused peers",
-            )
-            assert unknown_key in reason and "allow-list" in reason
-            assert forged_name not in ask(observer, victim, "nodes")
-            answer = ask(observer, victim, "request", service=forged_svc, timeout=0.3)
-            assert answer.get("error") == "NoProviderError", answer
-            assert ask(observer, victim, "counters").get("refused_peers", 0) > 0
+    port = port_of(router)
+    forged_name, forged_id, forged_svc = unique("forged"), secrets.token_hex(8), unique("bait")
+    unknown_key = zmq.curve_keypair()[0].decode()
+    with forger() as forge:
+        forge(forged_name, forged_id, forged_txt(forged_id, unknown_key, port, forged_svc),
+              port, "127.0.0.1")
+        reason = wait_until(
+            lambda: dict(map(tuple, ask(observer, victim, "refused"))).get(forged_name),
+            WAIT, f"{victim.name} to list {forged_name} among its refused peers",
+        )
+        assert unknown_key in reason and "allow-list" in reason
+        assert forged_name not in ask(observer, victim, "nodes")
+        answer = ask(observer, victim, "request", service=forged_svc, timeout=0.3)
+        assert answer.get("error") == "NoProviderError", answer
+        assert ask(observer, victim, "counters").get("refused_peers", 0) > 0
 
-        events = []
-        while monitor.poll(0):
-            events.append(recv_monitor_message(monitor)["event"])
-        contacted = {zmq.EVENT_ACCEPTED, zmq.EVENT_HANDSHAKE_SUCCEEDED,
-                     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-                     zmq.EVENT_HANDSHAKE_FAILED_AUTH}
-        assert zmq.EVENT_LISTENING in events  # the monitor works...
-        assert not contacted & set(events), f"the raw ROUTER was contacted: {events}"
-        # ...and would have seen a connection: a raw DEALER of ours is ACCEPTED at once.
-        probe = ctx.socket(zmq.DEALER)
-        probe.setsockopt(zmq.LINGER, 0)
-        probe.connect(f"tcp://127.0.0.1:{port}")
-        assert monitor.poll(int(WAIT * 1000))
-        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_ACCEPTED
-    finally:
-        if probe is not None:
-            probe.close(0)
-        router.disable_monitor()
-        monitor.close(0)
-        router.close(0)
-        ctx.term()
+    events = []
+    while monitor.poll(0):
+        events.append(recv_monitor_message(monitor)["event"])
+    contacted = {zmq.EVENT_ACCEPTED, zmq.EVENT_HANDSHAKE_SUCCEEDED,
+                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                 zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+    assert zmq.EVENT_LISTENING in events  # the monitor works...
+    assert not contacted & set(events), f"the raw ROUTER was contacted: {events}"
+    # ...and would have seen a connection: a raw DEALER of ours is ACCEPTED at once.
+    raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{port}")
+    assert wait_for_event(monitor, {zmq.EVENT_ACCEPTED}, WAIT, "the probe's connection") == [
+        zmq.EVENT_ACCEPTED
+    ]
 
 
 def test_a_record_outside_the_scope_is_refused(keydir, procs: ProcessGroup, make_node,
@@ -577,7 +555,7 @@ def test_a_record_outside_the_scope_is_refused(keydir, procs: ProcessGroup, make
         instance = forge(forged_name, forged_id, txt, 9, OUTSIDE_ADDRESS)
         warning = wait_until(
             lambda: [w for w in ask(observer, victim, "warnings") if forged_name in w],
-            f"{victim.name} to refuse the record {instance}",
+            WAIT, f"{victim.name} to refuse the record {instance}",
         )[0]
         assert OUTSIDE_ADDRESS in warning and "scope" in warning
         after = ask(observer, victim, "counters").get("refused_records", 0)
@@ -699,7 +677,7 @@ def captured_run(tmp_path: Path, procs: ProcessGroup, make_node, server_keys: Pa
         # Until the ports of the service, stream and pipeline each carried a packet as large as
         # the body: the capture holds the marked messages (encrypted or not) before it stops.
         wait_until(lambda: len(big_ports(packets(pcap), server, len(marker) * 40)) >= 3,
-                   f"the {label} capture to hold the marked messages",
+                   WAIT, f"the {label} capture to hold the marked messages",
                    detail=lambda: f"ports {server.ports}, largest payload per flow: " + str(
                        {flow: max(len(p.payload) for p in captured if (p.sport, p.dport) == flow)
                         for captured in [packets(pcap)]

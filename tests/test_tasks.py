@@ -28,7 +28,7 @@ import zmq
 
 import zmqfabric as zf
 import zmqfabric.aio
-from tests.conftest import unique
+from tests.helpers import unique, wait_until
 from tests.procs import Child, ProcessGroup
 from zmqfabric.tasks.journal import Journal
 
@@ -100,13 +100,6 @@ def runs(tmp_path: Path, task: str) -> collections.Counter[str]:
             if line:
                 counts[line.split()[0]] += 1
     return counts
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = SLOW, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
-        time.sleep(0.01)
 
 
 def table_stats(node: zf.Node, task: str) -> dict[str, int]:
