@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import ifaddr
 
 from . import constants as C
+from .core.curve import KeySet
 from .core.records import validate_fabric_name
 from .errors import LocalProtocolError
-from .security.keys import KeySet
 
 #: Environment variable naming the interface of the LAN scope (like ``--interface``).
 INTERFACE_ENV = "ZMQFABRIC_INTERFACE"

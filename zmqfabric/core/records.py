@@ -40,6 +40,7 @@ from typing import Final, Mapping
 
 from ..constants import DEFAULT_FABRIC, MAX_ENDPOINTS, MAX_TXT_VALUE, SERVICE_TYPE
 from ..errors import InvalidNameError, LocalProtocolError, RemoteProtocolError
+from .curve import Z85_KEY
 
 RECORD_VERSION: Final = "1"
 #: At most 46 characters: the DNS label "<name>@<16-digit id>" may hold 63 bytes.
@@ -47,7 +48,6 @@ _NODE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,45}\Z")
 _ENDPOINT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _FABRIC: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
 _NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
-_CURVE_KEY: Final = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 #: Host names up to 200 characters: "host=" plus the name must fit a DNS character-string (255).
 _HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\Z")
 _DIGITS: Final = re.compile(r"[0-9]{1,10}\Z")
@@ -264,7 +264,7 @@ def decode_txt(
     address = _valid_address(node, addresses[0])
     endpoints = _decode_endpoints(node, props)
     curve_key = props.get("ck")
-    if curve_key is not None and not _CURVE_KEY.match(curve_key):
+    if curve_key is not None and not Z85_KEY.match(curve_key):
         raise RemoteProtocolError(f"record {node!r}: bad CURVE key {curve_key[:48]!r}")
     fabric = props.get("fab", DEFAULT_FABRIC)
     if not _FABRIC.match(fabric):

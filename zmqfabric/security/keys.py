@@ -14,34 +14,18 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq.auth
 
+from ..core.curve import KeySet, is_public_key
 from ..errors import LocalProtocolError
+
+__all__ = ["KeySet", "is_public_key", "generate", "load", "show", "allow"]
 
 NODE_CERT = "node"
 ALLOWED_DIR = "allowed"
-_Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-
-
-@dataclass(frozen=True, slots=True)
-class KeySet:
-    """A node's CURVE keypair (Z85) and the public keys it allows (itself included)."""
-
-    public: str
-    secret: str = field(repr=False)
-    allowed: frozenset[str]
-    directory: str = ""
-
-    def allows(self, public_key: str) -> bool:
-        return public_key == self.public or public_key in self.allowed
-
-
-def is_public_key(text: str) -> bool:
-    return bool(_Z85_KEY.match(text))
 
 
 def generate(directory: str | os.PathLike[str], *, force: bool = False) -> str:

@@ -154,7 +154,7 @@ class TaskHandle:
             self._waiters.append((level, event.set))
         return event.wait(timeout)
 
-    def _advance(self, state: HandleState, value: Any, fire: list[Callable[[], Any]]) -> None:
+    def advance(self, state: HandleState, value: Any, fire: list[Callable[[], Any]]) -> None:
         """Move to ``state`` (call with the owner's handle_lock held); collect due waiters."""
         if state <= self._state:
             return
@@ -176,6 +176,6 @@ def settle(owner: HandleOwner, changes: list[tuple[TaskHandle, HandleState, Any]
     fire: list[Callable[[], Any]] = []
     with owner.handle_lock:
         for handle, state, value in changes:
-            handle._advance(state, value, fire)
+            handle.advance(state, value, fire)
     for fn in fire:
         fn()
