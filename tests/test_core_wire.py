@@ -99,7 +99,9 @@ def test_canonical_header_is_the_documented_21_bytes(kind: Kind, msg_id: int, ts
     data = wire.pack_header(kind, msg_id, ts)
     assert data == canonical(int(kind), msg_id, ts)
     assert len(data) == wire.HEADER_SIZE == 21
-    assert data[:3] == wire.header_prefix(kind)
+    assert data[:4] == wire.HEADER_PREFIX[kind]
+    assert data[wire.FLOAT64_AT] == wire.FLOAT64
+    assert wire.unpack_canonical(data) == (wire.HEADER_PREFIX[kind], msg_id, wire.FLOAT64, ts)
     # It is ordinary msgpack: any msgpack reader sees the documented array.
     assert msgpack.unpackb(data) == [PROTOCOL_VERSION, int(kind), msg_id, ts]
     assert wire.unpack_header(data) == Header(kind, msg_id, ts)

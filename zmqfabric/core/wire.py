@@ -63,7 +63,8 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, Mapping
 
 import msgpack
 
@@ -84,10 +85,42 @@ class Kind(enum.IntEnum):
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
 _MAX_ID: Final = 2**64 - 1
-#: fixarray(4), positive fixint version, positive fixint kind, uint64 id, float64 timestamp.
-_HEADER: Final = struct.Struct(">BBBBQBd")
-HEADER_SIZE: Final = _HEADER.size
 RAW_HEADERS: Final = {"enc": "raw"}
+
+# --- the canonical header: the byte layout every fast path uses ------------------------------
+# Senders write the 21-byte header of the spec with one struct call and a pre-packed 4-byte
+# prefix per kind. Receivers recognise it with three tests, written inline on the hot paths of
+# patterns/ (a call per message would cost more than the tests), always in this form, with the
+# names below imported (or bound) once per module:
+#
+#     len(h) == HEADER_SIZE and h.startswith(prefix) and h[FLOAT64_AT] == FLOAT64
+#
+# (``prefix = HEADER_PREFIX[kind]``), and read the id and timestamp back with one
+# ``unpack_canonical(h)``. Those tests accept exactly the msgpack arrays ``[1, kind, uint64,
+# float64]`` in this one encoding, all of them valid; any other header (another encoding, a
+# header map, a bad version or kind, a malformed frame) goes to the parsers below, so every
+# message meets the same checks and the same RemoteProtocolError. ``tests/test_fastpath.py``
+# checks each inlined decoder against the parsers.
+
+#: ``CANONICAL.pack(HEADER_PREFIX[kind], msg_id, FLOAT64, timestamp)`` is a canonical header;
+#: ``CANONICAL.unpack(data)`` gives ``(prefix, msg_id, FLOAT64, timestamp)`` back. struct refuses
+#: ids outside uint64 (struct.error).
+CANONICAL: Final = struct.Struct(">4sQBd")
+#: ``CANONICAL``'s bound methods, for hot paths (no attribute lookup per message).
+pack_canonical: Final = CANONICAL.pack
+unpack_canonical: Final = CANONICAL.unpack
+#: The length of a canonical header: prefix (4), uint64 id (8), float64 tag (1), timestamp (8).
+HEADER_SIZE: Final = CANONICAL.size
+#: Where the msgpack float64 tag sits in a canonical header (after the prefix and the id).
+FLOAT64_AT: Final = 12
+#: The msgpack float64 tag.
+FLOAT64: Final = 0xCB
+#: The first 4 bytes of every canonical header of each kind: fixarray(4), the version as a
+#: positive fixint, the kind as a positive fixint, the uint64 tag of the id.
+HEADER_PREFIX: Final[Mapping[Kind, bytes]] = MappingProxyType(
+    {kind: bytes((0x94, PROTOCOL_VERSION, kind, 0xCF)) for kind in Kind}
+)
+_PREFIX_KIND: Final = {prefix: kind for kind, prefix in HEADER_PREFIX.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +147,6 @@ class Message:
     headers: dict[str, Any] | None = None
 
 
-def header_prefix(kind: Kind) -> bytes:
-    """The first three bytes of every canonical header of ``kind`` (fast-path check)."""
-    return bytes((0x94, PROTOCOL_VERSION, int(kind)))
-
-
 def pack_header(
     kind: Kind, msg_id: int, timestamp: float, headers: dict[str, Any] | None = None
 ) -> bytes:
@@ -127,15 +155,16 @@ def pack_header(
         raise LocalProtocolError(f"message id {msg_id} is not an unsigned 64-bit integer")
     if headers:
         return msgpack.packb([PROTOCOL_VERSION, int(kind), msg_id, float(timestamp), headers])
-    return _HEADER.pack(0x94, PROTOCOL_VERSION, int(kind), 0xCF, msg_id, 0xCB, timestamp)
+    return pack_canonical(HEADER_PREFIX[kind], msg_id, FLOAT64, timestamp)
 
 
 def unpack_header(data: bytes) -> Header:
     """Decode and validate a header frame. Raises RemoteProtocolError."""
-    if len(data) == HEADER_SIZE and data[0] == 0x94 and data[3] == 0xCF and data[12] == 0xCB:
-        _, version, kind, _, msg_id, _, ts = _HEADER.unpack(data)
-        if version == PROTOCOL_VERSION and kind in _KINDS:
-            return Header(Kind(kind), msg_id, ts)
+    if len(data) == HEADER_SIZE and data[FLOAT64_AT] == FLOAT64:
+        prefix, msg_id, _, ts = unpack_canonical(data)
+        kind = _PREFIX_KIND.get(prefix)
+        if kind is not None:
+            return Header(kind, msg_id, ts)
     return _unpack_header_slow(data)
 
 
@@ -182,7 +211,14 @@ def unpack_body(data: bytes | memoryview, raw: bool = False) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, TypeError...
-        raise RemoteProtocolError(f"body is not valid msgpack: {exc}") from exc
+        raise undecodable(exc) from exc
+
+
+def undecodable(exc: Exception) -> RemoteProtocolError:
+    """The error for a body msgpack cannot decode: what :func:`unpack_body` raises, for hot paths
+    that call ``msgpack.unpackb(data, raw=False, strict_map_key=False)`` themselves and catch
+    ``Exception`` as it does."""
+    return RemoteProtocolError(f"body is not valid msgpack: {exc}")
 
 
 def decode_topic(data: bytes) -> str:
@@ -301,30 +337,7 @@ def error_body(exc: BaseException) -> dict[str, str]:
     }
 
 
-# --- hot paths -------------------------------------------------------------------------------
-# Senders write the canonical 21-byte header (see the spec above) with one struct call and a
-# pre-packed 4-byte prefix per kind; receivers recognise it with three byte tests and read the id
-# and timestamp back with one struct call. Anything else (another encoding, a header map, a bad
-# version or kind, a malformed frame) goes to the full parsers above, so every message still
-# meets the same checks and the same RemoteProtocolError.
-
-#: ``CANONICAL.pack(canonical_prefix(kind), msg_id, FLOAT64, timestamp)`` is a canonical header;
-#: ``CANONICAL.unpack(data)`` gives ``(prefix, msg_id, FLOAT64, timestamp)`` back. struct refuses
-#: ids outside uint64 (struct.error).
-CANONICAL: Final = struct.Struct(">4sQBd")
-#: The msgpack float64 tag: byte 12 of a canonical header.
-FLOAT64: Final = 0xCB
-
-
-def canonical_prefix(kind: Kind) -> bytes:
-    """The first 4 bytes of every canonical header of ``kind``: fixarray(4), version, kind, and
-    the uint64 tag of the id."""
-    return bytes((0x94, PROTOCOL_VERSION, int(kind), 0xCF))
-
-
-def is_canonical(data: bytes, prefix: bytes) -> bool:
-    """True if ``data`` is a canonical header starting with ``prefix`` (hot paths inline this)."""
-    return len(data) == HEADER_SIZE and data.startswith(prefix) and data[12] == FLOAT64
+# --- encoding errors of the hot paths ---------------------------------------------------------
 
 
 def unencodable(exc: Exception) -> LocalProtocolError:

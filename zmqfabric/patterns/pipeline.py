@@ -14,6 +14,7 @@ import zmq
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
+from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import FabricTimeoutError, NoProviderError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
@@ -26,11 +27,8 @@ from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
 from .pubsub import BINARY, _Encoder
 
-# Hot path (see wire.CANONICAL): the pre-packed header prefix and the struct calls.
-_MESSAGE = wire.canonical_prefix(wire.Kind.MESSAGE)
-_PACK = wire.CANONICAL.pack
-_UNPACK = wire.CANONICAL.unpack
-_FLOAT64 = wire.FLOAT64
+# Hot path (see wire's canonical header): the pre-packed header prefix.
+_MESSAGE = wire.HEADER_PREFIX[wire.Kind.MESSAGE]
 #: The C-level receive (no attribute lookup through pyzmq's Socket classes) and msgpack's decoder.
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
@@ -50,8 +48,9 @@ class _PullerBase(Bound):
         try:
             if len(frames) == 2:  # fast path: [canonical message header, msgpack body]
                 header = frames[0]
-                if len(header) == 21 and header.startswith(_MESSAGE) and header[12] == _FLOAT64:
-                    _, msg_id, _, timestamp = _UNPACK(header)
+                if (len(header) == HEADER_SIZE and header.startswith(_MESSAGE)
+                        and header[FLOAT64_AT] == FLOAT64):
+                    _, msg_id, _, timestamp = unpack_canonical(header)
                     return wire.Message(wire.Kind.MESSAGE, msg_id, timestamp,
                                         wire.unpack_body(frames[1]))
             return wire.parse_message(frames)
@@ -111,13 +110,13 @@ class Puller(_PullerBase):
             header = head.bytes
             if not head.more:
                 frames = [header]
-            elif len(header) == 21 and header[12] == _FLOAT64 and header.startswith(_MESSAGE):
+            elif (len(header) == HEADER_SIZE and header[FLOAT64_AT] == FLOAT64
+                  and header.startswith(_MESSAGE)):
                 data = _RECV(sock, NOBLOCK)  # the rest of a message is there with its first frame
                 try:
                     return _UNPACKB(data, raw=False, strict_map_key=False)
-                except Exception as exc:  # what wire.unpack_body catches, inlined
-                    self._refused("message", RemoteProtocolError(
-                        f"body is not valid msgpack: {exc}"))
+                except Exception as exc:  # wire.unpack_body inlined: its catch, its error
+                    self._refused("message", wire.undecodable(exc))
                     if deadline is not None:
                         wait = _ms_left(deadline) or 0
                     continue
@@ -213,7 +212,7 @@ class Pusher(_Encoder, SyncConnector):
                 body = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            header, copy = _PACK(self._prefix, seq, _FLOAT64, time.time()), True
+            header, copy = pack_canonical(self._prefix, seq, FLOAT64, time.time()), True
         if self._ops:
             self._drain()
         sock = self._sock

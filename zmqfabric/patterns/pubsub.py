@@ -24,6 +24,7 @@ import zmq
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
+from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import FabricTimeoutError, LocalProtocolError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
@@ -39,11 +40,8 @@ if TYPE_CHECKING:
     from ..nodebase import NodeBase
 
 
-# Hot path (see wire.CANONICAL): pre-packed header prefixes and the struct calls.
-_EVENT = wire.canonical_prefix(wire.Kind.EVENT)
-_PACK = wire.CANONICAL.pack
-_UNPACK = wire.CANONICAL.unpack
-_FLOAT64 = wire.FLOAT64
+# Hot path (see wire's canonical header): the pre-packed header prefix.
+_EVENT = wire.HEADER_PREFIX[wire.Kind.EVENT]
 #: ``getsockopt`` as the C method, and its arguments as plain ints (see io.py).
 _GET = cast("Callable[[Any, int], int]", zmq.backend.Socket.get)
 _EVENTS = int(zmq.EVENTS)
@@ -95,7 +93,7 @@ class _Encoder:
 
     def _init_encoder(self, kind: wire.Kind) -> None:
         self._kind = kind
-        self._prefix = wire.canonical_prefix(kind)
+        self._prefix = wire.HEADER_PREFIX[kind]
         self._pack = msgpack.Packer().pack
         self._seq = 0
 
@@ -110,7 +108,7 @@ class _Encoder:
             data = self._pack(body)
         except wire.PACK_ERRORS as exc:
             raise wire.unencodable(exc) from exc
-        return [_PACK(self._prefix, self._seq, _FLOAT64, time.time()), data], True
+        return [pack_canonical(self._prefix, self._seq, FLOAT64, time.time()), data], True
 
 
 class Publisher(_Encoder, Bound):
@@ -238,7 +236,8 @@ class Publisher(_Encoder, Bound):
                 data = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            send_frames(self._sock, [head, _PACK(self._prefix, seq, _FLOAT64, time.time()), data], 0)
+            header = pack_canonical(self._prefix, seq, FLOAT64, time.time())
+            send_frames(self._sock, [head, header, data], 0)
         self._unsent_count += 1
         if self._unsent_count >= _COUNT_BATCH:
             self._flush_batch()
@@ -275,8 +274,9 @@ class _SubscriptionBase:
         try:
             if len(frames) == 3:  # fast path: [topic, canonical event header, msgpack body]
                 header = frames[1]
-                if len(header) == 21 and header.startswith(_EVENT) and header[12] == _FLOAT64:
-                    _, msg_id, _, timestamp = _UNPACK(header)
+                if (len(header) == HEADER_SIZE and header.startswith(_EVENT)
+                        and header[FLOAT64_AT] == FLOAT64):
+                    _, msg_id, _, timestamp = unpack_canonical(header)
                     return wire.Message(wire.Kind.EVENT, msg_id, timestamp,
                                         wire.unpack_body(frames[2]), wire.decode_topic(frames[0]))
             return wire.parse_event(frames)
@@ -338,7 +338,8 @@ class Subscription(_SubscriptionBase, SyncConnector):
                 raise _closed_or(self, exc) from exc
             if len(frames) == 3:  # fast path: [topic, canonical event header, msgpack body]
                 header = frames[1]
-                if len(header) == 21 and header.startswith(_EVENT) and header[12] == _FLOAT64:
+                if (len(header) == HEADER_SIZE and header.startswith(_EVENT)
+                        and header[FLOAT64_AT] == FLOAT64):
                     try:
                         return wire.decode_topic(frames[0]), wire.unpack_body(frames[2])
                     except RemoteProtocolError as exc:

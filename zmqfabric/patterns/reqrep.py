@@ -19,6 +19,7 @@ import zmq
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
+from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import (
     AuthorizationError,
     LocalProtocolError,
@@ -45,12 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
 
-# Hot path (see wire.CANONICAL): pre-packed header prefixes and the struct calls.
-_REQUEST = wire.canonical_prefix(wire.Kind.REQUEST)
-_REPLY = wire.canonical_prefix(wire.Kind.REPLY)
-_PACK = wire.CANONICAL.pack
-_UNPACK = wire.CANONICAL.unpack
-_FLOAT64 = wire.FLOAT64
+# Hot path (see wire's canonical header): pre-packed header prefixes.
+_REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
+_REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
 _BINARY = (bytes, bytearray, memoryview)
 #: A requester's receive timeout is reset only when it would overshoot the deadline by more than
 #: this share of the time left (1/64, at least 2 ms): one setsockopt per call would cost ~1 us.
@@ -69,7 +67,7 @@ def _encode(
         data = pack(body)
     except wire.PACK_ERRORS as exc:
         raise wire.unencodable(exc) from exc
-    return _PACK(prefix, msg_id, _FLOAT64, time.time()), data, True
+    return pack_canonical(prefix, msg_id, FLOAT64, time.time()), data, True
 
 
 class ServiceEndpoint(Bound):
@@ -93,9 +91,10 @@ class ServiceEndpoint(Bound):
         # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
         if len(frames) == 4 and not frames[1]:
             head = frames[2]
-            if len(head) == 21 and head.startswith(_REQUEST) and head[12] == _FLOAT64:
+            if (len(head) == HEADER_SIZE and head.startswith(_REQUEST)
+                    and head[FLOAT64_AT] == FLOAT64):
                 try:
-                    return frames[:2], _UNPACK(head)[1], wire.unpack_body(frames[3])
+                    return frames[:2], unpack_canonical(head)[1], wire.unpack_body(frames[3])
                 except RemoteProtocolError:
                     pass  # parse() below refuses it, counts it and answers with an error
         parsed = self.parse(frames)
@@ -212,8 +211,9 @@ class _RequesterBase:
         # Fast path: ["", canonical reply header, msgpack body].
         if len(frames) == 3 and not frames[0]:
             head = frames[1]
-            if len(head) == 21 and head.startswith(_REPLY) and head[12] == _FLOAT64:
-                if _UNPACK(head)[1] != msg_id:
+            if (len(head) == HEADER_SIZE and head.startswith(_REPLY)
+                    and head[FLOAT64_AT] == FLOAT64):
+                if unpack_canonical(head)[1] != msg_id:
                     self._node.counters.add("stale_replies")
                     return False, None
                 try:
