@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError
 from ..stats import RateLimitedLog
-from ..transport.frames import NOBLOCK, _ms_left, recv_frames, send_frames
+from ..transport.frames import NOBLOCK, ms_left, recv_frames, send_frames
 from ..transport.sockets import sync_view
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ class SyncConnector(Connector):
         when ``deadline`` passes. Directory changes that arrive meanwhile are applied."""
         sock, wake, poll = self._sock, self._wake_r, self._poll_in.poll
         while True:
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return None
             try:
@@ -317,7 +317,7 @@ class SyncConnector(Connector):
             raise _closed_or(self, exc) from exc
         wake, poll = self._wake_r, self._poll_out.poll
         while True:
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return False
             try:
@@ -342,7 +342,7 @@ class SyncConnector(Connector):
         if self._ops:
             self._drain()
         while not self._urls:
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return False
             poller = zmq.Poller()
@@ -368,7 +368,7 @@ class SyncConnector(Connector):
             self._read_monitor()
             if done():
                 return True
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return False
             poller.poll(timeout)

@@ -18,10 +18,11 @@ from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack
 from ..errors import FabricTimeoutError, NoProviderError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
-    _ms_left,
-    _s_left,
     deadline_after,
+    ms_left,
     recv_frames,
+    s_left,
+    sticky_rcvtimeo,
 )
 from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
@@ -95,10 +96,8 @@ class Puller(_PullerBase):
             # getsockopt(RCVMORE); the body of a canonical header comes as bytes, unchecked:
             # frames after it (a malformed message) are read next as a message of their own
             # (see the wire spec), so nothing of another message is ever mixed in.
-            was = self._rcvtimeo
-            if wait != was and (wait < 0 or was < 0 or not wait <= was <= wait + (wait >> 6) + 2):
-                sock.setsockopt(zmq.RCVTIMEO, wait)  # reset rarely: a slack of 1/64
-                self._rcvtimeo = wait
+            if wait != self._rcvtimeo:  # a call only when the wait changes (see sticky_rcvtimeo)
+                self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, wait)
             try:
                 head = _RECV(sock, 0, False)
             except zmq.Again:
@@ -118,7 +117,7 @@ class Puller(_PullerBase):
                 except Exception as exc:  # wire.unpack_body inlined: its catch, its error
                     self._refused("message", wire.undecodable(exc))
                     if deadline is not None:
-                        wait = _ms_left(deadline) or 0
+                        wait = ms_left(deadline) or 0
                     continue
             else:
                 frames = [header]
@@ -130,7 +129,7 @@ class Puller(_PullerBase):
             if message is not None:
                 return message.body
             if deadline is not None:
-                wait = _ms_left(deadline) or 0
+                wait = ms_left(deadline) or 0
 
     def _frames(self, deadline: float | None, try_first: bool = True) -> list[bytes] | None:
         """The next multipart message, or None when ``deadline`` passes. ``try_first=False``:
@@ -145,7 +144,7 @@ class Puller(_PullerBase):
                 except zmq.ZMQError as exc:
                     raise _closed_or(self, exc) from exc
             try_first = True
-            left = _ms_left(deadline)
+            left = ms_left(deadline)
             try:
                 if left == 0 or not self._poller.poll(left):
                     return None
@@ -167,7 +166,7 @@ class AsyncPuller(_PullerBase):
         deadline = deadline_after(timeout)
         while True:
             try:
-                frames = await asyncio.wait_for(self._sock.recv_multipart(), _s_left(deadline))
+                frames = await asyncio.wait_for(self._sock.recv_multipart(), s_left(deadline))
             except asyncio.TimeoutError:
                 return None
             message = self._decode(frames)

@@ -28,8 +28,8 @@ from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack
 from ..errors import FabricTimeoutError, LocalProtocolError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
-    _ms_left,
     deadline_after,
+    ms_left,
     recv_frames,
     send_frames,
 )
@@ -159,7 +159,7 @@ class Publisher(_Encoder, Bound):
             drained = self._read_subscriptions(_READ_BATCH)
             if len(self._markers) >= n:
                 break
-            left = _ms_left(deadline)
+            left = ms_left(deadline)
             if left == 0:
                 break
             if drained:

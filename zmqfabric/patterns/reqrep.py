@@ -30,11 +30,12 @@ from ..errors import (
 )
 from ..transport.frames import (
     NOBLOCK,
-    _ms_left,
-    _s_left,
     deadline_after,
+    ms_left,
     recv_frames,
+    s_left,
     send_frames,
+    sticky_rcvtimeo,
 )
 from ..transport.sockets import sync_view
 from .aioconn import AsyncConnector
@@ -50,9 +51,6 @@ Handler = Callable[[Any], Any]
 _REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
 _REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
 _BINARY = (bytes, bytearray, memoryview)
-#: A requester's receive timeout is reset only when it would overshoot the deadline by more than
-#: this share of the time left (1/64, at least 2 ms): one setsockopt per call would cost ~1 us.
-_RCVTIMEO_SLACK_SHIFT = 6
 
 
 def _encode(
@@ -319,7 +317,7 @@ class Requester(_RequesterBase, SyncConnector):
             url = self._send_to_one(frames, copy, avoid)
             if url is not None:
                 return url
-            left = _ms_left(deadline)
+            left = ms_left(deadline)
             if left == 0:
                 return None
             self._wait_monitor(lambda: False, deadline_after(min(left, 10) / 1000))
@@ -330,17 +328,13 @@ class Requester(_RequesterBase, SyncConnector):
         only fail (a raised zmq.Again) and polling would add syscalls to every round trip.
         Directory changes that arrive meanwhile wait for the next send. The receive timeout may
         overshoot the deadline by 1/64 of the time left, so that it is rarely reset."""
-        left = _ms_left(deadline)
+        left = ms_left(deadline)
         if left is None:
             left = -1  # no deadline: wait as long as it takes
         elif left == 0:
             return None
         sock = self._sock
-        if (left < 0) != (self._rcvtimeo < 0) or not (
-            left <= self._rcvtimeo <= left + max(2, left >> _RCVTIMEO_SLACK_SHIFT)
-        ):
-            sock.setsockopt(zmq.RCVTIMEO, left)
-            self._rcvtimeo = left
+        self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, left)
         try:
             return recv_frames(sock, 0)
         except zmq.Again:
@@ -390,7 +384,7 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
             url = self._send_to_one(frames, copy, avoid)
             if url is not None:
                 return url
-            left = _s_left(deadline)
+            left = s_left(deadline)
             if not left:
                 return None
             self._changed.clear()
