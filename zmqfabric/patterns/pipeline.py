@@ -26,7 +26,7 @@ from ..transport.frames import (
 )
 from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
-from .pubsub import BINARY, _Encoder
+from .encoder import BINARY, Encoder
 
 # Hot path (see wire's canonical header): the pre-packed header prefix.
 _MESSAGE = wire.HEADER_PREFIX[wire.Kind.MESSAGE]
@@ -185,7 +185,7 @@ class AsyncPuller(_PullerBase):
             yield message.body
 
 
-class Pusher(_Encoder, SyncConnector):
+class Pusher(Encoder, SyncConnector):
     """Sends into a pipeline, round robin over its pullers. Owned by one thread."""
 
     kind = EndpointKind.PIPELINE
@@ -201,7 +201,7 @@ class Pusher(_Encoder, SyncConnector):
         LocalProtocolError for a body msgpack cannot encode."""
         if self._closed:
             self._check_open()
-        # _Encoder._encode and send_frames inlined (hot path).
+        # Encoder._encode and send_frames inlined (hot path).
         self._seq = seq = self._seq + 1
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
             header = wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS)
@@ -233,7 +233,7 @@ class Pusher(_Encoder, SyncConnector):
         return self._wait_ready(deadline_after(timeout))
 
 
-class AsyncPusher(_Encoder, AsyncConnector):
+class AsyncPusher(Encoder, AsyncConnector):
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 

@@ -18,7 +18,6 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Iterable, Iterator, cast
 
-import msgpack
 import zmq
 
 from ..constants import ZERO_COPY_THRESHOLD
@@ -35,6 +34,7 @@ from ..transport.frames import (
 )
 from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
+from .encoder import BINARY, Encoder
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -46,7 +46,6 @@ _EVENT = wire.HEADER_PREFIX[wire.Kind.EVENT]
 _GET = cast("Callable[[Any, int], int]", zmq.backend.Socket.get)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-BINARY = (bytes, bytearray, memoryview)
 #: Encoded topics a publisher keeps (a bounded cache: cleared when full).
 _TOPIC_CACHE = 1024
 #: events_sent reaches the node's counters in batches (and on close): a locked update per event
@@ -86,32 +85,7 @@ def _filters(topics: Iterable[str] | None) -> list[bytes]:
     return heads
 
 
-class _Encoder:
-    """Pre-packed message framing shared by publishers and pushers: a header prefix per kind,
-    one msgpack Packer per handle (``msgpack.packb`` builds one per call), a sequence number.
-    The sync ``send`` methods inline ``_encode``; keep them in step."""
-
-    def _init_encoder(self, kind: wire.Kind) -> None:
-        self._kind = kind
-        self._prefix = wire.HEADER_PREFIX[kind]
-        self._pack = msgpack.Packer().pack
-        self._seq = 0
-
-    def _encode(self, body: Any) -> tuple[list[Any], bool]:
-        """(header + body frames, copy flag). Large bytes bodies go raw and uncopied.
-        Raises LocalProtocolError for a body msgpack cannot encode."""
-        self._seq += 1
-        if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-            header = wire.pack_header(self._kind, self._seq, time.time(), wire.RAW_HEADERS)
-            return [header, body], False
-        try:
-            data = self._pack(body)
-        except wire.PACK_ERRORS as exc:
-            raise wire.unencodable(exc) from exc
-        return [pack_canonical(self._prefix, self._seq, FLOAT64, time.time()), data], True
-
-
-class Publisher(_Encoder, Bound):
+class Publisher(Encoder, Bound):
     """Publishes one stream. ``send`` never blocks: a subscriber that falls HWM messages behind
     loses messages (ZeroMQ pub/sub semantics). The socket is an XPUB, which sends exactly like a
     PUB (plain ZeroMQ SUB programs subscribe to it as to any PUB); the publisher also reads the

@@ -40,6 +40,7 @@ from ..transport.frames import (
 from ..transport.sockets import sync_view
 from .aioconn import AsyncConnector
 from .base import Bound, SyncConnector, _closed_or
+from .encoder import BINARY
 
 if TYPE_CHECKING:
     from ..nodebase import NodeBase
@@ -50,7 +51,6 @@ Handler = Callable[[Any], Any]
 # Hot path (see wire's canonical header): pre-packed header prefixes.
 _REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
 _REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
-_BINARY = (bytes, bytearray, memoryview)
 
 
 def _encode(
@@ -59,7 +59,7 @@ def _encode(
     """(header, body frame, copy flag) of one request or reply. Bytes bodies of at least
     ZERO_COPY_THRESHOLD travel raw and uncopied; others as msgpack with a canonical header.
     Raises LocalProtocolError for a body msgpack cannot encode."""
-    if isinstance(body, _BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
+    if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
         return wire.pack_header(kind, msg_id, time.time(), wire.RAW_HEADERS), body, False
     try:
         data = pack(body)
