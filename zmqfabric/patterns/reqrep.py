@@ -211,14 +211,15 @@ class _RequesterBase:
             head = frames[1]
             if (len(head) == HEADER_SIZE and head.startswith(_REPLY)
                     and head[FLOAT64_AT] == FLOAT64):
-                if unpack_canonical(head)[1] != msg_id:
-                    self._node.counters.add("stale_replies")
-                    return False, None
-                try:
-                    return True, wire.unpack_body(frames[2])
+                try:  # the body first, as parse_reply: a malformed reply is refused, stale or not
+                    body = wire.unpack_body(frames[2])
                 except RemoteProtocolError as exc:
                     self._refused("reply", exc)  # type: ignore[attr-defined]
                     return False, None
+                if unpack_canonical(head)[1] != msg_id:
+                    self._node.counters.add("stale_replies")
+                    return False, None
+                return True, body
         try:
             header, body = wire.parse_reply(frames)
         except RemoteProtocolError as exc:
