@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from zmqfabric.core import wire
+from zmqfabric.core import task_frames, wire
 from zmqfabric.core.tasktable import (
     DEADLINE_EXCEEDED,
     WORKER_LOST,
@@ -431,8 +431,8 @@ _keys = st.none() | st.text(max_size=256)
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(_ids, st.integers(1, 2**32 - 1), _values, _keys), min_size=1, max_size=5))
 def test_task_batches_round_trip(tasks: list[tuple[str, int, Any, str | None]]) -> None:
-    body = wire.pack_tasks([(i, a, wire.pack_body(v), k) for i, a, v, k in tasks])
-    kind, items = wire.parse_to_worker([wire.pack_header(wire.Kind.TASK, 1, 0.0), body])
+    body = task_frames.pack_tasks([(i, a, wire.pack_body(v), k) for i, a, v, k in tasks])
+    kind, items = task_frames.parse_to_worker([wire.pack_header(wire.Kind.TASK, 1, 0.0), body])
     assert kind is wire.Kind.TASK
     assert items == [[i, a, v, k] for i, a, v, k in tasks]
 
@@ -442,10 +442,10 @@ def test_task_batches_round_trip(tasks: list[tuple[str, int, Any, str | None]]) 
                 max_size=5))
 def test_result_batches_round_trip(results: list[tuple[str, int, bool, Any]]) -> None:
     items = [[i, a, ok, v if ok else {"type": "E", "message": str(v)}] for i, a, ok, v in results]
-    frames = [b"", wire.pack_header(wire.Kind.RESULT, 2, 0.0), wire.pack_results(items)]
-    assert wire.parse_from_worker(frames) == (wire.Kind.RESULT, items)
-    credit = [b"", wire.pack_header(wire.Kind.CREDIT, 0, 0.0), wire.pack_credit(64)]
-    assert wire.parse_from_worker(credit) == (wire.Kind.CREDIT, 64)
+    frames = [b"", wire.pack_header(wire.Kind.RESULT, 2, 0.0), task_frames.pack_results(items)]
+    assert task_frames.parse_from_worker(frames) == (wire.Kind.RESULT, items)
+    credit = [b"", wire.pack_header(wire.Kind.CREDIT, 0, 0.0), task_frames.pack_credit(64)]
+    assert task_frames.parse_from_worker(credit) == (wire.Kind.CREDIT, 64)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -456,8 +456,8 @@ def test_task_frame_decoders_accept_or_refuse_never_crash(kind: wire.Kind, value
                                                           junk: bytes) -> None:
     header = wire.pack_header(kind, 0, 0.0)
     for body in (wire.pack_body(value), junk):
-        for decode, frames in ((wire.parse_to_worker, [header, body]),
-                               (wire.parse_from_worker, [b"", header, body])):
+        for decode, frames in ((task_frames.parse_to_worker, [header, body]),
+                               (task_frames.parse_from_worker, [b"", header, body])):
             try:
                 decode(frames)
             except RemoteProtocolError:
@@ -466,7 +466,7 @@ def test_task_frame_decoders_accept_or_refuse_never_crash(kind: wire.Kind, value
 
 def test_task_frames_refuse_what_the_spec_forbids() -> None:
     def to_worker(body: Any, kind: wire.Kind = wire.Kind.TASK) -> None:
-        wire.parse_to_worker([wire.pack_header(kind, 0, 0.0), wire.pack_body(body)])
+        task_frames.parse_to_worker([wire.pack_header(kind, 0, 0.0), wire.pack_body(body)])
 
     for bad in ([], [["", 1, None, None]], [["x" * 129, 1, None, None]], [["a", 0, None, None]],
                 [["a", True, None, None]], [["a", 1, None, 5]], [["a", 1, None]], {"a": 1}):
@@ -478,7 +478,7 @@ def test_task_frames_refuse_what_the_spec_forbids() -> None:
         to_worker({}, wire.Kind.RESULT)  # results do not go to workers
 
     def from_worker(body: Any, kind: wire.Kind = wire.Kind.RESULT) -> None:
-        wire.parse_from_worker([b"", wire.pack_header(kind, 0, 0.0), wire.pack_body(body)])
+        task_frames.parse_from_worker([b"", wire.pack_header(kind, 0, 0.0), wire.pack_body(body)])
 
     for bad in ([["a", 1, 1, None]], [["a", 1, False, "boom"]], [["a", 1, False, {"type": 1}]]):
         with pytest.raises(RemoteProtocolError):
@@ -488,4 +488,4 @@ def test_task_frames_refuse_what_the_spec_forbids() -> None:
             from_worker(credit, wire.Kind.CREDIT)
     for credit in (0, 65536, True):
         with pytest.raises(LocalProtocolError):
-            wire.pack_credit(credit)
+            task_frames.pack_credit(credit)

@@ -1,4 +1,5 @@
-"""Unit tests of the pure wire core (:mod:`zmqfabric.core.wire`), property-based.
+"""Unit tests of the pure wire core (:mod:`zmqfabric.core.wire` and its task frames,
+:mod:`zmqfabric.core.task_frames`), property-based.
 
 Two halves: round trips (whatever we write, we read back exactly; and whatever the written spec
 allows another implementation to write, we read) and rejection (every decoder, given any bytes or
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from zmqfabric.constants import MAX_HEADER_SIZE, MAX_TASK_ID, MAX_TOPIC_SIZE, PROTOCOL_VERSION
-from zmqfabric.core import wire
+from zmqfabric.core import task_frames, wire
 from zmqfabric.core.wire import Header, Kind, Message
 from zmqfabric.errors import FabricError, LocalProtocolError, RemoteProtocolError
 
@@ -98,7 +99,9 @@ def test_canonical_header_is_the_documented_21_bytes(kind: Kind, msg_id: int, ts
     data = wire.pack_header(kind, msg_id, ts)
     assert data == canonical(int(kind), msg_id, ts)
     assert len(data) == wire.HEADER_SIZE == 21
-    assert data[:3] == wire.header_prefix(kind)
+    assert data[:4] == wire.HEADER_PREFIX[kind]
+    assert data[wire.FLOAT64_AT] == wire.FLOAT64
+    assert wire.unpack_canonical(data) == (wire.HEADER_PREFIX[kind], msg_id, wire.FLOAT64, ts)
     # It is ordinary msgpack: any msgpack reader sees the documented array.
     assert msgpack.unpackb(data) == [PROTOCOL_VERSION, int(kind), msg_id, ts]
     assert wire.unpack_header(data) == Header(kind, msg_id, ts)
@@ -184,7 +187,9 @@ def _map_encodings(headers: dict[str, Any]) -> list[bytes]:
 def test_any_msgpack_encoding_of_a_header_is_accepted(
     data: st.DataObject, kind: Kind, msg_id: int, ts: float | int, headers: dict[str, Any] | None
 ) -> None:
-    pick: Callable[[list[bytes]], bytes] = lambda options: data.draw(st.sampled_from(options))
+    def pick(options: list[bytes]) -> bytes:
+        return data.draw(st.sampled_from(options))
+
     fields = [
         pick(_int_encodings(PROTOCOL_VERSION)),
         pick(_int_encodings(int(kind))),
@@ -655,7 +660,7 @@ def test_protocol_errors_say_whose_fault_and_stay_value_errors() -> None:
     assert not issubclass(RemoteProtocolError, LocalProtocolError)
 
 
-# --- reliable tasks (kinds 6, 7, 8) ----------------------------------------------------------
+# --- reliable tasks (kinds 6, 7, 8: core/task_frames.py) -------------------------------------
 
 task_ids = st.text(min_size=1, max_size=MAX_TASK_ID)
 attempts = st.integers(1, 2**32 - 1)
@@ -684,8 +689,8 @@ result_items = st.lists(
 def test_task_messages_round_trip(
     tasks: list[tuple[str, int, bytes, str | None]], msg_id: int
 ) -> None:
-    body = wire.pack_tasks(tasks)
-    kind, items = wire.parse_to_worker([wire.pack_header(Kind.TASK, msg_id, 0.0), body])
+    body = task_frames.pack_tasks(tasks)
+    kind, items = task_frames.parse_to_worker([wire.pack_header(Kind.TASK, msg_id, 0.0), body])
     assert kind is Kind.TASK
     assert items == [[t, a, msgpack.unpackb(p, strict_map_key=False), k] for t, a, p, k in tasks]
     assert msgpack.unpackb(body, strict_map_key=False) == items  # plain msgpack, as documented
@@ -694,16 +699,16 @@ def test_task_messages_round_trip(
 @ROUND_TRIP
 @given(result_items)
 def test_result_messages_round_trip(results: list[list[Any]]) -> None:
-    body = wire.pack_results(results)
-    kind, items = wire.parse_from_worker([b"", wire.pack_header(Kind.RESULT, 1, 0.0), body])
+    body = task_frames.pack_results(results)
+    kind, items = task_frames.parse_from_worker([b"", wire.pack_header(Kind.RESULT, 1, 0.0), body])
     assert kind is Kind.RESULT and items == results
 
 
 @pytest.mark.parametrize("credit", [1, 10, 65535])
 def test_credit_round_trip(credit: int) -> None:
-    frames = [b"", wire.pack_header(Kind.CREDIT, 1, 0.0), wire.pack_credit(credit)]
-    assert wire.parse_from_worker(frames) == (Kind.CREDIT, credit)
-    request = wire.parse_to_worker(
+    frames = [b"", wire.pack_header(Kind.CREDIT, 1, 0.0), task_frames.pack_credit(credit)]
+    assert task_frames.parse_from_worker(frames) == (Kind.CREDIT, credit)
+    request = task_frames.parse_to_worker(
         [wire.pack_header(Kind.CREDIT, 1, 0.0), msgpack.packb({"from": "n"})]
     )
     assert request == (Kind.CREDIT, {"from": "n"})
@@ -712,13 +717,12 @@ def test_credit_round_trip(credit: int) -> None:
 @pytest.mark.parametrize("credit", [0, 65536, -1, 1.0, True, "1"])
 def test_pack_credit_refuses_out_of_range(credit: Any) -> None:
     with pytest.raises(LocalProtocolError):
-        wire.pack_credit(credit)
+        task_frames.pack_credit(credit)
 
 
 def test_an_unencodable_result_becomes_a_failure() -> None:
-    kind, items = wire.parse_from_worker(
-        [b"", H[Kind.RESULT], wire.pack_results([["t1", 1, True, object()], ["t2", 1, True, 5]])]
-    )
+    body = task_frames.pack_results([["t1", 1, True, object()], ["t2", 1, True, 5]])
+    kind, items = task_frames.parse_from_worker([b"", H[Kind.RESULT], body])
     assert items[1] == ["t2", 1, True, 5]
     assert items[0][:3] == ["t1", 1, False] and items[0][3]["type"] == "LocalProtocolError"
 
@@ -769,8 +773,8 @@ BAD_FROM_WORKER = {
 
 @pytest.mark.parametrize(
     "parse, frames",
-    [(wire.parse_to_worker, f) for f in BAD_TO_WORKER.values()]
-    + [(wire.parse_from_worker, f) for f in BAD_FROM_WORKER.values()],
+    [(task_frames.parse_to_worker, f) for f in BAD_TO_WORKER.values()]
+    + [(task_frames.parse_from_worker, f) for f in BAD_FROM_WORKER.values()],
     ids=[f"to-worker-{k}" for k in BAD_TO_WORKER] + [f"from-worker-{k}" for k in BAD_FROM_WORKER],
 )
 def test_bad_task_messages_are_refused(
@@ -803,7 +807,7 @@ def test_task_parsers_fuzz(frames: list[bytes]) -> None:
     """Whatever arrives, the worker and producer decoders return well-formed items or raise
     RemoteProtocolError."""
     try:
-        kind, body = wire.parse_to_worker(list(frames))
+        kind, body = task_frames.parse_to_worker(list(frames))
     except RemoteProtocolError:
         pass
     else:
@@ -816,7 +820,7 @@ def test_task_parsers_fuzz(frames: list[bytes]) -> None:
         else:
             assert isinstance(body, dict)
     try:
-        kind, body = wire.parse_from_worker(list(frames))
+        kind, body = task_frames.parse_from_worker(list(frames))
     except RemoteProtocolError:
         pass
     else:

@@ -42,7 +42,6 @@ from .runtime import NodeRuntime, host_name
 from .security.keys import is_public_key
 from .stats import RateLimitedLog
 
-
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 _TCP_URL = re.compile(r"tcp://[0-9.]{7,15}:[0-9]{1,5}\Z")

@@ -10,8 +10,9 @@ Header frame
     ``[version, kind, msg_id, timestamp, headers]``:
 
     - ``version``: integer, 1. Any other value is refused.
-    - ``kind``: integer, one of ``1`` request, ``2`` reply, ``3`` error reply, ``4`` event (pub/sub),
-      ``5`` message (push/pull), ``6`` tasks, ``7`` results, ``8`` credit (reliable tasks).
+    - ``kind``: integer, one of ``1`` request, ``2`` reply, ``3`` error reply, ``4`` event
+      (pub/sub), ``5`` message (push/pull), ``6`` tasks, ``7`` results, ``8`` credit (reliable
+      tasks).
     - ``msg_id``: unsigned integer < 2**64, chosen by the sender. A reply repeats its request's id.
     - ``timestamp``: float or integer, the sender's Unix time in seconds. Informational only.
     - ``headers``: optional map with string keys. ``"enc": "raw"`` means the body frame is raw
@@ -50,35 +51,8 @@ Frames per pattern
       the body make a message malformed; a receiver may read them as a following message of the
       same sender (zmqfabric's ``Puller.recv`` does: checking for them costs more than the rest
       of its receive), but never joins them to a frame of another message.
-    - reliable tasks (task socket: ROUTER, bound by each worker; a producer connects one DEALER
-      to each worker, so that it chooses the worker of every task). Every message is
-      ``["", header, body]`` as a DEALER sends and receives it (the worker's ROUTER reads the
-      peer's identity frame before it, and sends it back first). ``msg_id`` is the sender's
-      choice; receivers ignore it. Bodies:
-
-      * kind 8 credit. A producer opens each connection (and each reconnection) with a credit
-        message whose body is a map (workers ignore its content; zmqfabric sends
-        ``{"from": node name}``). The worker answers with body ``{"credit": N}``, ``N`` an
-        integer from 1 to 65535: how many tasks this producer may have at the worker at once
-        (sent and not yet answered by a result). A later credit message replaces the window.
-      * kind 6 tasks, producer to worker: an array of 1 to 65535 tasks, each
-        ``[task_id, attempt, payload, key]``. ``task_id``: a string of 1 to 128 characters, unique
-        per task and the same on every delivery of it. ``attempt``: an integer from 1, one more on
-        each delivery. ``payload``: the task body as submitted, any msgpack value. ``key``: the
-        submitter's idempotency key, a string of at most 256 characters, or nil.
-      * kind 7 results, worker to producer: an array of 1 to 65535 results, each
-        ``[task_id, attempt, ok, value]`` with the task's id and attempt. ``ok`` true: ``value``
-        is the handler's return value; ``ok`` false: the handler raised and ``value`` is
-        ``{"type": str, "message": str}``. Each result gives one unit of credit back.
-
-      A worker runs the tasks of a connection in the order received and sends each result
-      promptly (zmqfabric batches the results of fast handlers for at most 10 ms). A task is done
-      when an ok result for it reaches its producer; the producer then drops any other result of
-      it. The producer gives a task to another worker (a new delivery, ``attempt`` + 1) when its
-      worker's connection drops or its worker spends longer than the task's deadline on one
-      task, and retries a failed task after a backoff; a task that fails its last attempt is
-      dead-lettered. Delivery is therefore at least once: handlers and sinks drop repeats by
-      ``task_id`` or ``key``.
+    - reliable tasks (kinds 6, 7, 8): specified in :mod:`zmqfabric.core.task_frames`, which
+      builds on the header and body frames above.
 
 Malformed input raises :class:`~zmqfabric.errors.RemoteProtocolError` here, at the one ingress
 point; callers count it and carry on.
@@ -89,18 +63,12 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, Mapping
 
 import msgpack
 
-from ..constants import (
-    MAX_HEADER_SIZE,
-    MAX_TASK_CREDIT,
-    MAX_TASK_ID,
-    MAX_TASK_KEY,
-    MAX_TOPIC_SIZE,
-    PROTOCOL_VERSION,
-)
+from ..constants import MAX_HEADER_SIZE, MAX_TOPIC_SIZE, PROTOCOL_VERSION
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 
@@ -117,10 +85,42 @@ class Kind(enum.IntEnum):
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
 _MAX_ID: Final = 2**64 - 1
-#: fixarray(4), positive fixint version, positive fixint kind, uint64 id, float64 timestamp.
-_HEADER: Final = struct.Struct(">BBBBQBd")
-HEADER_SIZE: Final = _HEADER.size
 RAW_HEADERS: Final = {"enc": "raw"}
+
+# --- the canonical header: the byte layout every fast path uses ------------------------------
+# Senders write the 21-byte header of the spec with one struct call and a pre-packed 4-byte
+# prefix per kind. Receivers recognise it with three tests, written inline on the hot paths of
+# patterns/ (a call per message would cost more than the tests), always in this form, with the
+# names below imported (or bound) once per module:
+#
+#     len(h) == HEADER_SIZE and h.startswith(prefix) and h[FLOAT64_AT] == FLOAT64
+#
+# (``prefix = HEADER_PREFIX[kind]``), and read the id and timestamp back with one
+# ``unpack_canonical(h)``. Those tests accept exactly the msgpack arrays ``[1, kind, uint64,
+# float64]`` in this one encoding, all of them valid; any other header (another encoding, a
+# header map, a bad version or kind, a malformed frame) goes to the parsers below, so every
+# message meets the same checks and the same RemoteProtocolError. ``tests/test_fastpath.py``
+# checks each inlined decoder against the parsers.
+
+#: ``CANONICAL.pack(HEADER_PREFIX[kind], msg_id, FLOAT64, timestamp)`` is a canonical header;
+#: ``CANONICAL.unpack(data)`` gives ``(prefix, msg_id, FLOAT64, timestamp)`` back. struct refuses
+#: ids outside uint64 (struct.error).
+CANONICAL: Final = struct.Struct(">4sQBd")
+#: ``CANONICAL``'s bound methods, for hot paths (no attribute lookup per message).
+pack_canonical: Final = CANONICAL.pack
+unpack_canonical: Final = CANONICAL.unpack
+#: The length of a canonical header: prefix (4), uint64 id (8), float64 tag (1), timestamp (8).
+HEADER_SIZE: Final = CANONICAL.size
+#: Where the msgpack float64 tag sits in a canonical header (after the prefix and the id).
+FLOAT64_AT: Final = 12
+#: The msgpack float64 tag.
+FLOAT64: Final = 0xCB
+#: The first 4 bytes of every canonical header of each kind: fixarray(4), the version as a
+#: positive fixint, the kind as a positive fixint, the uint64 tag of the id.
+HEADER_PREFIX: Final[Mapping[Kind, bytes]] = MappingProxyType(
+    {kind: bytes((0x94, PROTOCOL_VERSION, kind, 0xCF)) for kind in Kind}
+)
+_PREFIX_KIND: Final = {prefix: kind for kind, prefix in HEADER_PREFIX.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +147,6 @@ class Message:
     headers: dict[str, Any] | None = None
 
 
-def header_prefix(kind: Kind) -> bytes:
-    """The first three bytes of every canonical header of ``kind`` (fast-path check)."""
-    return bytes((0x94, PROTOCOL_VERSION, int(kind)))
-
-
 def pack_header(
     kind: Kind, msg_id: int, timestamp: float, headers: dict[str, Any] | None = None
 ) -> bytes:
@@ -160,15 +155,16 @@ def pack_header(
         raise LocalProtocolError(f"message id {msg_id} is not an unsigned 64-bit integer")
     if headers:
         return msgpack.packb([PROTOCOL_VERSION, int(kind), msg_id, float(timestamp), headers])
-    return _HEADER.pack(0x94, PROTOCOL_VERSION, int(kind), 0xCF, msg_id, 0xCB, timestamp)
+    return pack_canonical(HEADER_PREFIX[kind], msg_id, FLOAT64, timestamp)
 
 
 def unpack_header(data: bytes) -> Header:
     """Decode and validate a header frame. Raises RemoteProtocolError."""
-    if len(data) == HEADER_SIZE and data[0] == 0x94 and data[3] == 0xCF and data[12] == 0xCB:
-        _, version, kind, _, msg_id, _, ts = _HEADER.unpack(data)
-        if version == PROTOCOL_VERSION and kind in _KINDS:
-            return Header(Kind(kind), msg_id, ts)
+    if len(data) == HEADER_SIZE and data[FLOAT64_AT] == FLOAT64:
+        prefix, msg_id, _, ts = unpack_canonical(data)
+        kind = _PREFIX_KIND.get(prefix)
+        if kind is not None:
+            return Header(kind, msg_id, ts)
     return _unpack_header_slow(data)
 
 
@@ -215,7 +211,14 @@ def unpack_body(data: bytes | memoryview, raw: bool = False) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, TypeError...
-        raise RemoteProtocolError(f"body is not valid msgpack: {exc}") from exc
+        raise undecodable(exc) from exc
+
+
+def undecodable(exc: Exception) -> RemoteProtocolError:
+    """The error for a body msgpack cannot decode: what :func:`unpack_body` raises, for hot paths
+    that call ``msgpack.unpackb(data, raw=False, strict_map_key=False)`` themselves and catch
+    ``Exception`` as it does."""
+    return RemoteProtocolError(f"body is not valid msgpack: {exc}")
 
 
 def decode_topic(data: bytes) -> str:
@@ -334,30 +337,7 @@ def error_body(exc: BaseException) -> dict[str, str]:
     }
 
 
-# --- hot paths -------------------------------------------------------------------------------
-# Senders write the canonical 21-byte header (see the spec above) with one struct call and a
-# pre-packed 4-byte prefix per kind; receivers recognise it with three byte tests and read the id
-# and timestamp back with one struct call. Anything else (another encoding, a header map, a bad
-# version or kind, a malformed frame) goes to the full parsers above, so every message still
-# meets the same checks and the same RemoteProtocolError.
-
-#: ``CANONICAL.pack(canonical_prefix(kind), msg_id, FLOAT64, timestamp)`` is a canonical header;
-#: ``CANONICAL.unpack(data)`` gives ``(prefix, msg_id, FLOAT64, timestamp)`` back. struct refuses
-#: ids outside uint64 (struct.error).
-CANONICAL: Final = struct.Struct(">4sQBd")
-#: The msgpack float64 tag: byte 12 of a canonical header.
-FLOAT64: Final = 0xCB
-
-
-def canonical_prefix(kind: Kind) -> bytes:
-    """The first 4 bytes of every canonical header of ``kind``: fixarray(4), version, kind, and
-    the uint64 tag of the id."""
-    return bytes((0x94, PROTOCOL_VERSION, int(kind), 0xCF))
-
-
-def is_canonical(data: bytes, prefix: bytes) -> bool:
-    """True if ``data`` is a canonical header starting with ``prefix`` (hot paths inline this)."""
-    return len(data) == HEADER_SIZE and data.startswith(prefix) and data[12] == FLOAT64
+# --- encoding errors of the hot paths ---------------------------------------------------------
 
 
 def unencodable(exc: Exception) -> LocalProtocolError:
@@ -368,121 +348,3 @@ def unencodable(exc: Exception) -> LocalProtocolError:
 
 #: What an msgpack Packer raises for a body it cannot encode.
 PACK_ERRORS: Final = (TypeError, ValueError, OverflowError)
-
-
-# --- reliable tasks (kinds 6, 7, 8) ----------------------------------------------------------
-
-
-def pack_tasks(tasks: list[tuple[str, int, bytes, str | None]]) -> bytes:
-    """The body of a task message: ``(task_id, attempt, payload, key)`` items, ``payload`` already
-    encoded by :func:`pack_body` (it is spliced in, not encoded again)."""
-    pack = msgpack.Packer().pack
-    count = len(tasks)
-    parts = [_array_header(count)]
-    for task_id, attempt, payload, key in tasks:
-        parts.append(b"\x94" + pack(task_id) + pack(attempt) + payload + pack(key))
-    return b"".join(parts)
-
-
-def _array_header(count: int) -> bytes:
-    if count < 16:
-        return bytes((0x90 | count,))
-    if count <= 0xFFFF:
-        return b"\xdc" + count.to_bytes(2, "big")
-    return b"\xdd" + count.to_bytes(4, "big")
-
-
-def pack_results(results: list[list[Any]]) -> bytes:
-    """The body of a result message: ``[task_id, attempt, ok, value]`` items. A value msgpack
-    cannot encode turns its item into a failure (``ok`` false, type ``LocalProtocolError``)."""
-    try:
-        return msgpack.packb(results)
-    except (TypeError, ValueError, OverflowError):
-        fixed = []
-        for item in results:
-            try:
-                msgpack.packb(item[3])
-            except (TypeError, ValueError, OverflowError) as exc:
-                error = LocalProtocolError(f"result cannot be encoded as msgpack: {exc}")
-                item = [item[0], item[1], False, error_body(error)]
-            fixed.append(item)
-        return msgpack.packb(fixed)
-
-
-def pack_credit(credit: int) -> bytes:
-    """The body of a worker's credit message. Raises LocalProtocolError out of 1..65535."""
-    if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
-        raise LocalProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
-    return msgpack.packb({"credit": credit})
-
-
-def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:
-    """Decode ``[header, body]`` (after the route) as a worker receives it: ``(Kind.TASK, items)``
-    with items ``[task_id, attempt, payload, key]``, or ``(Kind.CREDIT, map)``.
-    Raises RemoteProtocolError."""
-    if len(payload) != 2:
-        raise RemoteProtocolError(f"task message must be [header, body], got {len(payload)} frames")
-    header = unpack_header(payload[0])
-    body = unpack_body(payload[1], header.raw)
-    if header.kind is Kind.TASK:
-        _check_items(body, "task")
-        for item in body:
-            task_id, attempt, _, key = item
-            _check_id(task_id, attempt)
-            if key is not None and (type(key) is not str or len(key) > MAX_TASK_KEY):
-                raise RemoteProtocolError("task key must be nil or a string of <= 256 characters")
-        return header.kind, body
-    if header.kind is Kind.CREDIT:
-        if not isinstance(body, dict):
-            raise RemoteProtocolError("credit request body must be a map")
-        return header.kind, body
-    raise RemoteProtocolError(f"expected tasks or credit, got kind {header.kind.name.lower()}")
-
-
-def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
-    """Decode ``["", header, body]`` as a producer's DEALER receives it: ``(Kind.RESULT, items)``
-    with items ``[task_id, attempt, ok, value]``, or ``(Kind.CREDIT, credit)``.
-    Raises RemoteProtocolError."""
-    if len(frames) != 3 or frames[0]:
-        raise RemoteProtocolError(
-            f"worker message must be ['', header, body], got {len(frames)} frames"
-        )
-    header = unpack_header(frames[1])
-    body = unpack_body(frames[2], header.raw)
-    if header.kind is Kind.RESULT:
-        _check_items(body, "result")
-        for item in body:
-            task_id, attempt, ok, value = item
-            _check_id(task_id, attempt)
-            if type(ok) is not bool:
-                raise RemoteProtocolError("result ok flag must be a boolean")
-            if not ok and not (
-                isinstance(value, dict)
-                and isinstance(value.get("type"), str)
-                and isinstance(value.get("message"), str)
-            ):
-                raise RemoteProtocolError(
-                    "failed result value must be {'type': str, 'message': str}"
-                )
-        return header.kind, body
-    if header.kind is Kind.CREDIT:
-        credit = body.get("credit") if isinstance(body, dict) else None
-        if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
-            raise RemoteProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
-        return header.kind, credit
-    raise RemoteProtocolError(f"expected results or credit, got kind {header.kind.name.lower()}")
-
-
-def _check_items(body: Any, what: str) -> None:
-    if type(body) is not list or not 1 <= len(body) <= MAX_TASK_CREDIT:
-        raise RemoteProtocolError(f"{what} body must be an array of 1 to {MAX_TASK_CREDIT} items")
-    for item in body:
-        if type(item) is not list or len(item) != 4:
-            raise RemoteProtocolError(f"each {what} must be an array of 4 items")
-
-
-def _check_id(task_id: Any, attempt: Any) -> None:
-    if type(task_id) is not str or not 0 < len(task_id) <= MAX_TASK_ID:
-        raise RemoteProtocolError("task id must be a string of 1 to 128 characters")
-    if type(attempt) is not int or not 1 <= attempt <= 0xFFFFFFFF:
-        raise RemoteProtocolError("task attempt must be an integer from 1")

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..transport.frames import _s_left
-from .base import DEFER_DISCONNECT_S, Connector, _closed_or
+from ..transport.frames import s_left
+from .base import DEFER_DISCONNECT_S, Connector
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -55,20 +55,20 @@ class AsyncConnector(Connector):
 
     async def _recv(self, deadline: float | None) -> list[bytes] | None:
         try:
-            return await asyncio.wait_for(self._sock.recv_multipart(), _s_left(deadline))
+            return await asyncio.wait_for(self._sock.recv_multipart(), s_left(deadline))
         except asyncio.TimeoutError:
             return None
         except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
+            raise self._zmq_error(exc) from exc
 
     async def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
         try:
-            await asyncio.wait_for(self._sock.send_multipart(frames, copy=copy), _s_left(deadline))
+            await asyncio.wait_for(self._sock.send_multipart(frames, copy=copy), s_left(deadline))
             return True
         except asyncio.TimeoutError:
             return False
         except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
+            raise self._zmq_error(exc) from exc
 
     async def _wait_ready(self, deadline: float | None) -> bool:
         """Wait until every provider known now has completed its connection handshake."""
@@ -81,7 +81,7 @@ class AsyncConnector(Connector):
     async def _wait_monitor(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Apply connection events until ``done()``; False at the deadline."""
         while not done():
-            left = _s_left(deadline)
+            left = s_left(deadline)
             if left == 0:
                 return False
             try:
@@ -95,7 +95,7 @@ class AsyncConnector(Connector):
         while not self._urls:
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), _s_left(deadline))
+                await asyncio.wait_for(self._changed.wait(), s_left(deadline))
             except asyncio.TimeoutError:
                 return bool(self._urls)
         return True

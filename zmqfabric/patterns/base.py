@@ -25,8 +25,8 @@ from zmq.utils.monitor import recv_monitor_message
 from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError
 from ..stats import RateLimitedLog
-from ..transport.frames import NOBLOCK, _ms_left, recv_frames, send_frames
-from ..transport.sockets import sync_view
+from ..transport.frames import NOBLOCK, ms_left, recv_frames, send_frames
+from ..transport.sockets import sync_view, zmq_error
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -76,6 +76,10 @@ class Handle:
 
     def _on_close(self) -> None:
         pass
+
+    def _zmq_error(self, exc: zmq.ZMQError) -> FabricError:
+        """The fabric error for a ZMQError on this handle's socket (ClosedError once closed)."""
+        return zmq_error(exc, f"{self.noun} {self.name!r}", self._closed)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -276,20 +280,20 @@ class SyncConnector(Connector):
         except zmq.Again:
             return self._wait_recv(deadline)
         except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
+            raise self._zmq_error(exc) from exc
 
     def _wait_recv(self, deadline: float | None) -> list[bytes] | None:
         """Poll the socket and the wake-up pipe until a message is there, then receive it; None
         when ``deadline`` passes. Directory changes that arrive meanwhile are applied."""
         sock, wake, poll = self._sock, self._wake_r, self._poll_in.poll
         while True:
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return None
             try:
                 events = poll(timeout)
             except zmq.ZMQError as exc:
-                raise _closed_or(self, exc) from exc
+                raise self._zmq_error(exc) from exc
             for ready, _ in events:
                 if ready == wake:
                     self._drain()
@@ -300,7 +304,7 @@ class SyncConnector(Connector):
                     except zmq.Again:
                         break
                     except zmq.ZMQError as exc:
-                        raise _closed_or(self, exc) from exc
+                        raise self._zmq_error(exc) from exc
 
     def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
         """Send one multipart message; False when it could not go out before ``deadline``.
@@ -314,16 +318,16 @@ class SyncConnector(Connector):
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
+            raise self._zmq_error(exc) from exc
         wake, poll = self._wake_r, self._poll_out.poll
         while True:
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return False
             try:
                 events = poll(timeout)
             except zmq.ZMQError as exc:
-                raise _closed_or(self, exc) from exc
+                raise self._zmq_error(exc) from exc
             for ready, _ in events:
                 if ready == wake:
                     self._drain()
@@ -335,14 +339,14 @@ class SyncConnector(Connector):
                     except zmq.Again:
                         break
                     except zmq.ZMQError as exc:
-                        raise _closed_or(self, exc) from exc
+                        raise self._zmq_error(exc) from exc
 
     def _wait_providers(self, deadline: float | None) -> bool:
         """Wait until at least one provider is connected; False at the deadline."""
         if self._ops:
             self._drain()
         while not self._urls:
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return False
             poller = zmq.Poller()
@@ -368,7 +372,7 @@ class SyncConnector(Connector):
             self._read_monitor()
             if done():
                 return True
-            timeout = _ms_left(deadline)
+            timeout = ms_left(deadline)
             if timeout == 0:
                 return False
             poller.poll(timeout)
@@ -377,9 +381,3 @@ class SyncConnector(Connector):
         super()._on_close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-
-def _closed_or(handle: Handle, exc: zmq.ZMQError) -> FabricError:
-    if exc.errno in (zmq.ETERM, zmq.ENOTSOCK) or handle.closed:
-        return ClosedError(f"{handle.noun} {handle.name!r} is closed")
-    return FabricError(f"{handle.noun} {handle.name!r}: {exc.strerror}")

@@ -14,23 +14,22 @@ import zmq
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
+from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import FabricTimeoutError, NoProviderError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
-    _ms_left,
-    _s_left,
     deadline_after,
+    ms_left,
     recv_frames,
+    s_left,
+    sticky_rcvtimeo,
 )
 from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector, _closed_or
-from .pubsub import BINARY, _Encoder
+from .base import Bound, SyncConnector
+from .encoder import BINARY, Encoder
 
-# Hot path (see wire.CANONICAL): the pre-packed header prefix and the struct calls.
-_MESSAGE = wire.canonical_prefix(wire.Kind.MESSAGE)
-_PACK = wire.CANONICAL.pack
-_UNPACK = wire.CANONICAL.unpack
-_FLOAT64 = wire.FLOAT64
+# Hot path (see wire's canonical header): the pre-packed header prefix.
+_MESSAGE = wire.HEADER_PREFIX[wire.Kind.MESSAGE]
 #: The C-level receive (no attribute lookup through pyzmq's Socket classes) and msgpack's decoder.
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
@@ -50,8 +49,9 @@ class _PullerBase(Bound):
         try:
             if len(frames) == 2:  # fast path: [canonical message header, msgpack body]
                 header = frames[0]
-                if len(header) == 21 and header.startswith(_MESSAGE) and header[12] == _FLOAT64:
-                    _, msg_id, _, timestamp = _UNPACK(header)
+                if (len(header) == HEADER_SIZE and header.startswith(_MESSAGE)
+                        and header[FLOAT64_AT] == FLOAT64):
+                    _, msg_id, _, timestamp = unpack_canonical(header)
                     return wire.Message(wire.Kind.MESSAGE, msg_id, timestamp,
                                         wire.unpack_body(frames[1]))
             return wire.parse_message(frames)
@@ -96,10 +96,8 @@ class Puller(_PullerBase):
             # getsockopt(RCVMORE); the body of a canonical header comes as bytes, unchecked:
             # frames after it (a malformed message) are read next as a message of their own
             # (see the wire spec), so nothing of another message is ever mixed in.
-            was = self._rcvtimeo
-            if wait != was and (wait < 0 or was < 0 or not wait <= was <= wait + (wait >> 6) + 2):
-                sock.setsockopt(zmq.RCVTIMEO, wait)  # reset rarely: a slack of 1/64
-                self._rcvtimeo = wait
+            if wait != self._rcvtimeo:  # a call only when the wait changes (see sticky_rcvtimeo)
+                self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, wait)
             try:
                 head = _RECV(sock, 0, False)
             except zmq.Again:
@@ -107,19 +105,19 @@ class Puller(_PullerBase):
                     f"no message on pipeline {self.name!r} within {timeout} s", timeout=timeout
                 ) from None
             except zmq.ZMQError as exc:
-                raise _closed_or(self, exc) from exc
+                raise self._zmq_error(exc) from exc
             header = head.bytes
             if not head.more:
                 frames = [header]
-            elif len(header) == 21 and header[12] == _FLOAT64 and header.startswith(_MESSAGE):
+            elif (len(header) == HEADER_SIZE and header[FLOAT64_AT] == FLOAT64
+                  and header.startswith(_MESSAGE)):
                 data = _RECV(sock, NOBLOCK)  # the rest of a message is there with its first frame
                 try:
                     return _UNPACKB(data, raw=False, strict_map_key=False)
-                except Exception as exc:  # what wire.unpack_body catches, inlined
-                    self._refused("message", RemoteProtocolError(
-                        f"body is not valid msgpack: {exc}"))
+                except Exception as exc:  # wire.unpack_body inlined: its catch, its error
+                    self._refused("message", wire.undecodable(exc))
                     if deadline is not None:
-                        wait = _ms_left(deadline) or 0
+                        wait = ms_left(deadline) or 0
                     continue
             else:
                 frames = [header]
@@ -131,7 +129,7 @@ class Puller(_PullerBase):
             if message is not None:
                 return message.body
             if deadline is not None:
-                wait = _ms_left(deadline) or 0
+                wait = ms_left(deadline) or 0
 
     def _frames(self, deadline: float | None, try_first: bool = True) -> list[bytes] | None:
         """The next multipart message, or None when ``deadline`` passes. ``try_first=False``:
@@ -144,14 +142,14 @@ class Puller(_PullerBase):
                 except zmq.Again:
                     pass
                 except zmq.ZMQError as exc:
-                    raise _closed_or(self, exc) from exc
+                    raise self._zmq_error(exc) from exc
             try_first = True
-            left = _ms_left(deadline)
+            left = ms_left(deadline)
             try:
                 if left == 0 or not self._poller.poll(left):
                     return None
             except zmq.ZMQError as exc:
-                raise _closed_or(self, exc) from exc
+                raise self._zmq_error(exc) from exc
 
     def __iter__(self) -> Iterator[Any]:
         while (message := self.recv_message()) is not None:
@@ -168,7 +166,7 @@ class AsyncPuller(_PullerBase):
         deadline = deadline_after(timeout)
         while True:
             try:
-                frames = await asyncio.wait_for(self._sock.recv_multipart(), _s_left(deadline))
+                frames = await asyncio.wait_for(self._sock.recv_multipart(), s_left(deadline))
             except asyncio.TimeoutError:
                 return None
             message = self._decode(frames)
@@ -187,7 +185,7 @@ class AsyncPuller(_PullerBase):
             yield message.body
 
 
-class Pusher(_Encoder, SyncConnector):
+class Pusher(Encoder, SyncConnector):
     """Sends into a pipeline, round robin over its pullers. Owned by one thread."""
 
     kind = EndpointKind.PIPELINE
@@ -203,7 +201,7 @@ class Pusher(_Encoder, SyncConnector):
         LocalProtocolError for a body msgpack cannot encode."""
         if self._closed:
             self._check_open()
-        # _Encoder._encode and send_frames inlined (hot path).
+        # Encoder._encode and send_frames inlined (hot path).
         self._seq = seq = self._seq + 1
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
             header = wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS)
@@ -213,7 +211,7 @@ class Pusher(_Encoder, SyncConnector):
                 body = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            header, copy = _PACK(self._prefix, seq, _FLOAT64, time.time()), True
+            header, copy = pack_canonical(self._prefix, seq, FLOAT64, time.time()), True
         if self._ops:
             self._drain()
         sock = self._sock
@@ -225,7 +223,7 @@ class Pusher(_Encoder, SyncConnector):
         except zmq.Again:
             pass  # no puller yet, or all are HWM behind: wait (below) with a deadline
         except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
+            raise self._zmq_error(exc) from exc
         if not self._send([header, body], deadline_after(timeout), copy):
             raise NoProviderError("pipeline", self.name, timeout)
 
@@ -235,7 +233,7 @@ class Pusher(_Encoder, SyncConnector):
         return self._wait_ready(deadline_after(timeout))
 
 
-class AsyncPusher(_Encoder, AsyncConnector):
+class AsyncPusher(Encoder, AsyncConnector):
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 

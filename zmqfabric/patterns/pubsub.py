@@ -18,37 +18,34 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Iterable, Iterator, cast
 
-import msgpack
 import zmq
 
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
+from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import FabricTimeoutError, LocalProtocolError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
-    _ms_left,
     deadline_after,
+    ms_left,
     recv_frames,
     send_frames,
 )
 from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector, _closed_or
+from .base import Bound, SyncConnector
+from .encoder import BINARY, Encoder
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 
-# Hot path (see wire.CANONICAL): pre-packed header prefixes and the struct calls.
-_EVENT = wire.canonical_prefix(wire.Kind.EVENT)
-_PACK = wire.CANONICAL.pack
-_UNPACK = wire.CANONICAL.unpack
-_FLOAT64 = wire.FLOAT64
+# Hot path (see wire's canonical header): the pre-packed header prefix.
+_EVENT = wire.HEADER_PREFIX[wire.Kind.EVENT]
 #: ``getsockopt`` as the C method, and its arguments as plain ints (see io.py).
 _GET = cast("Callable[[Any, int], int]", zmq.backend.Socket.get)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-BINARY = (bytes, bytearray, memoryview)
 #: Encoded topics a publisher keeps (a bounded cache: cleared when full).
 _TOPIC_CACHE = 1024
 #: events_sent reaches the node's counters in batches (and on close): a locked update per event
@@ -88,32 +85,7 @@ def _filters(topics: Iterable[str] | None) -> list[bytes]:
     return heads
 
 
-class _Encoder:
-    """Pre-packed message framing shared by publishers and pushers: a header prefix per kind,
-    one msgpack Packer per handle (``msgpack.packb`` builds one per call), a sequence number.
-    The sync ``send`` methods inline ``_encode``; keep them in step."""
-
-    def _init_encoder(self, kind: wire.Kind) -> None:
-        self._kind = kind
-        self._prefix = wire.canonical_prefix(kind)
-        self._pack = msgpack.Packer().pack
-        self._seq = 0
-
-    def _encode(self, body: Any) -> tuple[list[Any], bool]:
-        """(header + body frames, copy flag). Large bytes bodies go raw and uncopied.
-        Raises LocalProtocolError for a body msgpack cannot encode."""
-        self._seq += 1
-        if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-            header = wire.pack_header(self._kind, self._seq, time.time(), wire.RAW_HEADERS)
-            return [header, body], False
-        try:
-            data = self._pack(body)
-        except wire.PACK_ERRORS as exc:
-            raise wire.unencodable(exc) from exc
-        return [_PACK(self._prefix, self._seq, _FLOAT64, time.time()), data], True
-
-
-class Publisher(_Encoder, Bound):
+class Publisher(Encoder, Bound):
     """Publishes one stream. ``send`` never blocks: a subscriber that falls HWM messages behind
     loses messages (ZeroMQ pub/sub semantics). The socket is an XPUB, which sends exactly like a
     PUB (plain ZeroMQ SUB programs subscribe to it as to any PUB); the publisher also reads the
@@ -161,7 +133,7 @@ class Publisher(_Encoder, Bound):
             drained = self._read_subscriptions(_READ_BATCH)
             if len(self._markers) >= n:
                 break
-            left = _ms_left(deadline)
+            left = ms_left(deadline)
             if left == 0:
                 break
             if drained:
@@ -238,7 +210,8 @@ class Publisher(_Encoder, Bound):
                 data = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            send_frames(self._sock, [head, _PACK(self._prefix, seq, _FLOAT64, time.time()), data], 0)
+            header = pack_canonical(self._prefix, seq, FLOAT64, time.time())
+            send_frames(self._sock, [head, header, data], 0)
         self._unsent_count += 1
         if self._unsent_count >= _COUNT_BATCH:
             self._flush_batch()
@@ -275,8 +248,9 @@ class _SubscriptionBase:
         try:
             if len(frames) == 3:  # fast path: [topic, canonical event header, msgpack body]
                 header = frames[1]
-                if len(header) == 21 and header.startswith(_EVENT) and header[12] == _FLOAT64:
-                    _, msg_id, _, timestamp = _UNPACK(header)
+                if (len(header) == HEADER_SIZE and header.startswith(_EVENT)
+                        and header[FLOAT64_AT] == FLOAT64):
+                    _, msg_id, _, timestamp = unpack_canonical(header)
                     return wire.Message(wire.Kind.EVENT, msg_id, timestamp,
                                         wire.unpack_body(frames[2]), wire.decode_topic(frames[0]))
             return wire.parse_event(frames)
@@ -335,10 +309,11 @@ class Subscription(_SubscriptionBase, SyncConnector):
                     raise _timeout(self.name, timeout) from None
                 frames = got
             except zmq.ZMQError as exc:
-                raise _closed_or(self, exc) from exc
+                raise self._zmq_error(exc) from exc
             if len(frames) == 3:  # fast path: [topic, canonical event header, msgpack body]
                 header = frames[1]
-                if len(header) == 21 and header.startswith(_EVENT) and header[12] == _FLOAT64:
+                if (len(header) == HEADER_SIZE and header.startswith(_EVENT)
+                        and header[FLOAT64_AT] == FLOAT64):
                     try:
                         return wire.decode_topic(frames[0]), wire.unpack_body(frames[2])
                     except RemoteProtocolError as exc:

@@ -19,6 +19,7 @@ import zmq
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
+from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import (
     AuthorizationError,
     LocalProtocolError,
@@ -29,15 +30,17 @@ from ..errors import (
 )
 from ..transport.frames import (
     NOBLOCK,
-    _ms_left,
-    _s_left,
     deadline_after,
+    ms_left,
     recv_frames,
+    s_left,
     send_frames,
+    sticky_rcvtimeo,
 )
 from ..transport.sockets import sync_view
 from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector, _closed_or
+from .base import Bound, SyncConnector
+from .encoder import BINARY
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -45,16 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
 
-# Hot path (see wire.CANONICAL): pre-packed header prefixes and the struct calls.
-_REQUEST = wire.canonical_prefix(wire.Kind.REQUEST)
-_REPLY = wire.canonical_prefix(wire.Kind.REPLY)
-_PACK = wire.CANONICAL.pack
-_UNPACK = wire.CANONICAL.unpack
-_FLOAT64 = wire.FLOAT64
-_BINARY = (bytes, bytearray, memoryview)
-#: A requester's receive timeout is reset only when it would overshoot the deadline by more than
-#: this share of the time left (1/64, at least 2 ms): one setsockopt per call would cost ~1 us.
-_RCVTIMEO_SLACK_SHIFT = 6
+# Hot path (see wire's canonical header): pre-packed header prefixes.
+_REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
+_REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
 
 
 def _encode(
@@ -63,13 +59,13 @@ def _encode(
     """(header, body frame, copy flag) of one request or reply. Bytes bodies of at least
     ZERO_COPY_THRESHOLD travel raw and uncopied; others as msgpack with a canonical header.
     Raises LocalProtocolError for a body msgpack cannot encode."""
-    if isinstance(body, _BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
+    if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
         return wire.pack_header(kind, msg_id, time.time(), wire.RAW_HEADERS), body, False
     try:
         data = pack(body)
     except wire.PACK_ERRORS as exc:
         raise wire.unencodable(exc) from exc
-    return _PACK(prefix, msg_id, _FLOAT64, time.time()), data, True
+    return pack_canonical(prefix, msg_id, FLOAT64, time.time()), data, True
 
 
 class ServiceEndpoint(Bound):
@@ -93,9 +89,10 @@ class ServiceEndpoint(Bound):
         # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
         if len(frames) == 4 and not frames[1]:
             head = frames[2]
-            if len(head) == 21 and head.startswith(_REQUEST) and head[12] == _FLOAT64:
+            if (len(head) == HEADER_SIZE and head.startswith(_REQUEST)
+                    and head[FLOAT64_AT] == FLOAT64):
                 try:
-                    return frames[:2], _UNPACK(head)[1], wire.unpack_body(frames[3])
+                    return frames[:2], unpack_canonical(head)[1], wire.unpack_body(frames[3])
                 except RemoteProtocolError:
                     pass  # parse() below refuses it, counts it and answers with an error
         parsed = self.parse(frames)
@@ -214,15 +211,17 @@ class _RequesterBase:
         # Fast path: ["", canonical reply header, msgpack body].
         if len(frames) == 3 and not frames[0]:
             head = frames[1]
-            if len(head) == 21 and head.startswith(_REPLY) and head[12] == _FLOAT64:
-                if _UNPACK(head)[1] != msg_id:
-                    self._rt.counters.add("stale_replies")
-                    return False, None
-                try:
-                    return True, wire.unpack_body(frames[2])
+            if (len(head) == HEADER_SIZE and head.startswith(_REPLY)
+                    and head[FLOAT64_AT] == FLOAT64):
+                try:  # the body first, as parse_reply: a malformed reply is refused, stale or not
+                    body = wire.unpack_body(frames[2])
                 except RemoteProtocolError as exc:
                     self._refused("reply", exc)  # type: ignore[attr-defined]
                     return False, None
+                if unpack_canonical(head)[1] != msg_id:
+                    self._rt.counters.add("stale_replies")
+                    return False, None
+                return True, body
         try:
             header, body = wire.parse_reply(frames)
         except RemoteProtocolError as exc:
@@ -254,7 +253,7 @@ class _RequesterBase:
             except zmq.ZMQError as exc:
                 if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
                     continue  # not connected (yet), or that provider's queue is full
-                raise _closed_or(self, exc) from exc  # type: ignore[arg-type]
+                raise self._zmq_error(exc) from exc  # type: ignore[arg-type]
             self._turn = order.index(url) + 1
             return url
         return None
@@ -321,7 +320,7 @@ class Requester(_RequesterBase, SyncConnector):
             url = self._send_to_one(frames, copy, avoid)
             if url is not None:
                 return url
-            left = _ms_left(deadline)
+            left = ms_left(deadline)
             if left == 0:
                 return None
             self._wait_monitor(lambda: False, deadline_after(min(left, 10) / 1000))
@@ -332,23 +331,19 @@ class Requester(_RequesterBase, SyncConnector):
         only fail (a raised zmq.Again) and polling would add syscalls to every round trip.
         Directory changes that arrive meanwhile wait for the next send. The receive timeout may
         overshoot the deadline by 1/64 of the time left, so that it is rarely reset."""
-        left = _ms_left(deadline)
+        left = ms_left(deadline)
         if left is None:
             left = -1  # no deadline: wait as long as it takes
         elif left == 0:
             return None
         sock = self._sock
-        if (left < 0) != (self._rcvtimeo < 0) or not (
-            left <= self._rcvtimeo <= left + max(2, left >> _RCVTIMEO_SLACK_SHIFT)
-        ):
-            sock.setsockopt(zmq.RCVTIMEO, left)
-            self._rcvtimeo = left
+        self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, left)
         try:
             return recv_frames(sock, 0)
         except zmq.Again:
             return None
         except zmq.ZMQError as exc:
-            raise _closed_or(self, exc) from exc
+            raise self._zmq_error(exc) from exc
 
 
 class AsyncRequester(_RequesterBase, AsyncConnector):
@@ -392,7 +387,7 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
             url = self._send_to_one(frames, copy, avoid)
             if url is not None:
                 return url
-            left = _s_left(deadline)
+            left = s_left(deadline)
             if not left:
                 return None
             self._changed.clear()

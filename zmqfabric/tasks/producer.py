@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 
 from ..constants import JOURNAL_COMMIT_S, TASK_TICK_MS
-from ..core import wire
+from ..core import task_frames, wire
 from ..core.records import EndpointKind
 from ..core.tasktable import Outcome, Task, TaskTable
 from ..errors import ClosedError, FabricError, JournalError, RemoteProtocolError, TaskFailedError
@@ -247,7 +247,7 @@ class Dispatcher:
             except zmq.Again:
                 return
             try:
-                kind, body = wire.parse_from_worker(frames)
+                kind, body = task_frames.parse_from_worker(frames)
             except RemoteProtocolError as exc:
                 self._node.counters.add("refused_task_results")
                 _rlog.warning("task-results", "task %r: dropped a malformed message from %s: %s",
@@ -297,7 +297,7 @@ class Dispatcher:
                     continue
                 if link.hello_due:
                     self._send_hello(link)
-                body = wire.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
+                body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
                 header = wire.pack_header(wire.Kind.TASK, 0, time.time())
                 try:
                     link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)

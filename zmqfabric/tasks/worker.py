@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import zmq
 
 from ..constants import TASK_RESULT_FLUSH_S
-from ..core import wire
+from ..core import task_frames, wire
 from ..core.records import EndpointKind
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..patterns.base import Bound
@@ -80,7 +80,7 @@ class TaskEndpoint(Bound):
         self.prefetch = prefetch
         self.socket = self._sock
         self._out = sync_view(self._sock)
-        self._credit = wire.pack_credit(prefetch)
+        self._credit = task_frames.pack_credit(prefetch)
         self.handled = 0
         self.failed = 0
         self.undeliverable = 0
@@ -92,7 +92,7 @@ class TaskEndpoint(Bound):
                 route, payload = frames[:2], frames[2:]
             else:
                 route, payload = wire.split_route(frames)
-            kind, body = wire.parse_to_worker(payload)
+            kind, body = task_frames.parse_to_worker(payload)
         except RemoteProtocolError as exc:
             self._refused("task", exc)
             return None
@@ -172,7 +172,7 @@ class TaskEndpoint(Bound):
         return flush_at
 
     def _send_results(self, route: list[bytes], results: list[list[Any]]) -> None:
-        self._send(route, wire.Kind.RESULT, wire.pack_results(results))
+        self._send(route, wire.Kind.RESULT, task_frames.pack_results(results))
 
     def _send(self, route: list[bytes], kind: wire.Kind, body: bytes) -> None:
         try:

@@ -18,7 +18,7 @@ def deadline_after(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def _ms_left(deadline: float | None) -> int | None:
+def ms_left(deadline: float | None) -> int | None:
     """Milliseconds to ``deadline`` for a poll: None = forever, 0 = passed."""
     if deadline is None:
         return None
@@ -26,11 +26,38 @@ def _ms_left(deadline: float | None) -> int | None:
     return 0 if left <= 0 else max(1, int(left * 1000))
 
 
-def _s_left(deadline: float | None) -> float | None:
+def s_left(deadline: float | None) -> float | None:
+    """Seconds to ``deadline`` for ``asyncio.wait_for``: None = forever, 0.0 = passed."""
     if deadline is None:
         return None
     return max(0.0, deadline - time.monotonic())
 
+
+#: A blocking receive waits with the socket's receive timeout (RCVTIMEO), as a raw socket does.
+#: Setting it costs about a microsecond, so a socket keeps the one it has while that overshoots
+#: the wait wanted by at most max(RCVTIMEO_SLACK_MIN_MS, wait >> RCVTIMEO_SLACK_SHIFT): 1/64 of a
+#: long wait, so that a deadline counting down resets it rarely; 2 ms of a short one, so that a
+#: fresh deadline of the same timeout, which reads a millisecond less from one call to the next,
+#: resets nothing. The larger of the two, not their sum: the floor only matters for short waits,
+#: and a long wait need not overshoot by 2 ms more. Never shorter than wanted (a receive does not
+#: time out before its deadline), and a wait of 0 (do not block) is never stretched.
+RCVTIMEO_SLACK_SHIFT = 6
+RCVTIMEO_SLACK_MIN_MS = 2
+
+
+def sticky_rcvtimeo(sock: zmq.Socket[Any], have: int, want: int) -> int:
+    """Prepare ``sock`` for a blocking receive that should wait ``want`` ms (-1: forever, 0: not
+    at all) and return its receive timeout now. ``have`` is the receive timeout last set (-1:
+    none); it stays when it equals ``want``, or when ``want`` is positive and ``have`` is at
+    least ``want`` and at most ``want`` plus the slack above. Hot paths call this only when
+    ``want != have``. Raises zmq.ZMQError for a closed socket. Call from the socket's thread."""
+    if have != want and (
+        want <= 0
+        or not want <= have <= want + max(RCVTIMEO_SLACK_MIN_MS, want >> RCVTIMEO_SLACK_SHIFT)
+    ):
+        sock.setsockopt(zmq.RCVTIMEO, want)
+        return want
+    return have
 
 
 #: Flags as plain ints: or-ing zmq's Flag enums costs about a microsecond per call.

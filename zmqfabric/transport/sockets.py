@@ -126,6 +126,14 @@ def sync_view(sock: zmq.Socket) -> zmq.Socket:
     return getattr(sock, "_shadow_sock", sock)
 
 
+def zmq_error(exc: zmq.ZMQError, subject: str, closed: bool = False) -> FabricError:
+    """The fabric error for ``exc`` on ``subject``'s socket (e.g. "stream 'prices'"):
+    ClosedError when the socket or its node is closed (``closed``: its owner says so)."""
+    if closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+        return ClosedError(f"{subject} is closed")
+    return FabricError(f"{subject}: {exc.strerror}")
+
+
 @contextlib.contextmanager
 def translate_zmq_errors(action: str) -> Iterator[None]:
     """Map ``zmq.ZMQError`` raised inside the block to a fabric error naming ``action``."""

@@ -1,0 +1,599 @@
+"""The inlined fast decoders agree with the reference parsers of :mod:`zmqfabric.core.wire`.
+
+The hot paths of patterns/ recognise zmqfabric's own 21-byte header with three byte tests and
+decode it inline (see wire.py, "the canonical header"); everything else goes to ``wire.parse_*``.
+For random frames (canonical headers of every kind, other valid msgpack encodings, header maps,
+raw bodies under ``"enc": "raw"``, malformed frames), each fast decoder must return exactly what
+the reference returns and refuse (count) exactly what it refuses:
+
+- ``ServiceEndpoint`` request parsing, driven through a real DEALER to a node's serve loop;
+- ``Requester._match`` (reply matching), ``_PullerBase._decode`` and ``_SubscriptionBase._decode``,
+  called with frames;
+- ``Puller.recv`` and ``Subscription.recv``, which read their socket inline: driven through real
+  sockets on 127.0.0.1 with crafted frames.
+
+Each crafted message is followed by a sentinel that is surely accepted, so that a refusal shows
+as "the sentinel came first" and nothing waits on a timeout. Values are compared by their msgpack
+encoding, which also compares NaN bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import event, example, given, settings
+from hypothesis import strategies as st
+
+import zmqfabric as zf
+from tests.conftest import unique
+from zmqfabric.core import wire
+from zmqfabric.core.records import EndpointKind
+from zmqfabric.core.wire import Kind, Message
+from zmqfabric.errors import RemoteError, RemoteProtocolError
+from zmqfabric.patterns.pipeline import Puller
+from zmqfabric.patterns.pubsub import Publisher, Subscription
+from zmqfabric.patterns.reqrep import Requester
+from zmqfabric.transport.frames import sticky_rcvtimeo
+
+# The node's own threads (zeroconf's among them) draw from the global random module while
+# hypothesis generates an example; hypothesis would blame our strategies for it.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies"
+)
+
+#: Bound for any one receive (it only waits when a test is wrong).
+WAIT = 10.0
+DIRECT = settings(max_examples=500)
+SOCKETS = settings(max_examples=300)
+
+U64 = 2**64 - 1
+
+
+# --- frames from the spec --------------------------------------------------------------------
+
+
+def spec_canonical(kind: int, msg_id: int, ts: float, version: int = 1) -> bytes:
+    """The header as the spec draws it: ``94 01 KK CF <id: 8 bytes> CB <timestamp: 8 bytes>``."""
+    return (
+        bytes((0x94, version, kind, 0xCF))
+        + msg_id.to_bytes(8, "big")
+        + b"\xcb"
+        + struct.pack(">d", ts)
+    )
+
+
+def is_spec_canonical(header: bytes, kind: Kind) -> bool:
+    return len(header) == 21 and header[:4] == bytes((0x94, 1, kind, 0xCF)) and header[12] == 0xCB
+
+
+msg_ids = st.integers(0, U64) | st.sampled_from([0, 1, 127, 128, 2**32 - 1, 2**32, 2**63, U64])
+float_ts = st.floats()  # NaN, infinities and -0.0 included
+int_ts = st.integers(-(2**63), U64)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), U64)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    | st.dictionaries(st.integers(-5, 5), inner, max_size=2),
+    max_leaves=6,
+)
+header_maps = st.one_of(
+    st.sampled_from([{"enc": "raw"}, {}, {"enc": "msgpack"}, {"enc": "raw", "x": 1}]),
+    st.dictionaries(st.text(max_size=8), values, max_size=3),
+    st.sampled_from([{1: 2}, {b"enc": b"raw"}, [1], "enc", None]),  # not a string-keyed map
+)
+BAD_BODIES = [
+    b"",
+    b"\xc1",
+    b"\x01\x02",
+    b"\xa5ab",
+    b"\xa2\xff\xfe",
+    b"\xdd\xff\xff\xff\xff",
+    b"\x91" * 5000 + b"\xc0",
+    b"\x81\x90\x01",
+    b"\xc7\x01\xff\x00",
+]
+
+
+@st.composite
+def header_frames(draw: st.DrawFn, kind: Kind, msg_id: int | None = None) -> bytes:
+    """Often the canonical header of ``kind`` (the fast path); often one that the fast path
+    must not take although it nearly looks the same; else anything."""
+    if msg_id is None:
+        msg_id = draw(msg_ids)
+    ts = draw(float_ts)
+    path = draw(st.integers(0, 19))
+    if path < 6:
+        return spec_canonical(kind, msg_id, ts)
+    if path < 8:  # valid, of this kind, in another encoding: to the reference parser
+        extra: list[Any] = draw(st.sampled_from([[{"enc": "raw"}], [{"k": "v"}], [{}], [None], []]))
+        return msgpack.packb([1, kind, draw(st.integers(0, 2**32) | msg_ids), ts, *extra])
+    if path < 12:  # the canonical form of another kind, or of another version
+        if draw(st.integers(0, 2)):
+            other = draw(st.sampled_from([x for x in Kind if x is not kind]))
+            return spec_canonical(other, msg_id, ts)
+        if draw(st.booleans()):
+            return spec_canonical(draw(st.sampled_from([0, 9, 127])), msg_id, ts)
+        return spec_canonical(kind, msg_id, ts, version=draw(st.sampled_from([0, 2, 0x7F])))
+    if path < 16:  # near misses: a byte the fast path tests changed, or a byte more or less
+        data = spec_canonical(kind, msg_id, ts)
+        if draw(st.booleans()):
+            edited = bytearray(data)
+            position = draw(st.sampled_from([0, 1, 2, 3, 12, 12]))
+            edited[position] = draw(st.sampled_from([0xCA, 0xCF, 0xD3, 0x95, 0x93, 0x00, 0xFF]))
+            return bytes(edited)
+        longer = st.binary(min_size=1, max_size=3).map(data.__add__)
+        return draw(st.sampled_from([data[:-1], data + b"\x00"]) | longer)
+    k = draw(st.sampled_from([int(kind)] * 4 + [int(x) for x in Kind] + [0, 9, 127]))
+    style = draw(st.integers(0, 6))
+    if style == 0:  # a header map: raw, others, empty, or not a valid map at all
+        return msgpack.packb([1, k, msg_id, ts, draw(header_maps)])
+    if style == 1:  # other valid encodings: fixint ids, integer or float32 timestamps
+        if draw(st.booleans()):
+            return msgpack.packb([1, k, msg_id, draw(st.floats(width=32))], use_single_float=True)
+        return msgpack.packb([1, k, msg_id, draw(int_ts | float_ts)])
+    if style == 2:  # canonical with a byte or two changed anywhere
+        edited = bytearray(spec_canonical(k, msg_id, ts))
+        edits = st.tuples(st.integers(0, 20), st.integers(0, 255))
+        for position, value in draw(st.lists(edits, min_size=1, max_size=2)):
+            edited[position] = value
+        return bytes(edited)
+    if style == 3:  # canonical, a byte short or long
+        data = spec_canonical(k, msg_id, ts)
+        near: list[bytes] = [data[:-1], data + b"\x00", b"\x94" + data[1:20]]
+        return draw(st.sampled_from(near))
+    if style == 4:  # not an array of 4 or 5
+        return msgpack.packb(draw(st.lists(st.integers(0, 9), max_size=6)))
+    return draw(st.binary(max_size=24))
+
+
+@st.composite
+def body_frames(draw: st.DrawFn) -> bytes:
+    style = draw(st.integers(0, 7))
+    if style <= 3:
+        return msgpack.packb(draw(values))
+    if style == 4:  # raw bytes: a raw body, or a malformed msgpack one
+        return draw(st.binary(max_size=40))
+    if style == 5:  # an error reply's body, or nearly
+        error = {"type": draw(st.text(max_size=8)), "message": draw(st.text(max_size=8))}
+        nearly = [error, {"type": "T"}, {"type": 1, "message": ""}]
+        return msgpack.packb(draw(st.sampled_from(nearly)))
+    return draw(st.sampled_from(BAD_BODIES))
+
+
+topics = st.one_of(
+    st.text(max_size=20).map(str.encode),
+    st.text(max_size=20).map(str.encode),
+    st.binary(max_size=8),
+    st.sampled_from([b"", b"t" * 1024, b"t" * 1025, b"\xffzf/sub/0123456789abcdef"]),
+)
+
+
+def extra_frames(kind: Kind) -> st.SearchStrategy[list[bytes]]:
+    return st.lists(header_frames(kind) | body_frames(), min_size=1, max_size=3)
+
+
+@st.composite
+def message_frames(draw: st.DrawFn) -> list[bytes]:
+    """What a PUSH may send to a puller."""
+    header, body = draw(header_frames(Kind.MESSAGE)), draw(body_frames())
+    shape = draw(st.integers(0, 9))
+    if shape <= 5:
+        return [header, body]
+    if shape == 6:
+        return [header]
+    if shape == 7:
+        return [body, header]
+    return [header, body] + draw(extra_frames(Kind.MESSAGE))  # trailing frames
+
+
+@st.composite
+def event_frames(draw: st.DrawFn) -> list[bytes]:
+    """What a PUB may send to a subscriber."""
+    topic, header, body = draw(topics), draw(header_frames(Kind.EVENT)), draw(body_frames())
+    shape = draw(st.integers(0, 9))
+    if shape <= 6:
+        return [topic, header, body]
+    if shape == 7:
+        return [topic, header]
+    if shape == 8:
+        return [header, body]
+    return [topic, header, body] + draw(extra_frames(Kind.EVENT))
+
+
+@st.composite
+def request_frames(draw: st.DrawFn) -> list[bytes]:
+    """What a DEALER may send to a service (its ROUTER puts the peer's identity first)."""
+    header, body = draw(header_frames(Kind.REQUEST)), draw(body_frames())
+    shape = draw(st.integers(0, 11))
+    if shape <= 5:
+        return [b"", header, body]
+    if shape == 6:
+        return [header, body]  # no delimiter
+    if shape == 7:
+        return [b"", header]
+    if shape == 8:
+        return [b"hop", b"", header, body]  # a second routing frame (as from a device)
+    if shape == 9:
+        return [b"", b"", header, body]
+    if shape == 10:
+        return [b""]
+    return [b"", header, body] + draw(extra_frames(Kind.REQUEST))
+
+
+@st.composite
+def reply_frames(draw: st.DrawFn, msg_id: int) -> list[bytes]:
+    """What a requester may get back after the provider's routing id."""
+    kind = draw(st.sampled_from([Kind.REPLY, Kind.REPLY, Kind.ERROR]))
+    header, body = draw(header_frames(kind, msg_id)), draw(body_frames())
+    shape = draw(st.integers(0, 9))
+    if shape <= 5:
+        return [b"", header, body]
+    if shape == 6:
+        return [header, body]
+    if shape == 7:
+        return [b"x", header, body]
+    if shape == 8:
+        return [b"", header]
+    return [b"", header, body] + draw(extra_frames(kind))
+
+
+# --- comparing -------------------------------------------------------------------------------
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal values, NaN and -0.0 included: the same type and the same msgpack encoding."""
+    return type(a) is type(b) and msgpack.packb(a) == msgpack.packb(b)
+
+
+def same_message(a: Message | None, b: Message | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (
+        a.kind is b.kind
+        and a.msg_id == b.msg_id
+        and same(a.timestamp, b.timestamp)
+        and same(a.body, b.body)
+        and a.topic == b.topic
+        and same(a.headers, b.headers)
+    )
+
+
+class Refused:
+    """What a reference parser said about a malformed message (the fast path counts it)."""
+
+    def __repr__(self) -> str:
+        return "REFUSED"
+
+
+REFUSED = Refused()
+
+
+def reference(parse: Any, frames: list[bytes]) -> Any:
+    try:
+        return parse(frames)
+    except RemoteProtocolError:
+        return REFUSED
+
+
+def note_path(frames: list[bytes], at: int, kind: Kind, verdict: object) -> None:
+    """Label the example for ``--hypothesis-show-statistics``: did it take the fast path?"""
+    fast = len(frames) > at and is_spec_canonical(frames[at], kind)
+    fate = "refused" if verdict is REFUSED else "accepted"
+    event(f"{'canonical' if fast else 'other'} header, {fate}")
+
+
+# --- the rig: one node with every kind of endpoint, raw sockets pointed at them --------------
+
+
+@dataclass
+class Rig:
+    node: zf.Node
+    puller: Puller
+    publisher: Publisher
+    subscription: Subscription
+    requester: Requester
+    push: zmq.Socket
+    dealer: zmq.Socket
+    sentinels: Iterator[int]
+
+    def counters(self) -> dict[str, int]:
+        return self.node.counters.snapshot()
+
+
+def grew(before: dict[str, int], after: dict[str, int], key: str) -> int:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    """A node serving an echo service from its serve loop, with a puller, a publisher and a
+    subscription to it, a requester; a raw PUSH to the puller and a raw DEALER to the service
+    (tcp on 127.0.0.1). Module-scoped: hypothesis runs many examples against one rig."""
+    node = zf.Node(unique("fastpath"))
+    service = unique("echo")
+
+    @node.reply(service)
+    def echo(body: Any) -> Any:
+        return body
+
+    ctx = zmq.Context()
+    sockets: list[zmq.Socket] = []
+
+    def raw(kind: int, url: str) -> zmq.Socket:
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sockets.append(sock)
+        sock.connect(url)
+        return sock
+
+    try:
+        node.serve_in_background()
+        record = node.record
+        endpoint = record.find(EndpointKind.REPLY, service)
+        assert endpoint is not None
+        stream = unique("ticks")
+        puller = node.puller(unique("jobs"))
+        publisher = node.publisher(stream)
+        subscription = node.subscribe(stream)
+        assert publisher.wait_subscribers(1, WAIT) == 1
+        yield Rig(
+            node,
+            puller,
+            publisher,
+            subscription,
+            node.requester(service),
+            raw(zmq.PUSH, f"tcp://127.0.0.1:{puller.port}"),
+            raw(zmq.DEALER, record.url(endpoint)),
+            itertools.count(1),
+        )
+    finally:
+        for sock in sockets:
+            sock.close(0)
+        ctx.term()
+        node.close()
+
+
+# --- request parsing (ServiceEndpoint, through the node's serve loop) --------------------------
+
+
+def expected_answer(sent: list[bytes]) -> tuple[list[bytes], Kind, int, bytes] | None:
+    """The reply the reference parsers call for, as the DEALER gets it: (routing frames, kind,
+    msg_id, body frame); None when the request has no route to answer on."""
+    try:
+        route, payload = wire.split_route([b"identity", *sent])
+    except RemoteProtocolError:
+        return None
+    try:
+        header, body = wire.parse_request(payload)
+    except RemoteProtocolError as exc:
+        try:
+            msg_id = wire.unpack_header(payload[0]).msg_id if payload else 0
+        except RemoteProtocolError:
+            msg_id = 0
+        return route[1:], Kind.ERROR, msg_id, wire.pack_body(wire.error_body(exc))
+    return route[1:], Kind.REPLY, header.msg_id, msgpack.packb(body)  # the handler echoes
+
+
+@SOCKETS
+@given(request_frames())
+@example([b"", spec_canonical(1, 7, 0.5), msgpack.packb({"x": 1})])
+@example([b"", spec_canonical(1, 7, 0.5), b"\xc1"])
+@example([b"", spec_canonical(2, 7, 0.5), msgpack.packb(1)])
+@example([b"", msgpack.packb([1, 1, 7, 0.5, {"enc": "raw"}]), b"\xc1raw"])
+def test_service_request_parsing_matches_parse_request(rig: Rig, sent: list[bytes]) -> None:
+    token = secrets.token_bytes(8)
+    sentinel_id = next(rig.sentinels)
+    before = rig.counters()
+    rig.dealer.send_multipart(sent)
+    rig.dealer.send_multipart([b"", spec_canonical(1, sentinel_id, 0.0), msgpack.packb(token)])
+    answers = []
+    while True:
+        assert rig.dealer.poll(int(WAIT * 1000)), "no answer from the service"
+        frames = rig.dealer.recv_multipart()
+        if frames[-1] == msgpack.packb(token) and frames[:-2] == [b""]:
+            break
+        answers.append(frames)
+
+    expected = expected_answer(sent)
+    note_path(sent, 1, Kind.REQUEST, REFUSED if not expected or expected[1] is Kind.ERROR else 0)
+    refused = grew(before, rig.counters(), "refused_request")
+    if expected is None:
+        assert answers == [] and refused == 1
+        return
+    assert len(answers) == 1, answers
+    route, kind, msg_id, body = expected
+    got = answers[0]
+    header = wire.unpack_header(got[-2])
+    assert (got[:-2], header.kind, header.msg_id, got[-1]) == (route, kind, msg_id, body)
+    assert refused == (1 if kind is Kind.ERROR else 0)
+
+
+# --- reply matching (Requester._match) -------------------------------------------------------
+
+
+def expected_match(frames: list[bytes], msg_id: int) -> tuple[Any, ...]:
+    try:
+        header, body = wire.parse_reply(frames)
+    except RemoteProtocolError:
+        return ("refused",)
+    if header.msg_id != msg_id:
+        return ("stale",)
+    if header.kind is Kind.ERROR:
+        return ("error", body["type"], body["message"])
+    return ("ok", body)
+
+
+@DIRECT
+@given(st.data(), msg_ids, st.booleans())
+def test_reply_matching_matches_parse_reply(
+    rig: Rig, data: st.DataObject, msg_id: int, ours: bool
+) -> None:
+    frames = data.draw(reply_frames(msg_id))
+    waiting_for = msg_id if ours else data.draw(msg_ids.filter(lambda i: i != msg_id))
+    before = rig.counters()
+    try:
+        ok, body = rig.requester._match(frames, waiting_for)
+    except RemoteError as exc:
+        got: tuple[Any, ...] = ("error", exc.type, exc.text)
+    else:
+        got = ("ok", body) if ok else ("dropped",)
+    after = rig.counters()
+    stale, refused = grew(before, after, "stale_replies"), grew(before, after, "refused_reply")
+
+    want = expected_match(frames, waiting_for)
+    note_path(frames, 1, Kind.REPLY, REFUSED if want[0] == "refused" else want[0])
+    if want[0] in ("refused", "stale"):
+        assert got == ("dropped",)
+        assert (stale, refused) == ((1, 0) if want[0] == "stale" else (0, 1)), want
+    else:
+        assert got[0] == want[0] and all(map(same, got[1:], want[1:]))
+        assert (stale, refused) == (0, 0)
+
+
+# --- events (Subscription._decode and Subscription.recv) -------------------------------------
+
+
+@DIRECT
+@given(event_frames())
+@example([b"t", spec_canonical(4, 1, 0.5), msgpack.packb("x")])
+@example([b"\xff", spec_canonical(4, 1, 0.5), msgpack.packb("x")])
+@example([b"t", spec_canonical(4, 1, 0.5), b"\xc1"])
+def test_event_decode_matches_parse_event(rig: Rig, frames: list[bytes]) -> None:
+    before = rig.counters()
+    got = rig.subscription._decode(frames)
+    want = reference(wire.parse_event, frames)
+    note_path(frames, 1, Kind.EVENT, want)
+    refused = grew(before, rig.counters(), "refused_event")
+    if want is REFUSED:
+        assert got is None and refused == 1
+    else:
+        assert same_message(got, want) and refused == 0
+
+
+@SOCKETS
+@given(event_frames())
+@example([b"t", spec_canonical(4, 1, 0.5), msgpack.packb("x")])
+@example([b"t", spec_canonical(4, 1, 0.5), b"\xc1"])
+@example([b"\xff\xfe", spec_canonical(4, 1, 0.5), msgpack.packb("x")])
+def test_subscription_recv_matches_parse_event(rig: Rig, frames: list[bytes]) -> None:
+    token = secrets.token_hex(8)
+    before = rig.counters()
+    sock = rig.publisher._sock  # the publisher's XPUB: it sends exactly like a PUB
+    sock.send_multipart(frames)
+    sock.send_multipart([b"sentinel", spec_canonical(4, 0, 0.0), msgpack.packb(token)])
+    got = [rig.subscription.recv(timeout=WAIT)]
+    if got[0] != ("sentinel", token):
+        got.append(rig.subscription.recv(timeout=WAIT))
+    assert got[-1] == ("sentinel", token), got
+
+    want = reference(wire.parse_event, frames)
+    note_path(frames, 1, Kind.EVENT, want)
+    refused = grew(before, rig.counters(), "refused_event")
+    if want is REFUSED:
+        assert len(got) == 1 and refused == 1
+    else:
+        (topic, body), _ = got
+        assert topic == want.topic and same(body, want.body) and refused == 0
+
+
+# --- pipeline messages (Puller._decode and Puller.recv) --------------------------------------
+
+
+@DIRECT
+@given(message_frames())
+@example([spec_canonical(5, 1, 0.5), msgpack.packb("x")])
+@example([spec_canonical(5, 1, 0.5), b"\xc1"])
+@example([msgpack.packb([1, 5, 1, 0.5, {"enc": "raw"}]), b"\xc1"])
+def test_message_decode_matches_parse_message(rig: Rig, frames: list[bytes]) -> None:
+    before = rig.counters()
+    got = rig.puller._decode(frames)
+    want = reference(wire.parse_message, frames)
+    note_path(frames, 0, Kind.MESSAGE, want)
+    refused = grew(before, rig.counters(), "refused_message")
+    if want is REFUSED:
+        assert got is None and refused == 1
+    else:
+        assert same_message(got, want) and refused == 0
+
+
+def expected_pulls(frames: list[bytes]) -> list[Any]:
+    """What ``Puller.recv`` makes of one multipart message: ``wire.parse_message``'s verdict,
+    except that frames after a canonical header's body are read as a message of their own (the
+    wire spec allows it; the receive does not check for them)."""
+    if len(frames) > 2 and is_spec_canonical(frames[0], Kind.MESSAGE):
+        return expected_pulls(frames[:2]) + expected_pulls(frames[2:])
+    want = reference(wire.parse_message, frames)
+    return [want if want is REFUSED else want.body]
+
+
+@SOCKETS
+@given(message_frames())
+@example([spec_canonical(5, 1, 0.5), msgpack.packb("x")])
+@example([spec_canonical(5, 1, 0.5), b"\xc1"])
+@example([spec_canonical(5, 1, 0.5)])
+@example([spec_canonical(5, 1, 0.5), msgpack.packb("x"), spec_canonical(5, 2, 0.5), b"\x01"])
+@example([spec_canonical(5, 1, 0.5), msgpack.packb("x"), b"\x01"])
+def test_puller_recv_matches_parse_message(rig: Rig, frames: list[bytes]) -> None:
+    token = secrets.token_hex(8)
+    before = rig.counters()
+    rig.push.send_multipart(frames)
+    rig.push.send_multipart([spec_canonical(5, 0, 0.0), msgpack.packb(token)])
+    got = []
+    while (body := rig.puller.recv(timeout=WAIT)) != token:
+        got.append(body)
+
+    want = expected_pulls(frames)
+    note_path(frames, 0, Kind.MESSAGE, want[0])
+    accepted = [body for body in want if body is not REFUSED]
+    assert len(got) == len(accepted) and all(map(same, got, accepted)), (got, want)
+    assert grew(before, rig.counters(), "refused_message") == len(want) - len(accepted)
+
+
+# --- the sticky receive timeout --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "have, want, kept",
+    [
+        (-1, -1, True),
+        (100, -1, False),
+        (-1, 100, False),
+        (0, 0, True),
+        (2, 0, False),  # a wait of 0 means "do not block": never stretched
+        (100, 100, True),
+        (102, 100, True),  # 2 ms of slack for short waits
+        (103, 100, False),
+        (99, 100, False),  # never shorter than wanted
+        (1015, 1000, True),  # 1/64 of long waits
+        (1016, 1000, False),
+        (1, 1, True),
+        (3, 1, True),
+        (4, 1, False),
+    ],
+)
+def test_sticky_rcvtimeo(have: int, want: int, kept: bool) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    try:
+        sock.setsockopt(zmq.RCVTIMEO, have)
+        now = sticky_rcvtimeo(sock, have, want)
+        assert now == (have if kept else want)
+        assert sock.getsockopt(zmq.RCVTIMEO) == now
+    finally:
+        sock.close(0)
+        ctx.term()

@@ -1,0 +1,162 @@
+"""Reliable task frames (kinds 6, 7, 8 of the wire format): batches of tasks, of results, and
+credit. Pure: no IO, no clock. Headers and bodies are those of :mod:`zmqfabric.core.wire`.
+
+Specification
+=============
+Socket: ROUTER, bound by each worker (the task socket); a producer connects one DEALER to each
+worker, so that it chooses the worker of every task. Every message is ``["", header, body]`` as a
+DEALER sends and receives it (the worker's ROUTER reads the peer's identity frame before it, and
+sends it back first). Header and body frames are those of :mod:`zmqfabric.core.wire`; ``msg_id``
+is the sender's choice and receivers ignore it. Bodies:
+
+* kind 8 credit. A producer opens each connection (and each reconnection) with a credit
+  message whose body is a map (workers ignore its content; zmqfabric sends
+  ``{"from": node name}``). The worker answers with body ``{"credit": N}``, ``N`` an
+  integer from 1 to 65535: how many tasks this producer may have at the worker at once
+  (sent and not yet answered by a result). A later credit message replaces the window.
+* kind 6 tasks, producer to worker: an array of 1 to 65535 tasks, each
+  ``[task_id, attempt, payload, key]``. ``task_id``: a string of 1 to 128 characters, unique
+  per task and the same on every delivery of it. ``attempt``: an integer from 1, one more on
+  each delivery. ``payload``: the task body as submitted, any msgpack value. ``key``: the
+  submitter's idempotency key, a string of at most 256 characters, or nil.
+* kind 7 results, worker to producer: an array of 1 to 65535 results, each
+  ``[task_id, attempt, ok, value]`` with the task's id and attempt. ``ok`` true: ``value``
+  is the handler's return value; ``ok`` false: the handler raised and ``value`` is
+  ``{"type": str, "message": str}``. Each result gives one unit of credit back.
+
+A worker runs the tasks of a connection in the order received and sends each result
+promptly (zmqfabric batches the results of fast handlers for at most 10 ms). A task is done
+when an ok result for it reaches its producer; the producer then drops any other result of
+it. The producer gives a task to another worker (a new delivery, ``attempt`` + 1) when its
+worker's connection drops or its worker spends longer than the task's deadline on one
+task, and retries a failed task after a backoff; a task that fails its last attempt is
+dead-lettered. Delivery is therefore at least once: handlers and sinks drop repeats by
+``task_id`` or ``key``.
+
+Malformed input raises :class:`~zmqfabric.errors.RemoteProtocolError`, as in ``wire``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ..constants import MAX_TASK_CREDIT, MAX_TASK_ID, MAX_TASK_KEY
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .wire import PACK_ERRORS, Kind, error_body, unpack_body, unpack_header
+
+
+def pack_tasks(tasks: list[tuple[str, int, bytes, str | None]]) -> bytes:
+    """The body of a task message: ``(task_id, attempt, payload, key)`` items, ``payload`` already
+    encoded by :func:`~zmqfabric.core.wire.pack_body` (it is spliced in, not encoded again)."""
+    pack = msgpack.Packer().pack
+    count = len(tasks)
+    parts = [_array_header(count)]
+    for task_id, attempt, payload, key in tasks:
+        parts.append(b"\x94" + pack(task_id) + pack(attempt) + payload + pack(key))
+    return b"".join(parts)
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count <= 0xFFFF:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def pack_results(results: list[list[Any]]) -> bytes:
+    """The body of a result message: ``[task_id, attempt, ok, value]`` items. A value msgpack
+    cannot encode turns its item into a failure (``ok`` false, type ``LocalProtocolError``)."""
+    try:
+        return msgpack.packb(results)
+    except PACK_ERRORS:
+        fixed = []
+        for item in results:
+            try:
+                msgpack.packb(item[3])
+            except PACK_ERRORS as exc:
+                error = LocalProtocolError(f"result cannot be encoded as msgpack: {exc}")
+                item = [item[0], item[1], False, error_body(error)]
+            fixed.append(item)
+        return msgpack.packb(fixed)
+
+
+def pack_credit(credit: int) -> bytes:
+    """The body of a worker's credit message. Raises LocalProtocolError out of 1..65535."""
+    if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
+        raise LocalProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
+    return msgpack.packb({"credit": credit})
+
+
+def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:
+    """Decode ``[header, body]`` (after the route) as a worker receives it: ``(Kind.TASK, items)``
+    with items ``[task_id, attempt, payload, key]``, or ``(Kind.CREDIT, map)``.
+    Raises RemoteProtocolError."""
+    if len(payload) != 2:
+        raise RemoteProtocolError(f"task message must be [header, body], got {len(payload)} frames")
+    header = unpack_header(payload[0])
+    body = unpack_body(payload[1], header.raw)
+    if header.kind is Kind.TASK:
+        _check_items(body, "task")
+        for item in body:
+            task_id, attempt, _, key = item
+            _check_id(task_id, attempt)
+            if key is not None and (type(key) is not str or len(key) > MAX_TASK_KEY):
+                raise RemoteProtocolError("task key must be nil or a string of <= 256 characters")
+        return header.kind, body
+    if header.kind is Kind.CREDIT:
+        if not isinstance(body, dict):
+            raise RemoteProtocolError("credit request body must be a map")
+        return header.kind, body
+    raise RemoteProtocolError(f"expected tasks or credit, got kind {header.kind.name.lower()}")
+
+
+def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
+    """Decode ``["", header, body]`` as a producer's DEALER receives it: ``(Kind.RESULT, items)``
+    with items ``[task_id, attempt, ok, value]``, or ``(Kind.CREDIT, credit)``.
+    Raises RemoteProtocolError."""
+    if len(frames) != 3 or frames[0]:
+        raise RemoteProtocolError(
+            f"worker message must be ['', header, body], got {len(frames)} frames"
+        )
+    header = unpack_header(frames[1])
+    body = unpack_body(frames[2], header.raw)
+    if header.kind is Kind.RESULT:
+        _check_items(body, "result")
+        for item in body:
+            task_id, attempt, ok, value = item
+            _check_id(task_id, attempt)
+            if type(ok) is not bool:
+                raise RemoteProtocolError("result ok flag must be a boolean")
+            if not ok and not (
+                isinstance(value, dict)
+                and isinstance(value.get("type"), str)
+                and isinstance(value.get("message"), str)
+            ):
+                raise RemoteProtocolError(
+                    "failed result value must be {'type': str, 'message': str}"
+                )
+        return header.kind, body
+    if header.kind is Kind.CREDIT:
+        credit = body.get("credit") if isinstance(body, dict) else None
+        if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
+            raise RemoteProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
+        return header.kind, credit
+    raise RemoteProtocolError(f"expected results or credit, got kind {header.kind.name.lower()}")
+
+
+def _check_items(body: Any, what: str) -> None:
+    if type(body) is not list or not 1 <= len(body) <= MAX_TASK_CREDIT:
+        raise RemoteProtocolError(f"{what} body must be an array of 1 to {MAX_TASK_CREDIT} items")
+    for item in body:
+        if type(item) is not list or len(item) != 4:
+            raise RemoteProtocolError(f"each {what} must be an array of 4 items")
+
+
+def _check_id(task_id: Any, attempt: Any) -> None:
+    if type(task_id) is not str or not 0 < len(task_id) <= MAX_TASK_ID:
+        raise RemoteProtocolError("task id must be a string of 1 to 128 characters")
+    if type(attempt) is not int or not 1 <= attempt <= 0xFFFFFFFF:
+        raise RemoteProtocolError("task attempt must be an integer from 1")
