@@ -1,9 +1,10 @@
 """What every device shares: a node-advertised front end, a back end that follows discovery, a
 thread that relays, and a steering socket for PAUSE / RESUME / TERMINATE / STATISTICS.
 
-Sockets belong to the device thread while it runs. Discovery only queues "connect/disconnect" for
-the back end and interrupts the relay; the device thread applies the change and relays on. The
-steering socket is the one socket used from several threads, always under its lock.
+Sockets belong to the device thread while it runs. Discovery only posts "connect/disconnect this
+address" for the back end to the device's :class:`~zmqfabric.transport.inbox.Inbox` and interrupts
+the relay; the device thread applies the change and relays on. The steering socket is the one
+socket used from several threads, always under its lock.
 
 Discovery's thread never waits for the device thread: it calls the watcher while holding the
 directory's lock, and the device thread may be waiting for that lock or answering another steering
@@ -30,6 +31,7 @@ from zmqfabric.errors import ClosedError, FabricTimeoutError
 from zmqfabric.node import Node
 from zmqfabric.patterns.base import Bound
 from zmqfabric.runtime import NodeRuntime
+from zmqfabric.transport.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,8 @@ class Device:
         rt.track(self)
         self.back = rt.sockets.socket(self.back_type, sync=True)
         self.back.setsockopt(zmq.IMMEDIATE, 1)
-        #: (op, url, CURVE key) queued by discovery for the device thread.
-        self._ops: collections.deque[tuple[str, str, str | None]] = collections.deque()
+        #: Back-end changes posted by discovery, run by the device thread (``_apply_ops``).
+        self._inbox = Inbox()
         self._urls: set[str] = set()
         self._address = f"inproc://zmqfabric-device-{id(self)}"
         self.control = rt.sockets.socket(zmq.PAIR, sync=True)
@@ -147,6 +149,7 @@ class Device:
         if self.state is not DeviceState.NEW:
             raise ClosedError(f"{self.label} {self.name!r} was started already")
         self.state = DeviceState.RUNNING
+        self._inbox.open()
         self._unwatch = self._rt.directory.watch(self.relayed_kind, self.name, self._post)
         self._rt.add_stats_source(f"{self.label}:{self.name}", self.stats_dict)
         self._thread.start()
@@ -171,6 +174,8 @@ class Device:
             if self._thread.is_alive():
                 log.error("%s %s did not stop within %s s", self.label, self.name,
                           THREAD_JOIN_TIMEOUT_S)
+        if not self._thread.is_alive():  # else a late wake-up of the stuck thread stays safe
+            self._inbox.close()
         self._front.close()
         for sock in (self.back, self.control, self._steer):
             sock.close(0)
@@ -203,7 +208,7 @@ class Device:
         if self.state is DeviceState.PAUSED:
             self.state = DeviceState.RUNNING
             self._steer_call(RESUME)
-            if self._ops:
+            if self._inbox.pending:
                 self._interrupt()  # changes that arrived while paused
 
     def statistics(self) -> DeviceStats:
@@ -264,30 +269,44 @@ class Device:
     # --- back end ----------------------------------------------------------------------------
 
     def _post(self, op: str, url: str) -> None:
-        """Discovery's thread, under the directory's lock: queue the change (with the peer's key,
+        """Discovery's thread, under the directory's lock: post the change (with the peer's key,
         so that the device thread never needs that lock) and interrupt the relay. Never waits."""
         if self._stopping:
             return
-        key = self._rt.directory.key_for(url) if op == "connect" else None
-        self._ops.append((op, url, key))
+        if op == "connect":
+            self._inbox.post(self._connect, url, self._rt.directory.key_for(url))
+        else:
+            self._inbox.post(self._disconnect, url)
         self._interrupt()
 
-    def _interrupt(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def _interrupt(self) -> None:
+        """Discovery's thread, after a post: make the device thread take it soon, without
+        waiting for that thread. A thread that sleeps in ``inbox.poll`` was woken by the post
+        itself (the queue); the proxy devices override this to leave ``zmq.proxy_steerable``."""
 
     def _apply_ops(self) -> None:
-        """Device thread: connect/disconnect the back end as discovery said."""
-        while self._ops:
-            op, url, key = self._ops.popleft()
-            try:
-                if op == "connect" and url not in self._urls:
-                    self._rt.sockets.connect(self.back, url, key)
-                    self._urls.add(url)
-                elif op == "disconnect" and url in self._urls:
-                    self._urls.discard(url)
-                    self.back.disconnect(url)
-            except (zmq.ZMQError, Exception) as exc:  # a bad peer must not stop the device
-                log.warning("%s %s: cannot %s %s: %s", self.label, self.name, op, url, exc)
+        """Device thread: run the back-end changes discovery posted so far."""
+        self._inbox.run_pending()
+
+    def _connect(self, url: str, key: str | None) -> None:
+        """Device thread: connect the back end to a provider (its CURVE key, if secured)."""
+        if url in self._urls:
+            return
+        try:
+            self._rt.sockets.connect(self.back, url, key)
+            self._urls.add(url)
+        except Exception as exc:  # a bad peer must not stop the device
+            log.warning("%s %s: cannot connect %s: %s", self.label, self.name, url, exc)
+
+    def _disconnect(self, url: str) -> None:
+        """Device thread: disconnect the back end from a provider that left."""
+        if url not in self._urls:
+            return
+        self._urls.discard(url)
+        try:
+            self.back.disconnect(url)
+        except Exception as exc:
+            log.warning("%s %s: cannot disconnect %s: %s", self.label, self.name, url, exc)
 
     def _main(self) -> None:
         try:

@@ -23,7 +23,6 @@ from .base import PAUSE, RESUME, STATISTICS, TERMINATE, Device, DeviceStats
 log = logging.getLogger(__name__)
 #: Requests the queue holds while every worker is busy; beyond it, clients get an error reply.
 MAX_PENDING = 10_000
-WAKE = b"WAKE"
 
 
 class Queue(Device):
@@ -43,32 +42,29 @@ class Queue(Device):
         self._poller = zmq.Poller()
         self._busy_timeout = self._rt.config.request_timeout_s
 
-    def _interrupt(self) -> None:
-        """Discovery's thread: wake the loop to apply the change; the reply is read later."""
-        if self._thread.is_alive():
-            with self._steer_lock:
-                self._send_owed_locked(WAKE)
-
     def _live_stats(self) -> DeviceStats:
         return DeviceStats(*self._counts)
 
-    def _apply_ops(self) -> None:
-        while self._ops:
-            op, url, key = self._ops.popleft()
-            if op == "connect" and url not in self._workers:
-                sock = self._rt.sockets.socket(zmq.DEALER, sync=True)
-                try:
-                    self._rt.sockets.connect(sock, url, key)
-                except Exception as exc:  # a bad peer must not stop the device
-                    log.warning("queue %s: cannot reach worker %s: %s", self.name, url, exc)
-                    sock.close(0)
-                    continue
-                self._workers[url] = sock
-                self._poller.register(sock, zmq.POLLIN)
-                self._idle.append(url)
-            elif op == "disconnect" and url in self._workers:
-                self._drop_worker(url)
-        self._urls = set(self._workers)
+    def _connect(self, url: str, key: str | None) -> None:
+        """Device thread: one DEALER per worker, so that each request goes to an idle one."""
+        if url in self._workers:
+            return
+        sock = self._rt.sockets.socket(zmq.DEALER, sync=True)
+        try:
+            self._rt.sockets.connect(sock, url, key)
+        except Exception as exc:  # a bad peer must not stop the device
+            log.warning("queue %s: cannot reach worker %s: %s", self.name, url, exc)
+            sock.close(0)
+            return
+        self._workers[url] = sock
+        self._poller.register(sock, zmq.POLLIN)
+        self._idle.append(url)
+        self._urls.add(url)
+
+    def _disconnect(self, url: str) -> None:
+        if url in self._workers:
+            self._drop_worker(url)
+            self._urls.discard(url)
 
     def _drop_worker(self, url: str) -> None:
         sock = self._workers.pop(url)
@@ -81,12 +77,13 @@ class Queue(Device):
             self._pending.appendleft(held[1])  # at least once: another worker gets it
 
     def _relay(self) -> None:
-        self._apply_ops()  # providers known before the thread started
+        self._poller.register(self._inbox.fd, zmq.POLLIN)
         self._poller.register(self.control, zmq.POLLIN)
         self._poller.register(self.front, zmq.POLLIN)
         paused = False
+        self._apply_ops()  # providers known before the thread started
         while True:
-            events = dict(self._poller.poll(250))
+            events = self._inbox.poll(self._poller, 250)
             if self.control in events:
                 command = self.control.recv()
                 # Same protocol as zmq.proxy_steerable: counters for STATISTICS, else empty.
@@ -102,7 +99,7 @@ class Queue(Device):
                 elif command == RESUME and paused:
                     paused = False
                     self._poller.register(self.front, zmq.POLLIN)
-                self._apply_ops()
+            self._apply_ops()  # back-end changes posted by discovery (they woke the poll)
             for url, sock in list(self._workers.items()):
                 if sock in events:
                     self._from_worker(url, sock)

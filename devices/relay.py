@@ -5,7 +5,8 @@ The device thread runs the proxy only while there is something to relay: not whi
 (streamer) not while no puller is known, where libzmq 4.3.5's proxy busy-loops. Otherwise it
 waits in Python on the control socket and a wake-up pipe. To pause, or to apply a change of the
 back end's peers, the steering side stops the proxy without losing a count: it pauses it, reads
-its counters, then ends it (TERMINATE); the thread applies the change and starts it again.
+its counters, then ends it (TERMINATE); the thread applies the change and starts it again. While
+idle, the thread sleeps on the control socket and its inbox's wake-up pipe.
 
 libzmq's own PAUSE/RESUME are not used to pause the device: libzmq 4.3.5 swapped them, and other
 versions do not answer them (libzmq PR #4600). :func:`proxy_steering` finds out which command
@@ -15,7 +16,6 @@ pauses this libzmq and whether it answers, once per process.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 
 import zmq
@@ -80,8 +80,6 @@ class ProxyDevice(Device):
         #: Order: _steer_lock, then _state_lock.
         self._in_proxy = False
         self._state_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
         self._pause_command, self._answers = proxy_steering()
 
     def _relayable(self) -> bool:
@@ -100,7 +98,7 @@ class ProxyDevice(Device):
         with self._steer_lock:
             if self.state is DeviceState.PAUSED:
                 self.state = DeviceState.RUNNING
-                self._wake()
+                self._inbox.wake()
 
     def _interrupt(self) -> None:
         """Discovery changed the back end's peers: restart the proxy, or wake the idle thread."""
@@ -108,7 +106,7 @@ class ProxyDevice(Device):
             if self._stopping:
                 return
             if not self._leave_proxy_locked():
-                self._wake()
+                self._inbox.wake()  # the idle thread: the post woke it if it already slept
 
     def _leave_proxy_locked(self) -> bool:
         """Pause the proxy, carry its counters over and end it: no part goes uncounted. The proxy
@@ -127,15 +125,7 @@ class ProxyDevice(Device):
         with self._steer_lock:
             self._leave_proxy_locked()
             self._steer.send(TERMINATE)  # for the idle loop (it does not answer)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wake_w < 0:
-            return
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already woken
+        self._inbox.wake()
 
     # --- device thread ------------------------------------------------------------------------
 
@@ -143,7 +133,7 @@ class ProxyDevice(Device):
         while not self._stopping:
             self._apply_ops()
             with self._state_lock:
-                if self._ops:
+                if self._inbox.pending:
                     continue  # a change arrived meanwhile: apply it first
                 self._in_proxy = (self.state is DeviceState.RUNNING and not self._stopping
                                   and self._relayable())
@@ -153,20 +143,14 @@ class ProxyDevice(Device):
             elif not self._idle():
                 return
 
-    def stop(self) -> None:
-        super().stop()
-        if self._wake_w >= 0 and not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
-
     def _idle(self) -> bool:
         """Not relaying: answer the control socket until woken; False on TERMINATE."""
+        inbox = self._inbox
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(inbox.fd, zmq.POLLIN)
         while True:
-            events = dict(poller.poll())
+            events = inbox.poll(poller, None)
             if self.control in events:
                 command = self.control.recv()
                 if command == TERMINATE:
@@ -175,11 +159,7 @@ class ProxyDevice(Device):
                     self.control.send_multipart(DeviceStats().to_frames())
                 elif self._answers:
                     self.control.send(b"")
-            if self._wake_r in events:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
+            if inbox.fd in events or inbox.pending:
                 return True
 
 

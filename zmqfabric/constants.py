@@ -64,7 +64,7 @@ MAX_HELLO_SIZE = 16 * 1024
 LIVENESS_CONNECT_TIMEOUT_S = 3.0
 #: A peer found dead is still watched this long (s), and comes back if it answers again.
 DEAD_FORGET_S = 60.0
-#: The control thread checks liveness deadlines this often (ms).
+#: The housekeeping thread checks liveness deadlines this often (ms).
 LIVENESS_TICK_MS = 250
 
 #: Seed peers not yet known are greeted again this often (s).

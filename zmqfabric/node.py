@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -20,6 +19,7 @@ from .patterns.reqrep import Requester, ServiceEndpoint
 from .tasks.handle import TaskHandle
 from .tasks.worker import TaskEndpoint
 from .transport.frames import NOBLOCK, recv_frames
+from .transport.inbox import Inbox
 
 log = logging.getLogger(__name__)
 #: Messages served from one socket before the loop looks at the others (fairness).
@@ -39,7 +39,9 @@ class Node(NodeBase):
         super().__init__(name, **kwargs)
         self._services: dict[str, ServiceEndpoint] = {}
         self._local = threading.local()
-        self._stop_r, self._stop_w = -1, -1
+        #: The serve loop's inbox: ``stop()`` posts to it; its pipe is also the signal wakeup fd.
+        self._inbox = Inbox()
+        self._halted = False
         self._serving = threading.Event()
         self._serve_done = threading.Event()
         self._serve_done.set()
@@ -53,8 +55,7 @@ class Node(NodeBase):
         return self
 
     def _open_services(self) -> None:
-        self._stop_r, self._stop_w = os.pipe()
-        os.set_blocking(self._stop_w, False)
+        self._inbox.open()
         for service, handler in self._handlers.items():
             allow = self._service_allow.get(service)
             self._services[service] = ServiceEndpoint(self.runtime, service, handler, allow)
@@ -70,10 +71,7 @@ class Node(NodeBase):
             log.error("node %s: serve loop did not stop within %s s", self.name,
                       THREAD_JOIN_TIMEOUT_S)
         self._close()
-        for fd in (self._stop_r, self._stop_w):
-            if fd >= 0:
-                os.close(fd)
-        self._stop_r = self._stop_w = -1
+        self._inbox.close()
 
     def __enter__(self) -> Node:
         return self.start()
@@ -93,7 +91,7 @@ class Node(NodeBase):
             raise RuntimeError(f"node {self.name!r} is already serving in another thread")
         self._serving.set()
         self._serve_done.clear()
-        restore = _install_signals(self.stop, self._stop_w) if handle_signals else {}
+        restore = _install_signals(self.stop, self._inbox.wakeup_fd) if handle_signals else {}
         try:
             self._serve(None if timeout is None else time.monotonic() + timeout)
         finally:
@@ -112,21 +110,22 @@ class Node(NodeBase):
         return self._background
 
     def stop(self) -> None:
-        """Make ``run()`` return soon. Thread-safe and signal-safe; idempotent."""
-        if self._stop_w >= 0:
-            try:
-                os.write(self._stop_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass
+        """Make ``run()`` return soon (or the next one at once, if none runs now). Thread-safe
+        and signal-safe; idempotent. Ignored before ``start()`` and after ``close()``."""
+        self._inbox.post(self._halt)
+
+    def _halt(self) -> None:
+        self._halted = True  # the serve loop's thread
 
     def _serve(self, deadline: float | None) -> None:
         endpoints: list[ServiceEndpoint | TaskEndpoint] = [*self._services.values()]
         endpoints.extend(self._tasks.endpoints())
         services = {svc.socket: svc for svc in endpoints}
+        inbox = self._inbox
         poller = zmq.Poller()
         for sock in services:
             poller.register(sock, zmq.POLLIN)
-        poller.register(self._stop_r, zmq.POLLIN)
+        poller.register(inbox.fd, zmq.POLLIN)
         while True:
             wait = POLL_INTERVAL_MS * 5
             if deadline is not None:
@@ -134,12 +133,15 @@ class Node(NodeBase):
                 if left <= 0:
                     return
                 wait = min(wait, max(1, int(left * 1000)))
-            events = poller.poll(wait)
-            for sock, _ in events:
-                if sock == self._stop_r:
-                    _drain(self._stop_r)
-                    return
-                self._serve_socket(services[sock])
+            events = inbox.poll(poller, wait)
+            inbox.run_pending()
+            if self._halted:
+                self._halted = False
+                return
+            for sock in events:
+                service = services.get(sock)
+                if service is not None:
+                    self._serve_socket(service)
 
     def _serve_socket(self, service: ServiceEndpoint | TaskEndpoint) -> None:
         # The poll said readable, so the first receive succeeds; after each message, the socket's
@@ -267,13 +269,6 @@ def _valid(name: str, what: str) -> str:
 
 def _via(via: str | None) -> str | None:
     return None if via is None else validate_node_name(via)
-
-
-def _drain(fd: int) -> None:
-    try:
-        os.read(fd, 4096)
-    except (BlockingIOError, OSError):
-        pass
 
 
 def _install_signals(stop: Any, wakeup_fd: int) -> dict[int, Any]:

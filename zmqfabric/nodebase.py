@@ -18,6 +18,7 @@ from .config import NodeConfig, Scope, fabric_from_env
 from .control import ControlServer, control_call
 from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
 from .discovery.directory import Directory
+from .discovery.housekeeping import Housekeeping
 from .discovery.mdns import Discovery
 from .discovery.membership import Membership
 from .errors import ClosedError, LocalProtocolError, NodeNotFoundError, NoProviderError
@@ -79,6 +80,7 @@ class NodeBase:
         self._opening = False
         self._started_at = 0.0
         self._control: ControlServer | None = None
+        self._housekeeping: Housekeeping | None = None
         self._unlisten: Callable[[], None] | None = None
         #: Reliable tasks (``tasks=TaskConfig(...)``: journal, dead letters, defaults).
         self._tasks = NodeTasks(rt, tasks if tasks is not None else TaskConfig())
@@ -180,13 +182,17 @@ class NodeBase:
                             self.name, self.config.scope.interface,
                             extra={"zf_event": "unsecured_lan"})
             self._discovery.start()
-            self._control = ControlServer(rt, self._membership.accept_hello)
-            self._membership.attach(self._control)
+            self._housekeeping = Housekeeping(rt)
+            self._control = ControlServer(
+                rt, self._membership.accept_hello, self._housekeeping.accept_peers
+            )
+            self._membership.attach(self._housekeeping)
             self._open_services()
             self._tasks.open()
             rt.started_at = time.monotonic()
             rt.state = NodeState.STARTED
             self._opening = False
+            self._housekeeping.start()
             self._control.start()
             self._unlisten = self.directory.listen(self._membership.on_directory_event)
             self._discovery.browse()
@@ -226,11 +232,14 @@ class NodeBase:
         self._discovery.close()
 
     def _close_local(self) -> None:
-        """Close the control thread, every handle and the context (in the sockets' owner)."""
+        """Close the control and housekeeping threads, every handle and the context (in the
+        sockets' owner)."""
         rt = self.runtime
         self._tasks.close()  # the dispatcher thread first: it owns sockets and a publisher
         if self._control is not None:
             self._control.stop()
+        if self._housekeeping is not None:
+            self._housekeeping.stop()
         rt.close_all()
         rt.directory.clear()
         if rt.guard is not None:

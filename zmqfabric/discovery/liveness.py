@@ -1,8 +1,8 @@
 """Liveness: a heartbeating connection to every peer's control endpoint.
 
 mDNS alone cannot tell that a peer died: a SIGKILLed process sends no goodbye and its records live
-until their TTL. So the control thread keeps one DEALER connected to each peer's control endpoint,
-with ZeroMQ heartbeats, and watches it with a socket monitor:
+until their TTL. So the housekeeping thread keeps one DEALER connected to each peer's control
+endpoint, with ZeroMQ heartbeats, and watches it with a socket monitor:
 
 - a process that dies has its sockets closed by the kernel: DISCONNECTED arrives at once;
 - a host that vanishes (link down, power off) stops answering heartbeats: DISCONNECTED arrives after
@@ -11,7 +11,7 @@ with ZeroMQ heartbeats, and watches it with a socket monitor:
 
 A dead peer is removed from the directory (its endpoints disconnected) but kept watched for
 DEAD_FORGET_S: ZeroMQ keeps reconnecting, and a successful handshake puts it back.
-Everything here runs in the control thread, which owns these sockets.
+Everything here runs in the housekeeping thread (:mod:`.housekeeping`), which owns these sockets.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class _Peer:
 
 
 class PeerWatch:
-    """Owned by the control thread. ``poller`` is that thread's poller; monitors join it."""
+    """Owned by the housekeeping thread. ``poller`` is that thread's poller; monitors join it."""
 
     def __init__(
         self, node: LocalNode, poller: zmq.Poller, clock: Callable[[], float] = time.monotonic

@@ -6,7 +6,9 @@
   itself over the newcomer's control endpoint (a ``hello``, validated like an mDNS record), so both
   know each other in milliseconds; across subnets it also shares whom else it knows.
 
-Runs in discovery's and the control thread; it only posts to the control thread.
+Runs in discovery's thread (directory events, name conflicts), the control thread (hellos) and the
+caller's (``claim_name``); it touches no socket, and only posts to the housekeeping thread
+(:class:`~.housekeeping.Housekeeping`), which does the socket work of liveness and gossip.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
 
 class Introducer(Protocol):
-    """What membership asks of the control thread (all thread-safe, returning at once)."""
+    """What membership asks of the housekeeping thread (all thread-safe, returning at once)."""
 
     def introduce(self, url: str, key: str | None = None) -> None: ...
     def watch(self, record: NodeRecord) -> None: ...
@@ -46,7 +48,7 @@ _rlog = RateLimitedLog(log)
 
 
 class Membership:
-    """Claims the node's name and meets peers. ``attach`` gives it the control thread."""
+    """Claims the node's name and meets peers. ``attach`` gives it the housekeeping thread."""
 
     def __init__(self, runtime: LocalNode, discovery: Discovery, on_conflict: str) -> None:
         if on_conflict not in ("fail", "suffix"):
@@ -60,7 +62,7 @@ class Membership:
         self._conflict_seen = threading.Event()
 
     def attach(self, control: Introducer | None) -> None:
-        """The control thread that introduces and watches peers (None while closed)."""
+        """The housekeeping thread that introduces and watches peers (None while closed)."""
         self._control = control
 
     def claim_name(self) -> None:
@@ -89,6 +91,7 @@ class Membership:
                         node.name, other.node_id, other.host, base, attempt)
             suffix = f"-{attempt}"
             node.rename(f"{base[: 46 - len(suffix)]}{suffix}")
+        assert other is not None  # every turn of the loop that did not return saw a conflict
         raise NameConflictError(node.name, other.host, other.node_id, other.address)
 
     def on_name_conflict(self, other: NodeRecord) -> None:
@@ -106,7 +109,7 @@ class Membership:
 
     def on_directory_event(self, event: DirectoryEvent) -> None:
         """Watch each peer's liveness and introduce ourselves to newcomers (runs in discovery's
-        or the control thread: only posts to the control thread)."""
+        or the control thread: only posts to the housekeeping thread)."""
         node = self._node
         record, control = event.record, self._control
         if record.node_id == node.node_id or control is None:

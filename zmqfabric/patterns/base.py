@@ -4,8 +4,9 @@ A handle owns one socket and belongs to one thread (sync) or one event loop (asy
 never touches the socket: the directory calls the handle's watcher from zeroconf's thread, which
 only queues "connect/disconnect URL" and wakes the owner:
 
-- sync: a deque plus a pipe whose read end sits in the owner's poller next to the socket; the
-  owner applies queued changes before each send/receive (one truthiness test on the hot path);
+- sync: the handle's :class:`~zmqfabric.transport.inbox.Inbox` (a deque of callables plus a pipe
+  whose read end sits in the owner's poller next to the socket); the owner applies queued changes
+  before each send/receive (one truthiness test on the hot path);
 - asyncio: ``loop.call_soon_threadsafe`` runs the change in the loop that owns the socket.
 
 Sends and receives try the socket without blocking first (the hot path is a plain
@@ -14,9 +15,7 @@ Sends and receives try the socket without blocking first (the hot path is a plai
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
@@ -26,6 +25,7 @@ from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError
 from ..stats import RateLimitedLog
 from ..transport.frames import NOBLOCK, ms_left, recv_frames, send_frames
+from ..transport.inbox import Inbox
 from ..transport.sockets import sync_view, zmq_error
 
 if TYPE_CHECKING:
@@ -228,46 +228,44 @@ class Connector(Handle):
 
 
 class SyncConnector(Connector):
-    """A connector owned by one thread; waits with a poller on the socket and a wake-up pipe."""
+    """A connector owned by one thread; waits with a poller on the socket and its inbox.
+
+    Discovery posts directory changes to the handle's :class:`Inbox` and the owner applies them
+    before each send/receive (``if self._ops: self._drain()``, one truthiness test on the hot
+    path) and whenever a wait is woken. A disconnect that must wait for queued input stays
+    queued, so the inbox is made with ``always_wake``: every post writes its pipe, and a wait
+    never spins on what is still queued.
+    """
 
     def __init__(
         self, runtime: NodeRuntime, name: str, socket_type: int, via: str | None = None
     ) -> None:
         super().__init__(runtime, name, socket_type, via)
-        self._ops: collections.deque[tuple[str, str]] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._inbox = Inbox(always_wake=True)
+        wake = self._inbox.open()
+        #: The inbox's queue: truthy while changes wait (the hot path's one test).
+        self._ops = self._inbox.pending
         self._poll_in = zmq.Poller()
         self._poll_in.register(self._sock, zmq.POLLIN)
-        self._poll_in.register(self._wake_r, zmq.POLLIN)
+        self._poll_in.register(wake, zmq.POLLIN)
         self._poll_out = zmq.Poller()
         self._poll_out.register(self._sock, zmq.POLLOUT)
-        self._poll_out.register(self._wake_r, zmq.POLLIN)
+        self._poll_out.register(wake, zmq.POLLIN)
         self._watch()
         self._drain()
 
     def _post(self, op: str, url: str) -> None:
         # zeroconf's thread: queue and wake, never touch the socket.
-        self._ops.append((op, url))
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # pipe full (owner already woken) or closed (handle closing)
+        self._inbox.post(self._change, op, url)
+
+    def _change(self, op: str, url: str) -> None:
+        if not self._apply(op, url):
+            # Retried at the next send or receive, once input has been read.
+            self._inbox.defer(self._change, op, url)
 
     def _drain(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-        ops = self._ops
-        waiting = []
-        while ops:
-            op = ops.popleft()
-            if not self._apply(*op):
-                waiting.append(op)
-        ops.extend(waiting)  # retried at the next send or receive, once input has been read
+        """Apply the directory changes queued so far (owner only)."""
+        self._inbox.run_pending()
 
     def _recv(self, deadline: float | None) -> list[bytes] | None:
         """Receive one multipart message, or None when ``deadline`` (monotonic) passes. Tries the
@@ -283,28 +281,26 @@ class SyncConnector(Connector):
             raise self._zmq_error(exc) from exc
 
     def _wait_recv(self, deadline: float | None) -> list[bytes] | None:
-        """Poll the socket and the wake-up pipe until a message is there, then receive it; None
-        when ``deadline`` passes. Directory changes that arrive meanwhile are applied."""
-        sock, wake, poll = self._sock, self._wake_r, self._poll_in.poll
+        """Poll the socket and the inbox until a message is there, then receive it; None when
+        ``deadline`` passes. Directory changes that arrive meanwhile are applied."""
+        sock, inbox, poller = self._sock, self._inbox, self._poll_in
         while True:
             timeout = ms_left(deadline)
             if timeout == 0:
                 return None
             try:
-                events = poll(timeout)
+                events = inbox.poll(poller, timeout)
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
-            for ready, _ in events:
-                if ready == wake:
-                    self._drain()
-            for ready, _ in events:
-                if ready is sock:
-                    try:
-                        return recv_frames(sock, NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except zmq.ZMQError as exc:
-                        raise self._zmq_error(exc) from exc
+            if inbox.fd in events:
+                self._drain()
+            if sock in events:
+                try:
+                    return recv_frames(sock, NOBLOCK)
+                except zmq.Again:
+                    continue
+                except zmq.ZMQError as exc:
+                    raise self._zmq_error(exc) from exc
 
     def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
         """Send one multipart message; False when it could not go out before ``deadline``.
@@ -319,39 +315,39 @@ class SyncConnector(Connector):
             pass
         except zmq.ZMQError as exc:
             raise self._zmq_error(exc) from exc
-        wake, poll = self._wake_r, self._poll_out.poll
+        inbox, poller = self._inbox, self._poll_out
         while True:
             timeout = ms_left(deadline)
             if timeout == 0:
                 return False
             try:
-                events = poll(timeout)
+                events = inbox.poll(poller, timeout)
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
-            for ready, _ in events:
-                if ready == wake:
-                    self._drain()
-            for ready, _ in events:
-                if ready is sock:
-                    try:
-                        send_frames(sock, frames, NOBLOCK, copy)
-                        return True
-                    except zmq.Again:
-                        break
-                    except zmq.ZMQError as exc:
-                        raise self._zmq_error(exc) from exc
+            if inbox.fd in events:
+                self._drain()
+            if sock in events:
+                try:
+                    send_frames(sock, frames, NOBLOCK, copy)
+                    return True
+                except zmq.Again:
+                    continue
+                except zmq.ZMQError as exc:
+                    raise self._zmq_error(exc) from exc
 
     def _wait_providers(self, deadline: float | None) -> bool:
         """Wait until at least one provider is connected; False at the deadline."""
         if self._ops:
             self._drain()
+        if self._urls:
+            return True
+        poller = zmq.Poller()
+        poller.register(self._inbox.fd, zmq.POLLIN)
         while not self._urls:
             timeout = ms_left(deadline)
             if timeout == 0:
                 return False
-            poller = zmq.Poller()
-            poller.register(self._wake_r, zmq.POLLIN)
-            if poller.poll(timeout):
+            if self._inbox.poll(poller, timeout):
                 self._drain()
         return True
 
@@ -365,7 +361,7 @@ class SyncConnector(Connector):
 
     def _wait_monitor(self, done: Callable[[], bool], deadline: float | None) -> bool:
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._inbox.fd, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         while True:
             self._drain()
@@ -375,9 +371,8 @@ class SyncConnector(Connector):
             timeout = ms_left(deadline)
             if timeout == 0:
                 return False
-            poller.poll(timeout)
+            self._inbox.poll(poller, timeout)
 
     def _on_close(self) -> None:
         super()._on_close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._inbox.close()

@@ -1,0 +1,110 @@
+"""The owner-thread inbox (transport/inbox.py): ordering, what wakes the owner, and lifetimes."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from zmqfabric.transport.inbox import Inbox
+
+
+@pytest.fixture
+def inbox() -> Iterator[Inbox]:
+    box = Inbox()
+    box.open()
+    yield box
+    box.close()
+
+
+def _poller(box: Inbox) -> zmq.Poller:
+    poller = zmq.Poller()
+    poller.register(box.fd, zmq.POLLIN)
+    return poller
+
+
+def _pipe_bytes(box: Inbox) -> int:
+    try:
+        return len(os.read(box.fd, 4096))
+    except BlockingIOError:
+        return 0
+
+
+def test_run_pending_calls_in_order_and_leaves_later_posts_for_the_next_call(inbox) -> None:
+    seen: list[int] = []
+
+    def add(n: int) -> None:
+        seen.append(n)
+        if n == 1:
+            inbox.post(add, 3)  # posted while running: waits for the next call
+
+    inbox.post(add, 1)
+    inbox.post(add, 2)
+    assert inbox.run_pending() == 2 and seen == [1, 2]
+    assert inbox.run_pending() == 1 and seen == [1, 2, 3]
+    assert inbox.run_pending() == 0
+
+
+def test_limit_and_a_raising_callable_leave_the_rest_queued(inbox) -> None:
+    seen: list[int] = []
+    inbox.post(seen.append, 1)
+    inbox.post(seen.append, 2)
+    assert inbox.run_pending(limit=1) == 1 and seen == [1]
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    inbox.post(boom)
+    inbox.post(seen.append, 3)
+    with pytest.raises(RuntimeError):
+        inbox.run_pending()  # 2 runs, then boom
+    assert seen == [1, 2] and inbox.pending
+    inbox.run_pending()
+    assert seen == [1, 2, 3]
+
+
+def test_posts_to_a_busy_owner_write_nothing_and_one_to_a_sleeper_wakes_it(inbox) -> None:
+    poller = _poller(inbox)
+    for n in range(100):
+        inbox.post(int, n)
+    assert _pipe_bytes(inbox) == 0  # the owner is not sleeping: no system call per post
+    assert inbox.poll(poller, 10_000) == {}  # work is queued: the poll does not sleep
+    inbox.run_pending()
+
+    woke = threading.Event()
+    threading.Timer(0.05, lambda: inbox.post(woke.set)).start()
+    events = inbox.poll(poller, 10_000)
+    assert inbox.fd in events and not inbox.sleeping
+    assert _pipe_bytes(inbox) == 0  # poll emptied it
+    inbox.run_pending()
+    assert woke.is_set()
+
+
+def test_defer_waits_for_the_next_run_without_waking_anyone() -> None:
+    box = Inbox(always_wake=True)
+    box.open()
+    try:
+        box.post(int)
+        assert _pipe_bytes(box) == 1  # always_wake: every post writes
+        box.defer(int)
+        assert _pipe_bytes(box) == 0
+        poller = _poller(box)
+        assert box.poll(poller, 10) == {}  # queued work does not make an always-wake owner spin
+        assert box.run_pending() == 2
+    finally:
+        box.close()
+
+
+def test_closed_or_unopened_inboxes_drop_posts_and_close_is_idempotent() -> None:
+    box = Inbox()
+    assert not box.post(int) and not box.pending and box.closed
+    box.open()
+    assert box.post(int)
+    box.close()
+    box.close()
+    assert box.closed and not box.pending and box.fd == box.wakeup_fd == -1
+    assert not box.post(int)
+    box.wake()  # a late wake-up writes nowhere

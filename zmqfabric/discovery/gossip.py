@@ -1,0 +1,146 @@
+"""Gossip: how a node introduces itself to peers over their control endpoints.
+
+mDNS answers a newcomer's query after 20-120 ms, or a second after our last announcement, and
+does not cross routers. So a node also speaks for itself over ZeroMQ, with one-way messages to a
+peer's control endpoint (request frames that get no reply):
+
+- ``hello`` carries our record (name and TXT map). A node greets each newcomer it sees, and its
+  seed peers (``NodeConfig.peers``) every SEED_RETRY_S until it knows them. The receiver validates
+  a hello like an mDNS record (:meth:`Membership.accept_hello`): it is a hint, never the truth.
+- ``peers`` carries the control URLs (and CURVE keys) of the nodes we know, shared with a peer
+  across subnets; the receiver greets the ones it does not know (:meth:`Gossip.accept_peers`).
+  A node enters a directory only through its own hello or mDNS record, never on another's word.
+
+Everything here runs in the housekeeping thread (:mod:`.housekeeping`), which owns the sockets:
+the short-lived ones that carry a message, and the liveness connections of :class:`PeerWatch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import zmq
+
+from ..config import peer_url
+from ..constants import HELLO_LINGER_MS, MAX_SHARED, SEED_RETRY_S
+from ..core import wire
+from ..core.curve import is_public_key
+from ..core.records import NodeRecord, address_in_scope, encode_txt
+from ..errors import FabricError
+from .liveness import PeerWatch
+
+if TYPE_CHECKING:
+    from .local import LocalNode
+
+log = logging.getLogger(__name__)
+_TCP_URL = re.compile(r"tcp://[0-9.]{7,15}:[0-9]{1,5}\Z")
+
+
+class Gossip:
+    """Sends hellos and peer lists. Owned by the housekeeping thread; not thread-safe."""
+
+    def __init__(
+        self, node: LocalNode, peers: PeerWatch, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._node = node
+        self._peers = peers
+        self._clock = clock
+        self._seeds = [peer_url(peer) for peer in node.config.peers]  # (url, CURVE key)
+        self._next_seeding = 0.0
+
+    def introduce(self, url: str, key: str | None) -> None:
+        """Send our record to the control endpoint at ``url`` (a fresh connection)."""
+        self._send_hello(url, key)
+
+    def greet(self, record: NodeRecord) -> None:
+        """Introduce ourselves to a newcomer over its liveness connection (delivered whenever it
+        comes up), or a fresh one if it is not watched."""
+        if not self._node.advertised or record.control is None:
+            return
+        if not self._peers.send(record.name, _frames(self._hello())):
+            self._send_hello(record.url(record.control), record.curve_key)
+
+    def share(self, record: NodeRecord) -> None:
+        """Send the control URLs of every node we know to ``record``'s node, so that nodes
+        seeded across subnets learn each other."""
+        if record.control is None:
+            return
+        known = [
+            [r.url(r.control), r.curve_key] for r in self._node.directory.records() if r.control
+        ]
+        body = {"op": "peers", "peers": known[:MAX_SHARED]}
+        self._send_oneway(record.url(record.control), record.curve_key, body)
+
+    def reseed(self) -> None:
+        """Say hello to every seed peer we do not know yet, at most every SEED_RETRY_S (call it
+        each turn of the loop)."""
+        if not self._seeds or self._clock() < self._next_seeding:
+            return
+        self._next_seeding = self._clock() + SEED_RETRY_S
+        known = {r.url(r.control) for r in self._node.directory.records() if r.control}
+        for url, key in self._seeds:
+            if url not in known:
+                self._send_hello(url, key)
+
+    def accept_peers(self, peers: object) -> None:
+        """Greet the shared control URLs (a peer's ``peers`` message) that we do not know.
+        Malformed lists are counted (``refused_peer_lists``); malformed items are skipped."""
+        node = self._node
+        if not isinstance(peers, list) or len(peers) > MAX_SHARED:
+            node.counters.add("refused_peer_lists")
+            return
+        known = {r.url(r.control) for r in node.directory.records() if r.control}
+        seeded = bool(node.config.peers)
+        for item in peers:
+            if not (isinstance(item, list) and len(item) == 2):
+                continue
+            url, key = item
+            if (
+                isinstance(url, str)
+                and url not in known
+                and _TCP_URL.match(url)
+                and (key is None or (isinstance(key, str) and is_public_key(key)))
+                and (seeded or self._in_scope(url))
+            ):
+                self._send_hello(url, key)
+
+    def _in_scope(self, url: str) -> bool:
+        """A node of this host's scope only greets loopback addresses: a peer list must not make
+        it reach out to other hosts. LAN nodes greet the other subnets their peers know."""
+        if not self._node.config.scope.is_local:
+            return True
+        host = url[len("tcp://"):].rsplit(":", 1)[0]
+        try:
+            return address_in_scope(host, self._node.config.scope.networks)
+        except ValueError:
+            return False
+
+    def _hello(self) -> dict[str, Any]:
+        record = self._node.record
+        return {"op": "hello", "name": record.name, "txt": encode_txt(record)}
+
+    def _send_hello(self, url: str, key: str | None) -> None:
+        if self._node.advertised:
+            self._send_oneway(url, key, self._hello())
+
+    def _send_oneway(self, url: str, key: str | None, body: dict[str, Any]) -> None:
+        """Send a one-way control message (hello, peers) from a short-lived socket."""
+        sockets = self._node.sockets
+        sock = sockets.socket(zmq.DEALER, sync=True)
+        sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
+        try:
+            sockets.connect(sock, url, key)
+            sock.send_multipart(_frames(body), zmq.NOBLOCK)
+        except (zmq.ZMQError, FabricError) as exc:
+            log.debug("cannot send %s to %s: %s", body.get("op"), url, exc)
+        finally:
+            sock.close(HELLO_LINGER_MS)
+
+
+def _frames(body: dict[str, Any]) -> list[bytes]:
+    """A one-way control message: request frames with message id 0 (no reply expected)."""
+    header = wire.pack_header(wire.Kind.REQUEST, 0, time.time())
+    return [b"", header, wire.pack_body(body)]
