@@ -59,7 +59,13 @@ class Task:
     """One task in a :class:`TaskTable`. Owned by its table: read it, do not change it.
 
     ``payload`` is the encoded body; ``ref`` is whatever the owner wants back with the task (the
-    submitter's handle). ``value`` is the ok result; ``error`` the last failure, ``(type, text)``.
+    submitter's handle). ``attempts`` counts deliveries (the wire's ``attempt`` of the latest);
+    ``charged`` counts the attempts used up: failures of deliveries that may have started running
+    (the handler raised, it overran its deadline, or its worker was lost while it was one of the
+    worker's running slots); the task is dead once ``charged`` reaches ``max_attempts``.
+    ``suspect``: it was at a worker that was lost, so it is sent alone until it answers (see
+    :class:`TaskTable`); ``hung_on``: the workers where a delivery of it overran its deadline.
+    ``value`` is the ok result; ``error`` the last failure, ``(type, text)``.
     """
 
     id: str
@@ -70,6 +76,9 @@ class Task:
     max_attempts: int = TASK_MAX_ATTEMPTS
     ref: Any = field(default=None, repr=False)
     attempts: int = field(default=0, init=False)
+    charged: int = field(default=0, init=False)
+    suspect: bool = field(default=False, init=False)
+    hung_on: list[str] | None = field(default=None, init=False, repr=False)
     state: TaskState = field(default=TaskState.PENDING, init=False)
     worker: str | None = field(default=None, init=False)
     value: Any = field(default=None, init=False, repr=False)
@@ -93,7 +102,11 @@ NOTHING = Outcome()
 
 @dataclass(frozen=True, slots=True)
 class TaskTableStats:
-    """A snapshot of one table's counters (queued includes tasks waiting for a retry)."""
+    """A snapshot of one table's counters. ``queued`` includes tasks waiting for a retry;
+    ``redelivered`` counts deliveries given to another worker at once (worker lost, deadline,
+    worker stuck), ``requeued`` the part of them that was not charged an attempt (the delivery
+    could not have started); ``hung`` is deliveries past their deadline that workers still hold
+    (each holds a slot and a unit of credit there until it answers)."""
 
     queued: int
     in_flight: int
@@ -103,3 +116,5 @@ class TaskTableStats:
     dead: int
     late: int
     workers: int
+    requeued: int = 0
+    hung: int = 0
