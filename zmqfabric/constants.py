@@ -108,6 +108,10 @@ TASK_RESULT_FLUSH_S = 0.01
 TASK_QUEUE_LIMIT = 100_000
 #: The dispatcher checks deadlines and retry timers at least this often (ms).
 TASK_TICK_MS = 50
+#: After taking durable submissions the dispatcher looks for more after this long (ms) instead
+#: of being woken for each: they come a commit apart, and a wake-up and a round per task halve
+#: the rate a submitting thread gets. A task waits at most this long more to be sent.
+TASK_NAP_MS = 1
 #: Completions reach the journal at least this often (s); new tasks are committed before sending.
 JOURNAL_COMMIT_S = 0.05
 #: Longest task id and idempotency key (characters): ids are keys, not payload.

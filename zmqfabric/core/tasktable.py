@@ -223,19 +223,22 @@ class TaskTable:
             worker.probe = self._deliver(worker, task, now, batches)
 
     def _place_redo(self, now: float, batches: dict[str, list[Task]]) -> None:
+        """Each task that overran goes to a worker where it did not, waiting for one to have
+        room if there is any such worker; only when there is none, to a free slot anywhere."""
         redo, keep = self._redo, []
         while redo:
             task = redo.popleft()
             if task.state is not _PENDING:
                 continue
-            ready = [w for w in self._workers.values() if w.room() > 0]
-            if not ready:
+            hung_on = task.hung_on or ()
+            fresh = [w for w in self._workers.values() if w.key not in hung_on and not w.stuck]
+            ready = [w for w in (fresh or self._workers.values()) if w.room() > 0]
+            if ready:
+                self._deliver(task=task, worker=max(ready, key=WorkerView.room), now=now,
+                              batches=batches)
+            else:
                 keep.append(task)
-                break
-            fresh = [w for w in ready if w.key not in (task.hung_on or ())]
-            worker = max(fresh or ready, key=WorkerView.room)
-            self._deliver(worker, task, now, batches)
-        redo.extendleft(reversed(keep))
+        redo.extend(keep)
 
     def _spread(self, now: float, batches: dict[str, list[Task]]) -> None:
         pending = self._pending

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
-from ..constants import JOURNAL_COMMIT_S, TASK_FRAME_OVERHEAD, TASK_TICK_MS
+from ..constants import JOURNAL_COMMIT_S, TASK_FRAME_OVERHEAD, TASK_NAP_MS, TASK_TICK_MS
 from ..core import task_frames, wire
 from ..core.records import EndpointKind
 from ..core.tasktable import Outcome, Task, TaskTable
@@ -79,6 +79,7 @@ class Dispatcher:
         self._settled = 0
         self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
+        self._napping = False
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -140,7 +141,12 @@ class Dispatcher:
 
     def _round(self) -> None:
         mail = self._mail
-        events = self._poller.poll(mail.sleep_timeout(self._timeout(time.monotonic())))
+        timeout = self._timeout(time.monotonic())
+        if self._napping:  # durable submissions are flowing: look again soon, unwoken
+            timeout = 0 if mail.items else min(timeout, TASK_NAP_MS)
+        else:
+            timeout = mail.sleep_timeout(timeout)
+        events = self._poller.poll(timeout)
         mail.sleeping = False
         now = time.monotonic()
         monitors = []
@@ -157,6 +163,10 @@ class Dispatcher:
             if link is not None:
                 self._on_monitor(link, now)
         self._take_commands()
+        # Each durable submit costs a commit, so they arrive tens of microseconds apart: waking
+        # for each would cost a wake-up and a round per task. Napping instead takes them by the
+        # batch, at most TASK_NAP_MS late.
+        self._napping = bool(self._new) and self._recorder is not None
         self._queue_new()
         for table in self._tables.values():
             if now >= table.next_due:

@@ -70,8 +70,7 @@ class Recorder:
     def _write(self, batch: list[Row]) -> None:
         journal = self.journal
         try:
-            journal.add(batch)
-            journal.commit()
+            journal.add_now(batch)
         except JournalError:
             journal.rollback()
             raise
