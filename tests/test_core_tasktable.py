@@ -141,7 +141,8 @@ def test_suspects_go_alone_to_idle_workers_and_others_wait_for_them() -> None:
     other = "c" if worker == "b" else "b"
     table.on_results(other, [ok(suspects[1])], 1.2)
     assert sent(table.assign(1.2)) == {other: ["fresh"]}
-    assert [t.attempts for t in suspects] == [2, 2, 2] and [t.charged for t in suspects] == [1, 0, 0]
+    assert [t.attempts for t in suspects] == [2, 2, 2]
+    assert [t.charged for t in suspects] == [1, 0, 0]
 
 
 def test_a_task_that_kills_its_workers_is_dead_lettered_and_its_neighbours_are_not() -> None:
@@ -575,7 +576,8 @@ def test_result_batches_round_trip(results: list[tuple[str, int, bool, Any]]) ->
     assert task_frames.parse_from_worker(frames) == (wire.Kind.RESULT, items)
     credit = [b"", wire.pack_header(wire.Kind.CREDIT, 0, 0.0), task_frames.pack_credit(64)]
     assert task_frames.parse_from_worker(credit) == (wire.Kind.CREDIT, (64, 1))
-    both = [b"", wire.pack_header(wire.Kind.CREDIT, 0, 0.0), wire.pack_body({"credit": 8, "slots": 4})]
+    both = [b"", wire.pack_header(wire.Kind.CREDIT, 0, 0.0),
+            wire.pack_body({"credit": 8, "slots": 4})]
     assert task_frames.parse_from_worker(both) == (wire.Kind.CREDIT, (8, 4))
 
 

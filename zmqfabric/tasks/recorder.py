@@ -39,7 +39,7 @@ class Recorder:
         self.journal = journal
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()
-        self._queue: list[Row] = []
+        self._queue: list[tuple[int, list[Row]]] = []  # (ticket of the last row, rows)
         self._queued = 0  # rows ever queued: row n has ticket n
         self._handled = 0  # rows ever taken by a committer (committed or refused)
         self._refused: collections.deque[tuple[int, int, JournalError]] = collections.deque(
@@ -50,27 +50,40 @@ class Recorder:
         """Add ``rows`` to the journal; return once they are committed. Raises JournalError
         (then none of them is recorded). Thread-safe; blocks for a commit or two."""
         with self._queue_lock:
-            self._queue += rows
             self._queued += len(rows)
             ticket = self._queued
+            self._queue.append((ticket, rows))
         with self._commit_lock:
             if self._handled < ticket:  # nobody took ours yet: commit every row queued so far
                 with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                    first, last = self._handled, self._queued
-                self._handled = last
-                try:
-                    self._write(batch)
-                except JournalError as exc:
-                    self._refused.append((first, last, exc))
+                    parts, self._queue = self._queue, []
+                    self._handled = self._queued
+                self._commit(parts)
         for first, last, error in list(self._refused):
             if first < ticket <= last:
                 raise error
 
-    def _write(self, batch: list[Row]) -> None:
+    def _commit(self, parts: list[tuple[int, list[Row]]]) -> None:
+        """One transaction for every part; if it fails, one per part, so that a part the journal
+        refuses fails its own submitter only."""
+        try:
+            self._write([row for _, rows in parts for row in rows] if len(parts) > 1
+                        else parts[0][1])
+            return
+        except JournalError as exc:
+            if len(parts) == 1:
+                self._refused.append((parts[0][0] - len(parts[0][1]), parts[0][0], exc))
+                return
+        for ticket, rows in parts:
+            try:
+                self._write(rows)
+            except JournalError as exc:
+                self._refused.append((ticket - len(rows), ticket, exc))
+
+    def _write(self, rows: list[Row]) -> None:
         journal = self.journal
         try:
-            journal.add_now(batch)
+            journal.add_now(rows)
         except JournalError:
             journal.rollback()
             raise
