@@ -6,8 +6,10 @@ dead-letter file's privacy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -192,3 +194,23 @@ def test_the_dead_letter_file_is_never_written_through_a_link(worker_node, name,
     finally:
         producer.close()
     assert victim.read_text() == "precious\n" and path.is_symlink()
+
+
+def test_a_producer_resumes_past_malformed_journal_rows(worker_node, name,
+                                                       tmp_path: Path) -> None:
+    """A row the journal cannot vouch for is quarantined; it neither stops the dispatcher nor
+    spoils the batch it would have been sent in."""
+    task = name("resume")
+    config = zf.TaskConfig(journal=str(tmp_path / "j.db"))
+    with zf.Node(unique("producer"), tasks=config) as first:
+        handles = first.submit_many(task, [{"i": i} for i in range(5)])
+    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as db, db:
+        db.execute("UPDATE tasks SET payload = x'c1' WHERE id = ?", (handles[1].id,))
+        db.execute("UPDATE tasks SET deadline = 'soon' WHERE id = ?", (handles[3].id,))
+    ran: list[Any] = []
+    worker_node(task, lambda body: ran.append(body["i"]))
+    with zf.Node(unique("producer"), tasks=config) as second:
+        assert second.counters.get("journal_rows_quarantined") == 2
+        assert second.wait_tasks(SLOW)
+        assert second.task_stats()["submit"][task]["done"] == 3
+    assert sorted(ran) == [0, 2, 4]

@@ -9,6 +9,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from ..constants import (
+    MAX_TASK_CREDIT,
     TASK_BACKOFF_MAX_S,
     TASK_BACKOFF_S,
     TASK_DEADLINE_S,
@@ -46,6 +47,13 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         """Seconds to wait before the retry that follows the ``failures``-th failure (from 1)."""
         return min(self.backoff_max_s, self.backoff_s * 2.0 ** min(failures - 1, 64))
+
+
+def check_count(value: Any, what: str) -> int:
+    """``value`` if it is a credit window or slot count (1..65535); raises LocalProtocolError."""
+    if type(value) is not int or not 1 <= value <= MAX_TASK_CREDIT:
+        raise LocalProtocolError(f"{what} must be an integer from 1 to {MAX_TASK_CREDIT}")
+    return value
 
 
 def check_deadline(deadline_s: float) -> float:

@@ -12,30 +12,25 @@ its decisions into frames, journal writes and dead letters. A task moves through
 
     and a failure that uses up the last attempt: IN_FLIGHT --> DEAD
 
-- **Credit and slots.** Each worker grants a window (its prefetch) and says how many tasks it
-  runs at once (its slots, taken in the order received). A worker never holds more than its
-  window of our deliveries, and a delivery stays *held* until the worker answers it or is lost,
-  even when the task has moved on meanwhile: credit counts what the worker really holds.
-- **Attempts are charged only to deliveries that may have started.** Those are a worker's
-  oldest ``slots`` unanswered deliveries (:mod:`.taskworkers`). A failure of one of them (the
-  handler raised, it overran its deadline, its worker was lost) uses an attempt; deliveries
-  still queued behind them go to other workers free. A task is dead when a failure uses its last
-  attempt. A handler that raised is retried after an exponential backoff, the others at once.
-- **Deadlines** time each of a worker's oldest ``slots`` deliveries from when it became one of
-  them. One that overruns is charged and given to another worker (preferring one where it has
-  not overrun), but it is still running where it was: it keeps its slot and its unit of credit
-  there until answered, and the worker's other slots keep working. A worker whose every slot
-  runs an overdue delivery is *stuck*: what is queued there goes elsewhere free, and it gets no
-  new work until it answers.
-- **Suspects.** Every task a lost worker held becomes a suspect: a worker can die of a task
-  whose predecessors' results were lost with it, so the oldest ``slots`` alone are not proof.
-  A suspect is sent alone to an idle worker, and nothing else goes there until it answers, so
-  a task that kills workers is charged every time and reaches its dead letter. While suspects
-  wait, other tasks wait too, so that workers drain and become idle.
-- **Results.** The first ok result of a task settles it, whichever of its deliveries it answers;
-  a failure counts only when it answers the task's current delivery. Every other result (for a
-  settled task, from a delivery that was moved on, from a lost worker) is counted as late and
-  dropped.
+- **Credit and slots.** Each worker grants a window (its prefetch) and runs ``slots`` tasks at
+  once, in the order received. It never holds more than its window of our deliveries, and a
+  delivery stays *held* until answered or the worker is lost, even once its task moved on.
+- **Attempts are charged only to deliveries that may have started**: a worker's oldest
+  ``slots`` unanswered ones (:mod:`.taskworkers`). Their failures (the handler raised, the
+  deadline passed, the worker was lost) use an attempt; deliveries queued behind them go
+  elsewhere free. A handler that raised is retried after a backoff, the others at once; a
+  failure that uses the last attempt makes the task dead.
+- **Deadlines** time each started delivery from when it got its slot. One that overruns is
+  charged and redelivered, preferably to a worker where it did not overrun; it keeps its slot
+  and credit where it runs until answered, and the other slots keep working. A worker whose
+  every slot is overdue is *stuck*: its queue moves elsewhere free and it gets nothing new.
+- **Suspects.** Every task a lost worker held is a suspect: a worker may die of a task whose
+  predecessors' results died with it, so its oldest slots are not proof. A suspect goes alone
+  to an idle worker, and nothing else goes there until it answers, so a task that kills
+  workers is charged every time. While suspects wait, so does the rest (workers drain).
+- **Results.** The first ok result settles a task, whichever delivery it answers; a failure
+  counts only for the current delivery. Other results (settled task, moved delivery, lost
+  worker) are counted as late and dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +40,6 @@ import heapq
 import math
 from typing import Any
 
-from ..constants import MAX_TASK_CREDIT
 from ..errors import LocalProtocolError
 from .taskrecords import (
     DEADLINE_EXCEEDED,
@@ -56,9 +50,10 @@ from .taskrecords import (
     Task,
     TaskState,
     TaskTableStats,
+    check_count,
     check_deadline,
 )
-from .taskworkers import Key, WorkerView
+from .taskworkers import Key, WorkerView, is_current, spread
 
 __all__ = [
     "DEADLINE_EXCEEDED",
@@ -74,12 +69,6 @@ __all__ = [
 ]
 
 _IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
-
-
-def _check_count(value: Any, what: str) -> int:
-    if type(value) is not int or not 1 <= value <= MAX_TASK_CREDIT:
-        raise LocalProtocolError(f"{what} must be an integer from 1 to {MAX_TASK_CREDIT}")
-    return value
 
 
 class TaskTable:
@@ -130,10 +119,7 @@ class TaskTable:
             queue.clear()
         self._delayed.clear()
         for worker in self._workers.values():
-            worker.held.clear()
-            worker.started.clear()
-            worker.overdue.clear()
-            worker.probe = None
+            worker.clear()
         self.in_flight = self.hung = 0
         return tasks
 
@@ -142,8 +128,8 @@ class TaskTable:
     def set_credit(self, worker: str, window: int, now: float, slots: int = 1) -> None:
         """A worker granted ``window`` and runs ``slots`` tasks at once (new worker, or new
         values for a known one). Raises LocalProtocolError out of 1..65535."""
-        _check_count(window, "credit")
-        _check_count(slots, "slots")
+        check_count(window, "credit")
+        check_count(slots, "slots")
         known = self._workers.get(worker)
         if known is None:
             self._workers[worker] = WorkerView(worker, window, slots)
@@ -159,7 +145,7 @@ class TaskTable:
         self.hung -= len(lost.overdue)
         dead: list[Task] = []
         for key, task in lost.held.items():
-            if not self._is_current(task, key, worker):
+            if not is_current(task, key, worker):
                 continue
             self.in_flight -= 1
             task.worker = None
@@ -241,55 +227,13 @@ class TaskTable:
         redo.extend(keep)
 
     def _spread(self, now: float, batches: dict[str, list[Task]]) -> None:
-        pending = self._pending
         ready = [w for w in self._workers.values() if w.room() > 0]
-        if not ready:
-            return
-        start = self._turn % len(ready)
-        self._turn += 1
-        ready = ready[start:] + ready[:start]
-        while pending and ready:
-            share = -(-len(pending) // len(ready))
-            progressed = False
-            still: list[WorkerView] = []
-            for worker in ready:
-                if self._fill(worker, min(share, worker.room()), now, batches):
-                    progressed = True
-                if worker.room() > 0:
-                    still.append(worker)
-            ready = still
-            if not progressed:
-                break
-
-    def _fill(
-        self, worker: WorkerView, count: int, now: float, batches: dict[str, list[Task]]
-    ) -> bool:
-        pending, held, started = self._pending, worker.held, worker.started
-        key_of = worker.key
-        batch = batches.get(key_of)
-        given = 0
-        due = math.inf
-        while given < count and pending:
-            task = pending.popleft()
-            if task.state is not _PENDING:
-                continue  # settled meanwhile by a late result: dropped lazily
-            task.attempts = attempt = task.attempts + 1
-            task.state = _IN_FLIGHT
-            task.worker = key_of
-            key = (task.id, attempt)
-            held[key] = task
-            if len(started) < worker.slots:
-                started[key] = now
-                due = min(due, now + task.deadline_s)
-            if batch is None:
-                batch = batches[key_of] = []
-            batch.append(task)
-            given += 1
-        if given:
+        if ready:
+            start = self._turn % len(ready)
+            self._turn += 1
+            given, due = spread(ready[start:] + ready[:start], self._pending, now, batches)
             self.in_flight += given
-            if due < self.next_due:
-                self.next_due = due
-        return given > 0
+            self.next_due = min(self.next_due, due)
 
     def _deliver(
         self, worker: WorkerView, task: Task, now: float, batches: dict[str, list[Task]]
@@ -362,7 +306,7 @@ class TaskTable:
                 del tasks[task_id]
                 self.done += 1
                 done.append(task)
-            elif self._is_current(task, key, worker):
+            elif is_current(task, key, worker):
                 self.in_flight -= 1
                 task.worker = None
                 task.suspect = False  # it ran and answered: it did not kill its worker
@@ -397,7 +341,7 @@ class TaskTable:
                 self.hung += 1
                 if worker.probe == key:
                     worker.probe = None
-                if self._is_current(task, key, worker.key):
+                if is_current(task, key, worker.key):
                     self._overran(task, worker.key, dead)
             if overran and worker.stuck:
                 self._requeue_waiting(worker)
@@ -425,7 +369,7 @@ class TaskTable:
         """A stuck worker: what waits behind its overdue slots goes elsewhere, free."""
         back = []
         for key, task in worker.held.items():
-            if key not in worker.started and self._is_current(task, key, worker.key):
+            if key not in worker.started and is_current(task, key, worker.key):
                 self.in_flight -= 1
                 task.worker = None
                 task.state = _PENDING
@@ -433,11 +377,6 @@ class TaskTable:
         self._pending.extendleft(reversed(back))
         self.requeued += len(back)
         self.redelivered += len(back)
-
-    @staticmethod
-    def _is_current(task: Task, key: Key, worker: str) -> bool:
-        """Whether delivery ``key`` at ``worker`` is the task's current one."""
-        return task.state is _IN_FLIGHT and task.worker == worker and task.attempts == key[1]
 
     def _charge(self, task: Task, error: tuple[str, str], dead: list[Task]) -> bool:
         """A delivery that may have run failed: use an attempt. Returns False (and settles the

@@ -12,11 +12,14 @@ answered), not from when it was queued behind others.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from dataclasses import dataclass, field
 
-from .taskrecords import Task
+from .taskrecords import Task, TaskState
+
+_IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
 
 #: One delivery: (task id, attempt). The attempt is the task's delivery count, so the pair is
 #: unique even when a worker holds two deliveries of one task (an overdue one and a retry).
@@ -87,6 +90,13 @@ class WorkerView:
                 due = self.promote(now)
         return task, was_overdue, due
 
+    def clear(self) -> None:
+        """Forget every delivery (the table is closing)."""
+        self.held.clear()
+        self.started.clear()
+        self.overdue.clear()
+        self.probe = None
+
     def resize(self, window: int, slots: int, now: float) -> float:
         """A new credit window and slot count; returns the earliest new deadline (or inf)."""
         self.window = window
@@ -104,3 +114,66 @@ class WorkerView:
         self.started = started
         self.overdue &= started.keys()
         return due
+
+
+def is_current(task: Task, key: Key, worker: str) -> bool:
+    """Whether delivery ``key`` at ``worker`` is ``task``'s current one."""
+    return task.state is _IN_FLIGHT and task.worker == worker and task.attempts == key[1]
+
+
+def spread(
+    ready: list[WorkerView],
+    pending: collections.deque[Task],
+    now: float,
+    batches: dict[str, list[Task]],
+) -> tuple[int, float]:
+    """Deal pending tasks to workers with room, evenly, in the order of ``ready``; record
+    each delivery and add it to ``batches``. Returns (deliveries, earliest deadline or inf)."""
+    total, due = 0, math.inf
+    while pending and ready:
+        share = -(-len(pending) // len(ready))
+        still: list[WorkerView] = []
+        progressed = False
+        for worker in ready:
+            given, first_due = _fill(worker, pending, min(share, worker.room()), now, batches)
+            if given:
+                progressed = True
+                total += given
+                due = min(due, first_due)
+            if worker.room() > 0:
+                still.append(worker)
+        ready = still
+        if not progressed:
+            break
+    return total, due
+
+
+def _fill(
+    worker: WorkerView,
+    pending: collections.deque[Task],
+    count: int,
+    now: float,
+    batches: dict[str, list[Task]],
+) -> tuple[int, float]:
+    # The hot path of dispatch: inlined, no method calls per task.
+    held, started, slots, key_of = worker.held, worker.started, worker.slots, worker.key
+    batch = batches.get(key_of)
+    given = 0
+    due = math.inf
+    while given < count and pending:
+        task = pending.popleft()
+        if task.state is not _PENDING:
+            continue  # settled meanwhile by a late result: dropped lazily
+        task.attempts = attempt = task.attempts + 1
+        task.state = _IN_FLIGHT
+        task.worker = key_of
+        key = (task.id, attempt)
+        held[key] = task
+        if len(started) < slots:
+            started[key] = now
+            due = min(due, now + task.deadline_s)
+        if batch is None:
+            batch = batches[key_of] = []
+        batch.append(task)
+        given += 1
+    return given, due
