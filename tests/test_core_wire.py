@@ -707,7 +707,7 @@ def test_result_messages_round_trip(results: list[list[Any]]) -> None:
 @pytest.mark.parametrize("credit", [1, 10, 65535])
 def test_credit_round_trip(credit: int) -> None:
     frames = [b"", wire.pack_header(Kind.CREDIT, 1, 0.0), task_frames.pack_credit(credit)]
-    assert task_frames.parse_from_worker(frames) == (Kind.CREDIT, credit)
+    assert task_frames.parse_from_worker(frames) == (Kind.CREDIT, (credit, 1))  # no slots: 1
     request = task_frames.parse_to_worker(
         [wire.pack_header(Kind.CREDIT, 1, 0.0), msgpack.packb({"from": "n"})]
     )
