@@ -830,4 +830,6 @@ def test_task_parsers_fuzz(frames: list[bytes]) -> None:
                 assert type(task_id) is str and type(attempt) is int and type(ok) is bool
                 assert ok or (isinstance(value["type"], str) and isinstance(value["message"], str))
         else:
-            assert type(body) is int and 1 <= body <= 65535
+            credit, slots = body
+            assert type(credit) is int and 1 <= credit <= 65535
+            assert type(slots) is int and 1 <= slots <= 65535
