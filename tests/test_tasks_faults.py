@@ -235,8 +235,10 @@ def test_a_task_that_kills_its_worker_is_dead_lettered_and_no_task_that_never_ra
     if attempts > 1:
         assert failed == {poison.id}
     assert attempts <= ran[poison.id] <= attempts + 1  # the first run may have gone uncharged
-    killed = sum(child.proc.poll() == -signal.SIGKILL for child in workers)
-    assert killed == ran[poison.id]
+    # A killed process's sockets close before it can be reaped: wait for its exit status.
+    wait_until(lambda: sum(child.proc.poll() == -signal.SIGKILL for child in workers)
+               == ran[poison.id], SLOW, "one killed worker per run of the poison task")
+    killed = ran[poison.id]
     stats = table_stats(producer, task)
     assert stats["dead"] == len(failed), stats
     assert stats["done"] == len(handles) + 1 - len(failed), stats  # + the warm-up task

@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import zmqfabric as zf
 from tests import test_tasks
 from tests.helpers import unique, wait_until
 from tests.test_tasks import SLOW, table_stats, wait_workers
+from zmqfabric.tasks.handle import HandleState, TaskHandle, settle
+from zmqfabric.tasks.keys import KeyIndex
 
 MB = 1024 * 1024
 worker_node = test_tasks.worker_node  # the fixture: an in-process worker node, serving
@@ -214,3 +217,28 @@ def test_a_producer_resumes_past_malformed_journal_rows(worker_node, name,
         assert second.wait_tasks(SLOW)
         assert second.task_stats()["submit"][task]["done"] == 3
     assert sorted(ran) == [0, 2, 4]
+
+
+def test_settled_keys_kept_are_bounded() -> None:
+    """Past ``limit`` settled keys the oldest are forgotten, even within the window; keys of
+    unsettled tasks never are."""
+
+    class Owner:
+        config = zf.TaskConfig()
+        handle_lock = threading.Lock()
+
+        def settled(self, count: int) -> None:
+            pass
+
+    owner = Owner()
+    index = KeyIndex(window=3600.0, limit=10)
+    pending = TaskHandle("p", "job", "pending", owner)
+    assert index.claim(pending) is pending
+    for i in range(30):
+        handle = TaskHandle(str(i), "job", f"k{i}", owner)
+        assert index.claim(handle) is handle
+        settle(owner, [(handle, HandleState.DONE, i)])
+    assert len(index) <= 11
+    assert index.claim(TaskHandle("again", "job", "pending", owner)) is pending
+    latest = TaskHandle("x", "job", "k29", owner)
+    assert index.claim(latest) is not latest  # the newest settled key is still kept

@@ -299,12 +299,15 @@ class Dispatcher:
         """Send in messages no larger than workers accept; what cannot leave goes back."""
         limit, start, size = self._size_limit, 0, 0
         for end, task in enumerate(tasks):
-            size += len(task.payload) + TASK_FRAME_OVERHEAD
+            one = len(task.payload) + TASK_FRAME_OVERHEAD
+            if task.key is not None:
+                one += 4 * len(task.key)  # UTF-8, at most 4 bytes a character
+            size += one
             if size > limit and end > start:
                 if not self._send_batch(link, tasks[start:end]):
                     table.unassign(link.url, tasks[start:], now)
                     return
-                start, size = end, len(task.payload) + TASK_FRAME_OVERHEAD
+                start, size = end, one
         if not self._send_batch(link, tasks[start:]):
             table.unassign(link.url, tasks[start:], now)
 
