@@ -100,23 +100,88 @@ def test_handler_failure_retries_with_exponential_backoff_then_dead() -> None:
     assert (stats.retried, stats.dead, stats.queued, stats.in_flight) == (3, 1, 0, 0)
 
 
-def test_a_lost_worker_s_tasks_are_redelivered_at_once_in_order() -> None:
+def test_a_lost_worker_s_started_task_is_charged_and_the_queued_ones_go_free() -> None:
     table = TaskTable("job")
     table.set_credit("a", 5, 0.0)
     tasks = [task(i) for i in range(3)]
     for t in tasks:
         table.submit(t)
     table.assign(0.0)
-    out = table.lose_worker("a", 1.0)
-    assert not out
-    assert all(t.state is TaskState.PENDING and t.error[0] == WORKER_LOST for t in tasks)
-    table.set_credit("b", 5, 1.0)
-    assert sent(table.assign(1.0)) == {"b": ["0", "1", "2"]}
-    assert [t.attempts for t in tasks] == [2, 2, 2]
-    assert table.stats().redelivered == 3
+    assert table.started("a") == [("0", 1)]  # one slot: only the oldest can have started
+    assert not table.lose_worker("a", 1.0)
+    assert all(t.state is TaskState.PENDING and t.suspect for t in tasks)
+    assert [t.charged for t in tasks] == [1, 0, 0]
+    assert tasks[0].error[0] == WORKER_LOST and tasks[1].error is tasks[2].error is None
+    stats = table.stats()
+    assert (stats.redelivered, stats.requeued) == (3, 2)
     # A result the dead worker sent before dying (read after the loss) is late.
     assert not table.on_results("a", [[tasks[0].id, 1, True, None]], 1.0)
     assert table.stats().late == 1
+
+
+def test_suspects_go_alone_to_idle_workers_and_others_wait_for_them() -> None:
+    table = TaskTable("job")
+    table.set_credit("a", 5, 0.0)
+    suspects = [task(i) for i in range(3)]
+    for t in suspects:
+        table.submit(t)
+    table.assign(0.0)
+    table.lose_worker("a", 0.5)
+    table.set_credit("b", 5, 1.0)
+    table.set_credit("c", 5, 1.0)
+    fresh = task("fresh")
+    table.submit(fresh)
+    first = sent(table.assign(1.0))
+    assert sorted(first.values()) == [["0"], ["1"]]  # one each, nothing behind them
+    assert table.assign(1.0) == [] and fresh.state is TaskState.PENDING
+    worker = next(w for w, ids in first.items() if ids == ["0"])
+    assert table.on_results(worker, [ok(suspects[0])], 1.1).done == (suspects[0],)
+    # "2" is the last suspect: it goes alone, and only then does the rest flow again.
+    assert sent(table.assign(1.1)) == {worker: ["2"]}
+    other = "c" if worker == "b" else "b"
+    table.on_results(other, [ok(suspects[1])], 1.2)
+    assert sent(table.assign(1.2)) == {other: ["fresh"]}
+    assert [t.attempts for t in suspects] == [2, 2, 2]
+    assert [t.charged for t in suspects] == [1, 0, 0]
+
+
+def test_a_task_that_kills_its_workers_is_dead_lettered_and_its_neighbours_are_not() -> None:
+    """The killer sits behind tasks whose results died with the worker: the first loss charges
+    an innocent neighbour (it did run), but on probation the killer is alone, so it is charged
+    every time after, and no task that never ran is charged at all."""
+    table = TaskTable("job")
+    tasks = [task(i, attempts=3) for i in range(6)]
+    killer = tasks[3]
+    for t in tasks:
+        table.submit(t)
+    now, worker_no = 0.0, 0
+    ran: set[str] = set()
+
+    def new_worker() -> str:
+        nonlocal worker_no
+        worker_no += 1
+        table.set_credit(f"w{worker_no}", 8, now)
+        return f"w{worker_no}"
+
+    w = new_worker()
+    (_, batch), = table.assign(now)
+    ran.update(t.id for t in batch[:4])  # ran 0, 1, 2 (results unsent), then 3 killed it
+    dead = list(table.lose_worker(w, now).dead)
+    for _ in range(10):
+        if killer.state is TaskState.DEAD:
+            break
+        now += 1.0
+        w = new_worker()
+        for worker, batch in table.assign(now):
+            for t in batch:
+                ran.add(t.id)
+                if t is killer:
+                    dead += table.lose_worker(worker, now).dead
+                else:
+                    table.on_results(worker, [ok(t)], now)
+    assert dead == [killer] and killer.charged == 3
+    assert all(t.state is TaskState.DONE for t in tasks if t is not killer)
+    assert [t.charged for t in tasks] == [1, 0, 0, 3, 0, 0]
 
 
 def test_losing_a_worker_on_the_last_attempt_is_a_dead_letter() -> None:
@@ -129,7 +194,48 @@ def test_losing_a_worker_on_the_last_attempt_is_a_dead_letter() -> None:
     assert t.error[0] == WORKER_LOST and table.unsettled == 0
 
 
-def test_a_stuck_worker_gives_up_all_it_holds_and_its_late_result_is_dropped() -> None:
+def test_only_the_oldest_slots_are_charged_and_timed() -> None:
+    table = TaskTable("job")
+    table.set_credit("w", 6, 0.0, slots=2)
+    tasks = [task(i, deadline=1.0) for i in range(5)]
+    for t in tasks:
+        table.submit(t)
+    table.assign(0.0)
+    assert table.started("w") == [("0", 1), ("1", 1)]
+    assert table.next_due == pytest.approx(1.0)
+    table.on_results("w", [ok(tasks[1])], 0.5)  # out of order within the slots: fine
+    assert table.started("w") == [("0", 1), ("2", 1)]
+    table.tick(1.0)  # "0" overran; "2" started at 0.5
+    assert tasks[0].state is TaskState.PENDING and tasks[0].charged == 1
+    assert tasks[2].state is TaskState.IN_FLIGHT and table.next_due == pytest.approx(1.5)
+    assert table.credit("w") == 6 - 4  # the overdue delivery still holds its unit of credit
+    out = table.lose_worker("w", 1.2)
+    assert not out
+    assert [t.charged for t in tasks] == [1, 0, 1, 0, 0]  # "2" had a slot; "3", "4" did not
+
+
+def test_an_overdue_delivery_keeps_its_slot_and_the_other_slots_keep_working() -> None:
+    table = TaskTable("job")
+    table.set_credit("w", 4, 0.0, slots=2)
+    hang, *rest = [task(i, deadline=1.0, attempts=2) for i in range(4)]
+    for t in (hang, *rest):
+        table.submit(t)
+    table.assign(0.0)
+    table.on_results("w", [ok(rest[0])], 0.9)
+    table.tick(1.0)
+    assert hang.charged == 1 and table.stats().hung == 1
+    assert sent(table.assign(1.0)) == {"w": ["0"]}  # no other worker: a free slot here
+    assert table.started("w") == [("0", 1), ("2", 1)]  # the overdue one still runs
+    table.on_results("w", [ok(rest[1]), ok(rest[2])], 1.5)
+    assert table.started("w") == [("0", 1), ("0", 2)]
+    assert table.tick(2.5).dead == (hang,)  # both slots now run it: the worker is stuck
+    assert hang.error == (DEADLINE_EXCEEDED, "ran longer than 1 s 2 times on 1 worker")
+    assert table.credit("w") == 0 and table.stats().hung == 2
+    table.on_results("w", [["0", 1, True, None]], 3.0)  # the hang ended after all: late
+    assert table.credit("w") == 3 and table.stats().late == 1
+
+
+def test_a_stuck_worker_s_queue_goes_elsewhere_free_and_its_late_results_are_dropped() -> None:
     table = TaskTable("job")
     table.set_credit("slow", 2, 0.0)
     a, b = task("a", deadline=1.0), task("b", deadline=1.0)
@@ -140,7 +246,8 @@ def test_a_stuck_worker_gives_up_all_it_holds_and_its_late_result_is_dropped() -
     assert table.next_due == pytest.approx(1.0)
     table.tick(1.0)
     assert a.state is b.state is TaskState.PENDING
-    assert a.error[0] == b.error[0] == DEADLINE_EXCEEDED
+    assert a.error[0] == DEADLINE_EXCEEDED and (a.charged, b.charged) == (1, 0)
+    assert b.error is None and table.stats().requeued == 1
     assert table.credit("slow") == 0  # stuck: no new work, and it still holds both deliveries
     table.set_credit("fast", 2, 1.0)
     assert sent(table.assign(1.0)) == {"fast": ["a", "b"]}
@@ -151,7 +258,7 @@ def test_a_stuck_worker_gives_up_all_it_holds_and_its_late_result_is_dropped() -
     assert a.value == "fast-a" and table.stats().late == 2 and table.credit("slow") == 2
 
 
-def test_the_deadline_clock_starts_at_the_worker_s_last_result() -> None:
+def test_the_deadline_clock_starts_when_a_delivery_gets_a_slot() -> None:
     """Tasks queued behind others at one worker are not timed while it works on those."""
     table = TaskTable("job")
     table.set_credit("w", 3, 0.0)
@@ -181,32 +288,30 @@ def test_the_first_ok_result_wins_and_a_late_failure_is_ignored() -> None:
     assert t.value == "from a" and table.stats().late == 1 and table.credit("b") == 1
 
 
-def test_a_task_is_not_given_to_a_worker_that_still_holds_it() -> None:
+def test_a_task_that_overran_prefers_a_worker_where_it_did_not() -> None:
     table = TaskTable("job")
-    table.set_credit("only", 2, 0.0)
+    table.set_credit("x", 4, 0.0, slots=4)
     t = task("t", deadline=1.0)
     table.submit(t)
     table.assign(0.0)
-    table.tick(1.0)  # stuck; t is pending again but "only" still holds attempt 1
-    table.on_results("only", [], 1.1)  # any answer unsticks the worker
-    other = task("u")
-    table.submit(other)
-    assert sent(table.assign(1.1)) == {"only": ["u"]}
-    assert t.state is TaskState.PENDING
-    table.on_results("only", [["t", 1, False, {"type": "E", "message": "late"}]], 1.2)
-    assert sent(table.assign(1.2)) == {"only": ["t"]} and t.attempts == 2
+    table.set_credit("y", 2, 0.5)
+    table.tick(1.0)
+    assert table.credit("x") > table.credit("y")  # x has more room, and still gets nothing
+    assert sent(table.assign(1.0)) == {"y": ["t"]}
 
 
 def test_failed_send_puts_tasks_back_without_using_an_attempt() -> None:
     table = TaskTable("job")
-    table.set_credit("a", 5, 0.0)
-    tasks = [task(i) for i in range(3)]
+    table.set_credit("a", 5, 0.0, slots=2)
+    tasks = [task(i) for i in range(4)]
     for t in tasks:
         table.submit(t)
     (worker, batch), = table.assign(0.0)
-    table.unassign(worker, batch)
-    assert [t.attempts for t in tasks] == [0, 0, 0] and table.credit("a") == 5
-    assert sent(table.assign(0.0)) == {"a": ["0", "1", "2"]}
+    table.unassign(worker, batch[1:], 0.0)  # the first part left, the rest did not
+    assert [t.attempts for t in tasks] == [1, 0, 0, 0] and table.credit("a") == 4
+    assert table.started("a") == [("0", 1)]
+    assert sent(table.assign(0.0)) == {"a": ["1", "2", "3"]}
+    assert table.started("a") == [("0", 1), ("1", 1)]
 
 
 def test_results_not_ours_are_late_and_free_nothing() -> None:
@@ -239,6 +344,8 @@ def test_bad_arguments_are_refused() -> None:
     for window in (0, -1, 70000, 1.5):
         with pytest.raises(LocalProtocolError):
             table.set_credit("a", window, 0.0)  # type: ignore[arg-type]
+        with pytest.raises(LocalProtocolError):
+            table.set_credit("a", 1, 0.0, slots=window)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         RetryPolicy(max_attempts=0)
     with pytest.raises(LocalProtocolError):
@@ -261,9 +368,11 @@ class TaskTableMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.submitted: dict[str, Task] = {}
         self.settled: dict[str, str] = {}  # id -> "done" | "dead"
-        self.windows: dict[str, int] = {}
+        self.windows: dict[str, tuple[int, int]] = {}  # worker -> (window, slots)
         #: worker -> deliveries it holds, in the order sent: (task id, attempt)
         self.outbox: dict[str, list[tuple[str, int]]] = {}
+        #: deliveries that may have run: ever among their worker's oldest slots, or answered
+        self.may_have_run: set[tuple[str, int]] = set()
 
     def settle(self, outcome: Any) -> None:
         for kind, tasks in (("done", outcome.done), ("dead", outcome.dead)):
@@ -271,6 +380,10 @@ class TaskTableMachine(RuleBasedStateMachine):
                 assert t.id not in self.settled, f"{t.id} settled twice"
                 self.settled[t.id] = kind
                 assert t.state is (TaskState.DONE if kind == "done" else TaskState.DEAD)
+
+    def mark_started(self) -> None:
+        for worker, box in self.outbox.items():
+            self.may_have_run.update(box[: self.windows[worker][1]])
 
     @rule(count=st.integers(1, 4), attempts=st.integers(1, 3), deadline=st.sampled_from([1.0, 3.0]))
     def submit(self, count: int, attempts: int, deadline: float) -> None:
@@ -280,12 +393,12 @@ class TaskTableMachine(RuleBasedStateMachine):
             self.submitted[t.id] = t
             self.table.submit(t)
 
-    @rule(worker=st.sampled_from(WORKERS), window=st.integers(1, 4))
-    def worker_joins(self, worker: str, window: int) -> None:
+    @rule(worker=st.sampled_from(WORKERS), window=st.integers(1, 4), slots=st.integers(1, 3))
+    def worker_joins(self, worker: str, window: int, slots: int) -> None:
         if worker in self.windows:
             return
-        self.table.set_credit(worker, window, self.now)
-        self.windows[worker] = window
+        self.table.set_credit(worker, window, self.now, slots)
+        self.windows[worker] = (window, slots)
         self.outbox[worker] = []
 
     @rule(worker=st.sampled_from(WORKERS))
@@ -300,19 +413,23 @@ class TaskTableMachine(RuleBasedStateMachine):
         for worker, tasks in batches:
             assert worker in self.windows
             if fail_send:
-                self.table.unassign(worker, tasks)
+                self.table.unassign(worker, tasks, self.now)
                 continue
             self.outbox[worker].extend((t.id, t.attempts) for t in tasks)
+        self.mark_started()
 
     @precondition(lambda self: any(self.outbox.values()))
-    @rule(data=st.data(), ok_=st.booleans(), in_order=st.booleans())
-    def answer(self, data: st.DataObject, ok_: bool, in_order: bool) -> None:
+    @rule(data=st.data(), ok_=st.booleans(), in_slots=st.booleans())
+    def answer(self, data: st.DataObject, ok_: bool, in_slots: bool) -> None:
+        """A worker answers one of its oldest ``slots`` deliveries (or, misbehaving, any)."""
         worker = data.draw(st.sampled_from(sorted(w for w, box in self.outbox.items() if box)))
         box = self.outbox[worker]
-        index = 0 if in_order else data.draw(st.integers(0, len(box) - 1))
-        task_id, attempt = box.pop(index)
+        last = min(len(box), self.windows[worker][1]) if in_slots else len(box)
+        task_id, attempt = box.pop(data.draw(st.integers(0, last - 1)))
+        self.may_have_run.add((task_id, attempt))
         value = "v" if ok_ else {"type": "E", "message": "x"}
         self.settle(self.table.on_results(worker, [[task_id, attempt, ok_, value]], self.now))
+        self.mark_started()
 
     @rule(dt=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
     def time_passes(self, dt: float) -> None:
@@ -324,19 +441,32 @@ class TaskTableMachine(RuleBasedStateMachine):
         for task_id, t in self.submitted.items():
             in_table = self.table.get(task_id) is not None
             assert in_table != (task_id in self.settled), (t, self.settled.get(task_id))
-            assert t.attempts <= t.max_attempts
+            assert t.charged <= t.max_attempts
         stats = self.table.stats()
         assert stats.queued + stats.in_flight == self.table.unsettled
         assert stats.done + stats.dead == len(self.settled)
 
     @invariant()
-    def credit_is_what_workers_hold(self) -> None:
+    def only_deliveries_that_may_have_run_are_charged(self) -> None:
+        for t in self.submitted.values():
+            ran = sum((t.id, a) in self.may_have_run for a in range(1, t.attempts + 1))
+            assert t.charged <= ran, (t, ran)
+
+    @invariant()
+    def credit_and_slots_are_what_workers_hold(self) -> None:
         assert sorted(self.table.workers) == sorted(self.windows)
-        for worker, window in self.windows.items():
+        hung = 0
+        for worker, (window, slots) in self.windows.items():
             held = self.table.held(worker)
             assert len(held) <= window
-            assert held == dict(self.outbox[worker])  # the model and the table agree
-            assert len(held) == len(self.outbox[worker])  # never two deliveries of one task
+            assert held == self.outbox[worker]  # the model and the table agree, in order
+            assert self.table.started(worker) == held[:slots]
+            view = self.table._workers[worker]  # noqa: SLF001 - white-box check
+            assert view.overdue <= set(view.started)
+            hung += len(view.overdue)
+            if view.probe is not None:  # a suspect on probation is alone with overdue ones
+                assert set(held) == view.overdue | {view.probe}
+        assert hung == self.table.stats().hung
 
     @invariant()
     def in_flight_tasks_are_held_by_their_worker(self) -> None:
@@ -344,7 +474,7 @@ class TaskTableMachine(RuleBasedStateMachine):
         for t in self.submitted.values():
             if t.state is TaskState.IN_FLIGHT:
                 in_flight += 1
-                assert self.table.held(t.worker).get(t.id) == t.attempts
+                assert (t.id, t.attempts) in self.table.held(t.worker)
             else:
                 assert t.worker is None
         assert in_flight == self.table.stats().in_flight
@@ -353,9 +483,9 @@ class TaskTableMachine(RuleBasedStateMachine):
     def next_due_is_never_late(self) -> None:
         """tick() may be skipped until next_due: nothing time-based falls due before it."""
         for worker in self.table._workers.values():  # noqa: SLF001 - white-box check
-            if worker.held and not worker.stuck:
-                _, sent_at, deadline = next(iter(worker.held.values()))
-                assert self.table.next_due <= max(sent_at, worker.last_result) + deadline
+            for key, since in worker.started.items():
+                if key not in worker.overdue:
+                    assert self.table.next_due <= since + worker.held[key].deadline_s
         if self.table._delayed:  # noqa: SLF001
             assert self.table.next_due <= self.table._delayed[0][0]  # noqa: SLF001
 
@@ -411,7 +541,7 @@ def test_everything_settles_once_workers_behave(chaos: list[str], count: int) ->
         settled.extend(out.done + out.dead)
     assert table.unsettled == 0
     assert sorted(t.id for t in settled) == sorted(t.id for t in tasks)
-    assert all(t.attempts <= 3 for t in tasks)
+    assert all(t.charged <= 3 for t in tasks)
 
 
 # --- task frames (the wire.py additions: kinds 6, 7, 8) ----------------------------------------
@@ -445,7 +575,10 @@ def test_result_batches_round_trip(results: list[tuple[str, int, bool, Any]]) ->
     frames = [b"", wire.pack_header(wire.Kind.RESULT, 2, 0.0), task_frames.pack_results(items)]
     assert task_frames.parse_from_worker(frames) == (wire.Kind.RESULT, items)
     credit = [b"", wire.pack_header(wire.Kind.CREDIT, 0, 0.0), task_frames.pack_credit(64)]
-    assert task_frames.parse_from_worker(credit) == (wire.Kind.CREDIT, 64)
+    assert task_frames.parse_from_worker(credit) == (wire.Kind.CREDIT, (64, 1))
+    both = [b"", wire.pack_header(wire.Kind.CREDIT, 0, 0.0),
+            wire.pack_body({"credit": 8, "slots": 4})]
+    assert task_frames.parse_from_worker(both) == (wire.Kind.CREDIT, (8, 4))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -483,7 +616,8 @@ def test_task_frames_refuse_what_the_spec_forbids() -> None:
     for bad in ([["a", 1, 1, None]], [["a", 1, False, "boom"]], [["a", 1, False, {"type": 1}]]):
         with pytest.raises(RemoteProtocolError):
             from_worker(bad)
-    for credit in ({}, {"credit": 0}, {"credit": 65536}, {"credit": "1"}, [64]):
+    for credit in ({}, {"credit": 0}, {"credit": 65536}, {"credit": "1"}, [64],
+                   {"credit": 1, "slots": 0}, {"credit": 1, "slots": True}):
         with pytest.raises(RemoteProtocolError):
             from_worker(credit, wire.Kind.CREDIT)
     for credit in (0, 65536, True):

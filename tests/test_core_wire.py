@@ -707,7 +707,7 @@ def test_result_messages_round_trip(results: list[list[Any]]) -> None:
 @pytest.mark.parametrize("credit", [1, 10, 65535])
 def test_credit_round_trip(credit: int) -> None:
     frames = [b"", wire.pack_header(Kind.CREDIT, 1, 0.0), task_frames.pack_credit(credit)]
-    assert task_frames.parse_from_worker(frames) == (Kind.CREDIT, credit)
+    assert task_frames.parse_from_worker(frames) == (Kind.CREDIT, (credit, 1))  # no slots: 1
     request = task_frames.parse_to_worker(
         [wire.pack_header(Kind.CREDIT, 1, 0.0), msgpack.packb({"from": "n"})]
     )
@@ -830,4 +830,6 @@ def test_task_parsers_fuzz(frames: list[bytes]) -> None:
                 assert type(task_id) is str and type(attempt) is int and type(ok) is bool
                 assert ok or (isinstance(value["type"], str) and isinstance(value["message"], str))
         else:
-            assert type(body) is int and 1 <= body <= 65535
+            credit, slots = body
+            assert type(credit) is int and 1 <= credit <= 65535
+            assert type(slots) is int and 1 <= slots <= 65535

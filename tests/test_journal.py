@@ -1,17 +1,26 @@
 """The producer's task journal (:mod:`zmqfabric.tasks.journal`): sqlite in WAL mode, one process
-at a time, and committed tasks survive the process being killed with SIGKILL."""
+at a time, committed tasks survive the process being killed with SIGKILL, the file is private
+and never opened through a link, malformed rows are quarantined; and the group commit over it
+(:mod:`zmqfabric.tasks.recorder`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sqlite3
+import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.procs import ProcessGroup
 from zmqfabric.errors import FabricError, JournalError
 from zmqfabric.tasks.journal import Journal, JournalEntry
+from zmqfabric.tasks.recorder import Recorder
 
 
 def row(i: int, name: str = "resize") -> tuple[str, str, bytes, str | None, float, int]:
@@ -110,3 +119,150 @@ def test_files_that_are_not_journals_are_refused(tmp_path: Path) -> None:
         Journal(tmp_path / "no" / "such" / "dir.db").open()
     with pytest.raises(JournalError, match="not open"):
         Journal(tmp_path / "x.db").add([row(1)])
+
+
+# --- the file: private, never through a link -----------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_the_journal_and_its_wal_are_0600_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    path = tmp_path / "j.db"
+    old = os.umask(umask)
+    try:
+        with Journal(path) as journal:
+            journal.open()
+            journal.add([row(1)])
+            journal.commit()
+            wal = Path(str(path) + "-wal")
+            assert wal.exists()  # the WAL holds the payloads until a checkpoint
+            assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    path.chmod(0o644)  # widened by someone: narrowed again on open
+    with Journal(path) as journal:
+        assert [e.task_id for e in journal.open()] == ["t-1"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_journal_path_that_is_a_link_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    victim.chmod(0o644)
+    for link in (tmp_path / "j.db", tmp_path / "k.db-wal"):
+        link.symlink_to(victim)
+    with pytest.raises(JournalError, match="cannot open"):
+        Journal(tmp_path / "j.db").open()
+    with pytest.raises(JournalError, match="cannot open"):
+        Journal(tmp_path / "k.db").open()  # its WAL would be written through the link
+    assert victim.read_bytes() == b"precious" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
+def test_a_fifo_or_a_directory_at_the_journal_path_is_refused_without_blocking(
+    tmp_path: Path,
+) -> None:
+    os.mkfifo(tmp_path / "fifo.db")
+    (tmp_path / "dir.db").mkdir()
+    start = time.monotonic()
+    for name in ("fifo.db", "dir.db"):
+        with pytest.raises(JournalError):
+            Journal(tmp_path / name).open()
+    assert time.monotonic() - start < 2.0
+
+
+# --- rows checked on load ----------------------------------------------------------------------
+
+
+def test_malformed_rows_are_quarantined_counted_and_the_rest_load(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    with Journal(path) as journal:
+        journal.open()
+        journal.add([row(i) for i in range(4)])
+        journal.commit()
+    bad = {  # id -> (column, value): what a corrupted or hand-edited file may hold
+        "t-bad-payload": ("payload", b"\xc1"),  # 0xc1 is never valid msgpack
+        "t-bad-name": ("name", "no spaces allowed"),
+        "t-bad-deadline": ("deadline", -1.0),
+        "t-bad-attempts": ("attempts", "three"),
+        "t-bad-key": ("key", "k" * 300),
+        "t-long-id" + "x" * 200: ("payload", b"\x90"),
+    }
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for i, (task_id, (column, value)) in enumerate(bad.items()):
+            db.execute("INSERT INTO tasks VALUES (?, ?, 'resize', ?, NULL, 1.0, 3)",
+                       (task_id, 100 + i, b"\x90"))
+            db.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, task_id))
+        db.execute("INSERT INTO tasks VALUES (x'00ff', 200, 'resize', x'90', NULL, 1.0, 3)")
+    with Journal(path) as journal:
+        entries = journal.open()
+        assert [e.task_id for e in entries] == ["t-0", "t-1", "t-2", "t-3"]
+        assert journal.quarantined == len(bad) + 1
+        assert journal.count() == 4
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        kept = dict(db.execute("SELECT id, reason FROM quarantine").fetchall())
+    assert set(kept) == set(bad) | {b"\x00\xff"}
+    assert "msgpack" in kept["t-bad-payload"] and "name" in kept["t-bad-name"]
+    with Journal(path) as journal:  # moved aside for good: loading again finds them no more
+        assert len(journal.open()) == 4 and journal.quarantined == 0
+
+
+# --- group commit ------------------------------------------------------------------------------
+
+
+def test_concurrent_submitters_share_commits_and_every_row_is_durable(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    journal = Journal(path)
+    journal.open()
+    recorder = Recorder(journal)
+    threads, each = 8, 200
+    barrier = threading.Barrier(threads)
+
+    done: list[int] = []
+
+    def submit(t: int) -> None:
+        barrier.wait()
+        for i in range(each):
+            recorder.record([(f"t-{t}-{i}", "resize", b"\x90", None, 1.0, 3)])
+        done.append(t)
+
+    runners = [threading.Thread(target=submit, args=(t,)) for t in range(threads)]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join(60)
+    assert sorted(done) == list(range(threads))
+    assert recorder.commits < threads * each  # some commits carried several submitters' rows
+    recorder.forget([f"t-0-{i}" for i in range(each)])
+    recorder.close()
+    with Journal(path) as again:
+        assert len(again.open()) == (threads - 1) * each
+
+
+def test_a_row_the_journal_refuses_fails_its_submitter_only(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db")
+    journal.open()
+    recorder = Recorder(journal)
+    errors: dict[str, BaseException | None] = {}
+
+    def submit(task_id: str, name: object) -> None:
+        try:
+            recorder.record([(task_id, name, b"\x90", None, 1.0, 3)])  # type: ignore[list-item]
+            errors[task_id] = None
+        except JournalError as exc:
+            errors[task_id] = exc
+
+    with recorder._commit_lock:  # noqa: SLF001 - both rows wait for the same commit
+        runners = [threading.Thread(target=submit, args=("good", "resize")),
+                   threading.Thread(target=submit, args=("bad", None))]  # NOT NULL: refused
+        for runner in runners:
+            runner.start()
+        wait_until(lambda: recorder._queued == 2, 10, "both rows queued")  # noqa: SLF001
+    for runner in runners:
+        runner.join(10)
+    assert errors["good"] is None and isinstance(errors["bad"], JournalError)
+    assert journal.count() == 1
+    recorder.close()
+    with pytest.raises(JournalError, match="not open"):
+        recorder.record([("t-2", "resize", b"\x90", None, 1.0, 3)])

@@ -45,7 +45,8 @@ def report(**fields):
 
 #: A worker of TASK. Each run appends "id attempt i" to LOG. MODE: "ok" returns
 #: {"pid", "i", "attempt"} after body["sleep"] seconds; "fail" always raises ValueError;
-#: "block" hangs (60 s) on attempt 1 of a body with "block". SIGTERM stops the serve loop.
+#: "block" hangs (60 s) on attempt 1 of a body with "block". In any mode a body with "poison"
+#: kills its worker with SIGKILL. SIGTERM stops the serve loop.
 WORKER = """
 node = zf.Node(NAME)
 log = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -54,6 +55,8 @@ log = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 def handle(body):
     info = zf.current_task()
     os.write(log, f"{info.id} {info.attempt} {body.get('i')}\\n".encode())
+    if body.get("poison"):
+        os.kill(os.getpid(), signal.SIGKILL)
     if MODE == "fail":
         raise ValueError(f"always fails: {body.get('i')}")
     if MODE == "block" and body.get("block") and info.attempt == 1:

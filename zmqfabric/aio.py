@@ -189,12 +189,39 @@ class Node(NodeBase):
         once the task is queued (``await handle`` gives the handler's return value)."""
         self._check_started()
         options: dict[str, Any] = {"key": key, "deadline": deadline, "max_attempts": max_attempts}
+        if self._tasks.journaled:  # submit waits for a journal commit: not in the loop
+            return await asyncio.to_thread(self._tasks.submit, name, body, timeout=timeout,
+                                           **options)
         try:
             return self._tasks.submit(name, body, timeout=0, **options)
         except FabricTimeoutError:  # the queue is full: wait for room without blocking the loop
             if timeout == 0:
                 raise
         return await asyncio.to_thread(self._tasks.submit, name, body, timeout=timeout, **options)
+
+    async def submit_many(
+        self,
+        name: str,
+        bodies: Iterable[Any],
+        *,
+        keys: Iterable[str | None] | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> list[TaskHandle]:
+        """Submit one task per body; see :meth:`zmqfabric.Node.submit_many`."""
+        self._check_started()
+        options: dict[str, Any] = {"keys": keys, "deadline": deadline,
+                                   "max_attempts": max_attempts}
+        bodies = list(bodies)
+        if not self._tasks.journaled:
+            try:
+                return self._tasks.submit_many(name, bodies, timeout=0, **options)
+            except FabricTimeoutError:
+                if timeout == 0:
+                    raise
+        return await asyncio.to_thread(self._tasks.submit_many, name, bodies, timeout=timeout,
+                                       **options)
 
     async def wait_tasks(self, timeout: float | None = None) -> bool:
         """Wait until every task this node submitted is settled; False after ``timeout``."""

@@ -108,8 +108,21 @@ TASK_RESULT_FLUSH_S = 0.01
 TASK_QUEUE_LIMIT = 100_000
 #: The dispatcher checks deadlines and retry timers at least this often (ms).
 TASK_TICK_MS = 50
+#: After taking durable submissions the dispatcher looks for more after this long (ms) instead
+#: of being woken for each: they come a commit apart, and a wake-up and a round per task halve
+#: the rate a submitting thread gets. A task waits at most this long more to be sent.
+TASK_NAP_MS = 1
 #: Completions reach the journal at least this often (s); new tasks are committed before sending.
 JOURNAL_COMMIT_S = 0.05
 #: Longest task id and idempotency key (characters): ids are keys, not payload.
 MAX_TASK_ID = 128
 MAX_TASK_KEY = 256
+#: A second submit with an idempotency key returns the first task's handle while that task is
+#: unsettled and for this long (s) after it settled: longer than a client's retry storm.
+TASK_DEDUPE_WINDOW_S = 300.0
+#: Most settled keys remembered (each keeps its handle and result): bounded memory under a
+#: stream of keyed tasks; the oldest are forgotten first, even within the window.
+TASK_DEDUPE_MAX_KEYS = 200_000
+#: Encoded size a task adds to a task message besides its payload and key: array and string
+#: headers, the id (at most 128 characters) and the attempt. Used to refuse what no worker takes.
+TASK_FRAME_OVERHEAD = 160

@@ -233,16 +233,37 @@ class Node(NodeBase):
         more than ``deadline`` s on it, and is retried with backoff when the handler raises, up
         to ``max_attempts`` deliveries; then it is dead-lettered. ``key``: an idempotency key
         handed to the handler with the task. Waits up to ``timeout`` s (None: forever) while
-        ``TaskConfig.queue_limit`` tasks are unsettled. Raises LocalProtocolError (bad name or
-        unencodable body), FabricTimeoutError, ClosedError, JournalError.
+        ``TaskConfig.queue_limit`` tasks are unsettled. A ``key`` already used for ``name`` by
+        a task unsettled or settled within ``TaskConfig.dedupe_window_s`` returns that task's
+        handle instead. Raises LocalProtocolError (bad name or unencodable body),
+        MessageTooLargeError (bigger than workers accept: NodeConfig.max_message_size),
+        FabricTimeoutError, ClosedError, JournalError.
 
         Without a journal (``Node(..., tasks=TaskConfig(journal=path))``) unsettled tasks live
-        only in this process: if it dies, they are lost. With one, each task is on disk before
-        it is sent, and a producer started again with that journal resends what did not settle.
+        only in this process: if it dies, they are lost. With one, ``submit`` returns once the
+        task is on disk, and a producer started again with that journal resends what did not
+        settle.
         """
         self._check_started()
         return self._tasks.submit(name, body, key=key, deadline=deadline,
                                   max_attempts=max_attempts, timeout=timeout)
+
+    def submit_many(
+        self,
+        name: str,
+        bodies: Iterable[Any],
+        *,
+        keys: Iterable[str | None] | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> list[TaskHandle]:
+        """Submit one task of ``name`` per body (``keys``: one key or None per body); returns
+        their handles in order, with one journal commit for all. Checks every body before
+        queuing any; at most ``TaskConfig.queue_limit`` bodies. Raises as :meth:`submit`."""
+        self._check_started()
+        return self._tasks.submit_many(name, bodies, keys=keys, deadline=deadline,
+                                       max_attempts=max_attempts, timeout=timeout)
 
     def wait_tasks(self, timeout: float | None = None) -> bool:
         """Wait until every task this node submitted (or resent from its journal) is settled;

@@ -115,7 +115,8 @@ def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:
 
 def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
     """Decode ``["", header, body]`` as a producer's DEALER receives it: ``(Kind.RESULT, items)``
-    with items ``[task_id, attempt, ok, value]``, or ``(Kind.CREDIT, credit)``.
+    with items ``[task_id, attempt, ok, value]``, or ``(Kind.CREDIT, (credit, slots))`` (slots
+    1 when the worker did not say).
     Raises RemoteProtocolError."""
     if len(frames) != 3 or frames[0]:
         raise RemoteProtocolError(
@@ -143,7 +144,10 @@ def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
         credit = body.get("credit") if isinstance(body, dict) else None
         if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
             raise RemoteProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
-        return header.kind, credit
+        slots = body.get("slots", 1)
+        if type(slots) is not int or not 1 <= slots <= MAX_TASK_CREDIT:
+            raise RemoteProtocolError(f"slots must be an integer from 1 to {MAX_TASK_CREDIT}")
+        return header.kind, (credit, slots)
     raise RemoteProtocolError(f"expected results or credit, got kind {header.kind.name.lower()}")
 
 

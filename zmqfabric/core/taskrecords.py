@@ -9,6 +9,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from ..constants import (
+    MAX_TASK_CREDIT,
     TASK_BACKOFF_MAX_S,
     TASK_BACKOFF_S,
     TASK_DEADLINE_S,
@@ -48,6 +49,13 @@ class RetryPolicy:
         return min(self.backoff_max_s, self.backoff_s * 2.0 ** min(failures - 1, 64))
 
 
+def check_count(value: Any, what: str) -> int:
+    """``value`` if it is a credit window or slot count (1..65535); raises LocalProtocolError."""
+    if type(value) is not int or not 1 <= value <= MAX_TASK_CREDIT:
+        raise LocalProtocolError(f"{what} must be an integer from 1 to {MAX_TASK_CREDIT}")
+    return value
+
+
 def check_deadline(deadline_s: float) -> float:
     if not isinstance(deadline_s, (int, float)) or not 0 < deadline_s < math.inf:
         raise LocalProtocolError("a task deadline must be a number of seconds > 0")
@@ -59,7 +67,13 @@ class Task:
     """One task in a :class:`TaskTable`. Owned by its table: read it, do not change it.
 
     ``payload`` is the encoded body; ``ref`` is whatever the owner wants back with the task (the
-    submitter's handle). ``value`` is the ok result; ``error`` the last failure, ``(type, text)``.
+    submitter's handle). ``attempts`` counts deliveries (the wire's ``attempt`` of the latest);
+    ``charged`` counts the attempts used up: failures of deliveries that may have started running
+    (the handler raised, it overran its deadline, or its worker was lost while it was one of the
+    worker's running slots); the task is dead once ``charged`` reaches ``max_attempts``.
+    ``suspect``: it was at a worker that was lost, so it is sent alone until it answers (see
+    :class:`TaskTable`); ``hung_on``: the workers where a delivery of it overran its deadline.
+    ``value`` is the ok result; ``error`` the last failure, ``(type, text)``.
     """
 
     id: str
@@ -70,6 +84,9 @@ class Task:
     max_attempts: int = TASK_MAX_ATTEMPTS
     ref: Any = field(default=None, repr=False)
     attempts: int = field(default=0, init=False)
+    charged: int = field(default=0, init=False)
+    suspect: bool = field(default=False, init=False)
+    hung_on: list[str] | None = field(default=None, init=False, repr=False)
     state: TaskState = field(default=TaskState.PENDING, init=False)
     worker: str | None = field(default=None, init=False)
     value: Any = field(default=None, init=False, repr=False)
@@ -93,7 +110,11 @@ NOTHING = Outcome()
 
 @dataclass(frozen=True, slots=True)
 class TaskTableStats:
-    """A snapshot of one table's counters (queued includes tasks waiting for a retry)."""
+    """A snapshot of one table's counters. ``queued`` includes tasks waiting for a retry;
+    ``redelivered`` counts deliveries given to another worker at once (worker lost, deadline,
+    worker stuck), ``requeued`` the part of them that was not charged an attempt (the delivery
+    could not have started); ``hung`` is deliveries past their deadline that workers still hold
+    (each holds a slot and a unit of credit there until it answers)."""
 
     queued: int
     in_flight: int
@@ -103,3 +124,5 @@ class TaskTableStats:
     dead: int
     late: int
     workers: int
+    requeued: int = 0
+    hung: int = 0

@@ -6,27 +6,31 @@ its decisions into frames, journal writes and dead letters. A task moves through
 
     PENDING --assign--> IN_FLIGHT --ok result--> DONE
        ^                    |   |
-       |  worker lost or    |   |  handler raised
-       |  stuck             |   v
+       |  worker lost,      |   |  handler raised
+       |  deadline, stuck   |   v
        +--------------------+  DELAYED --backoff over--> PENDING
 
-    and any failure of the last attempt: IN_FLIGHT --> DEAD
+    and a failure that uses up the last attempt: IN_FLIGHT --> DEAD
 
-- **Credit.** Each worker grants a window (its prefetch). A worker never holds more than its window
-  of our deliveries, and a delivery stays *held* until the worker answers it or is lost, even when
-  the task has moved on meanwhile (an abandoned delivery): credit counts what the worker really
-  holds. A task is never given to a worker that still holds a delivery of it.
-- **Attempts.** Every delivery is an attempt. A failure (the handler raised, the worker was lost or
-  stuck) with attempts left is retried: after an exponential backoff when the handler raised, at
-  once otherwise; on the last attempt the task is dead.
-- **Deadlines are head-of-line.** A worker runs our tasks one at a time in order, so only its
-  oldest held delivery is timed, from when it was sent or from the worker's last result, whichever
-  is later. A worker past that deadline is *stuck*: every task it holds goes to other workers, and
-  it gets no new work until it answers again.
-- **Results.** The first ok result of a task settles it, whichever of its deliveries it answers; a
-  failure counts only when it answers the task's current delivery. Every other result (for a
-  settled task, from a delivery that was moved on, from a lost worker) is counted as late and
-  dropped.
+- **Credit and slots.** Each worker grants a window (its prefetch) and runs ``slots`` tasks at
+  once, in the order received. It never holds more than its window of our deliveries, and a
+  delivery stays *held* until answered or the worker is lost, even once its task moved on.
+- **Attempts are charged only to deliveries that may have started**: a worker's oldest
+  ``slots`` unanswered ones (:mod:`.taskworkers`). Their failures (the handler raised, the
+  deadline passed, the worker was lost) use an attempt; deliveries queued behind them go
+  elsewhere free. A handler that raised is retried after a backoff, the others at once; a
+  failure that uses the last attempt makes the task dead.
+- **Deadlines** time each started delivery from when it got its slot. One that overruns is
+  charged and redelivered, preferably to a worker where it did not overrun; it keeps its slot
+  and credit where it runs until answered, and the other slots keep working. A worker whose
+  every slot is overdue is *stuck*: its queue moves elsewhere free and it gets nothing new.
+- **Suspects.** Every task a lost worker held is a suspect: a worker may die of a task whose
+  predecessors' results died with it, so its oldest slots are not proof. A suspect goes alone
+  to an idle worker, and nothing else goes there until it answers, so a task that kills
+  workers is charged every time. While suspects wait, so does the rest (workers drain).
+- **Results.** The first ok result settles a task, whichever delivery it answers; a failure
+  counts only for the current delivery. Other results (settled task, moved delivery, lost
+  worker) are counted as late and dropped.
 """
 
 from __future__ import annotations
@@ -34,10 +38,8 @@ from __future__ import annotations
 import collections
 import heapq
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..constants import MAX_TASK_CREDIT
 from ..errors import LocalProtocolError
 from .taskrecords import (
     DEADLINE_EXCEEDED,
@@ -48,8 +50,10 @@ from .taskrecords import (
     Task,
     TaskState,
     TaskTableStats,
+    check_count,
     check_deadline,
 )
+from .taskworkers import Key, WorkerView, is_current, spread
 
 __all__ = [
     "DEADLINE_EXCEEDED",
@@ -64,14 +68,7 @@ __all__ = [
     "check_deadline",
 ]
 
-@dataclass(slots=True, eq=False)
-class _Worker:
-    key: str
-    window: int
-    last_result: float
-    #: task id -> (attempt, sent at, deadline): deliveries the worker holds, oldest first.
-    held: dict[str, tuple[int, float, float]] = field(default_factory=dict)
-    stuck: bool = False
+_IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
 
 
 class TaskTable:
@@ -85,14 +82,17 @@ class TaskTable:
         self.policy = policy if policy is not None else RetryPolicy()
         self._tasks: dict[str, Task] = {}  # every unsettled task
         self._pending: collections.deque[Task] = collections.deque()
+        self._redo: collections.deque[Task] = collections.deque()  # overran a deadline
+        self._suspects: collections.deque[Task] = collections.deque()
         self._delayed: list[tuple[float, int, Task]] = []
         self._seq = 0
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, WorkerView] = {}
         self._turn = 0
         #: The earliest time at which tick() may have something to do.
         self.next_due = math.inf
         self.in_flight = 0
         self.done = self.dead = self.retried = self.redelivered = self.late = 0
+        self.requeued = self.hung = 0
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -100,7 +100,7 @@ class TaskTable:
         """Queue a new task. Raises LocalProtocolError for an id already in the table."""
         if task.id in self._tasks:
             raise LocalProtocolError(f"task id {task.id!r} is already queued")
-        task.state = TaskState.PENDING
+        task.state = _PENDING
         self._tasks[task.id] = task
         self._pending.append(task)
 
@@ -115,37 +115,49 @@ class TaskTable:
         """Forget every unsettled task and return them (the owner is closing)."""
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        self._pending.clear()
+        for queue in (self._pending, self._redo, self._suspects):
+            queue.clear()
         self._delayed.clear()
         for worker in self._workers.values():
-            worker.held.clear()
-        self.in_flight = 0
+            worker.clear()
+        self.in_flight = self.hung = 0
         return tasks
 
     # --- workers -------------------------------------------------------------------------------
 
-    def set_credit(self, worker: str, window: int, now: float) -> None:
-        """A worker granted ``window`` (new worker, or a new window for a known one)."""
-        if type(window) is not int or not 1 <= window <= MAX_TASK_CREDIT:
-            raise LocalProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
+    def set_credit(self, worker: str, window: int, now: float, slots: int = 1) -> None:
+        """A worker granted ``window`` and runs ``slots`` tasks at once (new worker, or new
+        values for a known one). Raises LocalProtocolError out of 1..65535."""
+        check_count(window, "credit")
+        check_count(slots, "slots")
         known = self._workers.get(worker)
         if known is None:
-            self._workers[worker] = _Worker(worker, window, now)
+            self._workers[worker] = WorkerView(worker, window, slots)
         else:
-            known.window = window
+            self.next_due = min(self.next_due, known.resize(window, slots, now))
 
     def lose_worker(self, worker: str, now: float) -> Outcome:
-        """The worker is gone: its current deliveries are redelivered (or dead, out of attempts)."""
+        """The worker is gone. Its current deliveries that may have started are charged an
+        attempt (dead when it was the last); the rest go elsewhere free. All become suspects."""
         lost = self._workers.pop(worker, None)
         if lost is None:
             return NOTHING
+        self.hung -= len(lost.overdue)
         dead: list[Task] = []
-        again: list[Task] = []
-        for task_id, (attempt, _, _) in lost.held.items():
-            task = self._current(task_id, worker, attempt)
-            if task is not None:
-                self._fail(task, (WORKER_LOST, f"worker {worker} was lost"), now, dead, again)
-        self._pending.extendleft(reversed(again))
+        for key, task in lost.held.items():
+            if not is_current(task, key, worker):
+                continue
+            self.in_flight -= 1
+            task.worker = None
+            if key in lost.started:
+                if not self._charge(task, (WORKER_LOST, f"worker {worker} was lost"), dead):
+                    continue
+            else:
+                self.requeued += 1
+            task.state = _PENDING
+            task.suspect = True
+            self._suspects.append(task)
+            self.redelivered += 1
         return Outcome((), tuple(dead)) if dead else NOTHING
 
     @property
@@ -153,90 +165,106 @@ class TaskTable:
         return list(self._workers)
 
     def credit(self, worker: str) -> int:
-        """Deliveries the worker may still take now (0 when unknown or stuck)."""
+        """Deliveries the worker may still take now (0 when unknown, stuck or probing)."""
         known = self._workers.get(worker)
-        if known is None or known.stuck:
-            return 0
-        return max(0, known.window - len(known.held))
+        return 0 if known is None else known.room()
 
-    def held(self, worker: str) -> dict[str, int]:
-        """task id -> attempt of every delivery the worker holds (a copy)."""
+    def held(self, worker: str) -> list[Key]:
+        """``(task id, attempt)`` of every delivery the worker holds, oldest first (a copy)."""
         known = self._workers.get(worker)
-        return {} if known is None else {tid: h[0] for tid, h in known.held.items()}
+        return [] if known is None else list(known.held)
+
+    def started(self, worker: str) -> list[Key]:
+        """The deliveries the worker may have started: its oldest ``slots`` (a copy)."""
+        known = self._workers.get(worker)
+        return [] if known is None else list(known.started)
 
     # --- dispatch ------------------------------------------------------------------------------
 
     def assign(self, now: float) -> list[tuple[str, list[Task]]]:
-        """Give pending tasks to workers with credit, spread evenly; returns (worker, tasks) to
-        send. Each task's ``attempts`` already counts this delivery."""
+        """Give waiting tasks to workers with credit; returns (worker, tasks) to send. Each
+        task's ``attempts`` already counts this delivery. Suspects go first, each alone to an
+        idle worker; then tasks that overran a deadline, each to a worker where it did not;
+        then the rest, spread evenly."""
         self._promote(now)
-        pending = self._pending
-        ready = [w for w in self._workers.values() if not w.stuck and len(w.held) < w.window]
-        if not pending or not ready:
-            return []
-        start = self._turn % len(ready)
-        self._turn += 1
-        ready = ready[start:] + ready[:start]
         batches: dict[str, list[Task]] = {}
-        while pending and ready:
-            share = -(-len(pending) // len(ready))
-            progressed = False
-            still: list[_Worker] = []
-            for worker in ready:
-                if self._fill(worker, min(share, worker.window - len(worker.held)), now, batches):
-                    progressed = True
-                if len(worker.held) < worker.window:
-                    still.append(worker)
-            ready = still
-            if not progressed:
-                break
+        if self._suspects:
+            self._place_suspects(now, batches)
+            if self._suspects:
+                return list(batches.items())  # the others wait: workers drain and become idle
+        if self._redo:
+            self._place_redo(now, batches)
+        if self._pending:
+            self._spread(now, batches)
         return list(batches.items())
 
-    def _fill(
-        self, worker: _Worker, count: int, now: float, batches: dict[str, list[Task]]
-    ) -> bool:
-        pending, held = self._pending, worker.held
-        was_idle = not held
-        batch = batches.get(worker.key)
-        skipped: list[Task] = []
-        given = 0
-        while given < count and pending:
-            task = pending.popleft()
-            if task.state is not TaskState.PENDING:
+    def _place_suspects(self, now: float, batches: dict[str, list[Task]]) -> None:
+        idle = [w for w in self._workers.values() if w.idle()]
+        suspects = self._suspects
+        while suspects and idle:
+            task = suspects.popleft()
+            if task.state is not _PENDING:
                 continue  # settled meanwhile by a late result: dropped lazily
-            if task.id in held:
-                skipped.append(task)  # this worker still holds an older delivery of it
-                continue
-            task.attempts += 1
-            task.state = TaskState.IN_FLIGHT
-            task.worker = worker.key
-            held[task.id] = (task.attempts, now, task.deadline_s)
-            if batch is None:
-                batch = batches[worker.key] = []
-            batch.append(task)
-            given += 1
-        if skipped:
-            pending.extendleft(reversed(skipped))
-        if given:
-            self.in_flight += given
-            if was_idle and batch:
-                self.next_due = min(self.next_due, now + batch[0].deadline_s)
-        return given > 0
+            worker = idle.pop()
+            worker.probe = self._deliver(worker, task, now, batches)
 
-    def unassign(self, worker: str, tasks: list[Task]) -> None:
-        """Sending ``tasks`` (from assign) to ``worker`` failed: they go back to the front."""
+    def _place_redo(self, now: float, batches: dict[str, list[Task]]) -> None:
+        """Each task that overran goes to a worker where it did not, waiting for one to have
+        room if there is any such worker; only when there is none, to a free slot anywhere."""
+        redo, keep = self._redo, []
+        while redo:
+            task = redo.popleft()
+            if task.state is not _PENDING:
+                continue
+            hung_on = task.hung_on or ()
+            fresh = [w for w in self._workers.values() if w.key not in hung_on and not w.stuck]
+            ready = [w for w in (fresh or self._workers.values()) if w.room() > 0]
+            if ready:
+                self._deliver(task=task, worker=max(ready, key=WorkerView.room), now=now,
+                              batches=batches)
+            else:
+                keep.append(task)
+        redo.extend(keep)
+
+    def _spread(self, now: float, batches: dict[str, list[Task]]) -> None:
+        ready = [w for w in self._workers.values() if w.room() > 0]
+        if ready:
+            start = self._turn % len(ready)
+            self._turn += 1
+            given, due = spread(ready[start:] + ready[:start], self._pending, now, batches)
+            self.in_flight += given
+            self.next_due = min(self.next_due, due)
+
+    def _deliver(
+        self, worker: WorkerView, task: Task, now: float, batches: dict[str, list[Task]]
+    ) -> Key:
+        task.attempts += 1
+        task.state = _IN_FLIGHT
+        task.worker = worker.key
+        key = (task.id, task.attempts)
+        self.next_due = min(self.next_due, worker.give(key, task, now))
+        batches.setdefault(worker.key, []).append(task)
+        self.in_flight += 1
+        return key
+
+    def unassign(self, worker: str, tasks: list[Task], now: float = math.inf) -> None:
+        """Sending ``tasks`` (the tail of what assign gave ``worker``) failed: they go back to
+        the front, their delivery not counted."""
         known = self._workers.get(worker)
-        back = []
-        for task in tasks:
-            if task.state is TaskState.IN_FLIGHT and task.worker == worker:
+        back: list[Task] = []
+        suspects: list[Task] = []
+        for task in reversed(tasks):  # newest first: no slot passes to a task being taken back
+            key = (task.id, task.attempts)
+            if task.state is _IN_FLIGHT and task.worker == worker:
                 if known is not None:
-                    known.held.pop(task.id, None)
+                    self.next_due = min(self.next_due, known.forget(key, now)[2])
                 task.attempts -= 1
-                task.state = TaskState.PENDING
+                task.state = _PENDING
                 task.worker = None
                 self.in_flight -= 1
-                back.append(task)
-        self._pending.extendleft(reversed(back))
+                (suspects if task.suspect else back).append(task)
+        self._pending.extendleft(back)
+        self._suspects.extendleft(suspects)
 
     # --- results and time ----------------------------------------------------------------------
 
@@ -247,23 +275,30 @@ class TaskTable:
         if known is None:
             self.late += len(results)
             return NOTHING
-        known.stuck = False
-        known.last_result = now
-        held, tasks = known.held, self._tasks
+        held, started, tasks, slots = known.held, known.started, self._tasks, known.slots
         done: list[Task] = []
         dead: list[Task] = []
         for task_id, attempt, ok, value in results:
-            delivery = held.get(task_id)
-            if delivery is None or delivery[0] != attempt:
+            key = (task_id, attempt)
+            task = held.pop(key, None)
+            if task is None:
                 self.late += 1  # never ours to answer: a stray or forged result
                 continue
-            del held[task_id]
-            task = tasks.get(task_id)
-            if task is None:
-                self.late += 1
+            if started.pop(key, None) is not None:
+                if known.overdue and key in known.overdue:
+                    known.overdue.discard(key)
+                    self.hung -= 1
+                if known.probe == key:
+                    known.probe = None
+                if len(held) >= slots:
+                    due = known.promote(now)
+                    if due < self.next_due:
+                        self.next_due = due
+            if task is not tasks.get(task_id):
+                self.late += 1  # settled already
                 continue
             if ok:
-                if task.state is TaskState.IN_FLIGHT:
+                if task.state is _IN_FLIGHT:
                     self.in_flight -= 1
                 task.state = TaskState.DONE
                 task.value = value
@@ -271,105 +306,105 @@ class TaskTable:
                 del tasks[task_id]
                 self.done += 1
                 done.append(task)
-            elif task.state is TaskState.IN_FLIGHT and task.worker == worker and (
-                task.attempts == attempt
-            ):
-                self._fail(task, (value["type"], value["message"]), now, dead, None)
+            elif is_current(task, key, worker):
+                self.in_flight -= 1
+                task.worker = None
+                task.suspect = False  # it ran and answered: it did not kill its worker
+                if self._charge(task, (value["type"], value["message"]), dead):
+                    self._retry_later(task, now)
             else:
                 self.late += 1
-        if held:  # a new head of line: its clock starts now, and its deadline may be shorter
-            _, sent, deadline_s = next(iter(held.values()))
-            self.next_due = min(self.next_due, max(sent, now) + deadline_s)
         if not done and not dead:
             return NOTHING
         return Outcome(tuple(done), tuple(dead))
 
     def tick(self, now: float) -> Outcome:
-        """Time-based work: stuck workers (deadlines) and retries whose backoff is over. Cheap
-        before ``next_due``."""
+        """Time-based work: deadlines and retries whose backoff is over. Cheap before
+        ``next_due``."""
         if now < self.next_due:
             return NOTHING
         self._promote(now)
         dead: list[Task] = []
         next_due = math.inf
         for worker in list(self._workers.values()):
-            if worker.stuck or not worker.held:
-                continue
-            _, sent, deadline_s = next(iter(worker.held.values()))
-            due = max(sent, worker.last_result) + deadline_s
-            if now >= due:
-                self._stuck(worker, now, dead)
-            else:
-                next_due = min(next_due, due)
+            overran = False
+            for key, since in worker.started.items():
+                if key in worker.overdue:
+                    continue
+                task = worker.held[key]
+                due = since + task.deadline_s
+                if now < due:
+                    next_due = min(next_due, due)
+                    continue
+                overran = True
+                worker.overdue.add(key)
+                self.hung += 1
+                if worker.probe == key:
+                    worker.probe = None
+                if is_current(task, key, worker.key):
+                    self._overran(task, worker.key, dead)
+            if overran and worker.stuck:
+                self._requeue_waiting(worker)
         if self._delayed:
             next_due = min(next_due, self._delayed[0][0])
         self.next_due = next_due
         return Outcome((), tuple(dead)) if dead else NOTHING
 
-    def _stuck(self, worker: _Worker, now: float, dead: list[Task]) -> None:
-        worker.stuck = True
-        again: list[Task] = []
-        first = True
-        for task_id, (attempt, _, deadline_s) in list(worker.held.items()):
-            task = self._current(task_id, worker.key, attempt)
-            if task is not None:
-                why = (
-                    f"worker {worker.key} spent over {deadline_s:g} s on it"
-                    if first
-                    else f"queued at worker {worker.key}, stuck on another task"
-                )
-                self._fail(task, (DEADLINE_EXCEEDED, why), now, dead, again)
-            first = False
-        self._pending.extendleft(reversed(again))
-
-    def _current(self, task_id: str, worker: str, attempt: int) -> Task | None:
-        """The task, when (worker, attempt) is its current delivery."""
-        task = self._tasks.get(task_id)
-        if (
-            task is not None
-            and task.state is TaskState.IN_FLIGHT
-            and task.worker == worker
-            and task.attempts == attempt
-        ):
-            return task
-        return None
-
-    def _fail(
-        self,
-        task: Task,
-        error: tuple[str, str],
-        now: float,
-        dead: list[Task],
-        again: list[Task] | None,
-    ) -> None:
-        """The current delivery failed. ``again`` collects immediate redeliveries; None means the
-        handler raised, so the retry waits for its backoff."""
+    def _overran(self, task: Task, worker: str, dead: list[Task]) -> None:
         self.in_flight -= 1
-        task.error = error
         task.worker = None
-        if task.attempts >= task.max_attempts:
-            task.state = TaskState.DEAD
-            del self._tasks[task.id]
-            self.dead += 1
-            dead.append(task)
-        elif again is None:
-            task.state = TaskState.DELAYED
-            due = now + self.policy.delay(task.attempts)
-            self._seq += 1
-            heapq.heappush(self._delayed, (due, self._seq, task))
-            self.next_due = min(self.next_due, due)
-            self.retried += 1
-        else:
-            task.state = TaskState.PENDING
-            again.append(task)
+        task.suspect = False
+        if task.hung_on is None:
+            task.hung_on = []
+        task.hung_on.append(worker)
+        times, where = len(task.hung_on), len(set(task.hung_on))
+        why = f"ran longer than {task.deadline_s:g} s" + (f" {times} times" * (times != where))
+        why += f" on {where} worker{'s' * (where != 1)}"
+        if self._charge(task, (DEADLINE_EXCEEDED, why), dead):
+            task.state = _PENDING
+            self._redo.append(task)
             self.redelivered += 1
+
+    def _requeue_waiting(self, worker: WorkerView) -> None:
+        """A stuck worker: what waits behind its overdue slots goes elsewhere, free."""
+        back = []
+        for key, task in worker.held.items():
+            if key not in worker.started and is_current(task, key, worker.key):
+                self.in_flight -= 1
+                task.worker = None
+                task.state = _PENDING
+                back.append(task)
+        self._pending.extendleft(reversed(back))
+        self.requeued += len(back)
+        self.redelivered += len(back)
+
+    def _charge(self, task: Task, error: tuple[str, str], dead: list[Task]) -> bool:
+        """A delivery that may have run failed: use an attempt. Returns False (and settles the
+        task as dead) when that was its last."""
+        task.error = error
+        task.charged += 1
+        if task.charged < task.max_attempts:
+            return True
+        task.state = TaskState.DEAD
+        del self._tasks[task.id]
+        self.dead += 1
+        dead.append(task)
+        return False
+
+    def _retry_later(self, task: Task, now: float) -> None:
+        task.state = TaskState.DELAYED
+        due = now + self.policy.delay(task.charged)
+        self._seq += 1
+        heapq.heappush(self._delayed, (due, self._seq, task))
+        self.next_due = min(self.next_due, due)
+        self.retried += 1
 
     def _promote(self, now: float) -> None:
         delayed = self._delayed
         while delayed and delayed[0][0] <= now:
             task = heapq.heappop(delayed)[2]
             if task.state is TaskState.DELAYED:
-                task.state = TaskState.PENDING
+                task.state = _PENDING
                 self._pending.append(task)
 
     def stats(self) -> TaskTableStats:
@@ -384,4 +419,6 @@ class TaskTable:
             dead=self.dead,
             late=self.late,
             workers=len(self._workers),
+            requeued=self.requeued,
+            hung=self.hung,
         )

@@ -11,6 +11,7 @@ from ..constants import (
     TASK_BACKOFF_MAX_S,
     TASK_BACKOFF_S,
     TASK_DEADLINE_S,
+    TASK_DEDUPE_WINDOW_S,
     TASK_MAX_ATTEMPTS,
     TASK_PREFETCH,
     TASK_QUEUE_LIMIT,
@@ -33,7 +34,8 @@ class TaskConfig:
     ``dead_letter_file``: JSON-lines file of dead letters; None means ``<journal>.dead.jsonl``
     with a journal, and no file without one (dead letters still go to the stream
     ``<name>.dead`` and the log). ``deadline_s``, ``max_attempts``: per-task defaults that
-    ``submit`` may override. ``prefetch``: a worker's default credit.
+    ``submit`` may override. ``prefetch``: a worker's default credit. ``dedupe_window_s``: how
+    long after its task settled an idempotency key still returns that task's handle.
     """
 
     journal: str | None = None
@@ -45,6 +47,7 @@ class TaskConfig:
     backoff_max_s: float = TASK_BACKOFF_MAX_S
     prefetch: int = TASK_PREFETCH
     queue_limit: int = TASK_QUEUE_LIMIT
+    dedupe_window_s: float = TASK_DEDUPE_WINDOW_S
 
     def __post_init__(self) -> None:
         for field in ("journal", "dead_letter_file"):
@@ -56,6 +59,9 @@ class TaskConfig:
         check_prefetch(self.prefetch)
         if type(self.queue_limit) is not int or self.queue_limit < 1:
             raise LocalProtocolError("queue_limit must be an integer >= 1")
+        window = self.dedupe_window_s
+        if not isinstance(window, (int, float)) or not 0 <= window < float("inf"):
+            raise LocalProtocolError("dedupe_window_s must be a number of seconds >= 0")
 
     @property
     def retry(self) -> RetryPolicy:

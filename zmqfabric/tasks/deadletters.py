@@ -2,9 +2,13 @@
 ``<task name>.dead`` (topic: the error type) by the producer node, appended to a JSON-lines file
 when one is configured, and logged.
 
-A dead letter is ``{"id", "name", "key", "attempts", "error": {"type", "message"}, "node",
-"time", "body"}``. In the file, bytes inside the body become ``{"$bytes": base64}``, and a body
-JSON cannot hold at all becomes ``{"$msgpack": base64 of the encoded body}``.
+A dead letter is ``{"id", "name", "key", "attempts", "deliveries", "error": {"type",
+"message"}, "node", "time", "body"}``: ``attempts`` are the deliveries charged (they may have
+run), ``deliveries`` every delivery. In the file, bytes inside the body become
+``{"$bytes": base64}``, and a body JSON cannot hold at all becomes ``{"$msgpack": base64 of the
+encoded body}``. The file holds payloads: it is created 0600 whatever the umask, and a
+symbolic link, a non-regular file or another user's file at its path is refused (logged, and
+the letter still goes to the stream and the log).
 
 Owned by the dispatcher thread (the publishers are its sockets). An observer node
 (``advertise=False``) cannot publish: its dead letters go to the file and the log only.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +28,7 @@ from ..core.tasktable import Task
 from ..errors import FabricError, RemoteProtocolError, TaskFailedError
 from ..patterns.pubsub import Publisher
 from ..stats import RateLimitedLog
+from .files import open_private
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -58,7 +64,8 @@ class DeadLetters:
         except RemoteProtocolError:
             body = None
         record = {
-            "id": task.id, "name": name, "key": task.key, "attempts": task.attempts,
+            "id": task.id, "name": name, "key": task.key, "attempts": task.charged,
+            "deliveries": task.attempts,
             "error": {"type": failure.error_type, "message": failure.error},
             "node": self._node.name, "time": time.time(), "body": body,
         }
@@ -70,9 +77,15 @@ class DeadLetters:
                 log.warning("%s: cannot publish dead letter %s: %s", self._node.name, task.id, exc)
         if self.path is not None:
             try:
-                with open(self.path, "a", encoding="utf-8") as out:
-                    out.write(json_line(record, task.payload))
+                fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    line = json_line(record, task.payload).encode()
+                    while line:  # a regular file takes it all, barring a full disk
+                        line = line[os.write(fd, line):]
+                finally:
+                    os.close(fd)
             except OSError as exc:
+                self._node.counters.add("dead_letters_unwritten")
                 _rlog.warning("dead-letters", "%s: cannot write dead letter to %s: %s",
                               self._node.name, self.path, exc)
 

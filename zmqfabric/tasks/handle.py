@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, Protocol
 
 from ..errors import FabricTimeoutError, JournalError, LocalProtocolError
@@ -57,7 +58,7 @@ class TaskHandle:
     either way. Thread-safe.
     """
 
-    __slots__ = ("id", "name", "key", "_owner", "_state", "_value", "_waiters")
+    __slots__ = ("id", "name", "key", "settled_at", "_owner", "_state", "_value", "_waiters")
 
     def __init__(self, task_id: str, name: str, key: str | None, owner: HandleOwner) -> None:
         self.id = task_id
@@ -65,6 +66,8 @@ class TaskHandle:
         self.key = key
         self._owner = owner
         self._state = HandleState.QUEUED
+        #: time.monotonic() when it became done (idempotency keys are kept a while after that)
+        self.settled_at = 0.0
         self._value: Any = None
         self._waiters: list[tuple[HandleState, Callable[[], Any]]] | None = None
 
@@ -99,7 +102,8 @@ class TaskHandle:
 
     def wait_recorded(self, timeout: float | None = None) -> bool:
         """Wait until the task is in the journal on disk (it then survives a producer crash);
-        False after ``timeout``. Tasks are recorded in submission order. Raises
+        False after ``timeout``. ``submit`` returns only once its task is recorded, so this is
+        true at once for its handle (kept for code written when it was not). Raises
         LocalProtocolError when the node has no journal, JournalError when writing failed."""
         if self._owner.config.journal is None:
             raise LocalProtocolError("this node has no task journal (TaskConfig(journal=...))")
@@ -161,6 +165,8 @@ class TaskHandle:
         self._state = state
         if state >= _DONE:
             self._value = value
+            if self.key is not None:
+                self.settled_at = time.monotonic()
         waiters = self._waiters
         if waiters:
             due = [w for w in waiters if w[0] <= state]

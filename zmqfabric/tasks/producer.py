@@ -1,16 +1,17 @@
 """Reliable tasks, the producer side: the node's dispatcher thread ("zmqfabric-tasks-<node>").
 
 It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
-every task), a socket monitor on each (:mod:`.links`), the dead-letter publishers, and the journal.
-Other threads only post to its :class:`~zmqfabric.transport.inbox.Mailbox` (a deque, and a pipe in
-its poller written only while it sleeps, so a burst of submissions costs no system call):
-``submit`` (any thread) posts tasks; the directory's watchers (discovery's thread) post
-"connect/disconnect URL".
+every task), a socket monitor on each (:mod:`.links`) and the dead-letter publishers; it shares
+the journal with the submitters (:mod:`.recorder`: they record, it forgets). Other threads only
+post to its :class:`~zmqfabric.transport.inbox.Mailbox` (a deque, and a pipe in its poller
+written only while it sleeps, so a burst of submissions costs no system call): ``submit`` (any
+thread) posts tasks, already on disk when there is a journal; the directory's watchers
+(discovery's thread) post "connect/disconnect URL".
 
 Each round: read results and credit, then monitor events (a worker whose connection drops is
-lost: its tasks are redelivered at once), then new submissions (recorded in the journal and
-committed *before* anything is sent), then deadlines and retry timers, then dispatch to workers
-with credit, then completions (journal deletes are batched) and the handles' waiters.
+lost: its tasks are redelivered at once), then new submissions, then deadlines and retry timers,
+then dispatch to workers with credit (task messages split to stay under the size workers
+accept), then completions (journal deletes are batched) and the handles' waiters.
 
 The decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`); this
 module only moves frames, rows and handles.
@@ -26,17 +27,17 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
-from ..constants import JOURNAL_COMMIT_S, TASK_TICK_MS
+from ..constants import JOURNAL_COMMIT_S, TASK_FRAME_OVERHEAD, TASK_NAP_MS, TASK_TICK_MS
 from ..core import task_frames, wire
 from ..core.records import EndpointKind
 from ..core.tasktable import Outcome, Task, TaskTable
-from ..errors import ClosedError, FabricError, JournalError, RemoteProtocolError, TaskFailedError
+from ..errors import ClosedError, FabricError, RemoteProtocolError, TaskFailedError
 from ..stats import RateLimitedLog
 from ..transport.inbox import Mailbox
 from .deadletters import DeadLetters
 from .handle import HandleOwner, HandleState, TaskHandle, settle
-from .journal import Journal
 from .links import Links, WorkerLink
+from .recorder import Recorder
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -52,16 +53,16 @@ _TAKE_BATCH = 8192
 
 
 class Dispatcher:
-    """Allocates in the caller's thread; ``open()`` opens the journal, ``start()`` the thread."""
+    """Allocates in the caller's thread; ``open()`` opens the wake pipe, ``start()`` the thread.
+    ``recorder``: the open journal, if any (closed with the dispatcher)."""
 
-    def __init__(self, node: NodeRuntime, tasks: HandleOwner) -> None:
+    def __init__(self, node: NodeRuntime, tasks: HandleOwner, recorder: Recorder | None) -> None:
         self._node = node
         self._tasks = tasks
         config = tasks.config
         self._retry = config.retry
-        self._journal = (
-            None if config.journal is None else Journal(config.journal, fsync=config.journal_fsync)
-        )
+        self._recorder = recorder
+        self._size_limit = node.config.max_message_size
         self._dead = DeadLetters(node, config.dead_letter_path)
         self._thread = threading.Thread(target=self._run, name=f"zmqfabric-tasks-{node.name}")
         self._mail = Mailbox()
@@ -71,32 +72,31 @@ class Dispatcher:
         self._unwatch: list[Callable[[], None]] = []
         self._poller = zmq.Poller()
         self._links = Links(self._poller)
-        self._resumed: list[Any] = []
-        self._unrecorded: list[tuple[str, Task]] = []
+        self._resumed: list[tuple[str, Task]] = []
+        self._new: list[tuple[str, list[Task]]] = []
         self._removals: list[str] = []
         self._changes: list[tuple[TaskHandle, HandleState, Any]] = []
         self._settled = 0
         self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
+        self._napping = False
 
     # --- any thread ----------------------------------------------------------------------------
 
-    def open(self) -> int:
-        """Open the journal (raises JournalError) and the wake pipe; returns how many tasks the
-        journal holds (they are resent once the thread runs)."""
-        if self._journal is not None:
-            self._resumed = self._journal.open()
+    def open(self, resumed: list[tuple[str, Task]]) -> None:
+        """Open the wake pipe; ``resumed``: (name, task) from the journal, sent once the thread
+        runs."""
+        self._resumed = resumed
         self._poller.register(self._mail.open(), zmq.POLLIN)
-        return len(self._resumed)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, name: str, task: Task) -> None:
-        """Hand a task to the thread. Raises ClosedError once closing. Thread-safe."""
+    def submit(self, name: str, tasks: list[Task]) -> None:
+        """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe."""
         if self._stopping:
             raise ClosedError(f"node {self._node.name!r} is closing")
-        self._mail.post((name, task))
+        self._mail.post((name, tasks))
         if self.closed:  # the thread ended between our check and the append
             self._fail_leftovers()
 
@@ -126,10 +126,8 @@ class Dispatcher:
 
     def _run(self) -> None:
         try:
-            for entry in self._resumed:
-                task = Task(entry.task_id, entry.payload, entry.key, deadline_s=entry.deadline_s,
-                            max_attempts=entry.max_attempts)
-                self._table(entry.name).submit(task)
+            for name, task in self._resumed:
+                self._table(name).submit(task)
             self._resumed = []
             while not self._stopping:
                 try:
@@ -143,7 +141,12 @@ class Dispatcher:
 
     def _round(self) -> None:
         mail = self._mail
-        events = self._poller.poll(mail.sleep_timeout(self._timeout(time.monotonic())))
+        timeout = self._timeout(time.monotonic())
+        if self._napping:  # durable submissions are flowing: look again soon, unwoken
+            timeout = 0 if mail.items else min(timeout, TASK_NAP_MS)
+        else:
+            timeout = mail.sleep_timeout(timeout)
+        events = self._poller.poll(timeout)
         mail.sleeping = False
         now = time.monotonic()
         monitors = []
@@ -160,7 +163,11 @@ class Dispatcher:
             if link is not None:
                 self._on_monitor(link, now)
         self._take_commands()
-        self._record(now)
+        # Each durable submit costs a commit, so they arrive tens of microseconds apart: waking
+        # for each would cost a wake-up and a round per task. Napping instead takes them by the
+        # batch, at most TASK_NAP_MS late.
+        self._napping = bool(self._new) and self._recorder is not None
+        self._queue_new()
         for table in self._tables.values():
             if now >= table.next_due:
                 self._collect(table.name, table.tick(now))
@@ -183,7 +190,7 @@ class Dispatcher:
                 name = command[0]
                 if name not in self._tables:
                     self._table(name)
-                self._unrecorded.append(command)
+                self._new.append(command)
             elif command[0] == "connect":
                 self._connect(command[1], command[2])
             else:
@@ -256,36 +263,21 @@ class Dispatcher:
             if kind is wire.Kind.RESULT:
                 self._collect(link.name, table.on_results(url, body, now))
             else:
-                table.set_credit(url, body, now)
+                table.set_credit(url, body[0], now, body[1])
 
     # --- tasks ---------------------------------------------------------------------------------
 
-    def _record(self, now: float) -> None:
-        """Journal new submissions (committed before any is sent), then queue them."""
-        batch = self._unrecorded
+    def _queue_new(self) -> None:
+        """Queue new submissions (already in the journal, if there is one)."""
+        batch = self._new
         if not batch:
             return
-        self._unrecorded = []
-        journal = self._journal
-        if journal is not None:
-            try:
-                journal.add((t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts)
-                            for name, t in batch)
-                if self._removals:
-                    journal.remove(self._removals)
-                    self._removals = []
-                journal.commit()
-            except JournalError as exc:
-                journal.rollback()
-                log.error("%s: %s; %d tasks refused", self._node.name, exc, len(batch))
-                self._changes.extend((t.ref, HandleState.FAILED, exc) for _, t in batch)
-                self._settled += len(batch)
-                return
-            self._last_commit = now
-            self._changes.extend((t.ref, HandleState.RECORDED, None) for _, t in batch)
+        self._new = []
         tables = self._tables
-        for name, task in batch:
-            tables[name].submit(task)
+        for name, tasks in batch:
+            submit = tables[name].submit
+            for task in tasks:
+                submit(task)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
@@ -293,19 +285,41 @@ class Dispatcher:
             for url, tasks in table.assign(now):
                 link = links.get(name, url)
                 if link is None:
-                    table.unassign(url, tasks)
+                    table.unassign(url, tasks, now)
                     continue
                 if link.hello_due:
                     self._send_hello(link)
-                body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
-                header = wire.pack_header(wire.Kind.TASK, 0, time.time())
-                try:
-                    link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    table.unassign(url, tasks)
+                self._send_tasks(link, table, tasks, now)
         for link in self._links:
             if link.hello_due:
                 self._send_hello(link)
+
+    def _send_tasks(self, link: WorkerLink, table: TaskTable, tasks: list[Task],
+                    now: float) -> None:
+        """Send in messages no larger than workers accept; what cannot leave goes back."""
+        limit, start, size = self._size_limit, 0, 0
+        for end, task in enumerate(tasks):
+            one = len(task.payload) + TASK_FRAME_OVERHEAD
+            if task.key is not None:
+                one += 4 * len(task.key)  # UTF-8, at most 4 bytes a character
+            size += one
+            if size > limit and end > start:
+                if not self._send_batch(link, tasks[start:end]):
+                    table.unassign(link.url, tasks[start:], now)
+                    return
+                start, size = end, one
+        if not self._send_batch(link, tasks[start:]):
+            table.unassign(link.url, tasks[start:], now)
+
+    @staticmethod
+    def _send_batch(link: WorkerLink, tasks: list[Task]) -> bool:
+        body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
+        header = wire.pack_header(wire.Kind.TASK, 0, time.time())
+        try:
+            link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def _collect(self, name: str, outcome: Outcome) -> None:
         if not outcome:
@@ -317,7 +331,7 @@ class Dispatcher:
             removals.append(task.id)
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
-            failure = TaskFailedError(name, task.id, task.attempts, error_type, error)
+            failure = TaskFailedError(name, task.id, task.charged, error_type, error)
             if task.ref is not None:
                 changes.append((task.ref, HandleState.FAILED, failure))
             removals.append(task.id)
@@ -326,16 +340,11 @@ class Dispatcher:
 
     def _finish(self, now: float) -> None:
         """Journal completions (batched), then wake the handles' waiters."""
-        journal = self._journal
         if self._removals:
-            if journal is None:
+            if self._recorder is None:
                 self._removals = []
             elif now - self._last_commit >= JOURNAL_COMMIT_S:
-                try:
-                    journal.remove(self._removals)
-                    journal.commit()
-                except JournalError as exc:  # they are resent after a restart: a repeat, no loss
-                    _rlog.warning("journal", "%s: %s", self._node.name, exc)
+                self._recorder.forget(self._removals)
                 self._removals = []
                 self._last_commit = now
         if self._changes:
@@ -352,16 +361,10 @@ class Dispatcher:
             unwatch()
         self._unwatch = []
         now = time.monotonic()
-        commands = self._mail.items
-        while commands:  # submissions not yet taken: with a journal, kept for next time
-            command = commands.popleft()
-            if len(command) == 2:
-                self._unrecorded.append(command)
+        self._queue_new()  # taken but not queued yet: they fail below with the rest
         try:
-            self._record(now)
-            if self._journal is not None and self._removals:
-                self._journal.remove(self._removals)
-                self._journal.commit()
+            if self._recorder is not None and self._removals:
+                self._recorder.forget(self._removals)
             self._removals = []
         except Exception:
             log.exception("%s: cannot save the task journal on close", self._node.name)
@@ -373,22 +376,22 @@ class Dispatcher:
         self._finish(now)
         self._links.close()
         self._dead.close()
-        if self._journal is not None:
-            self._journal.close()
+        if self._recorder is not None:
+            self._recorder.close()
         self.closed = True
         self._fail_leftovers()
 
     def _fail_leftovers(self) -> None:
         """Fail submissions that arrived after the thread's last look (any thread)."""
         closed = ClosedError(f"node {self._node.name!r} is closed")
-        changes = []
+        changes: list[tuple[TaskHandle, HandleState, Any]] = []
         while True:
             try:
                 command = self._mail.items.popleft()
             except IndexError:
                 break
             if len(command) == 2:
-                changes.append((command[1].ref, HandleState.FAILED, closed))
+                changes.extend((task.ref, HandleState.FAILED, closed) for task in command[1])
         if changes:
             settle(self._tasks, changes)
             self._tasks.settled(len(changes))

@@ -3,16 +3,19 @@
 Workers: ``@node.task("resize")`` registers a handler; the node binds a task endpoint for it
 (:class:`~zmqfabric.tasks.worker.TaskEndpoint`) and its serve loop runs the handler.
 
-Producers: ``node.submit("resize", body)`` hands the task to the node's dispatcher thread
-(:mod:`zmqfabric.tasks.producer`) and returns a :class:`~zmqfabric.tasks.handle.TaskHandle` at
-once. The dispatcher sends each task to a worker with credit, redelivers it when the worker dies or
-overruns the deadline, retries it with backoff when the handler raises, and dead-letters it after
-its last attempt.
+Producers: ``node.submit("resize", body)`` (or ``submit_many`` for a batch) hands the task to
+the node's dispatcher thread (:mod:`zmqfabric.tasks.producer`) and returns a
+:class:`~zmqfabric.tasks.handle.TaskHandle`. The dispatcher sends each task to a worker with
+credit, redelivers it when the worker dies or overruns the deadline, retries it with backoff
+when the handler raises, and dead-letters it after its last attempt. A body whose encoded task
+is larger than workers accept (``NodeConfig.max_message_size``) raises MessageTooLargeError
+before anything is queued. A key already in use (:mod:`.keys`) returns the existing handle.
 
 **Durability.** Without a journal (the default) the unsettled tasks live only in the producer's
 memory: if the *producer* process dies, tasks it had not seen completed are lost (workers dying
-lose nothing). With ``TaskConfig(journal=path)`` every task is recorded on disk before it is sent
-and resent when a producer with that journal starts again (see :mod:`zmqfabric.tasks.journal`).
+lose nothing). With ``TaskConfig(journal=path)``, ``submit`` returns only once the task is
+committed to the journal (:mod:`.recorder`: concurrent submitters share commits), and a producer
+started again with that journal resends every task that had not settled.
 """
 
 from __future__ import annotations
@@ -23,14 +26,22 @@ import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from ..constants import MAX_TASK_KEY, THREAD_JOIN_TIMEOUT_S
+from ..constants import (
+    MAX_TASK_KEY,
+    TASK_DEDUPE_MAX_KEYS,
+    TASK_FRAME_OVERHEAD,
+    THREAD_JOIN_TIMEOUT_S,
+)
 from ..core import wire
 from ..core.tasktable import Task, check_deadline
-from ..errors import ClosedError, FabricTimeoutError, LocalProtocolError
+from ..errors import ClosedError, FabricTimeoutError, LocalProtocolError, MessageTooLargeError
 from ..runtime import NodeState
 from .config import TaskConfig, check_prefetch, validate_task_name
-from .handle import TaskHandle
+from .handle import HandleState, TaskHandle, settle
+from .journal import Journal, JournalEntry
+from .keys import KeyIndex
 from .producer import Dispatcher
+from .recorder import Recorder
 from .worker import TaskEndpoint
 
 if TYPE_CHECKING:
@@ -58,6 +69,8 @@ class NodeTasks:
         self._ids = itertools.count(1)
         self._names: set[str] = set()
         self._closed = False
+        self._keys = KeyIndex(config.dedupe_window_s, TASK_DEDUPE_MAX_KEYS)
+        self._recorder: Recorder | None = None
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -96,13 +109,46 @@ class NodeTasks:
             if self._closed:
                 raise ClosedError(f"node {self._node.name!r} is closed")
             if self._dispatcher is None:
-                dispatcher = Dispatcher(self._node, self)
-                resumed = dispatcher.open()
+                recorder, resumed = self._open_journal()
+                dispatcher = Dispatcher(self._node, self, recorder)
+                try:
+                    dispatcher.open(resumed)
+                except BaseException:
+                    if recorder is not None:
+                        recorder.close()
+                    raise
                 with self._cond:
-                    self._submitted += resumed
+                    self._submitted += len(resumed)
                 dispatcher.start()
+                self._recorder = recorder
                 self._dispatcher = dispatcher
             return self._dispatcher
+
+    def _open_journal(self) -> tuple[Recorder | None, list[tuple[str, Task]]]:
+        config = self.config
+        if config.journal is None:
+            return None, []
+        journal = Journal(config.journal, fsync=config.journal_fsync)
+        entries = journal.open()
+        if journal.quarantined:
+            self._node.counters.add("journal_rows_quarantined", journal.quarantined)
+        return Recorder(journal), [(e.name, self._resume(e)) for e in entries]
+
+    def _resume(self, entry: JournalEntry) -> Task:
+        """A task from the journal. Only keyed ones get a handle: a later submit with the key
+        returns it (nobody else can ask for one)."""
+        handle = None
+        if entry.key is not None:
+            handle = TaskHandle(entry.task_id, entry.name, entry.key, self)
+            settle(self, [(handle, HandleState.RECORDED, None)])
+            self._keys.claim(handle)
+        return Task(entry.task_id, entry.payload, entry.key, deadline_s=entry.deadline_s,
+                    max_attempts=entry.max_attempts, ref=handle)
+
+    @property
+    def journaled(self) -> bool:
+        """True when submit waits for a journal commit."""
+        return self.config.journal is not None
 
     def submit(
         self,
@@ -115,43 +161,129 @@ class NodeTasks:
         timeout: float | None,
     ) -> TaskHandle:
         """See :meth:`zmqfabric.Node.submit`. Thread-safe."""
+        deadline_s, attempts = self._options(name, deadline, max_attempts)
+        payload = self._encode(body, key)
+        dispatcher = self._dispatcher or self._start_dispatcher()
+        handle = TaskHandle(f"{self._prefix}-{next(self._ids)}", name, key, self)
+        if key is not None:
+            held = self._keys.claim(handle)
+            if held is not handle:
+                return held
+        task = Task(handle.id, payload, key, deadline_s=deadline_s, max_attempts=attempts,
+                    ref=handle)
+        self._queue(dispatcher, name, [task], timeout)
+        return handle
+
+    def submit_many(
+        self,
+        name: str,
+        bodies: Iterable[Any],
+        *,
+        keys: Iterable[str | None] | None,
+        deadline: float | None,
+        max_attempts: int | None,
+        timeout: float | None,
+    ) -> list[TaskHandle]:
+        """See :meth:`zmqfabric.Node.submit_many`. Thread-safe."""
+        deadline_s, attempts = self._options(name, deadline, max_attempts)
+        bodies = list(bodies)
+        key_list: list[str | None] = [None] * len(bodies) if keys is None else list(keys)
+        if len(key_list) != len(bodies):
+            raise LocalProtocolError(f"{len(key_list)} keys for {len(bodies)} bodies")
+        if len(bodies) > self.config.queue_limit:
+            raise LocalProtocolError(f"{len(bodies)} bodies in one call; at most "
+                                     f"{self.config.queue_limit} (TaskConfig.queue_limit)")
+        payloads = [self._encode(body, key) for body, key in zip(bodies, key_list, strict=True)]
+        dispatcher = self._dispatcher or self._start_dispatcher()
+        handles: list[TaskHandle] = []
+        tasks: list[Task] = []
+        prefix, ids = self._prefix, self._ids
+        for payload, key in zip(payloads, key_list, strict=True):
+            handle = TaskHandle(f"{prefix}-{next(ids)}", name, key, self)
+            if key is not None:
+                held = self._keys.claim(handle)
+                if held is not handle:
+                    handles.append(held)
+                    continue
+            handles.append(handle)
+            tasks.append(Task(handle.id, payload, key, deadline_s=deadline_s,
+                              max_attempts=attempts, ref=handle))
+        if tasks:
+            self._queue(dispatcher, name, tasks, timeout)
+        return handles
+
+    def _options(
+        self, name: str, deadline: float | None, max_attempts: int | None
+    ) -> tuple[float, int]:
         if name not in self._names:
             self._names.add(validate_task_name(name))
-        if key is not None and (not isinstance(key, str) or len(key) > MAX_TASK_KEY):
-            raise LocalProtocolError(f"key must be a string of at most {MAX_TASK_KEY} characters")
         config = self.config
         deadline_s = config.deadline_s if deadline is None else check_deadline(deadline)
         if max_attempts is None:
             max_attempts = config.max_attempts
         elif type(max_attempts) is not int or max_attempts < 1:
             raise LocalProtocolError("max_attempts must be an integer >= 1")
-        payload = wire.pack_body(body)
-        dispatcher = self._dispatcher or self._start_dispatcher()
-        task_id = f"{self._prefix}-{next(self._ids)}"
-        handle = TaskHandle(task_id, name, key, self)
-        task = Task(task_id, payload, key, deadline_s=deadline_s, max_attempts=max_attempts,
-                    ref=handle)
-        self._admit(timeout)
-        try:
-            dispatcher.submit(name, task)
-        except ClosedError:
-            self.settled(1)
-            raise
-        return handle
+        return deadline_s, max_attempts
 
-    def _admit(self, timeout: float | None) -> None:
+    def _encode(self, body: Any, key: str | None) -> bytes:
+        """The payload of a task; raises LocalProtocolError (bad key, not msgpack) and
+        MessageTooLargeError (the task message would be over what workers accept)."""
+        size = TASK_FRAME_OVERHEAD
+        if key is not None:
+            if not isinstance(key, str) or len(key) > MAX_TASK_KEY:
+                raise LocalProtocolError(
+                    f"key must be a string of at most {MAX_TASK_KEY} characters")
+            size += len(key.encode())
+        payload = wire.pack_body(body)
+        size += len(payload)
+        limit = self._node.config.max_message_size
+        if size > limit:
+            raise MessageTooLargeError(size, limit)
+        return payload
+
+    def _queue(
+        self, dispatcher: Dispatcher, name: str, tasks: list[Task], timeout: float | None
+    ) -> None:
+        """Admit ``tasks``, record them (with a journal: returns once they are on disk) and hand
+        them to the dispatcher. On any failure their handles fail with the error, their keys are
+        freed, and it is raised."""
+        admitted = False
+        try:
+            self._admit(len(tasks), timeout)
+            admitted = True
+            recorder = self._recorder
+            if recorder is not None:
+                recorder.record([(t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts)
+                                 for t in tasks])
+                settle(self, [(t.ref, HandleState.RECORDED, None) for t in tasks])
+            dispatcher.submit(name, tasks)
+        except BaseException as exc:
+            for task in tasks:
+                if task.key is not None:
+                    self._keys.release(task.ref)
+            settle(self, [(t.ref, HandleState.FAILED, exc) for t in tasks])
+            if admitted:
+                self.settled(len(tasks))
+            if self._closed and not isinstance(exc, ClosedError):
+                raise ClosedError(f"node {self._node.name!r} is closed") from exc
+            raise
+
+    def _admit(self, count: int, timeout: float | None) -> None:
         limit = self.config.queue_limit
         with self._cond:
-            if self._submitted - self._settled >= limit:
+            if self._closed:
+                raise ClosedError(f"node {self._node.name!r} is closed")
+            if self._submitted - self._settled + count > limit:
                 if not self._cond.wait_for(
-                    lambda: self._closed or self._submitted - self._settled < limit, timeout
+                    lambda: self._closed or self._submitted - self._settled + count <= limit,
+                    timeout,
                 ):
                     raise FabricTimeoutError(
-                        f"{limit} tasks are unsettled (TaskConfig.queue_limit); none settled "
-                        f"within {timeout:g} s", timeout=timeout)
+                        f"{limit} tasks are unsettled (TaskConfig.queue_limit); no room for "
+                        f"{count} more within {timeout:g} s", timeout=timeout)
                 if self._closed:
                     raise ClosedError(f"node {self._node.name!r} is closed")
-            self._submitted += 1
+            self._submitted += count
 
     def settled(self, count: int) -> None:
         """``count`` more tasks settled (dispatcher thread)."""
