@@ -252,7 +252,7 @@ def test_a_plain_pyzmq_producer_can_talk_to_a_worker(worker_node, make_node, nam
         assert dealer.poll(int(SLOW * 1000))
         empty, head, body = dealer.recv_multipart()
         assert empty == b"" and msgpack.unpackb(head)[1] == 8
-        assert msgpack.unpackb(body) == {"credit": 5}
+        assert msgpack.unpackb(body) == {"credit": 5, "slots": 1}
         tasks = [["id-1", 1, {"x": 1}, None], ["id-2", 3, [1, 2], "key-2"]]
         dealer.send_multipart([b"", header(6), msgpack.packb(tasks)])
         results = []
