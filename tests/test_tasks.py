@@ -163,7 +163,8 @@ def test_submit_runs_the_handler_and_returns_its_result(worker_node, make_node, 
     assert mine["done"] == 50 and mine["queued"] == mine["in_flight"] == mine["dead"] == 0
     assert mine["workers"] == 1
     served = producer.stats(worker.name, timeout=SLOW)["tasks"]["serve"][task]
-    assert served == {"handled": 50, "failed": 0, "prefetch": 8, "undeliverable": 0}
+    assert served == {"handled": 50, "failed": 0, "prefetch": 8, "undeliverable": 0,
+                      "slots": 1, "busy": 0, "hung": 0}
 
 
 def test_a_result_msgpack_cannot_encode_fails_the_attempt(worker_node, make_node, name) -> None:
