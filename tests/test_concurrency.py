@@ -168,6 +168,57 @@ def test_concurrency_n_runs_n_requests_at_once(flavour: str) -> None:
     run(main)
 
 
+@pytest.mark.parametrize("flavour", ["sync", "aio-plain", "aio-coroutine"])
+def test_more_requests_than_slots_are_all_answered_never_more_than_n_at_once(
+    flavour: str,
+) -> None:
+    """20 callers at once on 2 slots: the rest wait (in ZeroMQ's queue), none is lost."""
+    service, n, callers = unique("narrow"), 2, 20
+    lock = threading.Lock()
+    running = [0, 0]  # now, most
+
+    def count(delta: int) -> None:
+        with lock:
+            running[0] += delta
+            running[1] = max(running)
+
+    def hold(body: Any) -> Any:
+        count(1)
+        time.sleep(0.02)
+        count(-1)
+        return body
+
+    async def hold_async(body: Any) -> Any:
+        count(1)
+        await asyncio.sleep(0.02)
+        count(-1)
+        return body
+
+    def call_all(caller: zf.Node) -> list[Any]:
+        with ThreadPoolExecutor(callers) as pool:
+            return list(pool.map(lambda i: caller.request(service, i, timeout=SLOW),
+                                 range(callers)))
+
+    if flavour == "sync":
+        node = zf.Node(unique("provider"))
+        node.reply(service, concurrency=n)(hold)
+        with served(node), zf.Node(unique("caller")) as caller:
+            assert call_all(caller) == list(range(callers))
+    else:
+        async def main() -> None:
+            node = zmqfabric.aio.Node(unique("provider"))
+            node.reply(service, concurrency=n)(hold if flavour == "aio-plain" else hold_async)
+            async with node:
+                serving = asyncio.create_task(node.run(handle_signals=False))
+                with zf.Node(unique("caller")) as caller:
+                    assert await asyncio.to_thread(call_all, caller) == list(range(callers))
+                node.stop()
+                await asyncio.wait_for(serving, SLOW)
+
+        run(main)
+    assert running == [0, n]
+
+
 def test_task_slots_start_in_order_and_the_credit_says_how_many(make_node) -> None:
     """The wire: credit ``{"credit", "slots"}``; then 6 tasks in one batch to 3 slots: the first
     3 start, in order; each release starts the next in order; never more than 3 at once."""
@@ -259,23 +310,33 @@ def test_asyncio_task_concurrency_with_coroutines() -> None:
 
 def test_hung_slots_are_reported_and_the_node_keeps_answering(make_node, caplog) -> None:
     caplog.set_level(logging.INFO, logger="zmqfabric.patterns.handlers")
-    task, service = unique("stuck"), unique("alive")
-    node = zf.Node(unique("worker"), tasks=zf.TaskConfig(deadline_s=0.3))
+    task, service, stuck = unique("stuck"), unique("alive"), unique("stuck-svc")
+    # Hung: a task slot after the task deadline, a service slot after the request timeout.
+    node = zf.Node(unique("worker"), tasks=zf.TaskConfig(deadline_s=0.3),
+                   config=zf.NodeConfig(request_timeout_s=0.3))
     release = threading.Event()
     node.task(task, concurrency=2)(lambda body: release.wait(SLOW))
     node.reply(service)(lambda body: body)
+    node.reply(stuck)(lambda body: release.wait(SLOW))
     try:
         with served(node):
             caller = make_node("caller")
             for i in range(2):
                 caller.submit(task, i)
+            with pytest.raises(zf.RequestTimeoutError):
+                caller.request(stuck, None, timeout=0.5)
             wait_until(lambda: node.task_stats()["serve"][task]["hung"] == 2, SLOW, "2 hung")
+            assert node.service_stats()[stuck]["hung"] == 1
+            assert node.service_stats()[service]["hung"] == 0
             assert caller.stats(node.name, timeout=SLOW)["tasks"]["serve"][task]["hung"] == 2
-            wait_until(lambda: any("all 2 handler slots are hung" in r.getMessage()
+            wait_until(lambda: any("every handler slot (2) is hung" in r.getMessage()
                                    and r.levelno == logging.ERROR for r in caplog.records),
                        SLOW, "the ERROR line")
-            hung_lines = [r for r in caplog.records if "its slot is hung" in r.getMessage()]
+            hung_lines = [r for r in caplog.records
+                          if "its slot is hung" in r.getMessage() and task in r.getMessage()]
             assert len(hung_lines) == 2 and all(r.levelno == logging.WARNING for r in hung_lines)
+            wait_until(lambda: any(f"service {stuck}: every handler slot (1) is hung" in
+                                   r.getMessage() for r in caplog.records), SLOW, "the service")
             assert caller.request(service, "still here", timeout=SLOW) == "still here"
             release.set()
             wait_until(lambda: node.task_stats()["serve"][task]["busy"] == 0, SLOW, "free")

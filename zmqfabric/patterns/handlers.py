@@ -233,8 +233,8 @@ class SlotBoard:
                             ep.describe(job) if job is not None else "", self.hung_after_s)
         if hung == self.size and not self._all_hung:
             self._all_hung = True
-            log.error("%s %s: all %d handler slots are hung: nothing more is handled here until "
-                      "one returns", ep.noun, ep.name, self.size)
+            log.error("%s %s: every handler slot (%d) is hung: nothing more is handled here "
+                      "until one returns", ep.noun, ep.name, self.size)
         elif hung < self.size and self._all_hung:
             self._all_hung = False
             log.info("%s %s: a handler slot is free again", ep.noun, ep.name)
