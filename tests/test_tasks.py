@@ -166,7 +166,8 @@ def test_submit_runs_the_handler_and_returns_its_result(worker_node, make_node, 
     assert mine["done"] == 50 and mine["queued"] == mine["in_flight"] == mine["dead"] == 0
     assert mine["workers"] == 1
     served = producer.stats(worker.name, timeout=SLOW)["tasks"]["serve"][task]
-    assert served == {"handled": 50, "failed": 0, "prefetch": 8, "undeliverable": 0}
+    assert served == {"handled": 50, "failed": 0, "prefetch": 8, "undeliverable": 0,
+                      "slots": 1, "busy": 0, "hung": 0}
 
 
 def test_a_result_msgpack_cannot_encode_fails_the_attempt(worker_node, make_node, name) -> None:
@@ -255,7 +256,7 @@ def test_a_plain_pyzmq_producer_can_talk_to_a_worker(worker_node, make_node, nam
         assert dealer.poll(int(SLOW * 1000))
         empty, head, body = dealer.recv_multipart()
         assert empty == b"" and msgpack.unpackb(head)[1] == 8
-        assert msgpack.unpackb(body) == {"credit": 5}
+        assert msgpack.unpackb(body) == {"credit": 5, "slots": 1}
         tasks = [["id-1", 1, {"x": 1}, None], ["id-2", 3, [1, 2], "key-2"]]
         dealer.send_multipart([b"", header(6), msgpack.packb(tasks)])
         results = []

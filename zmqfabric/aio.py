@@ -2,8 +2,9 @@
 coroutines. It shares the implementation (``NodeBase`` and the pattern bases); only waiting differs.
 
 All methods run in the loop that started the node, except ``stop()``, which is thread-safe.
-Reply handlers may be plain functions or coroutine functions; each service answers one request at
-a time, in order.
+Handlers may be plain functions (run in threads, never in the loop, so a slow one holds up
+nothing else) or coroutine functions (run as tasks of the loop); each service and task queue
+takes ``concurrency`` requests or tasks at once (default 1: one at a time, in order).
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from typing import Any, Iterable
 
-from .constants import CONTROL_TIMEOUT_S, MAX_IDLE_REQUESTERS, THREAD_JOIN_TIMEOUT_S
+from .constants import CONTROL_TIMEOUT_S, MAX_IDLE_REQUESTERS, SLOT_WATCH_S, THREAD_JOIN_TIMEOUT_S
 from .core.records import validate_endpoint_name, validate_node_name
 from .errors import ClosedError, FabricTimeoutError
 from .nodebase import NodeBase, NodeState
+from .patterns.drivers import LoopDriver
 from .patterns.pipeline import AsyncPuller, AsyncPusher
 from .patterns.pubsub import AsyncSubscription, Publisher
-from .patterns.reqrep import AsyncRequester, ServiceEndpoint
+from .patterns.reqrep import AsyncRequester
 from .tasks.handle import TaskHandle
-from .tasks.worker import TaskEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,6 @@ class Node(NodeBase):
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
-        self._services: dict[str, ServiceEndpoint] = {}
         self._requesters: dict[tuple[str, str | None], list[AsyncRequester]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -53,11 +54,6 @@ class Node(NodeBase):
         self._stop_event = self._stop_event or asyncio.Event()
         self._open()
         return self
-
-    def _open_services(self) -> None:
-        for service, handler in self._handlers.items():
-            allow = self._service_allow.get(service)
-            self._services[service] = ServiceEndpoint(self.runtime, service, handler, allow)
 
     async def close(self) -> None:
         """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
@@ -83,7 +79,12 @@ class Node(NodeBase):
     # --- serving ---------------------------------------------------------------------------
 
     async def run(self, timeout: float | None = None, *, handle_signals: bool = True) -> None:
-        """Serve reply services until ``stop()``, SIGINT/SIGTERM or ``timeout`` seconds."""
+        """Serve services and task queues until ``stop()``, SIGINT/SIGTERM or ``timeout``
+        seconds; then let running handlers finish (at most THREAD_JOIN_TIMEOUT_S; coroutine
+        handlers still running then are cancelled) and return.
+
+        Raises what a handler raised that is not an Exception (SystemExit, KeyboardInterrupt),
+        after closing the node: it says goodbye, and its unacknowledged tasks go elsewhere."""
         await self.start()
         if self._serving:
             raise RuntimeError(f"node {self.name!r} is already serving")
@@ -91,25 +92,41 @@ class Node(NodeBase):
         self._serving = True
         self._stop_event.clear()
         signals = _install_signals(self._loop, self.stop) if handle_signals else []
-        endpoints: list[ServiceEndpoint | TaskEndpoint] = [*self._services.values()]
-        endpoints.extend(self._tasks.endpoints())
-        tasks = [asyncio.create_task(self._serve(svc)) for svc in endpoints]
+        drivers: list[LoopDriver] = []
         try:
-            await asyncio.wait_for(self._stop_event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+            for ep in self._served():
+                driver = LoopDriver(ep, self.name, self._on_fatal)
+                driver.start()
+                drivers.append(driver)
+            await self._watch(timeout)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(driver.stop() for driver in drivers))
             for signum in signals:
                 self._loop.remove_signal_handler(signum)
             self._serving = False
+        fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            await self.close()
+            raise fatal
 
-    async def _serve(self, service: ServiceEndpoint | TaskEndpoint) -> None:
-        while True:
-            frames = await service.socket.recv_multipart()
-            await service.serve_async(frames)
+    async def _watch(self, timeout: float | None) -> None:
+        """Wait for stop() or ``timeout``; look for hung handler slots every SLOT_WATCH_S."""
+        assert self._stop_event is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop_event.is_set():
+            wait = SLOT_WATCH_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+            try:
+                await asyncio.wait_for(self._stop_event.wait(), wait)
+            except asyncio.TimeoutError:
+                self._watch_slots(time.monotonic())
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        self._set_fatal(exc)  # in the loop
+        self.stop()
 
     def stop(self) -> None:
         """Make ``run()`` return. Thread-safe; idempotent."""

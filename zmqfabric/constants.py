@@ -88,6 +88,14 @@ POLL_INTERVAL_MS = 200
 #: Malformed-input log lines per peer kind and minute (counters keep the exact numbers).
 LOG_RATE_PER_MINUTE = 10
 
+# --- handlers -------------------------------------------------------------------------------
+#: Most handler slots of one endpoint (``concurrency=``): each is a thread (or a coroutine); more
+#: is a configuration error, and CPU-bound handlers scale with processes (`run --replicas`).
+MAX_CONCURRENCY = 1024
+#: run() looks for hung handler slots this often (s); a slot is hung after the endpoint's limit
+#: (a service: the request timeout, its callers have given up; tasks: TaskConfig.deadline_s).
+SLOT_WATCH_S = 1.0
+
 # --- reliable tasks -------------------------------------------------------------------------
 #: Tasks a worker holds per producer (its credit): enough to stay busy between result batches,
 #: few enough that a worker that dies strands little work.

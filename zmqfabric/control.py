@@ -33,7 +33,7 @@ from .errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from .patterns.reqrep import ServiceEndpoint
+from .patterns.service import ServiceEndpoint
 from .runtime import NodeRuntime, host_name
 from .stats import RateLimitedLog
 from .transport.inbox import Inbox
@@ -44,9 +44,15 @@ OPS = ("ping", "info", "stats")
 
 
 class ControlEndpoint(ServiceEndpoint):
+    """The control socket, served by the control thread. Its traffic has counters of its own:
+    a monitor's pings are not service traffic (``replies_sent`` counts services only)."""
+
     kind = EndpointKind.CONTROL
     noun = "control endpoint"
     sync_socket = True
+    counter_sent = "control_replies_sent"
+    counter_failed = "control_op_errors"
+    counter_undeliverable = "control_replies_undeliverable"
 
     def __init__(self, runtime: NodeRuntime, handler: Any) -> None:
         self.fixed_port = runtime.config.control_port

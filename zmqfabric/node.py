@@ -10,20 +10,20 @@ from typing import Any, Iterable
 
 import zmq
 
-from .constants import CONTROL_TIMEOUT_S, POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
+from .constants import CONTROL_TIMEOUT_S, SLOT_WATCH_S, THREAD_JOIN_TIMEOUT_S
 from .core.records import validate_endpoint_name, validate_node_name
 from .nodebase import NodeBase, NodeState
+from .patterns.drivers import ThreadDriver
 from .patterns.pipeline import Puller, Pusher
 from .patterns.pubsub import Publisher, Subscription
-from .patterns.reqrep import Requester, ServiceEndpoint
+from .patterns.reqrep import Requester
 from .tasks.handle import TaskHandle
-from .tasks.worker import TaskEndpoint
-from .transport.frames import NOBLOCK, recv_frames
 from .transport.inbox import Inbox
 
 log = logging.getLogger(__name__)
-#: Messages served from one socket before the loop looks at the others (fairness).
-_BATCH = 64
+#: Stopping waits this long (s) for the endpoints' drivers: their running handlers get
+#: THREAD_JOIN_TIMEOUT_S to return, and the drivers a moment more to end.
+_STOP_S = THREAD_JOIN_TIMEOUT_S + 1.0
 
 
 class Node(NodeBase):
@@ -33,13 +33,17 @@ class Node(NodeBase):
     returned by ``publisher``/``subscribe``/``pusher``/``puller``/``requester`` belong to the
     thread that made them. ``request`` may be called from any thread (one socket per thread).
     ``stop()`` and ``close()`` are thread-safe.
+
+    ``run()`` serves each service and task queue in a thread of its own (handlers with
+    ``concurrency`` > 1 in as many more), so handlers of different endpoints run at once, in
+    other threads than the one calling ``run()``.
     """
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
-        self._services: dict[str, ServiceEndpoint] = {}
         self._local = threading.local()
-        #: The serve loop's inbox: ``stop()`` posts to it; its pipe is also the signal wakeup fd.
+        #: The inbox of run()'s thread: ``stop()`` and the drivers post to it; its pipe is also
+        #: the signal wakeup fd.
         self._inbox = Inbox()
         self._halted = False
         self._serving = threading.Event()
@@ -56,9 +60,7 @@ class Node(NodeBase):
 
     def _open_services(self) -> None:
         self._inbox.open()
-        for service, handler in self._handlers.items():
-            allow = self._service_allow.get(service)
-            self._services[service] = ServiceEndpoint(self.runtime, service, handler, allow)
+        super()._open_services()
 
     def close(self) -> None:
         """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
@@ -66,10 +68,9 @@ class Node(NodeBase):
             return
         self.stop()
         if self._background is not None and self._background is not threading.current_thread():
-            self._background.join(THREAD_JOIN_TIMEOUT_S)
-        elif not self._serve_done.wait(THREAD_JOIN_TIMEOUT_S):
-            log.error("node %s: serve loop did not stop within %s s", self.name,
-                      THREAD_JOIN_TIMEOUT_S)
+            self._background.join(_STOP_S + 1.0)
+        elif not self._serve_done.wait(_STOP_S + 1.0):
+            log.error("node %s: serve loop did not stop within %s s", self.name, _STOP_S + 1.0)
         self._close()
         self._inbox.close()
 
@@ -82,10 +83,19 @@ class Node(NodeBase):
     # --- serving ---------------------------------------------------------------------------
 
     def run(self, timeout: float | None = None, *, handle_signals: bool = True) -> None:
-        """Serve this node's reply services until ``stop()``, SIGINT/SIGTERM or ``timeout`` s.
+        """Serve this node's services and task queues until ``stop()``, SIGINT/SIGTERM or
+        ``timeout`` s; then let running handlers finish (at most THREAD_JOIN_TIMEOUT_S) and
+        return.
 
-        Starts the node if needed. Signal handlers are installed only in the main thread.
+        Starts the node if needed. Signal handlers are installed only in the main thread. Raises
+        what a handler raised that is not an Exception (SystemExit, KeyboardInterrupt), after
+        closing the node: it says goodbye, and its unacknowledged tasks go to other workers.
         """
+        fatal = self._run(timeout, handle_signals)
+        if fatal is not None:
+            raise fatal
+
+    def _run(self, timeout: float | None, handle_signals: bool) -> BaseException | None:
         self.start()
         if self._serving.is_set():
             raise RuntimeError(f"node {self.name!r} is already serving in another thread")
@@ -98,12 +108,21 @@ class Node(NodeBase):
             _restore_signals(restore)
             self._serving.clear()
             self._serve_done.set()
+        fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            self.close()
+        return fatal
+
+    def _run_background(self) -> None:
+        if self._run(None, False) is not None:
+            log.error("node %s closed: a handler raised (logged above)", self.name)
 
     def serve_in_background(self) -> threading.Thread:
-        """Run ``run()`` in a node-owned thread; ``close()`` stops and joins it."""
+        """Run ``run()`` in a node-owned thread; ``close()`` stops and joins it. A handler that
+        raises SystemExit or KeyboardInterrupt closes the node (and ends the thread)."""
         self.start()
         self._background = threading.Thread(
-            target=self.run, kwargs={"handle_signals": False}, name=f"zmqfabric-serve-{self.name}"
+            target=self._run_background, name=f"zmqfabric-serve-{self.name}"
         )
         self._background.start()
         self._serving.wait(THREAD_JOIN_TIMEOUT_S)
@@ -118,43 +137,44 @@ class Node(NodeBase):
         self._halted = True  # the serve loop's thread
 
     def _serve(self, deadline: float | None) -> None:
-        endpoints: list[ServiceEndpoint | TaskEndpoint] = [*self._services.values()]
-        endpoints.extend(self._tasks.endpoints())
-        services = {svc.socket: svc for svc in endpoints}
+        """Start a driver per endpoint, watch until stopped, stop and join the drivers."""
+        drivers: list[ThreadDriver] = []
+        try:
+            for ep in self._served():
+                driver = ThreadDriver(ep, self.name, self._fatal_from_driver)
+                driver.start()
+                drivers.append(driver)
+            self._watch(deadline)
+        finally:
+            for driver in drivers:
+                driver.stop()
+            join_by = time.monotonic() + _STOP_S
+            for driver in drivers:
+                driver.join(join_by)
+
+    def _watch(self, deadline: float | None) -> None:
+        """Wait for stop(), a fatal handler outcome or ``deadline``; look for hung handler slots
+        every SLOT_WATCH_S meanwhile."""
         inbox = self._inbox
         poller = zmq.Poller()
-        for sock in services:
-            poller.register(sock, zmq.POLLIN)
         poller.register(inbox.fd, zmq.POLLIN)
+        watch_at = time.monotonic() + SLOT_WATCH_S
         while True:
-            wait = POLL_INTERVAL_MS * 5
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                wait = min(wait, max(1, int(left * 1000)))
-            events = inbox.poll(poller, wait)
+            now = time.monotonic()
+            if now >= watch_at:
+                self._watch_slots(now)
+                watch_at = now + SLOT_WATCH_S
+            until = watch_at if deadline is None else min(watch_at, deadline)
+            inbox.poll(poller, max(1, int((until - now) * 1000)))
             inbox.run_pending()
             if self._halted:
                 self._halted = False
                 return
-            for sock in events:
-                service = services.get(sock)
-                if service is not None:
-                    self._serve_socket(service)
+            if self._fatal is not None or (deadline is not None and time.monotonic() >= deadline):
+                return
 
-    def _serve_socket(self, service: ServiceEndpoint | TaskEndpoint) -> None:
-        # The poll said readable, so the first receive succeeds; after each message, the socket's
-        # EVENTS tells whether another waits (cheaper than a receive that raises zmq.Again).
-        sock = service.socket
-        for _ in range(_BATCH):
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
-                return
-            service.serve(frames)
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
-                return
+    def _fatal_from_driver(self, exc: BaseException) -> None:
+        self._inbox.post(self._set_fatal, exc)  # a driver's thread: hand it to run()'s
 
     # --- clients ---------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from .discovery.housekeeping import Housekeeping
 from .discovery.mdns import Discovery
 from .discovery.membership import Membership
 from .errors import ClosedError, LocalProtocolError, NodeNotFoundError, NoProviderError
+from .patterns.handlers import Served, check_concurrency, is_coroutine_handler
+from .patterns.service import ServiceEndpoint
 from .runtime import NodeRuntime, NodeState
 from .security.guard import Guard
 from .security.keys import KeySet
@@ -77,6 +79,11 @@ class NodeBase:
         self._lock = threading.RLock()
         self._handlers: dict[str, Callable[[Any], Any]] = {}
         self._service_allow: dict[str, tuple[str, ...]] = {}
+        self._service_concurrency: dict[str, int] = {}
+        self._services: dict[str, ServiceEndpoint] = {}
+        #: What a handler raised that is not an Exception (SystemExit...): run() closes the
+        #: node and raises it. Set once, by the serve loop's thread (or the loop).
+        self._fatal: BaseException | None = None
         self._opening = False
         self._started_at = 0.0
         self._control: ControlServer | None = None
@@ -116,47 +123,90 @@ class NodeBase:
 
     # --- definition ------------------------------------------------------------------------
 
-    def reply(self, service: str, *, allow: Iterable[str] | None = None) -> Callable[[F], F]:
+    def reply(
+        self, service: str, *, allow: Iterable[str] | None = None, concurrency: int = 1
+    ) -> Callable[[F], F]:
         """Decorator: serve request/reply ``service`` with the decorated ``handler(body) -> reply``.
 
-        Register before ``start()``; the node's serve loop (``run()``) calls the handler. A handler
-        that raises sends an error reply; the caller gets :class:`RemoteError`. ``allow``
-        (secured nodes): only these public keys may call this service.
+        Register before ``start()``; ``run()`` serves it. Every service (and task queue, and the
+        control endpoint) is served apart from the others, so a slow handler delays only its
+        own service. ``concurrency``: how many requests the handler takes at once (threads for
+        plain functions, tasks of the loop for coroutine functions on an asyncio node); with
+        the default 1 they are answered one at a time, in order. A handler that raises sends an
+        error reply (the caller gets :class:`RemoteError`) and is logged here at ERROR with its
+        traceback; one that raises SystemExit or KeyboardInterrupt makes ``run()`` close the
+        node and raise it. ``allow`` (secured nodes): only these public keys may call this
+        service. Raises LocalProtocolError (twice, after start, bad concurrency, a coroutine
+        function on a sync node).
         """
         validate_endpoint_name(service, "service")
-        if allow is not None:
-            self._service_allow[service] = tuple(allow)
+        check_concurrency(concurrency)
 
         def register(handler: F) -> F:
+            self._check_handler(handler, f"service {service!r}")
             with self._lock:
                 if service in self._handlers:
                     raise LocalProtocolError(f"node {self.name!r} already serves {service!r}")
                 if self.runtime.state is not NodeState.NEW:
                     raise LocalProtocolError("register services before the node starts")
                 self._handlers[service] = handler
+                self._service_concurrency[service] = concurrency
+                if allow is not None:
+                    self._service_allow[service] = tuple(allow)
             return handler
 
         return register
 
     def task(
-        self, name: str, *, prefetch: int | None = None, allow: Iterable[str] | None = None
+        self,
+        name: str,
+        *,
+        prefetch: int | None = None,
+        allow: Iterable[str] | None = None,
+        concurrency: int = 1,
     ) -> Callable[[F], F]:
         """Decorator: work on reliable task ``name`` with the decorated ``handler(body)``.
 
-        Register before ``start()``; the serve loop (``run()``) runs the handler, one task at a
-        time. Returning acknowledges the task (the value goes back to the submitter); raising
-        fails this attempt (it is retried with backoff, then dead-lettered). ``prefetch``: how
-        many tasks each producer may have here at once (default ``TaskConfig.prefetch``).
-        ``allow`` (secured nodes): only these public keys may submit here. Delivery is at least
-        once: :func:`zmqfabric.current_task` gives the task's id and idempotency key.
+        Register before ``start()``; ``run()`` serves it, apart from the node's other endpoints.
+        ``concurrency``: how many tasks run at once (threads, or tasks of the loop for
+        coroutine functions on an asyncio node), started in the order received. Returning
+        acknowledges the task (the value goes back to the submitter); raising an Exception
+        fails this attempt (logged here; it is retried with backoff, then dead-lettered);
+        raising SystemExit or KeyboardInterrupt acknowledges nothing and makes ``run()`` close
+        the node (the task goes to another worker) and raise it. ``prefetch``: how many tasks
+        each producer may have here at once (default ``TaskConfig.prefetch``, and at least
+        ``concurrency``). ``allow`` (secured nodes): only these public keys may submit here.
+        Delivery is at least once: :func:`zmqfabric.current_task` gives the task's id and
+        idempotency key. Raises LocalProtocolError as :meth:`reply` does.
         """
-        return self._tasks.register(name, prefetch, allow)
+        register = self._tasks.register(name, prefetch, allow, check_concurrency(concurrency))
+
+        def checked(handler: F) -> F:
+            self._check_handler(handler, f"task {name!r}")
+            return register(handler)
+
+        return checked
+
+    def _check_handler(self, handler: object, what: str) -> None:
+        if not callable(handler):
+            raise LocalProtocolError(f"{what}: the handler must be callable")
+        if not self._ASYNC and is_coroutine_handler(handler):  # type: ignore[arg-type]
+            raise LocalProtocolError(f"{what}: zmqfabric.Node calls plain functions; serve a "
+                                     "coroutine function from a zmqfabric.aio.Node")
 
     def task_stats(self) -> dict[str, Any]:
         """This node's task counters, as in its control ``stats`` answer under ``"tasks"``:
         ``{"submit": {name: {queued, in_flight, done, retried, redelivered, dead, late,
-        workers}}, "serve": {name: {handled, failed, prefetch, undeliverable}}}``. Thread-safe."""
+        workers}}, "serve": {name: {handled, failed, prefetch, undeliverable, slots, busy,
+        hung}}}``. ``hung``: slots busy on one task for longer than ``TaskConfig.deadline_s``.
+        Thread-safe."""
         return self._tasks.stats()
+
+    def service_stats(self) -> dict[str, dict[str, int]]:
+        """This node's services, as in its control ``stats`` answer under ``"services"``:
+        ``{name: {handled, failed, slots, busy, hung}}``; ``hung``: slots busy on one request
+        for longer than the request timeout. Thread-safe."""
+        return {name: svc.stats() for name, svc in list(self._services.items())}
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -207,8 +257,30 @@ class NodeBase:
         log.info("node %s started at %s (id %s)", self.name, self.config.scope.address,
                  self.node_id)
 
-    def _open_services(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def _open_services(self) -> None:
+        for service, handler in self._handlers.items():
+            self._services[service] = ServiceEndpoint(
+                self.runtime, service, handler, self._service_allow.get(service),
+                self._service_concurrency[service])
+        if self._services:
+            self.runtime.add_stats_source("services", self.service_stats)
+
+    # --- serving (the shells' run()) ---------------------------------------------------------
+
+    def _served(self) -> list[Served]:
+        """Every endpoint whose handler ``run()`` calls: services, then task queues."""
+        return [*self._services.values(), *self._tasks.endpoints()]
+
+    def _watch_slots(self, now: float) -> None:
+        """Log hung handler slots (the thread of ``run()``, or the loop)."""
+        for ep in self._served():
+            ep.slots.watch(ep, now)
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        """A handler raised ``exc`` (not an Exception): ``run()`` stops, closes the node and
+        raises it. The first one wins. Call from the thread of ``run()`` (or the loop)."""
+        if self._fatal is None:
+            self._fatal = exc
 
     def _close(self) -> None:
         if self._begin_close():

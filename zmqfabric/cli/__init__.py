@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any, NoReturn, Sequence
 
@@ -138,8 +139,17 @@ for _command in (demo_cmd, device_cmd, keys_group, ls_cmd, ping_cmd, pub_cmd, pu
 
 
 class _LogFormatter(logging.Formatter):
+    """``2024-05-01 12:00:00.123 error: message``, then the traceback of a logged exception.
+    Every line goes through ``printable``: log text may quote what a peer sent."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {printable(record.getMessage())}"
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        line = (f"{stamp}.{int(record.msecs):03d} {record.levelname.lower()}: "
+                f"{printable(record.getMessage())}")
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+            line += "".join(f"\n{printable(part)}" for part in trace.splitlines())
+        return line
 
 
 class _QuietLibraryWarnings(logging.Filter):

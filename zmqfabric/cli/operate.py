@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import click
@@ -31,8 +32,11 @@ from .output import (
     scope_text,
     warn,
 )
+from .replicas import replica_names, run_replicas
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)
+#: Most processes of one `run --replicas`: one per core is the point; more is a typo.
+MAX_REPLICAS = 64
 
 
 def plain_lan_warning(scope: Scope) -> str:
@@ -57,6 +61,18 @@ def serve_until_stopped(node: Node) -> int | None:
     return stopped_by[0] if stopped_by else None
 
 
+def _stop_at_eof(node: Node | aio.Node) -> None:
+    """Read stdin to its end (the parent closed it, or died), then stop ``node``. Reads the
+    file descriptor itself: a daemon thread blocked in ``sys.stdin``'s buffered reader holds a
+    lock that the interpreter's shutdown would wait for."""
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    node.stop()
+
+
 def _exit_for(signum: int | None) -> int:
     return ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.OK
 
@@ -68,16 +84,36 @@ def _exit_for(signum: int | None) -> int:
 @click.argument("target", metavar="MODULE:ATTR", type=ModuleAttr())
 @click.option("--name", "run_name", type=NodeName(),
               help="Node name: ATTR must then be a function make(name) -> Node.")
+@click.option("--replicas", type=click.IntRange(1, MAX_REPLICAS), default=1, show_default=True,
+              metavar="N", help="Run N processes of the function ATTR, named NAME-1 .. NAME-N "
+                                "(handlers that need more than one core).")
+@click.option("--stop-on-stdin-eof", "stdin_eof", is_flag=True, hidden=True,
+              help="Stop when stdin closes (a replica whose parent is gone).")
 @common
 @pass_config
-def run_cmd(cfg: CliConfig, target: tuple[str, str], run_name: str | None) -> int:
+def run_cmd(cfg: CliConfig, target: tuple[str, str], run_name: str | None, replicas: int,
+            stdin_eof: bool) -> int:
     """Serve the node MODULE:ATTR until Ctrl-C or SIGTERM.
 
     ATTR is a zmqfabric Node, or a function returning one; with --name it is called as
     ATTR(name=NAME), so one definition runs as several named instances. A function that takes
     parameters named scope, config (a NodeConfig with --peer and --control-port) or keys (the
-    --keys directory) gets them. Prints a `ready` line once the node is on the fabric."""
+    --keys directory) gets them. Prints a `ready` line once the node is on the fabric.
+
+    With --replicas N, runs N such processes named NAME-1 .. NAME-N; Ctrl-C or SIGTERM stops
+    them all, and a replica that exits by itself is reported (the first non-zero exit code is
+    the command's). A handler that raises SystemExit makes its node leave the fabric and the
+    process exit with that code."""
+    if replicas > 1:
+        names = replica_names(run_name or cfg.name, replicas)
+        if isinstance(resolve_target(target), (Node, aio.Node)):
+            raise BadInput(f"--replicas needs a function {target[1]}(name: str) -> Node, not a "
+                           "node: each replica makes its own")
+        return run_replicas(cfg, f"{target[0]}:{target[1]}", names)
     node = _load_node(target, run_name or cfg.name, cfg)
+    if stdin_eof:
+        threading.Thread(target=_stop_at_eof, args=(node,), name="cli-stdin-watch",
+                         daemon=True).start()  # daemon: a blocking read nothing can interrupt
     if node.config.scope != cfg.scope:
         note(f"node {node.name!r} sets its own scope {scope_text(node.config.scope)}")
     if not node.config.scope.is_local and node.config.keys is None:
@@ -129,14 +165,12 @@ def _announce(cfg: CliConfig, node: Node | aio.Node, event: str) -> None:
         click.echo(f"{event}: node {node.name}")
 
 
-def _load_node(target: tuple[str, str], name: str | None, cfg: CliConfig) -> Node | aio.Node:
+def resolve_target(target: tuple[str, str]) -> Any:
+    """Import MODULE (from the current directory too, like ``python -m``) and return ATTR.
+    Raises BadInput."""
     module_name, attr = target
-    spec = f"{module_name}:{attr}"
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory
-    if cfg.scope.interface is not None:
-        os.environ[INTERFACE_ENV] = cfg.scope.interface  # nodes made with the default scope follow
-    os.environ[FABRIC_ENV] = cfg.fabric  # and nodes made without a fabric join --fabric's
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -147,6 +181,16 @@ def _load_node(target: tuple[str, str], name: str | None, cfg: CliConfig) -> Nod
         if not hasattr(obj, part):
             raise BadInput(f"module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    return obj
+
+
+def _load_node(target: tuple[str, str], name: str | None, cfg: CliConfig) -> Node | aio.Node:
+    module_name, attr = target
+    spec = f"{module_name}:{attr}"
+    if cfg.scope.interface is not None:
+        os.environ[INTERFACE_ENV] = cfg.scope.interface  # nodes made with the default scope follow
+    os.environ[FABRIC_ENV] = cfg.fabric  # and nodes made without a fabric join --fabric's
+    obj = resolve_target(target)
     if isinstance(obj, (Node, aio.Node)):
         if name is not None and name != obj.name:
             raise BadInput(f"{spec} is the node {obj.name!r}; to run it under other names make "

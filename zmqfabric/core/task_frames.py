@@ -11,9 +11,13 @@ is the sender's choice and receivers ignore it. Bodies:
 
 * kind 8 credit. A producer opens each connection (and each reconnection) with a credit
   message whose body is a map (workers ignore its content; zmqfabric sends
-  ``{"from": node name}``). The worker answers with body ``{"credit": N}``, ``N`` an
-  integer from 1 to 65535: how many tasks this producer may have at the worker at once
-  (sent and not yet answered by a result). A later credit message replaces the window.
+  ``{"from": node name}``). The worker answers with body ``{"credit": N, "slots": S}``,
+  ``N`` an integer from 1 to 65535: how many tasks this producer may have at the worker at
+  once (sent and not yet answered by a result); ``S`` an integer from 1 to 65535: the worker
+  runs at most ``slots`` tasks at once, taking them in the order received; a producer may
+  assume that only the oldest ``slots`` unanswered deliveries can have started. A worker
+  that omits ``slots`` runs one task at a time (``S`` = 1). A later credit message replaces
+  the window.
 * kind 6 tasks, producer to worker: an array of 1 to 65535 tasks, each
   ``[task_id, attempt, payload, key]``. ``task_id``: a string of 1 to 128 characters, unique
   per task and the same on every delivery of it. ``attempt``: an integer from 1, one more on
@@ -24,8 +28,9 @@ is the sender's choice and receivers ignore it. Bodies:
   is the handler's return value; ``ok`` false: the handler raised and ``value`` is
   ``{"type": str, "message": str}``. Each result gives one unit of credit back.
 
-A worker runs the tasks of a connection in the order received and sends each result
-promptly (zmqfabric batches the results of fast handlers for at most 10 ms). A task is done
+A worker starts the tasks of a connection in the order received, at most ``slots`` at once,
+and sends each result promptly (zmqfabric batches the results of fast handlers for at most
+10 ms); results of tasks that ran at once may come back in any order. A task is done
 when an ok result for it reaches its producer; the producer then drops any other result of
 it. The producer gives a task to another worker (a new delivery, ``attempt`` + 1) when its
 worker's connection drops or its worker spends longer than the task's deadline on one
@@ -83,11 +88,13 @@ def pack_results(results: list[list[Any]]) -> bytes:
         return msgpack.packb(fixed)
 
 
-def pack_credit(credit: int) -> bytes:
-    """The body of a worker's credit message. Raises LocalProtocolError out of 1..65535."""
-    if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
-        raise LocalProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")
-    return msgpack.packb({"credit": credit})
+def pack_credit(credit: int, slots: int = 1) -> bytes:
+    """The body of a worker's credit message: its window and how many tasks it runs at once.
+    Raises LocalProtocolError for either out of 1..65535."""
+    for what, value in (("credit", credit), ("slots", slots)):
+        if type(value) is not int or not 1 <= value <= MAX_TASK_CREDIT:
+            raise LocalProtocolError(f"{what} must be an integer from 1 to {MAX_TASK_CREDIT}")
+    return msgpack.packb({"credit": credit, "slots": slots})
 
 
 def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:

@@ -1,17 +1,17 @@
-"""Request/reply: services (ROUTER, bound and advertised) and requesters (ROUTER, connected to
-every provider, load-balanced round robin; replies matched by message id, so a late answer to an
-abandoned attempt is dropped rather than returned to the wrong call)."""
+"""Request/reply, the callers' side: requesters (ROUTER, connected to every provider,
+load-balanced round robin; replies matched by message id, so a late answer to an abandoned attempt
+is dropped rather than returned to the wrong call). Services are in
+:mod:`zmqfabric.patterns.service`."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import inspect
 import itertools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 import zmq
@@ -22,7 +22,6 @@ from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import (
     AuthorizationError,
-    LocalProtocolError,
     NoProviderError,
     RemoteError,
     RemoteProtocolError,
@@ -39,14 +38,13 @@ from ..transport.frames import (
 )
 from ..transport.sockets import sync_view
 from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector
+from .base import SyncConnector
 from .encoder import BINARY
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
-Handler = Callable[[Any], Any]
 
 # Hot path (see wire's canonical header): pre-packed header prefixes.
 _REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
@@ -66,113 +64,6 @@ def _encode(
     except wire.PACK_ERRORS as exc:
         raise wire.unencodable(exc) from exc
     return pack_canonical(prefix, msg_id, FLOAT64, time.time()), data, True
-
-
-class ServiceEndpoint(Bound):
-    """One reply service: a bound ROUTER and its handler. Served by the node's serve loop."""
-
-    kind = EndpointKind.REPLY
-    noun = "service"
-
-    def __init__(
-        self, runtime: NodeRuntime, name: str, handler: Handler, allow: Iterable[str] | None = None
-    ) -> None:
-        super().__init__(runtime, name, zmq.ROUTER, allow)
-        self.handler = handler
-        self.socket = self._sock
-        self._reply_sock = sync_view(self._sock)
-        self._pack = msgpack.Packer().pack  # one Packer per handle: packb builds one per call
-        self._advertise()
-
-    def _request(self, frames: list[bytes]) -> tuple[list[bytes], int, Any] | None:
-        """(route, msg_id, body) of a request, or None when it was refused (see ``parse``)."""
-        # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
-        if len(frames) == 4 and not frames[1]:
-            head = frames[2]
-            if (len(head) == HEADER_SIZE and head.startswith(_REQUEST)
-                    and head[FLOAT64_AT] == FLOAT64):
-                try:
-                    return frames[:2], unpack_canonical(head)[1], wire.unpack_body(frames[3])
-                except RemoteProtocolError:
-                    pass  # parse() below refuses it, counts it and answers with an error
-        parsed = self.parse(frames)
-        if parsed is None:
-            return None
-        route, header, body = parsed
-        return route, header.msg_id, body
-
-    def parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Header, Any] | None:
-        """Split and decode a request. Malformed input is counted and, when the route is
-        readable, answered with an error reply (repeating the request's id if its header is
-        readable); returns None then."""
-        try:
-            route, payload = wire.split_route(frames)
-        except RemoteProtocolError as exc:
-            self._refused("request", exc)
-            return None
-        try:
-            header, body = wire.parse_request(payload)
-        except RemoteProtocolError as exc:
-            self._refused("request", exc)
-            try:
-                msg_id = wire.unpack_header(payload[0]).msg_id if payload else 0
-            except RemoteProtocolError:
-                msg_id = 0
-            self.reply_error(route, msg_id, exc, refused=True)
-            return None
-        return route, header, body
-
-    def serve(self, frames: list[bytes]) -> None:
-        """Answer one request with the (sync) handler. Never raises for bad input."""
-        request = self._request(frames)
-        if request is None:
-            return
-        route, msg_id, body = request
-        try:
-            result = self.handler(body)
-        except Exception as exc:
-            log.debug("service %s handler raised", self.name, exc_info=True)
-            self.reply_error(route, msg_id, exc)
-        else:
-            self.reply(route, msg_id, result)
-
-    async def serve_async(self, frames: list[bytes]) -> None:
-        """Answer one request; the handler may be a coroutine function."""
-        request = self._request(frames)
-        if request is None:
-            return
-        route, msg_id, body = request
-        try:
-            result = self.handler(body)
-            if inspect.isawaitable(result):
-                result = await result
-        except Exception as exc:
-            log.debug("service %s handler raised", self.name, exc_info=True)
-            self.reply_error(route, msg_id, exc)
-        else:
-            self.reply(route, msg_id, result)
-
-    def reply(self, route: list[bytes], msg_id: int, result: Any) -> None:
-        try:
-            header, body, copy = _encode(self._pack, wire.Kind.REPLY, _REPLY, msg_id, result)
-        except LocalProtocolError as exc:
-            self.reply_error(route, msg_id, exc)
-            return
-        self._send(route + [header, body], copy)
-
-    def reply_error(
-        self, route: list[bytes], msg_id: int, exc: BaseException, refused: bool = False
-    ) -> None:
-        self._rt.counters.add("refused_request_replies" if refused else "handler_errors")
-        header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())
-        self._send(route + [header, wire.pack_body(wire.error_body(exc))])
-
-    def _send(self, frames: list[Any], copy: bool = True) -> None:
-        try:
-            send_frames(self._reply_sock, frames, NOBLOCK, copy)
-            self._rt.counters.add("replies_sent")
-        except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
-            self._rt.counters.add("replies_undeliverable")
 
 
 class _RequesterBase:

@@ -56,7 +56,9 @@ class NodeTasks:
     def __init__(self, node: NodeRuntime, config: TaskConfig) -> None:
         self._node = node
         self.config = config
-        self._handlers: dict[str, tuple[Callable[[Any], Any], int, tuple[str, ...] | None]] = {}
+        #: name -> (handler, prefetch, allow, concurrency)
+        self._handlers: dict[str, tuple[Callable[[Any], Any], int, tuple[str, ...] | None,
+                                        int]] = {}
         self._endpoints: dict[str, TaskEndpoint] = {}
         self._dispatcher: Dispatcher | None = None
         self._start_lock = threading.Lock()
@@ -75,10 +77,13 @@ class NodeTasks:
     # --- workers -------------------------------------------------------------------------------
 
     def register(
-        self, name: str, prefetch: int | None, allow: Iterable[str] | None = None
+        self, name: str, prefetch: int | None, allow: Iterable[str] | None = None,
+        concurrency: int = 1,
     ) -> Callable[[F], F]:
         validate_task_name(name)
-        prefetch = check_prefetch(self.config.prefetch if prefetch is None else prefetch)
+        # The default window keeps every slot busy: at least one task per slot.
+        default = max(self.config.prefetch, concurrency)
+        prefetch = check_prefetch(default if prefetch is None else prefetch)
         allowed = None if allow is None else tuple(allow)
 
         def register(handler: F) -> F:
@@ -86,7 +91,7 @@ class NodeTasks:
                 raise LocalProtocolError(f"node {self._node.name!r} already serves task {name!r}")
             if self._endpoints or self._closed or self._node.state is not NodeState.NEW:
                 raise LocalProtocolError("register tasks before the node starts")
-            self._handlers[name] = (handler, prefetch, allowed)
+            self._handlers[name] = (handler, prefetch, allowed, concurrency)
             return handler
 
         return register
@@ -94,8 +99,9 @@ class NodeTasks:
     def open(self) -> None:
         """Bind the workers' endpoints; with a journal, start the dispatcher (it resends what
         the journal holds). Raises JournalError."""
-        for name, (handler, prefetch, allow) in self._handlers.items():
-            self._endpoints[name] = TaskEndpoint(self._node, name, handler, prefetch, allow)
+        for name, (handler, prefetch, allow, concurrency) in self._handlers.items():
+            self._endpoints[name] = TaskEndpoint(self._node, name, handler, prefetch, allow,
+                                                 concurrency, self.config.deadline_s)
         if self.config.journal is not None:
             self._start_dispatcher()
 

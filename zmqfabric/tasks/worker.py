@@ -1,11 +1,14 @@
-"""Reliable tasks, the worker side: a bound ROUTER per task name, served by the node's serve loop.
+"""Reliable tasks, the worker side: a bound ROUTER per task name, served by the node's ``run()``.
 
 A producer's dispatcher connects a DEALER to each worker and opens with a credit request; the
-worker answers with its prefetch (how many tasks that producer may have here at once). Task
-batches then arrive within that window; the worker runs the handler of each task in order and
-sends the results back, batching those of fast handlers for at most TASK_RESULT_FLUSH_S. A
-result is the acknowledgement: a task is done when its handler has returned and the producer has
-the result. The wire format is specified in :mod:`zmqfabric.core.wire`.
+worker answers with its prefetch (how many tasks that producer may have here at once) and its
+slots (how many run at once: ``concurrency``). Task batches then arrive within that window; the
+worker starts them in the order received, at most ``slots`` at a time, and sends the results
+back, batching those of fast handlers for at most TASK_RESULT_FLUSH_S. A result is the
+acknowledgement: a task is done when its handler has returned and the producer has the result. A
+handler that raises a BaseException other than Exception (``SystemExit``) sends no result: the
+node leaves, and the producer gives the task to another worker. The wire format is specified in
+:mod:`zmqfabric.core.task_frames`.
 
 Inside a handler, :func:`current_task` tells which task (id, attempt, idempotency key) is running,
 so that handlers can drop repeats: delivery is at least once.
@@ -14,26 +17,27 @@ so that handlers can drop repeats: delivery is at least once.
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import zmq
 
-from ..constants import TASK_RESULT_FLUSH_S
+from ..constants import TASK_DEADLINE_S, TASK_RESULT_FLUSH_S
 from ..core import task_frames, wire
 from ..core.records import EndpointKind
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..patterns.base import Bound
+from ..patterns.handlers import FATAL, OK, Handler, Job, SlotBoard, Status
 from ..transport.sockets import sync_view
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
-Handler = Callable[[Any], Any]
+#: A result this long in the making is sent at once, with those waiting for its producer.
+_SLOW_S = TASK_RESULT_FLUSH_S / 10
 
 #: (task name, wire item [task_id, attempt, payload, key]) of the task being handled.
 _CURRENT: contextvars.ContextVar[tuple[str, list[Any]]] = contextvars.ContextVar("zmqfabric_task")
@@ -60,9 +64,12 @@ def current_task() -> TaskInfo:
 
 
 class TaskEndpoint(Bound):
-    """One task name served by this node: a bound ROUTER, its handler and its prefetch.
+    """One task name served by this node: a bound ROUTER, its handler, its prefetch and its
+    ``concurrency`` handler slots.
 
-    Served by the node's serve loop (``run()``); ``serve``/``serve_async`` take one message."""
+    A :class:`~zmqfabric.patterns.handlers.Served` endpoint: ``accept``, ``done`` and ``flush``
+    belong to the socket's owner, ``enter``/``leave`` to the slot running the handler; ``stats``
+    is thread-safe."""
 
     kind = EndpointKind.TASK
     noun = "task"
@@ -74,102 +81,84 @@ class TaskEndpoint(Bound):
         handler: Handler,
         prefetch: int,
         allow: Iterable[str] | None = None,
+        concurrency: int = 1,
+        hung_after_s: float = TASK_DEADLINE_S,
     ) -> None:
         super().__init__(node, name, zmq.ROUTER, allow)
         self.handler = handler
         self.prefetch = prefetch
+        self.concurrency = concurrency
+        #: A handler slower than the task deadline is hung: its producer has given the task
+        #: to another worker.
+        self.slots = SlotBoard(concurrency, hung_after_s)
         self.socket = self._sock
         self._out = sync_view(self._sock)
-        self._credit = task_frames.pack_credit(prefetch)
+        self._credit = task_frames.pack_credit(prefetch, concurrency)
+        #: Results not sent yet, per producer (its routing id): (route, results, oldest at).
+        self._pending: dict[bytes, tuple[list[bytes], list[list[Any]], float]] = {}
         self.handled = 0
         self.failed = 0
         self.undeliverable = 0
         self._advertise()
 
-    def _parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Kind, Any] | None:
+    # --- Served -------------------------------------------------------------------------------
+
+    def accept(self, frames: list[bytes]) -> list[Job]:
+        """The tasks in ``frames`` as jobs, in order; a credit request is answered here."""
         try:
             if len(frames) == 4 and not frames[1]:  # [identity, "", header, body]: a DEALER
                 route, payload = frames[:2], frames[2:]
             else:
                 route, payload = wire.split_route(frames)
-            kind, body = task_frames.parse_to_worker(payload)
+            kind, items = task_frames.parse_to_worker(payload)
         except RemoteProtocolError as exc:
             self._refused("task", exc)
-            return None
-        return route, kind, body
-
-    def serve(self, frames: list[bytes]) -> None:
-        """Handle one message with the (sync) handler. Never raises for bad input."""
-        parsed = self._parse(frames)
-        if parsed is None:
-            return
-        route, kind, items = parsed
+            return []
         if kind is wire.Kind.CREDIT:
             self._send(route, wire.Kind.CREDIT, self._credit)
-            return
-        handler, name = self.handler, self.name
-        results: list[list[Any]] = []
-        flush_at = 0.0
-        for item in items:
-            started = time.monotonic()
-            token = _CURRENT.set((name, item))
-            try:
-                results.append([item[0], item[1], True, handler(item[2])])
-            except Exception as exc:
-                results.append(self._failure(item, exc))
-            finally:
-                _CURRENT.reset(token)
-            flush_at = self._after_one(route, results, started, flush_at)
-        if results:
-            self._send_results(route, results)
+            return []
+        return [Job(route, item, item[2]) for item in items]
 
-    async def serve_async(self, frames: list[bytes]) -> None:
-        """Handle one message; the handler may be a coroutine function (tasks run one by one)."""
-        parsed = self._parse(frames)
-        if parsed is None:
-            return
-        route, kind, items = parsed
-        if kind is wire.Kind.CREDIT:
-            self._send(route, wire.Kind.CREDIT, self._credit)
-            return
-        handler, name = self.handler, self.name
-        results: list[list[Any]] = []
-        flush_at = 0.0
-        for item in items:
-            started = time.monotonic()
-            token = _CURRENT.set((name, item))
-            try:
-                value = handler(item[2])
-                if inspect.isawaitable(value):
-                    value = await value
-                results.append([item[0], item[1], True, value])
-            except Exception as exc:
-                results.append(self._failure(item, exc))
-            finally:
-                _CURRENT.reset(token)
-            flush_at = self._after_one(route, results, started, flush_at)
-        if results:
-            self._send_results(route, results)
+    def enter(self, job: Job) -> contextvars.Token[tuple[str, list[Any]]]:
+        return _CURRENT.set((self.name, job.ref))
 
-    def _failure(self, item: list[Any], exc: Exception) -> list[Any]:
-        self.failed += 1
-        log.debug("task %s %s (attempt %s) raised", self.name, item[0], item[1], exc_info=True)
-        return [item[0], item[1], False, wire.error_body(exc)]
+    def leave(self, token: contextvars.Token[tuple[str, list[Any]]]) -> None:
+        _CURRENT.reset(token)
 
-    def _after_one(
-        self, route: list[bytes], results: list[list[Any]], started: float, flush_at: float
-    ) -> float:
-        """Send the results so far when a handler was slow or the oldest waited long enough;
-        returns the new flush time (0: nothing waiting)."""
+    def done(self, job: Job, status: Status, value: Any) -> None:
+        """Queue the task's result for its producer; sent at once when the handler was slow or
+        the oldest result waiting has waited TASK_RESULT_FLUSH_S, else at the next ``flush``.
+        FATAL sends nothing: the task goes to another worker."""
+        if status is FATAL:
+            return
+        item = job.ref
         self.handled += 1
+        if status is OK:
+            result = [item[0], item[1], True, value]
+        else:
+            self.failed += 1
+            result = [item[0], item[1], False, wire.error_body(value)]
+        key = job.route[0]
         now = time.monotonic()
-        if not flush_at:
-            flush_at = started + TASK_RESULT_FLUSH_S
-        if now >= flush_at or now - started >= TASK_RESULT_FLUSH_S / 10:
-            self._send_results(route, results)
-            results.clear()
-            return 0.0
-        return flush_at
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = (job.route, [], now)
+        pending[1].append(result)
+        if now - job.started >= _SLOW_S or now - pending[2] >= TASK_RESULT_FLUSH_S:
+            del self._pending[key]
+            self._send_results(job.route, pending[1])
+
+    def flush(self) -> None:
+        """Send every result waiting."""
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for route, results, _ in pending.values():
+                self._send_results(route, results)
+
+    def describe(self, job: Job) -> str:
+        return f" on task {job.ref[0]} (attempt {job.ref[1]})"
+
+    # --- sending -------------------------------------------------------------------------------
 
     def _send_results(self, route: list[bytes], results: list[list[Any]]) -> None:
         self._send(route, wire.Kind.RESULT, task_frames.pack_results(results))
@@ -184,5 +173,6 @@ class TaskEndpoint(Bound):
             self._rt.counters.add("task_results_undeliverable")
 
     def stats(self) -> dict[str, int]:
+        """Counters and slots (``slots``, ``busy``, ``hung``). Thread-safe."""
         return {"handled": self.handled, "failed": self.failed, "prefetch": self.prefetch,
-                "undeliverable": self.undeliverable}
+                "undeliverable": self.undeliverable, **self.slots.stats()}

@@ -1,0 +1,289 @@
+"""The two drivers of a :class:`~zmqfabric.patterns.handlers.Served` endpoint: a thread of its
+own (sync node) and a task of the loop (asyncio node). Both do the same, only waiting differs:
+
+1. receive a message while fewer than ``concurrency`` jobs wait for a slot (beyond that, requests
+   stay queued in ZeroMQ, bounded by its high-water mark), and ``accept`` it into jobs;
+2. hand each job to a slot, in order: inline (sync node, ``concurrency=1``, a plain function:
+   the owner calls the handler itself; the hot path), a :class:`ThreadSlots` pool (plain
+   functions otherwise), or coroutines of the loop (coroutine functions on an asyncio node);
+3. take each outcome in the owner (``done``) and ``flush`` what is batched once the outcomes
+   that arrived together are in;
+4. on a FATAL outcome (a handler raised SystemExit...), stop taking jobs and call ``on_fatal``;
+5. on ``stop``, drop the jobs not started, let the running ones finish for at most
+   THREAD_JOIN_TIMEOUT_S (their outcomes are still sent), then end.
+
+A driver owns its endpoint's socket while it runs; the node starts drivers in ``run()`` and
+stops them before ``run()`` returns, so that the socket is handed back to the node (which closes
+it) only by a thread that has ended. A driver whose handler never returns is left behind (its
+threads are daemons) and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from ..constants import POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
+from ..transport.frames import NOBLOCK, recv_frames
+from ..transport.inbox import Inbox
+from .handlers import FATAL, Job, Served, Status, ThreadSlots, acall, call, is_coroutine_handler
+
+log = logging.getLogger(__name__)
+#: Messages served from the socket before the driver looks at its inbox (fairness).
+_BATCH = 64
+#: An idle driver wakes this often (ms) even if nobody posts (stop is posted; a safety net).
+_IDLE_MS = POLL_INTERVAL_MS * 5
+#: An idle slot thread ends within this (s) of the stop (it only has to wake up and return).
+_END_S = 1.0
+OnFatal = Callable[[BaseException], None]
+
+
+class ThreadDriver:
+    """Serves one endpoint of a sync node in a thread of its own, which owns the socket.
+
+    ``start``/``stop``/``join`` belong to the node's ``run()`` thread; ``stop`` is thread-safe.
+    ``on_fatal(exc)`` is called in the driver's thread."""
+
+    def __init__(self, ep: Served, node_name: str, on_fatal: OnFatal) -> None:
+        self._ep = ep
+        self._on_fatal = on_fatal
+        self._inbox = Inbox()
+        self._stopping = False
+        label = f"zmqfabric-{ep.noun.replace(' ', '-')}-{node_name}-{ep.name}"
+        self._pool = (None if ep.concurrency == 1
+                      else ThreadSlots(ep, self._deliver_from_slot, label))
+        # A daemon only because an inline handler that never returns must not keep the process
+        # alive; stop() and join() are the shutdown plan.
+        self._thread = threading.Thread(target=self._run, name=label, daemon=True)
+
+    def start(self) -> None:
+        self._inbox.open()
+        if self._pool is not None:
+            self._pool.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the driver to end (see the module docstring). Thread-safe; idempotent."""
+        self._inbox.post(self._halt)
+
+    def join(self, deadline: float) -> bool:
+        """Wait for the driver's thread, at most until ``deadline`` (monotonic); False, logged,
+        if a handler still runs then (the thread is left behind)."""
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.error("%s %s: a handler did not return within %s s of the stop; left running",
+                      self._ep.noun, self._ep.name, THREAD_JOIN_TIMEOUT_S)
+            return False
+        self._inbox.close()
+        return True
+
+    # --- the driver's thread ------------------------------------------------------------------
+
+    def _halt(self) -> None:
+        self._stopping = True
+
+    def _deliver_from_slot(self, job: Job, status: Status, value: Any) -> None:
+        self._inbox.post(self._deliver, job, status, value)  # a slot's thread: hand it over
+
+    def _deliver(self, job: Job, status: Status, value: Any) -> None:
+        self._ep.done(job, status, value)
+        if status is FATAL:
+            self._fatal(value)
+
+    def _fatal(self, exc: BaseException) -> None:
+        self._stopping = True
+        self._on_fatal(exc)
+
+    def _run(self) -> None:
+        ep = self._ep
+        try:
+            self._serve()
+            self._drain()
+        except zmq.ZMQError as exc:  # the socket was closed under a driver left behind
+            log.debug("%s %s: driver ended: %s", ep.noun, ep.name, exc)
+        except BaseException as exc:  # a bug here must not go unnoticed
+            log.exception("%s %s: the driver failed", ep.noun, ep.name)
+            self._on_fatal(exc)
+
+    def _serve(self) -> None:
+        ep, inbox, pool = self._ep, self._inbox, self._pool
+        sock = ep.socket
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(inbox.fd, zmq.POLLIN)
+        reading = True
+        while not self._stopping:
+            events = inbox.poll(poller, _IDLE_MS)
+            if inbox.pending:
+                inbox.run_pending()
+            if reading and sock in events and not self._stopping:
+                if pool is None:
+                    self._read_inline(sock)
+                else:
+                    self._read_into(sock, pool)
+            ep.flush()
+            if pool is not None and reading != (pool.waiting < ep.concurrency):
+                reading = not reading  # full: requests wait in ZeroMQ's queue until a slot frees
+                poller.modify(sock, zmq.POLLIN if reading else 0)
+
+    def _read_inline(self, sock: zmq.Socket[Any]) -> None:
+        # The poll said readable, so the first receive succeeds; after each message, the socket's
+        # EVENTS tells whether another waits (cheaper than a receive that raises zmq.Again).
+        ep = self._ep
+        for _ in range(_BATCH):
+            try:
+                frames = recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                return
+            for job in ep.accept(frames):
+                status, value = call(ep, job, 0)
+                ep.done(job, status, value)
+                if status is FATAL:
+                    self._fatal(value)
+                    return  # the rest of a task batch is not acknowledged: it goes elsewhere
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+
+    def _read_into(self, sock: zmq.Socket[Any], pool: ThreadSlots) -> None:
+        ep = self._ep
+        limit = ep.concurrency
+        for _ in range(_BATCH):
+            if pool.waiting >= limit:
+                return
+            try:
+                frames = recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                return
+            for job in ep.accept(frames):
+                pool.submit(job)
+
+    def _drain(self) -> None:
+        """After a stop: drop the jobs not started, send the outcomes of the running ones."""
+        pool, inbox, ep = self._pool, self._inbox, self._ep
+        if pool is not None:
+            pool.stop()
+            deadline = time.monotonic() + THREAD_JOIN_TIMEOUT_S
+            poller = zmq.Poller()
+            poller.register(inbox.fd, zmq.POLLIN)
+            while ep.slots.busy() and (left := deadline - time.monotonic()) > 0:
+                inbox.poll(poller, max(1, int(left * 1000)))
+                inbox.run_pending()
+            joined = pool.join(deadline)  # a slot posts its outcome before it ends
+            inbox.run_pending()
+            if not joined:
+                log.error("%s %s: %d handler(s) did not return within %s s of the stop; left "
+                          "running", ep.noun, ep.name, ep.slots.busy(), THREAD_JOIN_TIMEOUT_S)
+        ep.flush()
+
+
+class LoopDriver:
+    """Serves one endpoint of an asyncio node in the loop that owns the socket.
+
+    ``start``, ``stop`` and ``on_fatal(exc)`` run in the loop."""
+
+    def __init__(self, ep: Served, node_name: str, on_fatal: OnFatal) -> None:
+        self._ep = ep
+        self._on_fatal = on_fatal
+        self._loop = asyncio.get_running_loop()
+        self._coroutines = is_coroutine_handler(ep.handler)
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=ep.concurrency)
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._flush_soon = False
+        self._stopping = False
+        self._pool = (None if self._coroutines else ThreadSlots(
+            ep, self._deliver_from_slot, f"zmqfabric-{ep.noun.replace(' ', '-')}-{node_name}-"
+            f"{ep.name}"))
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        if self._pool is not None:
+            self._pool.start()
+        else:
+            self._tasks = [asyncio.create_task(self._work(slot))
+                           for slot in range(self._ep.concurrency)]
+        self._tasks.append(asyncio.create_task(self._receive()))
+
+    async def stop(self) -> None:
+        """Stop receiving, drop the jobs not started, wait (bounded) for the running ones and
+        send their outcomes; coroutine handlers still running then are cancelled."""
+        self._stopping = True
+        receiver = self._tasks.pop()
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        if self._pool is not None:
+            self._pool.stop()
+        deadline = time.monotonic() + THREAD_JOIN_TIMEOUT_S
+        while self._ep.slots.busy() and (left := deadline - time.monotonic()) > 0:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pool is not None:
+            # Idle slot threads end at once; a hung one is left behind without waiting more.
+            joined = not self._ep.slots.busy() and await asyncio.to_thread(
+                self._pool.join, time.monotonic() + _END_S)
+            await asyncio.sleep(0)  # the outcomes the slots posted before they ended
+            if not joined:
+                log.error("%s %s: %d handler(s) did not return within %s s of the stop; left "
+                          "running", self._ep.noun, self._ep.name, self._ep.slots.busy(),
+                          THREAD_JOIN_TIMEOUT_S)
+        self._ep.flush()
+
+    async def _receive(self) -> None:
+        ep, queue, pool = self._ep, self._queue, self._pool
+        sock = ep.socket
+        limit = ep.concurrency
+        while True:
+            if pool is not None:
+                while pool.waiting >= limit:
+                    self._room.clear()
+                    await self._room.wait()
+            frames = await sock.recv_multipart()
+            for job in ep.accept(frames):
+                if pool is not None:
+                    pool.submit(job)
+                else:
+                    await queue.put(job)  # waits while `concurrency` jobs wait for a slot
+            if self._stopping:
+                return
+
+    async def _work(self, slot: int) -> None:
+        queue, ep = self._queue, self._ep
+        while True:
+            job = await queue.get()
+            if self._stopping:
+                continue  # after a FATAL outcome: not started, so it goes elsewhere
+            status, value = await acall(ep, job, slot)
+            self._deliver(job, status, value)
+
+    def _deliver_from_slot(self, job: Job, status: Status, value: Any) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, job, status, value)  # raises once closed
+
+    def _deliver(self, job: Job, status: Status, value: Any) -> None:
+        ep = self._ep
+        ep.done(job, status, value)
+        self._room.set()
+        if not ep.slots.busy():
+            self._idle.set()
+        if not self._flush_soon:  # once the outcomes that arrived together are in
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+        if status is FATAL and not self._stopping:
+            self._stopping = True
+            self._on_fatal(value)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        self._ep.flush()

@@ -1,0 +1,175 @@
+"""Reply services: a bound ROUTER whose handler answers each request (the caller's side is
+:mod:`zmqfabric.patterns.reqrep`).
+
+A service is :class:`~zmqfabric.patterns.handlers.Served`: its owner (a thread of its own on a
+sync node, the loop on an asyncio node; see :mod:`zmqfabric.patterns.drivers`) receives and
+decodes requests (``accept``), a slot calls the handler, and the owner sends the reply
+(``done``). Requests are answered in any order when ``concurrency`` > 1; each reply repeats its
+request's message id, so callers match them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Iterable
+
+import msgpack
+import zmq
+
+from ..constants import ZERO_COPY_THRESHOLD
+from ..core import wire
+from ..core.records import EndpointKind
+from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
+from ..errors import RemoteProtocolError
+from ..stats import RateLimitedLog
+from ..transport.frames import NOBLOCK, send_frames
+from ..transport.sockets import sync_view
+from .base import Bound
+from .encoder import BINARY
+from .handlers import OK, Handler, Job, SlotBoard, Status
+
+if TYPE_CHECKING:
+    from ..runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+_rlog = RateLimitedLog(log)
+
+# Hot path (see wire's canonical header): pre-packed header prefixes.
+_REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
+_REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
+
+
+class ServiceEndpoint(Bound):
+    """One reply service: a bound ROUTER, its handler and its ``concurrency`` handler slots.
+
+    ``accept``, ``done``, ``reply`` and ``reply_error`` belong to the socket's owner; ``stats``
+    is thread-safe."""
+
+    kind = EndpointKind.REPLY
+    noun = "service"
+    #: Counter names (the control endpoint counts its own traffic apart: monitoring is not
+    #: service traffic).
+    counter_sent = "replies_sent"
+    counter_failed = "handler_errors"
+    counter_undeliverable = "replies_undeliverable"
+
+    def __init__(
+        self,
+        runtime: NodeRuntime,
+        name: str,
+        handler: Handler,
+        allow: Iterable[str] | None = None,
+        concurrency: int = 1,
+    ) -> None:
+        super().__init__(runtime, name, zmq.ROUTER, allow)
+        self.handler = handler
+        self.concurrency = concurrency
+        #: A handler slower than the request timeout is hung: its caller has given up.
+        self.slots = SlotBoard(concurrency, runtime.config.request_timeout_s)
+        self.socket = self._sock
+        self.handled = 0
+        self.failed = 0
+        self._reply_sock = sync_view(self._sock)
+        self._pack = msgpack.Packer().pack  # one Packer per handle: packb builds one per call
+        self._advertise()
+
+    # --- Served -------------------------------------------------------------------------------
+
+    def accept(self, frames: list[bytes]) -> list[Job]:
+        """The request in ``frames`` as a job, or none when it was refused (see ``parse``)."""
+        # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
+        if len(frames) == 4 and not frames[1]:
+            head = frames[2]
+            if (len(head) == HEADER_SIZE and head.startswith(_REQUEST)
+                    and head[FLOAT64_AT] == FLOAT64):
+                try:
+                    return [Job(frames[:2], unpack_canonical(head)[1],
+                                wire.unpack_body(frames[3]))]
+                except RemoteProtocolError:
+                    pass  # parse() below refuses it, counts it and answers with an error
+        parsed = self.parse(frames)
+        if parsed is None:
+            return []
+        route, header, body = parsed
+        return [Job(route, header.msg_id, body)]
+
+    def enter(self, job: Job) -> None:
+        return None
+
+    def leave(self, token: None) -> None:
+        pass
+
+    def done(self, job: Job, status: Status, value: Any) -> None:
+        """Reply with the handler's value, or with the error it raised (FATAL too: the caller
+        learns at once rather than after its timeout)."""
+        self.handled += 1
+        if status is OK:
+            self.reply(job.route, job.ref, value)
+        else:
+            self.failed += 1
+            self.reply_error(job.route, job.ref, value)
+
+    def flush(self) -> None:
+        pass  # replies leave at once
+
+    def describe(self, job: Job) -> str:
+        return ""
+
+    def stats(self) -> dict[str, int]:
+        return {"handled": self.handled, "failed": self.failed, **self.slots.stats()}
+
+    # --- decoding and replies ------------------------------------------------------------------
+
+    def parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Header, Any] | None:
+        """Split and decode a request. Malformed input is counted and, when the route is
+        readable, answered with an error reply (repeating the request's id if its header is
+        readable); returns None then."""
+        try:
+            route, payload = wire.split_route(frames)
+        except RemoteProtocolError as exc:
+            self._refused("request", exc)
+            return None
+        try:
+            header, body = wire.parse_request(payload)
+        except RemoteProtocolError as exc:
+            self._refused("request", exc)
+            try:
+                msg_id = wire.unpack_header(payload[0]).msg_id if payload else 0
+            except RemoteProtocolError:
+                msg_id = 0
+            self.reply_error(route, msg_id, exc, refused=True)
+            return None
+        return route, header, body
+
+    def reply(self, route: list[bytes], msg_id: int, result: Any) -> None:
+        """Send ``result`` as the reply to ``msg_id``; a result msgpack cannot encode is logged
+        and answered as an error. Never raises for an unreachable caller (counted)."""
+        if isinstance(result, BINARY) and len(result) >= ZERO_COPY_THRESHOLD:
+            header = wire.pack_header(wire.Kind.REPLY, msg_id, time.time(), wire.RAW_HEADERS)
+            self._send(route + [header, result], False)
+            return
+        try:
+            data = self._pack(result)
+        except wire.PACK_ERRORS as exc:
+            error = wire.unencodable(exc)
+            _rlog.warning(f"{self.noun} {self.name}", "%s %s: the handler's result cannot be "
+                          "sent: %s", self.noun, self.name, error)
+            self.reply_error(route, msg_id, error)
+            return
+        self._send(route + [pack_canonical(_REPLY, msg_id, FLOAT64, time.time()), data])
+
+    def reply_error(
+        self, route: list[bytes], msg_id: int, exc: BaseException, refused: bool = False
+    ) -> None:
+        self._rt.counters.add("refused_request_replies" if refused else self.counter_failed)
+        header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())
+        self._send(route + [header, wire.pack_body(wire.error_body(exc))])
+
+    def _send(self, frames: list[Any], copy: bool = True) -> None:
+        try:
+            send_frames(self._reply_sock, frames, NOBLOCK, copy)
+            self._rt.counters.add(self.counter_sent)
+        except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
+            self._rt.counters.add(self.counter_undeliverable)
+
