@@ -324,7 +324,7 @@ def test_pipeline_waits_and_timeouts(name) -> None:
 def test_control_ops_and_directory(name) -> None:
     async def main() -> None:
         async with AioNode(name("a")) as a, AioNode(name("b")) as b:
-            record = await bound(a.wait_for_node_async(b.name, SLOW))
+            record = await bound(a.wait_for_node(b.name, SLOW))
             assert record.name == b.name
             assert (await bound(a.ping(b.name, timeout=SLOW)))["node"] == b.name
             assert a.name in (await bound(b.info(a.name, timeout=SLOW)))["node"]
@@ -393,3 +393,4 @@ def test_close_survives_a_slow_discovery_goodbye(name, monkeypatch) -> None:
         assert node.state.value == "closed"
 
     run(main)
+
