@@ -134,8 +134,8 @@ def mute_control_record(port: int) -> NodeRecord:
 
 
 def test_no_aio_node_api_blocks_the_loop(name) -> None:
-    svc, stream, pipe, late_pipe, task = (
-        name("svc"), name("ticks"), name("jobs"), name("late"), name("work"))
+    svc, stream, pipe, late_pipe, task, own_svc = (
+        name("svc"), name("ticks"), name("jobs"), name("late"), name("work"), name("own"))
     helper = zf.Node(name("helper"))  # sync; the other side of each wait, run from threads
 
     @helper.reply(svc)
@@ -165,6 +165,12 @@ def test_no_aio_node_api_blocks_the_loop(name) -> None:
         probe = Probe(slow)
         a = AioNode(name("a"), tasks=zf.TaskConfig(queue_limit=1))
         b = AioNode(name("b"))
+
+        @b.reply(own_svc)
+        async def served_in_this_loop(body: Any) -> Any:
+            await asyncio.sleep(0)
+            return {"served": body}
+
         try:
             await probe("start", a.start)
             await probe("start", b.start)
@@ -191,8 +197,11 @@ def test_no_aio_node_api_blocks_the_loop(name) -> None:
             await probe("ping (unknown node)", a.ping, name("nobody"), 0.3,
                         raises=zf.NodeNotFoundError, bound=5.0)
 
-            # --- request/reply ---
+            # --- request/reply (the helper's service; b's, served by run() in this loop) ---
             await probe("request", a.request, svc, 21, SLOW, want=21)
+            serving = asyncio.create_task(b.run(handle_signals=False))
+            await probe("request (served here)", a.request, own_svc, 1, SLOW, retries=1,
+                        want={"served": 1})
             requester = await probe("requester", a.requester, svc)
             await probe("requester.request", requester.request, [1, 2], SLOW, want=[1, 2])
             await probe("requester.close", requester.close)
@@ -219,6 +228,8 @@ def test_no_aio_node_api_blocks_the_loop(name) -> None:
             await probe("pusher.send", pusher.send, {"i": 1}, SLOW)
             await probe("puller.recv", puller.recv, SLOW, want={"i": 1})
             await probe("puller.recv (timeout)", puller.recv, 0.1, raises=zf.FabricTimeoutError)
+            await probe("pusher.send", pusher.send, {"i": 2}, SLOW)
+            await probe("async for body in puller", anext, aiter(puller), want={"i": 2})
 
             # --- reliable tasks (queue_limit=1: the second submit waits for the first) ---
             first = await probe("submit", a.submit, task, 1)
@@ -226,6 +237,12 @@ def test_no_aio_node_api_blocks_the_loop(name) -> None:
             await probe("task result", lambda: first, want=2)
             await probe("task result", lambda: second, want=4)
             await probe("wait_tasks", a.wait_tasks, SLOW, want=True)
+            await probe("task_stats", a.task_stats)
+            await probe("refused_peers", a.refused_peers)
+
+            # --- serving ends ---
+            await probe("stop", b.stop)
+            await probe("run ends", lambda: serving)
 
             # --- closing ---
             await probe("close", a.close)
