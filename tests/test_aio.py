@@ -324,7 +324,7 @@ def test_pipeline_waits_and_timeouts(name) -> None:
 def test_control_ops_and_directory(name) -> None:
     async def main() -> None:
         async with AioNode(name("a")) as a, AioNode(name("b")) as b:
-            record = await bound(a.wait_for_node_async(b.name, SLOW))
+            record = await bound(a.wait_for_node(b.name, SLOW))
             assert record.name == b.name
             assert (await bound(a.ping(b.name, timeout=SLOW)))["node"] == b.name
             assert a.name in (await bound(b.info(a.name, timeout=SLOW)))["node"]
@@ -391,5 +391,51 @@ def test_close_survives_a_slow_discovery_goodbye(name, monkeypatch) -> None:
         monkeypatch.setattr(node, "_close_discovery", slow_goodbye)
         await bound(node.close())
         assert node.state.value == "closed"
+
+    run(main)
+
+
+def test_closing_a_handle_or_its_node_ends_its_waits_with_closed_error(name) -> None:
+    """pyzmq cancels what awaits a socket that closes; the coroutines awaiting a fabric handle
+    get ClosedError instead (a cancellation they never asked for would end their task), and a
+    task that is itself cancelled still gets its CancelledError."""
+    stream, pipe, nobody = name("ticks"), name("jobs"), name("nobody")
+
+    async def main() -> None:
+        async with AioNode(name("closing")) as node:
+
+            async def outcome(wait: Awaitable[Any]) -> str:
+                try:
+                    await wait
+                except zf.ClosedError:
+                    return "closed"
+                return "returned"
+
+            puller = node.puller(pipe)
+            sub = node.subscribe(stream)
+            requester = node.requester(nobody)
+            pusher = node.pusher(name("nowhere"))
+            pending = [
+                asyncio.create_task(outcome(puller.recv(timeout=SLOW))),
+                asyncio.create_task(outcome(sub.recv(timeout=SLOW))),
+                asyncio.create_task(outcome(pusher.wait_ready(SLOW))),
+                asyncio.create_task(outcome(requester.request(1, timeout=SLOW))),
+            ]
+            await asyncio.sleep(0)  # each is waiting now
+            for handle in (puller, sub, pusher, requester):
+                handle.close()
+            assert await bound(asyncio.gather(*pending)) == ["closed"] * 4
+
+            cancelled = asyncio.create_task(node.subscribe(stream).recv(timeout=SLOW))
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await bound(cancelled)
+
+            # The node closing closes its handles: the same for whoever awaits them.
+            waiting = asyncio.create_task(outcome(node.puller(name("later")).recv(timeout=SLOW)))
+            await asyncio.sleep(0)
+            await bound(node.close())
+            assert await bound(waiting) == "closed"
 
     run(main)

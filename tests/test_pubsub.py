@@ -210,7 +210,7 @@ def test_events_published_right_after_wait_subscribers_arrive(make_node, name) -
         lost: list[tuple[int, str, list[Any]]] = []
         subs: list[Any] = []
         async with zmqfabric.aio.Node(name("aiosub")) as aio_node:
-            assert aio_node.wait_for_endpoint(EndpointKind.STREAM, stream, SLOW) == 1
+            assert await aio_node.wait_for_endpoint(EndpointKind.STREAM, stream, SLOW) == 1
             try:
                 for trial in range(rounds):
                     sync_sub = sub_node.subscribe(stream, topics=[f"t{trial}."])

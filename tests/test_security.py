@@ -396,7 +396,7 @@ def test_every_request_with_a_refused_key_fails_fast(refusing: Refusing, name,
 
         async def main() -> None:
             async with zmqfabric.aio.Node(name("stranger"), keys=refusing.stranger) as stranger:
-                stranger.wait_for_endpoint("rep", server.svc, WAIT)
+                await stranger.wait_for_endpoint("rep", server.svc, WAIT)
                 for _ in range(3):
                     start = time.monotonic()
                     try:

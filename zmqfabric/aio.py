@@ -1,10 +1,14 @@
 """The asyncio node: ``zmqfabric.aio.Node``, the same surface as :class:`zmqfabric.Node` with
-coroutines. It shares the implementation (``NodeBase`` and the pattern bases); only waiting differs.
+coroutines. It shares the implementation (``NodeBase``, the pattern bases and their plans); only
+waiting differs.
 
-All methods run in the loop that started the node, except ``stop()``, which is thread-safe.
-Handlers may be plain functions (run in threads, never in the loop, so a slow one holds up
-nothing else) or coroutine functions (run as tasks of the loop); each service and task queue
-takes ``concurrency`` requests or tasks at once (default 1: one at a time, in order).
+All methods run in the loop that started the node, except ``stop()``, which is thread-safe. No
+method blocks the loop: every wait is awaited (the directory, sockets, connection events), and
+what must block a thread (starting: claiming the name; closing: joining the node's threads and
+terminating the context) runs in one with ``asyncio.to_thread``. Handlers may be plain functions
+(run in threads, never in the loop, so a slow one holds up nothing else) or coroutine functions
+(run as tasks of the loop); each service and task queue takes ``concurrency`` requests or tasks
+at once (default 1: one at a time, in order).
 """
 
 from __future__ import annotations
@@ -16,15 +20,24 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .constants import CONTROL_TIMEOUT_S, MAX_IDLE_REQUESTERS, SLOT_WATCH_S, THREAD_JOIN_TIMEOUT_S
-from .core.records import validate_endpoint_name, validate_node_name
+from .constants import (
+    AIO_THREAD_WAIT_S,
+    CONTROL_TIMEOUT_S,
+    MAX_IDLE_REQUESTERS,
+    SLOT_WATCH_S,
+    THREAD_JOIN_TIMEOUT_S,
+)
+from .control import control_call_async
+from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
 from .errors import ClosedError, FabricTimeoutError
 from .nodebase import NodeBase, NodeState
 from .patterns.drivers import LoopDriver
 from .patterns.pipeline import AsyncPuller, AsyncPusher
-from .patterns.pubsub import AsyncSubscription, Publisher
+from .patterns.plan import AWAITING, drive_async
+from .patterns.pubsub import AsyncPublisher, AsyncSubscription
 from .patterns.reqrep import AsyncRequester
 from .tasks.handle import TaskHandle
+from .transport.frames import deadline_after, s_left
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +55,55 @@ class Node(NodeBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._serving = False
+        self._starting: asyncio.Future[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     # --- lifetime --------------------------------------------------------------------------
 
     async def start(self) -> Node:
-        """Open sockets, discovery and the control endpoint. Idempotent. Returns self."""
+        """Open sockets, discovery and the control endpoint. Idempotent. Returns self.
+
+        The opening runs in a worker thread (claiming the name listens CONFLICT_WINDOW_S for a
+        rival); the loop goes on meanwhile. Raises NameConflictError, ClosedError."""
         loop = asyncio.get_running_loop()
         if self._loop is not None and self._loop is not loop:
             raise ClosedError(f"node {self.name!r} belongs to another event loop")
         self._loop = loop
         self._stop_event = self._stop_event or asyncio.Event()
-        self._open()
+        if self.state is NodeState.NEW:
+            if self._starting is None:
+                self._starting = asyncio.ensure_future(asyncio.to_thread(self._open))
+            await asyncio.shield(self._starting)
+        else:
+            self._open()  # started: returns at once; closed: raises ClosedError
         return self
 
     async def close(self) -> None:
-        """Stop serving, say goodbye on discovery, close every socket. Idempotent."""
-        if self.state is NodeState.CLOSED:
-            return
+        """Stop serving, say goodbye on discovery, close every socket. Idempotent; a close
+        that is cancelled still completes. Handles are closed in the loop; the goodbye, joining
+        the node's threads and terminating the context run in worker threads."""
+        if self._closing is None:
+            if self.state is NodeState.CLOSED:
+                return
+            self._closing = asyncio.ensure_future(self._close_async())
+        await asyncio.shield(self._closing)
+
+    async def _close_async(self) -> None:
         self.stop()
-        if self._begin_close():
-            goodbye = asyncio.ensure_future(asyncio.to_thread(self._close_discovery))
-            try:
-                await asyncio.wait_for(asyncio.shield(goodbye), THREAD_JOIN_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                log.warning("node %s: the discovery goodbye took over %s s; closing anyway",
-                            self.name, THREAD_JOIN_TIMEOUT_S)
-            finally:
-                self._close_local()
+        if self._starting is not None and not self._starting.done():
+            await asyncio.wait([self._starting])  # let the opening in its thread finish first
+        if not self._begin_close():
+            return
+        goodbye = asyncio.ensure_future(asyncio.to_thread(self._close_discovery))
+        try:
+            await asyncio.wait_for(asyncio.shield(goodbye), THREAD_JOIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("node %s: the discovery goodbye took over %s s; closing anyway",
+                        self.name, THREAD_JOIN_TIMEOUT_S)
+        finally:
+            await asyncio.to_thread(self._close_threads)
+            self._close_handles()
+            await asyncio.to_thread(self._close_context)
 
     async def __aenter__(self) -> Node:
         return await self.start()
@@ -144,15 +179,8 @@ class Node(NodeBase):
 
     # --- clients ---------------------------------------------------------------------------
 
-    async def request(
-        self,
-        service: str,
-        body: Any = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        *,
-        via: str | None = None,
-    ) -> Any:
+    async def request(self, service: str, body: Any = None, timeout: float | None = None,
+                      retries: int = 0, *, via: str | None = None) -> Any:
         """Call ``service`` on any provider; see :meth:`zmqfabric.Node.request`."""
         self._check_started()
         # One requester per call in flight: a requester matches one reply at a time, so
@@ -168,53 +196,66 @@ class Node(NodeBase):
                 idle.append(requester)
 
     def requester(self, service: str, *, via: str | None = None) -> AsyncRequester:
+        """A handle that calls ``service`` (through device node ``via``, if given), owned by
+        this loop; its ``request`` is a coroutine. One call at a time per requester."""
         self._check_started()
         return AsyncRequester(self.runtime, validate_endpoint_name(service, "service"), _via(via))
 
-    def publisher(self, stream: str, *, allow: Iterable[str] | None = None) -> Publisher:
-        """Publish ``stream``; ``send`` never waits, so it is a plain method."""
+    def publisher(self, stream: str, *, allow: Iterable[str] | None = None) -> AsyncPublisher:
+        """Publish ``stream``; ``send`` never waits, so it is a plain method;
+        ``wait_subscribers`` is a coroutine. ``allow``: see :meth:`zmqfabric.Node.publisher`."""
         self._check_started()
-        return Publisher(self.runtime, validate_endpoint_name(stream, "stream"), allow)
+        return AsyncPublisher(self.runtime, validate_endpoint_name(stream, "stream"), allow)
 
     def subscribe(
         self, stream: str, topics: Iterable[str] | None = None, *, via: str | None = None
     ) -> AsyncSubscription:
+        """Subscribe to ``stream`` with topic prefixes: ``async for topic, body in sub``."""
         self._check_started()
-        return AsyncSubscription(
-            self.runtime, validate_endpoint_name(stream, "stream"), topics, _via(via)
-        )
+        name = validate_endpoint_name(stream, "stream")
+        return AsyncSubscription(self.runtime, name, topics, _via(via))
 
     def pusher(self, pipeline: str, *, via: str | None = None) -> AsyncPusher:
+        """Send into ``pipeline`` (``await pusher.send(body)``), round robin over its pullers."""
         self._check_started()
         return AsyncPusher(self.runtime, validate_endpoint_name(pipeline, "pipeline"), _via(via))
 
     def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> AsyncPuller:
+        """Receive from ``pipeline``: ``async for body in puller``."""
         self._check_started()
         return AsyncPuller(self.runtime, validate_endpoint_name(pipeline, "pipeline"), allow)
 
-    async def submit(
-        self,
-        name: str,
-        body: Any = None,
-        *,
-        key: str | None = None,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-    ) -> TaskHandle:
+    async def submit(self, name: str, body: Any = None, *, key: str | None = None,
+                     deadline: float | None = None, max_attempts: int | None = None,
+                     timeout: float | None = None) -> TaskHandle:
         """Submit reliable task ``name``; see :meth:`zmqfabric.Node.submit`. Returns the handle
-        once the task is queued (``await handle`` gives the handler's return value)."""
+        once the task is queued (``await handle`` gives the handler's return value). While the
+        queue is full (``TaskConfig.queue_limit``) it waits up to ``timeout`` s (None: no limit)
+        without blocking the loop, then raises FabricTimeoutError."""
         self._check_started()
         options: dict[str, Any] = {"key": key, "deadline": deadline, "max_attempts": max_attempts}
         if self._tasks.journaled:  # submit waits for a journal commit: not in the loop
             return await asyncio.to_thread(self._tasks.submit, name, body, timeout=timeout,
                                            **options)
+        ends = deadline_after(timeout)
         try:
             return self._tasks.submit(name, body, timeout=0, **options)
-        except FabricTimeoutError:  # the queue is full: wait for room without blocking the loop
+        except FabricTimeoutError:
             if timeout == 0:
                 raise
-        return await asyncio.to_thread(self._tasks.submit, name, body, timeout=timeout, **options)
+        # The queue is full: the registry's wait blocks, so it runs in a thread, in slices (a
+        # cancelled submit leaves no thread waiting for long).
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    self._tasks.submit, name, body, timeout=_slice(ends), **options
+                )
+            except FabricTimeoutError as exc:
+                if s_left(ends) == 0:
+                    raise FabricTimeoutError(
+                        f"the task queue of node {self.name!r} stayed full "
+                        f"(TaskConfig.queue_limit) for {timeout:g} s", timeout=timeout
+                    ) from exc
 
     async def submit_many(
         self,
@@ -241,26 +282,54 @@ class Node(NodeBase):
                                        **options)
 
     async def wait_tasks(self, timeout: float | None = None) -> bool:
-        """Wait until every task this node submitted is settled; False after ``timeout``."""
-        return await asyncio.to_thread(self._tasks.wait_all, timeout)
+        """Wait until every task this node submitted is settled; False after ``timeout``.
+        Never blocks the loop (the registry's wait runs in a thread, in slices)."""
+        ends = deadline_after(timeout)
+        while not await asyncio.to_thread(self._tasks.wait_all, _slice(ends)):
+            if s_left(ends) == 0:
+                return False
+        return True
 
     # --- control and directory ---------------------------------------------------------------
 
     async def ping(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await asyncio.to_thread(self._control_sync, node, "ping", timeout)
+        """Ping node ``node`` on its control endpoint. Raises NodeNotFoundError,
+        FabricTimeoutError, AuthorizationError, ClosedError."""
+        return await self._ask(node, "ping", timeout)
 
     async def info(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await asyncio.to_thread(self._control_sync, node, "info", timeout)
+        """Node ``node``'s address, endpoints and peers; raises as :meth:`ping`."""
+        return await self._ask(node, "info", timeout)
 
     async def stats(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await asyncio.to_thread(self._control_sync, node, "stats", timeout)
+        """Node ``node``'s endpoints and counters; raises as :meth:`ping`."""
+        return await self._ask(node, "stats", timeout)
 
-    async def wait_for_node_async(self, name: str, timeout: float) -> Any:
-        return await asyncio.to_thread(self.wait_for_node, name, timeout)
+    async def _ask(self, node: str, op: str, timeout: float) -> Any:
+        self._check_started()
+        return await control_call_async(self.runtime, node, op, timeout)
+
+    async def wait_for_node(self, name: str, timeout: float | None) -> NodeRecord:
+        """Wait until node ``name`` is known. Raises NodeNotFoundError."""
+        return await drive_async(self._wait_for_node(name, timeout), AWAITING)
+
+    async def wait_for_endpoint(
+        self, kind: EndpointKind | str, name: str, timeout: float | None
+    ) -> int:
+        """Wait until ``kind`` endpoint ``name`` has a provider; returns how many. Raises
+        NoProviderError."""
+        return await drive_async(self._wait_for_endpoint(kind, name, timeout), AWAITING)
 
 
 def _via(via: str | None) -> str | None:
     return None if via is None else validate_node_name(via)
+
+
+def _slice(deadline: float | None) -> float:
+    """The next slice of a wait that runs in a thread: AIO_THREAD_WAIT_S, or less when
+    ``deadline`` is nearer."""
+    left = s_left(deadline)
+    return AIO_THREAD_WAIT_S if left is None else min(left, AIO_THREAD_WAIT_S)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, stop: Any) -> list[int]:

@@ -83,6 +83,9 @@ CONTROL_TIMEOUT_S = 2.0
 # --- lifetimes ------------------------------------------------------------------------------
 #: Joining a node-owned thread on close never waits longer than this (s).
 THREAD_JOIN_TIMEOUT_S = 5.0
+#: An asyncio node runs a wait that only a thread can do (the task registry's) in slices this
+#: long (s): a cancelled wait leaves its thread behind for at most one slice.
+AIO_THREAD_WAIT_S = 0.25
 #: Serve loops wake at least this often (ms) to notice a stop request.
 POLL_INTERVAL_MS = 200
 #: Malformed-input log lines per peer kind and minute (counters keep the exact numbers).

@@ -10,11 +10,13 @@ The same socket receives the one-way gossip messages of membership (``hello``, `
 ``Membership.accept_hello`` (validated there, in this thread), peer lists to the housekeeping
 thread. Liveness and gossip run in that thread (:mod:`zmqfabric.discovery.housekeeping`).
 
-:func:`control_call` is the client side: any thread, one fresh socket per call.
+:func:`control_call` (blocking, any thread) and :func:`control_call_async` (a coroutine) are
+the client side: one plan (see :mod:`zmqfabric.patterns.plan`), one fresh socket per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,21 +24,26 @@ import time
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .constants import CONTROL_TIMEOUT_S, THREAD_JOIN_TIMEOUT_S
 from .core import wire
 from .core.records import EndpointKind
 from .errors import (
+    AuthorizationError,
     FabricTimeoutError,
     LocalProtocolError,
     NodeNotFoundError,
     RemoteError,
     RemoteProtocolError,
 )
+from .patterns.plan import AWAITING, BLOCKING, POLL, WAIT_DIRECTORY, Plan, drive, drive_async
 from .patterns.service import ServiceEndpoint
 from .runtime import NodeRuntime, host_name
 from .stats import RateLimitedLog
+from .transport.frames import NOBLOCK, deadline_after, ms_left, recv_frames, send_frames
 from .transport.inbox import Inbox
+from .transport.sockets import translate_zmq_errors
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
@@ -175,40 +182,108 @@ def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     return base
 
 
-def control_call(
-    node: NodeRuntime, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S
-) -> Any:
-    """Ask node ``target``'s control endpoint ``op`` from a fresh socket (any thread).
+#: Connection events a control call watches: a refused handshake ends it at once.
+_CALL_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
-    Raises NodeNotFoundError, FabricTimeoutError, RemoteError.
-    """
-    if not node.directory.wait_for(lambda: node.directory.get(target) is not None, timeout):
-        raise NodeNotFoundError(target, timeout)
-    record = node.directory.get(target)
+
+def control_call(
+    runtime: NodeRuntime, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S
+) -> Any:
+    """Ask node ``target``'s control endpoint ``op`` from a fresh socket; any thread, blocking
+    it at most ``timeout`` s, whatever the peer does. Raises NodeNotFoundError,
+    FabricTimeoutError, AuthorizationError (the peer refused our key), RemoteError,
+    ClosedError (the node closed meanwhile)."""
+    return drive(_call(runtime, target, op, timeout), BLOCKING)
+
+
+async def control_call_async(
+    runtime: NodeRuntime, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S
+) -> Any:
+    """Coroutine of :func:`control_call` (the same plan, awaited): never blocks the loop."""
+    return await drive_async(_call(runtime, target, op, timeout), AWAITING)
+
+
+def _call(runtime: NodeRuntime, target: str, op: str, timeout: float) -> Plan[Any]:
+    """The plan of a control call. The request is sent without blocking once the connection
+    is up (the socket's IMMEDIATE option holds it back before: a peer that accepts TCP and never
+    speaks ZeroMQ must not hang us); the socket's monitor reports a refused handshake."""
+    directory = runtime.directory
+    deadline = deadline_after(timeout)
+    yield WAIT_DIRECTORY, (directory, lambda: directory.get(target) is not None, deadline)
+    record = directory.get(target)
     endpoint = record.control if record else None
     if record is None or endpoint is None:
         raise NodeNotFoundError(target, timeout)
-    sock = node.sockets.socket(zmq.DEALER, sync=True)
+    secured = runtime.config.keys is not None or record.curve_key is not None
+    msg_id = int(time.monotonic_ns() & 0xFFFFFFFF)
+    request: list[bytes] | None = [
+        b"", wire.pack_header(wire.Kind.REQUEST, msg_id, time.time()), wire.pack_body({"op": op})
+    ]
+    sock = runtime.sockets.socket(zmq.DEALER, sync=True)
+    monitor = runtime.sockets.monitor(sock, _CALL_EVENTS, sync=True)
     try:
-        node.sockets.connect(sock, record.url(endpoint), record.curve_key)
-        msg_id = int(time.monotonic_ns() & 0xFFFFFFFF)
-        header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
-        sock.send_multipart([b"", header, wire.pack_body({"op": op})])
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not sock.poll(int(left * 1000) + 1):
-                break
-            try:
-                reply_header, body = wire.parse_reply(sock.recv_multipart())
-            except RemoteProtocolError:
-                continue
-            if reply_header.msg_id != msg_id:
-                continue
-            if reply_header.kind is wire.Kind.ERROR:
-                raise RemoteError(f"{target}/control", body["type"], body["message"], target)
-            return body
-        raise FabricTimeoutError(f"node {target!r} did not answer {op} within {timeout:g} s",
-                                 timeout=timeout)
+        with translate_zmq_errors(f"ask node {target!r} for {op}"):
+            runtime.sockets.connect(sock, record.url(endpoint), record.curve_key)
+            while True:
+                if request is not None and _sent(sock, request):
+                    request = None
+                if _refused(monitor, secured):
+                    raise AuthorizationError("control endpoint", target, [target])
+                if request is None and (answer := _answer(sock, msg_id, target)) is not None:
+                    return answer[0]
+                if ms_left(deadline) == 0:
+                    raise FabricTimeoutError(
+                        f"node {target!r} did not answer {op} within {timeout:g} s",
+                        timeout=timeout)
+                mask = zmq.POLLOUT if request is not None else zmq.POLLIN
+                yield POLL, ([(sock, mask), (monitor, zmq.POLLIN)], deadline)
     finally:
+        with contextlib.suppress(zmq.ZMQError):  # the node's context may be terminating
+            sock.disable_monitor()
+        monitor.close(0)
         sock.close(0)
 
+
+def _sent(sock: zmq.Socket, frames: list[bytes]) -> bool:
+    """Send without blocking; False while the connection is not up."""
+    try:
+        send_frames(sock, frames, NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
+
+
+def _refused(monitor: zmq.Socket, secured: bool) -> bool:
+    """Whether the peer refused our handshake (read from the events queued; never waits). Any
+    failed handshake with a secured peer means our key (or theirs) is not accepted; a plain peer
+    that fails one is retried by ZeroMQ until the call times out."""
+    while True:
+        try:
+            kind = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+        except zmq.Again:
+            return False
+        if secured or kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return True
+
+
+def _answer(sock: zmq.Socket, msg_id: int, target: str) -> tuple[Any] | None:
+    """``(body,)`` of our reply if it is there, else None; malformed and stale replies are
+    dropped. Raises RemoteError for an error reply."""
+    while True:
+        try:
+            frames = recv_frames(sock, NOBLOCK)
+        except zmq.Again:
+            return None
+        try:
+            header, body = wire.parse_reply(frames)
+        except RemoteProtocolError:
+            continue
+        if header.msg_id != msg_id:
+            continue
+        if header.kind is wire.Kind.ERROR:
+            raise RemoteError(f"{target}/control", body["type"], body["message"], target)
+        return (body,)

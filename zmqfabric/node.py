@@ -11,10 +11,11 @@ from typing import Any, Iterable
 import zmq
 
 from .constants import CONTROL_TIMEOUT_S, SLOT_WATCH_S, THREAD_JOIN_TIMEOUT_S
-from .core.records import validate_endpoint_name, validate_node_name
+from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
 from .nodebase import NodeBase, NodeState
 from .patterns.drivers import ThreadDriver
 from .patterns.pipeline import Puller, Pusher
+from .patterns.plan import BLOCKING, drive
 from .patterns.pubsub import Publisher, Subscription
 from .patterns.reqrep import Requester
 from .tasks.handle import TaskHandle
@@ -290,7 +291,16 @@ class Node(NodeBase):
         False after ``timeout`` s. Thread-safe."""
         return self._tasks.wait_all(timeout)
 
-    # --- control ---------------------------------------------------------------------------
+    # --- directory and control ------------------------------------------------------------
+
+    def wait_for_node(self, name: str, timeout: float | None) -> NodeRecord:
+        """Wait until node ``name`` is known. Raises NodeNotFoundError. Thread-safe."""
+        return drive(self._wait_for_node(name, timeout), BLOCKING)
+
+    def wait_for_endpoint(self, kind: EndpointKind | str, name: str, timeout: float | None) -> int:
+        """Wait until ``kind`` endpoint ``name`` has a provider; returns how many. Raises
+        NoProviderError. Thread-safe."""
+        return drive(self._wait_for_endpoint(kind, name, timeout), BLOCKING)
 
     def ping(self, node: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         """Ping node ``node`` on its control endpoint. Raises NodeNotFoundError,

@@ -23,6 +23,7 @@ from .discovery.mdns import Discovery
 from .discovery.membership import Membership
 from .errors import ClosedError, LocalProtocolError, NodeNotFoundError, NoProviderError
 from .patterns.handlers import Served, check_concurrency, is_coroutine_handler
+from .patterns.plan import WAIT_DIRECTORY, Plan
 from .patterns.service import ServiceEndpoint
 from .runtime import NodeRuntime, NodeState
 from .security.guard import Guard
@@ -30,6 +31,7 @@ from .security.keys import KeySet
 from .security.keys import load as load_keys
 from .stats import Counters, RateLimitedLog
 from .tasks.registry import NodeTasks, TaskConfig
+from .transport.frames import deadline_after
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
@@ -306,14 +308,26 @@ class NodeBase:
     def _close_local(self) -> None:
         """Close the control and housekeeping threads, every handle and the context (in the
         sockets' owner)."""
-        rt = self.runtime
+        self._close_threads()
+        self._close_handles()
+        self._close_context()
+
+    def _close_threads(self) -> None:
+        """Stop and join the node's threads (blocks up to THREAD_JOIN_TIMEOUT_S each)."""
         self._tasks.close()  # the dispatcher thread first: it owns sockets and a publisher
         if self._control is not None:
             self._control.stop()
         if self._housekeeping is not None:
             self._housekeeping.stop()
-        rt.close_all()
-        rt.directory.clear()
+
+    def _close_handles(self) -> None:
+        """Close every handle (in the thread or loop that owns them; never blocks)."""
+        self.runtime.close_all()
+        self.runtime.directory.clear()
+
+    def _close_context(self) -> None:
+        """Stop the ZAP thread and terminate the context (blocks up to the linger time)."""
+        rt = self.runtime
         if rt.guard is not None:
             rt.guard.stop()
         rt.sockets.close()
@@ -335,23 +349,31 @@ class NodeBase:
         """Every node this node knows, itself included, sorted by name. Thread-safe."""
         return self.directory.records()
 
-    def wait_for_node(self, name: str, timeout: float) -> NodeRecord:
-        """Wait until node ``name`` is known. Raises NodeNotFoundError. Thread-safe."""
-        if not self.directory.wait_for(lambda: self.directory.get(name) is not None, timeout):
-            raise NodeNotFoundError(name, timeout)
-        record = self.directory.get(name)
+    # The plans of the shells' ``wait_for_node`` and ``wait_for_endpoint`` (blocking in
+    # node.py, coroutines in aio.py; see patterns/plan.py).
+
+    def _wait_for_node(self, name: str, timeout: float | None) -> Plan[NodeRecord]:
+        directory = self.directory
+        yield WAIT_DIRECTORY, (
+            directory, lambda: directory.get(name) is not None, deadline_after(timeout)
+        )
+        record = directory.get(name)
         if record is None:
             raise NodeNotFoundError(name, timeout)
         return record
 
-    def wait_for_endpoint(self, kind: EndpointKind | str, name: str, timeout: float) -> int:
-        """Wait until ``kind`` endpoint ``name`` has a provider; returns how many. Raises
-        NoProviderError. Thread-safe."""
+    def _wait_for_endpoint(
+        self, kind: EndpointKind | str, name: str, timeout: float | None
+    ) -> Plan[int]:
         kind = EndpointKind(kind)
-        found = self.directory.wait_for(lambda: bool(self.directory.providers(kind, name)), timeout)
-        if not found:
+        directory = self.directory
+        yield WAIT_DIRECTORY, (
+            directory, lambda: bool(directory.providers(kind, name)), deadline_after(timeout)
+        )
+        count = len(directory.providers(kind, name))
+        if not count:
             raise NoProviderError(kind.noun, name, timeout)
-        return len(self.directory.providers(kind, name))
+        return count
 
     def _control_sync(self, target: str, op: str, timeout: float) -> Any:
         self._check_started()

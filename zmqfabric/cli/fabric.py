@@ -28,6 +28,8 @@ from .output import (
 #: answered by unicast, which on a shared loopback port can reach another process; the browser's
 #: second query, one second later, is answered by multicast. 1.5 s covers both rounds.
 LS_LISTEN_S = 1.5
+#: The least time a ping gets after finding its node took up most of --timeout (s).
+MIN_PING_S = 0.05
 
 
 @click.command("ls")
@@ -117,12 +119,15 @@ def _watch(cfg: CliConfig, count: int | None) -> None:
 @common
 @pass_config
 def ping_cmd(cfg: CliConfig, node_name: str, count: int) -> None:
-    """Ping NODE on its control endpoint and print the round trip time."""
+    """Ping NODE on its control endpoint and print the round trip time. Finding NODE and the
+    first ping share one --timeout; each later ping has a --timeout of its own."""
     with cfg.observer() as node:
+        ends = time.monotonic() + cfg.timeout
         node.wait_for_node(node_name, cfg.timeout)
-        for _ in range(count):
+        for i in range(count):
+            timeout = cfg.timeout if i else max(ends - time.monotonic(), MIN_PING_S)
             start = time.perf_counter()
-            answer = node.ping(node_name, timeout=cfg.timeout)
+            answer = node.ping(node_name, timeout=timeout)
             rtt_ms = (time.perf_counter() - start) * 1000
             if cfg.json:
                 emit({**answer, "rtt_ms": round(rtt_ms, 3)})

@@ -54,22 +54,26 @@ def top_cmd(cfg: CliConfig, interval: float, count: int | None) -> None:
     redraw = not cfg.json and click.get_text_stream("stdout").isatty()
     ask_s = min(cfg.timeout, CONTROL_TIMEOUT_S)
     refreshes = 0
-    with cfg.observer() as node, ThreadPoolExecutor(
-        PARALLEL_ASKS, thread_name_prefix="zmqfabric-cli-top"
-    ) as pool:
-        due = time.monotonic() + LS_LISTEN_S
-        while count is None or refreshes < count:
-            if not _sleep_until(due, deadline):
-                break
-            refreshes += 1
-            samples = _sample(node, pool, ask_s)
-            if cfg.json:
-                stamp = now_iso()
-                for sample in samples:
-                    emit(_sample_json(sample, stamp, refreshes))
-            else:
-                _show(cfg, samples, interval, redraw)
-            due = max(due + interval, time.monotonic())
+    with cfg.observer() as node:
+        pool = ThreadPoolExecutor(PARALLEL_ASKS, thread_name_prefix="zmqfabric-cli-top")
+        try:
+            due = time.monotonic() + LS_LISTEN_S
+            while count is None or refreshes < count:
+                if not _sleep_until(due, deadline):
+                    break
+                refreshes += 1
+                samples = _sample(node, pool, ask_s)
+                if cfg.json:
+                    stamp = now_iso()
+                    for sample in samples:
+                        emit(_sample_json(sample, stamp, refreshes))
+                else:
+                    _show(cfg, samples, interval, redraw)
+                due = max(due + interval, time.monotonic())
+        finally:
+            # On Ctrl-C, asks in flight are not waited for: closing the node (next) ends them
+            # at once (their sockets' context is terminated), so top ends on the first Ctrl-C.
+            pool.shutdown(wait=False, cancel_futures=True)
     if count is not None and refreshes < count:
         raise FabricTimeoutError(f"{refreshes} of {count} refreshes within {cfg.timeout:g} s",
                                  timeout=cfg.timeout)

@@ -1,41 +1,36 @@
-"""What every endpoint handle shares: socket ownership, directory changes, bounded waits.
+"""What every endpoint handle shares: socket ownership, directory changes, the receive plan.
 
 A handle owns one socket and belongs to one thread (sync) or one event loop (asyncio). Discovery
 never touches the socket: the directory calls the handle's watcher from zeroconf's thread, which
-only queues "connect/disconnect URL" and wakes the owner:
+only queues "connect/disconnect URL" and wakes the owner (:mod:`.waiting` holds the sync and the
+asyncio way of doing that, and of waiting).
 
-- sync: the handle's :class:`~zmqfabric.transport.inbox.Inbox` (a deque of callables plus a pipe
-  whose read end sits in the owner's poller next to the socket); the owner applies queued changes
-  before each send/receive (one truthiness test on the hot path);
-- asyncio: ``loop.call_soon_threadsafe`` runs the change in the loop that owns the socket.
-
-Sends and receives try the socket without blocking first (the hot path is a plain
-``send_multipart``/``recv_multipart``) and only poll, with a deadline, when it would block.
+What a call decides is written once, as a plan (:mod:`.plan`) that the sync and the asyncio
+handles drive with their own waits: here, receiving one message (``Handle._receive``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ..core import wire
 from ..core.records import VIA_KIND, EndpointKind
-from ..errors import ClosedError, FabricError
+from ..errors import ClosedError, FabricError, FabricTimeoutError
 from ..stats import RateLimitedLog
-from ..transport.frames import NOBLOCK, ms_left, recv_frames, send_frames
-from ..transport.inbox import Inbox
+from ..transport.frames import deadline_after
 from ..transport.sockets import sync_view, zmq_error
+from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_SETTLED, Plan
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log)
-#: An asyncio handle retries a disconnect that had to wait for queued input this often (s).
-DEFER_DISCONNECT_S = 0.05
-
 _MONITOR_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_DISCONNECTED
@@ -50,9 +45,14 @@ class Handle:
 
     kind: EndpointKind
     noun = "endpoint"
+    #: What this handle receives, for errors ("no event on stream 'prices' within 1 s").
+    received = "message"
 
     #: True for handles served by a node-owned thread even on an asyncio node.
     sync_socket = False
+    #: The waits of this handle's plans: step -> the name of the method that does it (blocking
+    #: in a sync handle, a coroutine in an asyncio one; see plan.py).
+    steps: ClassVar[Mapping[int, str]] = {RECV: "_recv"}
 
     def __init__(self, runtime: NodeRuntime, name: str, socket_type: int) -> None:
         self._rt = runtime
@@ -84,6 +84,33 @@ class Handle:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"{self.noun} {self.name!r} is closed")
+
+    @functools.cached_property
+    def _waits(self) -> dict[int, Callable[[Any], Any]]:
+        """``steps`` made into bound methods, for a plan's driver."""
+        return {step: getattr(self, name) for step, name in self.steps.items()}
+
+    def _receive(self, timeout: float | None) -> Plan[wire.Message | None]:
+        """The plan of ``recv_message``: the next well-formed message, or None after ``timeout``
+        seconds (None: no limit). Malformed messages are counted and skipped. Raises ClosedError
+        once closed."""
+        self._check_open()
+        deadline = deadline_after(timeout)
+        while (frames := (yield RECV, deadline)) is not None:
+            message = self._decode(frames)
+            if message is not None:
+                return message
+        return None
+
+    def _decode(self, frames: list[bytes]) -> wire.Message | None:  # pragma: no cover
+        """The message in ``frames``, or None (counted) when it is malformed."""
+        raise NotImplementedError
+
+    def _timeout(self, timeout: float | None) -> FabricTimeoutError:
+        """The error of a receive that got nothing within ``timeout`` s."""
+        return FabricTimeoutError(
+            f"no {self.received} on {self.noun} {self.name!r} within {timeout} s", timeout=timeout
+        )
 
     def _refused(self, what: str, exc: Exception) -> None:
         """Count and log (rate-limited) one malformed message from a peer."""
@@ -131,6 +158,12 @@ class Connector(Handle):
 
     #: A ROUTER that chooses the provider of each message itself (routing id = the URL).
     routed = False
+    steps: ClassVar[Mapping[int, str]] = {
+        RECV: "_recv",
+        WAIT_PROVIDERS: "_wait_providers",
+        WAIT_SETTLED: "_wait_settled",
+        WAIT_CHANGE: "_wait_change",
+    }
 
     def __init__(
         self, runtime: NodeRuntime, name: str, socket_type: int, via: str | None = None
@@ -148,7 +181,8 @@ class Connector(Handle):
         self._refused_by: dict[str, int] = {}
 
     def _on_monitor_event(self, event: dict[str, Any]) -> None:
-        url = event["endpoint"].decode() if isinstance(event["endpoint"], bytes) else event["endpoint"]
+        url = event["endpoint"]
+        url = url.decode() if isinstance(url, bytes) else url
         kind = event["event"]
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._handshaken.add(url)
@@ -176,6 +210,10 @@ class Connector(Handle):
     def _settled(self) -> bool:
         """Every provider's handshake has either succeeded or been refused."""
         return all(u in self._handshaken or u in self._refused_by for u in self._urls)
+
+    def _known(self) -> bool:
+        """At least one provider is connected (as last applied)."""
+        return bool(self._urls)
 
     def _ready(self, at_least: int = 1) -> bool:
         """Every provider known now has finished its handshake (and there is one at least)."""
@@ -225,154 +263,3 @@ class Connector(Handle):
             self._unwatch()
         self._sock.disable_monitor()
         self._monitor.close(0)
-
-
-class SyncConnector(Connector):
-    """A connector owned by one thread; waits with a poller on the socket and its inbox.
-
-    Discovery posts directory changes to the handle's :class:`Inbox` and the owner applies them
-    before each send/receive (``if self._ops: self._drain()``, one truthiness test on the hot
-    path) and whenever a wait is woken. A disconnect that must wait for queued input stays
-    queued, so the inbox is made with ``always_wake``: every post writes its pipe, and a wait
-    never spins on what is still queued.
-    """
-
-    def __init__(
-        self, runtime: NodeRuntime, name: str, socket_type: int, via: str | None = None
-    ) -> None:
-        super().__init__(runtime, name, socket_type, via)
-        self._inbox = Inbox(always_wake=True)
-        wake = self._inbox.open()
-        #: The inbox's queue: truthy while changes wait (the hot path's one test).
-        self._ops = self._inbox.pending
-        self._poll_in = zmq.Poller()
-        self._poll_in.register(self._sock, zmq.POLLIN)
-        self._poll_in.register(wake, zmq.POLLIN)
-        self._poll_out = zmq.Poller()
-        self._poll_out.register(self._sock, zmq.POLLOUT)
-        self._poll_out.register(wake, zmq.POLLIN)
-        self._watch()
-        self._drain()
-
-    def _post(self, op: str, url: str) -> None:
-        # zeroconf's thread: queue and wake, never touch the socket.
-        self._inbox.post(self._change, op, url)
-
-    def _change(self, op: str, url: str) -> None:
-        if not self._apply(op, url):
-            # Retried at the next send or receive, once input has been read.
-            self._inbox.defer(self._change, op, url)
-
-    def _drain(self) -> None:
-        """Apply the directory changes queued so far (owner only)."""
-        self._inbox.run_pending()
-
-    def _recv(self, deadline: float | None) -> list[bytes] | None:
-        """Receive one multipart message, or None when ``deadline`` (monotonic) passes. Tries the
-        socket first (the hot path: one receive per frame, no poll); polls only when it would
-        block."""
-        if self._ops:
-            self._drain()
-        try:
-            return recv_frames(self._sock, NOBLOCK)
-        except zmq.Again:
-            return self._wait_recv(deadline)
-        except zmq.ZMQError as exc:
-            raise self._zmq_error(exc) from exc
-
-    def _wait_recv(self, deadline: float | None) -> list[bytes] | None:
-        """Poll the socket and the inbox until a message is there, then receive it; None when
-        ``deadline`` passes. Directory changes that arrive meanwhile are applied."""
-        sock, inbox, poller = self._sock, self._inbox, self._poll_in
-        while True:
-            timeout = ms_left(deadline)
-            if timeout == 0:
-                return None
-            try:
-                events = inbox.poll(poller, timeout)
-            except zmq.ZMQError as exc:
-                raise self._zmq_error(exc) from exc
-            if inbox.fd in events:
-                self._drain()
-            if sock in events:
-                try:
-                    return recv_frames(sock, NOBLOCK)
-                except zmq.Again:
-                    continue
-                except zmq.ZMQError as exc:
-                    raise self._zmq_error(exc) from exc
-
-    def _send(self, frames: list[Any], deadline: float | None, copy: bool = True) -> bool:
-        """Send one multipart message; False when it could not go out before ``deadline``.
-        ``copy`` applies to the last frame (the body); the others are small and always copied."""
-        if self._ops:
-            self._drain()
-        sock = self._sock
-        try:
-            send_frames(sock, frames, NOBLOCK, copy)
-            return True
-        except zmq.Again:
-            pass
-        except zmq.ZMQError as exc:
-            raise self._zmq_error(exc) from exc
-        inbox, poller = self._inbox, self._poll_out
-        while True:
-            timeout = ms_left(deadline)
-            if timeout == 0:
-                return False
-            try:
-                events = inbox.poll(poller, timeout)
-            except zmq.ZMQError as exc:
-                raise self._zmq_error(exc) from exc
-            if inbox.fd in events:
-                self._drain()
-            if sock in events:
-                try:
-                    send_frames(sock, frames, NOBLOCK, copy)
-                    return True
-                except zmq.Again:
-                    continue
-                except zmq.ZMQError as exc:
-                    raise self._zmq_error(exc) from exc
-
-    def _wait_providers(self, deadline: float | None) -> bool:
-        """Wait until at least one provider is connected; False at the deadline."""
-        if self._ops:
-            self._drain()
-        if self._urls:
-            return True
-        poller = zmq.Poller()
-        poller.register(self._inbox.fd, zmq.POLLIN)
-        while not self._urls:
-            timeout = ms_left(deadline)
-            if timeout == 0:
-                return False
-            if self._inbox.poll(poller, timeout):
-                self._drain()
-        return True
-
-    def _wait_ready(self, deadline: float | None) -> bool:
-        """Wait until every provider known now has completed its connection handshake."""
-        return self._wait_monitor(self._ready, deadline)
-
-    def _wait_settled(self, deadline: float | None) -> bool:
-        """Wait until every provider's handshake succeeded or was refused (secured nodes)."""
-        return self._wait_monitor(self._settled, deadline)
-
-    def _wait_monitor(self, done: Callable[[], bool], deadline: float | None) -> bool:
-        poller = zmq.Poller()
-        poller.register(self._inbox.fd, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        while True:
-            self._drain()
-            self._read_monitor()
-            if done():
-                return True
-            timeout = ms_left(deadline)
-            if timeout == 0:
-                return False
-            self._inbox.poll(poller, timeout)
-
-    def _on_close(self) -> None:
-        super()._on_close()
-        self._inbox.close()

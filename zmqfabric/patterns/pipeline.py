@@ -4,7 +4,6 @@ the pullers that are connected (IMMEDIATE: never to a puller that is gone)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
@@ -15,18 +14,18 @@ from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
-from ..errors import FabricTimeoutError, NoProviderError, RemoteProtocolError
+from ..errors import MessageTooLargeError, NoProviderError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
     deadline_after,
     ms_left,
     recv_frames,
-    s_left,
     sticky_rcvtimeo,
 )
-from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector
+from .base import Bound, Connector
 from .encoder import BINARY, Encoder
+from .plan import drive, drive_async
+from .waiting import AsyncConnector, AsyncHandle, SyncConnector
 
 # Hot path (see wire's canonical header): the pre-packed header prefix.
 _MESSAGE = wire.HEADER_PREFIX[wire.Kind.MESSAGE]
@@ -40,7 +39,9 @@ if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 
-class _PullerBase(Bound):
+class PullerBase(Bound):
+    """What the sync and the asyncio puller share: binding, decoding."""
+
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 
@@ -60,10 +61,12 @@ class _PullerBase(Bound):
             return None
 
 
-class Puller(_PullerBase):
+class Puller(PullerBase):
     """Receives a pipeline's messages (a worker or a sink). Owned by one thread."""
 
-    def __init__(self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None
+    ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -72,13 +75,7 @@ class Puller(_PullerBase):
 
     def recv_message(self, timeout: float | None = None) -> wire.Message | None:
         """The next message, or None after ``timeout`` seconds (None: wait forever)."""
-        self._check_open()
-        deadline = deadline_after(timeout)
-        while (frames := self._frames(deadline)) is not None:
-            message = self._decode(frames)
-            if message is not None:
-                return message
-        return None
+        return drive(self._receive(timeout), self._waits)
 
     def recv(self, timeout: float | None = None) -> Any:
         """The next body. Raises FabricTimeoutError after ``timeout`` seconds."""
@@ -101,9 +98,7 @@ class Puller(_PullerBase):
             try:
                 head = _RECV(sock, 0, False)
             except zmq.Again:
-                raise FabricTimeoutError(
-                    f"no message on pipeline {self.name!r} within {timeout} s", timeout=timeout
-                ) from None
+                raise self._timeout(timeout) from None
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
             header = head.bytes
@@ -131,21 +126,13 @@ class Puller(_PullerBase):
             if deadline is not None:
                 wait = ms_left(deadline) or 0
 
-    def _frames(self, deadline: float | None, try_first: bool = True) -> list[bytes] | None:
-        """The next multipart message, or None when ``deadline`` passes. ``try_first=False``:
-        the caller has just found the socket empty, so poll before receiving."""
-        sock = self._sock
+    def _recv(self, deadline: float | None) -> list[bytes] | None:
+        """The next multipart message, or None when ``deadline`` passes (the RECV step)."""
         while True:
-            if try_first:
-                try:
-                    return recv_frames(sock, NOBLOCK)
-                except zmq.Again:
-                    pass
-                except zmq.ZMQError as exc:
-                    raise self._zmq_error(exc) from exc
-            try_first = True
-            left = ms_left(deadline)
             try:
+                return recv_frames(self._sock, NOBLOCK)
+            except zmq.Again:
+                left = ms_left(deadline)
                 if left == 0 or not self._poller.poll(left):
                     return None
             except zmq.ZMQError as exc:
@@ -156,28 +143,24 @@ class Puller(_PullerBase):
             yield message.body
 
 
-class AsyncPuller(_PullerBase):
-    def __init__(self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None) -> None:
+class AsyncPuller(AsyncHandle, PullerBase):
+    """Receives a pipeline's messages in an asyncio loop. ``async for body in puller``."""
+
+    def __init__(
+        self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None
+    ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._advertise()
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
-        self._check_open()
-        deadline = deadline_after(timeout)
-        while True:
-            try:
-                frames = await asyncio.wait_for(self._sock.recv_multipart(), s_left(deadline))
-            except asyncio.TimeoutError:
-                return None
-            message = self._decode(frames)
-            if message is not None:
-                return message
+        """Coroutine of :meth:`Puller.recv_message` (the same plan, awaited)."""
+        return await drive_async(self._receive(timeout), self._waits)
 
     async def recv(self, timeout: float | None = None) -> Any:
+        """The next body. Raises FabricTimeoutError after ``timeout`` seconds."""
         message = await self.recv_message(timeout)
         if message is None:
-            raise FabricTimeoutError(f"no message on pipeline {self.name!r} within {timeout} s",
-                                     timeout=timeout)
+            raise self._timeout(timeout)
         return message.body
 
     async def __aiter__(self) -> AsyncIterator[Any]:
@@ -185,33 +168,39 @@ class AsyncPuller(_PullerBase):
             yield message.body
 
 
-class Pusher(Encoder, SyncConnector):
-    """Sends into a pipeline, round robin over its pullers. Owned by one thread."""
+class PusherBase(Encoder, Connector):
+    """What the sync and the asyncio pusher share: the socket, framing."""
 
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
 
     def __init__(self, runtime: NodeRuntime, pipeline: str, via: str | None = None) -> None:
-        SyncConnector.__init__(self, runtime, pipeline, zmq.PUSH, via)
-        self._init_encoder(wire.Kind.MESSAGE)
+        super().__init__(runtime, pipeline, zmq.PUSH, via)
+        self._init_encoder(wire.Kind.MESSAGE, runtime.config.max_message_size)
+
+
+class Pusher(PusherBase, SyncConnector):
+    """Sends into a pipeline, round robin over its pullers. Owned by one thread."""
 
     def send(self, body: Any, timeout: float | None = None) -> None:
         """Send ``body`` to one puller. Waits up to ``timeout`` s (None: forever) while no puller
         is connected or all are HWM messages behind; then raises NoProviderError. Raises
-        LocalProtocolError for a body msgpack cannot encode."""
+        LocalProtocolError for a body msgpack cannot encode, MessageTooLargeError for one over
+        the node's ``max_message_size`` (nothing is sent then)."""
         if self._closed:
             self._check_open()
         # Encoder._encode and send_frames inlined (hot path).
-        self._seq = seq = self._seq + 1
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-            header = wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS)
-            copy = False
+            header, copy = self._raw_header(body), False
         else:
+            self._seq = seq = self._seq + 1
             try:
                 body = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
             header, copy = pack_canonical(self._prefix, seq, FLOAT64, time.time()), True
+            if len(body) > self._limit:
+                raise MessageTooLargeError(len(body), self._limit)
         if self._ops:
             self._drain()
         sock = self._sock
@@ -233,15 +222,11 @@ class Pusher(Encoder, SyncConnector):
         return self._wait_ready(deadline_after(timeout))
 
 
-class AsyncPusher(Encoder, AsyncConnector):
-    kind = EndpointKind.PIPELINE
-    noun = "pipeline"
-
-    def __init__(self, runtime: NodeRuntime, pipeline: str, via: str | None = None) -> None:
-        AsyncConnector.__init__(self, runtime, pipeline, zmq.PUSH, via)
-        self._init_encoder(wire.Kind.MESSAGE)
+class AsyncPusher(PusherBase, AsyncConnector):
+    """Sends into a pipeline from an asyncio loop, round robin over its pullers."""
 
     async def send(self, body: Any, timeout: float | None = None) -> None:
+        """Coroutine of :meth:`Pusher.send`."""
         self._check_open()
         frames, copy = self._encode(body)
         if not await self._send(frames, deadline_after(timeout), copy):

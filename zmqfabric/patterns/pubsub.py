@@ -24,7 +24,7 @@ from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
-from ..errors import FabricTimeoutError, LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, MessageTooLargeError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
     deadline_after,
@@ -32,9 +32,10 @@ from ..transport.frames import (
     recv_frames,
     send_frames,
 )
-from .aioconn import AsyncConnector
-from .base import Bound, SyncConnector
+from .base import Bound, Connector
 from .encoder import BINARY, Encoder
+from .plan import AWAITING, BLOCKING, POLL, Plan, drive, drive_async
+from .waiting import AsyncConnector, SyncConnector
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -85,20 +86,23 @@ def _filters(topics: Iterable[str] | None) -> list[bytes]:
     return heads
 
 
-class Publisher(Encoder, Bound):
+class PublisherBase(Encoder, Bound):
     """Publishes one stream. ``send`` never blocks: a subscriber that falls HWM messages behind
     loses messages (ZeroMQ pub/sub semantics). The socket is an XPUB, which sends exactly like a
     PUB (plain ZeroMQ SUB programs subscribe to it as to any PUB); the publisher also reads the
-    subscription messages it receives, to count subscribers (see ``wait_subscribers``).
+    subscription messages it receives, to count subscribers (see ``wait_subscribers``: blocking
+    in :class:`Publisher`, a coroutine in :class:`AsyncPublisher`).
     Thread-affine: one thread uses it (on an asyncio node, the loop's thread)."""
 
     kind = EndpointKind.STREAM
     noun = "stream"
     sync_socket = True  # sends never wait and subscriptions are read without waiting
 
-    def __init__(self, runtime: NodeRuntime, stream: str, allow: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, runtime: NodeRuntime, stream: str, allow: Iterable[str] | None = None
+    ) -> None:
         Bound.__init__(self, runtime, stream, zmq.XPUB, allow)
-        self._init_encoder(wire.Kind.EVENT)
+        self._init_encoder(wire.Kind.EVENT, runtime.config.max_message_size)
         #: Markers of the subscribers whose subscriptions are applied now.
         self._markers: set[bytes] = set()
         #: The last frame read was a malformed frame with more to come (counted once).
@@ -118,27 +122,17 @@ class Publisher(Encoder, Bound):
         self._read_subscriptions(_READ_MAX)
         return len(self._markers)
 
-    def wait_subscribers(self, n: int, timeout: float) -> int:
-        """Wait until ``n`` fabric subscribers have their subscriptions applied here, at most
-        ``timeout`` s; return how many have (``subscribers``). When it returns ``n`` or more,
-        an event sent next reaches those subscribers (when its topic matches their filters):
-        nothing published after this returns is lost to a subscription still on its way.
-        A subscriber behind a forwarder device counts once its subscription has travelled
-        through the forwarder to here; the forwarder itself does not count. Call from the
-        owning thread (it blocks it, also on an asyncio node); raises ClosedError once closed."""
+    def _wait_subscribers(self, n: int, timeout: float) -> Plan[int]:
+        """The plan of ``wait_subscribers``."""
         self._check_open()
         deadline = deadline_after(timeout)
         # A marker read means its subscriber's topics are applied: no need to read all first.
         while True:
             drained = self._read_subscriptions(_READ_BATCH)
-            if len(self._markers) >= n:
-                break
-            left = ms_left(deadline)
-            if left == 0:
-                break
+            if len(self._markers) >= n or ms_left(deadline) == 0:
+                return len(self._markers)
             if drained:
-                self._sock.poll(left, zmq.POLLIN)
-        return len(self._markers)
+                yield POLL, ([(self._sock, zmq.POLLIN)], deadline)
 
     def _read_subscriptions(self, limit: int) -> bool:
         """Apply at most ``limit`` frames the XPUB has queued; True when none is left. Never
@@ -195,22 +189,24 @@ class Publisher(Encoder, Bound):
 
     def send(self, topic: str, body: Any) -> None:
         """Publish ``body`` under ``topic``. Raises LocalProtocolError for an unencodable body or
-        topic. The node's ``events_sent`` counter is updated every 256 events and on close."""
+        topic, MessageTooLargeError for a body over the node's ``max_message_size`` (nothing is
+        sent then). The node's ``events_sent`` counter is updated every 256 events and on close."""
         if self._closed:
             self._check_open()
         head = self._topics.get(topic)
         if head is None:
             head = self._topic(topic)
-        self._seq = seq = self._seq + 1
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-            header = wire.pack_header(self._kind, seq, time.time(), wire.RAW_HEADERS)
-            send_frames(self._sock, [head, header, body], 0, False)
-        else:
+            send_frames(self._sock, [head, self._raw_header(body), body], 0, False)
+        else:  # Encoder._encode inlined (hot path)
+            self._seq = seq = self._seq + 1
             try:
                 data = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
             header = pack_canonical(self._prefix, seq, FLOAT64, time.time())
+            if len(data) > self._limit:
+                raise MessageTooLargeError(len(data), self._limit)
             send_frames(self._sock, [head, header, data], 0)
         self._unsent_count += 1
         if self._unsent_count >= _COUNT_BATCH:
@@ -225,21 +221,51 @@ class Publisher(Encoder, Bound):
         return head
 
 
-class _SubscriptionBase:
+class Publisher(PublisherBase):
+    __doc__ = PublisherBase.__doc__
+
+    def wait_subscribers(self, n: int, timeout: float) -> int:
+        """Wait until ``n`` fabric subscribers have their subscriptions applied here, at most
+        ``timeout`` s; return how many have (``subscribers``). When it returns ``n`` or more,
+        an event sent next reaches those subscribers (when its topic matches their filters):
+        nothing published after this returns is lost to a subscription still on its way.
+        A subscriber behind a forwarder device counts once its subscription has travelled
+        through the forwarder to here; the forwarder itself does not count. Blocks the owning
+        thread; raises ClosedError once closed."""
+        return drive(self._wait_subscribers(n, timeout), BLOCKING)
+
+
+class AsyncPublisher(PublisherBase):
+    """A publisher of an asyncio node: ``wait_subscribers`` is a coroutine; ``send`` never
+    waits, so it stays a plain method."""
+
+    async def wait_subscribers(self, n: int, timeout: float) -> int:
+        """Coroutine of :meth:`Publisher.wait_subscribers` (the same plan, awaited)."""
+        return await drive_async(self._wait_subscribers(n, timeout), AWAITING)
+
+
+class SubscriptionBase(Connector):
+    """What the sync and the asyncio subscription share: topics, the marker, decoding."""
+
     kind = EndpointKind.STREAM
     noun = "stream"
-    _sock: zmq.Socket
+    received = "event"
 
-    #: This subscription's marker: subscribed after its topics, so that publishers can tell when
-    #: those are applied (see the module docstring).
-    marker: bytes
-
-    def _subscribe_topics(self, heads: list[bytes]) -> None:
-        """Subscribe to ``heads`` (from ``_filters``), then to a fresh marker: a connection's
-        subscriptions reach a publisher in order (on a reconnection, in byte order, where the
-        marker sorts last too)."""
+    def __init__(
+        self,
+        runtime: NodeRuntime,
+        stream: str,
+        topics: Iterable[str] | None = None,
+        via: str | None = None,
+    ) -> None:
+        heads = _filters(topics)  # before the socket exists: a bad topic leaks nothing
+        super().__init__(runtime, stream, zmq.SUB, via)
+        # A connection's subscriptions reach a publisher in order (on a reconnection, in byte
+        # order, where the marker sorts last too): the marker comes after the topics.
         for head in heads:
             self._sock.setsockopt(zmq.SUBSCRIBE, head)
+        #: This subscription's marker: subscribed after its topics, so that publishers can tell
+        #: when those are applied (see the module docstring).
         self.marker = new_marker()
         self._sock.setsockopt(zmq.SUBSCRIBE, self.marker)
 
@@ -255,11 +281,11 @@ class _SubscriptionBase:
                                         wire.unpack_body(frames[2]), wire.decode_topic(frames[0]))
             return wire.parse_event(frames)
         except RemoteProtocolError as exc:
-            self._refused("event", exc)  # type: ignore[attr-defined]
+            self._refused("event", exc)
             return None
 
 
-class Subscription(_SubscriptionBase, SyncConnector):
+class Subscription(SubscriptionBase, SyncConnector):
     """Receives one stream from every publisher. Iterate for ``(topic, body)`` pairs.
 
     Owned by one thread. ZeroMQ pub/sub is at most once: messages published before the
@@ -268,26 +294,9 @@ class Subscription(_SubscriptionBase, SyncConnector):
     Raises LocalProtocolError for a topic that cannot be encoded.
     """
 
-    def __init__(
-        self,
-        runtime: NodeRuntime,
-        stream: str,
-        topics: Iterable[str] | None = None,
-        via: str | None = None,
-    ) -> None:
-        heads = _filters(topics)  # before the socket exists: a bad topic leaks nothing
-        SyncConnector.__init__(self, runtime, stream, zmq.SUB, via)
-        self._subscribe_topics(heads)
-
     def recv_message(self, timeout: float | None = None) -> wire.Message | None:
         """The next event as a Message, or None after ``timeout`` seconds (None: wait forever)."""
-        self._check_open()
-        deadline = deadline_after(timeout)
-        while (frames := self._recv(deadline)) is not None:
-            message = self._decode(frames)
-            if message is not None:
-                return message
-        return None
+        return drive(self._receive(timeout), self._waits)
 
     def recv(self, timeout: float | None = None) -> tuple[str, Any]:
         """The next ``(topic, body)``. Raises FabricTimeoutError after ``timeout`` seconds."""
@@ -304,10 +313,9 @@ class Subscription(_SubscriptionBase, SyncConnector):
             except zmq.Again:
                 if not waited:
                     deadline, waited = deadline_after(timeout), True
-                got = self._wait_recv(deadline)
-                if got is None:
-                    raise _timeout(self.name, timeout) from None
-                frames = got
+                if not self._poll(self._poll_in, deadline):
+                    raise self._timeout(timeout) from None
+                continue
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
             if len(frames) == 3:  # fast path: [topic, canonical event header, msgpack body]
@@ -338,33 +346,18 @@ class Subscription(_SubscriptionBase, SyncConnector):
             yield message.topic or "", message.body
 
 
-class AsyncSubscription(_SubscriptionBase, AsyncConnector):
+class AsyncSubscription(SubscriptionBase, AsyncConnector):
     """Receives one stream in an asyncio loop. ``async for topic, body in sub``."""
 
-    def __init__(
-        self,
-        runtime: NodeRuntime,
-        stream: str,
-        topics: Iterable[str] | None = None,
-        via: str | None = None,
-    ) -> None:
-        heads = _filters(topics)  # before the socket exists: a bad topic leaks nothing
-        AsyncConnector.__init__(self, runtime, stream, zmq.SUB, via)
-        self._subscribe_topics(heads)
-
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
-        self._check_open()
-        deadline = deadline_after(timeout)
-        while (frames := await self._recv(deadline)) is not None:
-            message = self._decode(frames)
-            if message is not None:
-                return message
-        return None
+        """Coroutine of :meth:`Subscription.recv_message` (the same plan, awaited)."""
+        return await drive_async(self._receive(timeout), self._waits)
 
     async def recv(self, timeout: float | None = None) -> tuple[str, Any]:
+        """The next ``(topic, body)``. Raises FabricTimeoutError after ``timeout`` seconds."""
         message = await self.recv_message(timeout)
         if message is None:
-            raise _timeout(self.name, timeout)
+            raise self._timeout(timeout)
         return message.topic or "", message.body
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -375,7 +368,3 @@ class AsyncSubscription(_SubscriptionBase, AsyncConnector):
     async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
         while (message := await self.recv_message()) is not None:
             yield message.topic or "", message.body
-
-
-def _timeout(stream: str, timeout: float | None) -> FabricTimeoutError:
-    return FabricTimeoutError(f"no event on stream {stream!r} within {timeout} s", timeout=timeout)

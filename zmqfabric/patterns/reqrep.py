@@ -1,11 +1,13 @@
 """Request/reply, the callers' side: requesters (ROUTER, connected to every provider,
 load-balanced round robin; replies matched by message id, so a late answer to an abandoned attempt
 is dropped rather than returned to the wrong call). Services are in
-:mod:`zmqfabric.patterns.service`."""
+:mod:`zmqfabric.patterns.service`.
+
+A request is one plan (``RequesterBase._plan``: wait for providers, send, receive, retry), driven
+by :class:`Requester` (blocking) and :class:`AsyncRequester` (awaiting); see :mod:`.plan`."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import itertools
 import logging
@@ -22,6 +24,7 @@ from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
 from ..errors import (
     AuthorizationError,
+    MessageTooLargeError,
     NoProviderError,
     RemoteError,
     RemoteProtocolError,
@@ -29,17 +32,16 @@ from ..errors import (
 )
 from ..transport.frames import (
     NOBLOCK,
-    deadline_after,
     ms_left,
     recv_frames,
-    s_left,
     send_frames,
     sticky_rcvtimeo,
 )
 from ..transport.sockets import sync_view
-from .aioconn import AsyncConnector
-from .base import SyncConnector
-from .encoder import BINARY
+from .base import Connector
+from .encoder import BINARY, nbytes
+from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_SETTLED, Plan, drive, drive_async
+from .waiting import AsyncConnector, SyncConnector
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 # Hot path (see wire's canonical header): pre-packed header prefixes.
 _REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
 _REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
+#: A request that no connected provider takes yet is tried again at least this often (s).
+RESEND_CHECK_S = 0.01
 
 
 def _encode(
@@ -66,35 +70,82 @@ def _encode(
     return pack_canonical(prefix, msg_id, FLOAT64, time.time()), data, True
 
 
-class _RequesterBase:
-    """Shared by the sync and asyncio requesters: encoding, choosing the provider, matching replies.
+class RequesterBase(Connector):
+    """What the sync and the asyncio requester share: the request plan, encoding, choosing the
+    provider, matching replies.
 
     A requester is a ROUTER connected to every provider with the provider's URL as its routing
     id, so it picks the provider of each request itself: round robin over the providers it is
     connected to, and a retry goes to another provider than the attempt before (a DEALER's round
     robin may send it to the same one again)."""
 
-    _rt: NodeRuntime
-
     kind = EndpointKind.REPLY
     noun = "service"
     routed = True
-    name: str
-    _runtime: NodeRuntime
-    _urls: set[str]
-    _sock: zmq.Socket
 
-    def _setup(self) -> None:
+    def __init__(self, runtime: NodeRuntime, service: str, via: str | None = None) -> None:
+        #: (URL, routing id) of every provider connected, sorted: made when providers change.
+        self._routes: list[tuple[str, bytes]] = []
         self._turn = random.randrange(1 << 16)  # fresh requesters do not all start at one provider
         self._ids = itertools.count(random.getrandbits(40))
-        self._secured = self._rt.config.keys is not None
+        self._secured = runtime.config.keys is not None
+        self._limit = runtime.config.max_message_size
         self._pack = msgpack.Packer().pack
+        super().__init__(runtime, service, zmq.ROUTER, via)
+        #: Requests go out through the blocking view with NOBLOCK: they never wait.
+        self._out = sync_view(self._sock)
+
+    def _apply(self, op: str, url: str) -> bool:
+        applied = super()._apply(op, url)
+        self._routes = [(u, u.encode()) for u in sorted(self._urls)]
+        return applied
+
+    def _plan(self, body: Any, timeout: float | None, retries: int) -> Plan[Any]:
+        """The request (see :meth:`Requester.request`): every decision, no waiting."""
+        self._check_open()
+        if timeout is None:
+            timeout = self._rt.config.request_timeout_s
+        msg_id, frames, copy = self._frames(body)  # an unencodable body fails before any wait
+        last: str | None = None
+        attempt = 0
+        for attempt in range(1, retries + 2):
+            deadline = time.monotonic() + timeout
+            if not (yield WAIT_PROVIDERS, deadline):
+                self._check_open()  # closed meanwhile (asyncio: by another coroutine)
+                raise NoProviderError("service", self.name, timeout)
+            if self._secured:
+                if not self._settled():
+                    yield WAIT_SETTLED, deadline  # new connections: learn of refusals at once
+                else:
+                    self._read_monitor()  # refusals (or successes) since the last call
+                if self._all_refused():
+                    break
+            if attempt > 1:
+                msg_id, frames, copy = self._frames(body)
+            avoid = last
+            # While no provider is connected yet, wait for a directory change or a connection.
+            while (last := self._send_to_one(frames, copy, avoid)) is None:
+                if ms_left(deadline) == 0:
+                    break
+                yield WAIT_CHANGE, min(deadline, time.monotonic() + RESEND_CHECK_S)
+            if last is None:
+                continue
+            while (reply := (yield RECV, deadline)) is not None:
+                ok, result = self._match(reply[1:], msg_id)
+                if ok:
+                    return result
+        raise self._failure(timeout, attempt)
 
     def _frames(self, body: Any) -> tuple[int, list[Any], bool]:
-        """(message id, frames, copy flag) of a new request."""
+        """(message id, frames with a slot for the routing id, copy flag) of a new request.
+        Raises LocalProtocolError for a body msgpack cannot encode, MessageTooLargeError for one
+        over the node's max_message_size (which the provider would refuse)."""
         msg_id = next(self._ids)
         header, data, copy = _encode(self._pack, wire.Kind.REQUEST, _REQUEST, msg_id, body)
-        return msg_id, [b"", header, data], copy
+        size = len(data) if copy else nbytes(data)
+        if size > self._limit:
+            raise MessageTooLargeError(size, self._limit)
+        return msg_id, [b"", b"", header, data], copy
 
     def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
         """(True, body) for our reply; (False, None) for stale or malformed replies.
@@ -107,7 +158,7 @@ class _RequesterBase:
                 try:  # the body first, as parse_reply: a malformed reply is refused, stale or not
                     body = wire.unpack_body(frames[2])
                 except RemoteProtocolError as exc:
-                    self._refused("reply", exc)  # type: ignore[attr-defined]
+                    self._refused("reply", exc)
                     return False, None
                 if unpack_canonical(head)[1] != msg_id:
                     self._rt.counters.add("stale_replies")
@@ -116,7 +167,7 @@ class _RequesterBase:
         try:
             header, body = wire.parse_reply(frames)
         except RemoteProtocolError as exc:
-            self._refused("reply", exc)  # type: ignore[attr-defined]
+            self._refused("reply", exc)
             return False, None
         if header.msg_id != msg_id:
             self._rt.counters.add("stale_replies")
@@ -128,93 +179,61 @@ class _RequesterBase:
     def _send_to_one(self, frames: list[Any], copy: bool, avoid: str | None) -> str | None:
         """Send to the next provider in turn that is connected, ``avoid`` only if no other one
         is; return its URL, or None when none is connected now. Never blocks."""
-        order = sorted(self._urls)
-        count = len(order)
-        if not count:
-            return None
-        start = self._turn % count
-        turns = [order[(start + k) % count] for k in range(count)]
-        if avoid in self._urls and count > 1:
-            turns.remove(avoid)
-            turns.append(avoid)
-        sock = sync_view(self._sock)
-        for url in turns:
-            try:
-                send_frames(sock, [url.encode(), *frames], NOBLOCK, copy)
-            except zmq.ZMQError as exc:
-                if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
-                    continue  # not connected (yet), or that provider's queue is full
-                raise self._zmq_error(exc) from exc  # type: ignore[arg-type]
-            self._turn = order.index(url) + 1
-            return url
+        routes = self._routes
+        count = len(routes)
+        skipped = -1
+        for turn in range(self._turn, self._turn + count):
+            i = turn % count
+            if count > 1 and routes[i][0] == avoid:
+                skipped = i
+                continue
+            if self._send_route(i, frames, copy):
+                return routes[i][0]
+        if skipped >= 0 and self._send_route(skipped, frames, copy):
+            return routes[skipped][0]
         return None
 
-    def _timeouts(self, timeout: float | None) -> float:
-        return self._rt.config.request_timeout_s if timeout is None else timeout
+    def _send_route(self, i: int, frames: list[Any], copy: bool) -> bool:
+        """Send to provider ``i`` of ``_routes``; False when it is not connected (yet) or its
+        queue is full."""
+        frames[0] = self._routes[i][1]
+        try:
+            send_frames(self._out, frames, NOBLOCK, copy)
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                return False
+            raise self._zmq_error(exc) from exc
+        self._turn = i + 1
+        return True
 
     def _failure(self, timeout: float, attempts: int) -> Exception:
         """The error for a request that got no answer: refused by every provider, or timed out."""
-        self._read_monitor()  # type: ignore[attr-defined]
-        refused = self._all_refused()  # type: ignore[attr-defined]
+        self._read_monitor()
+        refused = self._all_refused()
         if refused:
             return AuthorizationError("service", self.name, self._rt.server_names(refused))
-        return RequestTimeoutError(self.name, timeout, attempts, len(self._urls))  # type: ignore[attr-defined]
+        return RequestTimeoutError(self.name, timeout, attempts, len(self._urls))
 
 
-class Requester(_RequesterBase, SyncConnector):
+class Requester(RequesterBase, SyncConnector):
     """Calls one service by name. Owned by one thread; not thread-safe."""
 
+    steps = {**SyncConnector.steps, RECV: "_await_reply"}
+
     def __init__(self, runtime: NodeRuntime, service: str, via: str | None = None) -> None:
-        SyncConnector.__init__(self, runtime, service, zmq.ROUTER, via)
-        self._setup()
         self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set; -1: none
+        super().__init__(runtime, service, via)
 
     def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
         """Send ``body`` to one provider and return its reply.
 
         Each attempt waits ``timeout`` seconds (default: the node's request timeout); on no answer,
         up to ``retries`` more attempts go to the next provider. Raises NoProviderError,
-        RequestTimeoutError, RemoteError (the handler raised), ClosedError.
+        RequestTimeoutError, RemoteError (the handler raised), AuthorizationError (every provider
+        refused our key), LocalProtocolError (an unencodable body), MessageTooLargeError,
+        ClosedError.
         """
-        self._check_open()
-        timeout = self._timeouts(timeout)
-        last: str | None = None
-        for attempt in range(1, retries + 2):
-            deadline = deadline_after(timeout)
-            if not self._wait_providers(deadline):
-                raise NoProviderError("service", self.name, timeout)
-            if self._secured:
-                if not self._settled():
-                    self._wait_settled(deadline)  # new connections: learn of refusals at once
-                else:
-                    self._read_monitor()  # refusals (or successes) since the last call
-                if self._all_refused():
-                    break
-            msg_id, frames, copy = self._frames(body)
-            last = self._send_routed(frames, deadline, copy, last)
-            if last is None:
-                continue
-            while (reply := self._await_reply(deadline)) is not None:
-                ok, result = self._match(reply[1:], msg_id)
-                if ok:
-                    return result
-        raise self._failure(timeout, attempt)
-
-    def _send_routed(
-        self, frames: list[Any], deadline: float, copy: bool, avoid: str | None
-    ) -> str | None:
-        """Send to one connected provider (see ``_send_to_one``); while none is connected yet,
-        wait for a directory change or a connection, at most until ``deadline``."""
-        while True:
-            if self._ops:
-                self._drain()
-            url = self._send_to_one(frames, copy, avoid)
-            if url is not None:
-                return url
-            left = ms_left(deadline)
-            if left == 0:
-                return None
-            self._wait_monitor(lambda: False, deadline_after(min(left, 10) / 1000))
+        return drive(self._plan(body, timeout, retries), self._waits)
 
     def _await_reply(self, deadline: float | None) -> list[bytes] | None:
         """The next message on the socket, or None at ``deadline``: a blocking receive, as a raw
@@ -237,53 +256,9 @@ class Requester(_RequesterBase, SyncConnector):
             raise self._zmq_error(exc) from exc
 
 
-class AsyncRequester(_RequesterBase, AsyncConnector):
+class AsyncRequester(RequesterBase, AsyncConnector):
     """Calls one service by name from one asyncio loop."""
 
-    def __init__(self, runtime: NodeRuntime, service: str, via: str | None = None) -> None:
-        AsyncConnector.__init__(self, runtime, service, zmq.ROUTER, via)
-        self._setup()
-
     async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
-        """Coroutine twin of :meth:`Requester.request`."""
-        self._check_open()
-        timeout = self._timeouts(timeout)
-        last: str | None = None
-        for attempt in range(1, retries + 2):
-            deadline = deadline_after(timeout)
-            if not await self._wait_providers(deadline):
-                raise NoProviderError("service", self.name, timeout)
-            if self._secured:
-                if not self._settled():
-                    await self._wait_settled(deadline)  # learn of refusals at once
-                else:
-                    self._read_monitor()
-                if self._all_refused():
-                    break
-            msg_id, frames, copy = self._frames(body)
-            last = await self._send_routed(frames, deadline, copy, last)
-            if last is None:
-                continue
-            while (reply := await self._recv(deadline)) is not None:
-                ok, result = self._match(reply[1:], msg_id)
-                if ok:
-                    return result
-        raise self._failure(timeout, attempt)
-
-    async def _send_routed(
-        self, frames: list[Any], deadline: float, copy: bool, avoid: str | None
-    ) -> str | None:
-        """Coroutine twin of :meth:`Requester._send_routed`."""
-        while True:
-            url = self._send_to_one(frames, copy, avoid)
-            if url is not None:
-                return url
-            left = s_left(deadline)
-            if not left:
-                return None
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.01))
-            except asyncio.TimeoutError:
-                pass
-
+        """Coroutine of :meth:`Requester.request` (the same plan, awaited)."""
+        return await drive_async(self._plan(body, timeout, retries), self._waits)

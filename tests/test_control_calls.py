@@ -1,0 +1,314 @@
+"""Control calls (``ping``, ``info``, ``stats``; the CLI's ``ping``, ``stats``, ``top``) honour
+their timeout whatever the peer does, and say why they failed:
+
+- a peer whose control port accepts TCP but never speaks ZeroMQ, or a port nobody listens on:
+  FabricTimeoutError at the timeout (CLI exit 4), never a hang (the request is never sent with a
+  blocking send);
+- a secured peer that refuses our key: AuthorizationError at once, from the handshake that the
+  call watches (CLI exit 7), not a timeout;
+- a node closed while a call waits: the call ends at once with ClosedError;
+- ``top`` ends on the first Ctrl-C, also with a silent peer in the fabric.
+
+Silent peers are hand-made directory records (in process) or hand-made mDNS records pinned to
+127.0.0.1 (for CLI processes), whose control port is a plain TCP socket of this test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import zmqfabric as zf
+import zmqfabric.aio
+from tests.helpers import forged_service_info, loopback_zeroconf, unique
+from tests.procs import Child, ProcessGroup
+from zmqfabric.core.records import (
+    Endpoint,
+    EndpointKind,
+    NodeRecord,
+    encode_txt,
+    instance_name,
+)
+from zmqfabric.security import keys
+
+#: Bound for waits that should succeed (discovery, processes).
+WAIT = 20.0
+#: How much later than its timeout a timed-out call may return (s): scheduling on a loaded host.
+SLACK = 1.0
+#: How soon a refused handshake must end a call (s), the promise under test.
+REFUSED_WITHIN = 1.0
+#: How often a test looks at a child's stderr for a line (s).
+POLL_S = 0.01
+#: The CLI's exit codes (zmqfabric --help).
+EXIT_TIMEOUT, EXIT_REFUSED, EXIT_INTERRUPTED = 4, 7, 130
+
+FLAVOURS = ["sync", "asyncio"]
+
+
+# --- silent peers -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def silent_port(kind: str) -> Iterator[int]:
+    """A TCP port of 127.0.0.1 that takes connections (the kernel's backlog accepts them) and
+    never answers (``"silent"``), or one that nobody listens on (``"closed"``)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        if kind == "closed":
+            server.close()
+        yield port
+    finally:
+        server.close()
+
+
+def silent_record(port: int) -> NodeRecord:
+    """The record of a node whose control endpoint is ``port``."""
+    node_id = secrets.token_hex(8)
+    return NodeRecord(unique("silent"), node_id, "silent-host", 1, "127.0.0.1",
+                      (Endpoint(EndpointKind.CONTROL, "control", port),), 1)
+
+
+@contextlib.contextmanager
+def advertised(record: NodeRecord) -> Iterator[None]:
+    """``record`` advertised with mDNS on 127.0.0.1 (for other processes to find)."""
+    zc = loopback_zeroconf()
+    info = forged_service_info(instance_name(record.name, record.node_id), record.node_id,
+                               encode_txt(record), record.control.port)  # type: ignore[union-attr]
+    zc.register_service(info, cooperating_responders=True)
+    try:
+        yield
+    finally:
+        zc.unregister_service(info)
+        zc.close()
+
+
+Ask = Callable[[str, str, float], Any]
+
+
+@contextlib.contextmanager
+def caller(flavour: str, prefix: str, **kwargs: Any) -> Iterator[tuple[Any, Ask]]:
+    """A started node of ``flavour`` and ``ask(op, target, timeout)``, which calls
+    ``node.<op>(target, timeout=timeout)``: on a sync node in this thread; on an asyncio node in
+    the loop it runs in (a thread of this test), while this thread waits for the result."""
+    if flavour == "sync":
+        with zf.Node(unique(prefix), **kwargs) as node:
+            yield node, lambda op, target, timeout: getattr(node, op)(target, timeout=timeout)
+        return
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop")
+    thread.start()
+
+    def on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(WAIT)
+
+    node = zmqfabric.aio.Node(unique(prefix), **kwargs)
+    try:
+        on_loop(node.start())
+        yield node, lambda op, target, timeout: on_loop(getattr(node, op)(target, timeout=timeout))
+    finally:
+        try:
+            on_loop(node.close())
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(WAIT)
+            loop.close()
+
+
+# --- in one process -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port_kind", ["silent", "closed"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_control_port_that_never_answers_times_out(flavour: str, port_kind: str) -> None:
+    timeout = 0.5
+    with silent_port(port_kind) as port, caller(flavour, "asker") as (node, ask):
+        target = silent_record(port)
+        node.directory.put(target)
+        for op in ("ping", "info", "stats"):
+            start = time.monotonic()
+            with pytest.raises(zf.FabricTimeoutError) as err:
+                ask(op, target.name, timeout)
+            elapsed = time.monotonic() - start
+            assert timeout - 0.05 <= elapsed < timeout + SLACK, f"{op}: {elapsed:.2f} s"
+            assert err.value.timeout == timeout and target.name in str(err.value)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_an_unknown_node_is_not_found_at_the_timeout(flavour: str) -> None:
+    with caller(flavour, "asker") as (_, ask):
+        start = time.monotonic()
+        with pytest.raises(zf.NodeNotFoundError):
+            ask("ping", unique("nobody"), 0.3)
+        assert 0.25 <= time.monotonic() - start < 0.3 + SLACK
+
+
+@pytest.fixture
+def refusing(tmp_path: Path) -> Iterator[tuple[zf.Node, Path, Path]]:
+    """A secured node (its own keys, an empty allow-list), plus two client key directories:
+    ``stranger`` allows the node's key (so it sees the node) but is not allowed by it;
+    ``friend`` and the node allow each other."""
+    server_dir, stranger, friend = tmp_path / "server", tmp_path / "stranger", tmp_path / "friend"
+    server_key = keys.generate(server_dir)
+    keys.generate(stranger)
+    friend_key = keys.generate(friend)
+    keys.allow(stranger, server_key, "server")
+    keys.allow(friend, server_key, "server")
+    keys.allow(server_dir, friend_key, "friend")
+    with zf.Node(unique("secured"), keys=server_dir) as server:
+        yield server, stranger, friend
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_peer_that_refuses_our_key_fails_at_once(refusing, flavour: str) -> None:
+    server, stranger, friend = refusing
+    with caller(flavour, "friend", keys=friend) as (_, ask):
+        assert ask("ping", server.name, WAIT)["node"] == server.name
+    with caller(flavour, "stranger", keys=stranger) as (_, ask):
+        ask("wait_for_node", server.name, WAIT)  # time the refusal only, not discovery
+        for op in ("ping", "stats"):
+            start = time.monotonic()
+            with pytest.raises(zf.AuthorizationError) as err:
+                ask(op, server.name, WAIT)
+            elapsed = time.monotonic() - start
+            assert elapsed < REFUSED_WITHIN, f"{op} refused after {elapsed:.2f} s, not at once"
+            assert server.name in str(err.value) and "keys allow" in str(err.value)
+
+
+def test_closing_the_node_ends_a_call_in_flight() -> None:
+    """A call waiting on a silent peer from another thread ends with ClosedError as soon as its
+    node closes, and the close does not wait for the call's timeout."""
+    outcome: list[BaseException | Any] = []
+    with silent_port("silent") as port:
+        node = zf.Node(unique("closing")).start()
+        target = silent_record(port)
+        node.directory.put(target)
+        started = threading.Event()
+
+        def ask() -> None:
+            started.set()
+            try:
+                outcome.append(node.ping(target.name, timeout=60))
+            except BaseException as exc:  # noqa: B036 - checked below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=ask, name="test-asker")
+        thread.start()
+        assert started.wait(WAIT)
+        start = time.monotonic()
+        node.close()
+        thread.join(WAIT)
+        elapsed = time.monotonic() - start
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], zf.ClosedError), outcome
+    assert elapsed < 5.0, f"closing took {elapsed:.2f} s with a call in flight"
+
+
+# --- the CLI, in processes of its own -----------------------------------------------------------
+
+
+def finished(child: Child, within: float) -> tuple[int, float, str]:
+    """(exit code, seconds since ``child`` started, stderr) once it exits (at most ``within``)."""
+    start = child_started[id(child)]
+    code = child.wait(within)
+    elapsed = time.monotonic() - start
+    child.stop()
+    return code, elapsed, child.err_tail()
+
+
+child_started: dict[int, float] = {}
+
+
+def cli(procs: ProcessGroup, *args: str) -> Child:
+    start = time.monotonic()
+    child = procs.cli(*args)
+    child_started[id(child)] = start
+    return child
+
+
+def test_cli_refused_by_a_secured_node_exits_7_at_once(refusing, procs: ProcessGroup) -> None:
+    """A CLI whose key the node does not allow: exit 7 (refused) within REFUSED_WITHIN of
+    finding the node (its -v log says when), not at --timeout; one the node allows: exit 0."""
+    server, stranger, friend = refusing
+    code, _, err = finished(
+        cli(procs, "--keys", str(friend), "--timeout", str(WAIT), "ping", server.name), WAIT)
+    assert code == 0, err
+    for command in ("ping", "stats"):
+        child = cli(procs, "-v", "--keys", str(stranger), "--timeout", str(WAIT), command,
+                    server.name)
+        found = wait_for_line(child, f"node {server.name} joined", WAIT)
+        code = child.wait(WAIT)
+        refused_s = time.monotonic() - found
+        child.stop()
+        err = child.err_tail()
+        assert code == EXIT_REFUSED, err
+        assert "refused" in err and "keys allow" in err, err
+        assert refused_s < REFUSED_WITHIN, (
+            f"{command}: exited {refused_s:.2f} s after finding the node")
+
+
+def wait_for_line(child: Child, text: str, timeout: float) -> float:
+    """The time ``text`` appeared in ``child``'s stderr (read as it comes; looked at every
+    POLL_S)."""
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in list(child.stderr)):
+        assert child.proc.poll() is None, f"exited before {text!r}:\n{child.err_tail()}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s"
+        time.sleep(POLL_S)
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("port_kind", ["silent", "closed"])
+def test_cli_against_a_silent_control_port_exits_4_at_the_timeout(
+    procs: ProcessGroup, port_kind: str
+) -> None:
+    timeout = 4.0  # finding the node by mDNS takes up to a second of it
+    with silent_port(port_kind) as port:
+        target = silent_record(port)
+        with advertised(target):
+            for command in ("ping", "stats"):
+                code, elapsed, err = finished(
+                    cli(procs, "--timeout", str(timeout), command, target.name), WAIT)
+                assert code == EXIT_TIMEOUT, err
+                assert "did not answer" in err, err
+                # At the timeout: not before it, and not a hang (start-up is the rest).
+                assert timeout <= elapsed < timeout + 5.0, f"{command}: {elapsed:.2f} s"
+
+
+def test_top_ends_on_the_first_ctrl_c_with_a_silent_node(
+    procs: ProcessGroup, make_node: Callable[..., zf.Node]
+) -> None:
+    """``top`` with a silent node among its peers: each refresh still comes (the silent one shows
+    an error), and one SIGINT ends it at once, also while it waits for the silent node."""
+    live = make_node("live")
+    with silent_port("silent") as port:
+        target = silent_record(port)
+        with advertised(target):
+            child = cli(procs, "--json", "top", "--interval", "0.2")
+            seen: set[str] = set()
+            while not {live.name, target.name} <= seen:  # both sampled in one refresh at least
+                seen.add(_json_node(child.readline(WAIT)))
+            child.signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            code = child.wait(WAIT)
+            elapsed = time.monotonic() - interrupted
+            child.stop()
+    assert code == EXIT_INTERRUPTED, child.err_tail()
+    assert elapsed < 3.0, f"top took {elapsed:.2f} s to end after Ctrl-C"
+
+
+def _json_node(line: str) -> str:
+    import json
+
+    row = json.loads(line)
+    return str(row.get("node"))
