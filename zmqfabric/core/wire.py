@@ -196,6 +196,37 @@ def _unpack_header_slow(data: bytes) -> Header:
     return Header(Kind(kind), msg_id, float(ts), headers or None)
 
 
+#: How much of a header frame :func:`request_id` reads: an array header and three integers take
+#: at most 32 bytes in any msgpack encoding.
+_PEEK_SIZE: Final = 64
+
+
+def request_id(data: bytes) -> int | None:
+    """The message id of a header frame that may not parse (another version, over 4096 bytes, a
+    bad timestamp or map, a body glued on): the third item of the msgpack array it starts with,
+    read from its first 64 bytes only, or None when those do not hold an unsigned 64-bit
+    integer there. Every version keeps ``[version, kind, msg_id, ...]`` as the array's first
+    items, so that a refusal can always repeat the id of a request whose id can be read
+    (docs/PROTOCOL.md, "Refusals"). Never raises."""
+    head = _peek(data)
+    if head is None or type(head[2]) is not int or not 0 <= head[2] <= _MAX_ID:
+        return None
+    return head[2]
+
+
+def _peek(data: bytes) -> tuple[Any, Any, Any] | None:
+    """The first three items of the msgpack array ``data`` starts with (version, kind, id), read
+    from its first 64 bytes; None if they are not there. Never raises."""
+    unpacker = msgpack.Unpacker(raw=True, max_buffer_size=_PEEK_SIZE)
+    unpacker.feed(data[:_PEEK_SIZE])
+    try:
+        if unpacker.read_array_header() < 3:
+            return None
+        return unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+    except Exception:  # OutOfData, FormatError, StackError, ValueError...: nothing readable
+        return None
+
+
 def pack_body(body: Any) -> bytes:
     """Encode a body as msgpack. Raises LocalProtocolError for values msgpack cannot encode."""
     try:
@@ -267,6 +298,11 @@ def split_route(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 def parse_request(payload: list[bytes]) -> tuple[Header, Any]:
     """Decode ``[header, body]`` of a request (after the route). Raises RemoteProtocolError."""
     if len(payload) != 2:
+        head = _peek(payload[0]) if payload else None
+        if head is not None and head[0] != PROTOCOL_VERSION:  # one frame: a later version?
+            raise RemoteProtocolError(
+                f"unsupported protocol version {head[0]!r} (this node speaks {PROTOCOL_VERSION})"
+            )
         raise RemoteProtocolError(f"request must be [header, body], got {len(payload)} frames")
     header = unpack_header(payload[0])
     if header.kind is not Kind.REQUEST:
