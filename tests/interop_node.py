@@ -208,7 +208,7 @@ class PlainNode:
             host_ttl=self.args.ttl,
             other_ttl=self.args.ttl,
         )
-        # Instance names hold a fresh random id: no probing (section 4.8).
+        # Instance names hold a fresh random id: no probing (section 4.7).
         self.zc.register_service(self.info, cooperating_responders=True)
 
     def goodbye(self) -> None:
