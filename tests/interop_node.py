@@ -148,6 +148,16 @@ class PlainNode:
         self.started = time.monotonic()
         self.ctx = zmq.Context()
         self.sockets: list[zmq.Socket] = []
+        self.auth: Any = None
+        self.public = self.secret = b""
+        if args.secure:  # section 3.2: every endpoint a CURVE server; clients checked by ZAP
+            self.public, self.secret = zmq.curve_keypair()
+            from zmq.auth.thread import ThreadAuthenticator  # pyzmq's ZAP handler
+
+            allowed = {self.public.decode(), *args.allow}
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve_callback("zmqfabric", _Allow(allowed))
         self.control = self._bind(zmq.ROUTER, MAX_CONTROL)
         self.service = self._bind(zmq.ROUTER)
         self.tasks = self._bind(zmq.ROUTER)
@@ -164,6 +174,8 @@ class PlainNode:
         self.txt = {"v": "1", "id": self.node_id, "host": self.host or "localhost",
                     "pid": str(os.getpid()), "seq": "1", "fab": args.fabric,
                     **endpoint_keys(self.endpoints)}
+        if args.secure:
+            self.txt["ck"] = self.public.decode()
         self.inc = 0  # section 6.5: our incarnation, raised only to refute
         self.counters: dict[str, int] = {}
         self.ops: dict[str, int] = {}
@@ -185,6 +197,10 @@ class PlainNode:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_size)  # section 5.5
+        if self.secret:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+            sock.setsockopt(zmq.ZAP_DOMAIN, b"zmqfabric")
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished caller: send fails, not blocks
         sock.bind(f"tcp://{ADDRESS}:0")
@@ -218,6 +234,8 @@ class PlainNode:
             self.zc.close()
         for sock in self.sockets:
             sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -494,6 +512,16 @@ class PlainNode:
             self.pulled.append(body)
 
 
+class _Allow:
+    """ZAP for CURVE: a client's public key (Z85) must be in the allow-list."""
+
+    def __init__(self, allowed: set[str]) -> None:
+        self.allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key.decode("ascii", "replace") in self.allowed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
@@ -506,6 +534,8 @@ def main() -> None:
     parser.add_argument("--raise-credit", type=int, default=0)
     parser.add_argument("--ttl", type=int, default=15)
     parser.add_argument("--lifetime", type=float, default=120.0)
+    parser.add_argument("--secure", action="store_true", help="CURVE keys of its own")
+    parser.add_argument("--allow", action="append", default=[], help="a client's public key")
     node = PlainNode(parser.parse_args())
     try:
         node.advertise()

@@ -40,6 +40,7 @@ from zmqfabric.core import wire
 from zmqfabric.core.records import EndpointKind, decode_txt
 from zmqfabric.devices import Queue
 from zmqfabric.discovery.directory import Change, DirectoryEvent
+from zmqfabric.security import keys
 
 pytestmark = pytest.mark.slow
 
@@ -66,22 +67,32 @@ class Plain:
         return answer
 
 
-@pytest.fixture(scope="module")
-def plain() -> Iterator[Plain]:
-    """The plain node, for every test of the module; stopped (SIGTERM: goodbye) at the end."""
+def start_plain(*extra: str) -> Plain:
+    """Start the plain node (``extra``: more arguments) and wait for its READY line."""
     names = {k: unique(k) for k in ("plain", "echo", "jobs", "ticks", "frames")}
     child = Child([
         sys.executable, str(PROGRAM), "--name", names["plain"], "--service", names["echo"],
         "--tasks", names["jobs"], "--stream", names["ticks"], "--pipeline", names["frames"],
-        "--credit", str(CREDIT), "--raise-credit", str(RAISED), "--lifetime", "120",
+        "--credit", str(CREDIT), "--raise-credit", str(RAISED), "--lifetime", "120", *extra,
     ])
     try:
         ready = json.loads(child.expect("READY", SLOW))
-        assert ready["zmqfabric"] is False, "the plain node must not import zmqfabric"
-        yield Plain(child, names["plain"], ready["id"], ready["txt"], names["echo"],
-                    names["jobs"], names["ticks"], names["frames"])
-    finally:
+    except BaseException:
         child.stop()
+        raise
+    assert ready["zmqfabric"] is False, "the plain node must not import zmqfabric"
+    return Plain(child, names["plain"], ready["id"], ready["txt"], names["echo"],
+                 names["jobs"], names["ticks"], names["frames"])
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[Plain]:
+    """The plain node, for every test of the module; stopped (SIGTERM: goodbye) at the end."""
+    started = start_plain()
+    try:
+        yield started
+    finally:
+        started.child.stop()
 
 
 @pytest.fixture
@@ -95,7 +106,8 @@ def node(plain: Plain, make_node: Callable[..., zf.Node]) -> zf.Node:
 # --- discovery and control ------------------------------------------------------------------
 
 
-def test_a_node_lists_the_plain_node_as_advertised(plain: Plain, node: zf.Node) -> None:
+def test_a_node_lists_and_asks_the_plain_node(plain: Plain, node: zf.Node) -> None:
+    """As advertised; then control ops ping, info, stats, record and an unknown one."""
     record = node.wait_for_node(plain.name, SLOW)
 
     assert record.node_id == plain.node_id and record.pid == plain.child.proc.pid
@@ -111,8 +123,6 @@ def test_a_node_lists_the_plain_node_as_advertised(plain: Plain, node: zf.Node) 
     props = {k.encode(): v.encode() for k, v in answer["txt"].items()}
     assert decode_txt(answer["name"], [record.address], props) == record
 
-
-def test_a_node_pings_and_asks_the_plain_node(plain: Plain, node: zf.Node) -> None:
     ping = node.ping(plain.name, timeout=SLOW)
     info = node.info(plain.name, timeout=SLOW)
     stats = node.stats(plain.name, timeout=SLOW)
@@ -120,11 +130,10 @@ def test_a_node_pings_and_asks_the_plain_node(plain: Plain, node: zf.Node) -> No
     assert ping["node"] == plain.name and ping["id"] == plain.node_id
     assert ping["pid"] == plain.child.proc.pid and ping["uptime_s"] > 0
     ports = {(e["kind"], e["name"]): e["port"] for e in info["endpoints"]}
-    record = node.wait_for_node(plain.name, SLOW)
     assert ports == {(ep.kind.value, ep.name): ep.port for ep in record.endpoints}
     assert info["address"] == "127.0.0.1"
     assert isinstance(stats["counters"], dict) and stats["plain"]["ops"]["stats"] >= 1
-    # Our node introduced itself (a one-way hello: the plain node lists it, answers nothing).
+    # Our node introduced itself with a one-way hello: the plain node lists it.
     wait_until(lambda: node.name in node.info(plain.name, timeout=SLOW)["peers"], SLOW,
                "the plain node to hear our hello")
     with pytest.raises(zf.RemoteError, match="unknown control op"):
@@ -218,6 +227,30 @@ def test_the_plain_node_says_goodbye(plain: Plain, node: zf.Node) -> None:
     plain.child.signal(15)
     assert node.directory.wait_for(lambda: node.directory.get(plain.name) is None, SLOW)
     assert plain.child.wait(SLOW) == 0, plain.child.err_tail()
+
+
+def test_a_secured_plain_node_serves_a_secured_fabric(
+    make_node: Callable[..., zf.Node], tmp_path: Path
+) -> None:
+    """PROTOCOL.md section 3.2: CURVE on every endpoint with the record's key (ck), ZAP with an
+    allow-list. A node with keys verifies, lists and calls it; a node without keys refuses it."""
+    node_keys = tmp_path / "keys"
+    public = keys.generate(node_keys)
+    secured = start_plain("--secure", "--allow", public)
+    try:
+        keys.allow(node_keys, secured.txt["ck"], "plain")
+        node = make_node("secured", keys=str(node_keys))
+        record = node.wait_for_node(secured.name, SLOW)
+        assert record.curve_key == secured.txt["ck"]
+        assert node.ping(secured.name, timeout=SLOW)["id"] == secured.node_id
+        assert node.request(secured.service, "hi", timeout=SLOW) == {
+            "echo": "hi", "by": secured.name}
+        open_node = make_node("open")  # no keys: a secured record is refused, never listed
+        wait_until(lambda: any(r.name == secured.name for r, _ in open_node.refused_peers()),
+                   SLOW, "the unsecured node to refuse the secured one")
+        assert open_node.directory.get(secured.name) is None
+    finally:
+        secured.child.stop()
 
 
 # --- refusals a plain client can match (PROTOCOL.md section 5.6) ----------------------------
