@@ -163,7 +163,8 @@ class Queue(Device):
 
     def _reply_error(self, frames: list[zmq.Frame], text: str) -> None:
         route = [f.bytes for f in frames[:2]]
-        header = wire.pack_header(wire.Kind.ERROR, 0, time.time())
+        msg_id = (wire.request_id(frames[2].bytes) if len(frames) > 2 else None) or 0
+        header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())  # matchable by its caller
         body = wire.pack_body({"type": "Overloaded", "message": text})
         try:
             self.front.send_multipart(route + [header, body], zmq.NOBLOCK)

@@ -381,10 +381,7 @@ def expected_answer(sent: list[bytes]) -> tuple[list[bytes], Kind, int, bytes] |
     try:
         header, body = wire.parse_request(payload)
     except RemoteProtocolError as exc:
-        try:
-            msg_id = wire.unpack_header(payload[0]).msg_id if payload else 0
-        except RemoteProtocolError:
-            msg_id = 0
+        msg_id = (wire.request_id(payload[0]) if payload else None) or 0  # matchable refusals
         return route[1:], Kind.ERROR, msg_id, wire.pack_body(wire.error_body(exc))
     return route[1:], Kind.REPLY, header.msg_id, msgpack.packb(body)  # the handler echoes
 

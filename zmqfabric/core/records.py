@@ -1,34 +1,22 @@
 """Names and discovery records: validation and the DNS-SD TXT encoding. Pure: no IO.
 
-A node registers one DNS-SD service ``<node>@<node id>._zmqfabric._tcp.local.`` whose SRV port is
-its control endpoint and whose A record is the one address all its endpoints are bound to. The TXT
-record:
-
-=========  =====================================================================================
-key        value
-=========  =====================================================================================
-``v``      record version, ``1``
-``id``     node id: 16 lowercase hex digits, random per node start; equal to the instance's id
-``host``   the host name of the machine (informational, for people and conflict messages)
-``pid``    the process id (informational)
-``ck``     (secured nodes only) the node's CURVE public key, Z85, 40 characters; every endpoint of
-           the node is a CURVE server with this key
-``seq``    record sequence number, raised on every change: a reader drops a record of the same id
-           with a lower ``seq`` (mDNS answers can arrive after a newer announcement)
-``fab``    the fabric the node belongs to (the node-name syntax, at most 32 characters); a missing
-           key means ``default``. A node ignores records of other fabrics: they never enter its
-           directory, are not listed and are never connected to, and their names do not conflict
-``e0``...  endpoints, ``kind:name:port`` joined by ``;``, split over keys ``e0``, ``e1``... so
-           that each value is at most 250 bytes. Kinds: ``ctl`` control, ``rep`` reply service,
-           ``pub`` stream, ``pull`` pipeline; device front ends ``queue`` (a service, ROUTER),
-           ``fwd`` (a stream, XPUB), ``strm`` (a pipeline, PULL); ``task`` a reliable task queue
-           (a worker's ROUTER).
-=========  =====================================================================================
+The specification is ``docs/PROTOCOL.md``, section 4 (and section 3: records are hints, believed
+only once the node itself confirms them). In short: a node registers one DNS-SD service
+``<node>@<node id>._zmqfabric._tcp.local.`` whose SRV target is ``zf-<node id>.local.``, whose
+SRV port is its control endpoint's and whose A record is the one address all its endpoints are
+bound to. Its TXT record has ``v`` (``1``), ``id`` (16 lowercase hex digits, as in the instance
+name), ``host``, ``pid`` and ``seq`` (all REQUIRED: a record missing one is refused), ``fab``
+(the fabric; absent means ``default``), ``ck`` (secured nodes: the CURVE public key, Z85) and the
+endpoints ``kind:name:port`` joined by ``;`` in ``e0``, ``e1``... of at most 250 bytes each
+(an item is never split). Exactly one ``ctl`` endpoint, whose port is the SRV port. Kinds:
+``ctl``, ``rep``, ``pub``, ``pull``, ``task``, and the device front ends ``queue``, ``fwd``,
+``strm``; readers skip unknown kinds.
 
 Endpoints carry only ports: the address is always the record's own A address, so a record cannot
 point the fabric at a third host. Everything read from the network is validated here and refused
 with :class:`RemoteProtocolError` when it does not fit.
 """
+
 
 from __future__ import annotations
 

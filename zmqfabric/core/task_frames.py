@@ -1,45 +1,23 @@
 """Reliable task frames (kinds 6, 7, 8 of the wire format): batches of tasks, of results, and
 credit. Pure: no IO, no clock. Headers and bodies are those of :mod:`zmqfabric.core.wire`.
 
-Specification
-=============
-Socket: ROUTER, bound by each worker (the task socket); a producer connects one DEALER to each
-worker, so that it chooses the worker of every task. Every message is ``["", header, body]`` as a
-DEALER sends and receives it (the worker's ROUTER reads the peer's identity frame before it, and
-sends it back first). Header and body frames are those of :mod:`zmqfabric.core.wire`; ``msg_id``
-is the sender's choice and receivers ignore it. Bodies:
+The specification is ``docs/PROTOCOL.md``, section 7.4. In short: each worker binds a ROUTER; a
+producer connects one DEALER to each worker and sends ``["", header, body]``:
 
-* kind 8 credit. A producer opens each connection (and each reconnection) with a credit
-  message whose body is a map (workers ignore its content; zmqfabric sends
-  ``{"from": node name}``). The worker answers with body ``{"credit": N, "slots": S}``,
-  ``N`` an integer from 1 to 65535: how many tasks this producer may have at the worker at
-  once (sent and not yet answered by a result); ``S`` an integer from 1 to 65535: the worker
-  runs at most ``slots`` tasks at once, taking them in the order received; a producer may
-  assume that only the oldest ``slots`` unanswered deliveries can have started. A worker
-  that omits ``slots`` runs one task at a time (``S`` = 1). A later credit message replaces
-  the window.
-* kind 6 tasks, producer to worker: an array of 1 to 65535 tasks, each
-  ``[task_id, attempt, payload, key]``. ``task_id``: a string of 1 to 128 characters, unique
-  per task and the same on every delivery of it. ``attempt``: an integer from 1, one more on
-  each delivery. ``payload``: the task body as submitted, any msgpack value. ``key``: the
-  submitter's idempotency key, a string of at most 256 characters, or nil.
-* kind 7 results, worker to producer: an array of 1 to 65535 results, each
-  ``[task_id, attempt, ok, value]`` with the task's id and attempt. ``ok`` true: ``value``
-  is the handler's return value; ``ok`` false: the handler raised and ``value`` is
-  ``{"type": str, "message": str}``. Each result gives one unit of credit back.
+* kind 8, credit: the producer opens each connection with a credit request (a map); the worker
+  grants ``{"credit": N, "slots": S}`` (1..65535 each; no ``slots`` means 1) and MAY send a new
+  grant at any time, asked or not; the latest replaces the window. Only the worker grants.
+* kind 6, tasks (producer to worker): ``[[task_id, attempt, payload, key], ...]``, never more
+  unanswered deliveries on a connection than its window.
+* kind 7, results (worker to producer): ``[[task_id, attempt, ok, value], ...]``; ``ok`` false
+  carries ``{"type": str, "message": str}``. Each result gives a unit of window back.
 
-A worker starts the tasks of a connection in the order received, at most ``slots`` at once,
-and sends each result promptly (zmqfabric batches the results of fast handlers for at most
-10 ms); results of tasks that ran at once may come back in any order. A task is done
-when an ok result for it reaches its producer; the producer then drops any other result of
-it. The producer gives a task to another worker (a new delivery, ``attempt`` + 1) when its
-worker's connection drops or its worker spends longer than the task's deadline on one
-task, and retries a failed task after a backoff; a task that fails its last attempt is
-dead-lettered. Delivery is therefore at least once: handlers and sinks drop repeats by
-``task_id`` or ``key``.
+A worker starts a connection's tasks in order, at most ``slots`` at once; delivery is at least
+once (a lost worker's tasks, or an overdue one's, are delivered again with ``attempt`` + 1).
 
 Malformed input raises :class:`~zmqfabric.errors.RemoteProtocolError`, as in ``wire``.
 """
+
 
 from __future__ import annotations
 

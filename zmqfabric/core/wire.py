@@ -1,58 +1,23 @@
 """The zmqfabric wire format, version 1: frames <-> typed messages. Pure: no IO, no clock.
 
-Specification
-=============
-Any ZeroMQ program can speak this from the text below; ``tests/test_interop.py`` proves it with
-plain pyzmq programs that do not import zmqfabric.
+The specification is ``docs/PROTOCOL.md`` (section 5, messages; section 7, the frames of each
+pattern); this module implements it, and ``tests/test_interop.py`` and
+``tests/test_interop_serving.py`` check it against plain pyzmq programs. In short:
 
-Header frame
-    A msgpack array ``[version, kind, msg_id, timestamp]`` or
-    ``[version, kind, msg_id, timestamp, headers]``:
-
-    - ``version``: integer, 1. Any other value is refused.
-    - ``kind``: integer, one of ``1`` request, ``2`` reply, ``3`` error reply, ``4`` event
-      (pub/sub), ``5`` message (push/pull), ``6`` tasks, ``7`` results, ``8`` credit (reliable
-      tasks).
-    - ``msg_id``: unsigned integer < 2**64, chosen by the sender. A reply repeats its request's id.
-    - ``timestamp``: float or integer, the sender's Unix time in seconds. Informational only.
-    - ``headers``: optional map with string keys. ``"enc": "raw"`` means the body frame is raw
-      bytes rather than msgpack. Other keys are passed to the application untouched.
-
-    zmqfabric itself writes the header as 21 bytes: ``94 01 KK CF <id: 8 bytes big endian>
-    CB <timestamp: IEEE-754 double big endian>``; readers accept any valid msgpack encoding.
-    The header frame is at most 4096 bytes.
-
-Body frame
-    One msgpack value (``nil`` included), or raw bytes when the header says ``"enc": "raw"``.
-    Strings are UTF-8 (msgpack str), binary data is msgpack bin.
-
-Frames per pattern
-    - request/reply (service socket: ROUTER): the client sends ``["", header, body]`` (a DEALER
-      sends the empty delimiter itself; a REQ socket adds it, so a REQ sends ``[header, body]``).
-      The reply is ``["", header, body]`` with kind 2 and the request's ``msg_id``; a failure is
-      kind 3 with body ``{"type": str, "message": str}``.
-    - publish/subscribe (stream socket: XPUB, which sends exactly as a PUB; subscribers connect a
-      SUB): ``[topic, header, body]``; ``topic`` is UTF-8, at most 1024 bytes, and subscriptions
-      are prefixes of it.
-
-      Subscriber markers. A subscriber that wants publishers to count it subscribes, after all
-      its topics, to a marker of its own: the 8 bytes ``FF 7A 66 2F 73 75 62 2F``
-      (``b"\\xffzf/sub/"``) then 16 lowercase hex digits chosen at random. 0xFF never occurs in
-      UTF-8, so no topic starts like a marker, and a marker sorts after every topic (a SUB
-      re-sends its subscriptions to a publisher it reconnects to in byte order). ZeroMQ keeps one
-      connection's subscriptions in order, so a publisher that has received a marker has applied
-      that subscriber's topics; the marker's unsubscription (ZeroMQ sends it when the connection
-      closes) means the subscriber left. A publisher counts distinct markers (at most 65,536),
-      ignores other subscriptions, and refuses (counts and drops) anything else sent upstream:
-      a frame not starting with byte 1 or 0, or a subscription that starts with the marker
-      prefix but is not a whole marker. A forwarder relays markers like any subscription. A SUB
-      without a marker receives events all the same but is not counted.
-    - push/pull (pipeline socket: PULL, the pusher connects): ``[header, body]``. Frames after
-      the body make a message malformed; a receiver may read them as a following message of the
-      same sender (zmqfabric's ``Puller.recv`` does: checking for them costs more than the rest
-      of its receive), but never joins them to a frame of another message.
-    - reliable tasks (kinds 6, 7, 8): specified in :mod:`zmqfabric.core.task_frames`, which
-      builds on the header and body frames above.
+- A header frame is the msgpack array ``[version, kind, msg_id, timestamp]`` or
+  ``[version, kind, msg_id, timestamp, headers]``: version 1; kinds 1 request, 2 reply, 3 error
+  reply, 4 event, 5 message, 6 tasks, 7 results, 8 credit; ``msg_id`` < 2**64 (a reply repeats
+  its request's); headers a map with string keys (``"enc": "raw"``: the body is raw bytes). At
+  most 4096 bytes. Without a map zmqfabric writes it as 21 bytes
+  (``94 01 KK CF <id> CB <timestamp>``: see the canonical header below); readers accept any
+  msgpack encoding.
+- A body frame is one msgpack value, or raw bytes.
+- Per pattern: request/reply ``["", header, body]`` on a ROUTER (a REQ sends ``[header,
+  body]``); publish/subscribe ``[topic, header, body]`` from an XPUB, with subscriber markers
+  (``\xffzf/sub/`` + 16 hex digits, subscribed after the topics); push/pull ``[header, body]``;
+  reliable tasks in :mod:`zmqfabric.core.task_frames`.
+- A refused request is answered with an error reply that repeats its id whenever the id can be
+  read (:func:`request_id`).
 
 Malformed input raises :class:`~zmqfabric.errors.RemoteProtocolError` here, at the one ingress
 point; callers count it and carry on.
@@ -196,6 +161,37 @@ def _unpack_header_slow(data: bytes) -> Header:
     return Header(Kind(kind), msg_id, float(ts), headers or None)
 
 
+#: How much of a header frame :func:`request_id` reads: an array header and three integers take
+#: at most 32 bytes in any msgpack encoding.
+_PEEK_SIZE: Final = 64
+
+
+def request_id(data: bytes) -> int | None:
+    """The message id of a header frame that may not parse (another version, over 4096 bytes, a
+    bad timestamp or map, a body glued on): the third item of the msgpack array it starts with,
+    read from its first 64 bytes only, or None when those do not hold an unsigned 64-bit
+    integer there. Every version keeps ``[version, kind, msg_id, ...]`` as the array's first
+    items, so that a refusal can always repeat the id of a request whose id can be read
+    (docs/PROTOCOL.md, "Refusals"). Never raises."""
+    head = _peek(data)
+    if head is None or type(head[2]) is not int or not 0 <= head[2] <= _MAX_ID:
+        return None
+    return head[2]
+
+
+def _peek(data: bytes) -> tuple[Any, Any, Any] | None:
+    """The first three items of the msgpack array ``data`` starts with (version, kind, id), read
+    from its first 64 bytes; None if they are not there. Never raises."""
+    unpacker = msgpack.Unpacker(raw=True, max_buffer_size=_PEEK_SIZE)
+    unpacker.feed(data[:_PEEK_SIZE])
+    try:
+        if unpacker.read_array_header() < 3:
+            return None
+        return unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+    except Exception:  # OutOfData, FormatError, StackError, ValueError...: nothing readable
+        return None
+
+
 def pack_body(body: Any) -> bytes:
     """Encode a body as msgpack. Raises LocalProtocolError for values msgpack cannot encode."""
     try:
@@ -267,6 +263,11 @@ def split_route(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 def parse_request(payload: list[bytes]) -> tuple[Header, Any]:
     """Decode ``[header, body]`` of a request (after the route). Raises RemoteProtocolError."""
     if len(payload) != 2:
+        head = _peek(payload[0]) if payload else None
+        if head is not None and head[0] != PROTOCOL_VERSION:  # one frame: a later version?
+            raise RemoteProtocolError(
+                f"unsupported protocol version {head[0]!r} (this node speaks {PROTOCOL_VERSION})"
+            )
         raise RemoteProtocolError(f"request must be [header, body], got {len(payload)} frames")
     header = unpack_header(payload[0])
     if header.kind is not Kind.REQUEST:

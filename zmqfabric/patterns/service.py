@@ -123,8 +123,9 @@ class ServiceEndpoint(Bound):
 
     def parse(self, frames: list[bytes]) -> tuple[list[bytes], wire.Header, Any] | None:
         """Split and decode a request. Malformed input is counted and, when the route is
-        readable, answered with an error reply (repeating the request's id if its header is
-        readable); returns None then."""
+        readable, answered with an error reply that repeats the request's id whenever the id
+        can be read (:func:`~zmqfabric.core.wire.request_id`), 0 otherwise; returns None
+        then."""
         try:
             route, payload = wire.split_route(frames)
         except RemoteProtocolError as exc:
@@ -134,10 +135,9 @@ class ServiceEndpoint(Bound):
             header, body = wire.parse_request(payload)
         except RemoteProtocolError as exc:
             self._refused("request", exc)
-            try:
-                msg_id = wire.unpack_header(payload[0]).msg_id if payload else 0
-            except RemoteProtocolError:
-                msg_id = 0
+            # The request's id whenever it can be read (another version, an oversized header
+            # too), so its caller can match the refusal; 0 only when it cannot be.
+            msg_id = (wire.request_id(payload[0]) if payload else None) or 0
             self.reply_error(route, msg_id, exc, refused=True)
             return None
         return route, header, body
