@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 import zmq
 
-from .constants import CONTROL_TIMEOUT_S, THREAD_JOIN_TIMEOUT_S
+from .constants import CONTROL_TIMEOUT_S, MAX_CONTROL_MESSAGE, THREAD_JOIN_TIMEOUT_S
 from .core import wire
-from .core.records import EndpointKind
+from .core.records import EndpointKind, encode_txt
 from .errors import (
     FabricTimeoutError,
     LocalProtocolError,
@@ -40,13 +40,15 @@ from .transport.inbox import Inbox
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
-OPS = ("ping", "info", "stats")
+OPS = ("ping", "info", "stats", "record")
 
 
 class ControlEndpoint(ServiceEndpoint):
     kind = EndpointKind.CONTROL
     noun = "control endpoint"
     sync_socket = True
+    #: Control messages are small: a peer that sends a bigger frame is disconnected unread.
+    max_message_size = MAX_CONTROL_MESSAGE
 
     def __init__(self, runtime: NodeRuntime, handler: Any) -> None:
         self.fixed_port = runtime.config.control_port
@@ -116,9 +118,8 @@ class ControlServer:
                                     self._node.name)
 
     def _serve_one(self) -> None:
-        try:
-            zframes = self._endpoint.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        zframes = _recv_bounded(self._endpoint.socket)
+        if zframes is None:
             return
         parsed = self._endpoint.parse([f.bytes for f in zframes])
         if parsed is None:
@@ -145,6 +146,29 @@ class ControlServer:
         return control_answer(self._node, str(op))
 
 
+def _recv_bounded(sock: zmq.Socket) -> list[zmq.Frame] | None:
+    """One control message (frames kept for their Peer-Address), or None: nothing there, or a
+    message of more than MAX_CONTROL_MESSAGE bytes in all, read to its end and dropped (each
+    frame is bounded by the socket's MAXMSGSIZE, the whole message here)."""
+    try:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames = [frame]
+    total = len(frame.buffer)
+    while frame.more:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        total += len(frame.buffer)
+        frames.append(frame)
+        if total > MAX_CONTROL_MESSAGE:
+            while frame.more:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            _rlog.warning("oversized", "dropped a control message of more than %d bytes",
+                          MAX_CONTROL_MESSAGE)
+            return None
+    return frames
+
+
 def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     """The answer to control op ``op`` (the control thread: reads only thread-safe state)."""
     base: dict[str, Any] = {
@@ -156,6 +180,11 @@ def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     }
     if op == "ping":
         return base
+    if op == "record":
+        # What peers verify a discovery hint against: this node's own word, over a connection
+        # that CURVE authenticated with the key the hint names (zmqfabric.discovery.verify).
+        own = runtime.record
+        return {"name": own.name, "txt": encode_txt(own)}
     record = runtime.record
     base["address"] = record.address
     base["endpoints"] = [

@@ -106,12 +106,17 @@ class Bound(Handle):
 
     #: The port to bind; 0 picks a free one.
     fixed_port = 0
+    #: Largest message this endpoint accepts (None: the node's ``max_message_size``). Set before
+    #: the bind: the connections a listener accepts take its options as they were then.
+    max_message_size: int | None = None
 
     def __init__(
         self, runtime: NodeRuntime, name: str, socket_type: int, allow: Iterable[str] | None = None
     ) -> None:
         super().__init__(runtime, name, socket_type)
         try:
+            if self.max_message_size is not None:
+                self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
             domain = runtime.zap_domain(self.kind, name, allow)
             self.port = runtime.sockets.bind(self._sock, self.fixed_port, domain)
         except BaseException:

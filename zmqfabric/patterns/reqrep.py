@@ -82,17 +82,17 @@ class ServiceEndpoint(Bound):
         self.socket = self._sock
         self._reply_sock = sync_view(self._sock)
         self._pack = msgpack.Packer().pack  # one Packer per handle: packb builds one per call
+        self._svc_tail = wire.service_tail(name)  # a request naming another service is refused
         self._advertise()
 
     def _request(self, frames: list[bytes]) -> tuple[list[bytes], int, Any] | None:
         """(route, msg_id, body) of a request, or None when it was refused (see ``parse``)."""
         # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
         if len(frames) == 4 and not frames[1]:
-            head = frames[2]
-            if (len(head) == HEADER_SIZE and head.startswith(_REQUEST)
-                    and head[FLOAT64_AT] == FLOAT64):
+            msg_id = wire.canonical_request_id(frames[2], self._svc_tail)  # ours, or no name
+            if msg_id is not None:
                 try:
-                    return frames[:2], unpack_canonical(head)[1], wire.unpack_body(frames[3])
+                    return frames[:2], msg_id, wire.unpack_body(frames[3])
                 except RemoteProtocolError:
                     pass  # parse() below refuses it, counts it and answers with an error
         parsed = self.parse(frames)
@@ -111,7 +111,7 @@ class ServiceEndpoint(Bound):
             self._refused("request", exc)
             return None
         try:
-            header, body = wire.parse_request(payload)
+            header, body = wire.parse_request(payload, self.name)
         except RemoteProtocolError as exc:
             self._refused("request", exc)
             try:
@@ -198,12 +198,13 @@ class _RequesterBase:
         self._ids = itertools.count(random.getrandbits(40))
         self._secured = self._rt.config.keys is not None
         self._pack = msgpack.Packer().pack
+        self._svc_tail = wire.service_tail(self.name)
 
     def _frames(self, body: Any) -> tuple[int, list[Any], bool]:
-        """(message id, frames, copy flag) of a new request."""
+        """(message id, frames, copy flag) of a new request (its header names the service)."""
         msg_id = next(self._ids)
         header, data, copy = _encode(self._pack, wire.Kind.REQUEST, _REQUEST, msg_id, body)
-        return msg_id, [b"", header, data], copy
+        return msg_id, [b"", wire.name_service(header, self._svc_tail), data], copy
 
     def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
         """(True, body) for our reply; (False, None) for stale or malformed replies.
@@ -258,6 +259,11 @@ class _RequesterBase:
             return url
         return None
 
+    def _usable(self) -> bool:
+        """A provider's handshake succeeded, or every one has finished (some refused): a provider
+        whose handshake never completes does not hold up the ones that are ready."""
+        return bool(self._handshaken & self._urls) or self._settled()  # type: ignore[attr-defined]
+
     def _timeouts(self, timeout: float | None) -> float:
         return self._rt.config.request_timeout_s if timeout is None else timeout
 
@@ -293,8 +299,8 @@ class Requester(_RequesterBase, SyncConnector):
             if not self._wait_providers(deadline):
                 raise NoProviderError("service", self.name, timeout)
             if self._secured:
-                if not self._settled():
-                    self._wait_settled(deadline)  # new connections: learn of refusals at once
+                if not self._settled():  # new connections: learn of refusals at once, but
+                    self._wait_monitor(self._usable, deadline)  # never wait on a silent one
                 else:
                     self._read_monitor()  # refusals (or successes) since the last call
                 if self._all_refused():
@@ -363,8 +369,8 @@ class AsyncRequester(_RequesterBase, AsyncConnector):
             if not await self._wait_providers(deadline):
                 raise NoProviderError("service", self.name, timeout)
             if self._secured:
-                if not self._settled():
-                    await self._wait_settled(deadline)  # learn of refusals at once
+                if not self._settled():  # learn of refusals at once; never wait on a silent one
+                    await self._wait_monitor(self._usable, deadline)
                 else:
                     self._read_monitor()
                 if self._all_refused():

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import resource
 from typing import Iterator
 
 import zmq
@@ -40,7 +41,11 @@ class SocketFactory:
     @property
     def context(self) -> zmq.Context:
         if self._context is None:
-            self._context = zmq.asyncio.Context() if self._asyncio else zmq.Context()
+            ctx = zmq.asyncio.Context() if self._asyncio else zmq.Context()
+            # ZeroMQ's own limit (1023 sockets by default) would fail a busy node long before
+            # the process runs out of descriptors: size it to them.
+            ctx.set(zmq.MAX_SOCKETS, max(1024, min(raise_fd_limit(), ctx.get(zmq.SOCKET_LIMIT))))
+            self._context = ctx
         return self._context
 
     def socket(self, socket_type: int, *, sync: bool = False) -> zmq.Socket:
@@ -117,6 +122,39 @@ class SocketFactory:
         if self._context is not None:
             self._context.term()
             self._context = None
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the soft limit
+    now in force. Called once as a node starts: every peer costs descriptors, and a process that
+    runs out fails in ways (EMFILE in ZeroMQ's I/O threads) that no peer should be able to cause.
+    Never raises: a limit that cannot be raised is left as it is."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = _FD_CEILING if hard == resource.RLIM_INFINITY else hard
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    except (OSError, ValueError) as exc:
+        log.debug("cannot raise the limit of open files: %s", exc)
+    return fd_limit()
+
+
+def fd_limit() -> int:
+    """The soft limit of open files of this process (a large number if unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _FD_CEILING if soft == resource.RLIM_INFINITY else int(soft)
+
+
+#: What "unlimited" files means here (ZeroMQ's socket table is sized from it).
+_FD_CEILING = 1 << 20
+
+
+def peer_capacity() -> int:
+    """How many peers a node can hold with the descriptors it has: MAX_PEERS, or fewer when the
+    limit of open files is low (FDS_PER_PEER each, FD_RESERVE kept for everything else)."""
+    return max(8, min(C.MAX_PEERS, (fd_limit() - C.FD_RESERVE) // C.FDS_PER_PEER))
 
 
 def sync_view(sock: zmq.Socket) -> zmq.Socket:
