@@ -153,6 +153,7 @@ class Gossip:
         sockets = self._node.sockets
         sock = sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
+        sock.setsockopt(zmq.RECONNECT_IVL, 2 * HELLO_LINGER_MS)  # one connection attempt
         try:
             sockets.connect(sock, url, key)
             sock.send_multipart(_frames(body), zmq.NOBLOCK)

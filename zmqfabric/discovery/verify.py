@@ -260,6 +260,8 @@ class Verifier:
         sock = sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # the request waits in the socket for the connection
         sock.setsockopt(zmq.LINGER, 0)
+        # One connection attempt per probe: the first failure ends it (no reconnection first).
+        sock.setsockopt(zmq.RECONNECT_IVL, int(VERIFY_TIMEOUT_S * 2000))
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)  # an answer is a few kilobytes
         monitor = sockets.monitor(sock, _FAIL_EVENTS, sync=True)
         self._ids = (self._ids + 1) & 0xFFFFFFFF
