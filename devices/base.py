@@ -96,6 +96,8 @@ class FrontEnd(Bound):
             self.max_message_size = MAX_SUBSCRIPTION_SIZE
         super().__init__(runtime, name, socket_type, allow)
         self.socket = self._sock
+        if socket_type == zmq.XPUB:
+            runtime.sockets.guard_upstream(self._sock)  # bounded subscriptions per connection
 
     def advertise(self) -> None:
         self._advertise()

@@ -26,6 +26,17 @@ DECODE_ALLOWANCE = 64 * 1024
 MAX_CONTROL_MESSAGE = 64 * 1024
 #: Largest subscription frame an XPUB accepts: 1 byte, a topic prefix (MAX_TOPIC_SIZE) and slack.
 MAX_SUBSCRIPTION_SIZE = 1 + 1024 + 64
+#: Bytes one connection may send upstream of an XPUB (subscriptions, handshake): libzmq keeps
+#: ~48 bytes per subscription byte, so this bounds one peer to ~12 MiB; a forwarder relaying
+#: thousands of subscribers' topic prefixes fits. Plus heartbeats, an allowance per second.
+MAX_UPSTREAM_BYTES = 256 * 1024
+UPSTREAM_ALLOWANCE_PER_S = 256
+#: How often (ms) the upstream byte counts are read: every UPSTREAM_CHECK_MS while subscribers
+#: are connected, every UPSTREAM_CHECK_FAST_MS while one of them is sending a lot.
+UPSTREAM_CHECK_MS = 500
+UPSTREAM_CHECK_FAST_MS = 10
+#: A peer address cut for flooding has its new connections cut at once this long (s).
+UPSTREAM_PENALTY_S = 10.0
 #: Headers are small by design; a bigger one is hostile or a bug.
 MAX_HEADER_SIZE = 4096
 #: Topics are prefixes for ZeroMQ's filter, not payload.

@@ -56,7 +56,14 @@ def figure(test: str, **values: Any) -> None:
 
 
 def env() -> dict[str, str]:
-    return {"PYTHONPATH": f"{CODE}{os.pathsep}{ROOT}"} if CODE else {}
+    return {"PYTHONPATH": f"{CODE}{os.pathsep}{ROOT}", "ZF_CODE": CODE} if CODE else {}
+
+
+#: First line of every zmqfabric program: ``python -c`` puts its working directory (this
+#: checkout) first on sys.path, so the checkout under test goes before it.
+USE_CODE = ("import os, sys\n"
+            "if os.environ.get('ZF_CODE'):\n"
+            "    sys.path.insert(0, os.environ['ZF_CODE'])\n")
 
 
 # --- the site ----------------------------------------------------------------------------------
@@ -77,7 +84,7 @@ class Site:
 
     def python(self, host: Host, code: str, ready: bool = True, timeout: float = 30.0) -> Child:
         """Run zmqfabric code on ``host`` (the checkout under test: ZF_ATTACK_CODE or this)."""
-        child = self.lan.python(host, code, ready=False, env=env())
+        child = self.lan.python(host, USE_CODE + code, ready=False, env=env())
         if ready:
             child.expect("READY", timeout)
         return child
@@ -360,7 +367,7 @@ print("ATTACKING", flush=True)
 for i in range({count}):
     node_id = os.urandom(8).hex()
     body = {{"op": "hello", "name": f"hello{{i}}",
-            "txt": txt(node_id, [f"ctl:control:{{7600 + i % 300}}", "rep:echo:9999"], None, 1,
+            "txt": txt(node_id, [f"ctl:control:{{8600 + i % 300}}", "rep:echo:9999"], None, 1,
                        "open")}}
     dealer.send_multipart([b"", hdr(1, 0), msgpack.packb(body)])
 print("SENT", flush=True)
@@ -378,7 +385,7 @@ def test_a_flood_of_hellos_stays_bounded(site: Site) -> None:
         HELLOS, victim=site.victim.address, ctl=v["ports"]["ctl:control"], count=3000))
     ports = syns.stop()
     elapsed = time.monotonic() - start
-    probes = sum(n for p, n in ports.items() if 7600 <= p < 7900)
+    probes = sum(n for p, n in ports.items() if 8600 <= p < 8900)
     check("hello_flood", d, growth, probes=probes, seconds=round(elapsed, 1))
     assert growth["fds"] < 100 and growth["peak_mib"] < 100, growth
     # One connection attempt per probe: a burst, then the per-address rate.
@@ -615,8 +622,8 @@ def test_key_directories_and_secrets_are_private_whatever_the_umask(tmp_path: Pa
     """Before: key directories were 0777 under umask 000, and ``keys generate --force`` wrote
     the new secret while the file was still 0644."""
     directory = tmp_path / "k"
-    code = (
-        "import os, sys; os.umask(0); from zmqfabric.cli import main; "
+    code = USE_CODE + (
+        "os.umask(0); from zmqfabric.cli import main; "
         "sys.argv = ['zmqfabric', '--keys', sys.argv[1], 'keys', 'generate'] + sys.argv[2:]; "
         "main()"
     )

@@ -101,6 +101,7 @@ class Publisher(Encoder, Bound):
 
     def __init__(self, runtime: NodeRuntime, stream: str, allow: Iterable[str] | None = None) -> None:
         Bound.__init__(self, runtime, stream, zmq.XPUB, allow)
+        runtime.sockets.guard_upstream(self._sock)  # bounded subscriptions per connection
         self._init_encoder(wire.Kind.EVENT)
         #: Markers of the subscribers whose subscriptions are applied now.
         self._markers: set[bytes] = set()

@@ -8,6 +8,7 @@ import errno
 import itertools
 import logging
 import resource
+import time
 from typing import Iterator
 
 import zmq
@@ -16,6 +17,8 @@ import zmq.asyncio
 from .. import constants as C
 from ..config import NodeConfig
 from ..errors import ClosedError, FabricError, LocalProtocolError
+from ..stats import Counters
+from .upstream import UpstreamWatch, watched_events
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,23 @@ class SocketFactory:
     ``close()`` terminates the context; every socket must be closed first (the node does so).
     """
 
-    def __init__(self, config: NodeConfig, *, asyncio: bool = False) -> None:
+    def __init__(self, config: NodeConfig, *, asyncio: bool = False,
+                 counters: Counters | None = None) -> None:
         self._config = config
         self._asyncio = asyncio
         self._context: zmq.Context | None = None
         self._monitors = itertools.count(1)  # monitors are made from several threads
+        self._counters = counters
+        self._upstream = UpstreamWatch(self._upstream_refused, time.monotonic)
+
+    def guard_upstream(self, sock: zmq.Socket) -> None:
+        """Bound what each peer of XPUB ``sock`` may send upstream (see :mod:`.upstream`).
+        Call from ``sock``'s owner thread, after the bind and before it is advertised."""
+        self._upstream.add(self.monitor(sock, watched_events(), sync=True))
+
+    def _upstream_refused(self) -> None:
+        if self._counters is not None:
+            self._counters.add("refused_upstream")
 
     @property
     def context(self) -> zmq.Context:
@@ -118,7 +133,8 @@ class SocketFactory:
         return pair
 
     def close(self) -> None:
-        """Terminate the context. Idempotent."""
+        """Stop the upstream watch (its sockets), then terminate the context. Idempotent."""
+        self._upstream.stop()
         if self._context is not None:
             self._context.term()
             self._context = None
