@@ -323,7 +323,7 @@ def test_a_name_squatted_before_a_secured_node_starts_does_not_stop_it(site: Sit
 
 FLOOD = """
 from zeroconf import DNSOutgoing, DNSPointer, DNSService, DNSText, DNSAddress
-from zeroconf.const import _FLAGS_QR_RESPONSE, _FLAGS_AA, _CLASS_IN, _TYPE_PTR, _TYPE_SRV, _TYPE_TXT, _TYPE_A
+from zeroconf import const as C
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(ME))
 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
@@ -331,16 +331,19 @@ def props(d):
     return b"".join(bytes([len(f"{{k}}={{v}}")]) + f"{{k}}={{v}}".encode() for k, v in d.items())
 print("ATTACKING", flush=True)
 for start in range(0, {count}, 8):
-    out_ = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+    out_ = DNSOutgoing(C._FLAGS_QR_RESPONSE | C._FLAGS_AA)
     for i in range(start, min(start + 8, {count})):
         node_id = os.urandom(8).hex()
         inst = f"flood{{i}}@{{node_id}}.{{TYPE}}"
         host = f"zf-{{node_id}}.local."
-        out_.add_answer_at_time(DNSPointer(TYPE, _TYPE_PTR, _CLASS_IN, 60, inst), 0)
-        out_.add_answer_at_time(DNSService(inst, _TYPE_SRV, _CLASS_IN, 60, 0, 0, 7500 + i % 400, host), 0)
-        t = txt(node_id, [f"ctl:control:{{7500 + i % 400}}", f"rep:echo:{{9000 + i % 400}}"], {key!r})
-        out_.add_answer_at_time(DNSText(inst, _TYPE_TXT, _CLASS_IN, 60, props(t)), 0)
-        out_.add_answer_at_time(DNSAddress(host, _TYPE_A, _CLASS_IN, 60, socket.inet_aton(ME)), 0)
+        port = 7500 + i % 400
+        out_.add_answer_at_time(DNSPointer(TYPE, C._TYPE_PTR, C._CLASS_IN, 60, inst), 0)
+        out_.add_answer_at_time(
+            DNSService(inst, C._TYPE_SRV, C._CLASS_IN, 60, 0, 0, port, host), 0)
+        t = txt(node_id, [f"ctl:control:{{port}}", f"rep:echo:{{9000 + i % 400}}"], {key!r})
+        out_.add_answer_at_time(DNSText(inst, C._TYPE_TXT, C._CLASS_IN, 60, props(t)), 0)
+        address = socket.inet_aton(ME)
+        out_.add_answer_at_time(DNSAddress(host, C._TYPE_A, C._CLASS_IN, 60, address), 0)
     for packet in out_.packets():
         sock.sendto(packet, ("224.0.0.251", 5353))
     time.sleep(0.002)

@@ -92,8 +92,8 @@ from ..constants import (
     MAX_TOPIC_SIZE,
     PROTOCOL_VERSION,
 )
-from .budget import expansion_cost
 from ..errors import LocalProtocolError, RemoteProtocolError
+from .budget import expansion_cost
 
 
 class Kind(enum.IntEnum):

@@ -58,7 +58,8 @@ def private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-_PUBLIC_BANNER = "#   ZeroMQ CURVE Public Certificate (zmqfabric)\n#   Share it: peers allow it.\n\n"
+_PUBLIC_BANNER = ("#   ZeroMQ CURVE Public Certificate (zmqfabric)\n"
+                  "#   Share it: peers allow it.\n\n")
 _SECRET_BANNER = ("#   ZeroMQ CURVE **Secret** Certificate (zmqfabric)\n"
                   "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.\n\n")
 

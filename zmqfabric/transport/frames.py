@@ -9,7 +9,7 @@ together about 1 us per frame.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -96,7 +96,7 @@ def recv_frames(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
             data = frame.bytes
             frames.append(data)
             total += len(data)
-            if total > _SMALL and 0 <= sock.get(_MAXMSGSIZE) < total:
+            if total > _SMALL and 0 <= cast(int, sock.get(_MAXMSGSIZE)) < total:
                 return _discard(sock, frame)
     return frames
 
