@@ -1,9 +1,13 @@
-"""The control endpoint every node answers on: ``ping``, ``info`` and ``stats``.
+"""The control endpoint every node answers on: ``ping``, ``info``, ``stats`` and ``record``.
 
 Served by the control thread, a node-owned thread that owns the control socket and nothing else
 (sync, even on an asyncio node), so a node answers pings whether or not its user runs a serve
 loop. Requests use the ordinary request/reply wire format with body
-``{"op": "ping" | "info" | "stats"}``.
+``{"op": "ping" | "info" | "stats" | "record"}`` (header map ``{"svc": "control"}`` optional).
+``record`` answers ``{"name": str, "txt": {str: str}}``: the node's own discovery record as its
+TXT map (:mod:`zmqfabric.core.records`), what peers verify every discovery hint against
+(:mod:`zmqfabric.discovery.verify`); its address is the one the question was sent to. Messages
+are at most MAX_CONTROL_MESSAGE bytes in all.
 
 The same socket receives the one-way gossip messages of membership (``hello``, ``peers``; see
 :mod:`zmqfabric.discovery.gossip`), which the control thread hands on without answering: hellos to
