@@ -18,8 +18,8 @@ MAX_MESSAGE_SIZE = 1024 * 1024
 #: containers, ~90 bytes of Python objects per byte) stays under 1.5 MiB and a millisecond.
 DECODE_CHECK_SIZE = 16 * 1024
 #: A larger body may cost at most this many times its size in Python objects, plus the allowance
-#: below; ordinary data (strings, numbers, records) costs 2-12 times, crafted data up to 90.
-DECODE_EXPANSION = 16
+#: below; ordinary data (strings, numbers, records) costs 1-22 times, crafted data up to 90.
+DECODE_EXPANSION = 24
 DECODE_ALLOWANCE = 64 * 1024
 #: Frames a control message, an XPUB's upstream (subscriptions) or a probe reply may have: small
 #: by design, so a peer cannot park big frames there.
@@ -99,9 +99,10 @@ VERIFY_TIMEOUT_S = 1.0
 MAX_PENDING_VERIFICATIONS = 32
 #: Hints waiting for a verification slot or a token; the oldest are dropped (counted) beyond.
 MAX_QUEUED_HINTS = 256
-#: Per advertised address: a burst of this many verifications, then VERIFY_RATE_PER_S.
-VERIFY_BURST = 8
-VERIFY_RATE_PER_S = 4.0
+#: Per advertised address: a burst of this many verifications, then VERIFY_RATE_PER_S (a host
+#: may run dozens of nodes, all at one address; a probe costs about a millisecond of CPU).
+VERIFY_BURST = 32
+VERIFY_RATE_PER_S = 16.0
 #: A verified or refused hint is not checked again for this long (s), and at most this many
 #: outcomes are remembered.
 VERIFY_CACHE_S = 30.0
