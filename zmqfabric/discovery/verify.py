@@ -48,7 +48,7 @@ from ..constants import (
 )
 from ..core import wire
 from ..core.records import NodeRecord, decode_txt, validate_node_name
-from ..errors import FabricError, InvalidNameError, RemoteProtocolError
+from ..errors import ClosedError, FabricError, InvalidNameError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from ..transport.inbox import Inbox
 from ..transport.sockets import SocketFactory
@@ -212,13 +212,18 @@ class Verifier:
         try:
             while not self._stopping:
                 timeout = VERIFY_TICK_MS if (self._pending or self._queued) else None
-                events = inbox.poll(self._poller, timeout)
+                try:
+                    events = inbox.poll(self._poller, timeout)
+                except zmq.ContextTerminated:
+                    return
                 try:
                     for sock in events:
                         if sock != fd:
                             self._on_event(sock)
                     self._expire()
                     self._launch()
+                except (zmq.ContextTerminated, ClosedError):
+                    return  # the node is closing: its sockets are going away
                 except Exception:  # a bug here must not end verification for the node
                     self._counters.add("verify_errors")
                     _rlog.exception("verify", "error in the verifier thread")
@@ -364,6 +369,9 @@ class Verifier:
         self._by_sock.pop(probe.monitor, None)
         self._poller.unregister(probe.sock)
         self._poller.unregister(probe.monitor)
-        probe.sock.disable_monitor()
+        try:
+            probe.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the context is terminating (a node closed under load): close all the same
         probe.monitor.close(0)
         probe.sock.close(0)

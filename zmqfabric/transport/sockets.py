@@ -43,6 +43,7 @@ class SocketFactory:
         self._monitors = itertools.count(1)  # monitors are made from several threads
         self._counters = counters
         self._upstream = UpstreamWatch(self._upstream_refused, time.monotonic)
+        self._closed = False
 
     def guard_upstream(self, sock: zmq.Socket) -> None:
         """Bound what each peer of XPUB ``sock`` may send upstream (see :mod:`.upstream`).
@@ -55,7 +56,11 @@ class SocketFactory:
 
     @property
     def context(self) -> zmq.Context:
+        """The node's context, made on first use. Raises ClosedError once :meth:`close` ran (a
+        late thread must not make a context nobody terminates)."""
         if self._context is None:
+            if self._closed:
+                raise ClosedError("the node's sockets are closed")
             ctx = zmq.asyncio.Context() if self._asyncio else zmq.Context()
             # ZeroMQ's own limit (1023 sockets by default) would fail a busy node long before
             # the process runs out of descriptors: size it to them.
@@ -134,6 +139,7 @@ class SocketFactory:
 
     def close(self) -> None:
         """Stop the upstream watch (its sockets), then terminate the context. Idempotent."""
+        self._closed = True
         self._upstream.stop()
         if self._context is not None:
             self._context.term()
