@@ -38,6 +38,7 @@ from tests.helpers import (
     wait_for_event,
     wait_until,
 )
+from zmqfabric.constants import MESSAGE_ENVELOPE
 from zmqfabric.core.records import EndpointKind
 
 #: Bound for waits that involve discovery or another thread.
@@ -582,7 +583,7 @@ def test_oversized_messages_are_dropped_and_the_node_keeps_serving(
     pipeline = unique("frames")
     puller = node.puller(pipeline)
     service_url = target.url(EndpointKind.REPLY, target.service)
-    big = msgpack.packb(b"x" * 2000)
+    big = msgpack.packb(b"x" * (1024 + MESSAGE_ENVELOPE + 1))  # the body limit and the envelope
 
     dealer = raw(zmq.DEALER)
     connect_and_get_dropped(dealer, service_url, [b"", hdr(1, 1), big])

@@ -179,3 +179,30 @@ def test_a_node_is_usable_soon_after_it_starts(make_node) -> None:
         start = time.monotonic()
         assert peer.request("hello-svc", 1, timeout=WAIT) == 1
         assert time.monotonic() - start < 1.0
+
+
+# --- whole-message limit -------------------------------------------------------------------------
+
+
+def test_a_message_of_many_frames_under_the_frame_limit_is_dropped(raw) -> None:
+    """ZeroMQ's MAXMSGSIZE bounds each frame; the whole message is bounded too."""
+    node = zf.Node(unique("small"), config=zf.NodeConfig(max_message_size=1024))
+
+    @node.reply("echo")
+    def echo(body: Any) -> Any:
+        return body
+
+    with node:
+        node.serve_in_background()
+        port = node.record.find(EndpointKind.REPLY, "echo").port
+        dealer = raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{port}")
+        chunk = b"x" * 40_000  # each frame under 1 KiB + 64 KiB, together over it
+        header = wire.pack_header(wire.Kind.REQUEST, 1, time.time())
+        dealer.send_multipart([b"", header, chunk, chunk, chunk])
+        wait_until(lambda: node.counters.get("refused_request") > 0, WAIT,
+                   "the oversized message to be dropped")
+        dealer.send_multipart([b"", wire.pack_header(wire.Kind.REQUEST, 2, time.time()),
+                               msgpack.packb("small")])
+        assert dealer.poll(int(WAIT * 1000))
+        reply_header, body = wire.parse_reply(dealer.recv_multipart())
+        assert reply_header.msg_id == 2 and body == "small"

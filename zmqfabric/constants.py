@@ -14,6 +14,10 @@ PROTOCOL_VERSION = 1
 #: and a message whose frames add up to more is dropped while it is read. Raise it per node
 #: (NodeConfig.max_message_size) or per endpoint for large raw bodies.
 MAX_MESSAGE_SIZE = 1024 * 1024
+#: What a message may carry beyond its body: routing ids, header (<= 4 KiB), topic (<= 1 KiB).
+#: The limit a socket enforces is MAX_MESSAGE_SIZE plus this, so a body of exactly the maximum
+#: size still goes through.
+MESSAGE_ENVELOPE = 64 * 1024
 #: Bodies up to this size decode without an expansion check: even the worst one (nested empty
 #: containers, ~90 bytes of Python objects per byte) stays under 1.5 MiB and a millisecond.
 DECODE_CHECK_SIZE = 16 * 1024

@@ -35,8 +35,9 @@ Body frame
 
 Limits
     A message (all its frames together) is at most the receiving endpoint's maximum message size
-    (1 MiB unless the receiver raised it): ZeroMQ disconnects a peer that sends a bigger frame,
-    and a receiver drops a message whose frames add up to more. A msgpack body larger than
+    (a 1 MiB body unless the receiver raised it, plus 64 KiB for routing ids, header and topic):
+    ZeroMQ disconnects a peer that sends a bigger frame, and a receiver drops a message whose
+    frames add up to more. A msgpack body larger than
     16 KiB may decode to at most 24 times its size in objects (plus 64 KiB): ordinary data
     costs 2-20 times, and a body that would cost more (thousands of empty arrays, maps or
     uncached integers) is refused as malformed before it is decoded. Nesting deeper than 1024

@@ -80,7 +80,7 @@ class SocketFactory:
         sock.setsockopt(zmq.LINGER, cfg.linger_ms)
         sock.setsockopt(zmq.SNDHWM, cfg.hwm)
         sock.setsockopt(zmq.RCVHWM, cfg.hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size + C.MESSAGE_ENVELOPE)
         sock.setsockopt(zmq.HEARTBEAT_IVL, cfg.heartbeat_ivl_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, cfg.heartbeat_timeout_ms)
         sock.setsockopt(zmq.HEARTBEAT_TTL, cfg.heartbeat_ttl_ms)
