@@ -726,8 +726,8 @@ def _forge_and_check(target: Target, raw: RawFactory, refusals: _LogCapture) -> 
         # The good record, made the same way, passes validation and reaches verification, where
         # it is refused (its control port is a socket that never answers); the bad ones are all
         # counted.
-        reason = wait_until(
-            lambda: {r.name: why for r, why in node.refused_peers()}.get(names["good"]), WAIT,
+        reason = wait_until(  # its node is asked twice (VERIFY_ATTEMPTS) before it is refused
+            lambda: {r.name: why for r, why in node.refused_peers()}.get(names["good"]), 2 * WAIT,
             "the well-formed forged record to reach verification (else the test forges wrongly)")
         assert "unverified" in reason and "did not answer" in reason, reason
         assert names["good"] not in {record.name for record in node.nodes()}

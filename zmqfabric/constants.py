@@ -107,10 +107,18 @@ MAX_QUEUED_HINTS = 256
 #: may run dozens of nodes, all at one address; a probe costs about a millisecond of CPU).
 VERIFY_BURST = 32
 VERIFY_RATE_PER_S = 16.0
+#: ...four times that for loopback addresses: every node of a host shares one, and a probe there
+#: cannot reach another host.
+VERIFY_LOCAL_FACTOR = 4
 #: A verified or refused hint is not checked again for this long (s), and at most this many
 #: outcomes are remembered.
 VERIFY_CACHE_S = 30.0
 MAX_VERIFY_CACHE = 4096
+#: ...but a hint whose node did not answer (busy, starting, a lost packet) is checked again after
+#: this long (s), and when heard again after this long once refused.
+VERIFY_RETRY_S = 2.0
+#: Calls made for one hint whose node does not answer before it is refused.
+VERIFY_ATTEMPTS = 2
 #: The verifier thread checks deadlines this often (ms).
 VERIFY_TICK_MS = 50
 #: Most nodes a directory holds (and so peers watched and connected); lowered at start to fit the

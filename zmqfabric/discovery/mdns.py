@@ -252,6 +252,8 @@ class Discovery:
     def _admit(self, record: NodeRecord) -> None:
         """Take a verified record (the verifier's thread): a node of our name is a conflict,
         any other goes into the directory, unless it is full (counted and logged)."""
+        with self._lock:  # refused earlier (it did not answer then): not any more
+            self._refused.pop((record.node_id, record.address), None)
         own = self._own
         if own is not None and record.name == own[0]:
             if record.node_id != own[1]:

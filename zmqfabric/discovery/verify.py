@@ -8,8 +8,9 @@ handshake), and sends the control op ``record``. The answer (the node's own name
 the truth: a hint whose node answers under another name or id, from another port, with another
 key or of another fabric is refused; a hint whose sequence number or endpoints differ from the
 answer is replaced by the answer. A hint whose advertiser does not complete the call within
-VERIFY_TIMEOUT_S (no answer, a refused handshake, nothing listening) is refused: none of its
-endpoints is connected, it is not listed as a node, it cannot claim a name.
+VERIFY_TIMEOUT_S (no answer, a refused handshake, nothing listening) is tried again after
+VERIFY_RETRY_S, VERIFY_ATTEMPTS times in all, then refused: none of its endpoints is connected,
+it is not listed as a node, it cannot claim a name.
 
 Bounded everywhere: at most MAX_PENDING_VERIFICATIONS calls in flight, MAX_QUEUED_HINTS waiting
 (the oldest dropped, counted), VERIFY_BURST then VERIFY_RATE_PER_S calls per advertised address,
@@ -40,9 +41,12 @@ from ..constants import (
     MAX_QUEUED_HINTS,
     MAX_VERIFY_CACHE,
     THREAD_JOIN_TIMEOUT_S,
+    VERIFY_ATTEMPTS,
     VERIFY_BURST,
     VERIFY_CACHE_S,
+    VERIFY_LOCAL_FACTOR,
     VERIFY_RATE_PER_S,
+    VERIFY_RETRY_S,
     VERIFY_TICK_MS,
     VERIFY_TIMEOUT_S,
 )
@@ -125,6 +129,10 @@ class Verifier:
             collections.OrderedDict()
         )
         self._pending: dict[_Key, _Probe] = {}
+        #: Hints whose node did not answer, to try again (thread-owned): key -> (due, hint); and
+        #: the calls made so far for each hint being tried again.
+        self._retries: dict[_Key, tuple[float, NodeRecord]] = {}
+        self._tries: dict[_Key, int] = {}
         self._by_sock: dict[Any, _Probe] = {}
         self._settled = threading.Condition(self._lock)
         self._ids = int(clock() * 1e6) & 0xFFFFFFFF
@@ -171,7 +179,7 @@ class Verifier:
             if expiry is not None and expiry > now:
                 self._counters.add("hints_known")
                 return
-            if key in self._pending or key in self._queued:
+            if key in self._pending or key in self._queued or key in self._retries:
                 return
             if len(self._queued) >= MAX_QUEUED_HINTS:
                 self._queued.popitem(last=False)
@@ -211,7 +219,8 @@ class Verifier:
         inbox, fd = self._inbox, self._inbox.fd
         try:
             while not self._stopping:
-                timeout = VERIFY_TICK_MS if (self._pending or self._queued) else None
+                busy = self._pending or self._queued or self._retries
+                timeout = VERIFY_TICK_MS if busy else None
                 try:
                     events = inbox.poll(self._poller, timeout)
                 except zmq.ContextTerminated:
@@ -228,12 +237,24 @@ class Verifier:
                     self._counters.add("verify_errors")
                     _rlog.exception("verify", "error in the verifier thread")
         finally:
-            for probe in list(self._pending.values()):
+            for probe in {id(p): p for p in self._by_sock.values()}.values():
                 self._close(probe)
+            self._pending.clear()
 
     def _launch(self) -> None:
         """Start probes for queued hints while slots are free and their address has tokens."""
         now = self._clock()
+        due = [k for k, (when, _) in self._retries.items() if when <= now]
+        if due:
+            with self._lock:
+                for key in due:
+                    _, retry = self._retries.pop(key)
+                    if key in self._pending or key in self._queued:
+                        continue  # heard again meanwhile: being checked already
+                    if len(self._queued) < MAX_QUEUED_HINTS:
+                        self._queued[key] = retry
+                    else:
+                        self._tries.pop(key, None)  # no room: dropped like a new hint
         while len(self._pending) < MAX_PENDING_VERIFICATIONS:
             with self._lock:
                 hint = next((h for h in self._queued.values() if self._has_token(h.address, now)),
@@ -242,16 +263,24 @@ class Verifier:
                     return
                 key = hint_key(hint)
                 del self._queued[key]
+                if key in self._pending:
+                    continue  # already being checked: one probe per claim at a time
                 self._take_token(hint.address, now)
             self._probe(hint, key, now)
 
+    def _tokens(self, address: str, now: float) -> float:
+        """The verifications ``address`` may have now (a token bucket per address)."""
+        factor = VERIFY_LOCAL_FACTOR if address.startswith("127.") else 1
+        burst = float(VERIFY_BURST * factor)
+        tokens, stamp = self._buckets.get(address, (burst, now))
+        return min(burst, tokens + (now - stamp) * VERIFY_RATE_PER_S * factor)
+
     def _has_token(self, address: str, now: float) -> bool:
-        tokens, stamp = self._buckets.get(address, (float(VERIFY_BURST), now))
-        return min(float(VERIFY_BURST), tokens + (now - stamp) * VERIFY_RATE_PER_S) >= 1.0
+        return self._tokens(address, now) >= 1.0
 
     def _take_token(self, address: str, now: float) -> None:
-        tokens, stamp = self._buckets.pop(address, (float(VERIFY_BURST), now))
-        tokens = min(float(VERIFY_BURST), tokens + (now - stamp) * VERIFY_RATE_PER_S)
+        tokens = self._tokens(address, now)
+        self._buckets.pop(address, None)
         self._buckets[address] = (tokens - 1.0, now)
         while len(self._buckets) > MAX_VERIFY_CACHE:
             self._buckets.popitem(last=False)
@@ -283,7 +312,8 @@ class Verifier:
                 wire.pack_header(wire.Kind.REQUEST, probe.msg_id, time.time()), _CONTROL_TAIL)
             sock.send_multipart([b"", header, wire.pack_body({"op": "record"})], zmq.NOBLOCK)
         except (zmq.ZMQError, FabricError) as exc:
-            self._decide(hint, key, None, f"cannot reach its control endpoint: {exc}")
+            self._decide(hint, key, None, f"cannot reach its control endpoint: {exc}",
+                         transient=True)
 
     def _on_event(self, sock: Any) -> None:
         probe = self._by_sock.get(sock)
@@ -296,7 +326,7 @@ class Verifier:
                 return
             if self._pending.get(probe.key) is probe:
                 why = _WHY.get(event["event"], "its connection failed")
-                self._decide(probe.hint, probe.key, None, why)
+                self._decide(probe.hint, probe.key, None, why, transient=True)
             return
         try:
             frames = probe.sock.recv_multipart(zmq.NOBLOCK)
@@ -345,14 +375,27 @@ class Verifier:
         now = self._clock()
         for probe in [p for p in self._pending.values() if p.deadline <= now]:
             self._decide(probe.hint, probe.key, None,
-                         f"its control endpoint did not answer within {VERIFY_TIMEOUT_S:g} s")
+                         f"its control endpoint did not answer within {VERIFY_TIMEOUT_S:g} s",
+                         transient=True)
 
-    def _decide(self, hint: NodeRecord, key: _Key, answer: NodeRecord | None, why: str) -> None:
+    def _decide(self, hint: NodeRecord, key: _Key, answer: NodeRecord | None, why: str,
+                transient: bool = False) -> None:
+        """Record the outcome: remembered VERIFY_CACHE_S, or VERIFY_RETRY_S for a failure that
+        may pass (no answer, a dropped connection: a node busy or still starting)."""
         probe = self._pending.pop(key, None)
         if probe is not None:
             self._close(probe)
+        tries = self._tries.pop(key, 0) + 1
+        if answer is None and transient and tries < VERIFY_ATTEMPTS:
+            if len(self._retries) < MAX_QUEUED_HINTS:  # try again soon: a busy or starting node
+                self._retries[key] = (self._clock() + VERIFY_RETRY_S, hint)
+                self._tries[key] = tries
+                while len(self._tries) > 2 * MAX_QUEUED_HINTS:  # hints dropped from the queue
+                    del self._tries[next(iter(self._tries))]
+                self._counters.add("hints_retried")
+                return
         with self._lock:
-            self._cache[key] = self._clock() + VERIFY_CACHE_S
+            self._cache[key] = self._clock() + (VERIFY_RETRY_S if transient else VERIFY_CACHE_S)
             self._cache.move_to_end(key)
             while len(self._cache) > MAX_VERIFY_CACHE:
                 self._cache.popitem(last=False)
