@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -36,7 +37,9 @@ from tests.lan.netns import IFACE, Host, Lan, lan_unavailable
 from tests.procs import ROOT, Child
 from zmqfabric.constants import MAX_INTRODUCED_PER_HOST, VERIFY_BURST, VERIFY_RATE_PER_S
 
-_why = lan_unavailable()
+_why = lan_unavailable() or (
+    None if shutil.which("tcpdump") else "the attack suite counts connections with tcpdump "
+    "(apt-get install tcpdump)")
 pytestmark = [pytest.mark.lan, pytest.mark.skipif(_why is not None, reason=_why or "")]
 
 CODE = os.environ.get("ZF_ATTACK_CODE")
