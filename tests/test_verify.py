@@ -7,6 +7,7 @@ themselves, across network namespaces, are in tests/attacks/.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from typing import Any
@@ -22,7 +23,7 @@ from tests.helpers import forged_service_info, loopback_zeroconf, unique, wait_u
 from zmqfabric.constants import DECODE_ALLOWANCE, DECODE_EXPANSION, SERVICE_TYPE
 from zmqfabric.core import wire
 from zmqfabric.core.budget import expansion_cost
-from zmqfabric.core.records import EndpointKind, encode_txt
+from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord, confirm_record, encode_txt
 from zmqfabric.errors import RemoteProtocolError
 
 WAIT = 10.0
@@ -67,6 +68,42 @@ def test_crafted_bodies_are_refused_before_decoding(crafted: bytes) -> None:
 @given(st.binary(max_size=64))
 def test_the_budget_never_raises_on_garbage(data: bytes) -> None:
     expansion_cost(data, DECODE_EXPANSION, 0)
+
+
+# --- the node's answer against the hint (pure) ---------------------------------------------------
+
+
+def _record(**changes: Any) -> NodeRecord:
+    base = NodeRecord("alpha", "0123456789abcdef", "host", 1, "198.18.0.1",
+                      (Endpoint(EndpointKind.CONTROL, "control", 5000),
+                       Endpoint(EndpointKind.REPLY, "echo", 5001)), 3, None, "default")
+    return dataclasses.replace(base, **changes)
+
+
+def test_the_answer_wins_over_the_hint() -> None:
+    truth = _record()
+    hint = _record(seq=2**32, endpoints=(*truth.endpoints, Endpoint(EndpointKind.REPLY, "x", 9)))
+    confirmed = confirm_record(hint, {"name": "alpha", "txt": encode_txt(truth)})
+    assert confirmed == truth  # its seq and endpoints, at the hint's address
+
+
+@pytest.mark.parametrize("liar, why", [
+    (_record(name="beta"), "answers as node 'beta'"),
+    (_record(node_id="fedcba9876543210"), "answers as node 'alpha'"),
+    (_record(curve_key="x" * 40), "another key"),
+    (_record(fabric="other"), "another key or fabric"),
+    (_record(endpoints=(Endpoint(EndpointKind.CONTROL, "control", 5999),)), "control port"),
+])
+def test_an_answer_that_contradicts_the_hint_is_refused(liar: NodeRecord, why: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=why):
+        confirm_record(_record(), {"name": liar.name, "txt": encode_txt(liar)})
+
+
+@pytest.mark.parametrize("answer", [None, [], {"name": "alpha"}, {"name": "A B", "txt": {}},
+                                    {"name": "alpha", "txt": {"v": 1}}])
+def test_a_malformed_answer_is_refused(answer: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        confirm_record(_record(), answer)
 
 
 # --- the service a request names (pure) --------------------------------------------------------

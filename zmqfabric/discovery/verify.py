@@ -51,8 +51,8 @@ from ..constants import (
     VERIFY_TIMEOUT_S,
 )
 from ..core import wire
-from ..core.records import NodeRecord, decode_txt, validate_node_name
-from ..errors import ClosedError, FabricError, InvalidNameError, RemoteProtocolError
+from ..core.records import NodeRecord, confirm_record
+from ..errors import ClosedError, FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from ..transport.inbox import Inbox
 from ..transport.sockets import SocketFactory
@@ -346,28 +346,8 @@ class Verifier:
 
     def _answer(self, hint: NodeRecord, body: Any) -> NodeRecord:
         """The record the node answered, checked against the hint. Raises RemoteProtocolError."""
-        if not isinstance(body, dict):
-            raise RemoteProtocolError("its record answer is not a map")
-        name, txt = body.get("name"), body.get("txt")
-        if not isinstance(txt, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in txt.items()
-        ):
-            raise RemoteProtocolError("its record answer carries no TXT map of strings")
-        try:
-            validate_node_name(name)
-        except InvalidNameError as exc:
-            raise RemoteProtocolError(f"its record answer has a bad node name: {exc}") from exc
-        props = {k.encode(): v.encode() for k, v in txt.items()}
-        answer = decode_txt(str(name), [hint.address], props)
-        if (answer.name, answer.node_id) != (hint.name, hint.node_id):
-            raise RemoteProtocolError(
-                f"its control endpoint answers as node {answer.name!r} (id {answer.node_id})")
-        if answer.curve_key != hint.curve_key or answer.fabric != hint.fabric:
-            raise RemoteProtocolError("its node answers with another key or fabric")
-        control, claimed = answer.control, hint.control
-        if control is None or claimed is None or control.port != claimed.port:
-            raise RemoteProtocolError("its node answers with another control port")
-        if answer.seq != hint.seq:
+        answer = confirm_record(hint, body)
+        if answer.seq != hint.seq or answer.endpoints != hint.endpoints:
             self._counters.add("hints_corrected")
         return answer
 
