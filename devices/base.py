@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import zmq
 
-from zmqfabric.constants import THREAD_JOIN_TIMEOUT_S
+from zmqfabric.constants import MAX_SUBSCRIPTION_SIZE, THREAD_JOIN_TIMEOUT_S
 from zmqfabric.core.records import EndpointKind, validate_endpoint_name
 from zmqfabric.errors import ClosedError, FabricTimeoutError
 from zmqfabric.node import Node
@@ -88,8 +88,16 @@ class FrontEnd(Bound):
                  allow: Iterable[str] | None = None) -> None:
         self.kind = kind
         self.noun = kind.noun
+        if socket_type == zmq.XPUB:
+            # Upstream of an XPUB come subscriptions only. libzmq keeps each in a trie of one
+            # node per byte and frees it recursively: a 200 KiB subscription overflowed the
+            # reaper thread's stack when the device stopped (SIGSEGV). Bigger frames are refused
+            # before they are read (the peer is disconnected).
+            self.max_message_size = MAX_SUBSCRIPTION_SIZE
         super().__init__(runtime, name, socket_type, allow)
         self.socket = self._sock
+        if socket_type == zmq.XPUB:
+            runtime.sockets.guard_upstream(self._sock)  # bounded subscriptions per connection
 
     def advertise(self) -> None:
         self._advertise()

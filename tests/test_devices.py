@@ -569,7 +569,8 @@ def test_statistics_count_every_part(make_node, make_worker, devices, raw, name)
     for n in range(count):
         assert client.request(svc, n, timeout=SLOW, via=hub.name)["echo"] == n
     after = device_stats(client, hub.name, f"queue:{svc}")
-    asked = sum(5 + header + len(wire.pack_body(n)) for n in range(count))
+    named = header + len(wire.service_tail(svc))  # a request's header names its service
+    asked = sum(5 + named + len(wire.pack_body(n)) for n in range(count))
     answered = sum(5 + header + len(wire.pack_body({"worker": worker.name, "echo": n}))
                    for n in range(count))
     assert _delta(before, after) == {

@@ -423,6 +423,10 @@ with raw_socket(zmq.PULL) as pull, raw_socket(zmq.ROUTER) as control:
                     control.send_multipart([route_id, b"", reply,
                                             msgpack.packb({"node": NAME, "raw": True})])
                     pinged = True
+                elif request.get("op") == "record":  # peers confirm our record with us first
+                    reply = msgpack.packb([1, 2, fields[2], time.time()])
+                    control.send_multipart([route_id, b"", reply,
+                                            msgpack.packb({"name": NAME, "txt": txt})])
                 out(event="control", op=request.get("op"))
         zc.unregister_service(info)
     finally:

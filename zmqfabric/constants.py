@@ -9,9 +9,38 @@ from __future__ import annotations
 # --- wire -----------------------------------------------------------------------------------
 #: Protocol version carried in every header; a peer speaking another version is refused.
 PROTOCOL_VERSION = 1
-#: Largest frame a socket accepts (ZeroMQ applies MAXMSGSIZE to each frame); a peer that sends
-#: more is disconnected before the frame is read into memory.
-MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+#: Largest message an endpoint accepts, all frames together (NATS's max_payload default): a peer
+#: that sends a bigger frame is disconnected before it is read (ZeroMQ's MAXMSGSIZE, per frame),
+#: and a message whose frames add up to more is dropped while it is read. Raise it per node
+#: (NodeConfig.max_message_size) or per endpoint for large raw bodies.
+MAX_MESSAGE_SIZE = 1024 * 1024
+#: What a message may carry beyond its body: routing ids, header (<= 4 KiB), topic (<= 1 KiB).
+#: The limit a socket enforces is MAX_MESSAGE_SIZE plus this, so a body of exactly the maximum
+#: size still goes through.
+MESSAGE_ENVELOPE = 64 * 1024
+#: Bodies up to this size decode without an expansion check: even the worst one (nested empty
+#: containers, ~90 bytes of Python objects per byte) stays under 1.5 MiB and a millisecond.
+DECODE_CHECK_SIZE = 16 * 1024
+#: A larger body may cost at most this many times its size in Python objects, plus the allowance
+#: below; ordinary data (strings, numbers, records) costs 1-22 times, crafted data up to 90.
+DECODE_EXPANSION = 24
+DECODE_ALLOWANCE = 64 * 1024
+#: Frames a control message, an XPUB's upstream (subscriptions) or a probe reply may have: small
+#: by design, so a peer cannot park big frames there.
+MAX_CONTROL_MESSAGE = 64 * 1024
+#: Largest subscription frame an XPUB accepts: 1 byte, a topic prefix (MAX_TOPIC_SIZE) and slack.
+MAX_SUBSCRIPTION_SIZE = 1 + 1024 + 64
+#: Bytes one connection may send upstream of an XPUB (subscriptions, handshake): libzmq keeps
+#: ~48 bytes per subscription byte, so this bounds one peer to ~12 MiB; a forwarder relaying
+#: thousands of subscribers' topic prefixes fits. Plus heartbeats, an allowance per second.
+MAX_UPSTREAM_BYTES = 256 * 1024
+UPSTREAM_ALLOWANCE_PER_S = 256
+#: How often (ms) the upstream byte counts are read: every UPSTREAM_CHECK_MS while subscribers
+#: are connected, every UPSTREAM_CHECK_FAST_MS while one of them is sending a lot.
+UPSTREAM_CHECK_MS = 500
+UPSTREAM_CHECK_FAST_MS = 10
+#: A peer address cut for flooding has its new connections cut at once this long (s).
+UPSTREAM_PENALTY_S = 10.0
 #: Headers are small by design; a bigger one is hostile or a bug.
 MAX_HEADER_SIZE = 4096
 #: Topics are prefixes for ZeroMQ's filter, not payload.
@@ -66,6 +95,42 @@ LIVENESS_CONNECT_TIMEOUT_S = 3.0
 DEAD_FORGET_S = 60.0
 #: The housekeeping thread checks liveness deadlines this often (ms).
 LIVENESS_TICK_MS = 250
+
+# --- verification: mDNS, hellos and introductions are hints; the peer itself is the truth ---
+#: A hint is verified by one control call to its advertiser; a real node answers in ms.
+VERIFY_TIMEOUT_S = 1.0
+#: Verifications in flight at once (each a short-lived socket and one TCP connection).
+MAX_PENDING_VERIFICATIONS = 32
+#: Hints waiting for a verification slot or a token; the oldest are dropped (counted) beyond.
+MAX_QUEUED_HINTS = 256
+#: Per advertised address: a burst of this many verifications, then VERIFY_RATE_PER_S (a host
+#: may run dozens of nodes, all at one address; a probe costs about a millisecond of CPU).
+VERIFY_BURST = 32
+VERIFY_RATE_PER_S = 16.0
+#: ...four times that for loopback addresses: every node of a host shares one, and a probe there
+#: cannot reach another host.
+VERIFY_LOCAL_FACTOR = 4
+#: A verified or refused hint is not checked again for this long (s), and at most this many
+#: outcomes are remembered.
+VERIFY_CACHE_S = 30.0
+MAX_VERIFY_CACHE = 4096
+#: ...but a hint whose node did not answer (busy, starting, a lost packet) is checked again after
+#: this long (s), and when heard again after this long once refused.
+VERIFY_RETRY_S = 2.0
+#: Calls made for one hint whose node does not answer before it is refused.
+VERIFY_ATTEMPTS = 2
+#: The verifier thread checks deadlines this often (ms).
+VERIFY_TICK_MS = 50
+#: Most nodes a directory holds (and so peers watched and connected); lowered at start to fit the
+#: process's file descriptors (FDS_PER_PEER each, FD_RESERVE kept for everything else).
+MAX_PEERS = 1024
+FDS_PER_PEER = 8
+FD_RESERVE = 256
+#: Introduced control URLs (``peers`` messages) greeted: each URL once per VERIFY_CACHE_S, at most
+#: this many distinct ports per host, INTRODUCE_BURST at once then INTRODUCE_RATE_PER_S.
+MAX_INTRODUCED_PER_HOST = 4
+INTRODUCE_BURST = 16
+INTRODUCE_RATE_PER_S = 4.0
 
 #: Seed peers not yet known are greeted again this often (s).
 SEED_RETRY_S = 2.0

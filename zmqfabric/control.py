@@ -1,9 +1,13 @@
-"""The control endpoint every node answers on: ``ping``, ``info`` and ``stats``.
+"""The control endpoint every node answers on: ``ping``, ``info``, ``stats`` and ``record``.
 
 Served by the control thread, a node-owned thread that owns the control socket and nothing else
 (sync, even on an asyncio node), so a node answers pings whether or not its user runs a serve
 loop. Requests use the ordinary request/reply wire format with body
-``{"op": "ping" | "info" | "stats"}``.
+``{"op": "ping" | "info" | "stats" | "record"}`` (header map ``{"svc": "control"}`` optional).
+``record`` answers ``{"name": str, "txt": {str: str}}``: the node's own discovery record as its
+TXT map (:mod:`zmqfabric.core.records`), what peers verify every discovery hint against
+(:mod:`zmqfabric.discovery.verify`); its address is the one the question was sent to. Messages
+are at most MAX_CONTROL_MESSAGE bytes in all.
 
 The same socket receives the one-way gossip messages of membership (``hello``, ``peers``; see
 :mod:`zmqfabric.discovery.gossip`), which the control thread hands on without answering: hellos to
@@ -26,9 +30,9 @@ from typing import Any, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .constants import CONTROL_TIMEOUT_S, THREAD_JOIN_TIMEOUT_S
+from .constants import CONTROL_TIMEOUT_S, MAX_CONTROL_MESSAGE, THREAD_JOIN_TIMEOUT_S
 from .core import wire
-from .core.records import EndpointKind
+from .core.records import EndpointKind, encode_txt
 from .errors import (
     AuthorizationError,
     FabricTimeoutError,
@@ -47,7 +51,7 @@ from .transport.sockets import translate_zmq_errors
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
-OPS = ("ping", "info", "stats")
+OPS = ("ping", "info", "stats", "record")
 
 
 class ControlEndpoint(ServiceEndpoint):
@@ -60,6 +64,8 @@ class ControlEndpoint(ServiceEndpoint):
     counter_sent = "control_replies_sent"
     counter_failed = "control_op_errors"
     counter_undeliverable = "control_replies_undeliverable"
+    #: Control messages are small: a peer that sends a bigger frame is disconnected unread.
+    max_message_size = MAX_CONTROL_MESSAGE
 
     def __init__(self, runtime: NodeRuntime, handler: Any) -> None:
         self.fixed_port = runtime.config.control_port
@@ -129,9 +135,8 @@ class ControlServer:
                                     self._node.name)
 
     def _serve_one(self) -> None:
-        try:
-            zframes = self._endpoint.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        zframes = _recv_bounded(self._endpoint.socket)
+        if zframes is None:
             return
         parsed = self._endpoint.parse([f.bytes for f in zframes])
         if parsed is None:
@@ -158,6 +163,29 @@ class ControlServer:
         return control_answer(self._node, str(op))
 
 
+def _recv_bounded(sock: zmq.Socket) -> list[zmq.Frame] | None:
+    """One control message (frames kept for their Peer-Address), or None: nothing there, or a
+    message of more than MAX_CONTROL_MESSAGE bytes in all, read to its end and dropped (each
+    frame is bounded by the socket's MAXMSGSIZE, the whole message here)."""
+    try:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames = [frame]
+    total = len(frame.buffer)
+    while frame.more:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        total += len(frame.buffer)
+        frames.append(frame)
+        if total > MAX_CONTROL_MESSAGE:
+            while frame.more:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            _rlog.warning("oversized", "dropped a control message of more than %d bytes",
+                          MAX_CONTROL_MESSAGE)
+            return None
+    return frames
+
+
 def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     """The answer to control op ``op`` (the control thread: reads only thread-safe state)."""
     base: dict[str, Any] = {
@@ -169,6 +197,11 @@ def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     }
     if op == "ping":
         return base
+    if op == "record":
+        # What peers verify a discovery hint against: this node's own word, over a connection
+        # that CURVE authenticated with the key the hint names (zmqfabric.discovery.verify).
+        own = runtime.record
+        return {"name": own.name, "txt": encode_txt(own)}
     record = runtime.record
     base["address"] = record.address
     base["endpoints"] = [

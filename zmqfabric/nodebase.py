@@ -75,7 +75,8 @@ class NodeBase:
         self.config = config
         #: What the node's parts see of it (patterns, tasks, control, devices).
         self.runtime = rt = NodeRuntime(name, config, advertised=advertise, asyncio=self._ASYNC)
-        self._discovery = Discovery(config, rt.directory, rt.counters, self._on_name_conflict)
+        self._discovery = Discovery(config, rt.directory, rt.counters, self._on_name_conflict,
+                                    rt.sockets)
         self._membership = Membership(rt, self._discovery, on_conflict)
         rt.on_record_change = self._discovery.advertise
         self._lock = threading.RLock()
@@ -233,7 +234,7 @@ class NodeBase:
                             "unencrypted; give it keys (--keys DIR) on a shared network",
                             self.name, self.config.scope.interface,
                             extra={"zf_event": "unsecured_lan"})
-            self._discovery.start()
+            self._discovery.start(self.name)
             self._housekeeping = Housekeeping(rt)
             self._control = ControlServer(
                 rt, self._membership.accept_hello, self._housekeeping.accept_peers

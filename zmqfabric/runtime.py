@@ -57,7 +57,7 @@ class NodeRuntime:
         self.advertised = advertised
         self.counters = Counters()
         self.directory = Directory(name)
-        self.sockets = SocketFactory(config, asyncio=asyncio)
+        self.sockets = SocketFactory(config, asyncio=asyncio, counters=self.counters)
         self.state = NodeState.NEW
         #: Monotonic time of start() (the control endpoint reports uptime).
         self.started_at = 0.0

@@ -12,9 +12,13 @@ endpoints ``kind:name:port`` joined by ``;`` in ``e0``, ``e1``... of at most 250
 ``ctl``, ``rep``, ``pub``, ``pull``, ``task``, and the device front ends ``queue``, ``fwd``,
 ``strm``; readers skip unknown kinds.
 
-Endpoints carry only ports: the address is always the record's own A address, so a record cannot
-point the fabric at a third host. Everything read from the network is validated here and refused
-with :class:`RemoteProtocolError` when it does not fit.
+Endpoints carry only ports: the address is always the record's own A address. A record is only a
+hint: before any of it is used, the node it names must confirm it from that address, over its
+control endpoint and (secured fabrics) a CURVE handshake with the record's key (control op
+``record``, checked by :func:`confirm_record`). So a record cannot point the fabric at a third
+host (at most that host's claimed control port is asked, a bounded number of times), nor claim a
+name, key or endpoints its advertiser does not hold. Everything read from the network is
+validated here and refused with :class:`RemoteProtocolError` when it does not fit.
 """
 
 
@@ -311,3 +315,33 @@ def address_in_scope(address: str, networks: tuple[str, ...]) -> bool:
     """True when ``address`` lies in one of ``networks`` (CIDR strings)."""
     ip = ipaddress.ip_address(address)
     return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
+
+
+def confirm_record(hint: NodeRecord, answer: object) -> NodeRecord:
+    """The record a node gave for itself (control op ``record``: ``{"name": str, "txt": {str:
+    str}}``), asked at ``hint``'s address and control port, checked against the hint: the same
+    name, id, key, fabric and control port, or RemoteProtocolError. Its seq and endpoints win
+    over the hint's (the node itself is the truth); its address is the hint's, where it
+    answered."""
+    if not isinstance(answer, dict):
+        raise RemoteProtocolError("its record answer is not a map")
+    name, txt = answer.get("name"), answer.get("txt")
+    if not isinstance(txt, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in txt.items()
+    ):
+        raise RemoteProtocolError("its record answer carries no TXT map of strings")
+    try:
+        validate_node_name(name)
+    except InvalidNameError as exc:
+        raise RemoteProtocolError(f"its record answer has a bad node name: {exc}") from exc
+    props = {k.encode(): v.encode() for k, v in txt.items()}
+    record = decode_txt(str(name), [hint.address], props)
+    if (record.name, record.node_id) != (hint.name, hint.node_id):
+        raise RemoteProtocolError(
+            f"its control endpoint answers as node {record.name!r} (id {record.node_id})")
+    if record.curve_key != hint.curve_key or record.fabric != hint.fabric:
+        raise RemoteProtocolError("its node answers with another key or fabric")
+    control, claimed = record.control, hint.control
+    if control is None or claimed is None or control.port != claimed.port:
+        raise RemoteProtocolError("its node answers with another control port")
+    return record

@@ -14,9 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..constants import MAX_PEERS
 from ..core.records import EndpointKind, NodeRecord
 
 log = logging.getLogger(__name__)
+#: Nodes held back under one name in use (a conflict, a restart): a few, not a flood.
+_MAX_CANDIDATES = 4
 
 
 class Change(str, enum.Enum):
@@ -45,11 +48,15 @@ class Directory:
         self._candidates: dict[str, dict[str, NodeRecord]] = {}
         self._watchers: dict[_Key, list[tuple[Watcher, str | None]]] = {}
         self._listeners: list[Listener] = []
+        #: Most nodes held (a node's own record included); the node sets it from its file
+        #: descriptors at start. Updates of known nodes always go through.
+        self.limit = MAX_PEERS
 
     # --- writes (discovery) ----------------------------------------------------------------
 
-    def put(self, record: NodeRecord) -> None:
-        """Add or update the record of ``record.name`` and tell watchers what moved.
+    def put(self, record: NodeRecord) -> bool:
+        """Add or update the record of ``record.name`` and tell watchers what moved. False (and
+        nothing changes) when it is a new node and the directory holds ``limit`` already.
 
         A record of a *different* node id under a name already in use is held back as a
         candidate (two live nodes claim one name, or a restart before the old record expired):
@@ -57,8 +64,12 @@ class Directory:
         events: list[DirectoryEvent] = []
         with self._cond:
             old = self._records.get(record.name)
+            if old is None and len(self._records) >= self.limit:
+                return False
             if old is not None and old.node_id != record.node_id:
                 candidates = self._candidates.setdefault(record.name, {})
+                if record.node_id not in candidates and len(candidates) >= _MAX_CANDIDATES:
+                    return False
                 if record.node_id not in candidates:
                     log.warning(
                         "two nodes claim the name %r: %s on %s (in use) and %s on %s (held back)",
@@ -67,11 +78,12 @@ class Directory:
                 held = candidates.get(record.node_id)
                 if held is None or record.seq > held.seq:
                     candidates[record.node_id] = record
-                return
+                return True
             if old is not None and (old == record or record.seq <= old.seq):
-                return  # the same, or an older version that arrived late
+                return True  # the same, or an older version that arrived late
             self._activate(old, record, events)
         self._emit(events)
+        return True
 
     def remove(self, name: str, node_id: str | None = None) -> NodeRecord | None:
         """Drop node ``name`` (only the node with id ``node_id``, when given); a held-back

@@ -8,8 +8,10 @@ peer's control endpoint (request frames that get no reply):
   seed peers (``NodeConfig.peers``) every SEED_RETRY_S until it knows them. The receiver validates
   a hello like an mDNS record (:meth:`Membership.accept_hello`): it is a hint, never the truth.
 - ``peers`` carries the control URLs (and CURVE keys) of the nodes we know, shared with a peer
-  across subnets; the receiver greets the ones it does not know (:meth:`Gossip.accept_peers`).
-  A node enters a directory only through its own hello or mDNS record, never on another's word.
+  across subnets; the receiver greets the ones it does not know (:meth:`Gossip.accept_peers`),
+  each once, a few per host, at a bounded rate (:class:`Introductions`).
+  A node enters a directory only through its own hello or mDNS record, never on another's word,
+  and those are hints too: verified with the node itself (:mod:`.verify`).
 
 Everything here runs in the housekeeping thread (:mod:`.housekeeping`), which owns the sockets:
 the short-lived ones that carry a message, and the liveness connections of :class:`PeerWatch`.
@@ -17,6 +19,7 @@ the short-lived ones that carry a message, and the liveness connections of :clas
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import time
@@ -25,7 +28,16 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 
 from ..config import peer_url
-from ..constants import HELLO_LINGER_MS, MAX_SHARED, SEED_RETRY_S
+from ..constants import (
+    HELLO_LINGER_MS,
+    INTRODUCE_BURST,
+    INTRODUCE_RATE_PER_S,
+    MAX_INTRODUCED_PER_HOST,
+    MAX_SHARED,
+    MAX_VERIFY_CACHE,
+    SEED_RETRY_S,
+    VERIFY_CACHE_S,
+)
 from ..core import wire
 from ..core.curve import is_public_key
 from ..core.records import NodeRecord, address_in_scope, encode_txt
@@ -50,6 +62,7 @@ class Gossip:
         self._clock = clock
         self._seeds = [peer_url(peer) for peer in node.config.peers]  # (url, CURVE key)
         self._next_seeding = 0.0
+        self._introductions = Introductions()
 
     def introduce(self, url: str, key: str | None) -> None:
         """Send our record to the control endpoint at ``url`` (a fresh connection)."""
@@ -87,7 +100,13 @@ class Gossip:
 
     def accept_peers(self, peers: object) -> None:
         """Greet the shared control URLs (a peer's ``peers`` message) that we do not know.
-        Malformed lists are counted (``refused_peer_lists``); malformed items are skipped."""
+        Malformed lists are counted (``refused_peer_lists``); malformed items are skipped.
+
+        An introduction is a hint: the greeted node enters our directory only through its own
+        hello, verified with it. And a peer list must not make this node a cannon: each URL is
+        greeted once per VERIFY_CACHE_S, at most MAX_INTRODUCED_PER_HOST ports per host, at most
+        INTRODUCE_BURST at once then INTRODUCE_RATE_PER_S (:class:`Introductions`); the rest is
+        counted (``introductions_dropped``)."""
         node = self._node
         if not isinstance(peers, list) or len(peers) > MAX_SHARED:
             node.counters.add("refused_peer_lists")
@@ -105,7 +124,10 @@ class Gossip:
                 and (key is None or (isinstance(key, str) and is_public_key(key)))
                 and (seeded or self._in_scope(url))
             ):
-                self._send_hello(url, key)
+                if self._introductions.admit(url, self._clock()):
+                    self._send_hello(url, key)
+                else:
+                    node.counters.add("introductions_dropped")
 
     def _in_scope(self, url: str) -> bool:
         """A node of this host's scope only greets loopback addresses: a peer list must not make
@@ -131,6 +153,7 @@ class Gossip:
         sockets = self._node.sockets
         sock = sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # queue now, deliver while the socket lingers
+        sock.setsockopt(zmq.RECONNECT_IVL, 2 * HELLO_LINGER_MS)  # one connection attempt
         try:
             sockets.connect(sock, url, key)
             sock.send_multipart(_frames(body), zmq.NOBLOCK)
@@ -144,3 +167,36 @@ def _frames(body: dict[str, Any]) -> list[bytes]:
     """A one-way control message: request frames with message id 0 (no reply expected)."""
     header = wire.pack_header(wire.Kind.REQUEST, 0, time.time())
     return [b"", header, wire.pack_body(body)]
+
+
+class Introductions:
+    """Which introduced control URLs may be greeted now: deduplicated (each URL once per
+    VERIFY_CACHE_S), at most MAX_INTRODUCED_PER_HOST distinct ports per host in that time, and a
+    token bucket (INTRODUCE_BURST, INTRODUCE_RATE_PER_S). Bounded: MAX_VERIFY_CACHE URLs kept.
+    Owned by the housekeeping thread; not thread-safe."""
+
+    def __init__(self) -> None:
+        self._greeted: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._tokens = float(INTRODUCE_BURST)
+        self._stamp: float | None = None
+
+    def admit(self, url: str, now: float) -> bool:
+        greeted = self._greeted
+        while greeted and next(iter(greeted.values())) <= now:
+            greeted.popitem(last=False)
+        if url in greeted:
+            return False
+        host = url.rsplit(":", 1)[0]
+        if sum(1 for u in greeted if u.rsplit(":", 1)[0] == host) >= MAX_INTRODUCED_PER_HOST:
+            return False
+        if self._stamp is not None:
+            self._tokens = min(float(INTRODUCE_BURST),
+                               self._tokens + (now - self._stamp) * INTRODUCE_RATE_PER_S)
+        self._stamp = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        greeted[url] = now + VERIFY_CACHE_S
+        while len(greeted) > MAX_VERIFY_CACHE:
+            greeted.popitem(last=False)
+        return True

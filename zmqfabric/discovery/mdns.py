@@ -1,8 +1,10 @@
 """Zeroconf advertise + browse, feeding a :class:`~zmqfabric.directory.Directory`.
 
 Runs in python-zeroconf's threads and never touches a ZeroMQ socket. Records from the network are
-untrusted: each is validated by :func:`zmqfabric.core.records.decode_txt`, and its address must lie
-in the node's scope; refused records are counted and logged (rate-limited), never fatal.
+untrusted hints: each is validated by :func:`zmqfabric.core.records.decode_txt`, its address must
+lie in the node's scope, and then the node it names must confirm it (:mod:`.verify`, in the
+verifier's thread) before anything of it is used; refused records are counted and logged
+(rate-limited), never fatal, and listed by :meth:`Discovery.refused`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from zeroconf import (
@@ -23,7 +26,13 @@ from zeroconf import (
 )
 
 from ..config import NodeConfig
-from ..constants import MAX_REFUSED_KEPT, REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
+from ..constants import (
+    LOG_RATE_PER_MINUTE,
+    MAX_REFUSED_KEPT,
+    REGISTER_TIMEOUT_S,
+    RESOLVE_TIMEOUT_S,
+    SERVICE_TYPE,
+)
 from ..core.records import (
     NodeRecord,
     address_in_scope,
@@ -35,7 +44,9 @@ from ..core.records import (
 )
 from ..errors import FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
+from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +64,35 @@ class Discovery:
         directory: Directory,
         counters: Counters,
         on_conflict: Callable[[NodeRecord], None],
+        sockets: SocketFactory | None = None,
     ) -> None:
+        """``sockets``: the node's socket factory, for verifying hints with their advertisers
+        (:mod:`.verify`). Without it (tests of discovery alone) hints are taken unverified."""
         self._config = config
         self._on_conflict = on_conflict
         self._own: tuple[str, str] | None = None
-        self._refused: dict[str, tuple[NodeRecord, str]] = {}
+        self._refused: dict[tuple[str, str], tuple[NodeRecord, str]] = {}
+        self._verifier = (
+            None if sockets is None
+            else Verifier(config, sockets, counters, self._admit, self._refuse)
+        )
         self._broadcast: Any = None  # zeroconf's task repeating our latest announcement
         self._closing = False
         self._directory = directory
         self._counters = counters
         self._rlog = RateLimitedLog(log)
+        self._refusal_logs = _Window(LOG_RATE_PER_MINUTE)
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
         self._info: ServiceInfo | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> None:
+    def start(self, owner: str = "") -> None:
+        """Open zeroconf and start the verifier thread. Raises FabricError."""
         address = self._config.scope.address
+        self._directory.limit = peer_capacity()
+        if self._verifier is not None:
+            self._verifier.start(owner)
         try:
             # use_asyncio=False: zeroconf runs its own thread even when called from an asyncio loop,
             # so the sync and asyncio nodes share one discovery path.
@@ -139,15 +162,19 @@ class Discovery:
             zc, self._zc = self._zc, None
             info, self._info = self._info, None
             browser, self._browser = self._browser, None
-        if zc is None:
-            return
         try:
-            if browser is not None:
-                browser.cancel()
-            if info is not None:
-                zc.unregister_service(info)
+            if zc is None:
+                return
+            try:
+                if browser is not None:
+                    browser.cancel()
+                if info is not None:
+                    zc.unregister_service(info)
+            finally:
+                zc.close()
         finally:
-            zc.close()
+            if self._verifier is not None:
+                self._verifier.stop()
 
     # --- zeroconf's thread -----------------------------------------------------------------
 
@@ -163,6 +190,8 @@ class Discovery:
         try:
             node, node_id = parse_instance(name)
             if state_change is ServiceStateChange.Removed:
+                if self._verifier is not None:
+                    self._verifier.forget(node, node_id)
                 self._directory.remove(node, node_id)
                 return
             record = self._resolve(zeroconf, service_type, name, node)
@@ -213,12 +242,33 @@ class Discovery:
             self._refuse(record, refusal)
             return
         own = self._own
+        if own is not None and record.node_id == own[1]:
+            return  # our own record, heard back
+        if self._verifier is None:
+            self._admit(record)
+        else:
+            self._verifier.submit(record)  # a hint: the node itself tells what is true
+
+    def _admit(self, record: NodeRecord) -> None:
+        """Take a verified record (the verifier's thread): a node of our name is a conflict,
+        any other goes into the directory, unless it is full (counted and logged)."""
+        with self._lock:  # refused earlier (it did not answer then): not any more
+            self._refused.pop((record.node_id, record.address), None)
+        own = self._own
         if own is not None and record.name == own[0]:
             if record.node_id != own[1]:
                 self._counters.add("name_conflicts")
                 self._on_conflict(record)
             return
-        self._directory.put(record)
+        if not self._directory.put(record):
+            self._counters.add("directory_full")
+            self._refuse(record, f"this node already knows {self._directory.limit} nodes, "
+                                 "its most (raise the limit of open files for more)")
+
+    def settle(self, name: str, timeout: float) -> bool:
+        """Wait until no hint claiming node name ``name`` is being verified (claiming a name:
+        only a verified node can hold it). False on timeout. Thread-safe."""
+        return self._verifier is None or self._verifier.wait_idle(name, timeout)
 
     def _security_refusal(self, record: NodeRecord) -> str | None:
         """Why a secured node must not connect to ``record`` (or the other way round), or None."""
@@ -232,14 +282,15 @@ class Discovery:
         return None
 
     def _refuse(self, record: NodeRecord, reason: str) -> None:
-        """Count a refused peer; log it once per node id. Thread-safe."""
+        """Count a refused peer; log it once per node id and address. Thread-safe."""
         self._counters.add("refused_peers")
+        key = (record.node_id, record.address)
         with self._lock:
-            first = record.node_id not in self._refused
-            self._refused[record.node_id] = (record, reason)
+            first = key not in self._refused
+            self._refused[key] = (record, reason)
             while len(self._refused) > MAX_REFUSED_KEPT:
                 self._refused.pop(next(iter(self._refused)))
-        if first:
+        if first and self._refusal_logs.allow(time.monotonic()):
             log.warning("ignoring node %s on host %s (%s): %s", record.name, record.host,
                         record.address, reason, extra={"zf_event": "peer_refused"})
 
@@ -247,3 +298,19 @@ class Discovery:
         """Peers seen but refused for security reasons (most recent last). Thread-safe."""
         with self._lock:
             return list(self._refused.values())
+
+
+class _Window:
+    """At most ``per_minute`` events a minute (refused peers logged: a flood is counted, not
+    logged line by line). Thread-safe enough: a race logs one line more."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._start = -60.0
+        self._count = 0
+
+    def allow(self, now: float) -> bool:
+        if now - self._start >= 60.0:
+            self._start, self._count = now, 0
+        self._count += 1
+        return self._count <= self._per_minute

@@ -17,7 +17,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX
+from ..constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX, VERIFY_TIMEOUT_S
 from ..core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
 from ..errors import (
     InvalidNameError,
@@ -78,6 +78,10 @@ class Membership:
             try:
                 self._discovery.advertise(node.record)
                 self._conflict_seen.wait(CONFLICT_WINDOW_S)
+                if self._conflict is None:
+                    # A record of our name heard in the window is only a hint: it claims the
+                    # name once its node confirms it (at most VERIFY_TIMEOUT_S more).
+                    self._discovery.settle(node.name, VERIFY_TIMEOUT_S)
             finally:
                 self._claiming = False
             other = self._conflict
@@ -126,8 +130,9 @@ class Membership:
                 control.share(record)  # across subnets: tell it whom else we know
 
     def accept_hello(self, body: dict[str, Any], peer_address: str | None) -> None:
-        """Take a peer's introduction: validated like an mDNS record, and its address must be the
-        one the hello came from. Runs in the control thread."""
+        """Take a peer's introduction: validated like an mDNS record, its address must be the
+        one the hello came from, and then it is a hint like any other, verified with the node
+        at that address before anything of it is used. Runs in the control thread."""
         node = self._node
         try:
             name, txt = body.get("name"), body.get("txt")

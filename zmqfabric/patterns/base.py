@@ -24,7 +24,7 @@ from ..errors import ClosedError, FabricError, FabricTimeoutError
 from ..stats import RateLimitedLog
 from ..transport.frames import deadline_after
 from ..transport.sockets import sync_view, zmq_error
-from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_SETTLED, Plan
+from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_USABLE, Plan
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -133,12 +133,17 @@ class Bound(Handle):
 
     #: The port to bind; 0 picks a free one.
     fixed_port = 0
+    #: Largest message this endpoint accepts (None: the node's ``max_message_size``). Set before
+    #: the bind: the connections a listener accepts take its options as they were then.
+    max_message_size: int | None = None
 
     def __init__(
         self, runtime: NodeRuntime, name: str, socket_type: int, allow: Iterable[str] | None = None
     ) -> None:
         super().__init__(runtime, name, socket_type)
         try:
+            if self.max_message_size is not None:
+                self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
             domain = runtime.zap_domain(self.kind, name, allow)
             self.port = runtime.sockets.bind(self._sock, self.fixed_port, domain)
         except BaseException:
@@ -161,7 +166,7 @@ class Connector(Handle):
     steps: ClassVar[Mapping[int, str]] = {
         RECV: "_recv",
         WAIT_PROVIDERS: "_wait_providers",
-        WAIT_SETTLED: "_wait_settled",
+        WAIT_USABLE: "_wait_usable",
         WAIT_CHANGE: "_wait_change",
     }
 
@@ -210,6 +215,10 @@ class Connector(Handle):
     def _settled(self) -> bool:
         """Every provider's handshake has either succeeded or been refused."""
         return all(u in self._handshaken or u in self._refused_by for u in self._urls)
+
+    def _usable(self) -> bool:
+        """A provider's handshake succeeded, or every one has finished (some refused)."""
+        return bool(self._handshaken & self._urls) or self._settled()
 
     def _known(self) -> bool:
         """At least one provider is connected (as last applied)."""

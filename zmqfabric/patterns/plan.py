@@ -13,7 +13,8 @@ plan gets back:
 
 - :data:`RECV` (deadline): the next message's frames, or None at the deadline;
 - :data:`WAIT_PROVIDERS` (deadline): True once a provider is connected, False at the deadline;
-- :data:`WAIT_SETTLED` (deadline): every provider's handshake succeeded or was refused (bool);
+- :data:`WAIT_USABLE` (deadline): a provider's handshake succeeded, or every one finished (some
+  refused) (bool);
 - :data:`WAIT_CHANGE` (deadline): None after a directory change or connection event, or at the
   deadline;
 - :data:`WAIT_DIRECTORY` ((directory, predicate, deadline)): True once ``predicate()`` holds
@@ -44,7 +45,7 @@ Plan = Generator[tuple[int, Any], Any, T]
 
 RECV = 0
 WAIT_PROVIDERS = 1
-WAIT_SETTLED = 2
+WAIT_USABLE = 2
 WAIT_CHANGE = 3
 WAIT_DIRECTORY = 4
 POLL = 5

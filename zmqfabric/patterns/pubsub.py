@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Iterable,
 
 import zmq
 
-from ..constants import ZERO_COPY_THRESHOLD
+from ..constants import MAX_SUBSCRIPTION_SIZE, ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
@@ -97,11 +97,15 @@ class PublisherBase(Encoder, Bound):
     kind = EndpointKind.STREAM
     noun = "stream"
     sync_socket = True  # sends never wait and subscriptions are read without waiting
+    #: Upstream of an XPUB come subscriptions only (libzmq frees a long one recursively, a byte
+    #: per stack frame): a bigger frame disconnects its peer unread.
+    max_message_size = MAX_SUBSCRIPTION_SIZE
 
     def __init__(
         self, runtime: NodeRuntime, stream: str, allow: Iterable[str] | None = None
     ) -> None:
         Bound.__init__(self, runtime, stream, zmq.XPUB, allow)
+        runtime.sockets.guard_upstream(self._sock)  # bounded subscriptions per connection
         self._init_encoder(wire.Kind.EVENT, runtime.config.max_message_size)
         #: Markers of the subscribers whose subscriptions are applied now.
         self._markers: set[bytes] = set()

@@ -40,7 +40,7 @@ from ..transport.frames import (
 from ..transport.sockets import sync_view
 from .base import Connector
 from .encoder import BINARY, nbytes
-from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_SETTLED, Plan, drive, drive_async
+from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_USABLE, Plan, drive, drive_async
 from .waiting import AsyncConnector, SyncConnector
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ class RequesterBase(Connector):
         self._turn = random.randrange(1 << 16)  # fresh requesters do not all start at one provider
         self._ids = itertools.count(random.getrandbits(40))
         self._secured = runtime.config.keys is not None
+        self._svc_tail = wire.service_tail(service)  # requests name their service
         self._limit = runtime.config.max_message_size
         self._pack = msgpack.Packer().pack
         super().__init__(runtime, service, zmq.ROUTER, via)
@@ -115,7 +116,9 @@ class RequesterBase(Connector):
                 raise NoProviderError("service", self.name, timeout)
             if self._secured:
                 if not self._settled():
-                    yield WAIT_SETTLED, deadline  # new connections: learn of refusals at once
+                    # New connections: learn of refusals at once, but never wait on a provider
+                    # whose handshake does not complete while another one is ready.
+                    yield WAIT_USABLE, deadline
                 else:
                     self._read_monitor()  # refusals (or successes) since the last call
                 if self._all_refused():
@@ -145,7 +148,7 @@ class RequesterBase(Connector):
         size = len(data) if copy else nbytes(data)
         if size > self._limit:
             raise MessageTooLargeError(size, self._limit)
-        return msg_id, [b"", b"", header, data], copy
+        return msg_id, [b"", b"", wire.name_service(header, self._svc_tail), data], copy
 
     def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
         """(True, body) for our reply; (False, None) for stale or malformed replies.

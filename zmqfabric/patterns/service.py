@@ -20,7 +20,7 @@ import zmq
 from ..constants import ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
-from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
+from ..core.wire import FLOAT64, pack_canonical
 from ..errors import RemoteProtocolError
 from ..stats import RateLimitedLog
 from ..transport.frames import NOBLOCK, send_frames
@@ -72,6 +72,7 @@ class ServiceEndpoint(Bound):
         self.failed = 0
         self._reply_sock = sync_view(self._sock)
         self._pack = msgpack.Packer().pack  # one Packer per handle: packb builds one per call
+        self._svc_tail = wire.service_tail(name)  # a request naming another service is refused
         self._advertise()
 
     # --- Served -------------------------------------------------------------------------------
@@ -80,12 +81,10 @@ class ServiceEndpoint(Bound):
         """The request in ``frames`` as a job, or none when it was refused (see ``parse``)."""
         # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
         if len(frames) == 4 and not frames[1]:
-            head = frames[2]
-            if (len(head) == HEADER_SIZE and head.startswith(_REQUEST)
-                    and head[FLOAT64_AT] == FLOAT64):
+            msg_id = wire.canonical_request_id(frames[2], self._svc_tail)  # ours, or no name
+            if msg_id is not None:
                 try:
-                    return [Job(frames[:2], unpack_canonical(head)[1],
-                                wire.unpack_body(frames[3]))]
+                    return [Job(frames[:2], msg_id, wire.unpack_body(frames[3]))]
                 except RemoteProtocolError:
                     pass  # parse() below refuses it, counts it and answers with an error
         parsed = self.parse(frames)
@@ -132,7 +131,7 @@ class ServiceEndpoint(Bound):
             self._refused("request", exc)
             return None
         try:
-            header, body = wire.parse_request(payload)
+            header, body = wire.parse_request(payload, self.name)
         except RemoteProtocolError as exc:
             self._refused("request", exc)
             # The request's id whenever it can be read (another version, an oversized header

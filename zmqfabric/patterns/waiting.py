@@ -138,9 +138,10 @@ class SyncConnector(Connector):
         """Wait until every provider known now has completed its connection handshake."""
         return self._wait_monitor(self._ready, deadline)
 
-    def _wait_settled(self, deadline: float | None) -> bool:
-        """Wait until every provider's handshake succeeded or was refused (secured nodes)."""
-        return self._wait_monitor(self._settled, deadline)
+    def _wait_usable(self, deadline: float | None) -> bool:
+        """Wait until a provider's handshake succeeded, or every one has finished (secured
+        nodes): a provider whose handshake never completes does not hold up the ready ones."""
+        return self._wait_monitor(self._usable, deadline)
 
     def _wait_monitor(self, done: Callable[[], bool], deadline: float | None) -> bool:
         while True:
@@ -238,9 +239,10 @@ class AsyncConnector(AsyncHandle, Connector):
         """Wait until every provider known now has completed its connection handshake."""
         return await self._wait_monitor(self._ready, deadline)
 
-    async def _wait_settled(self, deadline: float | None) -> bool:
-        """Wait until every provider's handshake succeeded or was refused (secured nodes)."""
-        return await self._wait_monitor(self._settled, deadline)
+    async def _wait_usable(self, deadline: float | None) -> bool:
+        """Wait until a provider's handshake succeeded, or every one has finished (secured
+        nodes): a provider whose handshake never completes does not hold up the ready ones."""
+        return await self._wait_monitor(self._usable, deadline)
 
     async def _wait_monitor(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Apply connection events until ``done()``; False at the deadline."""

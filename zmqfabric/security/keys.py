@@ -31,22 +31,57 @@ _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 def generate(directory: str | os.PathLike[str], *, force: bool = False) -> str:
     """Create a node keypair in ``directory``; return the public key (Z85).
 
-    Raises LocalProtocolError if a keypair exists (unless ``force``)."""
+    The key directory (and ``allowed/``) is mode 0700 and the secret file 0600 from its first
+    byte, whatever the umask: each file is written under a temporary name created 0600 (0644 for
+    the public key), then renamed over the old one, so even ``force`` never writes a secret into
+    a file that others can read. Raises LocalProtocolError if a keypair exists (unless
+    ``force``), OSError when the files cannot be written."""
     path = Path(directory)
     secret = path / f"{NODE_CERT}.key_secret"
     if secret.exists() and not force:
         raise LocalProtocolError(f"{secret} exists; pass force to replace the node's keys")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / ALLOWED_DIR).mkdir(exist_ok=True)
-    old_umask = os.umask(0o077)  # the secret is never readable by others, not even briefly
+    private_dir(path)
+    private_dir(path / ALLOWED_DIR)
+    public, secret_key = (k.decode("ascii") for k in zmq.curve_keypair())
+    _write_cert(secret, _SECRET_BANNER, public, secret_key, 0o600)
+    _write_cert(path / f"{NODE_CERT}.key", _PUBLIC_BANNER, public, None, 0o644)
+    return public
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` (and its parents) if needed, and make it mode 0700 whatever the umask."""
+    old_umask = os.umask(0o077)
     try:
-        public_file, secret_file = zmq.auth.create_certificates(str(path), NODE_CERT)
+        path.mkdir(parents=True, exist_ok=True)
     finally:
         os.umask(old_umask)
-    os.chmod(secret_file, 0o600)
-    os.chmod(public_file, 0o644)
-    public, _ = zmq.auth.load_certificate(public_file)
-    return public.decode("ascii")
+    os.chmod(path, 0o700)
+
+
+_PUBLIC_BANNER = ("#   ZeroMQ CURVE Public Certificate (zmqfabric)\n"
+                  "#   Share it: peers allow it.\n\n")
+_SECRET_BANNER = ("#   ZeroMQ CURVE **Secret** Certificate (zmqfabric)\n"
+                  "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.\n\n")
+
+
+def _write_cert(target: Path, banner: str, public: str, secret: str | None, mode: int) -> None:
+    """Write a certificate in ZeroMQ's format (``zmq.auth.load_certificate`` reads it) to a new
+    file of ``mode`` beside ``target``, then rename it over ``target``."""
+    text = f'{banner}metadata\ncurve\n    public-key = "{public}"\n'
+    if secret is not None:
+        text += f'    secret-key = "{secret}"\n'
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have taken bits away; it never adds any
+        os.write(fd, text.encode("ascii"))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, target)
 
 
 def show(directory: str | os.PathLike[str]) -> str:
@@ -81,7 +116,7 @@ def allow(directory: str | os.PathLike[str], key_or_file: str, label: str) -> st
                 f"certificate {key_or_file!r} holds no valid public key ({key[:48]!r})"
             )
     target = Path(directory) / ALLOWED_DIR / f"{label}.key"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent)
     target.write_text(
         "#   ZeroMQ CURVE public key, allowed by zmqfabric\n"
         "metadata\n"

@@ -9,7 +9,7 @@ together about 1 us per frame.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -82,10 +82,32 @@ def send_frames(
 
 def recv_frames(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
     """``sock.recv_multipart(flags)``: a Frame's ``more`` replaces getsockopt(RCVMORE). The rest
-    of a message is there once its first frame is, so only the first receive can raise Again."""
+    of a message is there once its first frame is, so only the first receive can raise Again.
+
+    ZeroMQ's MAXMSGSIZE bounds each frame; the whole message is bounded here: one whose frames
+    add up to more than MAXMSGSIZE is read to its end, dropped frame by frame, and returned as
+    ``[]`` (every parser refuses an empty message and counts it)."""
     frame = sock.recv(flags, False)
     frames = [frame.bytes]
+    if frame.more:
+        total = len(frames[0])
+        while frame.more:
+            frame = sock.recv(NOBLOCK, False)
+            data = frame.bytes
+            frames.append(data)
+            total += len(data)
+            if total > _SMALL and 0 <= cast(int, sock.get(_MAXMSGSIZE)) < total:
+                return _discard(sock, frame)
+    return frames
+
+
+#: Messages smaller than this are never checked against MAXMSGSIZE (which is larger).
+_SMALL = 64 * 1024
+_MAXMSGSIZE = int(zmq.MAXMSGSIZE)
+
+
+def _discard(sock: zmq.Socket[Any], frame: zmq.Frame) -> list[bytes]:
+    """Read and drop the rest of an oversized message; the caller refuses the ``[]``."""
     while frame.more:
         frame = sock.recv(NOBLOCK, False)
-        frames.append(frame.bytes)
-    return frames
+    return []

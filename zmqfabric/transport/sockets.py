@@ -7,6 +7,8 @@ import contextlib
 import errno
 import itertools
 import logging
+import resource
+import time
 from typing import Iterator
 
 import zmq
@@ -15,6 +17,8 @@ import zmq.asyncio
 from .. import constants as C
 from ..config import NodeConfig
 from ..errors import ClosedError, FabricError, LocalProtocolError
+from ..stats import Counters
+from .upstream import UpstreamWatch, watched_events
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +35,37 @@ class SocketFactory:
     ``close()`` terminates the context; every socket must be closed first (the node does so).
     """
 
-    def __init__(self, config: NodeConfig, *, asyncio: bool = False) -> None:
+    def __init__(self, config: NodeConfig, *, asyncio: bool = False,
+                 counters: Counters | None = None) -> None:
         self._config = config
         self._asyncio = asyncio
         self._context: zmq.Context | None = None
         self._monitors = itertools.count(1)  # monitors are made from several threads
+        self._counters = counters
+        self._upstream = UpstreamWatch(self._upstream_refused, time.monotonic)
+        self._closed = False
+
+    def guard_upstream(self, sock: zmq.Socket) -> None:
+        """Bound what each peer of XPUB ``sock`` may send upstream (see :mod:`.upstream`).
+        Call from ``sock``'s owner thread, after the bind and before it is advertised."""
+        self._upstream.add(self.monitor(sock, watched_events(), sync=True))
+
+    def _upstream_refused(self) -> None:
+        if self._counters is not None:
+            self._counters.add("refused_upstream")
 
     @property
     def context(self) -> zmq.Context:
+        """The node's context, made on first use. Raises ClosedError once :meth:`close` ran (a
+        late thread must not make a context nobody terminates)."""
         if self._context is None:
-            self._context = zmq.asyncio.Context() if self._asyncio else zmq.Context()
+            if self._closed:
+                raise ClosedError("the node's sockets are closed")
+            ctx = zmq.asyncio.Context() if self._asyncio else zmq.Context()
+            # ZeroMQ's own limit (1023 sockets by default) would fail a busy node long before
+            # the process runs out of descriptors: size it to them.
+            ctx.set(zmq.MAX_SOCKETS, max(1024, min(raise_fd_limit(), ctx.get(zmq.SOCKET_LIMIT))))
+            self._context = ctx
         return self._context
 
     def socket(self, socket_type: int, *, sync: bool = False) -> zmq.Socket:
@@ -55,7 +80,7 @@ class SocketFactory:
         sock.setsockopt(zmq.LINGER, cfg.linger_ms)
         sock.setsockopt(zmq.SNDHWM, cfg.hwm)
         sock.setsockopt(zmq.RCVHWM, cfg.hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size + C.MESSAGE_ENVELOPE)
         sock.setsockopt(zmq.HEARTBEAT_IVL, cfg.heartbeat_ivl_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, cfg.heartbeat_timeout_ms)
         sock.setsockopt(zmq.HEARTBEAT_TTL, cfg.heartbeat_ttl_ms)
@@ -113,10 +138,45 @@ class SocketFactory:
         return pair
 
     def close(self) -> None:
-        """Terminate the context. Idempotent."""
+        """Stop the upstream watch (its sockets), then terminate the context. Idempotent."""
+        self._closed = True
+        self._upstream.stop()
         if self._context is not None:
             self._context.term()
             self._context = None
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the soft limit
+    now in force. Called once as a node starts: every peer costs descriptors, and a process that
+    runs out fails in ways (EMFILE in ZeroMQ's I/O threads) that no peer should be able to cause.
+    Never raises: a limit that cannot be raised is left as it is."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = _FD_CEILING if hard == resource.RLIM_INFINITY else hard
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    except (OSError, ValueError) as exc:
+        log.debug("cannot raise the limit of open files: %s", exc)
+    return fd_limit()
+
+
+def fd_limit() -> int:
+    """The soft limit of open files of this process (a large number if unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _FD_CEILING if soft == resource.RLIM_INFINITY else int(soft)
+
+
+#: What "unlimited" files means here (ZeroMQ's socket table is sized from it).
+_FD_CEILING = 1 << 20
+
+
+def peer_capacity() -> int:
+    """How many peers a node can hold with the descriptors it has: MAX_PEERS, or fewer when the
+    limit of open files is low (FDS_PER_PEER each, FD_RESERVE kept for everything else)."""
+    return max(8, min(C.MAX_PEERS, (fd_limit() - C.FD_RESERVE) // C.FDS_PER_PEER))
 
 
 def sync_view(sock: zmq.Socket) -> zmq.Socket:

@@ -1,0 +1,400 @@
+"""Verification: mDNS is a hint; the peer itself is the truth.
+
+A discovery record, a hello and a peer introduction only say "there may be a node here". Before
+anything of such a hint is used, the verifier asks the advertiser itself: one short-lived DEALER
+connects to the control endpoint the hint names, at the hint's address, as a CURVE client of the
+hint's key when the fabric is secured (so only the holder of that key's secret can complete the
+handshake), and sends the control op ``record``. The answer (the node's own name and TXT map) is
+the truth: a hint whose node answers under another name or id, from another port, with another
+key or of another fabric is refused; a hint whose sequence number or endpoints differ from the
+answer is replaced by the answer. A hint whose advertiser does not complete the call within
+VERIFY_TIMEOUT_S (no answer, a refused handshake, nothing listening) is tried again after
+VERIFY_RETRY_S, VERIFY_ATTEMPTS times in all, then refused: none of its endpoints is connected,
+it is not listed as a node, it cannot claim a name.
+
+Bounded everywhere: at most MAX_PENDING_VERIFICATIONS calls in flight, MAX_QUEUED_HINTS waiting
+(the oldest dropped, counted), VERIFY_BURST then VERIFY_RATE_PER_S calls per advertised address,
+one call per distinct hint per VERIFY_CACHE_S (outcomes cached, MAX_VERIFY_CACHE of them). A
+probe connects to the hint's control port only, never to another port, and is closed at its
+first failure, so an unreachable address costs one connection attempt.
+
+The verifier owns a thread and the sockets of its calls (never a standing connection to a peer);
+:meth:`submit`, :meth:`forget` and :meth:`busy` are thread-safe and never block.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..config import NodeConfig
+from ..constants import (
+    MAX_CONTROL_MESSAGE,
+    MAX_PENDING_VERIFICATIONS,
+    MAX_QUEUED_HINTS,
+    MAX_VERIFY_CACHE,
+    THREAD_JOIN_TIMEOUT_S,
+    VERIFY_ATTEMPTS,
+    VERIFY_BURST,
+    VERIFY_CACHE_S,
+    VERIFY_LOCAL_FACTOR,
+    VERIFY_RATE_PER_S,
+    VERIFY_RETRY_S,
+    VERIFY_TICK_MS,
+    VERIFY_TIMEOUT_S,
+)
+from ..core import wire
+from ..core.records import NodeRecord, confirm_record
+from ..errors import ClosedError, FabricError, RemoteProtocolError
+from ..stats import Counters, RateLimitedLog
+from ..transport.inbox import Inbox
+from ..transport.sockets import SocketFactory
+
+log = logging.getLogger(__name__)
+_rlog = RateLimitedLog(log)
+
+#: Events that end a probe before its answer: nothing listens there (the connection was refused
+#: and ZeroMQ would retry), the handshake failed (the advertiser does not hold the key's
+#: secret, or speaks something else), or the connection dropped.
+_FAIL_EVENTS = (
+    zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_DISCONNECTED
+)
+_WHY = {
+    zmq.EVENT_CONNECT_RETRIED: "nothing answers at its control port",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "its control endpoint refused our key",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "it could not complete a CURVE handshake with its key",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "it could not complete a CURVE handshake with its key",
+    zmq.EVENT_DISCONNECTED: "it closed the connection before answering",
+}
+_CONTROL_TAIL = wire.service_tail("control")
+_Key = tuple[str, str, int, str, int, str, str]
+
+
+def hint_key(hint: NodeRecord) -> _Key:
+    """What makes two hints the same claim: name, id, seq, address, control port, key, fabric
+    (endpoints are not part of it: the truth at one seq is what the node answers)."""
+    control = hint.control
+    return (hint.name, hint.node_id, hint.seq, hint.address,
+            control.port if control else 0, hint.curve_key or "", hint.fabric)
+
+
+@dataclass(slots=True)
+class _Probe:
+    hint: NodeRecord
+    key: _Key
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    msg_id: int
+    deadline: float
+
+
+class Verifier:
+    """Checks hints with their advertisers; calls ``admit(record)`` with the answer of each
+    verified one and ``refuse(hint, reason)`` for the others, both in the verifier's thread.
+
+    Allocates only; ``start()`` starts the thread, ``stop()`` (idempotent) joins it and closes
+    its sockets.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        sockets: SocketFactory,
+        counters: Counters,
+        admit: Callable[[NodeRecord], None],
+        refuse: Callable[[NodeRecord, str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._sockets = sockets
+        self._counters = counters
+        self._admit = admit
+        self._refuse = refuse
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._queued: collections.OrderedDict[_Key, NodeRecord] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[_Key, float] = collections.OrderedDict()
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = (
+            collections.OrderedDict()
+        )
+        self._pending: dict[_Key, _Probe] = {}
+        #: Hints whose node did not answer, to try again (thread-owned): key -> (due, hint); and
+        #: the calls made so far for each hint being tried again.
+        self._retries: dict[_Key, tuple[float, NodeRecord]] = {}
+        self._tries: dict[_Key, int] = {}
+        self._by_sock: dict[Any, _Probe] = {}
+        self._settled = threading.Condition(self._lock)
+        self._ids = int(clock() * 1e6) & 0xFFFFFFFF
+        self._inbox = Inbox()
+        self._poller = zmq.Poller()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def start(self, owner: str) -> None:
+        self._poller.register(self._inbox.open(), zmq.POLLIN)
+        self._thread = threading.Thread(target=self._run, name=f"zmqfabric-verify-{owner}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and close its sockets. Idempotent; also if never started."""
+        self._stopping = True
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._inbox.wake()
+        thread.join(THREAD_JOIN_TIMEOUT_S)
+        if thread.is_alive():
+            log.error("verifier thread %s did not stop within %s s", thread.name,
+                      THREAD_JOIN_TIMEOUT_S)
+            return
+        self._inbox.close()
+        with self._lock:
+            self._queued.clear()
+            self._settled.notify_all()
+
+    # --- any thread ------------------------------------------------------------------------------
+
+    def submit(self, hint: NodeRecord) -> None:
+        """Verify ``hint`` soon (unless the same claim was decided within VERIFY_CACHE_S or is
+        under way). Never blocks; a full queue drops its oldest hint (counted)."""
+        if self._stopping:
+            return
+        key = hint_key(hint)
+        now = self._clock()
+        with self._lock:
+            expiry = self._cache.get(key)
+            if expiry is not None and expiry > now:
+                self._counters.add("hints_known")
+                return
+            if key in self._pending or key in self._queued or key in self._retries:
+                return
+            if len(self._queued) >= MAX_QUEUED_HINTS:
+                self._queued.popitem(last=False)
+                self._counters.add("hints_dropped")
+                _rlog.warning("hints", "too many discovery hints waiting for verification: "
+                              "dropping the oldest (a flood of records or hellos?)")
+            self._queued[key] = hint
+        self._inbox.wake()
+
+    def forget(self, name: str, node_id: str) -> None:
+        """Drop the cached outcomes for node ``name`` with ``node_id`` (it said goodbye: if it
+        comes back with the same record, verify it again)."""
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == name and k[1] == node_id]:
+                del self._cache[key]
+
+    def busy(self, name: str) -> bool:
+        """Whether a hint claiming node name ``name`` is waiting or being verified."""
+        with self._lock:
+            return any(k[0] == name for k in self._queued) or any(
+                k[0] == name for k in self._pending)
+
+    def wait_idle(self, name: str, timeout: float) -> bool:
+        """Wait until no hint claiming ``name`` is waiting or under way; False on timeout."""
+        deadline = self._clock() + timeout
+        with self._lock:
+            while any(k[0] == name for k in (*self._queued, *self._pending)):
+                left = deadline - self._clock()
+                if left <= 0 or self._stopping:
+                    return False
+                self._settled.wait(min(left, 0.05))
+        return True
+
+    # --- the thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        inbox, fd = self._inbox, self._inbox.fd
+        try:
+            while not self._stopping:
+                busy = self._pending or self._queued or self._retries
+                timeout = VERIFY_TICK_MS if busy else None
+                try:
+                    events = inbox.poll(self._poller, timeout)
+                except zmq.ContextTerminated:
+                    return
+                try:
+                    for sock in events:
+                        if sock != fd:
+                            self._on_event(sock)
+                    self._expire()
+                    self._launch()
+                except (zmq.ContextTerminated, ClosedError):
+                    return  # the node is closing: its sockets are going away
+                except Exception:  # a bug here must not end verification for the node
+                    self._counters.add("verify_errors")
+                    _rlog.exception("verify", "error in the verifier thread")
+        finally:
+            for probe in {id(p): p for p in self._by_sock.values()}.values():
+                self._close(probe)
+            self._pending.clear()
+
+    def _launch(self) -> None:
+        """Start probes for queued hints while slots are free and their address has tokens."""
+        now = self._clock()
+        due = [k for k, (when, _) in self._retries.items() if when <= now]
+        if due:
+            with self._lock:
+                for key in due:
+                    _, retry = self._retries.pop(key)
+                    if key in self._pending or key in self._queued:
+                        continue  # heard again meanwhile: being checked already
+                    if len(self._queued) < MAX_QUEUED_HINTS:
+                        self._queued[key] = retry
+                    else:
+                        self._tries.pop(key, None)  # no room: dropped like a new hint
+        while len(self._pending) < MAX_PENDING_VERIFICATIONS:
+            with self._lock:
+                hint = next((h for h in self._queued.values() if self._has_token(h.address, now)),
+                            None)
+                if hint is None:
+                    return
+                key = hint_key(hint)
+                del self._queued[key]
+                if key in self._pending:
+                    continue  # already being checked: one probe per claim at a time
+                self._take_token(hint.address, now)
+            self._probe(hint, key, now)
+
+    def _tokens(self, address: str, now: float) -> float:
+        """The verifications ``address`` may have now (a token bucket per address)."""
+        factor = VERIFY_LOCAL_FACTOR if address.startswith("127.") else 1
+        burst = float(VERIFY_BURST * factor)
+        tokens, stamp = self._buckets.get(address, (burst, now))
+        return min(burst, tokens + (now - stamp) * VERIFY_RATE_PER_S * factor)
+
+    def _has_token(self, address: str, now: float) -> bool:
+        return self._tokens(address, now) >= 1.0
+
+    def _take_token(self, address: str, now: float) -> None:
+        tokens = self._tokens(address, now)
+        self._buckets.pop(address, None)
+        self._buckets[address] = (tokens - 1.0, now)
+        while len(self._buckets) > MAX_VERIFY_CACHE:
+            self._buckets.popitem(last=False)
+
+    def _probe(self, hint: NodeRecord, key: _Key, now: float) -> None:
+        control = hint.control
+        if control is None:
+            self._decide(hint, key, None, "it has no control endpoint")
+            return
+        sockets = self._sockets
+        sock = sockets.socket(zmq.DEALER, sync=True)
+        sock.setsockopt(zmq.IMMEDIATE, 0)  # the request waits in the socket for the connection
+        sock.setsockopt(zmq.LINGER, 0)
+        # One connection attempt per probe: the first failure ends it (no reconnection first).
+        sock.setsockopt(zmq.RECONNECT_IVL, int(VERIFY_TIMEOUT_S * 2000))
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)  # an answer is a few kilobytes
+        monitor = sockets.monitor(sock, _FAIL_EVENTS, sync=True)
+        self._ids = (self._ids + 1) & 0xFFFFFFFF
+        probe = _Probe(hint, key, sock, monitor, self._ids, now + VERIFY_TIMEOUT_S)
+        self._pending[key] = probe
+        self._by_sock[sock] = probe
+        self._by_sock[monitor] = probe
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(monitor, zmq.POLLIN)
+        self._counters.add("verifications")
+        try:
+            sockets.connect(sock, hint.url(control), hint.curve_key)
+            header = wire.name_service(
+                wire.pack_header(wire.Kind.REQUEST, probe.msg_id, time.time()), _CONTROL_TAIL)
+            sock.send_multipart([b"", header, wire.pack_body({"op": "record"})], zmq.NOBLOCK)
+        except (zmq.ZMQError, FabricError) as exc:
+            self._decide(hint, key, None, f"cannot reach its control endpoint: {exc}",
+                         transient=True)
+
+    def _on_event(self, sock: Any) -> None:
+        probe = self._by_sock.get(sock)
+        if probe is None:
+            return
+        if sock is probe.monitor:
+            try:
+                event = recv_monitor_message(probe.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self._pending.get(probe.key) is probe:
+                why = _WHY.get(event["event"], "its connection failed")
+                self._decide(probe.hint, probe.key, None, why, transient=True)
+            return
+        try:
+            frames = probe.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            header, body = wire.parse_reply(frames)
+            if header.msg_id != probe.msg_id:
+                return  # not ours: wait for the answer or the deadline
+            if header.kind is wire.Kind.ERROR:
+                raise RemoteProtocolError(f"it answered with an error: {body['message'][:120]}")
+            answer = self._answer(probe.hint, body)
+        except RemoteProtocolError as exc:
+            self._decide(probe.hint, probe.key, None, str(exc))
+            return
+        self._decide(probe.hint, probe.key, answer, "")
+
+    def _answer(self, hint: NodeRecord, body: Any) -> NodeRecord:
+        """The record the node answered, checked against the hint. Raises RemoteProtocolError."""
+        answer = confirm_record(hint, body)
+        if answer.seq != hint.seq or answer.endpoints != hint.endpoints:
+            self._counters.add("hints_corrected")
+        return answer
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for probe in [p for p in self._pending.values() if p.deadline <= now]:
+            self._decide(probe.hint, probe.key, None,
+                         f"its control endpoint did not answer within {VERIFY_TIMEOUT_S:g} s",
+                         transient=True)
+
+    def _decide(self, hint: NodeRecord, key: _Key, answer: NodeRecord | None, why: str,
+                transient: bool = False) -> None:
+        """Record the outcome: remembered VERIFY_CACHE_S, or VERIFY_RETRY_S for a failure that
+        may pass (no answer, a dropped connection: a node busy or still starting)."""
+        probe = self._pending.pop(key, None)
+        if probe is not None:
+            self._close(probe)
+        tries = self._tries.pop(key, 0) + 1
+        if answer is None and transient and tries < VERIFY_ATTEMPTS:
+            if len(self._retries) < MAX_QUEUED_HINTS:  # try again soon: a busy or starting node
+                self._retries[key] = (self._clock() + VERIFY_RETRY_S, hint)
+                self._tries[key] = tries
+                while len(self._tries) > 2 * MAX_QUEUED_HINTS:  # hints dropped from the queue
+                    del self._tries[next(iter(self._tries))]
+                self._counters.add("hints_retried")
+                return
+        with self._lock:
+            self._cache[key] = self._clock() + (VERIFY_RETRY_S if transient else VERIFY_CACHE_S)
+            self._cache.move_to_end(key)
+            while len(self._cache) > MAX_VERIFY_CACHE:
+                self._cache.popitem(last=False)
+            self._settled.notify_all()
+        if answer is None:
+            self._counters.add("hints_refused")
+            self._refuse(hint, f"unverified: {why}")
+        else:
+            self._counters.add("hints_verified")
+            self._admit(answer)
+
+    def _close(self, probe: _Probe) -> None:
+        self._by_sock.pop(probe.sock, None)
+        self._by_sock.pop(probe.monitor, None)
+        self._poller.unregister(probe.sock)
+        self._poller.unregister(probe.monitor)
+        try:
+            probe.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the context is terminating (a node closed under load): close all the same
+        probe.monitor.close(0)
+        probe.sock.close(0)
