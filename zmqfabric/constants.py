@@ -48,6 +48,9 @@ CONFLICT_WINDOW_S = 0.2
 MAX_NAME_SUFFIX = 8
 #: How long a browser waits for a peer's full record (SRV/TXT/A) after seeing its name.
 RESOLVE_TIMEOUT_S = 1.0
+#: A starting node's legacy unicast query (discovery/quickquery.py) takes answers this long (s):
+#: responders answer it at once, so this only has to outlast a slow or loaded host.
+QUICK_QUERY_WINDOW_S = 2.0
 #: Largest TXT value we write or accept (a DNS character-string is at most 255 bytes).
 MAX_TXT_VALUE = 250
 #: Refused peers remembered for `ls` (bounded: a hostile LAN can advertise without end).

@@ -36,6 +36,7 @@ from ..core.records import (
 from ..errors import FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from .directory import Directory
+from .quickquery import QuickQuery, ask_now
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Discovery:
         self._rlog = RateLimitedLog(log)
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
+        self._quick: QuickQuery | None = None
         self._info: ServiceInfo | None = None
         self._lock = threading.Lock()
 
@@ -87,6 +89,13 @@ class Discovery:
         self._browser = ServiceBrowser(
             self._zc, SERVICE_TYPE, handlers=[self._on_change], question_type=DNSQuestionType.QM
         )
+        # The browser's first query leaves after 20-120 ms and its answers may take a second:
+        # one legacy unicast query now is answered at once (see quickquery).
+        try:
+            scope = self._config.scope
+            self._quick = ask_now(self._zc, scope.address, scope.networks, SERVICE_TYPE)
+        except OSError as exc:
+            log.debug("no quick query on %s: %s", self._config.scope.address, exc)
 
     def advertise(self, record: NodeRecord) -> None:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
@@ -139,13 +148,16 @@ class Discovery:
             zc, self._zc = self._zc, None
             info, self._info = self._info, None
             browser, self._browser = self._browser, None
+            quick, self._quick = self._quick, None
         if zc is None:
             return
+        if quick is not None:
+            quick.close()
         try:
             if browser is not None:
                 browser.cancel()
             if info is not None:
-                zc.unregister_service(info)
+                _say_goodbye(zc, info)
         finally:
             zc.close()
 
@@ -247,3 +259,16 @@ class Discovery:
         """Peers seen but refused for security reasons (most recent last). Thread-safe."""
         with self._lock:
             return list(self._refused.values())
+
+
+def _say_goodbye(zc: Zeroconf, info: ServiceInfo) -> None:
+    """Unregister ``info`` and return once its first goodbye is sent (zeroconf's blocking call
+    waits ~250 ms for two repeats, which the closing zeroconf then drops). Peers also see the
+    node's control connection close, within milliseconds, so one goodbye is enough."""
+
+    async def goodbye() -> None:
+        await zc.async_unregister_service(info)  # schedules the goodbyes' task
+        await asyncio.sleep(0)  # that task's first step sends the first goodbye
+
+    assert zc.loop is not None
+    asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
