@@ -149,6 +149,7 @@ class Discovery:
             info, self._info = self._info, None
             browser, self._browser = self._browser, None
             quick, self._quick = self._quick, None
+            announcing, self._broadcast = self._broadcast, None
         if zc is None:
             return
         if quick is not None:
@@ -157,7 +158,7 @@ class Discovery:
             if browser is not None:
                 browser.cancel()
             if info is not None:
-                _say_goodbye(zc, info)
+                _say_goodbye(zc, info, announcing)
         finally:
             zc.close()
 
@@ -261,14 +262,18 @@ class Discovery:
             return list(self._refused.values())
 
 
-def _say_goodbye(zc: Zeroconf, info: ServiceInfo) -> None:
-    """Unregister ``info`` and return once its first goodbye is sent (zeroconf's blocking call
-    waits ~250 ms for two repeats, which the closing zeroconf then drops). Peers also see the
-    node's control connection close, within milliseconds, so one goodbye is enough."""
+def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
+    """Unregister ``info`` and return once its first goodbye is sent. zeroconf repeats it twice,
+    125 ms apart, and its close() waits for that (and for repeats of the announcement still to
+    come); peers also see the node's control connection close, within milliseconds, so the
+    repeats are cancelled."""
 
     async def goodbye() -> None:
-        await zc.async_unregister_service(info)  # schedules the goodbyes' task
+        if announcing is not None:
+            announcing.cancel()
+        broadcasts = await zc.async_unregister_service(info)  # schedules the goodbyes' task
         await asyncio.sleep(0)  # that task's first step sends the first goodbye
+        broadcasts.cancel()  # type: ignore[attr-defined]
 
     assert zc.loop is not None
     asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
