@@ -14,6 +14,7 @@ lines), and the commands: :mod:`.fabric` (ls, ping, stats), :mod:`.top`, :mod:`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -37,17 +38,54 @@ from .config import (
     Peer,
     Seconds,
 )
-from .fabric import ls_cmd, ping_cmd, stats_cmd
-from .keys import keys_group
-from .messaging import pub_cmd, pull_cmd, push_cmd, req_cmd, sub_cmd
-from .operate import demo_cmd, device_cmd, plain_lan_warning, run_cmd
-from .output import EPILOG, BadInput, ExitCode, Terminated, exit_code, printable, warn
-from .tasks import submit_cmd
-from .top import top_cmd
+from .output import (
+    EPILOG,
+    BadInput,
+    ExitCode,
+    Terminated,
+    exit_code,
+    plain_lan_warning,
+    printable,
+    warn,
+)
 
 __all__ = ["BadInput", "CliConfig", "ExitCode", "cli", "exit_code", "invoke", "main"]
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+#: Command -> "module:attribute" of its click command, imported when the command runs (or
+#: --help lists it): a one-shot `req` does not pay for `top`'s tables or the devices.
+COMMANDS = {
+    "demo": ".operate:demo_cmd",
+    "device": ".operate:device_cmd",
+    "keys": ".keys:keys_group",
+    "ls": ".fabric:ls_cmd",
+    "ping": ".fabric:ping_cmd",
+    "pub": ".messaging:pub_cmd",
+    "pull": ".messaging:pull_cmd",
+    "push": ".messaging:push_cmd",
+    "req": ".messaging:req_cmd",
+    "run": ".operate:run_cmd",
+    "stats": ".fabric:stats_cmd",
+    "sub": ".messaging:sub_cmd",
+    "submit": ".tasks:submit_cmd",
+    "top": ".top:top_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use (see COMMANDS)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, _, attr = COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module, __name__), attr)
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
+
+@click.group(cls=LazyGroup, epilog=EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--lan", is_flag=True, help="Join the LAN of the default-route interface.")
 @click.option("--interface", "scope", type=Interface(), metavar="IFACE", envvar=INTERFACE_ENV,
               help="Join the LAN of interface IFACE (default: this host only, 127.0.0.1).")
@@ -127,11 +165,6 @@ def _load_keys(ctx: click.Context, keys_dir: str | None) -> keyfiles.KeySet | No
         return keyfiles.load(keys_dir)
     except LocalProtocolError as exc:
         raise click.BadParameter(str(exc), param_hint="--keys") from exc
-
-
-for _command in (demo_cmd, device_cmd, keys_group, ls_cmd, ping_cmd, pub_cmd, pull_cmd, push_cmd,
-                 req_cmd, run_cmd, stats_cmd, sub_cmd, submit_cmd, top_cmd):
-    cli.add_command(_command)
 
 
 # --- entry point -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from .. import aio
-from ..config import FABRIC_ENV, INTERFACE_ENV, Scope
+from ..config import FABRIC_ENV, INTERFACE_ENV
 from ..core.records import VIA_KIND, EndpointKind, validate_endpoint_name
 from ..errors import FabricError, InvalidNameError
 from ..node import Node
@@ -27,17 +27,13 @@ from .output import (
     emit,
     endpoints_text,
     note,
+    plain_lan_warning,
     record_json,
     scope_text,
     warn,
 )
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)
-
-
-def plain_lan_warning(scope: Scope) -> str:
-    return (f"traffic on {scope_text(scope)} is unauthenticated and unencrypted: anyone on "
-            "that network can read it and call these nodes; give them keys (--keys DIR)")
 
 
 def serve_until_stopped(node: Node) -> int | None:
@@ -252,8 +248,8 @@ def device_cmd(cfg: CliConfig, kind: str, name: str, node_name: str | None) -> i
               "via": node.name, "stats": stats})
     else:
         click.echo(f"stopped: {kind} for {relayed.noun} {name!r} (node {node.name}); message "
-                   f"parts: front in {stats['front_msgs_in']} out {stats['front_msgs_out']}, "
-                   f"back in {stats['back_msgs_in']} out {stats['back_msgs_out']}")
+                   f"frames: front in {stats['front_frames_in']} out {stats['front_frames_out']}, "
+                   f"back in {stats['back_frames_in']} out {stats['back_frames_out']}")
     return _exit_for(signum)
 
 

@@ -222,3 +222,8 @@ def endpoints_text(record: NodeRecord) -> str:
 
 def scope_text(scope: Scope) -> str:
     return "this host (127.0.0.1)" if scope.is_local else f"{scope.interface} ({scope.address})"
+
+
+def plain_lan_warning(scope: Scope) -> str:
+    return (f"traffic on {scope_text(scope)} is unauthenticated and unencrypted: anyone on "
+            "that network can read it and call these nodes; give them keys (--keys DIR)")

@@ -153,7 +153,7 @@ def _devices_text(answer: dict[str, Any]) -> str:
     parts = []
     for key, value in answer.items():
         if ":" in key and isinstance(value, dict) and "relays" in value:
-            relayed = value.get("front_msgs_in", 0) + value.get("back_msgs_in", 0)
+            relayed = value.get("front_frames_in", 0) + value.get("back_frames_in", 0)
             parts.append(f"{key}({value.get('state', '?')}, {relayed} parts)")
     return " ".join(parts) or "-"
 
