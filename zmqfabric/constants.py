@@ -116,3 +116,12 @@ JOURNAL_COMMIT_S = 0.05
 #: Longest task id and idempotency key (characters): ids are keys, not payload.
 MAX_TASK_ID = 128
 MAX_TASK_KEY = 256
+
+# --- metrics --------------------------------------------------------------------------------
+#: Histogram bounds (s) of request and handler durations: a loopback round trip is ~0.1 ms,
+#: a slow handler seconds; 17 buckets keep a scrape small.
+METRICS_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: A metrics client that stalls mid-request is dropped after this (s): the server answers one
+#: scrape at a time, and close() waits for the one under way.
+METRICS_REQUEST_TIMEOUT_S = 5.0
