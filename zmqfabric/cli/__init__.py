@@ -84,37 +84,50 @@ class LazyGroup(click.Group):
             self.add_command(command, cmd_name)
         return self.commands.get(cmd_name)
 
+
 @click.group(cls=LazyGroup, epilog=EPILOG,
              context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--lan", is_flag=True, help="Join the LAN of the default-route interface.")
+@click.option("--lan", is_flag=True, envvar="ZMQFABRIC_LAN", show_envvar=True,
+              help="Join the LAN of the default-route interface.")
 @click.option("--interface", "scope", type=Interface(), metavar="IFACE", envvar=INTERFACE_ENV,
+              show_envvar=True,
               help="Join the LAN of interface IFACE (default: this host only, 127.0.0.1).")
-@click.option("--fabric", type=FabricName(), default=DEFAULT_FABRIC, show_default=True,
-              envvar=FABRIC_ENV,
+@click.option("--fabric", type=FabricName(), default=DEFAULT_FABRIC, envvar=FABRIC_ENV,
+              show_envvar=True, show_default=True,
               help="The fabric to join: nodes of other fabrics are never seen or reached.")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False), metavar="DIR",
-              envvar="ZMQFABRIC_KEYS",
+              envvar="ZMQFABRIC_KEYS", show_envvar=True,
               help="CURVE key directory of this command's node (`zmqfabric keys generate`): "
                    "traffic is encrypted and only keys in DIR's allow-list get in.")
 @click.option("--peer", "peers", type=Peer(), multiple=True, envvar="ZMQFABRIC_PEER",
+              show_envvar=True,
               help="Seed peer [KEY@]HOST:PORT (its control port; KEY if it is secured) for "
-                   "nodes mDNS cannot reach; repeatable. The command's node then introduces "
-                   "itself to them, so it is listed while it runs.")
+                   "nodes mDNS cannot reach; repeatable (in the variable: separated by "
+                   "spaces). The command's node then introduces itself to them, so it is "
+                   "listed while it runs.")
 @click.option("--control-port", type=click.IntRange(0, 65535), default=0, metavar="PORT",
-              envvar="ZMQFABRIC_CONTROL_PORT",
+              envvar="ZMQFABRIC_CONTROL_PORT", show_envvar=True,
               help="Fixed control port of this command's node, so others can seed from it "
                    "(default: any free port).")
-@click.option("--json", "json_", is_flag=True, envvar="ZMQFABRIC_JSON",
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+              envvar="ZMQFABRIC_METRICS_PORT", show_envvar=True,
+              help="Serve this command's node's Prometheus metrics at "
+                   "http://ADDRESS:PORT/metrics (ADDRESS: 127.0.0.1, or the --lan/--interface "
+                   "address; 0: any free port). For `run`, `device`, `sub`, `pull`.")
+@click.option("--json", "json_", is_flag=True, envvar="ZMQFABRIC_JSON", show_envvar=True,
               help="Output JSON lines instead of tables.")
-@click.option("--timeout", type=Seconds(), default=DEFAULT_TIMEOUT_S, show_default=True,
+@click.option("--timeout", type=Seconds(), default=DEFAULT_TIMEOUT_S, envvar="ZMQFABRIC_TIMEOUT",
+              show_envvar=True, show_default=True,
               help="Seconds to wait for nodes, providers and replies.")
-@click.option("--name", type=NodeName(), help="Node name of this command (default cli-PID).")
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.option("--name", type=NodeName(), envvar="ZMQFABRIC_NAME", show_envvar=True,
+              help="Node name of this command (default cli-PID).")
+@click.option("-v", "--verbose", count=True, envvar="ZMQFABRIC_VERBOSE", show_envvar=True,
+              help="Log more (-v info, -vv debug).")
 @click.version_option(version=__version__, prog_name="zmqfabric")
 @click.pass_context
 def cli(ctx: click.Context, lan: bool, scope: Scope | None, fabric: str, keys_dir: str | None,
-        peers: tuple[str, ...], control_port: int, json_: bool, timeout: float,
-        name: str | None, verbose: int) -> None:
+        peers: tuple[str, ...], control_port: int, metrics_port: int | None, json_: bool,
+        timeout: float, name: str | None, verbose: int) -> None:
     """zmqfabric: a brokerless messaging fabric. Nodes find each other by name (zeroconf) and
     talk over ZeroMQ. By default everything stays on this host."""
     logging.getLogger().setLevel(max(logging.DEBUG, logging.WARNING - 10 * verbose))
@@ -135,6 +148,7 @@ def cli(ctx: click.Context, lan: bool, scope: Scope | None, fabric: str, keys_di
         keys=_load_keys(ctx, keys_dir),
         peers=peers,
         control_port=control_port,
+        metrics_port=metrics_port,
         verbose=verbose,
         fabric=fabric,
     )

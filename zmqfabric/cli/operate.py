@@ -71,8 +71,9 @@ def run_cmd(cfg: CliConfig, target: tuple[str, str], run_name: str | None) -> in
 
     ATTR is a zmqfabric Node, or a function returning one; with --name it is called as
     ATTR(name=NAME), so one definition runs as several named instances. A function that takes
-    parameters named scope, config (a NodeConfig with --peer and --control-port) or keys (the
-    --keys directory) gets them. Prints a `ready` line once the node is on the fabric."""
+    parameters named scope, config (a NodeConfig with --peer and --control-port), keys (the
+    --keys directory) or metrics_port gets them; with --metrics-port, a node that serves no
+    metrics of its own serves them there. Prints a `ready` line once the node is on the fabric."""
     node = _load_node(target, run_name or cfg.name, cfg)
     if node.config.scope != cfg.scope:
         note(f"node {node.name!r} sets its own scope {scope_text(node.config.scope)}")
@@ -115,12 +116,15 @@ async def _run_async(cfg: CliConfig, node: aio.Node, stopped: Callable[[int], No
 
 def _announce(cfg: CliConfig, node: Node | aio.Node, event: str) -> None:
     record = node.record
+    metrics = node.metrics_url
     if cfg.json:
+        extra = {"metrics": metrics} if metrics and event == "ready" else {}
         emit({"event": event, "node": record_json(record) if event == "ready" else
-              {"name": node.name, "id": node.node_id}})
+              {"name": node.name, "id": node.node_id}, **extra})
     elif event == "ready":
+        at = f"; metrics at {metrics}" if metrics else ""
         click.echo(f"ready: node {node.name} (pid {record.pid}) at {record.address}, offering "
-                   f"{endpoints_text(record) or 'nothing'}; Ctrl-C to stop")
+                   f"{endpoints_text(record) or 'nothing'}{at}; Ctrl-C to stop")
     else:
         click.echo(f"{event}: node {node.name}")
 
@@ -159,6 +163,8 @@ def _load_node(target: tuple[str, str], name: str | None, cfg: CliConfig) -> Nod
             kwargs["scope"] = cfg.scope
         if "keys" in params and cfg.keys_dir is not None:
             kwargs["keys"] = cfg.keys_dir
+        if "metrics_port" in params and cfg.metrics_port is not None:
+            kwargs["metrics_port"] = cfg.metrics_port
         inspect.signature(obj).bind(**kwargs)
     except (TypeError, ValueError) as exc:
         need = "needs --name" if name is None else "cannot be called with name=..."
@@ -179,6 +185,8 @@ def _check_options(node: Node | aio.Node, cfg: CliConfig, spec: str, attr: str) 
                                      ("--control-port",
                                       node.config.control_port == cfg.control_port))
                if not used]
+    if cfg.metrics_port is not None and node.runtime.metrics is None:
+        node.serve_metrics(cfg.metrics_port)  # a node made without metrics takes --metrics-port
     if node.config.fabric != cfg.fabric:
         note(f"node {node.name!r} joins its own fabric {node.config.fabric!r}, not "
              f"{cfg.fabric!r}")

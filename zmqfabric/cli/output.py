@@ -80,9 +80,19 @@ Exit codes:
 
 \b
 Bodies are JSON: an argument, or one JSON value per stdin line when the argument is absent.
-Options can be set from the environment: ZMQFABRIC_INTERFACE, ZMQFABRIC_TIMEOUT,
-ZMQFABRIC_JSON, ZMQFABRIC_KEYS, ZMQFABRIC_PEER (several: separated by spaces),
-ZMQFABRIC_CONTROL_PORT, ZMQFABRIC_NAME.
+
+\b
+Environment: each global option above also comes from its variable (ZMQFABRIC_LAN,
+ZMQFABRIC_INTERFACE, ZMQFABRIC_FABRIC, ZMQFABRIC_KEYS, ZMQFABRIC_PEER, ZMQFABRIC_CONTROL_PORT,
+ZMQFABRIC_METRICS_PORT, ZMQFABRIC_JSON, ZMQFABRIC_TIMEOUT, ZMQFABRIC_NAME, ZMQFABRIC_VERBOSE);
+a command's options from ZMQFABRIC_<COMMAND>_<OPTION> (e.g. ZMQFABRIC_TOP_INTERVAL=5,
+ZMQFABRIC_REQ_RETRIES=2). Nodes made by `run` also read ZMQFABRIC_INTERFACE and
+ZMQFABRIC_FABRIC. The terminal width comes from COLUMNS when set.
+
+\b
+Shell completion (commands, options): add to ~/.bashrc
+  eval "$(_ZMQFABRIC_COMPLETE=bash_source zmqfabric)"
+(zsh: zsh_source in ~/.zshrc; fish: _ZMQFABRIC_COMPLETE=fish_source zmqfabric | source).
 """
 
 
