@@ -47,6 +47,7 @@ class ControlEndpoint(ServiceEndpoint):
     kind = EndpointKind.CONTROL
     noun = "control endpoint"
     sync_socket = True
+    sent_counter = "control_replies"
 
     def __init__(self, runtime: NodeRuntime, handler: Any) -> None:
         self.fixed_port = runtime.config.control_port

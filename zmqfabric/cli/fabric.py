@@ -13,10 +13,12 @@ from ..core.records import NodeRecord
 from ..discovery.directory import DirectoryEvent
 from .config import CliConfig, NodeName, common, next_wait, pass_config
 from .output import (
+    console,
     dumps,
     echo_table,
     emit,
     endpoints_text,
+    new_table,
     node_line,
     now_iso,
     printable,
@@ -61,15 +63,21 @@ def ls_cmd(cfg: CliConfig, watch: bool, count: int | None) -> None:
         for record, reason in refused:
             emit({**record_json(record), "refused": reason})
         return
-    rows = [[r.name, r.host, str(r.pid), r.address, _secured(r), endpoints_text(r)]
-            for r in records]
-    click.echo(f"fabric {cfg.fabric!r} on {scope_text(cfg.scope)}")
-    echo_table(["NAME", "HOST", "PID", "ADDRESS", "SECURED", "ENDPOINTS"], rows)
+    out = console()
+    out.print(f"fabric {cfg.fabric!r} on {scope_text(cfg.scope)}")
+    nodes = new_table(["NAME", "HOST", "PID", "ADDRESS", "SECURED", "ENDPOINTS"],
+                      flexible="ENDPOINTS", numeric={"PID"})
+    for r in records:
+        nodes.add_row(r.name, r.host, str(r.pid), r.address, _secured(r),
+                      endpoints_text(r) or "-")
+    out.print(nodes)
     if refused:
-        click.echo("")
-        click.echo("refused (seen, but no traffic with them):")
-        echo_table(["NAME", "HOST", "ADDRESS", "REASON"],
-                   [[r.name, r.host, r.address, reason] for r, reason in refused])
+        out.print()
+        out.print("refused (seen, but no traffic with them):")
+        others = new_table(["NAME", "HOST", "ADDRESS", "REASON"], flexible="REASON")
+        for r, reason in refused:
+            others.add_row(r.name, r.host, r.address, reason)
+        out.print(others)
     if not records:
         click.echo(f"(no nodes of fabric {cfg.fabric!r} found in this scope)", err=True)
 

@@ -196,6 +196,42 @@ def echo_table(headers: list[str], rows: list[list[str]]) -> None:
         click.echo(line)
 
 
+# --- rich tables (``top``, ``ls``): imported by the commands that draw them ------------------
+
+
+def console() -> Any:
+    """A rich console on stdout, as wide as the terminal (COLUMNS when set; 80 when stdout is
+    not a terminal). Markup, emoji codes and highlighting are off: cells are plain text, and
+    text from the network cannot restyle the terminal."""
+    from rich.console import Console
+
+    return Console(file=click.get_text_stream("stdout"), emoji=False, highlight=False,
+                   markup=False, soft_wrap=False)
+
+
+def new_table(headers: list[str], *, flexible: str, numeric: frozenset[str] | set[str] = frozenset()
+              ) -> Any:
+    """A borderless rich table that fits the console: every column keeps its content on one
+    line except ``flexible``, which takes the width left and folds; ``numeric`` columns are
+    right-aligned. Cells are escaped with :func:`printable`."""
+    from rich.table import Table
+    from rich.text import Text
+
+    class PlainTable(Table):
+        def add_row(self, *cells: Any, **kwargs: Any) -> None:
+            super().add_row(*(Text(printable(c)) if isinstance(c, str) else c for c in cells),
+                            **kwargs)
+
+    grid = PlainTable(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for header in headers:
+        if header == flexible:
+            grid.add_column(header, overflow="fold", ratio=1, min_width=8)
+        else:
+            grid.add_column(header, no_wrap=True,
+                            justify="right" if header in numeric else "left")
+    return grid
+
+
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 

@@ -73,6 +73,7 @@ class ServiceEndpoint(Bound):
 
     kind = EndpointKind.REPLY
     noun = "service"
+    sent_counter = "replies_sent"  # the control endpoint counts its own (not traffic)
 
     def __init__(
         self, runtime: NodeRuntime, name: str, handler: Handler, allow: Iterable[str] | None = None
@@ -170,7 +171,7 @@ class ServiceEndpoint(Bound):
     def _send(self, frames: list[Any], copy: bool = True) -> None:
         try:
             send_frames(self._reply_sock, frames, NOBLOCK, copy)
-            self._rt.counters.add("replies_sent")
+            self._rt.counters.add(self.sent_counter)
         except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
             self._rt.counters.add("replies_undeliverable")
 
