@@ -329,6 +329,8 @@ class NodeMetrics:
         if self._server is None:
             return None
         host, port = self._server.server_address[:2]
+        if isinstance(host, bytes):
+            host = host.decode()
         return f"http://{host}:{port}/metrics"
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import datetime
 import enum
 import json
 import re
+import sys
 from typing import Any
 
 import click
@@ -205,8 +206,8 @@ def console() -> Any:
     text from the network cannot restyle the terminal."""
     from rich.console import Console
 
-    return Console(file=click.get_text_stream("stdout"), emoji=False, highlight=False,
-                   markup=False, soft_wrap=False)
+    return Console(file=sys.stdout, emoji=False, highlight=False, markup=False,
+                   soft_wrap=False)
 
 
 def new_table(headers: list[str], *, flexible: str, numeric: frozenset[str] | set[str] = frozenset()

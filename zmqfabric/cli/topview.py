@@ -156,11 +156,13 @@ def _endpoints_table(spans: list[tuple[NodeRecord, Span | None, str | None]]) ->
                       flexible="NODE / ENDPOINT", numeric={"IN/S", "OUT/S", "ERR/S", "P50", "P99"})
 
     def rows(span: Span) -> Iterable[list[str]]:
-        traffic = span.now.get("traffic")
-        for key in sorted(traffic) if isinstance(traffic, dict) else ():
+        found = span.now.get("traffic")
+        traffic: dict[str, Any] = found if isinstance(found, dict) else {}
+        for key in sorted(traffic):
             now = traffic[key] if isinstance(traffic[key], dict) else {}
             before = _dig(span.before, ("traffic", key)) if span.before else None
-            errors = now.get("errors") if isinstance(now.get("errors"), dict) else {}
+            listed = now.get("errors")
+            errors: dict[str, Any] = listed if isinstance(listed, dict) else {}
             failed = span.rate_sum(("traffic", key, "errors", e) for e in errors)
             p50, p99 = _percentiles(now.get("duration"), _dig(before, ("duration",)))
             yield [key, _rate(span.rate("traffic", key, "in")),
