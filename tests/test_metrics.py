@@ -68,6 +68,8 @@ def test_a_scrape_counts_every_kind_of_traffic_exactly(
         puller = server.puller(pipeline)
         publisher = server.publisher(stream)
         subscription = client.subscribe(stream)
+        # One thread owns both ends: the subscription connects only while its owner calls it.
+        assert subscription.wait_ready(10.0)
         assert publisher.wait_subscribers(1, 10.0) == 1
 
         for i in range(10):
