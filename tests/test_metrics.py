@@ -5,6 +5,8 @@ exactly. Also the server's lifetime, a port already taken, and that nothing runs
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -19,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import zmqfabric as zf
 import zmqfabric.aio
 from tests.helpers import wait_until
+from tests.procs import ROOT
 from zmqfabric.metrics import Count
 
 SCRAPE_TIMEOUT_S = 10.0
@@ -220,3 +223,16 @@ def test_counts_from_many_threads_are_all_kept() -> None:
     for t in threads:
         t.join(30.0)
     wait_until(lambda: count.value == 200_000, 5.0, "every increment counted")
+
+
+def test_the_grafana_dashboard_asks_for_metrics_that_exist(
+    make_node: Callable[..., zf.Node],
+) -> None:
+    dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    asked = {re.sub(r"_(bucket|total)$", "", m)
+             for e in exprs for m in re.findall(r"\bzmqfabric_\w+", e)}
+    node = make_node("mgraf", metrics_port=0)
+    exported = {family.name for family in text_string_to_metric_families(scrape(node))}
+    assert asked and asked <= exported, asked - exported
+    assert all('node=~"$node"' in e for e in exprs), exprs
