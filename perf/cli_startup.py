@@ -57,12 +57,20 @@ finally:
     node.close()
 """
 
+#: A short-lived Python client: a new observer node and its first request.
+PY_CLIENT = r"""
+import zmqfabric as zf
+with zf.Node("pyclient", advertise=False) as node:
+    node.request("echo", {"a": 1}, timeout=5.0)
+"""
+
 COMMANDS = {
     "req": ["req", "echo", '{"a": 1}'],
     "push": ["push", "frames", '{"a": 1}'],
     "pub": ["pub", "prices", "EUR", '{"a": 1}'],
     "submit": ["submit", "work", '{"a": 1}'],
     "ping": ["ping", "{provider}"],
+    "python": ["-c", PY_CLIENT],  # not a CLI command: ``python -c`` a client
 }
 
 
@@ -96,9 +104,10 @@ def main() -> None:
             raise SystemExit("the provider did not start")
         for name in args.commands.split(","):
             argv = [a.replace("{provider}", provider) for a in COMMANDS[name]]
+            prefix = [sys.executable] if name == "python" else cli
             times, failed = [], []
             for _ in range(args.runs):
-                took, code, err = run([*cli, *argv], env)
+                took, code, err = run([*prefix, *argv], env)
                 times.append(took)
                 if code != 0:
                     failed.append(f"exit {code}: {err[-200:]}")
