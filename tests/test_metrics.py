@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Callable
@@ -22,6 +24,7 @@ import zmqfabric as zf
 import zmqfabric.aio
 from tests.helpers import wait_until
 from tests.procs import ROOT
+from zmqfabric.constants import METRICS_REQUEST_TIMEOUT_S
 from zmqfabric.metrics import Count
 
 SCRAPE_TIMEOUT_S = 10.0
@@ -236,3 +239,24 @@ def test_the_grafana_dashboard_asks_for_metrics_that_exist(
     exported = {family.name for family in text_string_to_metric_families(scrape(node))}
     assert asked and asked <= exported, asked - exported
     assert all('node=~"$node"' in e for e in exprs), exprs
+
+
+def test_a_stalled_scraper_is_dropped_and_prints_nothing(
+    make_node: Callable[..., zf.Node], capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The server answers one scrape at a time: one that stalls is dropped after
+    METRICS_REQUEST_TIMEOUT_S, the next is answered, and nothing is printed about it."""
+    node = make_node("mstall", metrics_port=0)
+    url = node.metrics_url
+    assert url is not None
+    host, port = url[len("http://"):].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=5.0) as stalled:
+        stalled.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+        start = time.monotonic()
+        assert "zmqfabric_peers" in scrape(node)
+        waited = time.monotonic() - start
+    assert METRICS_REQUEST_TIMEOUT_S - 1.0 < waited < METRICS_REQUEST_TIMEOUT_S + 5.0, waited
+    start = time.monotonic()
+    node.close()
+    assert time.monotonic() - start < 5.0
+    assert "Traceback" not in capfd.readouterr().err

@@ -314,7 +314,7 @@ class NodeMetrics:
             return app(environ, start_response)
 
         try:
-            server = make_server(address, port, metrics_only, WSGIServer, _QuietHandler)
+            server = make_server(address, port, metrics_only, _Server, _QuietHandler)
         except OSError as exc:
             raise FabricError(f"cannot serve metrics on {address}:{port}: {exc}") from exc
         self._server = server
@@ -347,6 +347,14 @@ class NodeMetrics:
 
 #: Node counters of traffic, exported per endpoint instead (and counting control replies too).
 _TRAFFIC_COUNTERS = frozenset({"replies_sent", "events_sent"})
+
+
+class _Server(WSGIServer):
+    """One scrape at a time; a client's failure (it stalled, it hung up) is logged at debug
+    level instead of socketserver's traceback on stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
 
 
 class _QuietHandler(WSGIRequestHandler):
