@@ -52,7 +52,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "security": ("zmqfabric.security", "zmqfabric.security.*"),
     "discovery": ("zmqfabric.discovery", "zmqfabric.discovery.*"),
     # Prometheus metrics of a node: hooks and a collector over what the runtime holds
-    "metrics": ("zmqfabric.metrics",),
+    "metrics": ("zmqfabric.metrics", "zmqfabric.metrics.*"),
     # the narrow NodeRuntime that patterns, tasks, control and devices are given
     "runtime": ("zmqfabric.runtime",),
     # endpoints and reliable tasks, written once for both shells; tasks and control are
