@@ -39,7 +39,9 @@ Control-plane traffic (ping, info, stats, hello) is not counted as messages.
 Costs: with metrics off the runtime's ``metrics`` is None and nothing here runs. With metrics on,
 the node's counters and sections are read at scrape time; the per-message counts and the
 histograms come from wrappers put on each handle's public methods when the runtime tracks it
-(``instrument``) and on the reply handlers (``timed_handler``), a few hundred ns per call.
+(``instrument``) and on the reply handlers (``timed_handler``): measured 0.13 µs per message
+sent or received and 0.8 µs per request or handler call (a push costs ~1.6 µs, a round trip
+~100 µs on loopback).
 """
 
 from __future__ import annotations
