@@ -26,10 +26,12 @@ from .output import (
     scope_text,
 )
 
-#: How long `ls` listens for nodes answering discovery. An observer's first mDNS query (QU) is
-#: answered by unicast, which on a shared loopback port can reach another process; the browser's
-#: second query, one second later, is answered by multicast. 1.5 s covers both rounds.
+#: The longest `ls` listens for nodes answering discovery (and `top` before its first refresh):
+#: the browser's second query, a second after the first, is answered by multicast.
 LS_LISTEN_S = 1.5
+#: ...but `ls` stops once no node has joined for this long (s): every responder answers a new
+#: node's first query at once (discovery/quickquery.py), so the answers come in a burst.
+LS_QUIET_S = 0.25
 
 
 @click.command("ls")
@@ -46,17 +48,27 @@ def ls_cmd(cfg: CliConfig, watch: bool, count: int | None) -> None:
     other: run with --keys DIR to see the secured ones. With --json, one object per node; refused
     peers come last, with the reason in their "refused" field (null for the others).
 
-    Without --watch, listens LS_LISTEN_S (1.5 s) for answers, or --timeout if given. With
+    Without --watch, listens until the answers stop (no node joined for LS_QUIET_S, 0.25 s; at
+    most LS_LISTEN_S, 1.5 s), or for --timeout if given: give one to wait for slow hosts. With
     --watch, runs until Ctrl-C, --count events, or an explicit --timeout."""
     if count is not None and not watch:
         raise click.UsageError("--count needs --watch")
     if watch:
         _watch(cfg, count)
         return
-    with cfg.observer() as node:
-        time.sleep(cfg.timeout if cfg.timeout_given else LS_LISTEN_S)  # a listening window
-        records = [r for r in node.nodes() if r.node_id != node.node_id]
-        refused = node.refused_peers()
+    node = cfg.observer()
+    last = [time.monotonic()]  # when a node last joined or changed (discovery's thread sets it)
+    unlisten = node.directory.listen(lambda _event: last.__setitem__(0, time.monotonic()))
+    try:
+        with node:
+            if cfg.timeout_given:
+                time.sleep(cfg.timeout)  # a listening window
+            else:
+                _until_quiet(last, time.monotonic() + LS_LISTEN_S)
+            records = [r for r in node.nodes() if r.node_id != node.node_id]
+            refused = node.refused_peers()
+    finally:
+        unlisten()
     if cfg.json:
         for record in records:
             emit({**record_json(record), "refused": None})
@@ -80,6 +92,16 @@ def ls_cmd(cfg: CliConfig, watch: bool, count: int | None) -> None:
         out.print(others)
     if not records:
         click.echo(f"(no nodes of fabric {cfg.fabric!r} found in this scope)", err=True)
+
+
+def _until_quiet(last: list[float], deadline: float) -> None:
+    """Sleep until ``last[0]`` (the time of the latest directory event) is LS_QUIET_S old, or
+    until ``deadline``."""
+    while (now := time.monotonic()) < deadline:
+        quiet_at = last[0] + LS_QUIET_S
+        if now >= quiet_at:
+            return
+        time.sleep(min(quiet_at, deadline) - now)
 
 
 def _secured(record: NodeRecord) -> str:
