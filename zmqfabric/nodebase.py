@@ -126,7 +126,7 @@ class NodeBase:
         """Serve Prometheus metrics on ``port`` of the scope's address from start() on (as
         ``metrics_port=``). Call before start(). Raises LocalProtocolError for a bad port or a
         started node; start() raises FabricError if the port cannot be bound."""
-        if not isinstance(port, int) or not 0 <= port <= 65535:
+        if type(port) is not int or not 0 <= port <= 65535:
             raise LocalProtocolError(f"metrics port {port!r} is not a port number")
         with self._lock:
             if self.runtime.state is not NodeState.NEW:

@@ -10,7 +10,7 @@ zeroconf's cache, exactly where multicast answers go, so the browser reports the
 they are validated and verified like any other record: this is only a faster hint.
 
 Answers are taken only from addresses in the node's scope, only as responses to our query's id,
-and only for ``ANSWER_WINDOW_S``; then the socket closes. Runs in zeroconf's event loop.
+and only for QUICK_QUERY_WINDOW_S; then the socket closes. Runs in zeroconf's event loop.
 """
 
 from __future__ import annotations
