@@ -39,8 +39,8 @@ PAUSE, RESUME, TERMINATE, STATISTICS = b"PAUSE", b"RESUME", b"TERMINATE", b"STAT
 #: How long a STATISTICS answer may take (s) before the caller gets a timeout error.
 STEER_TIMEOUT_S = 2.0
 _COUNTER_NAMES = (
-    "front_msgs_in", "front_bytes_in", "front_msgs_out", "front_bytes_out",
-    "back_msgs_in", "back_bytes_in", "back_msgs_out", "back_bytes_out",
+    "front_frames_in", "front_bytes_in", "front_frames_out", "front_bytes_out",
+    "back_frames_in", "back_bytes_in", "back_frames_out", "back_bytes_out",
 )
 
 
@@ -53,16 +53,18 @@ class DeviceState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class DeviceStats:
-    """Message parts and bytes through a device, each way (front end and back end). Parts are
-    counted the way libzmq's proxy counts them: a fabric request is several parts."""
+    """Frames (message parts) and bytes through a device, each way (front end and back end).
+    Frames, not messages: libzmq's proxy counts each frame of a multipart message (4.3.5: a
+    fabric request of 4 frames counts 4), and the queue counts the same way. Until 0.1 these
+    were named ``*_msgs_*``."""
 
-    front_msgs_in: int = 0
+    front_frames_in: int = 0
     front_bytes_in: int = 0
-    front_msgs_out: int = 0
+    front_frames_out: int = 0
     front_bytes_out: int = 0
-    back_msgs_in: int = 0
+    back_frames_in: int = 0
     back_bytes_in: int = 0
-    back_msgs_out: int = 0
+    back_frames_out: int = 0
     back_bytes_out: int = 0
 
     def __add__(self, other: DeviceStats) -> DeviceStats:

@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import zmq
-from zmqfabric.devices import Device, Forwarder, Queue, Streamer
 
 import zmqfabric as zf
 from tests.helpers import RawSockets, wait_for_event, wait_until
 from tests.procs import Child, ProcessGroup
 from zmqfabric.core import wire
+from zmqfabric.devices import Device, Forwarder, Queue, Streamer
 
 pytestmark = pytest.mark.slow
 
@@ -283,8 +283,8 @@ def test_forwarder_relays_between_processes_each_event_exactly_once(procs, make_
     assert stats["providers"] == 1 and stats["state"] == "running"
     # Everything the forwarder took in went out (to both via subscribers at once), in whole
     # [topic, header, body] events, and at least the data events and the end marker did.
-    assert stats["front_msgs_out"] == stats["back_msgs_in"]
-    assert stats["front_msgs_out"] % 3 == 0 and stats["front_msgs_out"] >= 3 * (events + 1)
+    assert stats["front_frames_out"] == stats["back_frames_in"]
+    assert stats["front_frames_out"] % 3 == 0 and stats["front_frames_out"] >= 3 * (events + 1)
 
 
 def test_streamer_deals_from_pusher_processes_to_puller_processes(procs, make_node,
@@ -317,7 +317,7 @@ def test_streamer_deals_from_pusher_processes_to_puller_processes(procs, make_no
     for items in got.values():  # both pullers connected: the streamer deals round robin
         assert len(items) >= 0.3 * 2 * count, {k: len(v) for k, v in got.items()}
     stats = device_stats(observer, hub, f"streamer:{pipe}")
-    assert stats["front_msgs_in"] == stats["back_msgs_out"] == 2 * 2 * count  # [header, body]
+    assert stats["front_frames_in"] == stats["back_frames_out"] == 2 * 2 * count  # [header, body]
 
 
 def test_queue_between_client_processes_and_worker_processes(procs, make_node, name) -> None:
@@ -344,8 +344,8 @@ def test_queue_between_client_processes_and_worker_processes(procs, make_node, n
     assert len(served) == 2, f"one worker served everything: {served}"
     stats = device_stats(observer, hub, f"queue:{svc}")
     # A request is [client id, "", header, body] at the front end; a reply the same.
-    assert stats["front_msgs_in"] == stats["back_msgs_out"] == 4 * 3 * count
-    assert stats["back_msgs_in"] == stats["front_msgs_out"] == 4 * 3 * count
+    assert stats["front_frames_in"] == stats["back_frames_out"] == 4 * 3 * count
+    assert stats["back_frames_in"] == stats["front_frames_out"] == 4 * 3 * count
 
 
 # --- the queue's routing ----------------------------------------------------------------------
@@ -491,8 +491,8 @@ def test_device_killed_and_restarted_is_found_again(procs, make_node, make_worke
 
 # --- statistics -------------------------------------------------------------------------------
 
-_COUNTERS = ("front_msgs_in", "front_bytes_in", "front_msgs_out", "front_bytes_out",
-             "back_msgs_in", "back_bytes_in", "back_msgs_out", "back_bytes_out")
+_COUNTERS = ("front_frames_in", "front_bytes_in", "front_frames_out", "front_bytes_out",
+             "back_frames_in", "back_bytes_in", "back_frames_out", "back_bytes_out")
 
 
 def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
@@ -532,10 +532,10 @@ def test_statistics_count_every_part(make_node, make_worker, devices, raw, name)
     assert [sub.recv(timeout=SLOW)[1] for _ in range(count)] == list(range(count))
     after = device_stats(client, hub.name, f"forwarder:{stream}")
     assert _delta(before, after) == {
-        "front_msgs_in": 0, "front_bytes_in": 0, "front_msgs_out": 3 * count,
-        "front_bytes_out": size, "back_msgs_in": 3 * count, "back_bytes_in": size,
-        "back_msgs_out": 0, "back_bytes_out": 0}
-    assert after["front_msgs_in"] >= 1 and after["back_msgs_out"] == after["front_msgs_in"]
+        "front_frames_in": 0, "front_bytes_in": 0, "front_frames_out": 3 * count,
+        "front_bytes_out": size, "back_frames_in": 3 * count, "back_bytes_in": size,
+        "back_frames_out": 0, "back_bytes_out": 0}
+    assert after["front_frames_in"] >= 1 and after["back_frames_out"] == after["front_frames_in"]
 
     # Streamer: a raw PUSH sends known frames; a second puller in the middle restarts the
     # proxy (its counters are carried over).
@@ -560,9 +560,9 @@ def test_statistics_count_every_part(make_node, make_worker, devices, raw, name)
     assert sorted(m["n"] for m in got) == list(range(2 * count))
     stats = device_stats(client, hub.name, f"streamer:{pipe}")
     assert {k: stats[k] for k in _COUNTERS} == {
-        "front_msgs_in": 2 * 2 * count, "front_bytes_in": size, "front_msgs_out": 0,
-        "front_bytes_out": 0, "back_msgs_in": 0, "back_bytes_in": 0,
-        "back_msgs_out": 2 * 2 * count, "back_bytes_out": size}
+        "front_frames_in": 2 * 2 * count, "front_bytes_in": size, "front_frames_out": 0,
+        "front_bytes_out": 0, "back_frames_in": 0, "back_bytes_in": 0,
+        "back_frames_out": 2 * 2 * count, "back_bytes_out": size}
 
     # Queue: ROUTER ids are 5 bytes; requests and replies are [id, "", header, body].
     before = device_stats(client, hub.name, f"queue:{svc}")
@@ -574,9 +574,9 @@ def test_statistics_count_every_part(make_node, make_worker, devices, raw, name)
     answered = sum(5 + header + len(wire.pack_body({"worker": worker.name, "echo": n}))
                    for n in range(count))
     assert _delta(before, after) == {
-        "front_msgs_in": 4 * count, "front_bytes_in": asked, "front_msgs_out": 4 * count,
-        "front_bytes_out": answered, "back_msgs_in": 4 * count, "back_bytes_in": answered,
-        "back_msgs_out": 4 * count, "back_bytes_out": asked}
+        "front_frames_in": 4 * count, "front_bytes_in": asked, "front_frames_out": 4 * count,
+        "front_bytes_out": answered, "back_frames_in": 4 * count, "back_bytes_in": answered,
+        "back_frames_out": 4 * count, "back_bytes_out": asked}
 
 
 def test_forwarder_counts_survive_back_end_changes(make_node, devices, name) -> None:
@@ -618,8 +618,8 @@ def test_forwarder_counts_survive_back_end_changes(make_node, devices, name) -> 
             received += 1
     assert received == sent
     counted = forwarder.statistics()
-    assert counted.back_msgs_in - before.back_msgs_in == 3 * sent, "parts relayed uncounted"
-    assert counted.front_msgs_out - before.front_msgs_out == 3 * sent
+    assert counted.back_frames_in - before.back_frames_in == 3 * sent, "parts relayed uncounted"
+    assert counted.front_frames_out - before.front_frames_out == 3 * sent
 
 
 

@@ -51,6 +51,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # keys, ZAP; mDNS hints -> verified peers (directory, membership, liveness)
     "security": ("zmqfabric.security", "zmqfabric.security.*"),
     "discovery": ("zmqfabric.discovery", "zmqfabric.discovery.*"),
+    # Prometheus metrics of a node: hooks and a collector over what the runtime holds
+    "metrics": ("zmqfabric.metrics", "zmqfabric.metrics.*"),
     # the narrow NodeRuntime that patterns, tasks, control and devices are given
     "runtime": ("zmqfabric.runtime",),
     # endpoints and reliable tasks, written once for both shells; tasks and control are
@@ -81,25 +83,26 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
         "transport": ["constants", "errors", "core", "stats", "config"],
         "security": ["constants", "errors", "core", "stats", "config", "transport"],
         "discovery": ["constants", "errors", "core", "stats", "config", "transport"],
+        "metrics": ["constants", "errors", "core", "stats"],
         "runtime": ["constants", "errors", "core", "stats", "config", "transport",
-                    "security", "discovery"],
+                    "security", "discovery", "metrics"],
         "patterns": ["constants", "errors", "core", "stats", "config", "transport",
-                     "security", "discovery", "runtime"],
+                     "security", "discovery", "metrics", "runtime"],
         "tasks": ["constants", "errors", "core", "stats", "config", "transport",
-                  "security", "discovery", "runtime", "patterns"],
+                  "security", "discovery", "metrics", "runtime", "patterns"],
         "control": ["constants", "errors", "core", "stats", "config", "transport",
-                    "security", "discovery", "runtime", "patterns"],
+                    "security", "discovery", "metrics", "runtime", "patterns"],
         "nodebase": ["constants", "errors", "core", "stats", "config", "transport",
-                     "security", "discovery", "runtime", "patterns", "tasks", "control"],
+                     "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control"],
         "shells": ["constants", "errors", "core", "stats", "config", "transport",
-                   "security", "discovery", "runtime", "patterns", "tasks", "control",
+                   "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control",
                    "nodebase"],
         # Neither entry point sees the node base.
         "devices": ["constants", "errors", "core", "stats", "config", "transport",
-                    "security", "discovery", "runtime", "patterns", "tasks", "control",
+                    "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control",
                     "shells"],
         "cli": ["constants", "errors", "core", "stats", "config", "transport",
-                "security", "discovery", "runtime", "patterns", "tasks", "control",
+                "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control",
                 "shells", "devices"],
     }.items()
 }

@@ -77,6 +77,9 @@ CONFLICT_WINDOW_S = 0.2
 MAX_NAME_SUFFIX = 8
 #: How long a browser waits for a peer's full record (SRV/TXT/A) after seeing its name.
 RESOLVE_TIMEOUT_S = 1.0
+#: A starting node's legacy unicast query (discovery/quickquery.py) takes answers this long (s):
+#: responders answer it at once, so this only has to outlast a slow or loaded host.
+QUICK_QUERY_WINDOW_S = 2.0
 #: Largest TXT value we write or accept (a DNS character-string is at most 255 bytes).
 MAX_TXT_VALUE = 250
 #: Refused peers remembered for `ls` (bounded: a hostile LAN can advertise without end).
@@ -202,3 +205,12 @@ TASK_DEDUPE_MAX_KEYS = 200_000
 #: Encoded size a task adds to a task message besides its payload and key: array and string
 #: headers, the id (at most 128 characters) and the attempt. Used to refuse what no worker takes.
 TASK_FRAME_OVERHEAD = 160
+
+# --- metrics --------------------------------------------------------------------------------
+#: Histogram bounds (s) of request and handler durations: a loopback round trip is ~0.1 ms,
+#: a slow handler seconds; 17 buckets keep a scrape small.
+METRICS_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: A metrics client that stalls mid-request is dropped after this (s): the server answers one
+#: scrape at a time, and close() waits for the one under way.
+METRICS_REQUEST_TIMEOUT_S = 5.0

@@ -54,11 +54,14 @@ class NodeBase:
         keys: str | os.PathLike[str] | KeySet | None = None,
         tasks: TaskConfig | None = None,
         fabric: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         """``advertise=False`` makes an observer: it browses and calls others but is not listed
         and cannot offer endpoints (the CLI's ``ls``, ``req``, ``sub``, ``push`` use this).
         ``fabric``: the fabric to join (default ``$ZMQFABRIC_FABRIC`` or ``default``); nodes of
-        different fabrics never see, list or connect to each other."""
+        different fabrics never see, list or connect to each other. ``metrics_port``: serve
+        Prometheus metrics at ``http://<scope address>:PORT/metrics`` (0: any free port; see
+        :mod:`zmqfabric.metrics` and ``metrics_url``)."""
         name = validate_node_name(name)
         if config is None:
             config = NodeConfig(scope=scope if scope is not None else Scope.from_env(),
@@ -95,6 +98,9 @@ class NodeBase:
         #: Reliable tasks (``tasks=TaskConfig(...)``: journal, dead letters, defaults).
         self._tasks = NodeTasks(rt, tasks if tasks is not None else TaskConfig())
         rt.add_stats_source("tasks", self._tasks.stats)
+        self._metrics_port: int | None = None
+        if metrics_port is not None:
+            self.serve_metrics(metrics_port)
 
     # --- identity --------------------------------------------------------------------------
 
@@ -123,6 +129,32 @@ class NodeBase:
     def record(self) -> NodeRecord:
         """This node's discovery record as advertised now."""
         return self.runtime.record
+
+    # --- metrics ---------------------------------------------------------------------------
+
+    def serve_metrics(self, port: int) -> None:
+        """Serve Prometheus metrics on ``port`` of the scope's address from start() on (as
+        ``metrics_port=``). Call before start(). Raises LocalProtocolError for a bad port or a
+        started node; start() raises FabricError if the port cannot be bound."""
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise LocalProtocolError(f"metrics port {port!r} is not a port number")
+        with self._lock:
+            if self.runtime.state is not NodeState.NEW:
+                raise LocalProtocolError("serve_metrics() before the node starts")
+            rt = self.runtime
+            if rt.metrics is None:
+                from .metrics import NodeMetrics  # prometheus_client only for nodes that use it
+
+                rt.metrics = NodeMetrics(rt, peers=rt.directory.records,
+                                         refused_peers=self.refused_peers)
+                rt.add_stats_source("traffic", rt.metrics.endpoint_stats)
+            self._metrics_port = port
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://ADDRESS:PORT/metrics`` while the node serves metrics, else None."""
+        metrics = self.runtime.metrics
+        return None if metrics is None else metrics.url
 
     # --- definition ------------------------------------------------------------------------
 
@@ -240,6 +272,9 @@ class NodeBase:
                 rt, self._membership.accept_hello, self._housekeeping.accept_peers
             )
             self._membership.attach(self._housekeeping)
+            if rt.metrics is not None:
+                self._handlers = {service: rt.metrics.timed_handler(service, handler)
+                                  for service, handler in self._handlers.items()}
             self._open_services()
             self._tasks.open()
             rt.started_at = time.monotonic()
@@ -247,6 +282,8 @@ class NodeBase:
             self._opening = False
             self._housekeeping.start()
             self._control.start()
+            if rt.metrics is not None and self._metrics_port is not None:
+                rt.metrics.start(self.config.scope.address, self._metrics_port)
             self._unlisten = self.directory.listen(self._membership.on_directory_event)
             self._discovery.browse()
             if self.advertised:
@@ -332,6 +369,8 @@ class NodeBase:
         if rt.guard is not None:
             rt.guard.stop()
         rt.sockets.close()
+        if rt.metrics is not None:
+            rt.metrics.close()
         log.info("node %s closed", self.name)
 
     def _check_started(self) -> None:

@@ -18,7 +18,7 @@ import re
 import secrets
 import socket
 import threading
-from typing import Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from .config import NodeConfig
 from .core.records import Endpoint, EndpointKind, NodeRecord, validate_node_name
@@ -28,6 +28,9 @@ from .security.guard import Guard
 from .security.keys import is_public_key
 from .stats import Counters
 from .transport.sockets import ZAP_DOMAIN, SocketFactory
+
+if TYPE_CHECKING:
+    from .metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class NodeRuntime:
         self.guard: Guard | None = None
         #: Called with the new record when an endpoint is added or removed after start.
         self.on_record_change: Callable[[NodeRecord], None] | None = None
+        #: The node's metrics (``metrics_port=``), or None: then no part pays for them.
+        self.metrics: NodeMetrics | None = None
         self._lock = threading.RLock()
         self._endpoints: dict[tuple[EndpointKind, str], Endpoint] = {}
         self._seq = 0
@@ -109,6 +114,9 @@ class NodeRuntime:
     # --- what the node closes --------------------------------------------------------------
 
     def track(self, item: Closeable) -> None:
+        """Close ``item`` with the node; with metrics on, its traffic is counted from now."""
+        if self.metrics is not None:
+            self.metrics.instrument(item)
         with self._lock:
             self._open.add(item)
 

@@ -14,6 +14,7 @@ lines), and the commands: :mod:`.fabric` (ls, ping, stats), :mod:`.top`, :mod:`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -38,46 +39,96 @@ from .config import (
     Peer,
     Seconds,
 )
-from .fabric import ls_cmd, ping_cmd, stats_cmd
-from .keys import keys_group
-from .messaging import pub_cmd, pull_cmd, push_cmd, req_cmd, sub_cmd
-from .operate import demo_cmd, device_cmd, plain_lan_warning, run_cmd
-from .output import EPILOG, BadInput, ExitCode, Terminated, exit_code, printable, warn
-from .tasks import submit_cmd
-from .top import top_cmd
+from .output import (
+    EPILOG,
+    BadInput,
+    ExitCode,
+    Terminated,
+    exit_code,
+    plain_lan_warning,
+    printable,
+    warn,
+)
 
 __all__ = ["BadInput", "CliConfig", "ExitCode", "cli", "exit_code", "invoke", "main"]
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--lan", is_flag=True, help="Join the LAN of the default-route interface.")
+#: Command -> "module:attribute" of its click command, imported when the command runs (or
+#: --help lists it): a one-shot `req` does not pay for `top`'s tables or the devices.
+COMMANDS = {
+    "demo": ".operate:demo_cmd",
+    "device": ".operate:device_cmd",
+    "keys": ".keys:keys_group",
+    "ls": ".fabric:ls_cmd",
+    "ping": ".fabric:ping_cmd",
+    "pub": ".messaging:pub_cmd",
+    "pull": ".messaging:pull_cmd",
+    "push": ".messaging:push_cmd",
+    "req": ".messaging:req_cmd",
+    "run": ".operate:run_cmd",
+    "stats": ".fabric:stats_cmd",
+    "sub": ".messaging:sub_cmd",
+    "submit": ".tasks:submit_cmd",
+    "top": ".top:top_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use (see COMMANDS)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, _, attr = COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module, __name__), attr)
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--lan", is_flag=True, envvar="ZMQFABRIC_LAN", show_envvar=True,
+              help="Join the LAN of the default-route interface.")
 @click.option("--interface", "scope", type=Interface(), metavar="IFACE", envvar=INTERFACE_ENV,
+              show_envvar=True,
               help="Join the LAN of interface IFACE (default: this host only, 127.0.0.1).")
-@click.option("--fabric", type=FabricName(), default=DEFAULT_FABRIC, show_default=True,
-              envvar=FABRIC_ENV,
+@click.option("--fabric", type=FabricName(), default=DEFAULT_FABRIC, envvar=FABRIC_ENV,
+              show_envvar=True, show_default=True,
               help="The fabric to join: nodes of other fabrics are never seen or reached.")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False), metavar="DIR",
-              envvar="ZMQFABRIC_KEYS",
+              envvar="ZMQFABRIC_KEYS", show_envvar=True,
               help="CURVE key directory of this command's node (`zmqfabric keys generate`): "
                    "traffic is encrypted and only keys in DIR's allow-list get in.")
 @click.option("--peer", "peers", type=Peer(), multiple=True, envvar="ZMQFABRIC_PEER",
+              show_envvar=True,
               help="Seed peer [KEY@]HOST:PORT (its control port; KEY if it is secured) for "
-                   "nodes mDNS cannot reach; repeatable. The command's node then introduces "
-                   "itself to them, so it is listed while it runs.")
+                   "nodes mDNS cannot reach; repeatable (in the variable: separated by "
+                   "spaces). The command's node then introduces itself to them, so it is "
+                   "listed while it runs.")
 @click.option("--control-port", type=click.IntRange(0, 65535), default=0, metavar="PORT",
-              envvar="ZMQFABRIC_CONTROL_PORT",
+              envvar="ZMQFABRIC_CONTROL_PORT", show_envvar=True,
               help="Fixed control port of this command's node, so others can seed from it "
                    "(default: any free port).")
-@click.option("--json", "json_", is_flag=True, envvar="ZMQFABRIC_JSON",
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+              envvar="ZMQFABRIC_METRICS_PORT", show_envvar=True,
+              help="Serve this command's node's Prometheus metrics at "
+                   "http://ADDRESS:PORT/metrics (ADDRESS: 127.0.0.1, or the --lan/--interface "
+                   "address; 0: any free port). For `run`, `device`, `sub`, `pull`.")
+@click.option("--json", "json_", is_flag=True, envvar="ZMQFABRIC_JSON", show_envvar=True,
               help="Output JSON lines instead of tables.")
-@click.option("--timeout", type=Seconds(), default=DEFAULT_TIMEOUT_S, show_default=True,
+@click.option("--timeout", type=Seconds(), default=DEFAULT_TIMEOUT_S, envvar="ZMQFABRIC_TIMEOUT",
+              show_envvar=True, show_default=True,
               help="Seconds to wait for nodes, providers and replies.")
-@click.option("--name", type=NodeName(), help="Node name of this command (default cli-PID).")
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.option("--name", type=NodeName(), envvar="ZMQFABRIC_NAME", show_envvar=True,
+              help="Node name of this command (default cli-PID).")
+@click.option("-v", "--verbose", count=True, envvar="ZMQFABRIC_VERBOSE", show_envvar=True,
+              help="Log more (-v info, -vv debug).")
 @click.version_option(version=__version__, prog_name="zmqfabric")
 @click.pass_context
 def cli(ctx: click.Context, lan: bool, scope: Scope | None, fabric: str, keys_dir: str | None,
-        peers: tuple[str, ...], control_port: int, json_: bool, timeout: float,
-        name: str | None, verbose: int) -> None:
+        peers: tuple[str, ...], control_port: int, metrics_port: int | None, json_: bool,
+        timeout: float, name: str | None, verbose: int) -> None:
     """zmqfabric: a brokerless messaging fabric. Nodes find each other by name (zeroconf) and
     talk over ZeroMQ. By default everything stays on this host."""
     logging.getLogger().setLevel(max(logging.DEBUG, logging.WARNING - 10 * verbose))
@@ -98,6 +149,7 @@ def cli(ctx: click.Context, lan: bool, scope: Scope | None, fabric: str, keys_di
         keys=_load_keys(ctx, keys_dir),
         peers=peers,
         control_port=control_port,
+        metrics_port=metrics_port,
         verbose=verbose,
         fabric=fabric,
     )
@@ -128,11 +180,6 @@ def _load_keys(ctx: click.Context, keys_dir: str | None) -> keyfiles.KeySet | No
         return keyfiles.load(keys_dir)
     except LocalProtocolError as exc:
         raise click.BadParameter(str(exc), param_hint="--keys") from exc
-
-
-for _command in (demo_cmd, device_cmd, keys_group, ls_cmd, ping_cmd, pub_cmd, pull_cmd, push_cmd,
-                 req_cmd, run_cmd, stats_cmd, sub_cmd, submit_cmd, top_cmd):
-    cli.add_command(_command)
 
 
 # --- entry point -------------------------------------------------------------------------------

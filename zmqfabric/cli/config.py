@@ -50,6 +50,8 @@ class CliConfig:
     keys: KeySet | None = None
     peers: tuple[str, ...] = ()
     control_port: int = 0
+    #: --metrics-port: the command's node serves Prometheus metrics there (None: it does not).
+    metrics_port: int | None = None
     verbose: int = 0
     fabric: str = DEFAULT_FABRIC
 
@@ -66,7 +68,8 @@ class CliConfig:
         # A seeded node without a name of its own may meet another host's cli-PID: take a suffix.
         on_conflict = "suffix" if self.peers and name is None and self.name is None else "fail"
         return Node(name or self.node_name(), config=self.node_config(), keys=self.keys,
-                    advertise=advertise, on_conflict=on_conflict, tasks=tasks)
+                    advertise=advertise, on_conflict=on_conflict, tasks=tasks,
+                    metrics_port=self.metrics_port)
 
     def observer(self, *, tasks: TaskConfig | None = None) -> Node:
         """A node that finds and calls others but is not listed (``advertise=False``).

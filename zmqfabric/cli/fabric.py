@@ -13,10 +13,12 @@ from ..core.records import NodeRecord
 from ..discovery.directory import DirectoryEvent
 from .config import CliConfig, NodeName, common, next_wait, pass_config
 from .output import (
+    console,
     dumps,
     echo_table,
     emit,
     endpoints_text,
+    new_table,
     node_line,
     now_iso,
     printable,
@@ -24,12 +26,14 @@ from .output import (
     scope_text,
 )
 
-#: How long `ls` listens for nodes answering discovery. An observer's first mDNS query (QU) is
-#: answered by unicast, which on a shared loopback port can reach another process; the browser's
-#: second query, one second later, is answered by multicast. 1.5 s covers both rounds.
+#: The longest `ls` listens for nodes answering discovery (and `top` before its first refresh):
+#: the browser's second query, a second after the first, is answered by multicast.
 LS_LISTEN_S = 1.5
 #: The least time a ping gets after finding its node took up most of --timeout (s).
 MIN_PING_S = 0.05
+#: ...but `ls` stops once no node has joined for this long (s): every responder answers a new
+#: node's first query at once (discovery/quickquery.py), so the answers come in a burst.
+LS_QUIET_S = 0.25
 
 
 @click.command("ls")
@@ -46,34 +50,60 @@ def ls_cmd(cfg: CliConfig, watch: bool, count: int | None) -> None:
     other: run with --keys DIR to see the secured ones. With --json, one object per node; refused
     peers come last, with the reason in their "refused" field (null for the others).
 
-    Without --watch, listens LS_LISTEN_S (1.5 s) for answers, or --timeout if given. With
+    Without --watch, listens until the answers stop (no node joined for LS_QUIET_S, 0.25 s; at
+    most LS_LISTEN_S, 1.5 s), or for --timeout if given: give one to wait for slow hosts. With
     --watch, runs until Ctrl-C, --count events, or an explicit --timeout."""
     if count is not None and not watch:
         raise click.UsageError("--count needs --watch")
     if watch:
         _watch(cfg, count)
         return
-    with cfg.observer() as node:
-        time.sleep(cfg.timeout if cfg.timeout_given else LS_LISTEN_S)  # a listening window
-        records = [r for r in node.nodes() if r.node_id != node.node_id]
-        refused = node.refused_peers()
+    node = cfg.observer()
+    last = [time.monotonic()]  # when a node last joined or changed (discovery's thread sets it)
+    unlisten = node.directory.listen(lambda _event: last.__setitem__(0, time.monotonic()))
+    try:
+        with node:
+            if cfg.timeout_given:
+                time.sleep(cfg.timeout)  # a listening window
+            else:
+                _until_quiet(last, time.monotonic() + LS_LISTEN_S)
+            records = [r for r in node.nodes() if r.node_id != node.node_id]
+            refused = node.refused_peers()
+    finally:
+        unlisten()
     if cfg.json:
         for record in records:
             emit({**record_json(record), "refused": None})
         for record, reason in refused:
             emit({**record_json(record), "refused": reason})
         return
-    rows = [[r.name, r.host, str(r.pid), r.address, _secured(r), endpoints_text(r)]
-            for r in records]
-    click.echo(f"fabric {cfg.fabric!r} on {scope_text(cfg.scope)}")
-    echo_table(["NAME", "HOST", "PID", "ADDRESS", "SECURED", "ENDPOINTS"], rows)
+    out = console()
+    out.print(f"fabric {cfg.fabric!r} on {scope_text(cfg.scope)}")
+    nodes = new_table(["NAME", "HOST", "PID", "ADDRESS", "SECURED", "ENDPOINTS"],
+                      flexible="ENDPOINTS", numeric={"PID"})
+    for r in records:
+        nodes.add_row(r.name, r.host, str(r.pid), r.address, _secured(r),
+                      endpoints_text(r) or "-")
+    out.print(nodes)
     if refused:
-        click.echo("")
-        click.echo("refused (seen, but no traffic with them):")
-        echo_table(["NAME", "HOST", "ADDRESS", "REASON"],
-                   [[r.name, r.host, r.address, reason] for r, reason in refused])
+        out.print()
+        out.print("refused (seen, but no traffic with them):")
+        others = new_table(["NAME", "HOST", "ADDRESS", "REASON"], flexible="REASON")
+        for r, reason in refused:
+            others.add_row(r.name, r.host, r.address, reason)
+        out.print(others)
     if not records:
         click.echo(f"(no nodes of fabric {cfg.fabric!r} found in this scope)", err=True)
+
+
+def _until_quiet(last: list[float], deadline: float) -> None:
+    """Sleep until ``last[0]`` (the time of the latest directory event) is LS_QUIET_S old, or
+    until ``deadline``."""
+    while (now := time.monotonic()) < deadline:
+        quiet_at = last[0] + LS_QUIET_S
+        if now >= quiet_at:
+            return
+        time.sleep(min(quiet_at, deadline) - now)
 
 
 def _secured(record: NodeRecord) -> str:

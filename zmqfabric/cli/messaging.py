@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 import click
@@ -25,6 +26,9 @@ from .config import (
     pass_config,
 )
 from .output import BadInput, NotFound, dumps, emit, plural, printable
+
+#: How often `push --via` asks the streamer whether it has a puller yet (s).
+DEVICE_POLL_S = 0.05
 
 
 def via_option(device: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -128,13 +132,18 @@ def sub_cmd(cfg: CliConfig, stream: str, topics: tuple[str, ...], count: int | N
 @common
 @pass_config
 def push_cmd(cfg: CliConfig, pipeline: str, body: Body | None, via: str | None) -> None:
-    """Send JSON bodies into PIPELINE, round robin over its pullers (stdin lines without JSON)."""
+    """Send JSON bodies into PIPELINE, round robin over its pullers (stdin lines without JSON).
+
+    Exit 3 if no puller is there within --timeout; with --via, if the streamer has none."""
     sent = 0
     with cfg.observer() as node, explain_refused(node):
+        deadline = time.monotonic() + cfg.timeout
         if via is not None:
             check_via(node, via, EndpointKind.PIPELINE, pipeline, cfg.timeout)
+            wait_device_providers(node, via, f"streamer:{pipeline}", deadline,
+                                  NoProviderError("pipeline", pipeline, cfg.timeout))
         pusher = node.pusher(pipeline, via=via)
-        if not pusher.wait_ready(cfg.timeout):
+        if not pusher.wait_ready(max(deadline - time.monotonic(), 0.001)):
             raise NoProviderError("pipeline", pipeline, cfg.timeout)
         for value in bodies(body):
             pusher.send(value, timeout=cfg.timeout)
@@ -215,6 +224,22 @@ def check_via(node: Node, via: str, kind: EndpointKind, name: str, timeout: floa
         raise NotFound(f"node {via!r} is no {front.noun} for {kind.noun} {name!r} (waited "
                        f"{timeout:g} s); start one with `zmqfabric device "
                        f"{front.noun.split()[0]} {name} --name {via}`")
+
+
+def wait_device_providers(node: Node, via: str, section: str, deadline: float,
+                          error: Exception) -> None:
+    """Wait until device ``section`` of node ``via`` is connected to a provider (a streamer
+    with no puller would take messages and hold them); raise ``error`` at ``deadline``. Asks
+    the device node's stats each DEVICE_POLL_S. Raises FabricError as control calls do."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise error
+        found = node.stats(via, timeout=max(left, 0.001)).get(section)
+        if isinstance(found, dict) and isinstance(found.get("providers"), int) \
+                and found["providers"] > 0:
+            return
+        time.sleep(min(DEVICE_POLL_S, max(deadline - time.monotonic(), 0.0)))
 
 
 def bodies(body: Body | None) -> Iterator[Any]:

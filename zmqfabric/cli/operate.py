@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 
 from .. import aio
-from ..config import FABRIC_ENV, INTERFACE_ENV, Scope
+from ..config import FABRIC_ENV, INTERFACE_ENV
 from ..core.records import VIA_KIND, EndpointKind, validate_endpoint_name
 from ..errors import FabricError, InvalidNameError
 from ..node import Node
@@ -28,6 +28,7 @@ from .output import (
     emit,
     endpoints_text,
     note,
+    plain_lan_warning,
     record_json,
     scope_text,
     warn,
@@ -37,11 +38,6 @@ from .replicas import replica_names, run_replicas
 _STOPS = (signal.SIGINT, signal.SIGTERM)
 #: Most processes of one `run --replicas`: one per core is the point; more is a typo.
 MAX_REPLICAS = 64
-
-
-def plain_lan_warning(scope: Scope) -> str:
-    return (f"traffic on {scope_text(scope)} is unauthenticated and unencrypted: anyone on "
-            "that network can read it and call these nodes; give them keys (--keys DIR)")
 
 
 def serve_until_stopped(node: Node) -> int | None:
@@ -97,8 +93,9 @@ def run_cmd(cfg: CliConfig, target: tuple[str, str], run_name: str | None, repli
 
     ATTR is a zmqfabric Node, or a function returning one; with --name it is called as
     ATTR(name=NAME), so one definition runs as several named instances. A function that takes
-    parameters named scope, config (a NodeConfig with --peer and --control-port) or keys (the
-    --keys directory) gets them. Prints a `ready` line once the node is on the fabric.
+    parameters named scope, config (a NodeConfig with --peer and --control-port), keys (the
+    --keys directory) or metrics_port gets them; with --metrics-port, a node that serves no
+    metrics of its own serves them there. Prints a `ready` line once the node is on the fabric.
 
     With --replicas N, runs N such processes named NAME-1 .. NAME-N; Ctrl-C or SIGTERM stops
     them all, and a replica that exits by itself is reported (the first non-zero exit code is
@@ -155,12 +152,15 @@ async def _run_async(cfg: CliConfig, node: aio.Node, stopped: Callable[[int], No
 
 def _announce(cfg: CliConfig, node: Node | aio.Node, event: str) -> None:
     record = node.record
+    metrics = node.metrics_url
     if cfg.json:
+        extra = {"metrics": metrics} if metrics and event == "ready" else {}
         emit({"event": event, "node": record_json(record) if event == "ready" else
-              {"name": node.name, "id": node.node_id}})
+              {"name": node.name, "id": node.node_id}, **extra})
     elif event == "ready":
+        at = f"; metrics at {metrics}" if metrics else ""
         click.echo(f"ready: node {node.name} (pid {record.pid}) at {record.address}, offering "
-                   f"{endpoints_text(record) or 'nothing'}; Ctrl-C to stop")
+                   f"{endpoints_text(record) or 'nothing'}{at}; Ctrl-C to stop")
     else:
         click.echo(f"{event}: node {node.name}")
 
@@ -207,6 +207,8 @@ def _load_node(target: tuple[str, str], name: str | None, cfg: CliConfig) -> Nod
             kwargs["scope"] = cfg.scope
         if "keys" in params and cfg.keys_dir is not None:
             kwargs["keys"] = cfg.keys_dir
+        if "metrics_port" in params and cfg.metrics_port is not None:
+            kwargs["metrics_port"] = cfg.metrics_port
         inspect.signature(obj).bind(**kwargs)
     except (TypeError, ValueError) as exc:
         need = "needs --name" if name is None else "cannot be called with name=..."
@@ -227,6 +229,8 @@ def _check_options(node: Node | aio.Node, cfg: CliConfig, spec: str, attr: str) 
                                      ("--control-port",
                                       node.config.control_port == cfg.control_port))
                if not used]
+    if cfg.metrics_port is not None and node.runtime.metrics is None:
+        node.serve_metrics(cfg.metrics_port)  # a node made without metrics takes --metrics-port
     if node.config.fabric != cfg.fabric:
         note(f"node {node.name!r} joins its own fabric {node.config.fabric!r}, not "
              f"{cfg.fabric!r}")
@@ -296,8 +300,8 @@ def device_cmd(cfg: CliConfig, kind: str, name: str, node_name: str | None) -> i
               "via": node.name, "stats": stats})
     else:
         click.echo(f"stopped: {kind} for {relayed.noun} {name!r} (node {node.name}); message "
-                   f"parts: front in {stats['front_msgs_in']} out {stats['front_msgs_out']}, "
-                   f"back in {stats['back_msgs_in']} out {stats['back_msgs_out']}")
+                   f"frames: front in {stats['front_frames_in']} out {stats['front_frames_out']}, "
+                   f"back in {stats['back_frames_in']} out {stats['back_frames_out']}")
     return _exit_for(signum)
 
 

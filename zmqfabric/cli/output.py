@@ -11,6 +11,7 @@ import datetime
 import enum
 import json
 import re
+import sys
 from typing import Any
 
 import click
@@ -80,9 +81,19 @@ Exit codes:
 
 \b
 Bodies are JSON: an argument, or one JSON value per stdin line when the argument is absent.
-Options can be set from the environment: ZMQFABRIC_INTERFACE, ZMQFABRIC_TIMEOUT,
-ZMQFABRIC_JSON, ZMQFABRIC_KEYS, ZMQFABRIC_PEER (several: separated by spaces),
-ZMQFABRIC_CONTROL_PORT, ZMQFABRIC_NAME.
+
+\b
+Environment: each global option above also comes from its variable (ZMQFABRIC_LAN,
+ZMQFABRIC_INTERFACE, ZMQFABRIC_FABRIC, ZMQFABRIC_KEYS, ZMQFABRIC_PEER, ZMQFABRIC_CONTROL_PORT,
+ZMQFABRIC_METRICS_PORT, ZMQFABRIC_JSON, ZMQFABRIC_TIMEOUT, ZMQFABRIC_NAME, ZMQFABRIC_VERBOSE);
+a command's options from ZMQFABRIC_<COMMAND>_<OPTION> (e.g. ZMQFABRIC_TOP_INTERVAL=5,
+ZMQFABRIC_REQ_RETRIES=2). Nodes made by `run` also read ZMQFABRIC_INTERFACE and
+ZMQFABRIC_FABRIC. The terminal width comes from COLUMNS when set.
+
+\b
+Shell completion (commands, options): add to ~/.bashrc
+  eval "$(_ZMQFABRIC_COMPLETE=bash_source zmqfabric)"
+(zsh: zsh_source in ~/.zshrc; fish: _ZMQFABRIC_COMPLETE=fish_source zmqfabric | source).
 """
 
 
@@ -186,6 +197,42 @@ def echo_table(headers: list[str], rows: list[list[str]]) -> None:
         click.echo(line)
 
 
+# --- rich tables (``top``, ``ls``): imported by the commands that draw them ------------------
+
+
+def console() -> Any:
+    """A rich console on stdout, as wide as the terminal (COLUMNS when set; 80 when stdout is
+    not a terminal). Markup, emoji codes and highlighting are off: cells are plain text, and
+    text from the network cannot restyle the terminal."""
+    from rich.console import Console
+
+    return Console(file=sys.stdout, emoji=False, highlight=False, markup=False,
+                   soft_wrap=False)
+
+
+def new_table(headers: list[str], *, flexible: str, numeric: frozenset[str] | set[str] = frozenset()
+              ) -> Any:
+    """A borderless rich table that fits the console: every column keeps its content on one
+    line except ``flexible``, which takes the width left and folds; ``numeric`` columns are
+    right-aligned. Cells are escaped with :func:`printable`."""
+    from rich.table import Table
+    from rich.text import Text
+
+    class PlainTable(Table):
+        def add_row(self, *cells: Any, **kwargs: Any) -> None:
+            super().add_row(*(Text(printable(c)) if isinstance(c, str) else c for c in cells),
+                            **kwargs)
+
+    grid = PlainTable(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for header in headers:
+        if header == flexible:
+            grid.add_column(header, overflow="fold", ratio=1, min_width=8)
+        else:
+            grid.add_column(header, no_wrap=True,
+                            justify="right" if header in numeric else "left")
+    return grid
+
+
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -222,3 +269,8 @@ def endpoints_text(record: NodeRecord) -> str:
 
 def scope_text(scope: Scope) -> str:
     return "this host (127.0.0.1)" if scope.is_local else f"{scope.interface} ({scope.address})"
+
+
+def plain_lan_warning(scope: Scope) -> str:
+    return (f"traffic on {scope_text(scope)} is unauthenticated and unencrypted: anyone on "
+            "that network can read it and call these nodes; give them keys (--keys DIR)")

@@ -16,15 +16,8 @@ from ..errors import FabricError, FabricTimeoutError
 from ..node import Node
 from .config import CliConfig, Seconds, common, pass_config
 from .fabric import LS_LISTEN_S
-from .output import (
-    echo_table,
-    emit,
-    endpoints_text,
-    now_iso,
-    plural,
-    record_json,
-    scope_text,
-)
+from .output import emit, now_iso, record_json, scope_text
+from .topview import TopView
 
 #: Nodes asked at once; a node that does not answer costs one control timeout of one thread.
 PARALLEL_ASKS = 8
@@ -41,11 +34,15 @@ Sample = tuple[NodeRecord, dict[str, Any] | None, str | None]  # record, answer,
 @common
 @pass_config
 def top_cmd(cfg: CliConfig, interval: float, count: int | None) -> None:
-    """Show every node's stats, refreshed: name, host, uptime, counters (replies sent, events
-    sent, refusals, errors), devices, task pipelines and endpoints.
+    """Show every node's stats, refreshed, with rates per second between refreshes: requests
+    served, events published, errors, refusals and endpoints per node; then, for nodes that
+    serve metrics (--metrics-port), each endpoint's messages in and out per second, errors and
+    latency (p50, p99 of the handler's time for services, of the round trip for calls); task
+    queues (done, pending, in flight, failed); devices (frames relayed per second).
 
-    The first refresh comes after a discovery window of LS_LISTEN_S (1.5 s). On a terminal the
-    view redraws in place; piped, each refresh appends a header line and a table; with --json,
+    The first refresh comes after a discovery window of LS_LISTEN_S (1.5 s) and shows rates
+    since each node started. Tables fit the terminal's width (COLUMNS). On a terminal the
+    view redraws in place; piped, each refresh appends a header line and tables; with --json,
     each refresh prints one object per node (its control "stats" answer, plus "time" and
     "refresh"; a node that did not answer has an "error" field instead). Runs until Ctrl-C,
     --count refreshes (exit 4 if an explicit --timeout ends it first) or an explicit
@@ -54,6 +51,7 @@ def top_cmd(cfg: CliConfig, interval: float, count: int | None) -> None:
     redraw = not cfg.json and click.get_text_stream("stdout").isatty()
     ask_s = min(cfg.timeout, CONTROL_TIMEOUT_S)
     refreshes = 0
+    view = TopView(scope_text(cfg.scope), cfg.fabric, interval)
     with cfg.observer() as node:
         pool = ThreadPoolExecutor(PARALLEL_ASKS, thread_name_prefix="zmqfabric-cli-top")
         try:
@@ -68,7 +66,7 @@ def top_cmd(cfg: CliConfig, interval: float, count: int | None) -> None:
                     for sample in samples:
                         emit(_sample_json(sample, stamp, refreshes))
                 else:
-                    _show(cfg, samples, interval, redraw)
+                    view.show(samples, redraw)
                 due = max(due + interval, time.monotonic())
         finally:
             # On Ctrl-C, asks in flight are not waited for: closing the node (next) ends them
@@ -107,69 +105,3 @@ def _sample_json(sample: Sample, stamp: str, refresh: int) -> dict[str, Any]:
         return {"time": stamp, "refresh": refresh, "node": row.pop("name"), **row,
                 "error": error}
     return {"time": stamp, "refresh": refresh, **answer}
-
-
-HEADERS = ["NAME", "HOST", "UP", "REPLIES", "EVENTS", "REFUSED", "ERRORS", "DEVICES", "TASKS",
-           "ENDPOINTS"]
-
-
-def _show(cfg: CliConfig, samples: list[Sample], interval: float, redraw: bool) -> None:
-    if redraw:
-        click.clear()
-    click.echo(f"--- {now_iso()[11:]}  {plural(len(samples), 'node')} in "
-               f"{scope_text(cfg.scope)}; every {interval:g} s, Ctrl-C to stop")
-    echo_table(HEADERS, [_row(*sample) for sample in samples])
-
-
-def _row(record: NodeRecord, answer: dict[str, Any] | None, error: str | None) -> list[str]:
-    if answer is None:
-        return [record.name, record.host, "no answer", "-", "-", "-", "-", "-", "-",
-                endpoints_text(record)]
-    counters: dict[str, int] = answer.get("counters", {})
-    refused = sum(v for k, v in counters.items() if k.startswith("refused_"))
-    errors = sum(v for k, v in counters.items() if k.endswith("_errors"))
-    return [
-        record.name,
-        str(answer.get("host", record.host)),
-        _uptime(float(answer.get("uptime_s", 0.0))),
-        str(counters.get("replies_sent", 0)),
-        str(counters.get("events_sent", 0)),
-        str(refused),
-        str(errors),
-        _devices_text(answer),
-        _tasks_text(answer.get("tasks")),
-        endpoints_text(record),
-    ]
-
-
-def _uptime(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _devices_text(answer: dict[str, Any]) -> str:
-    """Device sections are named "<kind>:<name>" (e.g. "forwarder:prices")."""
-    parts = []
-    for key, value in answer.items():
-        if ":" in key and isinstance(value, dict) and "relays" in value:
-            relayed = value.get("front_msgs_in", 0) + value.get("back_msgs_in", 0)
-            parts.append(f"{key}({value.get('state', '?')}, {relayed} parts)")
-    return " ".join(parts) or "-"
-
-
-def _tasks_text(tasks: Any) -> str:
-    if not isinstance(tasks, dict):
-        return "-"
-    parts = []
-    for name, s in (tasks.get("submit") or {}).items():
-        parts.append(f"{name}(submit: {s.get('queued', 0)} queued, {s.get('in_flight', 0)} "
-                     f"in flight, {s.get('done', 0)} done, {s.get('dead', 0)} dead)")
-    for name, s in (tasks.get("serve") or {}).items():
-        parts.append(f"{name}(serve: {s.get('handled', 0)} handled, {s.get('failed', 0)} "
-                     "failed)")
-    return " ".join(parts) or "-"

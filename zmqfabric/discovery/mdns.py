@@ -46,6 +46,7 @@ from ..errors import FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
+from .quickquery import QuickQuery, ask_now
 from .verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Discovery:
         self._refusal_logs = _Window(LOG_RATE_PER_MINUTE)
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
+        self._quick: QuickQuery | None = None
         self._info: ServiceInfo | None = None
         self._lock = threading.Lock()
 
@@ -110,6 +112,13 @@ class Discovery:
         self._browser = ServiceBrowser(
             self._zc, SERVICE_TYPE, handlers=[self._on_change], question_type=DNSQuestionType.QM
         )
+        # The browser's first query leaves after 20-120 ms and its answers may take a second:
+        # one legacy unicast query now is answered at once (see quickquery).
+        try:
+            scope = self._config.scope
+            self._quick = ask_now(self._zc, scope.address, scope.networks, SERVICE_TYPE)
+        except OSError as exc:
+            log.debug("no quick query on %s: %s", self._config.scope.address, exc)
 
     def advertise(self, record: NodeRecord) -> None:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
@@ -162,14 +171,18 @@ class Discovery:
             zc, self._zc = self._zc, None
             info, self._info = self._info, None
             browser, self._browser = self._browser, None
+            quick, self._quick = self._quick, None
+            announcing, self._broadcast = self._broadcast, None
         try:
             if zc is None:
                 return
+            if quick is not None:
+                quick.close()
             try:
                 if browser is not None:
                     browser.cancel()
                 if info is not None:
-                    zc.unregister_service(info)
+                    _say_goodbye(zc, info, announcing)
             finally:
                 zc.close()
         finally:
@@ -314,3 +327,20 @@ class _Window:
             self._start, self._count = now, 0
         self._count += 1
         return self._count <= self._per_minute
+
+
+def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
+    """Unregister ``info`` and return once its first goodbye is sent. zeroconf repeats it twice,
+    125 ms apart, and its close() waits for that (and for repeats of the announcement still to
+    come); peers also see the node's control connection close, within milliseconds, so the
+    repeats are cancelled."""
+
+    async def goodbye() -> None:
+        if announcing is not None:
+            announcing.cancel()
+        broadcasts = await zc.async_unregister_service(info)  # schedules the goodbyes' task
+        await asyncio.sleep(0)  # that task's first step sends the first goodbye
+        broadcasts.cancel()  # type: ignore[attr-defined]
+
+    assert zc.loop is not None
+    asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
