@@ -116,9 +116,6 @@ def test_the_proposed_readme_section_shows_the_example_files() -> None:
     check_blocks(ROOT / "docs" / "README-python.md", fragments=0)
 
 
-@pytest.mark.xfail(strict=True, reason="README.md still shows the Python block that runs "
-                   "node.run() before the client; replace it with docs/README-python.md, "
-                   "then remove this mark")
 def test_the_readme_python_blocks_are_the_example_files() -> None:
     # Two fragments stay: the LAN keys lines and the devices lines.
     check_blocks(ROOT / "README.md", fragments=2)
