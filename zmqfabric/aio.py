@@ -310,7 +310,9 @@ class Node(NodeBase):
         return await control_call_async(self.runtime, node, op, timeout)
 
     async def wait_for_node(self, name: str, timeout: float | None) -> NodeRecord:
-        """Wait until node ``name`` is known. Raises NodeNotFoundError."""
+        """Wait until node ``name`` is known (its record verified). Raises NodeNotFoundError,
+        AuthorizationError (its control endpoint refused our key), FabricTimeoutError (it is
+        advertised but did not answer for its record)."""
         return await drive_async(self._wait_for_node(name, timeout), AWAITING)
 
     async def wait_for_endpoint(

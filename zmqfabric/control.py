@@ -32,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .constants import CONTROL_TIMEOUT_S, MAX_CONTROL_MESSAGE, THREAD_JOIN_TIMEOUT_S
 from .core import wire
-from .core.records import EndpointKind, encode_txt
+from .core.records import EndpointKind, NodeRecord, encode_txt
 from .errors import (
     AuthorizationError,
     FabricTimeoutError,
@@ -240,16 +240,37 @@ async def control_call_async(
     return await drive_async(_call(runtime, target, op, timeout), AWAITING)
 
 
+def find_node(runtime: NodeRuntime, name: str, timeout: float | None) -> Plan[NodeRecord]:
+    """The plan of waiting for node ``name`` to be listed (verified). A node whose control
+    endpoint refused our key is never listed, only refused: that ends the wait at once with
+    AuthorizationError. One advertised but not answering for its record ends it at the timeout
+    with FabricTimeoutError, one never seen with NodeNotFoundError."""
+    directory = runtime.directory
+    deadline = deadline_after(timeout)
+    while (record := directory.get(name)) is None:
+        refusal = runtime.refusal_of(name)
+        if refusal is not None and "refused our key" in refusal:
+            raise AuthorizationError("control endpoint", name, [name])
+        if ms_left(deadline) == 0:
+            if refusal is not None:
+                raise FabricTimeoutError(
+                    f"node {name!r} is advertised but did not answer for it within "
+                    f"{timeout:g} s ({refusal})", timeout=timeout)
+            raise NodeNotFoundError(name, timeout)
+        step = time.monotonic() + REFUSAL_CHECK_S
+        until = step if deadline is None else min(step, deadline)
+        yield WAIT_DIRECTORY, (directory, lambda: directory.get(name) is not None, until)
+    return record
+
+
 def _call(runtime: NodeRuntime, target: str, op: str, timeout: float) -> Plan[Any]:
     """The plan of a control call. The request is sent without blocking once the connection
     is up (the socket's IMMEDIATE option holds it back before: a peer that accepts TCP and never
     speaks ZeroMQ must not hang us); the socket's monitor reports a refused handshake."""
-    directory = runtime.directory
     deadline = deadline_after(timeout)
-    yield WAIT_DIRECTORY, (directory, lambda: directory.get(target) is not None, deadline)
-    record = directory.get(target)
-    endpoint = record.control if record else None
-    if record is None or endpoint is None:
+    record = yield from find_node(runtime, target, timeout)
+    endpoint = record.control
+    if endpoint is None:
         raise NodeNotFoundError(target, timeout)
     secured = runtime.config.keys is not None or record.curve_key is not None
     msg_id = int(time.monotonic_ns() & 0xFFFFFFFF)
@@ -279,6 +300,11 @@ def _call(runtime: NodeRuntime, target: str, op: str, timeout: float) -> Plan[An
             sock.disable_monitor()
         monitor.close(0)
         sock.close(0)
+
+
+#: While it waits for a node to be listed, a control call looks this often (s) whether the node
+#: was refused for refusing our key.
+REFUSAL_CHECK_S = 0.05
 
 
 def _sent(sock: zmq.Socket, frames: list[bytes]) -> bool:

@@ -294,7 +294,9 @@ class Node(NodeBase):
     # --- directory and control ------------------------------------------------------------
 
     def wait_for_node(self, name: str, timeout: float | None) -> NodeRecord:
-        """Wait until node ``name`` is known. Raises NodeNotFoundError. Thread-safe."""
+        """Wait until node ``name`` is known (its record verified). Raises NodeNotFoundError,
+        AuthorizationError (its control endpoint refused our key), FabricTimeoutError (it is
+        advertised but did not answer for its record). Thread-safe."""
         return drive(self._wait_for_node(name, timeout), BLOCKING)
 
     def wait_for_endpoint(self, kind: EndpointKind | str, name: str, timeout: float | None) -> int:

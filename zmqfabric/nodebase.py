@@ -15,13 +15,13 @@ import time
 from typing import Any, Callable, Iterable, TypeVar
 
 from .config import NodeConfig, Scope, fabric_from_env
-from .control import ControlServer, control_call
+from .control import ControlServer, control_call, find_node
 from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
 from .discovery.directory import Directory
 from .discovery.housekeeping import Housekeeping
 from .discovery.mdns import Discovery
 from .discovery.membership import Membership
-from .errors import ClosedError, LocalProtocolError, NodeNotFoundError, NoProviderError
+from .errors import ClosedError, LocalProtocolError, NoProviderError
 from .patterns.handlers import Served, check_concurrency, is_coroutine_handler
 from .patterns.plan import WAIT_DIRECTORY, Plan
 from .patterns.service import ServiceEndpoint
@@ -82,6 +82,7 @@ class NodeBase:
                                     rt.sockets)
         self._membership = Membership(rt, self._discovery, on_conflict)
         rt.on_record_change = self._discovery.advertise
+        rt.refusals = self._discovery.refused
         self._lock = threading.RLock()
         self._handlers: dict[str, Callable[[Any], Any]] = {}
         self._service_allow: dict[str, tuple[str, ...]] = {}
@@ -393,14 +394,7 @@ class NodeBase:
     # node.py, coroutines in aio.py; see patterns/plan.py).
 
     def _wait_for_node(self, name: str, timeout: float | None) -> Plan[NodeRecord]:
-        directory = self.directory
-        yield WAIT_DIRECTORY, (
-            directory, lambda: directory.get(name) is not None, deadline_after(timeout)
-        )
-        record = directory.get(name)
-        if record is None:
-            raise NodeNotFoundError(name, timeout)
-        return record
+        return find_node(self.runtime, name, timeout)
 
     def _wait_for_endpoint(
         self, kind: EndpointKind | str, name: str, timeout: float | None

@@ -66,6 +66,8 @@ class NodeRuntime:
         self.started_at = 0.0
         #: Set by the node while secured: restricts ZAP domains to per-endpoint allow-lists.
         self.guard: Guard | None = None
+        #: Peers refused for security reasons, with the reason (set by the node: discovery's).
+        self.refusals: Callable[[], list[tuple[NodeRecord, str]]] = list
         #: Called with the new record when an endpoint is added or removed after start.
         self.on_record_change: Callable[[NodeRecord], None] | None = None
         #: The node's metrics (``metrics_port=``), or None: then no part pays for them.
@@ -110,6 +112,11 @@ class NodeRuntime:
             self.config.keys.public if self.config.keys else None,
             self.config.fabric,
         )
+
+    def refusal_of(self, name: str) -> str | None:
+        """Why node ``name`` was seen but refused (the latest reason), or None."""
+        reasons = [reason for record, reason in self.refusals() if record.name == name]
+        return reasons[-1] if reasons else None
 
     # --- what the node closes --------------------------------------------------------------
 
