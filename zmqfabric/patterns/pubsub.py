@@ -222,7 +222,8 @@ class PublisherBase(Encoder, Bound):
 
 
 class Publisher(PublisherBase):
-    __doc__ = PublisherBase.__doc__
+    """Publishes one stream from one thread; ``wait_subscribers`` blocks it (see
+    :class:`PublisherBase`)."""
 
     def wait_subscribers(self, n: int, timeout: float) -> int:
         """Wait until ``n`` fabric subscribers have their subscriptions applied here, at most
