@@ -217,6 +217,35 @@ def test_closing_the_node_ends_a_call_in_flight() -> None:
     assert elapsed < 5.0, f"closing took {elapsed:.2f} s with a call in flight"
 
 
+def test_closing_an_asyncio_node_ends_its_calls_in_flight() -> None:
+    """The same in one loop: a coroutine awaiting a call on a silent peer gets ClosedError when
+    the node closes, and the close takes no longer than without the call."""
+
+    async def main() -> tuple[list[Any], float]:
+        with silent_port("silent") as port:
+            node = zmqfabric.aio.Node(unique("closing"))
+            await node.start()
+            target = silent_record(port)
+            node.directory.put(target)
+
+            async def ask() -> Any:
+                try:
+                    return await node.ping(target.name, timeout=60)
+                except zf.FabricError as exc:
+                    return exc
+
+            calls = [asyncio.create_task(ask()) for _ in range(3)]
+            await asyncio.sleep(0)  # each call is waiting now
+            start = time.monotonic()
+            await node.close()
+            elapsed = time.monotonic() - start
+            return await asyncio.wait_for(asyncio.gather(*calls), WAIT), elapsed
+
+    outcomes, elapsed = asyncio.run(asyncio.wait_for(main(), 2 * WAIT))
+    assert all(isinstance(o, zf.ClosedError) for o in outcomes), outcomes
+    assert elapsed < 5.0, f"closing took {elapsed:.2f} s with calls in flight"
+
+
 # --- the CLI, in processes of its own -----------------------------------------------------------
 
 

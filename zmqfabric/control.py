@@ -16,6 +16,7 @@ the client side: one plan (see :mod:`zmqfabric.patterns.plan`), one fresh socket
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -31,6 +32,7 @@ from .core import wire
 from .core.records import EndpointKind
 from .errors import (
     AuthorizationError,
+    ClosedError,
     FabricTimeoutError,
     LocalProtocolError,
     NodeNotFoundError,
@@ -197,8 +199,33 @@ def control_call(
 async def control_call_async(
     runtime: NodeRuntime, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S
 ) -> Any:
-    """Coroutine of :func:`control_call` (the same plan, awaited): never blocks the loop."""
-    return await drive_async(_call(runtime, target, op, timeout), AWAITING)
+    """Coroutine of :func:`control_call` (the same plan, awaited): never blocks the loop. The
+    call is one of the node's open things while it runs: closing the node (in this loop) ends
+    it at once with ClosedError, and closes its sockets before the context terminates."""
+    call = asyncio.ensure_future(drive_async(_call(runtime, target, op, timeout), AWAITING))
+    closer = _Canceller(call)
+    runtime.track(closer)
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if closer.closed and task is not None and not task.cancelling():
+            raise ClosedError(f"node {runtime.name!r} closed during a control call") from None
+        raise
+    finally:
+        runtime.untrack(closer)
+
+
+class _Canceller:
+    """What the node closes of a control call in flight (see ``control_call_async``)."""
+
+    def __init__(self, call: asyncio.Future[Any]) -> None:
+        self.call = call
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.call.cancel()
 
 
 def _call(runtime: NodeRuntime, target: str, op: str, timeout: float) -> Plan[Any]:
