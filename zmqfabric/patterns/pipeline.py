@@ -200,10 +200,10 @@ class Pusher(PusherBase, SyncConnector):
                 body = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            header = pack_canonical(self._prefix, seq, FLOAT64, _now())
-            copy = True
             if len(body) > self._limit:
                 raise MessageTooLargeError(len(body), self._limit)
+            header = pack_canonical(self._prefix, seq, FLOAT64, _now())
+            copy = True
         if self._ops:
             self._drain()
         sock = self._sock
