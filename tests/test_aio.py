@@ -415,16 +415,18 @@ def test_closing_a_handle_or_its_node_ends_its_waits_with_closed_error(name) -> 
             sub = node.subscribe(stream)
             requester = node.requester(nobody)
             pusher = node.pusher(name("nowhere"))
+            publisher = node.publisher(name("lonely"))
             pending = [
                 asyncio.create_task(outcome(puller.recv(timeout=SLOW))),
                 asyncio.create_task(outcome(sub.recv(timeout=SLOW))),
                 asyncio.create_task(outcome(pusher.wait_ready(SLOW))),
                 asyncio.create_task(outcome(requester.request(1, timeout=SLOW))),
+                asyncio.create_task(outcome(publisher.wait_subscribers(1, SLOW))),
             ]
             await asyncio.sleep(0)  # each is waiting now
-            for handle in (puller, sub, pusher, requester):
+            for handle in (puller, sub, pusher, requester, publisher):
                 handle.close()
-            assert await bound(asyncio.gather(*pending)) == ["closed"] * 4
+            assert await bound(asyncio.gather(*pending)) == ["closed"] * 5
 
             cancelled = asyncio.create_task(node.subscribe(stream).recv(timeout=SLOW))
             await asyncio.sleep(0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import signal
 import socket
@@ -82,9 +83,11 @@ def silent_record(port: int) -> NodeRecord:
 @contextlib.contextmanager
 def advertised(record: NodeRecord) -> Iterator[None]:
     """``record`` advertised with mDNS on 127.0.0.1 (for other processes to find)."""
+    control = record.control
+    assert control is not None
     zc = loopback_zeroconf()
     info = forged_service_info(instance_name(record.name, record.node_id), record.node_id,
-                               encode_txt(record), record.control.port)  # type: ignore[union-attr]
+                               encode_txt(record), control.port)
     zc.register_service(info, cooperating_responders=True)
     try:
         yield
@@ -218,26 +221,47 @@ def test_closing_the_node_ends_a_call_in_flight() -> None:
     assert elapsed < 5.0, f"closing took {elapsed:.2f} s with a call in flight"
 
 
+def test_closing_an_asyncio_node_ends_its_calls_in_flight() -> None:
+    """The same in one loop: a coroutine awaiting a call on a silent peer gets ClosedError when
+    the node closes, and the close takes no longer than without the call."""
+
+    async def main() -> tuple[list[Any], float]:
+        with silent_port("silent") as port:
+            node = zmqfabric.aio.Node(unique("closing"))
+            await node.start()
+            target = silent_record(port)
+            node.directory.put(target)
+
+            async def ask() -> Any:
+                try:
+                    return await node.ping(target.name, timeout=60)
+                except zf.FabricError as exc:
+                    return exc
+
+            calls = [asyncio.create_task(ask()) for _ in range(3)]
+            await asyncio.sleep(0)  # each call is waiting now
+            start = time.monotonic()
+            await node.close()
+            elapsed = time.monotonic() - start
+            return await asyncio.wait_for(asyncio.gather(*calls), WAIT), elapsed
+
+    outcomes, elapsed = asyncio.run(asyncio.wait_for(main(), 2 * WAIT))
+    assert all(isinstance(o, zf.ClosedError) for o in outcomes), outcomes
+    assert elapsed < 5.0, f"closing took {elapsed:.2f} s with calls in flight"
+
+
 # --- the CLI, in processes of its own -----------------------------------------------------------
 
 
-def finished(child: Child, within: float) -> tuple[int, float, str]:
-    """(exit code, seconds since ``child`` started, stderr) once it exits (at most ``within``)."""
-    start = child_started[id(child)]
-    code = child.wait(within)
+def cli_run(procs: ProcessGroup, *args: str) -> tuple[int, float, str]:
+    """Run ``zmqfabric ARGS`` to its end (at most WAIT s): (exit code, seconds it took from
+    the start of the process, stderr)."""
+    start = time.monotonic()
+    child = procs.cli(*args)
+    code = child.wait(WAIT)
     elapsed = time.monotonic() - start
     child.stop()
     return code, elapsed, child.err_tail()
-
-
-child_started: dict[int, float] = {}
-
-
-def cli(procs: ProcessGroup, *args: str) -> Child:
-    start = time.monotonic()
-    child = procs.cli(*args)
-    child_started[id(child)] = start
-    return child
 
 
 def test_cli_refused_by_a_secured_node_exits_7_at_once(refusing, procs: ProcessGroup) -> None:
@@ -245,13 +269,12 @@ def test_cli_refused_by_a_secured_node_exits_7_at_once(refusing, procs: ProcessG
     to prove its record (start-up, discovery and one handshake), not at --timeout; one the node
     allows: exit 0."""
     server, stranger, friend = refusing
-    code, _, err = finished(
-        cli(procs, "--keys", str(friend), "--timeout", str(WAIT), "ping", server.name), WAIT)
+    code, _, err = cli_run(procs, "--keys", str(friend), "--timeout", str(WAIT), "ping",
+                           server.name)
     assert code == 0, err
     for command in ("ping", "stats"):
-        code, elapsed, err = finished(
-            cli(procs, "--keys", str(stranger), "--timeout", str(WAIT), command, server.name),
-            WAIT + SLACK * 5)
+        code, elapsed, err = cli_run(procs, "--keys", str(stranger), "--timeout", str(WAIT),
+                                     command, server.name)
         assert code == EXIT_REFUSED, err
         assert "refused" in err and "keys allow" in err, err
         assert elapsed < WAIT / 4, f"{command}: refused after {elapsed:.2f} s, not at once"
@@ -277,8 +300,8 @@ def test_cli_against_a_silent_control_port_exits_4_at_the_timeout(
         target = silent_record(port)
         with advertised(target):
             for command in ("ping", "stats"):
-                code, elapsed, err = finished(
-                    cli(procs, "--timeout", str(timeout), command, target.name), WAIT)
+                code, elapsed, err = cli_run(procs, "--timeout", str(timeout), command,
+                                             target.name)
                 assert code == EXIT_TIMEOUT, err
                 assert "did not answer" in err, err
                 # At the timeout: not before it, and not a hang (start-up is the rest).
@@ -294,7 +317,7 @@ def test_top_ends_on_the_first_ctrl_c_with_a_silent_node(
     with silent_port("silent") as port:
         target = silent_record(port)
         with advertised(target):
-            child = cli(procs, "--json", "top", "--interval", "0.2")
+            child = procs.cli("--json", "top", "--interval", "0.2")
             seen: set[str] = set()
             while live.name not in seen:  # the silent node is never listed: it cannot prove
                 seen.add(_json_node(child.readline(WAIT)))  # its record
@@ -308,7 +331,4 @@ def test_top_ends_on_the_first_ctrl_c_with_a_silent_node(
 
 
 def _json_node(line: str) -> str:
-    import json
-
-    row = json.loads(line)
-    return str(row.get("node"))
+    return str(json.loads(line).get("node"))

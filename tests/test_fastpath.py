@@ -7,7 +7,7 @@ raw bodies under ``"enc": "raw"``, malformed frames), each fast decoder must ret
 the reference returns and refuse (count) exactly what it refuses:
 
 - ``ServiceEndpoint`` request parsing, driven through a real DEALER to a node's serve loop;
-- ``Requester._match`` (reply matching), ``_PullerBase._decode`` and ``_SubscriptionBase._decode``,
+- ``Requester._match`` (reply matching), ``PullerBase._decode`` and ``SubscriptionBase._decode``,
   called with frames;
 - ``Puller.recv`` and ``Subscription.recv``, which read their socket inline: driven through real
   sockets on 127.0.0.1 with crafted frames.

@@ -20,6 +20,7 @@ the client side: one plan (see :mod:`zmqfabric.patterns.plan`), one fresh socket
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -35,6 +36,7 @@ from .core import wire
 from .core.records import EndpointKind, NodeRecord, encode_txt
 from .errors import (
     AuthorizationError,
+    ClosedError,
     FabricTimeoutError,
     LocalProtocolError,
     NodeNotFoundError,
@@ -236,8 +238,33 @@ def control_call(
 async def control_call_async(
     runtime: NodeRuntime, target: str, op: str, timeout: float = CONTROL_TIMEOUT_S
 ) -> Any:
-    """Coroutine of :func:`control_call` (the same plan, awaited): never blocks the loop."""
-    return await drive_async(_call(runtime, target, op, timeout), AWAITING)
+    """Coroutine of :func:`control_call` (the same plan, awaited): never blocks the loop. The
+    call is one of the node's open things while it runs: closing the node (in this loop) ends
+    it at once with ClosedError, and closes its sockets before the context terminates."""
+    call = asyncio.ensure_future(drive_async(_call(runtime, target, op, timeout), AWAITING))
+    closer = _Canceller(call)
+    runtime.track(closer)
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if closer.closed and task is not None and not task.cancelling():
+            raise ClosedError(f"node {runtime.name!r} closed during a control call") from None
+        raise
+    finally:
+        runtime.untrack(closer)
+
+
+class _Canceller:
+    """What the node closes of a control call in flight (see ``control_call_async``)."""
+
+    def __init__(self, call: asyncio.Future[Any]) -> None:
+        self.call = call
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.call.cancel()
 
 
 def find_node(runtime: NodeRuntime, name: str, timeout: float | None) -> Plan[NodeRecord]:
@@ -252,10 +279,11 @@ def find_node(runtime: NodeRuntime, name: str, timeout: float | None) -> Plan[No
         if refusal is not None and "refused our key" in refusal:
             raise AuthorizationError("control endpoint", name, [name])
         if ms_left(deadline) == 0:
-            if refusal is not None:
+            if refusal is not None or runtime.verifying(name):
+                why = f" ({refusal})" if refusal else ""
                 raise FabricTimeoutError(
-                    f"node {name!r} is advertised but did not answer for it within "
-                    f"{timeout:g} s ({refusal})", timeout=timeout)
+                    f"node {name!r} is advertised but did not answer for its record within "
+                    f"{timeout:g} s{why}", timeout=timeout)
             raise NodeNotFoundError(name, timeout)
         step = time.monotonic() + REFUSAL_CHECK_S
         until = step if deadline is None else min(step, deadline)

@@ -83,6 +83,7 @@ class NodeBase:
         self._membership = Membership(rt, self._discovery, on_conflict)
         rt.on_record_change = self._discovery.advertise
         rt.refusals = self._discovery.refused
+        rt.verifying = self._discovery.verifying
         self._lock = threading.RLock()
         self._handlers: dict[str, Callable[[Any], Any]] = {}
         self._service_allow: dict[str, tuple[str, ...]] = {}

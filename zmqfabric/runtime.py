@@ -68,6 +68,8 @@ class NodeRuntime:
         self.guard: Guard | None = None
         #: Peers refused for security reasons, with the reason (set by the node: discovery's).
         self.refusals: Callable[[], list[tuple[NodeRecord, str]]] = list
+        #: Whether a hint claiming a node name is being verified (set by the node: discovery's).
+        self.verifying: Callable[[str], bool] = _never
         #: Called with the new record when an endpoint is added or removed after start.
         self.on_record_change: Callable[[NodeRecord], None] | None = None
         #: The node's metrics (``metrics_port=``), or None: then no part pays for them.
@@ -216,6 +218,10 @@ class NodeRuntime:
             except Exception as exc:  # one broken source must not hide the rest
                 out[key] = {"error": str(exc)}
         return out
+
+
+def _never(name: str) -> bool:
+    return False
 
 
 _HOST_BAD = re.compile(r"[^A-Za-z0-9_.-]")

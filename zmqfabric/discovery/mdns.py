@@ -278,6 +278,10 @@ class Discovery:
             self._refuse(record, f"this node already knows {self._directory.limit} nodes, "
                                  "its most (raise the limit of open files for more)")
 
+    def verifying(self, name: str) -> bool:
+        """A hint claiming node name ``name`` is being verified (or waits to be). Thread-safe."""
+        return self._verifier is not None and self._verifier.busy(name)
+
     def settle(self, name: str, timeout: float) -> bool:
         """Wait until no hint claiming node name ``name`` is being verified (claiming a name:
         only a verified node can hold it). False on timeout. Thread-safe."""

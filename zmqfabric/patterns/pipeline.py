@@ -34,6 +34,8 @@ _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
 _NOBLOCK_MORE = NOBLOCK | int(zmq.SNDMORE)
 _UNPACKB = msgpack.unpackb
+#: The clock of message timestamps, without the module attribute lookup (hot path).
+_now = time.time
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -198,9 +200,10 @@ class Pusher(PusherBase, SyncConnector):
                 body = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            header, copy = pack_canonical(self._prefix, seq, FLOAT64, time.time()), True
             if len(body) > self._limit:
                 raise MessageTooLargeError(len(body), self._limit)
+            header = pack_canonical(self._prefix, seq, FLOAT64, _now())
+            copy = True
         if self._ops:
             self._drain()
         sock = self._sock

@@ -20,7 +20,9 @@ plan gets back:
 - :data:`WAIT_DIRECTORY` ((directory, predicate, deadline)): True once ``predicate()`` holds
   (checked again after every directory change), False at the deadline;
 - :data:`POLL` ((items, deadline)): the ``{socket: events}`` of ``[(socket, mask)...]``, empty at
-  the deadline.
+  the deadline;
+- :data:`READABLE` (deadline): None once the handle's socket may have input, or at the deadline
+  (an asyncio handle's wait ends with ClosedError when the handle is closed meanwhile).
 
 The last two need no owner: :data:`BLOCKING` and :data:`AWAITING` hold them. Deadlines are
 monotonic (``None``: no deadline). Either driver closes the plan when it ends, so ``finally``
@@ -49,6 +51,7 @@ WAIT_USABLE = 2
 WAIT_CHANGE = 3
 WAIT_DIRECTORY = 4
 POLL = 5
+READABLE = 6
 
 PollItems = list[tuple[zmq.Socket, int]]
 

@@ -13,6 +13,7 @@ subscriptions, markers included, so a publisher counts the subscribers behind it
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -34,8 +35,8 @@ from ..transport.frames import (
 )
 from .base import Bound, Connector
 from .encoder import BINARY, Encoder
-from .plan import AWAITING, BLOCKING, POLL, Plan, drive, drive_async
-from .waiting import AsyncConnector, SyncConnector
+from .plan import READABLE, Plan, drive, drive_async, poll_async
+from .waiting import AsyncConnector, AsyncHandle, SyncConnector
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -47,6 +48,8 @@ _EVENT = wire.HEADER_PREFIX[wire.Kind.EVENT]
 _GET = cast("Callable[[Any, int], int]", zmq.backend.Socket.get)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+#: The clock of event timestamps, without the module attribute lookup (hot path).
+_now = time.time
 #: Encoded topics a publisher keeps (a bounded cache: cleared when full).
 _TOPIC_CACHE = 1024
 #: events_sent reaches the node's counters in batches (and on close): a locked update per event
@@ -100,6 +103,7 @@ class PublisherBase(Encoder, Bound):
     #: Upstream of an XPUB come subscriptions only (libzmq frees a long one recursively, a byte
     #: per stack frame): a bigger frame disconnects its peer unread.
     max_message_size = MAX_SUBSCRIPTION_SIZE
+    steps = {READABLE: "_readable"}
 
     def __init__(
         self, runtime: NodeRuntime, stream: str, allow: Iterable[str] | None = None
@@ -128,15 +132,15 @@ class PublisherBase(Encoder, Bound):
 
     def _wait_subscribers(self, n: int, timeout: float) -> Plan[int]:
         """The plan of ``wait_subscribers``."""
-        self._check_open()
         deadline = deadline_after(timeout)
         # A marker read means its subscriber's topics are applied: no need to read all first.
         while True:
+            self._check_open()  # also after a wait (asyncio: closed by another coroutine)
             drained = self._read_subscriptions(_READ_BATCH)
             if len(self._markers) >= n or ms_left(deadline) == 0:
                 return len(self._markers)
             if drained:
-                yield POLL, ([(self._sock, zmq.POLLIN)], deadline)
+                yield READABLE, deadline
 
     def _read_subscriptions(self, limit: int) -> bool:
         """Apply at most ``limit`` frames the XPUB has queued; True when none is left. Never
@@ -208,7 +212,7 @@ class PublisherBase(Encoder, Bound):
                 data = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            header = pack_canonical(self._prefix, seq, FLOAT64, time.time())
+            header = pack_canonical(self._prefix, seq, FLOAT64, _now())
             if len(data) > self._limit:
                 raise MessageTooLargeError(len(data), self._limit)
             send_frames(self._sock, [head, header, data], 0)
@@ -226,7 +230,8 @@ class PublisherBase(Encoder, Bound):
 
 
 class Publisher(PublisherBase):
-    __doc__ = PublisherBase.__doc__
+    """Publishes one stream from one thread; ``wait_subscribers`` blocks it (see
+    :class:`PublisherBase`)."""
 
     def wait_subscribers(self, n: int, timeout: float) -> int:
         """Wait until ``n`` fabric subscribers have their subscriptions applied here, at most
@@ -236,16 +241,41 @@ class Publisher(PublisherBase):
         A subscriber behind a forwarder device counts once its subscription has travelled
         through the forwarder to here; the forwarder itself does not count. Blocks the owning
         thread; raises ClosedError once closed."""
-        return drive(self._wait_subscribers(n, timeout), BLOCKING)
+        return drive(self._wait_subscribers(n, timeout), self._waits)
+
+    def _readable(self, deadline: float | None) -> None:
+        try:
+            self._sock.poll(ms_left(deadline), zmq.POLLIN)
+        except zmq.ZMQError as exc:
+            raise self._zmq_error(exc) from exc
 
 
-class AsyncPublisher(PublisherBase):
+class AsyncPublisher(AsyncHandle, PublisherBase):
     """A publisher of an asyncio node: ``wait_subscribers`` is a coroutine; ``send`` never
     waits, so it stays a plain method."""
 
+    _poll: asyncio.Future[Any] | None = None
+
     async def wait_subscribers(self, n: int, timeout: float) -> int:
         """Coroutine of :meth:`Publisher.wait_subscribers` (the same plan, awaited)."""
-        return await drive_async(self._wait_subscribers(n, timeout), AWAITING)
+        return await drive_async(self._wait_subscribers(n, timeout), self._waits)
+
+    async def _readable(self, deadline: float | None) -> None:
+        # The socket is a plain one (it is never waited on but here): pyzmq's asyncio poller
+        # watches it; closing the publisher cancels the poll, which closing the socket does not.
+        self._poll = asyncio.ensure_future(poll_async(([(self._sock, zmq.POLLIN)], deadline)))
+        try:
+            await self._poll
+        except asyncio.CancelledError:
+            self._closed_meanwhile()
+            raise
+        finally:
+            self._poll = None
+
+    def _on_close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+        super()._on_close()
 
 
 class SubscriptionBase(Connector):
