@@ -182,9 +182,10 @@ class NodeBase:
                             self.name, self.config.scope.interface,
                             extra={"zf_event": "unsecured_lan"})
             self._discovery.start()
-            self._housekeeping = Housekeeping(rt)
+            self._housekeeping = Housekeeping(rt, self._discovery)
             self._control = ControlServer(
-                rt, self._membership.accept_hello, self._housekeeping.accept_peers
+                rt, self._membership.accept_hello, self._housekeeping.accept_peers,
+                self._housekeeping.answer_probe,
             )
             self._membership.attach(self._housekeeping)
             self._open_services()

@@ -14,12 +14,15 @@ import threading
 from typing import Any, Callable
 
 from zeroconf import (
+    DNSOutgoing,
+    DNSQuestion,
     DNSQuestionType,
     IPVersion,
     ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
+    current_time_millis,
 )
 
 from ..config import NodeConfig
@@ -38,6 +41,8 @@ from ..stats import Counters, RateLimitedLog
 from .directory import Directory
 
 log = logging.getLogger(__name__)
+#: DNS record type PTR and class IN (RFC 1035).
+_PTR, _IN = 12, 1
 
 
 class Discovery:
@@ -130,6 +135,23 @@ class Discovery:
             zc = self._zc
         if info is not None and zc is not None:
             zc.unregister_service(info)
+
+    def forget(self, record: NodeRecord) -> None:
+        """Drop ``record``'s node from zeroconf's cache (liveness found it dead, and mDNS never
+        will: a killed node sends no goodbye), so that its next announcement or answer is news
+        (a new "added") if it comes back. Thread-safe."""
+        zc = self._zc
+        if zc is not None and zc.loop is not None:
+            names = (instance_name(record.name, record.node_id), server_name(record.node_id))
+            zc.loop.call_soon_threadsafe(_forget, zc, names)
+
+    def requery(self) -> None:
+        """Ask the subnet for every node, listing the ones cached here as known answers: only
+        nodes missing here answer (those we lost and forgot, back after a partition). Thread-safe.
+        """
+        zc = self._zc
+        if zc is not None and zc.loop is not None:
+            zc.loop.call_soon_threadsafe(_requery, zc)
 
     def close(self) -> None:
         with self._lock:
@@ -247,3 +269,26 @@ class Discovery:
         """Peers seen but refused for security reasons (most recent last). Thread-safe."""
         with self._lock:
             return list(self._refused.values())
+
+
+def _forget(zc: Zeroconf, names: tuple[str, str]) -> None:
+    """Zeroconf's loop: remove the PTR, SRV, TXT and address records of one instance."""
+    cache = zc.cache
+    instance, server = names
+    stale = [r for r in cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN)
+             if getattr(r, "alias", None) == instance]
+    stale += cache.async_entries_with_name(instance) + cache.async_entries_with_name(server)
+    cache.async_remove_records(stale)
+
+
+def _requery(zc: Zeroconf) -> None:
+    """Zeroconf's loop: one multicast PTR query with the cached answers as known answers."""
+    if zc.done:
+        return
+    now = current_time_millis()
+    out = DNSOutgoing(0)  # flags 0: a query
+    out.add_question(DNSQuestion(SERVICE_TYPE, _PTR, _IN))
+    for record in zc.cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN):
+        if not record.is_stale(now):
+            out.add_answer_at_time(record, now)
+    zc.async_send(out)

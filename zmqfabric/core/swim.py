@@ -1,0 +1,439 @@
+"""SWIM membership without IO: who is alive, suspect or dead, and what to gossip about it.
+
+The protocol is SWIM (Das, Gupta, Motivala 2002) with the Lifeguard refinements that HashiCorp's
+memberlist uses (Dadgar et al. 2018):
+
+- each protocol period a node probes one member; on a miss (``probe_timeout_s``) it asks
+  ``indirect_probes`` others to probe it; with no answer within three times ``probe_timeout_s``
+  the member becomes *suspect*;
+- a suspect that does not refute in time is *dead*. The time allowed scales with log10 of the
+  fabric's size, and shrinks from ``suspicion_max_factor`` times that to it as other members
+  independently confirm the suspicion (Lifeguard's dynamic suspicion);
+- a member refutes by raising its *incarnation*: ``alive(n)`` overrides ``suspect(m)`` and
+  ``dead(m)`` for n > m, and only the member itself ever raises its own number;
+- updates travel as gossip piggybacked on probes and their answers, each retransmitted about
+  ``retransmit_mult * log10(N + 1)`` times, the least sent first.
+
+What is not SWIM: a node does not pick a random member each period. Members sit on a ring sorted
+by node id; a node takes turns probing the PROBE_SPREAD members after it, the same turn on every
+node (periods follow the wall clock), so that each period every member is probed by exactly one
+node. A random choice leaves a member unprobed for a period with probability 1/e (30 dead nodes
+are then all found only after about four periods), and each probe would need a new connection;
+here a node keeps PROBE_SPREAD connections open and reuses them. Members that die become
+*formers*: kept for ``former_keep_s`` and probed now and then, so a partition heals when the link
+comes back.
+
+Trust: gossip is a hint. An ``alive`` update about a node this node does not hold as a member
+never admits it: it asks the caller to verify the node directly (:attr:`Effects.verify`).
+Suspicions, deaths and leaves are taken from gossip, and refuted by the node concerned.
+
+Pure: no IO, threads or clock; every method takes ``now`` (monotonic seconds). Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .. import constants as C
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .curve import is_public_key
+from .records import NodeRecord, validate_node_name
+
+_NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
+_TCP_URL: Final = re.compile(r"tcp://[0-9.]{7,15}:[0-9]{1,5}\Z")
+#: Largest incarnation accepted (a peer cannot push ours past what msgpack and we can count).
+MAX_INCARNATION: Final = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The liveness timers of a node (``NodeConfig.liveness``); defaults in constants."""
+
+    probe_interval_s: float = C.PROBE_INTERVAL_S
+    probe_timeout_s: float = C.PROBE_TIMEOUT_S
+    indirect_probes: int = C.INDIRECT_PROBES
+    suspicion_s: float = C.SUSPICION_S
+    suspicion_max_factor: float = C.SUSPICION_MAX_FACTOR
+    confirmations: int = C.SUSPICION_CONFIRMATIONS
+    gossip_interval_s: float = C.GOSSIP_INTERVAL_S
+    gossip_fanout: int = C.GOSSIP_FANOUT
+    retransmit_mult: int = C.RETRANSMIT_MULT
+    former_keep_s: float = C.FORMER_KEEP_S
+    former_probe_s: float = C.FORMER_PROBE_S
+    requery_s: float = C.REQUERY_S
+
+    def __post_init__(self) -> None:
+        times = (self.probe_interval_s, self.probe_timeout_s, self.suspicion_s,
+                 self.gossip_interval_s, self.former_keep_s, self.former_probe_s, self.requery_s)
+        if min(times) <= 0 or self.probe_timeout_s * 3 > self.probe_interval_s:
+            raise LocalProtocolError("liveness timers must be > 0, probe_timeout_s <= interval/3")
+        if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,
+                                                self.gossip_fanout, self.retransmit_mult) < 0:
+            raise LocalProtocolError("suspicion_max_factor must be >= 1, counts >= 0")
+
+
+class Kind(enum.IntEnum):
+    """What a gossip update says about a node (its wire value)."""
+
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One piece of gossip: ``kind`` about node ``node_id`` at incarnation ``inc``. ``url`` and
+    ``key`` (alive) say where to verify the node; ``origin`` (suspect) is who suspects it."""
+
+    kind: Kind
+    node_id: str
+    inc: int
+    name: str
+    url: str = ""
+    key: str | None = None
+    origin: str = ""
+
+    def encode(self) -> list[Any]:
+        return [int(self.kind), self.node_id, self.inc, self.name, self.url, self.key,
+                self.origin]
+
+    @classmethod
+    def decode(cls, raw: object) -> Update:
+        """Validate one wire update. Raises RemoteProtocolError."""
+        if not isinstance(raw, list) or len(raw) != 7:
+            raise RemoteProtocolError("a gossip update is a list of 7 fields")
+        kind, node_id, inc, name, url, key, origin = raw
+        if not isinstance(kind, int) or kind not in Kind.__members__.values():
+            raise RemoteProtocolError(f"unknown gossip kind {kind!r}")
+        if not (isinstance(node_id, str) and _NODE_ID.match(node_id)):
+            raise RemoteProtocolError("gossip: bad node id")
+        if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc <= MAX_INCARNATION:
+            raise RemoteProtocolError("gossip: bad incarnation")
+        try:
+            validate_node_name(name)
+        except LocalProtocolError as exc:
+            raise RemoteProtocolError(f"gossip: {exc}") from exc
+        if not isinstance(url, str) or (url and not _TCP_URL.match(url)):
+            raise RemoteProtocolError("gossip: bad control URL")
+        if key is not None and not (isinstance(key, str) and is_public_key(key)):
+            raise RemoteProtocolError("gossip: bad CURVE key")
+        if not isinstance(origin, str) or (origin and not _NODE_ID.match(origin)):
+            raise RemoteProtocolError("gossip: bad origin")
+        return cls(Kind(kind), node_id, inc, name, url, key, origin)
+
+
+def transmit_limit(members: int, mult: int) -> int:
+    """How often one update is sent before it is dropped: mult * ceil(log10(N + 1))."""
+    return mult * max(1, math.ceil(math.log10(members + 1)))
+
+
+class Broadcasts:
+    """Updates waiting to go out, each sent at most ``transmit_limit`` times, the least sent
+    first; a new update about a node replaces the one queued about it. Bounded by MAX_BROADCASTS
+    (the most sent are dropped first)."""
+
+    def __init__(self) -> None:
+        self._queue: dict[str, list[Any]] = {}  # node id -> [update, times sent]
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, update: Update) -> None:
+        self._queue.pop(update.node_id, None)
+        self._queue[update.node_id] = [update, 0]
+        if len(self._queue) > C.MAX_BROADCASTS:
+            worst = max(self._queue, key=lambda k: self._queue[k][1])
+            del self._queue[worst]
+
+    def take(self, count: int, limit: int) -> list[Update]:
+        """Up to ``count`` updates to send now, each counted as sent once more."""
+        if not self._queue:
+            return []
+        chosen = sorted(self._queue.items(), key=lambda item: item[1][1])[:count]
+        out = []
+        for node_id, entry in chosen:
+            out.append(entry[0])
+            entry[1] += 1
+            if entry[1] >= limit:
+                del self._queue[node_id]
+        return out
+
+
+class State(enum.Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+@dataclass(slots=True)
+class Member:
+    """A node this node holds: a member (alive, suspect) or a former one (dead)."""
+
+    record: NodeRecord
+    url: str
+    state: State = State.ALIVE
+    inc: int = 0
+    since: float = 0.0
+    #: Suspect: node ids that suspect it (the first is who started it). Dead: unused.
+    suspecters: list[str] = field(default_factory=list)
+    #: The peer refused our key in the handshake: alive, not ours to probe.
+    refused: bool = False
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
+    def update(self, kind: Kind, me: str) -> Update:
+        origin = me if kind is Kind.SUSPECT else ""
+        return Update(kind, self.node_id, self.inc, self.record.name, self.url,
+                      self.record.curve_key, origin)
+
+
+@dataclass(slots=True)
+class Effects:
+    """What the caller must do after a call: gossip ``gossip``; remove ``removed`` from the
+    directory (the dead ones are kept as formers); verify ``verify`` directly (alive updates
+    about nodes we do not hold); probe ``confirm`` now (new suspects)."""
+
+    gossip: list[Update] = field(default_factory=list)
+    removed: list[tuple[Member, str]] = field(default_factory=list)
+    verify: list[Update] = field(default_factory=list)
+    confirm: list[Member] = field(default_factory=list)
+
+
+def refutes(update: Update, inc: int) -> bool:
+    """Whether ``update`` about this node (at our incarnation ``inc``) calls for a refutation:
+    it says we are suspect, dead or gone at our incarnation or later, or claims a later one."""
+    if update.kind is Kind.ALIVE:
+        return update.inc > inc
+    return update.inc >= inc
+
+
+class Members:
+    """The member table of node ``me`` (its node id). See the module docstring."""
+
+    def __init__(self, me: str, timing: Timing, rng: random.Random | None = None) -> None:
+        self.me = me
+        self.timing = timing
+        self.rng = rng or random.Random()
+        self._members: dict[str, Member] = {}
+        self._formers: dict[str, Member] = {}
+        self._targets: list[Member] | None = None  # the next PROBE_SPREAD on the ring
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Members (alive and suspect), not counting this node."""
+        return len(self._members)
+
+    def get(self, node_id: str) -> Member | None:
+        return self._members.get(node_id)
+
+    def former(self, node_id: str) -> Member | None:
+        return self._formers.get(node_id)
+
+    def formers(self) -> int:
+        return len(self._formers)
+
+    def alive_ids(self) -> frozenset[str]:
+        return frozenset(i for i, m in self._members.items() if m.state is State.ALIVE)
+
+    def suspects(self) -> list[Member]:
+        return [m for m in self._members.values() if m.state is State.SUSPECT]
+
+    # --- the directory ---------------------------------------------------------------------------
+
+    def join(self, record: NodeRecord, url: str, now: float, inc: int = 0) -> Member:
+        """``record``'s node is in the directory: a member (again), alive at ``inc`` or above
+        what we knew."""
+        known = self._members.get(record.node_id) or self._formers.pop(record.node_id, None)
+        if known is None:
+            member = Member(record, url, State.ALIVE, inc, now)
+        else:
+            member = known
+            member.record, member.url = record, url
+            member.inc = max(member.inc, inc)
+            if member.state is State.DEAD:
+                member.state, member.since, member.suspecters = State.ALIVE, now, []
+        if record.node_id not in self._members:
+            self._members[record.node_id] = member
+            self._targets = None
+        return member
+
+    def leave(self, node_id: str) -> None:
+        """``node_id`` left the directory. Members that we found dead are already formers;
+        one that was still alive here left cleanly (a goodbye) and is dropped."""
+        if self._members.pop(node_id, None) is not None:
+            self._targets = None
+
+    # --- probing -------------------------------------------------------------------------------
+
+    def targets(self) -> list[Member]:
+        """The members this node takes turns probing: the PROBE_SPREAD after it on the ring of
+        probe-able members."""
+        targets = self._targets
+        if targets is None:
+            ids = [i for i, m in self._members.items() if not m.refused]
+            ring = sorted([*ids, self.me])
+            at, n = ring.index(self.me), len(ring)
+            targets = self._targets = [self._members[ring[(at + shift) % n]]
+                                       for shift in range(1, min(C.PROBE_SPREAD, n - 1) + 1)]
+        return targets
+
+    def target(self, round_no: int) -> Member | None:
+        """The member to probe in period ``round_no``: each period, every node probes the member
+        that many places after it, so every member is probed once (see the module docstring)."""
+        targets = self.targets()
+        return targets[round_no % len(targets)] if targets else None
+
+    def helpers(self, exclude: str, count: int) -> list[Member]:
+        """Up to ``count`` random members (not ``exclude``) to probe a member for us."""
+        pool = [m for i, m in self._members.items() if i != exclude and not m.refused
+                and m.state is State.ALIVE]
+        return self.rng.sample(pool, min(count, len(pool)))
+
+    def random_members(self, count: int) -> list[Member]:
+        pool = [m for m in self._members.values() if not m.refused]
+        return self.rng.sample(pool, min(count, len(pool)))
+
+    def random_former(self) -> Member | None:
+        if not self._formers:
+            return None
+        return self._formers[self.rng.choice(list(self._formers))]
+
+    def acked(self, node_id: str, inc: int, now: float) -> Effects:
+        """``node_id`` answered us at incarnation ``inc`` (directly, or through a helper)."""
+        out = Effects()
+        member = self._members.get(node_id)
+        if member is None or inc < member.inc:
+            return out
+        if member.state is State.SUSPECT and inc > member.inc:
+            member.state, member.since, member.suspecters = State.ALIVE, now, []
+            member.inc = inc
+            out.gossip.append(member.update(Kind.ALIVE, self.me))  # its refutation, relayed
+        member.inc = inc
+        member.refused = False
+        return out
+
+    def refused(self, node_id: str) -> None:
+        """``node_id`` refused our key: alive, but we stop probing it."""
+        member = self._members.get(node_id)
+        if member is not None and not member.refused:
+            member.refused = True
+            self._targets = None
+
+    def failed(self, node_id: str, now: float) -> Effects:
+        """Neither ``node_id`` nor anyone we asked got an answer from it within a period."""
+        out = Effects()
+        member = self._members.get(node_id)
+        if member is None:
+            return out
+        if member.state is State.ALIVE:
+            self._suspect(member, self.me, now)
+        elif self.me in member.suspecters:
+            return out
+        else:
+            member.suspecters.append(self.me)  # we confirm someone else's suspicion
+        out.gossip.append(member.update(Kind.SUSPECT, self.me))
+        return out
+
+    # --- gossip --------------------------------------------------------------------------------
+
+    def apply(self, update: Update, now: float) -> Effects:
+        """Take one update heard from a peer. Updates about this node are the caller's to
+        refute (see :func:`refutes`); they are ignored here."""
+        out = Effects()
+        if update.node_id == self.me:
+            return out
+        member = self._members.get(update.node_id)
+        if member is None:
+            former = self._formers.get(update.node_id)
+            if former is not None and update.kind is Kind.LEFT and update.inc >= former.inc:
+                del self._formers[update.node_id]  # gone for good: stop looking for it
+            elif update.kind is Kind.ALIVE and update.url and (
+                former is None or update.inc > former.inc
+            ):
+                out.verify.append(update)
+            return out
+        if update.inc < member.inc:
+            return out
+        if update.kind is Kind.ALIVE:
+            if update.inc > member.inc:
+                member.inc = update.inc
+                if member.state is State.SUSPECT:
+                    member.state, member.since, member.suspecters = State.ALIVE, now, []
+                out.gossip.append(update)
+        elif update.kind is Kind.SUSPECT:
+            origin = update.origin or update.node_id
+            if member.state is State.ALIVE or update.inc > member.inc:
+                member.inc = update.inc
+                self._suspect(member, origin, now)
+                out.gossip.append(update)
+                out.confirm.append(member)
+            elif origin not in member.suspecters:  # an independent confirmation
+                member.suspecters.append(origin)
+                out.gossip.append(update)
+        else:
+            member.inc = update.inc
+            self._remove(member, update.kind, now, out)
+            out.gossip.append(update)
+        return out
+
+    # --- time ----------------------------------------------------------------------------------
+
+    def suspicion_timeout(self, confirmations: int, health: int = 0) -> float:
+        """Lifeguard: from max down to min as confirmations come in; min scales with
+        log10(N); both stretch with our own ill health (``health``, 0 when well)."""
+        t = self.timing
+        n = len(self._members) + 1
+        low = t.suspicion_s * max(1.0, math.log10(n))
+        high = low * t.suspicion_max_factor
+        expected = min(t.confirmations, max(0, n - 2))
+        if expected < 1:
+            timeout = low
+        else:
+            frac = math.log(confirmations + 1) / math.log(expected + 1)
+            timeout = max(low, high - frac * (high - low))
+        return timeout * (1 + health)
+
+    def deadline(self, member: Member, health: int = 0) -> float:
+        return member.since + self.suspicion_timeout(len(member.suspecters) - 1, health)
+
+    def expire(self, now: float, health: int = 0) -> Effects:
+        """Suspects whose time ran out die; formers kept long enough are forgotten."""
+        out = Effects()
+        for member in self.suspects():
+            if now >= self.deadline(member, health):
+                self._remove(member, Kind.DEAD, now, out)
+                out.gossip.append(member.update(Kind.DEAD, self.me))
+        keep = self.timing.former_keep_s
+        for node_id in [i for i, f in self._formers.items() if now - f.since > keep]:
+            del self._formers[node_id]
+        return out
+
+    def next_deadline(self, health: int = 0) -> float | None:
+        """When :meth:`expire` has work next (suspects only; formers are not urgent)."""
+        times = [self.deadline(m, health) for m in self.suspects()]
+        return min(times) if times else None
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _suspect(self, member: Member, origin: str, now: float) -> None:
+        member.state, member.since, member.suspecters = State.SUSPECT, now, [origin]
+
+    def _remove(self, member: Member, kind: Kind, now: float, out: Effects) -> None:
+        del self._members[member.node_id]
+        self._targets = None
+        if kind is Kind.DEAD:
+            member.state, member.since, member.suspecters = State.DEAD, now, []
+            self._formers[member.node_id] = member
+            while len(self._formers) > C.MAX_FORMERS:
+                oldest = min(self._formers.values(), key=lambda f: f.since)
+                del self._formers[oldest.node_id]
+        out.removed.append((member, "left" if kind is Kind.LEFT else "dead"))

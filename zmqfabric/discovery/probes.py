@@ -1,0 +1,233 @@
+"""Outgoing liveness traffic: connections to peers' control endpoints, few and mostly short-lived.
+
+A node keeps no connection per peer. It keeps a DEALER to the control endpoints of the few
+members it probes in turn (:meth:`Prober.watch`), opens one to any other peer when it has
+something to ask or tell it (an indirect probe, gossip, a verification), and closes that once it
+has been idle for PROBE_IDLE_S; at most MAX_PROBE_SOCKETS are open at once. Requests use the
+control endpoint's request/reply format; the peer's control thread answers them.
+
+Every connection has a monitor. When a watched one drops (the peer's process died and the kernel
+closed its socket), ``on_lost(url)`` is called at once, without waiting for the peer's turn to be
+probed. They send no ZeroMQ heartbeats: the probes are the heartbeats (a silent peer is found
+when its turn comes), and heartbeats would wake every node's IO thread several times a second.
+On a secured node every connection is a CURVE client of the peer's key: a peer that refuses our
+key in the handshake is reported (:data:`REFUSED`) instead of looking dead.
+
+Housekeeping thread only (:mod:`.housekeeping`), which polls the sockets this registers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..constants import MAX_PROBE_SOCKETS, PROBE_IDLE_S
+from ..core import wire
+from ..errors import FabricError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from .local import LocalNode
+
+log = logging.getLogger(__name__)
+
+#: Passed to a request's callback when the peer refused our CURVE key.
+REFUSED: Any = object()
+Callback = Callable[[Any], None]
+_LOST = zmq.EVENT_DISCONNECTED
+_AUTH = zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+
+@dataclass(slots=True)
+class _Conn:
+    url: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    used: float
+    watched: bool = False
+    waiting: set[int] = field(default_factory=set)
+
+
+class Prober:
+    """The outgoing connections of the housekeeping thread. Not thread-safe.
+
+    ``on_lost(url)`` is called when a watched connection drops, ``on_refused(url)`` when a peer
+    refuses our key."""
+
+    def __init__(
+        self,
+        node: LocalNode,
+        poller: zmq.Poller,
+        on_lost: Callable[[str], None],
+        on_refused: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._node = node
+        self._poller = poller
+        self._on_lost = on_lost
+        self._on_refused = on_refused
+        self._clock = clock
+        self._conns: dict[str, _Conn] = {}
+        self._by_sock: dict[zmq.Socket, _Conn] = {}
+        self._callbacks: dict[int, tuple[_Conn, Callback]] = {}
+        self._ids = itertools.count(random.randrange(1, 2**31))
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def watch(self, peers: dict[str, str | None]) -> None:
+        """Keep connections to ``peers`` (control URL -> CURVE key) open and watched; the other
+        connections close once idle."""
+        for conn in self._conns.values():
+            conn.watched = conn.url in peers
+        for url, key in peers.items():
+            opened = self._conns.get(url) or self._open(url, key)
+            if opened is not None:
+                opened.watched = True
+
+    def request(self, url: str, key: str | None, body: dict[str, Any],
+                on_answer: Callback) -> int | None:
+        """Send ``body`` as a request to the control endpoint at ``url``; ``on_answer`` gets the
+        answer's body (an error reply's too), or REFUSED. Returns the request id (to
+        :meth:`forget` it on a timeout), or None if it could not be sent now."""
+        conn = self._conn(url, key)
+        if conn is None:
+            return None
+        msg_id = next(self._ids) & 0xFFFFFFFF or 1
+        if not self._send(conn, msg_id, body):
+            return None
+        conn.waiting.add(msg_id)
+        self._callbacks[msg_id] = (conn, on_answer)
+        return msg_id
+
+    def send(self, url: str, key: str | None, body: dict[str, Any]) -> bool:
+        """Send ``body`` one-way (no answer expected). False if it could not be sent now."""
+        conn = self._conn(url, key)
+        return conn is not None and self._send(conn, 0, body)
+
+    def forget(self, msg_id: int) -> None:
+        """Stop waiting for request ``msg_id`` (timed out); a late answer is dropped."""
+        entry = self._callbacks.pop(msg_id, None)
+        if entry is not None:
+            entry[0].waiting.discard(msg_id)
+
+    def on_readable(self, sock: zmq.Socket) -> bool:
+        """Read answers (or monitor events) from ``sock``; False if it is not ours."""
+        conn = self._by_sock.get(sock)
+        if conn is None:
+            return False
+        if sock is conn.monitor:
+            self._on_monitor(conn)
+            return True
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            try:
+                header, body = wire.parse_reply(frames)
+            except RemoteProtocolError as exc:
+                self._node.counters.add("refused_probe_answers")
+                log.debug("bad answer from %s: %s", conn.url, exc)
+                continue
+            entry = self._callbacks.pop(header.msg_id, None)
+            if entry is not None and entry[0] is conn:
+                conn.waiting.discard(header.msg_id)
+                conn.used = self._clock()
+                entry[1](body)
+
+    def next_idle(self) -> float | None:
+        """When the next idle connection is due to close."""
+        times = [c.used for c in self._conns.values() if not (c.waiting or c.watched)]
+        return min(times) + PROBE_IDLE_S if times else None
+
+    def close_idle(self, now: float) -> None:
+        for conn in [c for c in self._conns.values()
+                     if not (c.waiting or c.watched) and now - c.used >= PROBE_IDLE_S]:
+            self._close(conn)
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close every connection; ``linger_ms`` lets queued one-way messages leave."""
+        for conn in list(self._conns.values()):
+            self._close(conn, linger_ms)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _conn(self, url: str, key: str | None) -> _Conn | None:
+        conn = self._conns.get(url)
+        if conn is not None:
+            conn.used = self._clock()
+            return conn
+        if len(self._conns) >= MAX_PROBE_SOCKETS:
+            idle = [c for c in self._conns.values() if not (c.waiting or c.watched)]
+            if not idle:
+                self._node.counters.add("probes_throttled")
+                return None
+            self._close(min(idle, key=lambda c: c.used))
+        return self._open(url, key)
+
+    def _open(self, url: str, key: str | None) -> _Conn | None:
+        sockets = self._node.sockets
+        sock = sockets.socket(zmq.DEALER, sync=True)
+        sock.setsockopt(zmq.IMMEDIATE, 0)  # queue the first message while connecting
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        monitor = sockets.monitor(sock, _LOST | _AUTH, sync=True)
+        try:
+            sockets.connect(sock, url, key)
+        except FabricError as exc:
+            log.debug("cannot connect to %s: %s", url, exc)
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+            return None
+        conn = _Conn(url, sock, monitor, self._clock())
+        self._conns[url] = conn
+        self._by_sock[sock] = conn
+        self._by_sock[monitor] = conn
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(monitor, zmq.POLLIN)
+        return conn
+
+    def _send(self, conn: _Conn, msg_id: int, body: dict[str, Any]) -> bool:
+        header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
+        try:
+            conn.sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("cannot send to %s: %s", conn.url, exc)
+            return False
+        return True
+
+    def _on_monitor(self, conn: _Conn) -> None:
+        seen = 0
+        while True:
+            try:
+                seen |= recv_monitor_message(conn.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+        if seen & _AUTH:
+            # ZeroMQ does not retry after a refusal: nothing will ever come back on it.
+            waiting = [self._callbacks.pop(i) for i in conn.waiting if i in self._callbacks]
+            self._close(conn)
+            for _, callback in waiting:
+                callback(REFUSED)
+            self._on_refused(conn.url)
+        elif seen & _LOST and conn.watched:
+            self._on_lost(conn.url)
+
+    def _close(self, conn: _Conn, linger_ms: int = 0) -> None:
+        self._conns.pop(conn.url, None)
+        self._by_sock.pop(conn.sock, None)
+        self._poller.unregister(conn.sock)
+        for msg_id in conn.waiting:
+            self._callbacks.pop(msg_id, None)
+        self._by_sock.pop(conn.monitor, None)
+        self._poller.unregister(conn.monitor)
+        conn.sock.disable_monitor()
+        conn.monitor.close(0)
+        conn.sock.close(linger_ms)
