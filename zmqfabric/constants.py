@@ -73,6 +73,16 @@ PROBE_SPREAD = 3
 #: get twice as long; a member silent for the three is suspect. A loopback or LAN round trip
 #: takes under a millisecond; this leaves room for a busy peer.
 PROBE_TIMEOUT_S = 0.2
+#: ...unless answers take longer: the timeout follows the answer times seen (srtt + 4 rttvar, as
+#: TCP's), up to this (s). A suspect always gets SUSPICION_RTO_MULT such timeouts to refute.
+PROBE_TIMEOUT_MAX_S = 5.0
+SUSPICION_RTO_MULT = 4
+#: An answer that comes after its timeout still counts (and is timed) this long (s).
+LATE_ANSWER_S = 10.0
+#: A member that misses a probe, or whose kept connection drops, has its control port checked
+#: (a TCP connect): "refused" from its host means the process is gone, dead at once. A live host
+#: answers within a round trip; a silent one gets this long (s).
+PORT_CHECK_S = 0.2
 #: Members asked to probe a silent member for us: a broken path between two nodes alone does
 #: not make one suspect the other (SWIM's indirect probes; memberlist uses 3).
 INDIRECT_PROBES = 3
@@ -83,13 +93,13 @@ SUSPICION_S = 0.5
 #: confirmations shorten it to the minimum).
 SUSPICION_MAX_FACTOR = 3.0
 #: Independent confirmations that bring a suspicion down to its minimum time.
-SUSPICION_CONFIRMATIONS = 3
-#: While there is news, a node also sends it to GOSSIP_FANOUT random members this often (s),
-#: besides piggybacking it on probes: a death reaches 300 nodes in about five such rounds.
+SUSPICION_CONFIRMATIONS = 2
+#: While there is news, a node also sends it to its PROBE_SPREAD ring successors this often (s),
+#: besides piggybacking it on probes and answers: a death reaches 300 nodes in about four rounds.
 GOSSIP_INTERVAL_S = 0.1
-GOSSIP_FANOUT = 3
-#: Each update is sent RETRANSMIT_MULT * ceil(log10(N + 1)) times by every node that knows it.
-RETRANSMIT_MULT = 4
+#: Each update goes out in RETRANSMIT_MULT * ceil(log10(N + 1)) messages (or rounds) from every
+#: node that knows it (memberlist: 4, over UDP; ours travel over TCP).
+RETRANSMIT_MULT = 3
 #: Updates carried by one probe or answer; by one gossip message.
 MAX_PIGGYBACK = 8
 MAX_GOSSIP = 32

@@ -229,7 +229,10 @@ class NodeBase:
         return True
 
     def _close_discovery(self) -> None:
-        """Goodbye first, so peers stop sending to us. Blocks ~250 ms; thread-safe."""
+        """Goodbye first, so peers stop sending to us (and liveness says "left" and stops
+        probing, so that nobody takes us back). Blocks ~250 ms; thread-safe."""
+        if self._housekeeping is not None:
+            self._housekeeping.leave()
         self._discovery.close()
 
     def _close_local(self) -> None:

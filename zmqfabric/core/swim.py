@@ -14,14 +14,16 @@ memberlist uses (Dadgar et al. 2018):
 - updates travel as gossip piggybacked on probes and their answers, each retransmitted about
   ``retransmit_mult * log10(N + 1)`` times, the least sent first.
 
-What is not SWIM: a node does not pick a random member each period. Members sit on a ring sorted
-by node id; a node takes turns probing the PROBE_SPREAD members after it, the same turn on every
-node (periods follow the wall clock), so that each period every member is probed by exactly one
-node. A random choice leaves a member unprobed for a period with probability 1/e (30 dead nodes
-are then all found only after about four periods), and each probe would need a new connection;
-here a node keeps PROBE_SPREAD connections open and reuses them. Members that die become
-*formers*: kept for ``former_keep_s`` and probed now and then, so a partition heals when the link
-comes back.
+What is not SWIM: a node does not pick a random member to probe, nor random members to gossip
+to. Members sit on PROBE_SPREAD rings, each ordered by its own hash of the node ids (as in
+Rapid, Suresh et al. 2018); a node probes its successor on ring ``r mod PROBE_SPREAD`` in period
+``r`` (periods follow the wall clock, so every node uses the same ring in a period and every
+member is probed by exactly one node each period: a random choice leaves a member unprobed with
+probability 1/e, and 30 dead nodes are then all found only after about four periods), and sends
+its news to its successors on all rings. So a node keeps PROBE_SPREAD connections open and
+reuses them, and news crosses the union of the rings, a random graph of degree 2 * PROBE_SPREAD,
+in O(log N) hops. Members that die become *formers*: kept for ``former_keep_s`` and probed now
+and then, so a partition heals when the link comes back.
 
 Trust: gossip is a hint. An ``alive`` update about a node this node does not hold as a member
 never admits it: it asks the caller to verify the node directly (:attr:`Effects.verify`).
@@ -32,6 +34,7 @@ Pure: no IO, threads or clock; every method takes ``now`` (monotonic seconds). N
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 import random
@@ -61,7 +64,6 @@ class Timing:
     suspicion_max_factor: float = C.SUSPICION_MAX_FACTOR
     confirmations: int = C.SUSPICION_CONFIRMATIONS
     gossip_interval_s: float = C.GOSSIP_INTERVAL_S
-    gossip_fanout: int = C.GOSSIP_FANOUT
     retransmit_mult: int = C.RETRANSMIT_MULT
     former_keep_s: float = C.FORMER_KEEP_S
     former_probe_s: float = C.FORMER_PROBE_S
@@ -73,7 +75,7 @@ class Timing:
         if min(times) <= 0 or self.probe_timeout_s * 3 > self.probe_interval_s:
             raise LocalProtocolError("liveness timers must be > 0, probe_timeout_s <= interval/3")
         if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,
-                                                self.gossip_fanout, self.retransmit_mult) < 0:
+                                                self.retransmit_mult) < 0:
             raise LocalProtocolError("suspicion_max_factor must be >= 1, counts >= 0")
 
 
@@ -128,9 +130,10 @@ class Update:
         return cls(Kind(kind), node_id, inc, name, url, key, origin)
 
 
-def transmit_limit(members: int, mult: int) -> int:
-    """How often one update is sent before it is dropped: mult * ceil(log10(N + 1))."""
-    return mult * max(1, math.ceil(math.log10(members + 1)))
+def transmit_limit(nodes: int, mult: int) -> int:
+    """How often one update is sent before it is dropped: mult * ceil(log10(N + 1)) for a
+    fabric of N ``nodes`` (as memberlist)."""
+    return mult * max(1, math.ceil(math.log10(nodes + 1)))
 
 
 class Broadcasts:
@@ -207,12 +210,79 @@ class Effects:
     confirm: list[Member] = field(default_factory=list)
 
 
+class RoundTrip:
+    """How long answers take, as TCP estimates it (Jacobson/Karels: smoothed time and mean
+    deviation), and the timeout that follows: on a loaded host answers slow down, and so do our
+    verdicts, instead of turning slowness into deaths."""
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def timeout(self, floor: float, ceiling: float) -> float:
+        """srtt + 4 * rttvar, within [floor, ceiling]."""
+        if self.srtt is None:
+            return floor
+        return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
+
+
 def refutes(update: Update, inc: int) -> bool:
     """Whether ``update`` about this node (at our incarnation ``inc``) calls for a refutation:
     it says we are suspect, dead or gone at our incarnation or later, or claims a later one."""
     if update.kind is Kind.ALIVE:
         return update.inc > inc
     return update.inc >= inc
+
+
+_M64 = 2**64 - 1
+
+
+def ring_key(ring: int, node_id: str) -> int:
+    """Where ``node_id`` sits on ring ``ring``: splitmix64 of the id and the ring's number, the
+    same in every process (unlike ``hash``)."""
+    z = (int(node_id, 16) + (ring + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+class Rings:
+    """``count`` rings of node ids, each in its own pseudo-random order, kept sorted as members
+    come and go (O(log N) to find, one list insert each)."""
+
+    def __init__(self, me: str, count: int) -> None:
+        self._me = me
+        self._rings: list[list[tuple[int, str]]] = [[(ring_key(j, me), me)] for j in range(count)]
+
+    def add(self, node_id: str) -> None:
+        for j, ring in enumerate(self._rings):
+            entry = (ring_key(j, node_id), node_id)
+            at = bisect.bisect_left(ring, entry)
+            if at == len(ring) or ring[at] != entry:
+                ring.insert(at, entry)
+
+    def remove(self, node_id: str) -> None:
+        for j, ring in enumerate(self._rings):
+            entry = (ring_key(j, node_id), node_id)
+            at = bisect.bisect_left(ring, entry)
+            if at < len(ring) and ring[at] == entry:
+                del ring[at]
+
+    def successors(self) -> list[str]:
+        """Our successor on each ring (empty while we are alone)."""
+        out = []
+        for j, ring in enumerate(self._rings):
+            if len(ring) > 1:
+                at = bisect.bisect_left(ring, (ring_key(j, self._me), self._me))
+                out.append(ring[(at + 1) % len(ring)][1])
+        return out
 
 
 class Members:
@@ -224,7 +294,9 @@ class Members:
         self.rng = rng or random.Random()
         self._members: dict[str, Member] = {}
         self._formers: dict[str, Member] = {}
-        self._targets: list[Member] | None = None  # the next PROBE_SPREAD on the ring
+        self._rings = Rings(me, C.PROBE_SPREAD)  # of the members we probe (not refused)
+        #: The least time (s) a suspect gets, whatever N: set from the answer times seen.
+        self.floor = 0.0
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -263,43 +335,34 @@ class Members:
                 member.state, member.since, member.suspecters = State.ALIVE, now, []
         if record.node_id not in self._members:
             self._members[record.node_id] = member
-            self._targets = None
+            if not member.refused:
+                self._rings.add(record.node_id)
         return member
 
     def leave(self, node_id: str) -> None:
         """``node_id`` left the directory. Members that we found dead are already formers;
         one that was still alive here left cleanly (a goodbye) and is dropped."""
         if self._members.pop(node_id, None) is not None:
-            self._targets = None
+            self._rings.remove(node_id)
 
     # --- probing -------------------------------------------------------------------------------
 
     def targets(self) -> list[Member]:
-        """The members this node takes turns probing: the PROBE_SPREAD after it on the ring of
-        probe-able members."""
-        targets = self._targets
-        if targets is None:
-            ids = [i for i, m in self._members.items() if not m.refused]
-            ring = sorted([*ids, self.me])
-            at, n = ring.index(self.me), len(ring)
-            targets = self._targets = [self._members[ring[(at + shift) % n]]
-                                       for shift in range(1, min(C.PROBE_SPREAD, n - 1) + 1)]
-        return targets
+        """The members this node probes in turn and gossips to: its successor on each ring
+        (each one once)."""
+        return [self._members[i] for i in dict.fromkeys(self._rings.successors())]
 
     def target(self, round_no: int) -> Member | None:
-        """The member to probe in period ``round_no``: each period, every node probes the member
-        that many places after it, so every member is probed once (see the module docstring)."""
-        targets = self.targets()
-        return targets[round_no % len(targets)] if targets else None
+        """The member to probe in period ``round_no``: our successor on ring ``round_no`` mod
+        PROBE_SPREAD. Every node uses the same ring in a period, so every member is probed by
+        exactly one node (its predecessor on that ring)."""
+        successors = self._rings.successors()
+        return self._members[successors[round_no % len(successors)]] if successors else None
 
     def helpers(self, exclude: str, count: int) -> list[Member]:
         """Up to ``count`` random members (not ``exclude``) to probe a member for us."""
         pool = [m for i, m in self._members.items() if i != exclude and not m.refused
                 and m.state is State.ALIVE]
-        return self.rng.sample(pool, min(count, len(pool)))
-
-    def random_members(self, count: int) -> list[Member]:
-        pool = [m for m in self._members.values() if not m.refused]
         return self.rng.sample(pool, min(count, len(pool)))
 
     def random_former(self) -> Member | None:
@@ -326,7 +389,7 @@ class Members:
         member = self._members.get(node_id)
         if member is not None and not member.refused:
             member.refused = True
-            self._targets = None
+            self._rings.remove(node_id)
 
     def failed(self, node_id: str, now: float) -> Effects:
         """Neither ``node_id`` nor anyone we asked got an answer from it within a period."""
@@ -341,6 +404,16 @@ class Members:
         else:
             member.suspecters.append(self.me)  # we confirm someone else's suspicion
         out.gossip.append(member.update(Kind.SUSPECT, self.me))
+        return out
+
+    def dead(self, node_id: str, now: float) -> Effects:
+        """``node_id`` is dead for certain (nothing listens at its address any more: its process
+        is gone, it cannot refute): no suspicion."""
+        out = Effects()
+        member = self._members.get(node_id)
+        if member is not None:
+            self._remove(member, Kind.DEAD, now, out)
+            out.gossip.append(member.update(Kind.DEAD, self.me))
         return out
 
     # --- gossip --------------------------------------------------------------------------------
@@ -387,12 +460,12 @@ class Members:
 
     # --- time ----------------------------------------------------------------------------------
 
-    def suspicion_timeout(self, confirmations: int, health: int = 0) -> float:
+    def suspicion_timeout(self, confirmations: int) -> float:
         """Lifeguard: from max down to min as confirmations come in; min scales with
-        log10(N); both stretch with our own ill health (``health``, 0 when well)."""
+        log10(N) and is at least :attr:`floor`."""
         t = self.timing
         n = len(self._members) + 1
-        low = t.suspicion_s * max(1.0, math.log10(n))
+        low = max(t.suspicion_s * max(1.0, math.log10(n)), self.floor)
         high = low * t.suspicion_max_factor
         expected = min(t.confirmations, max(0, n - 2))
         if expected < 1:
@@ -400,16 +473,16 @@ class Members:
         else:
             frac = math.log(confirmations + 1) / math.log(expected + 1)
             timeout = max(low, high - frac * (high - low))
-        return timeout * (1 + health)
+        return timeout
 
-    def deadline(self, member: Member, health: int = 0) -> float:
-        return member.since + self.suspicion_timeout(len(member.suspecters) - 1, health)
+    def deadline(self, member: Member) -> float:
+        return member.since + self.suspicion_timeout(len(member.suspecters) - 1)
 
-    def expire(self, now: float, health: int = 0) -> Effects:
+    def expire(self, now: float) -> Effects:
         """Suspects whose time ran out die; formers kept long enough are forgotten."""
         out = Effects()
         for member in self.suspects():
-            if now >= self.deadline(member, health):
+            if now >= self.deadline(member):
                 self._remove(member, Kind.DEAD, now, out)
                 out.gossip.append(member.update(Kind.DEAD, self.me))
         keep = self.timing.former_keep_s
@@ -417,9 +490,9 @@ class Members:
             del self._formers[node_id]
         return out
 
-    def next_deadline(self, health: int = 0) -> float | None:
+    def next_deadline(self) -> float | None:
         """When :meth:`expire` has work next (suspects only; formers are not urgent)."""
-        times = [self.deadline(m, health) for m in self.suspects()]
+        times = [self.deadline(m) for m in self.suspects()]
         return min(times) if times else None
 
     # --- internals -----------------------------------------------------------------------------
@@ -429,7 +502,7 @@ class Members:
 
     def _remove(self, member: Member, kind: Kind, now: float, out: Effects) -> None:
         del self._members[member.node_id]
-        self._targets = None
+        self._rings.remove(member.node_id)
         if kind is Kind.DEAD:
             member.state, member.since, member.suspecters = State.DEAD, now, []
             self._formers[member.node_id] = member

@@ -110,6 +110,13 @@ class Housekeeping:
         if not self._stopping:
             self._inbox.post(self._gossip.accept_peers, peers)
 
+    def leave(self) -> None:
+        """The node is leaving: tell a few members, stop probing, stop answering (so that no
+        peer admits us again while we close)."""
+        self._liveness.local.leaving = True
+        if not self._stopping:
+            self._inbox.post(self._liveness.leave_fabric)
+
     def answer_probe(self, body: dict[str, Any], address: str | None,
                      key: str | None) -> dict[str, Any] | None:
         """Answer a liveness op (control thread; see :class:`~.swim.Responder`)."""

@@ -42,10 +42,12 @@ from ..constants import (
     MAX_GOSSIP,
     MAX_PIGGYBACK,
     MAX_VERIFYING,
+    PROBE_TIMEOUT_MAX_S,
     REQUERY_SENDERS,
+    SUSPICION_RTO_MULT,
 )
 from ..core.records import NodeRecord
-from ..core.swim import Effects, Kind, Member, Members, State, Update
+from ..core.swim import Effects, Kind, Member, Members, RoundTrip, State, Update
 from .admission import Admission, Rediscovery
 from .gossip import in_scope
 from .probes import REFUSED, Prober
@@ -68,8 +70,7 @@ class _Probe:
     indirect_at: float
     nonce: int
     acked: bool = False
-    asked: int = 0  # helpers asked to probe for us
-    answered: int = 0  # helpers that answered that request
+    asked: bool = False  # helpers were asked to probe it for us
 
 
 class Liveness:
@@ -109,7 +110,9 @@ class Liveness:
         self._next_requery = now + self._timing.requery_s * self._rng.random()
         self._phase = self._rng.random() * self._timing.probe_interval_s
         self._health = 0
+        self._rtt = RoundTrip()
         self._planned: float | None = None
+        self._left = False
 
     # --- the directory (posted by membership) ---------------------------------------------------
 
@@ -133,28 +136,32 @@ class Liveness:
 
     def next_deadline(self) -> float:
         """When :meth:`tick` has work next (monotonic)."""
+        if self._left:
+            return self._clock() + 3600.0
         times = [self._next_round, self._next_requery]
         for probe in self._probes.values():
             times.append(probe.ends if probe.acked or probe.asked else probe.indirect_at)
         if self._waits:
             times.append(min(deadline for deadline, _ in self._waits.values()))
-        suspect = self._members.next_deadline(self._health)
+        suspect = self._members.next_deadline()
         if suspect is not None:
             times.append(suspect)
         if self.local.news() and len(self._members):
             times.append(self._next_gossip)
         if self._members.formers():
             times.append(self._next_former)
-        idle = self._prober.next_idle()
-        if idle is not None:
-            times.append(idle)
+        for when in (self._prober.next_idle(), self._prober.next_check()):
+            if when is not None:
+                times.append(when)
         self._planned = min(times)
         return self._planned
 
     def tick(self) -> None:
         """Do what is due: call after reading the sockets, at least by :meth:`next_deadline`."""
+        if self._left:
+            return
         now = self._clock()
-        if self._planned is not None and now - self._planned > self._timing.probe_timeout_s:
+        if self._planned is not None and now - self._planned > self._rto():
             self._sick()  # we slept through our own deadline: this host is overloaded
         self._planned = None
         for msg_id in [i for i, (deadline, _) in self._waits.items() if deadline <= now]:
@@ -169,7 +176,7 @@ class Liveness:
                 self._indirect(probe, now)
         if now >= self._next_round:
             self._round(now)
-        self._effects(self._members.expire(now, self._health))
+        self._effects(self._members.expire(now), "no answer")
         if now >= self._next_gossip and self.local.news():
             self._next_gossip = now + self._timing.gossip_interval_s
             self._spread()
@@ -181,13 +188,18 @@ class Liveness:
             if self._rng.random() < REQUERY_SENDERS / (len(self._members) + 1):
                 self._discovery.requery()
         self._prober.close_idle(now)
+        self._prober.expire_checks(now)
 
     def leave_fabric(self) -> None:
-        """Tell a few members that we leave (they spread it), then close our connections."""
+        """Tell a few members that we leave (they spread it), then close our connections and
+        stop probing. Idempotent."""
+        if self._left:
+            return
+        self._left = self.local.leaving = True
         if self._node.advertised:
             left = self.local.me()
             left = Update(Kind.LEFT, left.node_id, left.inc, left.name, left.url, left.key)
-            for member in self._members.random_members(LEAVE_FANOUT):
+            for member in self._members.targets()[:LEAVE_FANOUT]:
                 body = self._probe_body(member)
                 body["g"] = [left.encode()]
                 self._prober.send(member.url, member.record.curve_key, body)
@@ -233,7 +245,11 @@ class Liveness:
                     "op": "probe-ack", "nonce": nonce, "id": target.node_id, "inc": inc,
                     "g": self.local.take(MAX_PIGGYBACK)})
 
-        self._ask(target.url, target.key, body, self._timing.probe_timeout_s, answered)
+        def silent() -> None:
+            # We could not reach it either: our own suspicion, which confirms the asker's.
+            self._effects(self._members.failed(target.node_id, self._clock()))
+
+        self._ask(target.url, target.key, body, 2 * self._rto(), answered, silent)
 
     # --- probing ---------------------------------------------------------------------------------
 
@@ -253,10 +269,23 @@ class Liveness:
             self._probe(targets[round_no % len(targets)], now)
 
     def _lost(self, url: str) -> None:
-        """A watched connection dropped: probe that member now, not at its turn."""
+        """A watched connection dropped: is its port closed? Probe that member now anyway, not
+        at its turn."""
         member = self._watched.get(url)
         if member is not None and self._members.get(member.node_id) is member:
+            self._check(member)
             self._probe(member, self._clock())
+
+    def _check(self, member: Member) -> None:
+        """Ask the member's host whether anything still listens at its control port; if not,
+        the member is dead now, without a suspicion (a process that is gone cannot refute)."""
+
+        def result(closed: bool | None) -> None:
+            if closed and self._members.get(member.node_id) is member:
+                self._effects(self._members.dead(member.node_id, self._clock()),
+                              "its control port is closed")
+
+        self._prober.check_port(member.url, result)
 
     def _refused(self, url: str) -> None:
         member = self._watched.get(url)
@@ -266,7 +295,7 @@ class Liveness:
     def _probe(self, member: Member, now: float) -> None:
         if member.node_id in self._probes:
             return
-        timeout = self._timing.probe_timeout_s * (1 + self._health)
+        timeout = self._rto() * (1 + self._health)
         probe = _Probe(member, now + 3 * timeout, now + timeout, next(self._nonces))
 
         def answered(reply: Any) -> None:
@@ -282,8 +311,9 @@ class Liveness:
 
     def _indirect(self, probe: _Probe, now: float) -> None:
         target = probe.member
+        self._check(target)
         helpers = self._members.helpers(target.node_id, self._timing.indirect_probes)
-        probe.asked = max(1, len(helpers))
+        probe.asked = True
         control = self._node.record.control
         if control is None:
             return
@@ -292,21 +322,20 @@ class Liveness:
                            target.record.curve_key, target.inc],
                 "from": self.local.sender(), "g": self.local.take(MAX_PIGGYBACK)}
         for helper in helpers:
-
-            def answered(reply: Any, helper: Member = helper) -> None:
-                if self._answer(helper.node_id, reply) is not None:
-                    probe.answered += 1
-
-            self._ask(helper.url, helper.record.curve_key, body, probe.ends - now, answered)
+            self._ask(helper.url, helper.record.curve_key, body, probe.ends - now,
+                      functools.partial(self._answer, helper.node_id))
 
     def _finish(self, probe: _Probe) -> None:
         del self._probes[probe.member.node_id]
         if probe.acked:
             self._health = max(0, self._health - 1)
             return
-        if probe.asked > probe.answered:
-            self._sick()  # our helpers did not answer us either: the fault may be ours
-        self._effects(self._members.failed(probe.member.node_id, self._clock()))
+        member = probe.member
+        log.debug("%s: no answer from %s (rto %.3f, health %d, srtt %s)", self._node.name,
+                  member.record.name, self._rto(), self._health, self._rtt.srtt)
+        self._effects(self._members.failed(member.node_id, self._clock()))
+        if self._members.get(member.node_id) is member and member.state is State.SUSPECT:
+            self._probe(member, self._clock())  # tell it (Lifeguard's buddy system): it refutes
 
     def _probe_body(self, member: Member) -> dict[str, Any]:
         accused = member.state is not State.ALIVE
@@ -316,20 +345,29 @@ class Liveness:
     def _ask(self, url: str, key: str | None, body: dict[str, Any], timeout: float,
              on_answer: Callable[[Any], object],
              on_timeout: Callable[[], None] | None = None) -> bool:
-        """Send a request; ``on_answer`` gets the answer (or REFUSED) unless ``timeout`` s pass
-        first, and then ``on_timeout`` runs instead. False if it could not be sent."""
+        """Send a request; ``on_answer`` gets the answer (or REFUSED), and ``on_timeout`` runs
+        if none came within ``timeout`` s (a late answer still goes to ``on_answer`` then).
+        Every answer times the round trip. False if it could not be sent."""
         cell: list[int] = []
+        sent = self._clock()
 
         def answered(reply: Any) -> None:
             self._waits.pop(cell[0], None)
+            if reply is not REFUSED:
+                self._rtt.sample(self._clock() - sent)
+                self._members.floor = SUSPICION_RTO_MULT * self._rto()
             on_answer(reply)
 
         msg_id = self._prober.request(url, key, body, answered)
         if msg_id is None:
             return False
         cell.append(msg_id)
-        self._waits[msg_id] = (self._clock() + timeout, on_timeout)
+        self._waits[msg_id] = (sent + timeout, on_timeout)
         return True
+
+    def _rto(self) -> float:
+        """How long to wait for an answer now (see :class:`~zmqfabric.core.swim.RoundTrip`)."""
+        return self._rtt.timeout(self._timing.probe_timeout_s, PROBE_TIMEOUT_MAX_S)
 
     def _answer(self, node_id: str, reply: Any) -> int | None:
         """Take an answer's gossip; its sender's incarnation if it is ``node_id``, else None.
@@ -347,12 +385,12 @@ class Liveness:
         return inc
 
     def _spread(self) -> None:
-        """Send the pending news to a few random members."""
-        for member in self._members.random_members(self._timing.gossip_fanout):
+        """Send the pending news to our successors on the rings (kept connections); their
+        answers bring theirs back."""
+        news = self.local.take(MAX_GOSSIP)
+        for member in self._members.targets() if news else ():
             body = self._probe_body(member)
-            body["g"] = self.local.take(MAX_GOSSIP)
-            if not body["g"]:
-                return
+            body["g"] = news
             self._ask(member.url, member.record.curve_key, body, self._timing.probe_interval_s,
                       functools.partial(self._answer, member.node_id))
 
@@ -373,15 +411,15 @@ class Liveness:
                 if self.local.consider(update):
                     self._refuted()
             else:
-                self._effects(self._members.apply(update, now))
+                self._effects(self._members.apply(update, now), "gossip")
 
-    def _effects(self, out: Effects) -> None:
+    def _effects(self, out: Effects, source: str = "") -> None:
         self.local.add(out.gossip)
         for member, why in out.removed:
             if why == "dead":
                 self._node.counters.add("peers_lost")
-                log.info("%s: node %s (%s) is gone: no answer", self._node.name,
-                         member.record.name, member.record.address)
+                log.info("%s: node %s (%s) is gone: %s", self._node.name,
+                         member.record.name, member.record.address, source)
                 self._discovery.forget(member.record)
             self._node.directory.remove(member.record.name, member.node_id)
         if out.removed:
@@ -389,7 +427,7 @@ class Liveness:
         for update in out.verify:
             self._admission.verify(update.url, update.key, update.node_id)
         if out.confirm:
-            chance = self._timing.confirmations / max(1, len(self._members))
+            chance = 2 * self._timing.confirmations / max(1, len(self._members))
             now = self._clock()
             for member in out.confirm:
                 if self._rng.random() < chance:

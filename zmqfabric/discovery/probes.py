@@ -13,14 +13,20 @@ when its turn comes), and heartbeats would wake every node's IO thread several t
 On a secured node every connection is a CURVE client of the peer's key: a peer that refuses our
 key in the handshake is reported (:data:`REFUSED`) instead of looking dead.
 
+:meth:`Prober.check_port` asks the peer's host kernel whether anything still listens at its
+control port (a plain TCP connect, closed at once): "refused" means the process is gone for
+certain, which a missed probe alone cannot tell from a busy process or a broken path.
+
 Housekeeping thread only (:mod:`.housekeeping`), which polls the sockets this registers.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,7 +34,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..constants import MAX_PROBE_SOCKETS, PROBE_IDLE_S
+from ..constants import (
+    LATE_ANSWER_S,
+    MAX_PROBE_SOCKETS,
+    MAX_VERIFYING,
+    PORT_CHECK_S,
+    PROBE_IDLE_S,
+)
 from ..core import wire
 from ..errors import FabricError, RemoteProtocolError
 
@@ -40,6 +52,9 @@ log = logging.getLogger(__name__)
 #: Passed to a request's callback when the peer refused our CURVE key.
 REFUSED: Any = object()
 Callback = Callable[[Any], None]
+#: ``on_result(closed)``: True if nothing listens (refused), False if something accepted, None
+#: if the host did not say within PORT_CHECK_S.
+PortCallback = Callable[["bool | None"], None]
 _LOST = zmq.EVENT_DISCONNECTED
 _AUTH = zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
@@ -76,6 +91,10 @@ class Prober:
         self._conns: dict[str, _Conn] = {}
         self._by_sock: dict[zmq.Socket, _Conn] = {}
         self._callbacks: dict[int, tuple[_Conn, Callback]] = {}
+        #: Requests that timed out: request id -> (connection, callback, when it timed out).
+        self._late: dict[int, tuple[_Conn, Callback, float]] = {}
+        #: Port checks under way: fd -> (socket, callback, deadline).
+        self._checks: dict[int, tuple[socket.socket, PortCallback, float]] = {}
         self._ids = itertools.count(random.randrange(1, 2**31))
 
     def __len__(self) -> int:
@@ -112,35 +131,79 @@ class Prober:
         return conn is not None and self._send(conn, 0, body)
 
     def forget(self, msg_id: int) -> None:
-        """Stop waiting for request ``msg_id`` (timed out); a late answer is dropped."""
+        """Stop waiting for request ``msg_id`` (it timed out): its connection may close once
+        idle, but an answer that still comes on it within LATE_ANSWER_S goes to the callback."""
         entry = self._callbacks.pop(msg_id, None)
-        if entry is not None:
-            entry[0].waiting.discard(msg_id)
+        if entry is None:
+            return
+        conn, callback = entry
+        conn.waiting.discard(msg_id)
+        now = self._clock()
+        if len(self._late) >= 4 * MAX_VERIFYING:
+            for old in [i for i, late in self._late.items() if now - late[2] > LATE_ANSWER_S]:
+                del self._late[old]
+            if len(self._late) >= 4 * MAX_VERIFYING:
+                self._late.pop(next(iter(self._late)))
+        self._late[msg_id] = (conn, callback, now)
 
-    def on_readable(self, sock: zmq.Socket) -> bool:
+    def check_port(self, url: str, on_result: PortCallback) -> None:
+        """Whether anything listens at ``url`` (tcp://IPv4:port): see :data:`PortCallback`."""
+        host, _, port = url[len("tcp://"):].rpartition(":")
+        if len(self._checks) >= MAX_PROBE_SOCKETS:
+            on_result(None)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex((host, int(port)))
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            self._checks[sock.fileno()] = (sock, on_result, self._clock() + PORT_CHECK_S)
+            self._poller.register(sock.fileno(), zmq.POLLOUT)
+            return
+        sock.close()
+        on_result(_closed(err))
+
+    def next_check(self) -> float | None:
+        return min((c[2] for c in self._checks.values()), default=None)
+
+    def expire_checks(self, now: float) -> None:
+        for fd in [fd for fd, c in self._checks.items() if c[2] <= now]:
+            self._end_check(fd, None)
+
+    def on_readable(self, sock: zmq.Socket | int) -> bool:
         """Read answers (or monitor events) from ``sock``; False if it is not ours."""
+        if isinstance(sock, int):
+            if sock not in self._checks:
+                return False
+            err = self._checks[sock][0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._end_check(sock, _closed(err))
+            return True
         conn = self._by_sock.get(sock)
         if conn is None:
             return False
         if sock is conn.monitor:
             self._on_monitor(conn)
             return True
-        while True:
+        while self._conns.get(conn.url) is conn:  # a callback may have closed it
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return True
+                break
             try:
                 header, body = wire.parse_reply(frames)
             except RemoteProtocolError as exc:
                 self._node.counters.add("refused_probe_answers")
                 log.debug("bad answer from %s: %s", conn.url, exc)
                 continue
+            conn.used = self._clock()
             entry = self._callbacks.pop(header.msg_id, None)
             if entry is not None and entry[0] is conn:
                 conn.waiting.discard(header.msg_id)
-                conn.used = self._clock()
                 entry[1](body)
+                continue
+            late = self._late.pop(header.msg_id, None)
+            if late is not None and late[0] is conn and conn.used - late[2] <= LATE_ANSWER_S:
+                late[1](body)
+        return True
 
     def next_idle(self) -> float | None:
         """When the next idle connection is due to close."""
@@ -156,6 +219,15 @@ class Prober:
         """Close every connection; ``linger_ms`` lets queued one-way messages leave."""
         for conn in list(self._conns.values()):
             self._close(conn, linger_ms)
+        for fd in list(self._checks):
+            self._poller.unregister(fd)
+            self._checks.pop(fd)[0].close()
+
+    def _end_check(self, fd: int, closed: bool | None) -> None:
+        sock, callback, _ = self._checks.pop(fd)
+        self._poller.unregister(fd)
+        sock.close()
+        callback(closed)
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -226,8 +298,17 @@ class Prober:
         self._poller.unregister(conn.sock)
         for msg_id in conn.waiting:
             self._callbacks.pop(msg_id, None)
+        for msg_id in [i for i, late in self._late.items() if late[0] is conn]:
+            del self._late[msg_id]
         self._by_sock.pop(conn.monitor, None)
         self._poller.unregister(conn.monitor)
         conn.sock.disable_monitor()
         conn.monitor.close(0)
         conn.sock.close(linger_ms)
+
+
+def _closed(err: int) -> bool | None:
+    """A TCP connect's outcome: refused (True), accepted (False), or unknown (None)."""
+    if err == errno.ECONNREFUSED:
+        return True
+    return False if err == 0 else None

@@ -120,6 +120,8 @@ class Local:
         self._broadcasts = Broadcasts()
         self._limit = transmit_limit(0, 1)
         self._mult = node.config.liveness.retransmit_mult
+        #: Set when the node starts to leave: it answers and asks nothing any more.
+        self.leaving = False
 
     @property
     def inc(self) -> int:
@@ -127,7 +129,7 @@ class Local:
 
     def sized(self, members: int) -> None:
         """The fabric has ``members`` members besides us (sets the retransmit limit)."""
-        self._limit = transmit_limit(members, self._mult)
+        self._limit = transmit_limit(members + 1, self._mult)
 
     def consider(self, update: Update) -> bool:
         """Take an update about this node: True if it called for a refutation (done)."""
@@ -203,6 +205,8 @@ class Responder:
         secured node), or None for a one-way message."""
         op = body.get("op")
         local, me = self._local, self._node.node_id
+        if local.leaving:
+            return None
         updates, refused = decode_updates(body.get("g"))
         refuted = False
         for update in updates:
