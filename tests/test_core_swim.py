@@ -36,12 +36,14 @@ def record(i: int) -> NodeRecord:
     return NodeRecord(f"n{i}", node_id(i), "host", 100 + i, "127.0.0.1", (ctl,))
 
 
-def table(me: int, others: range | list[int], now: float = 0.0) -> Members:
+def table(me: int, others: range | list[int], now: float = 0.0, inc: int | None = 0) -> Members:
+    """Node ``me``'s table holding ``others`` (at incarnation ``inc``, as if they had told us;
+    None: known from their records only)."""
     members = Members(node_id(me), T, random.Random(me))
     for i in others:
         if i != me:
             rec = record(i)
-            members.join(rec, f"tcp://127.0.0.1:{7000 + i}", now)
+            members.join(rec, f"tcp://127.0.0.1:{7000 + i}", now, inc)
     return members
 
 
@@ -252,3 +254,33 @@ def test_updates_about_this_node_are_left_to_the_caller() -> None:
     assert not refutes(Update(Kind.DEAD, node_id(0), 1, "n0"), inc=2)
     assert refutes(Update(Kind.ALIVE, node_id(0), 3, "n0"), inc=2)
     assert not refutes(Update(Kind.ALIVE, node_id(0), 2, "n0"), inc=2)
+
+
+def test_a_suspicion_about_a_member_never_heard_from_only_asks_for_a_probe() -> None:
+    members = table(0, range(3), inc=None)  # joined from their records: incarnations unknown
+    stale = Update(Kind.SUSPECT, node_id(1), 4, "n1", origin=node_id(2))
+    out = members.apply(stale, 0.0)
+    member = members.get(node_id(1))
+    assert out.confirm == [(member, 4)] and not out.gossip
+    assert member is not None and member.state is State.ALIVE
+    # Our own probe failed: now it is our suspicion.
+    assert members.failed(node_id(1), 0.5).gossip and member.state is State.SUSPECT
+    # Once it answered us, suspicions count as usual; deaths count anyway.
+    members.acked(node_id(2), 0, 0.6)
+    assert members.apply(Update(Kind.SUSPECT, node_id(2), 0, "n2"), 0.7).gossip
+    out = members.apply(Update(Kind.DEAD, node_id(1), 4, "n1"), 0.8)
+    assert [why for _, why in out.removed] == ["dead"]
+
+
+def test_a_former_back_at_its_buried_incarnation_ignores_old_accusations() -> None:
+    members = table(0, range(3))
+    members.apply(Update(Kind.DEAD, node_id(1), 2, "n1"), 0.0)
+    members.join(record(1), "tcp://127.0.0.1:7001", 1.0)  # mDNS brought it back
+    member = members.get(node_id(1))
+    assert member is not None and member.buried == 2 and member.inc == 2
+    # The "dead" still travelling about it (and suspicions at that incarnation) change nothing.
+    assert not members.apply(Update(Kind.DEAD, node_id(1), 2, "n1"), 1.1).removed
+    assert not members.apply(Update(Kind.SUSPECT, node_id(1), 2, "n1"), 1.1).gossip
+    # Accusations at a later incarnation (after it refuted) count again.
+    members.acked(node_id(1), 3, 1.2)
+    assert members.apply(Update(Kind.DEAD, node_id(1), 3, "n1"), 1.3).removed

@@ -76,6 +76,8 @@ PROBE_TIMEOUT_S = 0.2
 #: ...unless answers take longer: the timeout follows the answer times seen (srtt + 4 rttvar, as
 #: TCP's), up to this (s). A suspect always gets SUSPICION_RTO_MULT such timeouts to refute.
 PROBE_TIMEOUT_MAX_S = 5.0
+#: ...and starts at this (s), before any answer was timed (TCP's initial RTO is 1 s).
+PROBE_TIMEOUT_INITIAL_S = 1.0
 SUSPICION_RTO_MULT = 4
 #: An answer that comes after its timeout still counts (and is timed) this long (s).
 LATE_ANSWER_S = 10.0

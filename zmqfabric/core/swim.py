@@ -187,6 +187,12 @@ class Member:
     suspecters: list[str] = field(default_factory=list)
     #: The peer refused our key in the handshake: alive, not ours to probe.
     refused: bool = False
+    #: The incarnation at which we last found it dead (-1: never). It came back since, so
+    #: suspicions and deaths at that incarnation or older are old news.
+    buried: int = -1
+    #: We learned its incarnation from it (an answer, its ``alive``), not only from its record:
+    #: until then an accusation may be about an incarnation it already refuted.
+    known: bool = False
 
     @property
     def node_id(self) -> str:
@@ -202,12 +208,13 @@ class Member:
 class Effects:
     """What the caller must do after a call: gossip ``gossip``; remove ``removed`` from the
     directory (the dead ones are kept as formers); verify ``verify`` directly (alive updates
-    about nodes we do not hold); probe ``confirm`` now (new suspects)."""
+    about nodes we do not hold); and maybe probe ``confirm`` now, each member accused at the
+    incarnation given (new suspects: a probe that fails is an independent confirmation)."""
 
     gossip: list[Update] = field(default_factory=list)
     removed: list[tuple[Member, str]] = field(default_factory=list)
     verify: list[Update] = field(default_factory=list)
-    confirm: list[Member] = field(default_factory=list)
+    confirm: list[tuple[Member, int]] = field(default_factory=list)
 
 
 class RoundTrip:
@@ -226,10 +233,11 @@ class RoundTrip:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
 
-    def timeout(self, floor: float, ceiling: float) -> float:
-        """srtt + 4 * rttvar, within [floor, ceiling]."""
+    def timeout(self, floor: float, ceiling: float, initial: float) -> float:
+        """srtt + 4 * rttvar, within [floor, ceiling]; ``initial`` before any answer came (as
+        TCP starts at 1 s: a node that just started knows nothing of its peers' load)."""
         if self.srtt is None:
-            return floor
+            return initial
         return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
 
 
@@ -321,18 +329,20 @@ class Members:
 
     # --- the directory ---------------------------------------------------------------------------
 
-    def join(self, record: NodeRecord, url: str, now: float, inc: int = 0) -> Member:
-        """``record``'s node is in the directory: a member (again), alive at ``inc`` or above
-        what we knew."""
+    def join(self, record: NodeRecord, url: str, now: float, inc: int | None = None) -> Member:
+        """``record``'s node is in the directory: a member (again), alive at ``inc`` (what the
+        node told us, if it did) or above what we knew."""
         known = self._members.get(record.node_id) or self._formers.pop(record.node_id, None)
         if known is None:
-            member = Member(record, url, State.ALIVE, inc, now)
+            member = Member(record, url, State.ALIVE, inc or 0, now, known=inc is not None)
         else:
             member = known
             member.record, member.url = record, url
-            member.inc = max(member.inc, inc)
             if member.state is State.DEAD:
                 member.state, member.since, member.suspecters = State.ALIVE, now, []
+                member.buried = member.inc
+            if inc is not None:
+                member.inc, member.known = max(member.inc, inc), True
         if record.node_id not in self._members:
             self._members[record.node_id] = member
             if not member.refused:
@@ -382,6 +392,7 @@ class Members:
             out.gossip.append(member.update(Kind.ALIVE, self.me))  # its refutation, relayed
         member.inc = inc
         member.refused = False
+        member.known = True
         return out
 
     def refused(self, node_id: str) -> None:
@@ -420,7 +431,12 @@ class Members:
 
     def apply(self, update: Update, now: float) -> Effects:
         """Take one update heard from a peer. Updates about this node are the caller's to
-        refute (see :func:`refutes`); they are ignored here."""
+        refute (see :func:`refutes`); they are ignored here.
+
+        A suspicion about a member whose incarnation we never heard from it (it joined our
+        table from its record) starts no timer here: it may be about an incarnation the member
+        already refuted before we knew it. It only asks for a confirmation probe, whose failure
+        makes it our own suspicion. Deaths are taken as they come (the member refutes)."""
         out = Effects()
         if update.node_id == self.me:
             return out
@@ -434,9 +450,14 @@ class Members:
             ):
                 out.verify.append(update)
             return out
-        if update.inc < member.inc:
+        if update.inc < member.inc or (update.kind is not Kind.ALIVE
+                                       and update.inc <= member.buried):
+            return out
+        if update.kind is Kind.SUSPECT and not member.known and member.state is State.ALIVE:
+            out.confirm.append((member, update.inc))
             return out
         if update.kind is Kind.ALIVE:
+            member.known = True
             if update.inc > member.inc:
                 member.inc = update.inc
                 if member.state is State.SUSPECT:
@@ -448,7 +469,7 @@ class Members:
                 member.inc = update.inc
                 self._suspect(member, origin, now)
                 out.gossip.append(update)
-                out.confirm.append(member)
+                out.confirm.append((member, update.inc))
             elif origin not in member.suspecters:  # an independent confirmation
                 member.suspecters.append(origin)
                 out.gossip.append(update)

@@ -71,9 +71,9 @@ class Admission:
         self._unanswered: dict[str, float] = {}  # url -> not again before
         self._incs: dict[str, int] = {}  # node id -> incarnation it told us
 
-    def incarnation(self, node_id: str) -> int:
-        """The incarnation a node told us while we verified it (0 if none); read once."""
-        return self._incs.pop(node_id, 0)
+    def incarnation(self, node_id: str) -> int | None:
+        """The incarnation a node told us while we verified it (None if none); read once."""
+        return self._incs.pop(node_id, None)
 
     def look_for_former(self) -> None:
         """Probe a random former member, with probability FORMER_PROBERS / N."""

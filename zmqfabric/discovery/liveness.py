@@ -42,6 +42,7 @@ from ..constants import (
     MAX_GOSSIP,
     MAX_PIGGYBACK,
     MAX_VERIFYING,
+    PROBE_TIMEOUT_INITIAL_S,
     PROBE_TIMEOUT_MAX_S,
     REQUERY_SENDERS,
     SUSPICION_RTO_MULT,
@@ -111,6 +112,7 @@ class Liveness:
         self._phase = self._rng.random() * self._timing.probe_interval_s
         self._health = 0
         self._rtt = RoundTrip()
+        self._members.floor = SUSPICION_RTO_MULT * self._rto()
         self._planned: float | None = None
         self._left = False
 
@@ -121,8 +123,13 @@ class Liveness:
         if record.node_id == self._node.node_id or record.control is None:
             return
         inc = self._admission.incarnation(record.node_id)
-        self._members.join(record, record.url(record.control), self._clock(), inc)
+        buried = self._members.former(record.node_id) is not None
+        member = self._members.join(record, record.url(record.control), self._clock(), inc)
         self._changed()
+        if buried and member.inc <= member.buried:
+            # Back from the dead at the incarnation we buried it: tell it, so that it refutes
+            # (and the "dead" still travelling about it cannot remove it again).
+            self._probe(member, self._clock())
 
     def leave(self, record: NodeRecord) -> None:
         """``record``'s node left the directory (a goodbye, or our own removal)."""
@@ -292,11 +299,15 @@ class Liveness:
         if member is not None:
             self._members.refused(member.node_id)
 
-    def _probe(self, member: Member, now: float) -> None:
+    def _probe(self, member: Member, now: float, accuse: int | None = None) -> None:
+        """Probe ``member`` (accusing it at ``accuse``, if given, so that it refutes)."""
         if member.node_id in self._probes:
             return
         timeout = self._rto() * (1 + self._health)
         probe = _Probe(member, now + 3 * timeout, now + timeout, next(self._nonces))
+        body = self._probe_body(member)
+        if accuse is not None:
+            body["to"] = [member.node_id, max(member.inc, accuse), True]
 
         def answered(reply: Any) -> None:
             if reply is REFUSED:
@@ -305,8 +316,7 @@ class Liveness:
             elif self._answer(member.node_id, reply) is not None:
                 probe.acked = True
 
-        if self._ask(member.url, member.record.curve_key, self._probe_body(member),
-                     probe.ends - now, answered):
+        if self._ask(member.url, member.record.curve_key, body, probe.ends - now, answered):
             self._probes[member.node_id] = probe
 
     def _indirect(self, probe: _Probe, now: float) -> None:
@@ -338,7 +348,7 @@ class Liveness:
             self._probe(member, self._clock())  # tell it (Lifeguard's buddy system): it refutes
 
     def _probe_body(self, member: Member) -> dict[str, Any]:
-        accused = member.state is not State.ALIVE
+        accused = member.state is not State.ALIVE or member.inc <= member.buried
         return {"op": "probe", "to": [member.node_id, member.inc, accused],
                 "from": self.local.sender(), "g": self.local.take(MAX_PIGGYBACK)}
 
@@ -367,7 +377,8 @@ class Liveness:
 
     def _rto(self) -> float:
         """How long to wait for an answer now (see :class:`~zmqfabric.core.swim.RoundTrip`)."""
-        return self._rtt.timeout(self._timing.probe_timeout_s, PROBE_TIMEOUT_MAX_S)
+        return self._rtt.timeout(self._timing.probe_timeout_s, PROBE_TIMEOUT_MAX_S,
+                                 max(self._timing.probe_timeout_s, PROBE_TIMEOUT_INITIAL_S))
 
     def _answer(self, node_id: str, reply: Any) -> int | None:
         """Take an answer's gossip; its sender's incarnation if it is ``node_id``, else None.
@@ -426,12 +437,13 @@ class Liveness:
             self._changed()
         for update in out.verify:
             self._admission.verify(update.url, update.key, update.node_id)
+
         if out.confirm:
             chance = 2 * self._timing.confirmations / max(1, len(self._members))
             now = self._clock()
-            for member in out.confirm:
+            for member, inc in out.confirm:
                 if self._rng.random() < chance:
-                    self._probe(member, now)
+                    self._probe(member, now, accuse=inc)
 
     def _refuted(self) -> None:
         self._node.counters.add("refutations")
