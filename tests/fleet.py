@@ -173,6 +173,12 @@ class Fleet:
         until = time.monotonic() + seconds
         self.wait(lambda: time.monotonic() >= until, seconds + 1)
 
+    def log(self, name: str) -> list[str]:
+        """The log lines of node ``name`` (with ``logs``; liveness at DEBUG)."""
+        if self.logs is None:
+            return []
+        return (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
+
     def alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.killed is None and m.closed is None]
 
@@ -192,13 +198,17 @@ class Fleet:
         return None
 
     def kill(self, member: Member) -> float:
-        member.proc.kill()
+        """SIGKILL ``member``; returns when (taken before the signal: the child's reactions
+        come after it)."""
         member.killed = time.monotonic()
+        member.proc.kill()
         return member.killed
 
     def terminate(self, member: Member) -> float:
+        """SIGTERM ``member`` (a clean close); returns when, taken before the signal."""
+        now = time.monotonic()
         member.proc.send_signal(signal.SIGTERM)
-        return time.monotonic()
+        return now
 
     def collect(self) -> None:
         """Ask every live node for its counters and directory (SIGUSR1) and read them."""

@@ -11,13 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
-from zmqfabric.core.swim import (
+from zmqfabric.core.swim import Members, State, Timing
+from zmqfabric.core.updates import (
     MAX_INCARNATION,
     Broadcasts,
     Kind,
-    Members,
-    State,
-    Timing,
     Update,
     refutes,
     transmit_limit,

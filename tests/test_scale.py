@@ -50,16 +50,18 @@ def idle_fds(members: list[Member], timeout: float = 20.0) -> int:
 
 
 def gone_within(fleet: Fleet, name: str, since: float, timeout: float) -> float:
-    """How long after ``since`` the last live node dropped ``name`` (fails after timeout)."""
+    """How long after ``since`` the last live node dropped ``name`` (fails after timeout, with
+    what the laggards logged about it)."""
     others = [m for m in fleet.alive() if m.name != name]
     done = fleet.wait(lambda: all(m.first("left", name, since) for m in others), timeout)
     late = [m.name for m in others if m.first("left", name, since) is None]
-    assert done, f"{name} still listed by {late} {timeout} s later"
+    assert done, f"{name} still listed by {late} {timeout} s later:\n" + "\n".join(
+        line for who in late for line in fleet.log(who) if name in line)
     return max(m.first("left", name, since) or 0.0 for m in others) - since
 
 
-def test_idle_sockets_do_not_grow_and_deaths_and_leaves_are_seen_quickly() -> None:
-    with Fleet(unique("scale")) as fleet:
+def test_idle_sockets_do_not_grow_and_deaths_and_leaves_are_seen_quickly(tmp_path: Path) -> None:
+    with Fleet(unique("scale"), logs=tmp_path) as fleet:
         small = start(fleet, [f"n{i:02d}" for i in range(10)])
         fds_10 = idle_fds(small)
         everyone = small + start(fleet, [f"n{i:02d}" for i in range(10, 30)])
@@ -84,7 +86,7 @@ def test_idle_sockets_do_not_grow_and_deaths_and_leaves_are_seen_quickly() -> No
 def test_probes_over_curve_find_a_killed_node(tmp_path: Path) -> None:
     names = [f"s{i}" for i in range(4)]
     publics = {}
-    with Fleet(unique("secured")) as fleet:
+    with Fleet(unique("secured"), logs=tmp_path) as fleet:
         for name in names:
             fleet.keys[name] = tmp_path / name
             publics[name] = keys.generate(fleet.keys[name])

@@ -25,6 +25,8 @@ reuses them, and news crosses the union of the rings, a random graph of degree 2
 in O(log N) hops. Members that die become *formers*: kept for ``former_keep_s`` and probed now
 and then, so a partition heals when the link comes back.
 
+The updates and their queue: :mod:`.updates`.
+
 Trust: gossip is a hint. An ``alive`` update about a node this node does not hold as a member
 never admits it: it asks the caller to verify the node directly (:attr:`Effects.verify`).
 Suspicions, deaths and leaves are taken from gossip, and refuted by the node concerned.
@@ -38,20 +40,14 @@ import bisect
 import enum
 import math
 import random
-import re
 from dataclasses import dataclass, field
-from typing import Any, Final
 
 from .. import constants as C
-from ..errors import LocalProtocolError, RemoteProtocolError
-from .curve import is_public_key
-from .records import NodeRecord, validate_node_name
+from ..errors import LocalProtocolError
+from .records import NodeRecord
+from .updates import Kind, Update
 
-_NODE_ID: Final = re.compile(r"[0-9a-f]{16}\Z")
-_TCP_URL: Final = re.compile(r"tcp://[0-9.]{7,15}:[0-9]{1,5}\Z")
-#: Largest incarnation accepted (a peer cannot push ours past what msgpack and we can count).
-MAX_INCARNATION: Final = 2**62
-
+__all__ = ["Effects", "Kind", "Member", "Members", "RoundTrip", "State", "Timing", "Update"]
 
 @dataclass(frozen=True, slots=True)
 class Timing:
@@ -77,95 +73,6 @@ class Timing:
         if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,
                                                 self.retransmit_mult) < 0:
             raise LocalProtocolError("suspicion_max_factor must be >= 1, counts >= 0")
-
-
-class Kind(enum.IntEnum):
-    """What a gossip update says about a node (its wire value)."""
-
-    ALIVE = 0
-    SUSPECT = 1
-    DEAD = 2
-    LEFT = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """One piece of gossip: ``kind`` about node ``node_id`` at incarnation ``inc``. ``url`` and
-    ``key`` (alive) say where to verify the node; ``origin`` (suspect) is who suspects it."""
-
-    kind: Kind
-    node_id: str
-    inc: int
-    name: str
-    url: str = ""
-    key: str | None = None
-    origin: str = ""
-
-    def encode(self) -> list[Any]:
-        return [int(self.kind), self.node_id, self.inc, self.name, self.url, self.key,
-                self.origin]
-
-    @classmethod
-    def decode(cls, raw: object) -> Update:
-        """Validate one wire update. Raises RemoteProtocolError."""
-        if not isinstance(raw, list) or len(raw) != 7:
-            raise RemoteProtocolError("a gossip update is a list of 7 fields")
-        kind, node_id, inc, name, url, key, origin = raw
-        if not isinstance(kind, int) or kind not in Kind.__members__.values():
-            raise RemoteProtocolError(f"unknown gossip kind {kind!r}")
-        if not (isinstance(node_id, str) and _NODE_ID.match(node_id)):
-            raise RemoteProtocolError("gossip: bad node id")
-        if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc <= MAX_INCARNATION:
-            raise RemoteProtocolError("gossip: bad incarnation")
-        try:
-            validate_node_name(name)
-        except LocalProtocolError as exc:
-            raise RemoteProtocolError(f"gossip: {exc}") from exc
-        if not isinstance(url, str) or (url and not _TCP_URL.match(url)):
-            raise RemoteProtocolError("gossip: bad control URL")
-        if key is not None and not (isinstance(key, str) and is_public_key(key)):
-            raise RemoteProtocolError("gossip: bad CURVE key")
-        if not isinstance(origin, str) or (origin and not _NODE_ID.match(origin)):
-            raise RemoteProtocolError("gossip: bad origin")
-        return cls(Kind(kind), node_id, inc, name, url, key, origin)
-
-
-def transmit_limit(nodes: int, mult: int) -> int:
-    """How often one update is sent before it is dropped: mult * ceil(log10(N + 1)) for a
-    fabric of N ``nodes`` (as memberlist)."""
-    return mult * max(1, math.ceil(math.log10(nodes + 1)))
-
-
-class Broadcasts:
-    """Updates waiting to go out, each sent at most ``transmit_limit`` times, the least sent
-    first; a new update about a node replaces the one queued about it. Bounded by MAX_BROADCASTS
-    (the most sent are dropped first)."""
-
-    def __init__(self) -> None:
-        self._queue: dict[str, list[Any]] = {}  # node id -> [update, times sent]
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def add(self, update: Update) -> None:
-        self._queue.pop(update.node_id, None)
-        self._queue[update.node_id] = [update, 0]
-        if len(self._queue) > C.MAX_BROADCASTS:
-            worst = max(self._queue, key=lambda k: self._queue[k][1])
-            del self._queue[worst]
-
-    def take(self, count: int, limit: int) -> list[Update]:
-        """Up to ``count`` updates to send now, each counted as sent once more."""
-        if not self._queue:
-            return []
-        chosen = sorted(self._queue.items(), key=lambda item: item[1][1])[:count]
-        out = []
-        for node_id, entry in chosen:
-            out.append(entry[0])
-            entry[1] += 1
-            if entry[1] >= limit:
-                del self._queue[node_id]
-        return out
 
 
 class State(enum.Enum):
@@ -208,13 +115,15 @@ class Member:
 class Effects:
     """What the caller must do after a call: gossip ``gossip``; remove ``removed`` from the
     directory (the dead ones are kept as formers); verify ``verify`` directly (alive updates
-    about nodes we do not hold); and maybe probe ``confirm`` now, each member accused at the
-    incarnation given (new suspects: a probe that fails is an independent confirmation)."""
+    about nodes we do not hold); maybe probe ``confirm`` now, each member accused at the
+    incarnation given (new suspects: a probe that fails is an independent confirmation); and
+    let discovery find ``forgotten`` (formers no longer looked for) again by itself."""
 
     gossip: list[Update] = field(default_factory=list)
     removed: list[tuple[Member, str]] = field(default_factory=list)
     verify: list[Update] = field(default_factory=list)
     confirm: list[tuple[Member, int]] = field(default_factory=list)
+    forgotten: list[Member] = field(default_factory=list)
 
 
 class RoundTrip:
@@ -239,14 +148,6 @@ class RoundTrip:
         if self.srtt is None:
             return initial
         return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
-
-
-def refutes(update: Update, inc: int) -> bool:
-    """Whether ``update`` about this node (at our incarnation ``inc``) calls for a refutation:
-    it says we are suspect, dead or gone at our incarnation or later, or claims a later one."""
-    if update.kind is Kind.ALIVE:
-        return update.inc > inc
-    return update.inc >= inc
 
 
 _M64 = 2**64 - 1
@@ -349,11 +250,14 @@ class Members:
                 self._rings.add(record.node_id)
         return member
 
-    def leave(self, node_id: str) -> None:
+    def leave(self, node_id: str) -> Member | None:
         """``node_id`` left the directory. Members that we found dead are already formers;
-        one that was still alive here left cleanly (a goodbye) and is dropped."""
-        if self._members.pop(node_id, None) is not None:
+        one that was still a member here left cleanly (a goodbye): it is dropped and returned
+        (gossip its leave: whoever missed the goodbye learns it so)."""
+        member = self._members.pop(node_id, None)
+        if member is not None:
             self._rings.remove(node_id)
+        return member
 
     # --- probing -------------------------------------------------------------------------------
 
@@ -450,7 +354,7 @@ class Members:
             ):
                 out.verify.append(update)
             return out
-        if update.inc < member.inc or (update.kind is not Kind.ALIVE
+        if update.inc < member.inc or (update.kind in (Kind.SUSPECT, Kind.DEAD)
                                        and update.inc <= member.buried):
             return out
         if update.kind is Kind.SUSPECT and not member.known and member.state is State.ALIVE:
@@ -508,7 +412,7 @@ class Members:
                 out.gossip.append(member.update(Kind.DEAD, self.me))
         keep = self.timing.former_keep_s
         for node_id in [i for i, f in self._formers.items() if now - f.since > keep]:
-            del self._formers[node_id]
+            out.forgotten.append(self._formers.pop(node_id))
         return out
 
     def next_deadline(self) -> float | None:
@@ -529,5 +433,5 @@ class Members:
             self._formers[member.node_id] = member
             while len(self._formers) > C.MAX_FORMERS:
                 oldest = min(self._formers.values(), key=lambda f: f.since)
-                del self._formers[oldest.node_id]
+                out.forgotten.append(self._formers.pop(oldest.node_id))
         out.removed.append((member, "left" if kind is Kind.LEFT else "dead"))

@@ -48,7 +48,7 @@ from ..constants import (
     SUSPICION_RTO_MULT,
 )
 from ..core.records import NodeRecord
-from ..core.swim import Effects, Kind, Member, Members, RoundTrip, State, Update
+from ..core.swim import Effects, Kind, Member, Members, State, Update
 from .admission import Admission, Rediscovery
 from .gossip import in_scope
 from .probes import REFUSED, Prober
@@ -98,10 +98,9 @@ class Liveness:
         self.responder = Responder(node, self.local, self, post)
         self._members = Members(node.node_id, self._timing, self._rng)
         self._prober = Prober(node, poller, self._lost, self._refused, clock)
+        self._ask = self._prober.request
         self._admission = Admission(node, self._members, self.local, self._ask,
                                     self.apply_wire, discovery, self.join, clock)
-        #: request id -> (deadline, what to do if no answer came by then)
-        self._waits: dict[int, tuple[float, Callable[[], None] | None]] = {}
         self._probes: dict[str, _Probe] = {}  # node id -> its probe under way
         self._watched: dict[str, Member] = {}  # url -> the members we take turns probing
         self._nonces = itertools.count(1)
@@ -111,7 +110,6 @@ class Liveness:
         self._next_requery = now + self._timing.requery_s * self._rng.random()
         self._phase = self._rng.random() * self._timing.probe_interval_s
         self._health = 0
-        self._rtt = RoundTrip()
         self._members.floor = SUSPICION_RTO_MULT * self._rto()
         self._planned: float | None = None
         self._left = False
@@ -132,8 +130,11 @@ class Liveness:
             self._probe(member, self._clock())
 
     def leave(self, record: NodeRecord) -> None:
-        """``record``'s node left the directory (a goodbye, or our own removal)."""
-        self._members.leave(record.node_id)
+        """``record``'s node left the directory (a goodbye, or our own removal). A goodbye is
+        passed on as gossip: mDNS is multicast, and a node may have missed it."""
+        member = self._members.leave(record.node_id)
+        if member is not None and member.node_id == record.node_id:
+            self.local.add([member.update(Kind.LEFT, self._node.node_id)])
         self._changed()
 
     # --- sockets and time ------------------------------------------------------------------
@@ -147,9 +148,7 @@ class Liveness:
             return self._clock() + 3600.0
         times = [self._next_round, self._next_requery]
         for probe in self._probes.values():
-            times.append(probe.ends if probe.acked or probe.asked else probe.indirect_at)
-        if self._waits:
-            times.append(min(deadline for deadline, _ in self._waits.values()))
+            times.append(probe.ends if probe.asked else probe.indirect_at)
         suspect = self._members.next_deadline()
         if suspect is not None:
             times.append(suspect)
@@ -157,9 +156,9 @@ class Liveness:
             times.append(self._next_gossip)
         if self._members.formers():
             times.append(self._next_former)
-        for when in (self._prober.next_idle(), self._prober.next_check()):
-            if when is not None:
-                times.append(when)
+        when = self._prober.next_deadline()
+        if when is not None:
+            times.append(when)
         self._planned = min(times)
         return self._planned
 
@@ -171,15 +170,12 @@ class Liveness:
         if self._planned is not None and now - self._planned > self._rto():
             self._sick()  # we slept through our own deadline: this host is overloaded
         self._planned = None
-        for msg_id in [i for i, (deadline, _) in self._waits.items() if deadline <= now]:
-            _, on_timeout = self._waits.pop(msg_id)
-            self._prober.forget(msg_id)
-            if on_timeout is not None:
-                on_timeout()
+        self._members.floor = SUSPICION_RTO_MULT * self._rto()
+        self._prober.expire(now)
         for probe in list(self._probes.values()):
             if now >= probe.ends:
                 self._finish(probe)
-            elif not (probe.acked or probe.asked) and now >= probe.indirect_at:
+            elif not probe.asked and now >= probe.indirect_at:
                 self._indirect(probe, now)
         if now >= self._next_round:
             self._round(now)
@@ -195,7 +191,6 @@ class Liveness:
             if self._rng.random() < REQUERY_SENDERS / (len(self._members) + 1):
                 self._discovery.requery()
         self._prober.close_idle(now)
-        self._prober.expire_checks(now)
 
     def leave_fabric(self) -> None:
         """Tell a few members that we leave (they spread it), then close our connections and
@@ -236,11 +231,12 @@ class Liveness:
         if probe is not None and probe.nonce == nonce:
             probe.acked = True
             self._effects(self._members.acked(node_id, inc, self._clock()))
+            self._finish(probe)
 
     def probe_for(self, target: Update, reply_url: str, reply_key: str | None,
                   nonce: int) -> None:
         """Probe ``target`` for the member that asked, and tell it if the target answers."""
-        if len(self._waits) >= MAX_VERIFYING or not in_scope(self._node, target.url):
+        if len(self._prober) >= MAX_VERIFYING or not in_scope(self._node, target.url):
             return
         body = {"op": "probe", "to": [target.node_id, target.inc, False],
                 "from": self.local.sender(), "g": self.local.take(MAX_PIGGYBACK)}
@@ -312,9 +308,11 @@ class Liveness:
         def answered(reply: Any) -> None:
             if reply is REFUSED:
                 self._members.refused(member.node_id)
-                probe.acked = True
-            elif self._answer(member.node_id, reply) is not None:
-                probe.acked = True
+            elif self._answer(member.node_id, reply) is None:
+                return
+            probe.acked = True
+            if self._probes.get(member.node_id) is probe:
+                self._finish(probe)
 
         if self._ask(member.url, member.record.curve_key, body, probe.ends - now, answered):
             self._probes[member.node_id] = probe
@@ -342,7 +340,7 @@ class Liveness:
             return
         member = probe.member
         log.debug("%s: no answer from %s (rto %.3f, health %d, srtt %s)", self._node.name,
-                  member.record.name, self._rto(), self._health, self._rtt.srtt)
+                  member.record.name, self._rto(), self._health, self._prober.rtt.srtt)
         self._effects(self._members.failed(member.node_id, self._clock()))
         if self._members.get(member.node_id) is member and member.state is State.SUSPECT:
             self._probe(member, self._clock())  # tell it (Lifeguard's buddy system): it refutes
@@ -352,32 +350,9 @@ class Liveness:
         return {"op": "probe", "to": [member.node_id, member.inc, accused],
                 "from": self.local.sender(), "g": self.local.take(MAX_PIGGYBACK)}
 
-    def _ask(self, url: str, key: str | None, body: dict[str, Any], timeout: float,
-             on_answer: Callable[[Any], object],
-             on_timeout: Callable[[], None] | None = None) -> bool:
-        """Send a request; ``on_answer`` gets the answer (or REFUSED), and ``on_timeout`` runs
-        if none came within ``timeout`` s (a late answer still goes to ``on_answer`` then).
-        Every answer times the round trip. False if it could not be sent."""
-        cell: list[int] = []
-        sent = self._clock()
-
-        def answered(reply: Any) -> None:
-            self._waits.pop(cell[0], None)
-            if reply is not REFUSED:
-                self._rtt.sample(self._clock() - sent)
-                self._members.floor = SUSPICION_RTO_MULT * self._rto()
-            on_answer(reply)
-
-        msg_id = self._prober.request(url, key, body, answered)
-        if msg_id is None:
-            return False
-        cell.append(msg_id)
-        self._waits[msg_id] = (sent + timeout, on_timeout)
-        return True
-
     def _rto(self) -> float:
         """How long to wait for an answer now (see :class:`~zmqfabric.core.swim.RoundTrip`)."""
-        return self._rtt.timeout(self._timing.probe_timeout_s, PROBE_TIMEOUT_MAX_S,
+        return self._prober.rtt.timeout(self._timing.probe_timeout_s, PROBE_TIMEOUT_MAX_S,
                                  max(self._timing.probe_timeout_s, PROBE_TIMEOUT_INITIAL_S))
 
     def _answer(self, node_id: str, reply: Any) -> int | None:
@@ -431,10 +406,12 @@ class Liveness:
                 self._node.counters.add("peers_lost")
                 log.info("%s: node %s (%s) is gone: %s", self._node.name,
                          member.record.name, member.record.address, source)
-                self._discovery.forget(member.record)
             self._node.directory.remove(member.record.name, member.node_id)
         if out.removed:
             self._changed()
+        for former in out.forgotten:
+            # No longer looked for: if it comes back, its next mDNS answer must be news.
+            self._discovery.forget(former.record)
         for update in out.verify:
             self._admission.verify(update.url, update.key, update.node_id)
 

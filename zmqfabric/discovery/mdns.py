@@ -137,9 +137,9 @@ class Discovery:
             zc.unregister_service(info)
 
     def forget(self, record: NodeRecord) -> None:
-        """Drop ``record``'s node from zeroconf's cache (liveness found it dead, and mDNS never
-        will: a killed node sends no goodbye), so that its next announcement or answer is news
-        (a new "added") if it comes back. Thread-safe."""
+        """Drop ``record``'s node from zeroconf's cache (liveness found it dead long ago and
+        stopped looking for it; a killed node sends no goodbye), so that its next announcement
+        or answer is news (a new "added") if it comes back. Thread-safe."""
         zc = self._zc
         if zc is not None and zc.loop is not None:
             names = (instance_name(record.name, record.node_id), server_name(record.node_id))

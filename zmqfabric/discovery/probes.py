@@ -42,6 +42,7 @@ from ..constants import (
     PROBE_IDLE_S,
 )
 from ..core import wire
+from ..core.swim import RoundTrip
 from ..errors import FabricError, RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 #: Passed to a request's callback when the peer refused our CURVE key.
 REFUSED: Any = object()
-Callback = Callable[[Any], None]
+Callback = Callable[[Any], object]
 #: ``on_result(closed)``: True if nothing listens (refused), False if something accepted, None
 #: if the host did not say within PORT_CHECK_S.
 PortCallback = Callable[["bool | None"], None]
@@ -69,11 +70,20 @@ class _Conn:
     waiting: set[int] = field(default_factory=set)
 
 
+@dataclass(slots=True)
+class _Request:
+    conn: _Conn
+    on_answer: Callback
+    on_timeout: Callable[[], None] | None
+    sent: float
+    deadline: float
+
+
 class Prober:
     """The outgoing connections of the housekeeping thread. Not thread-safe.
 
     ``on_lost(url)`` is called when a watched connection drops, ``on_refused(url)`` when a peer
-    refuses our key."""
+    refuses our key. :attr:`rtt` times every answer."""
 
     def __init__(
         self,
@@ -88,17 +98,18 @@ class Prober:
         self._on_lost = on_lost
         self._on_refused = on_refused
         self._clock = clock
+        self.rtt = RoundTrip()
         self._conns: dict[str, _Conn] = {}
         self._by_sock: dict[zmq.Socket, _Conn] = {}
-        self._callbacks: dict[int, tuple[_Conn, Callback]] = {}
-        #: Requests that timed out: request id -> (connection, callback, when it timed out).
-        self._late: dict[int, tuple[_Conn, Callback, float]] = {}
+        self._requests: dict[int, _Request] = {}
+        #: Requests that timed out, whose late answers still count (LATE_ANSWER_S).
+        self._late: dict[int, _Request] = {}
         #: Port checks under way: fd -> (socket, callback, deadline).
         self._checks: dict[int, tuple[socket.socket, PortCallback, float]] = {}
         self._ids = itertools.count(random.randrange(1, 2**31))
 
     def __len__(self) -> int:
-        return len(self._conns)
+        return len(self._requests)
 
     def watch(self, peers: dict[str, str | None]) -> None:
         """Keep connections to ``peers`` (control URL -> CURVE key) open and watched; the other
@@ -110,41 +121,51 @@ class Prober:
             if opened is not None:
                 opened.watched = True
 
-    def request(self, url: str, key: str | None, body: dict[str, Any],
-                on_answer: Callback) -> int | None:
-        """Send ``body`` as a request to the control endpoint at ``url``; ``on_answer`` gets the
-        answer's body (an error reply's too), or REFUSED. Returns the request id (to
-        :meth:`forget` it on a timeout), or None if it could not be sent now."""
+    def request(self, url: str, key: str | None, body: dict[str, Any], timeout: float,
+                on_answer: Callback, on_timeout: Callable[[], None] | None = None) -> bool:
+        """Send ``body`` as a request to the control endpoint at ``url``. ``on_answer`` gets
+        the answer's body (an error reply's too) or REFUSED; ``on_timeout`` runs if none came
+        within ``timeout`` s, and an answer that still comes within LATE_ANSWER_S goes to
+        ``on_answer`` then. False if it could not be sent now."""
         conn = self._conn(url, key)
         if conn is None:
-            return None
+            return False
         msg_id = next(self._ids) & 0xFFFFFFFF or 1
         if not self._send(conn, msg_id, body):
-            return None
+            return False
+        now = self._clock()
         conn.waiting.add(msg_id)
-        self._callbacks[msg_id] = (conn, on_answer)
-        return msg_id
+        self._requests[msg_id] = _Request(conn, on_answer, on_timeout, now, now + timeout)
+        return True
 
     def send(self, url: str, key: str | None, body: dict[str, Any]) -> bool:
         """Send ``body`` one-way (no answer expected). False if it could not be sent now."""
         conn = self._conn(url, key)
         return conn is not None and self._send(conn, 0, body)
 
-    def forget(self, msg_id: int) -> None:
-        """Stop waiting for request ``msg_id`` (it timed out): its connection may close once
-        idle, but an answer that still comes on it within LATE_ANSWER_S goes to the callback."""
-        entry = self._callbacks.pop(msg_id, None)
-        if entry is None:
-            return
-        conn, callback = entry
-        conn.waiting.discard(msg_id)
-        now = self._clock()
-        if len(self._late) >= 4 * MAX_VERIFYING:
-            for old in [i for i, late in self._late.items() if now - late[2] > LATE_ANSWER_S]:
-                del self._late[old]
+    def expire(self, now: float) -> None:
+        """Time out the requests and port checks that are due (their callbacks run)."""
+        for msg_id in [i for i, r in self._requests.items() if r.deadline <= now]:
+            request = self._requests.pop(msg_id)
+            request.conn.waiting.discard(msg_id)
             if len(self._late) >= 4 * MAX_VERIFYING:
                 self._late.pop(next(iter(self._late)))
-        self._late[msg_id] = (conn, callback, now)
+            self._late[msg_id] = request
+            if request.on_timeout is not None:
+                request.on_timeout()
+        for msg_id in [i for i, r in self._late.items() if now - r.deadline > LATE_ANSWER_S]:
+            del self._late[msg_id]
+        for fd in [fd for fd, c in self._checks.items() if c[2] <= now]:
+            self._end_check(fd, None)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` or :meth:`close_idle` has work next."""
+        times = [r.deadline for r in self._requests.values()]
+        times += [c[2] for c in self._checks.values()]
+        idle = [c.used for c in self._conns.values() if not (c.waiting or c.watched)]
+        if idle:
+            times.append(min(idle) + PROBE_IDLE_S)
+        return min(times, default=None)
 
     def check_port(self, url: str, on_result: PortCallback) -> None:
         """Whether anything listens at ``url`` (tcp://IPv4:port): see :data:`PortCallback`."""
@@ -161,13 +182,6 @@ class Prober:
             return
         sock.close()
         on_result(_closed(err))
-
-    def next_check(self) -> float | None:
-        return min((c[2] for c in self._checks.values()), default=None)
-
-    def expire_checks(self, now: float) -> None:
-        for fd in [fd for fd, c in self._checks.items() if c[2] <= now]:
-            self._end_check(fd, None)
 
     def on_readable(self, sock: zmq.Socket | int) -> bool:
         """Read answers (or monitor events) from ``sock``; False if it is not ours."""
@@ -195,20 +209,13 @@ class Prober:
                 log.debug("bad answer from %s: %s", conn.url, exc)
                 continue
             conn.used = self._clock()
-            entry = self._callbacks.pop(header.msg_id, None)
-            if entry is not None and entry[0] is conn:
+            request = self._requests.pop(header.msg_id, None) or self._late.pop(header.msg_id,
+                                                                                 None)
+            if request is not None and request.conn is conn:
                 conn.waiting.discard(header.msg_id)
-                entry[1](body)
-                continue
-            late = self._late.pop(header.msg_id, None)
-            if late is not None and late[0] is conn and conn.used - late[2] <= LATE_ANSWER_S:
-                late[1](body)
+                self.rtt.sample(conn.used - request.sent)
+                request.on_answer(body)
         return True
-
-    def next_idle(self) -> float | None:
-        """When the next idle connection is due to close."""
-        times = [c.used for c in self._conns.values() if not (c.waiting or c.watched)]
-        return min(times) + PROBE_IDLE_S if times else None
 
     def close_idle(self, now: float) -> None:
         for conn in [c for c in self._conns.values()
@@ -284,10 +291,10 @@ class Prober:
                 break
         if seen & _AUTH:
             # ZeroMQ does not retry after a refusal: nothing will ever come back on it.
-            waiting = [self._callbacks.pop(i) for i in conn.waiting if i in self._callbacks]
+            waiting = [self._requests.pop(i) for i in conn.waiting if i in self._requests]
             self._close(conn)
-            for _, callback in waiting:
-                callback(REFUSED)
+            for request in waiting:
+                request.on_answer(REFUSED)
             self._on_refused(conn.url)
         elif seen & _LOST and conn.watched:
             self._on_lost(conn.url)
@@ -297,8 +304,12 @@ class Prober:
         self._by_sock.pop(conn.sock, None)
         self._poller.unregister(conn.sock)
         for msg_id in conn.waiting:
-            self._callbacks.pop(msg_id, None)
-        for msg_id in [i for i, late in self._late.items() if late[0] is conn]:
+            request = self._requests.pop(msg_id, None)
+            if request is not None:  # it can get no answer any more: it times out now
+                request.deadline = self._clock()
+                self._requests[msg_id] = request
+        conn.waiting.clear()
+        for msg_id in [i for i, late in self._late.items() if late.conn is conn]:
             del self._late[msg_id]
         self._by_sock.pop(conn.monitor, None)
         self._poller.unregister(conn.monitor)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeGuard
 
 from ..constants import MAX_GOSSIP, MAX_PIGGYBACK
 from ..core.records import NodeRecord, decode_txt, encode_txt, validate_node_name
-from ..core.swim import MAX_INCARNATION, Broadcasts, Kind, Update, refutes, transmit_limit
+from ..core.updates import MAX_INCARNATION, Broadcasts, Kind, Update, refutes, transmit_limit
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 if TYPE_CHECKING:
