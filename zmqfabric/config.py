@@ -11,6 +11,7 @@ import ifaddr
 from . import constants as C
 from .core.curve import KeySet
 from .core.records import validate_fabric_name
+from .core.swim import Timing
 from .errors import LocalProtocolError
 
 #: Environment variable naming the interface of the LAN scope (like ``--interface``).
@@ -103,6 +104,8 @@ class NodeConfig:
     keys: KeySet | None = None
     #: The fabric this node joins: nodes of other fabrics never see or reach it.
     fabric: str = C.DEFAULT_FABRIC
+    #: Liveness (SWIM) timers: probe period and timeouts, suspicion, gossip, formers.
+    liveness: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
         validate_fabric_name(self.fabric)

@@ -66,8 +66,10 @@ RECONNECT_IVL_MAX_MS = 2_000
 SERVICE_TYPE = "_zmqfabric._tcp.local."
 #: The fabric a node joins unless told otherwise; nodes of other fabrics are invisible to it.
 DEFAULT_FABRIC = "default"
-#: Record TTL (s): short, so a node that died without a goodbye expires from caches.
-RECORD_TTL_S = 15
+#: Record TTL (s): liveness comes from SWIM, not from records expiring. Browsers refresh a record
+#: at 75 % of its TTL and every node hears every refresh, so a short TTL costs O(N) packets per
+#: node (15 s: about 2 N / 11 per second). 75 min is the DNS-SD default (RFC 6762, section 10).
+RECORD_TTL_S = 4500
 #: Registering our record is local work in zeroconf's loop; more than this means it is stuck.
 REGISTER_TIMEOUT_S = 5.0
 #: After advertising, a node listens this long (s) for another live node of its name. Peers
@@ -92,12 +94,80 @@ HELLO_LINGER_MS = 250
 #: Largest hello body we accept (a TXT record's worth of text and some).
 MAX_HELLO_SIZE = 16 * 1024
 
-#: A peer whose control endpoint we cannot connect to within this (s) is treated as gone.
+# --- liveness (SWIM: see zmqfabric/core/swim.py) ---------------------------------------------
+#: Each node probes one member per period: a node's probing costs the same at 10 nodes or 1000.
+#: A killed node is noticed sooner: its probers' connections to it drop at once.
+PROBE_INTERVAL_S = 1.0
+#: A node takes turns probing the next PROBE_SPREAD members on a ring of node ids, over
+#: connections it keeps: each member has that many probers, a node that many probe connections.
+PROBE_SPREAD = 3
+#: A direct probe unanswered this long (s) is retried through INDIRECT_PROBES other members, who
+#: get twice as long; a member silent for the three is suspect. A loopback or LAN round trip
+#: takes under a millisecond; this leaves room for a busy peer.
+PROBE_TIMEOUT_S = 0.2
+#: ...unless answers take longer: the timeout follows the answer times seen (srtt + 4 rttvar, as
+#: TCP's), up to this (s). A suspect always gets SUSPICION_RTO_MULT such timeouts to refute.
+PROBE_TIMEOUT_MAX_S = 5.0
+#: ...and starts at this (s), before any answer was timed (TCP's initial RTO is 1 s).
+PROBE_TIMEOUT_INITIAL_S = 1.0
+SUSPICION_RTO_MULT = 4
+#: An answer that comes after its timeout still counts (and is timed) this long (s).
+LATE_ANSWER_S = 10.0
+#: A member that misses a probe, or whose kept connection drops, has its control port checked
+#: (a TCP connect): "refused" from its host means the process is gone, dead at once. A live host
+#: answers within a round trip; a silent one gets this long (s).
+PORT_CHECK_S = 0.2
+#: Members asked to probe a silent member for us: a broken path between two nodes alone does
+#: not make one suspect the other (SWIM's indirect probes; memberlist uses 3).
+INDIRECT_PROBES = 3
+#: A suspect has at least this long (s) times log10(fabric size) to refute before it is dead:
+#: 0.5 s up to 10 nodes, 1.2 s at 300. Gossip reaches every node in O(log N) periods.
+SUSPICION_S = 0.5
+#: A suspicion nobody confirms waits this many times longer (Lifeguard: independent
+#: confirmations shorten it to the minimum).
+SUSPICION_MAX_FACTOR = 3.0
+#: Independent confirmations that bring a suspicion down to its minimum time.
+SUSPICION_CONFIRMATIONS = 2
+#: While there is news, a node also sends it to its PROBE_SPREAD ring successors this often (s),
+#: besides piggybacking it on probes and answers: a death reaches 300 nodes in about four rounds.
+GOSSIP_INTERVAL_S = 0.1
+#: Each update goes out in RETRANSMIT_MULT * ceil(log10(N + 1)) messages (or rounds) from every
+#: node that knows it (memberlist: 4, over UDP; ours travel over TCP).
+RETRANSMIT_MULT = 3
+#: Updates carried by one probe or answer; by one gossip message.
+MAX_PIGGYBACK = 8
+MAX_GOSSIP = 32
+#: Updates waiting to be sent, and former members kept (bounded: a peer can make us hold them).
+MAX_BROADCASTS = 1024
+MAX_FORMERS = 1024
+#: A member found dead is a *former* this long (s) and is probed now and then, so a partition of
+#: up to this length heals as soon as the link is back (memberlist/Serf keep trying for 24 h).
+FORMER_KEEP_S = 3600.0
+#: Each node probes a random former this often (s), with probability FORMER_PROBERS / N: about
+#: that many probes per period reach the formers whatever the fabric's size.
+FORMER_PROBE_S = 0.5
+FORMER_PROBERS = 3
+#: Beyond FORMER_KEEP_S, mDNS finds a node again: about REQUERY_SENDERS nodes of the fabric send
+#: a PTR query every REQUERY_S (s), which every node missing from its known answers answers.
+REQUERY_S = 30.0
+REQUERY_SENDERS = 2
+#: Outgoing probe connections open at once; an idle one closes after PROBE_IDLE_S (s).
+MAX_PROBE_SOCKETS = 16
+PROBE_IDLE_S = 1.0
+#: Unknown nodes being verified at once (a hint is checked by probing the node itself), and how
+#: long (s) a node that did not answer is not tried again on another hint.
+MAX_VERIFYING = 64
+HINT_RETRY_S = 2.0
+#: A node leaving tells this many members (the mDNS goodbye tells the subnet at once).
+LEAVE_FANOUT = 3
+#: Lifeguard's local health: a node that misses probes or wakes up late stretches its own
+#: timers up to (1 + HEALTH_MAX) times, instead of declaring others dead.
+HEALTH_MAX = 8
+#: An unreachable peer is declared dead within about this long (s) in a small fabric: a probe
+#: period, the indirect probes and the longest suspicion.
 LIVENESS_CONNECT_TIMEOUT_S = 3.0
-#: A peer found dead is still watched this long (s), and comes back if it answers again.
-DEAD_FORGET_S = 60.0
-#: The housekeeping thread checks liveness deadlines this often (ms).
-LIVENESS_TICK_MS = 250
+#: The housekeeping thread sleeps at most this long (ms) between timer checks.
+LIVENESS_TICK_MS = 1000
 
 # --- verification: mDNS, hellos and introductions are hints; the peer itself is the truth ---
 #: A hint is verified by one control call to its advertiser; a real node answers in ms.

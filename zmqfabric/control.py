@@ -12,7 +12,9 @@ are at most MAX_CONTROL_MESSAGE bytes in all.
 The same socket receives the one-way gossip messages of membership (``hello``, ``peers``; see
 :mod:`zmqfabric.discovery.gossip`), which the control thread hands on without answering: hellos to
 ``Membership.accept_hello`` (validated there, in this thread), peer lists to the housekeeping
-thread. Liveness and gossip run in that thread (:mod:`zmqfabric.discovery.housekeeping`).
+thread. Liveness and gossip run in that thread (:mod:`zmqfabric.discovery.housekeeping`); the
+liveness ops (``probe``, ``probe-req``, ``probe-ack``; :mod:`zmqfabric.discovery.swim`) are
+answered here by its ``answer_probe``, which never blocks.
 
 :func:`control_call` (blocking, any thread) and :func:`control_call_async` (a coroutine) are
 the client side: one plan (see :mod:`zmqfabric.patterns.plan`), one fresh socket per call.
@@ -34,6 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .constants import CONTROL_TIMEOUT_S, MAX_CONTROL_MESSAGE, THREAD_JOIN_TIMEOUT_S
 from .core import wire
 from .core.records import EndpointKind, NodeRecord, encode_txt
+from .discovery.swim import OPS as PROBE_OPS
 from .errors import (
     AuthorizationError,
     ClosedError,
@@ -79,8 +82,9 @@ class ControlServer:
 
     The constructor binds the endpoint; ``start()`` starts the thread; ``stop()`` (idempotent,
     any thread) stops and joins it and closes the endpoint. ``on_hello(body, peer_address)``
-    takes a peer's introduction and ``on_peers(peers)`` a peer's list of control URLs; both are
-    called in the control thread and must not block it.
+    takes a peer's introduction and ``on_peers(peers)`` a peer's list of control URLs;
+    ``on_probe(body, peer_address, peer_key)`` answers a liveness op (the reply body, or None:
+    no reply). All are called in the control thread and must not block it.
     """
 
     def __init__(
@@ -88,10 +92,12 @@ class ControlServer:
         runtime: NodeRuntime,
         on_hello: Callable[[dict[str, Any], str | None], None],
         on_peers: Callable[[object], None],
+        on_probe: Callable[[dict[str, Any], str | None, str | None], dict[str, Any] | None],
     ) -> None:
         self._node = runtime
         self._on_hello = on_hello
         self._on_peers = on_peers
+        self._on_probe = on_probe
         self._endpoint = ControlEndpoint(runtime, self._answer)
         #: Nothing is posted here: the inbox only wakes the thread to stop.
         self._inbox = Inbox()
@@ -152,6 +158,13 @@ class ControlServer:
         if op == "peers":
             self._on_peers(body.get("peers"))
             return
+        if op in PROBE_OPS:
+            last = zframes[-1]
+            key = _property(last, "User-Id") if self._node.config.keys is not None else None
+            answer = self._on_probe(body, _property(last, "Peer-Address"), key or None)
+            if answer is not None and header.msg_id:  # id 0: one-way, no reply
+                self._endpoint.reply(route, header.msg_id, answer)
+            return
         try:
             result = self._answer(op)
         except LocalProtocolError as exc:
@@ -186,6 +199,15 @@ def _recv_bounded(sock: zmq.Socket) -> list[zmq.Frame] | None:
                           MAX_CONTROL_MESSAGE)
             return None
     return frames
+
+
+def _property(frame: zmq.Frame, name: str) -> str | None:
+    """A message property (``Peer-Address``; ``User-Id``: the client's key on a CURVE socket)."""
+    try:
+        value = frame.get(name)
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:

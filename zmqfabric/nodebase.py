@@ -269,9 +269,10 @@ class NodeBase:
                             self.name, self.config.scope.interface,
                             extra={"zf_event": "unsecured_lan"})
             self._discovery.start(self.name)
-            self._housekeeping = Housekeeping(rt)
+            self._housekeeping = Housekeeping(rt, self._discovery)
             self._control = ControlServer(
-                rt, self._membership.accept_hello, self._housekeeping.accept_peers
+                rt, self._membership.accept_hello, self._housekeeping.accept_peers,
+                self._housekeeping.answer_probe,
             )
             self._membership.attach(self._housekeeping)
             if rt.metrics is not None:
@@ -342,7 +343,10 @@ class NodeBase:
         return True
 
     def _close_discovery(self) -> None:
-        """Goodbye first, so peers stop sending to us. Blocks ~250 ms; thread-safe."""
+        """Goodbye first, so peers stop sending to us (and liveness says "left" and stops
+        probing, so that nobody takes us back). Blocks ~250 ms; thread-safe."""
+        if self._housekeeping is not None:
+            self._housekeeping.leave()
         self._discovery.close()
 
     def _close_local(self) -> None:

@@ -13,8 +13,8 @@ peer's control endpoint (request frames that get no reply):
   A node enters a directory only through its own hello or mDNS record, never on another's word,
   and those are hints too: verified with the node itself (:mod:`.verify`).
 
-Everything here runs in the housekeeping thread (:mod:`.housekeeping`), which owns the sockets:
-the short-lived ones that carry a message, and the liveness connections of :class:`PeerWatch`.
+Everything here runs in the housekeeping thread (:mod:`.housekeeping`), which owns the
+short-lived sockets that carry these messages.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from ..core import wire
 from ..core.curve import is_public_key
 from ..core.records import NodeRecord, address_in_scope, encode_txt
 from ..errors import FabricError
-from .liveness import PeerWatch
 
 if TYPE_CHECKING:
     from .local import LocalNode
@@ -54,11 +53,8 @@ _TCP_URL = re.compile(r"tcp://[0-9.]{7,15}:[0-9]{1,5}\Z")
 class Gossip:
     """Sends hellos and peer lists. Owned by the housekeeping thread; not thread-safe."""
 
-    def __init__(
-        self, node: LocalNode, peers: PeerWatch, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, node: LocalNode, clock: Callable[[], float] = time.monotonic) -> None:
         self._node = node
-        self._peers = peers
         self._clock = clock
         self._seeds = [peer_url(peer) for peer in node.config.peers]  # (url, CURVE key)
         self._next_seeding = 0.0
@@ -69,11 +65,8 @@ class Gossip:
         self._send_hello(url, key)
 
     def greet(self, record: NodeRecord) -> None:
-        """Introduce ourselves to a newcomer over its liveness connection (delivered whenever it
-        comes up), or a fresh one if it is not watched."""
-        if not self._node.advertised or record.control is None:
-            return
-        if not self._peers.send(record.name, _frames(self._hello())):
+        """Introduce ourselves to a newcomer."""
+        if self._node.advertised and record.control is not None:
             self._send_hello(record.url(record.control), record.curve_key)
 
     def share(self, record: NodeRecord) -> None:
@@ -112,7 +105,6 @@ class Gossip:
             node.counters.add("refused_peer_lists")
             return
         known = {r.url(r.control) for r in node.directory.records() if r.control}
-        seeded = bool(node.config.peers)
         for item in peers:
             if not (isinstance(item, list) and len(item) == 2):
                 continue
@@ -122,23 +114,12 @@ class Gossip:
                 and url not in known
                 and _TCP_URL.match(url)
                 and (key is None or (isinstance(key, str) and is_public_key(key)))
-                and (seeded or self._in_scope(url))
+                and in_scope(node, url)
             ):
                 if self._introductions.admit(url, self._clock()):
                     self._send_hello(url, key)
                 else:
                     node.counters.add("introductions_dropped")
-
-    def _in_scope(self, url: str) -> bool:
-        """A node of this host's scope only greets loopback addresses: a peer list must not make
-        it reach out to other hosts. LAN nodes greet the other subnets their peers know."""
-        if not self._node.config.scope.is_local:
-            return True
-        host = url[len("tcp://"):].rsplit(":", 1)[0]
-        try:
-            return address_in_scope(host, self._node.config.scope.networks)
-        except ValueError:
-            return False
 
     def _hello(self) -> dict[str, Any]:
         record = self._node.record
@@ -161,6 +142,19 @@ class Gossip:
             log.debug("cannot send %s to %s: %s", body.get("op"), url, exc)
         finally:
             sock.close(HELLO_LINGER_MS)
+
+
+def in_scope(node: LocalNode, url: str) -> bool:
+    """Whether a peer's word may make ``node`` reach out to ``url``: a node of this host's scope
+    only reaches loopback addresses (unless it has seed peers); LAN nodes reach the other
+    subnets their peers know."""
+    if not node.config.scope.is_local or node.config.peers:
+        return True
+    host = url[len("tcp://"):].rsplit(":", 1)[0]
+    try:
+        return address_in_scope(host, node.config.scope.networks)
+    except ValueError:
+        return False
 
 
 def _frames(body: dict[str, Any]) -> list[bytes]:

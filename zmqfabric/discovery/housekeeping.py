@@ -4,21 +4,25 @@ Membership reacts to the directory in discovery's thread (and the control thread
 which must never touch a socket. So it posts what it wants done to this thread, which owns the
 sockets involved:
 
-- liveness (:class:`~.liveness.PeerWatch`): one heartbeating DEALER per peer's control endpoint
-  and its monitor, read when they have events; time-based checks every LIVENESS_TICK_MS;
-- gossip (:class:`~.gossip.Gossip`): hellos and peer lists, from short-lived sockets or over the
-  liveness connections; seed peers greeted again every SEED_RETRY_S.
+- liveness (:class:`~.liveness.Liveness`): SWIM probes and gossip over short-lived connections to
+  peers' control endpoints; the thread sleeps until the next of its timers (a probe period, a
+  timeout, a suspicion running out), at most LIVENESS_TICK_MS;
+- gossip (:class:`~.gossip.Gossip`): hellos and peer lists, from short-lived sockets; seed peers
+  greeted again every SEED_RETRY_S.
 
 A node runs this thread beside its control thread (``zmqfabric.control``), which owns only the
-control socket: a slow ``stats`` answer cannot delay a dead peer's removal, and a burst of
-monitor events cannot delay a ping.
+control socket and hands the liveness ops it receives to :meth:`Housekeeping.answer_probe`: a
+slow ``stats`` answer cannot delay a dead peer's removal, and a burst of gossip cannot delay a
+ping.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -27,7 +31,7 @@ from ..core.records import NodeRecord
 from ..stats import RateLimitedLog
 from ..transport.inbox import Inbox
 from .gossip import Gossip
-from .liveness import PeerWatch
+from .liveness import Liveness, Rediscovery
 
 if TYPE_CHECKING:
     from .local import LocalNode
@@ -37,20 +41,21 @@ _rlog = RateLimitedLog(log)
 
 
 class Housekeeping:
-    """Owns the housekeeping thread, its poller, :class:`PeerWatch` and :class:`Gossip`.
+    """Owns the housekeeping thread, its poller, :class:`Liveness` and :class:`Gossip`.
 
     Allocates only; ``start()`` opens the inbox and starts the thread, ``stop()`` (idempotent)
-    stops and joins it, closing every socket it owns. The other methods are thread-safe: they
-    post to the thread's inbox and return at once (dropped once stopping). They are what
-    :class:`~.membership.Membership` asks for (its ``Introducer``).
+    tells a few members that we leave, stops and joins the thread, closing every socket it owns.
+    ``discovery`` is where verified peers are admitted and lost ones forgotten. The other
+    methods are thread-safe: they post to the thread's inbox and return at once (dropped once
+    stopping). They are what :class:`~.membership.Membership` asks for (its ``Introducer``).
     """
 
-    def __init__(self, node: LocalNode) -> None:
+    def __init__(self, node: LocalNode, discovery: Rediscovery) -> None:
         self._node = node
         self._inbox = Inbox()
         self._poller = zmq.Poller()
-        self._peers = PeerWatch(node, self._poller)
-        self._gossip = Gossip(node, self._peers)
+        self._liveness = Liveness(node, self._poller, discovery, self._inbox.post)
+        self._gossip = Gossip(node)
         self._stopping = False
         self._thread = threading.Thread(
             target=self._run, name=f"zmqfabric-housekeeping-{node.name}"
@@ -80,17 +85,17 @@ class Housekeeping:
             self._inbox.post(self._gossip.introduce, url, key)
 
     def watch(self, record: NodeRecord) -> None:
-        """Start watching a peer's liveness (or take its newer record)."""
+        """A peer joined the directory (or its record changed): a member to probe."""
         if not self._stopping:
-            self._inbox.post(self._peers.watch, record)
+            self._inbox.post(self._liveness.join, record)
 
     def unwatch(self, record: NodeRecord) -> None:
-        """Stop watching a peer that left cleanly."""
+        """A peer left the directory."""
         if not self._stopping:
-            self._inbox.post(self._peers.unwatch, record.name, record.node_id)
+            self._inbox.post(self._liveness.leave, record)
 
     def greet(self, record: NodeRecord) -> None:
-        """Introduce ourselves to a newcomer over its watch connection."""
+        """Introduce ourselves to a newcomer."""
         if not self._stopping:
             self._inbox.post(self._gossip.greet, record)
 
@@ -105,23 +110,38 @@ class Housekeeping:
         if not self._stopping:
             self._inbox.post(self._gossip.accept_peers, peers)
 
+    def leave(self) -> None:
+        """The node is leaving: tell a few members, stop probing, stop answering (so that no
+        peer admits us again while we close)."""
+        self._liveness.local.leaving = True
+        if not self._stopping:
+            self._inbox.post(self._liveness.leave_fabric)
+
+    def answer_probe(self, body: dict[str, Any], address: str | None,
+                     key: str | None) -> dict[str, Any] | None:
+        """Answer a liveness op (control thread; see :class:`~.swim.Responder`)."""
+        return self._liveness.responder.answer(body, address, key)
+
     # --- the thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        inbox, peers, fd = self._inbox, self._peers, self._inbox.fd
+        inbox, liveness, fd = self._inbox, self._liveness, self._inbox.fd
         try:
             while not self._stopping:
-                events = inbox.poll(self._poller, LIVENESS_TICK_MS)
+                wait = liveness.next_deadline() - time.monotonic()
+                timeout = min(LIVENESS_TICK_MS, max(0, math.ceil(wait * 1000)))
+                events = inbox.poll(self._poller, timeout)
                 try:
                     inbox.run_pending()
                     self._gossip.reseed()
                     for sock in events:
                         if sock != fd:
-                            peers.on_monitor(sock)
-                    peers.tick()
+                            liveness.on_readable(sock)
+                    liveness.tick()
                 except Exception:  # a bug here must not end liveness for the node's lifetime
                     self._node.counters.add("housekeeping_errors")
                     _rlog.exception("housekeeping", "%s: error in the housekeeping thread",
                                     self._node.name)
+            liveness.leave_fabric()
         finally:
-            peers.close()
+            liveness.close()

@@ -17,12 +17,15 @@ import time
 from typing import Any, Callable
 
 from zeroconf import (
+    DNSOutgoing,
+    DNSQuestion,
     DNSQuestionType,
     IPVersion,
     ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
+    current_time_millis,
 )
 
 from ..config import NodeConfig
@@ -50,6 +53,8 @@ from .quickquery import QuickQuery, ask_now
 from .verify import Verifier
 
 log = logging.getLogger(__name__)
+#: DNS record type PTR and class IN (RFC 1035).
+_PTR, _IN = 12, 1
 
 
 class Discovery:
@@ -162,6 +167,30 @@ class Discovery:
             zc = self._zc
         if info is not None and zc is not None:
             zc.unregister_service(info)
+
+    def forget(self, record: NodeRecord) -> None:
+        """Drop ``record``'s node from zeroconf's cache (liveness found it dead long ago and
+        stopped looking for it; a killed node sends no goodbye), so that its next announcement
+        or answer is news (a new "added") if it comes back. Thread-safe."""
+        zc = self._zc
+        if zc is not None and zc.loop is not None:
+            names = (instance_name(record.name, record.node_id), server_name(record.node_id))
+            zc.loop.call_soon_threadsafe(_forget, zc, names)
+
+    def reverify(self, record: NodeRecord) -> None:
+        """Liveness dropped ``record``'s node: forget that its record was verified, so that the
+        same record heard again (the node is back after a partition) is verified and admitted
+        again instead of being skipped as known. Thread-safe."""
+        if self._verifier is not None:
+            self._verifier.forget(record.name, record.node_id)
+
+    def requery(self) -> None:
+        """Ask the subnet for every node, listing the ones cached here as known answers: only
+        nodes missing here answer (those we lost and forgot, back after a partition). Thread-safe.
+        """
+        zc = self._zc
+        if zc is not None and zc.loop is not None:
+            zc.loop.call_soon_threadsafe(_requery, zc)
 
     def close(self) -> None:
         with self._lock:
@@ -348,3 +377,26 @@ def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
 
     assert zc.loop is not None
     asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
+
+
+def _forget(zc: Zeroconf, names: tuple[str, str]) -> None:
+    """Zeroconf's loop: remove the PTR, SRV, TXT and address records of one instance."""
+    cache = zc.cache
+    instance, server = names
+    stale = [r for r in cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN)
+             if getattr(r, "alias", None) == instance]
+    stale += cache.async_entries_with_name(instance) + cache.async_entries_with_name(server)
+    cache.async_remove_records(stale)
+
+
+def _requery(zc: Zeroconf) -> None:
+    """Zeroconf's loop: one multicast PTR query with the cached answers as known answers."""
+    if zc.done:
+        return
+    now = current_time_millis()
+    out = DNSOutgoing(0)  # flags 0: a query
+    out.add_question(DNSQuestion(SERVICE_TYPE, _PTR, _IN))
+    for record in zc.cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN):
+        if not record.is_stale(now):
+            out.add_answer_at_time(record, now)
+    zc.async_send(out)

@@ -1,0 +1,437 @@
+"""SWIM membership without IO: who is alive, suspect or dead, and what to gossip about it.
+
+The protocol is SWIM (Das, Gupta, Motivala 2002) with the Lifeguard refinements that HashiCorp's
+memberlist uses (Dadgar et al. 2018):
+
+- each protocol period a node probes one member; on a miss (``probe_timeout_s``) it asks
+  ``indirect_probes`` others to probe it; with no answer within three times ``probe_timeout_s``
+  the member becomes *suspect*;
+- a suspect that does not refute in time is *dead*. The time allowed scales with log10 of the
+  fabric's size, and shrinks from ``suspicion_max_factor`` times that to it as other members
+  independently confirm the suspicion (Lifeguard's dynamic suspicion);
+- a member refutes by raising its *incarnation*: ``alive(n)`` overrides ``suspect(m)`` and
+  ``dead(m)`` for n > m, and only the member itself ever raises its own number;
+- updates travel as gossip piggybacked on probes and their answers, each retransmitted about
+  ``retransmit_mult * log10(N + 1)`` times, the least sent first.
+
+What is not SWIM: a node does not pick a random member to probe, nor random members to gossip
+to. Members sit on PROBE_SPREAD rings, each ordered by its own hash of the node ids (as in
+Rapid, Suresh et al. 2018); a node probes its successor on ring ``r mod PROBE_SPREAD`` in period
+``r`` (periods follow the wall clock, so every node uses the same ring in a period and every
+member is probed by exactly one node each period: a random choice leaves a member unprobed with
+probability 1/e, and 30 dead nodes are then all found only after about four periods), and sends
+its news to its successors on all rings. So a node keeps PROBE_SPREAD connections open and
+reuses them, and news crosses the union of the rings, a random graph of degree 2 * PROBE_SPREAD,
+in O(log N) hops. Members that die become *formers*: kept for ``former_keep_s`` and probed now
+and then, so a partition heals when the link comes back.
+
+The updates and their queue: :mod:`.updates`.
+
+Trust: gossip is a hint. An ``alive`` update about a node this node does not hold as a member
+never admits it: it asks the caller to verify the node directly (:attr:`Effects.verify`).
+Suspicions, deaths and leaves are taken from gossip, and refuted by the node concerned.
+
+Pure: no IO, threads or clock; every method takes ``now`` (monotonic seconds). Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+import random
+from dataclasses import dataclass, field
+
+from .. import constants as C
+from ..errors import LocalProtocolError
+from .records import NodeRecord
+from .updates import Kind, Update
+
+__all__ = ["Effects", "Kind", "Member", "Members", "RoundTrip", "State", "Timing", "Update"]
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The liveness timers of a node (``NodeConfig.liveness``); defaults in constants."""
+
+    probe_interval_s: float = C.PROBE_INTERVAL_S
+    probe_timeout_s: float = C.PROBE_TIMEOUT_S
+    indirect_probes: int = C.INDIRECT_PROBES
+    suspicion_s: float = C.SUSPICION_S
+    suspicion_max_factor: float = C.SUSPICION_MAX_FACTOR
+    confirmations: int = C.SUSPICION_CONFIRMATIONS
+    gossip_interval_s: float = C.GOSSIP_INTERVAL_S
+    retransmit_mult: int = C.RETRANSMIT_MULT
+    former_keep_s: float = C.FORMER_KEEP_S
+    former_probe_s: float = C.FORMER_PROBE_S
+    requery_s: float = C.REQUERY_S
+
+    def __post_init__(self) -> None:
+        times = (self.probe_interval_s, self.probe_timeout_s, self.suspicion_s,
+                 self.gossip_interval_s, self.former_keep_s, self.former_probe_s, self.requery_s)
+        if min(times) <= 0 or self.probe_timeout_s * 3 > self.probe_interval_s:
+            raise LocalProtocolError("liveness timers must be > 0, probe_timeout_s <= interval/3")
+        if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,
+                                                self.retransmit_mult) < 0:
+            raise LocalProtocolError("suspicion_max_factor must be >= 1, counts >= 0")
+
+
+class State(enum.Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+@dataclass(slots=True)
+class Member:
+    """A node this node holds: a member (alive, suspect) or a former one (dead)."""
+
+    record: NodeRecord
+    url: str
+    state: State = State.ALIVE
+    inc: int = 0
+    since: float = 0.0
+    #: Suspect: node ids that suspect it (the first is who started it). Dead: unused.
+    suspecters: list[str] = field(default_factory=list)
+    #: The peer refused our key in the handshake: alive, not ours to probe.
+    refused: bool = False
+    #: The incarnation at which we last found it dead (-1: never). It came back since, so
+    #: suspicions and deaths at that incarnation or older are old news.
+    buried: int = -1
+    #: We learned its incarnation from it (an answer, its ``alive``), not only from its record:
+    #: until then an accusation may be about an incarnation it already refuted.
+    known: bool = False
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
+    def update(self, kind: Kind, me: str) -> Update:
+        origin = me if kind is Kind.SUSPECT else ""
+        return Update(kind, self.node_id, self.inc, self.record.name, self.url,
+                      self.record.curve_key, origin)
+
+
+@dataclass(slots=True)
+class Effects:
+    """What the caller must do after a call: gossip ``gossip``; remove ``removed`` from the
+    directory (the dead ones are kept as formers); verify ``verify`` directly (alive updates
+    about nodes we do not hold); maybe probe ``confirm`` now, each member accused at the
+    incarnation given (new suspects: a probe that fails is an independent confirmation); and
+    let discovery find ``forgotten`` (formers no longer looked for) again by itself."""
+
+    gossip: list[Update] = field(default_factory=list)
+    removed: list[tuple[Member, str]] = field(default_factory=list)
+    verify: list[Update] = field(default_factory=list)
+    confirm: list[tuple[Member, int]] = field(default_factory=list)
+    forgotten: list[Member] = field(default_factory=list)
+
+
+class RoundTrip:
+    """How long answers take, as TCP estimates it (Jacobson/Karels: smoothed time and mean
+    deviation), and the timeout that follows: on a loaded host answers slow down, and so do our
+    verdicts, instead of turning slowness into deaths."""
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def timeout(self, floor: float, ceiling: float, initial: float) -> float:
+        """srtt + 4 * rttvar, within [floor, ceiling]; ``initial`` before any answer came (as
+        TCP starts at 1 s: a node that just started knows nothing of its peers' load)."""
+        if self.srtt is None:
+            return initial
+        return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
+
+
+_M64 = 2**64 - 1
+
+
+def ring_key(ring: int, node_id: str) -> int:
+    """Where ``node_id`` sits on ring ``ring``: splitmix64 of the id and the ring's number, the
+    same in every process (unlike ``hash``)."""
+    z = (int(node_id, 16) + (ring + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+class Rings:
+    """``count`` rings of node ids, each in its own pseudo-random order, kept sorted as members
+    come and go (O(log N) to find, one list insert each)."""
+
+    def __init__(self, me: str, count: int) -> None:
+        self._me = me
+        self._rings: list[list[tuple[int, str]]] = [[(ring_key(j, me), me)] for j in range(count)]
+
+    def add(self, node_id: str) -> None:
+        for j, ring in enumerate(self._rings):
+            entry = (ring_key(j, node_id), node_id)
+            at = bisect.bisect_left(ring, entry)
+            if at == len(ring) or ring[at] != entry:
+                ring.insert(at, entry)
+
+    def remove(self, node_id: str) -> None:
+        for j, ring in enumerate(self._rings):
+            entry = (ring_key(j, node_id), node_id)
+            at = bisect.bisect_left(ring, entry)
+            if at < len(ring) and ring[at] == entry:
+                del ring[at]
+
+    def successors(self) -> list[str]:
+        """Our successor on each ring (empty while we are alone)."""
+        out = []
+        for j, ring in enumerate(self._rings):
+            if len(ring) > 1:
+                at = bisect.bisect_left(ring, (ring_key(j, self._me), self._me))
+                out.append(ring[(at + 1) % len(ring)][1])
+        return out
+
+
+class Members:
+    """The member table of node ``me`` (its node id). See the module docstring."""
+
+    def __init__(self, me: str, timing: Timing, rng: random.Random | None = None) -> None:
+        self.me = me
+        self.timing = timing
+        self.rng = rng or random.Random()
+        self._members: dict[str, Member] = {}
+        self._formers: dict[str, Member] = {}
+        self._rings = Rings(me, C.PROBE_SPREAD)  # of the members we probe (not refused)
+        #: The least time (s) a suspect gets, whatever N: set from the answer times seen.
+        self.floor = 0.0
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Members (alive and suspect), not counting this node."""
+        return len(self._members)
+
+    def get(self, node_id: str) -> Member | None:
+        return self._members.get(node_id)
+
+    def former(self, node_id: str) -> Member | None:
+        return self._formers.get(node_id)
+
+    def formers(self) -> int:
+        return len(self._formers)
+
+    def alive_ids(self) -> frozenset[str]:
+        return frozenset(i for i, m in self._members.items() if m.state is State.ALIVE)
+
+    def suspects(self) -> list[Member]:
+        return [m for m in self._members.values() if m.state is State.SUSPECT]
+
+    # --- the directory ---------------------------------------------------------------------------
+
+    def join(self, record: NodeRecord, url: str, now: float, inc: int | None = None) -> Member:
+        """``record``'s node is in the directory: a member (again), alive at ``inc`` (what the
+        node told us, if it did) or above what we knew."""
+        known = self._members.get(record.node_id) or self._formers.pop(record.node_id, None)
+        if known is None:
+            member = Member(record, url, State.ALIVE, inc or 0, now, known=inc is not None)
+        else:
+            member = known
+            member.record, member.url = record, url
+            if member.state is State.DEAD:
+                member.state, member.since, member.suspecters = State.ALIVE, now, []
+                member.buried = member.inc
+            if inc is not None:
+                member.inc, member.known = max(member.inc, inc), True
+        if record.node_id not in self._members:
+            self._members[record.node_id] = member
+            if not member.refused:
+                self._rings.add(record.node_id)
+        return member
+
+    def leave(self, node_id: str) -> Member | None:
+        """``node_id`` left the directory. Members that we found dead are already formers;
+        one that was still a member here left cleanly (a goodbye): it is dropped and returned
+        (gossip its leave: whoever missed the goodbye learns it so)."""
+        member = self._members.pop(node_id, None)
+        if member is not None:
+            self._rings.remove(node_id)
+        return member
+
+    # --- probing -------------------------------------------------------------------------------
+
+    def targets(self) -> list[Member]:
+        """The members this node probes in turn and gossips to: its successor on each ring
+        (each one once)."""
+        return [self._members[i] for i in dict.fromkeys(self._rings.successors())]
+
+    def target(self, round_no: int) -> Member | None:
+        """The member to probe in period ``round_no``: our successor on ring ``round_no`` mod
+        PROBE_SPREAD. Every node uses the same ring in a period, so every member is probed by
+        exactly one node (its predecessor on that ring)."""
+        successors = self._rings.successors()
+        return self._members[successors[round_no % len(successors)]] if successors else None
+
+    def helpers(self, exclude: str, count: int) -> list[Member]:
+        """Up to ``count`` random members (not ``exclude``) to probe a member for us."""
+        pool = [m for i, m in self._members.items() if i != exclude and not m.refused
+                and m.state is State.ALIVE]
+        return self.rng.sample(pool, min(count, len(pool)))
+
+    def random_former(self) -> Member | None:
+        if not self._formers:
+            return None
+        return self._formers[self.rng.choice(list(self._formers))]
+
+    def acked(self, node_id: str, inc: int, now: float) -> Effects:
+        """``node_id`` answered us at incarnation ``inc`` (directly, or through a helper)."""
+        out = Effects()
+        member = self._members.get(node_id)
+        if member is None or inc < member.inc:
+            return out
+        if member.state is State.SUSPECT and inc > member.inc:
+            member.state, member.since, member.suspecters = State.ALIVE, now, []
+            member.inc = inc
+            out.gossip.append(member.update(Kind.ALIVE, self.me))  # its refutation, relayed
+        member.inc = inc
+        member.refused = False
+        member.known = True
+        return out
+
+    def refused(self, node_id: str) -> None:
+        """``node_id`` refused our key: alive, but we stop probing it."""
+        member = self._members.get(node_id)
+        if member is not None and not member.refused:
+            member.refused = True
+            self._rings.remove(node_id)
+
+    def failed(self, node_id: str, now: float) -> Effects:
+        """Neither ``node_id`` nor anyone we asked got an answer from it within a period."""
+        out = Effects()
+        member = self._members.get(node_id)
+        if member is None:
+            return out
+        if member.state is State.ALIVE:
+            self._suspect(member, self.me, now)
+        elif self.me in member.suspecters:
+            return out
+        else:
+            member.suspecters.append(self.me)  # we confirm someone else's suspicion
+        out.gossip.append(member.update(Kind.SUSPECT, self.me))
+        return out
+
+    def dead(self, node_id: str, now: float) -> Effects:
+        """``node_id`` is dead for certain (nothing listens at its address any more: its process
+        is gone, it cannot refute): no suspicion."""
+        out = Effects()
+        member = self._members.get(node_id)
+        if member is not None:
+            self._remove(member, Kind.DEAD, now, out)
+            out.gossip.append(member.update(Kind.DEAD, self.me))
+        return out
+
+    # --- gossip --------------------------------------------------------------------------------
+
+    def apply(self, update: Update, now: float) -> Effects:
+        """Take one update heard from a peer. Updates about this node are the caller's to
+        refute (see :func:`refutes`); they are ignored here.
+
+        A suspicion about a member whose incarnation we never heard from it (it joined our
+        table from its record) starts no timer here: it may be about an incarnation the member
+        already refuted before we knew it. It only asks for a confirmation probe, whose failure
+        makes it our own suspicion. Deaths are taken as they come (the member refutes)."""
+        out = Effects()
+        if update.node_id == self.me:
+            return out
+        member = self._members.get(update.node_id)
+        if member is None:
+            former = self._formers.get(update.node_id)
+            if former is not None and update.kind is Kind.LEFT and update.inc >= former.inc:
+                del self._formers[update.node_id]  # gone for good: stop looking for it
+            elif update.kind is Kind.ALIVE and update.url and (
+                former is None or update.inc > former.inc
+            ):
+                out.verify.append(update)
+            return out
+        if update.inc < member.inc or (update.kind in (Kind.SUSPECT, Kind.DEAD)
+                                       and update.inc <= member.buried):
+            return out
+        if update.kind is Kind.SUSPECT and not member.known and member.state is State.ALIVE:
+            out.confirm.append((member, update.inc))
+            return out
+        if update.kind is Kind.ALIVE:
+            member.known = True
+            if update.inc > member.inc:
+                member.inc = update.inc
+                if member.state is State.SUSPECT:
+                    member.state, member.since, member.suspecters = State.ALIVE, now, []
+                out.gossip.append(update)
+        elif update.kind is Kind.SUSPECT:
+            origin = update.origin or update.node_id
+            if member.state is State.ALIVE or update.inc > member.inc:
+                member.inc = update.inc
+                self._suspect(member, origin, now)
+                out.gossip.append(update)
+                out.confirm.append((member, update.inc))
+            elif origin not in member.suspecters:  # an independent confirmation
+                member.suspecters.append(origin)
+                out.gossip.append(update)
+        else:
+            member.inc = update.inc
+            self._remove(member, update.kind, now, out)
+            out.gossip.append(update)
+        return out
+
+    # --- time ----------------------------------------------------------------------------------
+
+    def suspicion_timeout(self, confirmations: int) -> float:
+        """Lifeguard: from max down to min as confirmations come in; min scales with
+        log10(N) and is at least :attr:`floor`."""
+        t = self.timing
+        n = len(self._members) + 1
+        low = max(t.suspicion_s * max(1.0, math.log10(n)), self.floor)
+        high = low * t.suspicion_max_factor
+        expected = min(t.confirmations, max(0, n - 2))
+        if expected < 1:
+            timeout = low
+        else:
+            frac = math.log(confirmations + 1) / math.log(expected + 1)
+            timeout = max(low, high - frac * (high - low))
+        return timeout
+
+    def deadline(self, member: Member) -> float:
+        return member.since + self.suspicion_timeout(len(member.suspecters) - 1)
+
+    def expire(self, now: float) -> Effects:
+        """Suspects whose time ran out die; formers kept long enough are forgotten."""
+        out = Effects()
+        for member in self.suspects():
+            if now >= self.deadline(member):
+                self._remove(member, Kind.DEAD, now, out)
+                out.gossip.append(member.update(Kind.DEAD, self.me))
+        keep = self.timing.former_keep_s
+        for node_id in [i for i, f in self._formers.items() if now - f.since > keep]:
+            out.forgotten.append(self._formers.pop(node_id))
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` has work next (suspects only; formers are not urgent)."""
+        times = [self.deadline(m) for m in self.suspects()]
+        return min(times) if times else None
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _suspect(self, member: Member, origin: str, now: float) -> None:
+        member.state, member.since, member.suspecters = State.SUSPECT, now, [origin]
+
+    def _remove(self, member: Member, kind: Kind, now: float, out: Effects) -> None:
+        del self._members[member.node_id]
+        self._rings.remove(member.node_id)
+        if kind is Kind.DEAD:
+            member.state, member.since, member.suspecters = State.DEAD, now, []
+            self._formers[member.node_id] = member
+            while len(self._formers) > C.MAX_FORMERS:
+                oldest = min(self._formers.values(), key=lambda f: f.since)
+                out.forgotten.append(self._formers.pop(oldest.node_id))
+        out.removed.append((member, "left" if kind is Kind.LEFT else "dead"))

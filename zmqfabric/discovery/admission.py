@@ -1,0 +1,144 @@
+"""Admission by liveness: a node it learns of second-hand is admitted only on its own word.
+
+Liveness hears of nodes it does not hold as members: an ``alive`` update in gossip (a node that
+refuted, or that another member found again after a partition), the ``from`` of a probe sent by a
+stranger, a former member that probes us. Each is a hint. :meth:`Admission.verify` probes the
+node at the hinted control URL and asks for its record (``rec``); over a secured fabric that
+connection is a CURVE client of the hinted key, so only the holder of that key can answer. The
+record in the answer must be the answering node's own (its id, and a control port that is the one
+we reached) and goes to discovery like any record that came straight from its node
+(:meth:`Rediscovery.accept` with ``direct=True``: fabric, keys and name conflicts are checked
+there).
+
+Formers (members found dead) are looked for now and then (:meth:`Admission.look_for_former`):
+about FORMER_PROBERS probes per FORMER_PROBE_S fabric-wide, so the cost does not grow with the
+fabric, and a node that answers is admitted again and announced (``alive``) to the others, who
+verify it in turn.
+
+Housekeeping thread only. Bounded: MAX_VERIFYING verifications at once; a URL that did not answer
+is not tried again on a hint for HINT_RETRY_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from ..constants import FORMER_PROBERS, HINT_RETRY_S, MAX_PIGGYBACK, MAX_VERIFYING
+from ..core.records import NodeRecord
+from ..core.swim import Kind, Member, Members, Update
+from ..errors import RemoteProtocolError
+from .gossip import in_scope
+from .swim import Local, decode_record, is_inc
+
+if TYPE_CHECKING:
+    from .local import LocalNode
+
+log = logging.getLogger(__name__)
+
+#: ``ask(url, key, body, timeout, on_answer, on_timeout) -> sent``: a request to a control URL.
+Ask = Callable[..., bool]
+
+
+class Rediscovery(Protocol):
+    """What liveness asks of discovery (thread-safe, returning at once)."""
+
+    def accept(self, record: NodeRecord, *, direct: bool = False) -> None: ...
+    def forget(self, record: NodeRecord) -> None: ...
+    def requery(self) -> None: ...
+
+
+class Admission:
+    """Verifies hinted nodes and formers, and admits those that answer. Not thread-safe."""
+
+    def __init__(self, node: LocalNode, members: Members, local: Local, ask: Ask,
+                 gossip: Callable[[object], None], discovery: Rediscovery,
+                 join: Callable[[NodeRecord], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``ask`` sends requests, ``gossip`` takes the gossip of an answer, ``join`` makes an
+        admitted node a member."""
+        self._node = node
+        self._members = members
+        self._local = local
+        self._ask = ask
+        self._gossip = gossip
+        self._discovery = discovery
+        self._join = join
+        self._clock = clock
+        self._timeout = node.config.liveness.probe_interval_s
+        self._verifying: dict[str, float] = {}  # url -> since
+        self._unanswered: dict[str, float] = {}  # url -> not again before
+        self._incs: dict[str, int] = {}  # node id -> incarnation it told us
+
+    def incarnation(self, node_id: str) -> int | None:
+        """The incarnation a node told us while we verified it (None if none); read once."""
+        return self._incs.pop(node_id, None)
+
+    def look_for_former(self) -> None:
+        """Probe a random former member, with probability FORMER_PROBERS / N."""
+        if self._members.rng.random() >= FORMER_PROBERS / (len(self._members) + 1):
+            return
+        former = self._members.random_former()
+        if former is not None:
+            self.verify(former.url, former.record.curve_key, former.node_id, former)
+
+    def verify(self, url: str, key: str | None, node_id: str,
+               former: Member | None = None) -> None:
+        """Ask the node at ``url`` for its record and admit it if it answers (a hint about
+        ``node_id``, or ``former``)."""
+        now = self._clock()
+        if (node_id == self._node.node_id or self._members.get(node_id) is not None
+                or url in self._verifying or len(self._verifying) >= MAX_VERIFYING):
+            return
+        if former is None and (self._unanswered.get(url, 0.0) > now
+                               or not in_scope(self._node, url)):
+            return
+        # A former is told it was found dead (it refutes before it answers), so that the
+        # "dead" still travelling about it cannot remove it again.
+        to = [node_id, former.inc, True] if former is not None else [node_id, 0, False]
+        body = {"op": "probe", "to": to, "from": self._local.sender(), "rec": True,
+                "g": self._local.take(MAX_PIGGYBACK)}
+
+        def silent() -> None:
+            self._verifying.pop(url, None)
+            if len(self._unanswered) >= MAX_VERIFYING:
+                self._unanswered.clear()
+            self._unanswered[url] = self._clock() + HINT_RETRY_S
+
+        if self._ask(url, key, body, self._timeout,
+                     lambda reply: self._answered(url, former, reply), silent):
+            self._verifying[url] = now
+
+    def _answered(self, url: str, former: Member | None, reply: Any) -> None:
+        self._verifying.pop(url, None)
+        if not isinstance(reply, dict):
+            return
+        self._gossip(reply.get("g"))
+        try:
+            record = decode_record(reply, url)
+        except RemoteProtocolError as exc:
+            self._node.counters.add("refused_probe_answers")
+            log.debug("%s: %s", url, exc)
+            return
+        inc = reply.get("inc")
+        if record.node_id == self._node.node_id or not is_inc(inc):
+            return
+        if len(self._incs) < MAX_VERIFYING:
+            self._incs[record.node_id] = inc
+        try:
+            self._discovery.accept(record, direct=True)
+        except RemoteProtocolError as exc:
+            self._node.counters.add("refused_peers")
+            log.debug("%s: %s", url, exc)
+            return
+        current = self._node.directory.get(record.name)
+        if current is None or current.node_id != record.node_id:
+            return  # refused, or held back behind another node of that name
+        self._join(current)
+        if former is not None and former.node_id == record.node_id:
+            self._node.counters.add("peers_returned")
+            log.info("%s: node %s (%s) is reachable again", self._node.name, record.name,
+                     record.address)
+            self._local.add([Update(Kind.ALIVE, record.node_id, inc, record.name, url,
+                                    record.curve_key)])
