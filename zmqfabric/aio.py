@@ -337,7 +337,7 @@ def _slice(deadline: float | None) -> float:
 def _install_signals(loop: asyncio.AbstractEventLoop, stop: Any) -> list[int]:
     if threading.current_thread() is not threading.main_thread():
         return []
-    installed = []
+    installed: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(signum, stop)

@@ -185,7 +185,7 @@ class Connector(Handle):
         self._handshaken: set[str] = set()
         self._refused_by: dict[str, int] = {}
 
-    def _on_monitor_event(self, event: dict[str, Any]) -> None:
+    def _on_monitor_event(self, event: Mapping[str, Any]) -> None:
         url = event["endpoint"]
         url = url.decode() if isinstance(url, bytes) else url
         kind = event["event"]
@@ -252,7 +252,7 @@ class Connector(Handle):
                 self._rt.connect(self._sock, url)
                 self._urls.add(url)
             elif op == "disconnect" and url in self._urls:
-                if sync_view(self._sock).get(zmq.EVENTS) & zmq.POLLIN:
+                if sync_view(self._sock).get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type, operator]
                     return False
                 self._urls.discard(url)
                 self._handshaken.discard(url)

@@ -146,7 +146,7 @@ class ThreadDriver:
                 if status is FATAL:
                     self._fatal(value)
                     return  # the rest of a task batch is not acknowledged: it goes elsewhere
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type, operator]  # an int
                 return
 
     def _read_into(self, sock: zmq.Socket[Any], pool: ThreadSlots) -> None:

@@ -106,7 +106,7 @@ class SocketFactory:
         host = f"[{host}]" if ":" in host else host
         with translate_zmq_errors(f"bind to {host}:{port or '*'}"):
             sock.bind(f"tcp://{host}:{port}")
-            endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            endpoint = bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode()  # type: ignore[arg-type]
         return int(endpoint.rsplit(":", 1)[1])
 
     def connect(self, sock: zmq.Socket, url: str, server_key: str | None) -> None:
