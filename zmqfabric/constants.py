@@ -39,6 +39,8 @@ UPSTREAM_ALLOWANCE_PER_S = 256
 #: are connected, every UPSTREAM_CHECK_FAST_MS while one of them is sending a lot.
 UPSTREAM_CHECK_MS = 500
 UPSTREAM_CHECK_FAST_MS = 10
+#: Subscription messages an XPUB's inbound pipe holds per connection (see patterns.base.Bound).
+UPSTREAM_HWM = 64
 #: A peer address cut for flooding has its new connections cut at once this long (s).
 UPSTREAM_PENALTY_S = 10.0
 #: Headers are small by design; a bigger one is hostile or a bug.

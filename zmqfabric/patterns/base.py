@@ -19,6 +19,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..core import wire
+from ..constants import UPSTREAM_HWM
 from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError, FabricTimeoutError
 from ..stats import RateLimitedLog
@@ -144,6 +145,12 @@ class Bound(Handle):
         try:
             if self.max_message_size is not None:
                 self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+            if socket_type == zmq.XPUB:
+                # Upstream of an XPUB come subscriptions, which libzmq adds to its trie (about
+                # 48 bytes a byte) in whatever thread next touches the socket, as many as its
+                # inbound pipe holds. A short pipe makes each such step small and stops libzmq
+                # reading a flooding connection until the upstream watch has cut it.
+                self._sock.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
             domain = runtime.zap_domain(self.kind, name, allow)
             self.port = runtime.sockets.bind(self._sock, self.fixed_port, domain)
         except BaseException:

@@ -7,7 +7,9 @@ socket option bounds that, and an XPUB does not say which connection sent what. 
 watches the TCP connections its XPUB sockets accept (a socket monitor gives each one's file
 descriptor) and the bytes each has received (``TCP_INFO``): a connection that sent more than
 MAX_UPSTREAM_BYTES (plus a heartbeat allowance per second) is shut down; libzmq then frees its
-subscriptions. Legitimate subscribers send a few subscriptions and heartbeats. A peer address cut
+subscriptions. The count is read when data arrives (an edge-triggered epoll on libzmq's
+descriptors wakes the watch), not on a timer: a flood grows libzmq's trie at hundreds of MB/s,
+so a watch that waited for its next tick let one connection cost 100-200 MiB. Legitimate subscribers send a few subscriptions and heartbeats. A peer address cut
 this way has its new connections cut at once for UPSTREAM_PENALTY_S (a raw XSUB reconnects and
 sends all its subscriptions again).
 
@@ -18,8 +20,10 @@ called by the XPUB's owner thread.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -50,6 +54,11 @@ _TCP_INFO_SIZE = 136
 _HOT_BYTES = 4096
 #: Peer addresses remembered as flooders (bounded).
 _MAX_PENALTIES = 1024
+#: A classic BPF socket filter of one instruction, ``ret #0``: drop the packet.
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+_DROP_INSN = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
+#: ``struct sock_fprog``: the instruction count and a pointer to the instructions.
+_DROP_ALL = struct.pack("@HP", 1, ctypes.addressof(_DROP_INSN))
 
 
 @dataclass(slots=True)
@@ -83,6 +92,9 @@ class UpstreamWatch:
         self._fresh = False
         #: Peer addresses cut for a flood, until when their new connections are cut at once.
         self._penalty: dict[str, float] = {}
+        #: Wakes the thread when data arrives on a watched connection (made by the thread).
+        self._arrivals: select.epoll | None = None
+        self._by_fd: dict[int, _Guarded] = {}
 
     def add(self, monitor: zmq.Socket, budget: int = MAX_UPSTREAM_BYTES) -> None:
         """Watch the connections of the XPUB that ``monitor`` (a connected PAIR receiving its
@@ -117,6 +129,8 @@ class UpstreamWatch:
     def _run(self) -> None:
         self._poller = poller = zmq.Poller()
         poller.register(self._inbox.fd, zmq.POLLIN)
+        self._arrivals = arrivals = select.epoll()
+        poller.register(arrivals.fileno(), zmq.POLLIN)
         hot = False
         try:
             while not self._stopping:
@@ -125,17 +139,54 @@ class UpstreamWatch:
                 events = self._inbox.poll(poller, timeout)
                 self._inbox.run_pending()
                 self._fresh = False
+                arrived = False
                 for sock in events:
-                    guarded = self._guarded.get(sock)
+                    guarded = self._guarded.get(sock) if isinstance(sock, zmq.Socket) else None
                     if guarded is not None:
                         self._on_events(guarded)
-                hot = self._check() or self._fresh
+                    elif sock == arrivals.fileno():
+                        arrived = True
+                if arrived:
+                    hot = self._check_arrivals(arrivals)
+                if not events or self._fresh:  # the periodic check: allowances, quiet newcomers
+                    hot = self._check() or self._fresh
         except Exception:  # a bug here must not take the node down
             log.exception("error in the upstream watch thread")
         finally:
             for guarded in list(self._guarded.values()):
                 guarded.monitor.close(0)
             self._guarded.clear()
+            self._by_fd.clear()
+            arrivals.close()
+
+    def _check_arrivals(self, arrivals: select.epoll) -> bool:
+        """Check the connections data arrived on; True if one received much."""
+        now, hot = self._clock(), False
+        for fd, _ in arrivals.poll(0):
+            guarded = self._by_fd.get(fd)
+            conn = guarded.conns.get(fd) if guarded is not None else None
+            if guarded is None or conn is None:
+                self._forget(fd)
+                continue
+            hot = self._check_conn(guarded, fd, conn, now) or hot
+        return hot
+
+    def _watch_arrivals(self, guarded: _Guarded, fd: int) -> None:
+        assert self._arrivals is not None
+        try:
+            self._arrivals.register(fd, select.EPOLLIN | select.EPOLLET)
+        except (OSError, ValueError):  # closed meanwhile, or already registered
+            pass
+        self._by_fd[fd] = guarded
+
+    def _forget(self, fd: int) -> None:
+        """Stop watching ``fd`` (closing it already removed it from the epoll, if it was)."""
+        self._by_fd.pop(fd, None)
+        if self._arrivals is not None:
+            try:
+                self._arrivals.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def _on_events(self, guarded: _Guarded) -> None:
         while True:
@@ -153,9 +204,11 @@ class UpstreamWatch:
                     _shutdown(fd, conn.inode)  # it flooded a moment ago: not again at once
                     continue
                 guarded.conns[fd] = conn
-                self._fresh = True  # a newcomer is watched closely until it proves quiet
+                self._watch_arrivals(guarded, fd)
+                self._fresh = True  # a newcomer is checked at once
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
-                guarded.conns.pop(fd, None)
+                if guarded.conns.pop(fd, None) is not None:
+                    self._forget(fd)
             elif kind == zmq.EVENT_MONITOR_STOPPED:  # the XPUB closed
                 self._poller.unregister(guarded.monitor)
                 guarded.monitor.close(0)
@@ -167,24 +220,31 @@ class UpstreamWatch:
         now, hot = self._clock(), False
         for guarded in self._guarded.values():
             for fd, conn in list(guarded.conns.items()):
-                received = _bytes_received(fd, conn.inode)
-                if received is None:  # gone (its close event is on its way)
-                    del guarded.conns[fd]
-                    continue
-                hot = hot or received - conn.seen > _HOT_BYTES
-                conn.seen = received
-                allowed = guarded.budget + (now - conn.since) * UPSTREAM_ALLOWANCE_PER_S
-                if received > allowed:
-                    del guarded.conns[fd]
-                    _shutdown(fd, conn.inode)
-                    self._penalty[conn.peer] = now + UPSTREAM_PENALTY_S
-                    while len(self._penalty) > _MAX_PENALTIES:
-                        del self._penalty[next(iter(self._penalty))]
-                    self._on_refusal()
-                    log.warning("disconnected a subscriber that sent %d bytes upstream of a "
-                                "publisher (at most %d): a subscription flood?", received,
-                                guarded.budget)
+                hot = self._check_conn(guarded, fd, conn, now) or hot
         return hot
+
+    def _check_conn(self, guarded: _Guarded, fd: int, conn: _Conn, now: float) -> bool:
+        """Shut ``conn`` down if over budget; True if it received much since last time."""
+        received = _bytes_received(fd, conn.inode)
+        if received is None:  # gone (its close event is on its way)
+            del guarded.conns[fd]
+            self._forget(fd)
+            return False
+        hot = received - conn.seen > _HOT_BYTES
+        conn.seen = received
+        allowed = guarded.budget + (now - conn.since) * UPSTREAM_ALLOWANCE_PER_S
+        if received <= allowed:
+            return hot
+        del guarded.conns[fd]
+        self._forget(fd)
+        _shutdown(fd, conn.inode)
+        self._penalty[conn.peer] = now + UPSTREAM_PENALTY_S
+        while len(self._penalty) > _MAX_PENALTIES:
+            del self._penalty[next(iter(self._penalty))]
+        self._on_refusal()
+        log.warning("disconnected a subscriber that sent %d bytes upstream of a publisher (at "
+                    "most %d): a subscription flood?", received, guarded.budget)
+        return False
 
 
 def _bytes_received(fd: int, inode: int) -> int | None:
@@ -228,6 +288,13 @@ def _shutdown(fd: int, inode: int) -> None:
         sock = socket.socket(fileno=fd)
     except OSError:
         return
+    try:
+        # Linux goes on queueing what arrives after SHUT_RD, and libzmq reads end-of-file only
+        # once the queue is empty, which a flood never lets happen: first a filter that drops
+        # every packet the connection receives, so the queue drains.
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_ALL)
+    except OSError:
+        pass
     try:
         # The reading side only: libzmq reads end-of-file and closes the connection itself.
         # (SHUT_RDWR makes its writes fail first, and libzmq 4.3.5 then aborts on
