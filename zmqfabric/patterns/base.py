@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..core import wire
 from ..constants import UPSTREAM_HWM
+from ..core import wire
 from ..core.records import VIA_KIND, EndpointKind
 from ..errors import ClosedError, FabricError, FabricTimeoutError
 from ..stats import RateLimitedLog

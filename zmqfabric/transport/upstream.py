@@ -1,17 +1,20 @@
 """A bound on what each peer of an XPUB socket may send upstream.
 
 Upstream of a publisher (or a forwarder's front end) come subscriptions, and libzmq keeps every
-one in a trie, one node (about 48 bytes) per byte, in its I/O thread, before the application sees
-anything: 20,000 distinct 1 KB subscriptions from one hostile connection cost 700-950 MiB. No
-socket option bounds that, and an XPUB does not say which connection sent what. So the node
-watches the TCP connections its XPUB sockets accept (a socket monitor gives each one's file
-descriptor) and the bytes each has received (``TCP_INFO``): a connection that sent more than
-MAX_UPSTREAM_BYTES (plus a heartbeat allowance per second) is shut down; libzmq then frees its
-subscriptions. The count is read when data arrives (an edge-triggered epoll on libzmq's
-descriptors wakes the watch), not on a timer: a flood grows libzmq's trie at hundreds of MB/s,
-so a watch that waited for its next tick let one connection cost 100-200 MiB. Legitimate subscribers send a few subscriptions and heartbeats. A peer address cut
-this way has its new connections cut at once for UPSTREAM_PENALTY_S (a raw XSUB reconnects and
-sends all its subscriptions again).
+one in a trie, one node (about 48 bytes) per byte, added in whatever thread next touches the
+socket, before the application sees anything: 20,000 distinct 1 KB subscriptions from one hostile
+connection cost 700-950 MiB. No socket option bounds that, and an XPUB does not say which
+connection sent what. So the node watches the TCP connections its XPUB sockets accept (a socket
+monitor gives each one's file descriptor) and the bytes each has received (``TCP_INFO``): a
+connection that sent more than MAX_UPSTREAM_BYTES (plus a heartbeat allowance per second) is cut;
+libzmq then frees its subscriptions. Legitimate subscribers send a few subscriptions and
+heartbeats. A peer address cut this way has its new connections cut at once for
+UPSTREAM_PENALTY_S (a raw XSUB reconnects and sends all its subscriptions again).
+
+The count is read when data arrives (an edge-triggered epoll on libzmq's descriptors wakes the
+watch), not on a timer: a flood grows the trie at hundreds of MB/s, and a watch waiting for its
+next tick let one connection cost 100-200 MiB on a loaded machine. Cutting is a filter that drops
+every packet the connection receives, then ``shutdown(SHUT_RD)`` (see :func:`_shutdown`).
 
 Frames bigger than a subscription never get this far: the XPUB's MAXMSGSIZE refuses them.
 :class:`UpstreamWatch` owns a thread and the monitors' PAIR sockets; :meth:`UpstreamWatch.add` is
