@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,32 @@ def test_push_pull_with_count(procs: ProcessGroup, name: Callable[[str], str]) -
     code, out, err = finish(pull)
     assert code == 0, err
     assert [json.loads(line)["body"] for line in out] == [{"frame": 1}, 2, "three"]
+
+
+def test_a_command_without_a_name_is_listed_as_cli_pid_xxxx(
+        procs: ProcessGroup, make_node: Callable[..., zf.Node],
+        name: Callable[[str], str]) -> None:
+    """A generated name is unique by construction, so the command does not listen for a rival
+    of its name before it starts (NodeConfig.claim_window_s=0); its pid is in it."""
+    pipeline = name("named")
+    pull = procs.cli("pull", pipeline, "--count", "1", "--timeout", "15")
+    observer = make_node("observer", advertise=False)
+    deadline = time.monotonic() + 10
+    offering: list[zf.NodeRecord] = []
+    while not offering and time.monotonic() < deadline:
+        offering = [r for r in observer.nodes()
+                    if r.find(zf.EndpointKind.PIPELINE, pipeline) is not None]
+        time.sleep(0.05)
+    assert len(offering) == 1, observer.nodes()
+    assert re.fullmatch(rf"cli-{pull.proc.pid}-[0-9a-f]{{4}}", offering[0].name), offering[0]
+    code, _, err = finish(procs.cli("push", pipeline, "1"))
+    assert code == 0, err
+    assert finish(pull)[0] == 0
+
+
+def test_a_negative_claim_window_is_refused() -> None:
+    with pytest.raises(zf.LocalProtocolError, match="claim_window_s"):
+        zf.NodeConfig(claim_window_s=-1)
 
 
 def test_pull_count_not_reached_exits_4(procs: ProcessGroup, name: Callable[[str], str]) -> None:

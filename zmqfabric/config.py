@@ -106,6 +106,10 @@ class NodeConfig:
     fabric: str = C.DEFAULT_FABRIC
     #: Liveness (SWIM) timers: probe period and timeouts, suspicion, gossip, formers.
     liveness: Timing = field(default_factory=Timing)
+    #: How long a starting advertised node listens for another live node of its name before it
+    #: counts as started (s). 0 skips the wait: only for names unique by construction, such as
+    #: the CLI's generated ``cli-PID-XXXX``.
+    claim_window_s: float = C.CONFLICT_WINDOW_S
 
     def __post_init__(self) -> None:
         validate_fabric_name(self.fabric)
@@ -117,6 +121,8 @@ class NodeConfig:
             raise LocalProtocolError("max_message_size and hwm must be > 0, linger_ms >= 0")
         if self.request_timeout_s <= 0 or self.record_ttl_s <= 0:
             raise LocalProtocolError("request_timeout_s and record_ttl_s must be > 0")
+        if self.claim_window_s < 0:
+            raise LocalProtocolError("claim_window_s must be >= 0")
 
 
 def parse_peer(peer: str) -> tuple[str, int, str | None]:

@@ -121,7 +121,7 @@ class LazyGroup(click.Group):
               show_envvar=True, show_default=True,
               help="Seconds to wait for nodes, providers and replies.")
 @click.option("--name", type=NodeName(), envvar="ZMQFABRIC_NAME", show_envvar=True,
-              help="Node name of this command (default cli-PID).")
+              help="Node name of this command (default cli-PID-XXXX).")
 @click.option("-v", "--verbose", count=True, envvar="ZMQFABRIC_VERBOSE", show_envvar=True,
               help="Log more (-v info, -vv debug).")
 @click.version_option(version=__version__, prog_name="zmqfabric")

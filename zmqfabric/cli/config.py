@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -55,20 +56,23 @@ class CliConfig:
     verbose: int = 0
     fabric: str = DEFAULT_FABRIC
 
-    def node_name(self) -> str:
-        return self.name or f"cli-{os.getpid()}"
-
-    def node_config(self) -> NodeConfig:
+    def node_config(self, **extra: Any) -> NodeConfig:
         return NodeConfig(scope=self.scope, control_port=self.control_port, peers=self.peers,
-                          fabric=self.fabric)
+                          fabric=self.fabric, **extra)
 
     def node(self, *, advertise: bool, name: str | None = None,
              tasks: TaskConfig | None = None) -> Node:
-        """A node of this command with the global options' scope, keys, peers and port."""
-        # A seeded node without a name of its own may meet another host's cli-PID: take a suffix.
-        on_conflict = "suffix" if self.peers and name is None and self.name is None else "fail"
-        return Node(name or self.node_name(), config=self.node_config(), keys=self.keys,
-                    advertise=advertise, on_conflict=on_conflict, tasks=tasks,
+        """A node of this command with the global options' scope, keys, peers and port.
+
+        Without --name, the node is ``cli-PID-XXXX`` (4 random hex digits: unique across hosts
+        whose PIDs coincide), so it does not listen for a rival of its name before it starts."""
+        name = name or self.name
+        if name is not None:
+            return Node(name, config=self.node_config(), keys=self.keys, advertise=advertise,
+                        tasks=tasks, metrics_port=self.metrics_port)
+        return Node(f"cli-{os.getpid()}-{secrets.token_hex(2)}",
+                    config=self.node_config(claim_window_s=0.0), keys=self.keys,
+                    advertise=advertise, on_conflict="suffix", tasks=tasks,
                     metrics_port=self.metrics_port)
 
     def observer(self, *, tasks: TaskConfig | None = None) -> Node:

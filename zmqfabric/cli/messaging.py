@@ -75,7 +75,7 @@ def pub_cmd(cfg: CliConfig, stream: str, topic: str, body: Body | None,
     waits until --wait-subscribers fabric subscribers (default 1) have subscribed, for at most
     --timeout, then publishes anyway with a warning. Subscribers behind a forwarder device count
     (the forwarder itself does not); plain ZeroMQ SUB programs receive but are not counted.
-    Publishing goes out as node cli-PID (or --name), listed while it runs."""
+    Publishing goes out as node cli-PID-XXXX (or --name), listed while it runs."""
     with cfg.member() as node:
         publisher = node.publisher(stream)
         subscribers = _wait_subscribers(publisher, wait_subscribers, cfg.timeout)
@@ -160,7 +160,7 @@ def push_cmd(cfg: CliConfig, pipeline: str, body: Body | None, via: str | None) 
 @common
 @pass_config
 def pull_cmd(cfg: CliConfig, pipeline: str, count: int | None) -> None:
-    """Take messages from PIPELINE and print them. Offers the pipeline as node cli-PID (or
+    """Take messages from PIPELINE and print them. Offers the pipeline as node cli-PID-XXXX (or
     --name). Runs until Ctrl-C, --count messages, or an explicit --timeout."""
     with cfg.member() as node:
         puller = node.puller(pipeline)

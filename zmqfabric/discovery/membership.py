@@ -1,6 +1,6 @@
 """Membership: how a node claims its name and meets its peers.
 
-- Claiming: after advertising, a node listens for CONFLICT_WINDOW_S for another live node of its
+- Claiming: after advertising, a node listens for ``claim_window_s`` for another live node of its
   name (records carry a node id); on a conflict it withdraws and fails, or takes a suffix.
 - Meeting: when the directory reports a newcomer, the node watches its liveness and introduces
   itself over the newcomer's control endpoint (a ``hello``, validated like an mDNS record), so both
@@ -17,7 +17,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..constants import CONFLICT_WINDOW_S, MAX_ENDPOINTS, MAX_NAME_SUFFIX, VERIFY_TIMEOUT_S
+from ..constants import MAX_ENDPOINTS, MAX_NAME_SUFFIX, VERIFY_TIMEOUT_S
 from ..core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
 from ..errors import (
     InvalidNameError,
@@ -66,9 +66,10 @@ class Membership:
         self._control = control
 
     def claim_name(self) -> None:
-        """Advertise, then listen for CONFLICT_WINDOW_S for another live node of our name (it
-        introduces itself at once when it sees us). On a conflict, withdraw and fail, or try
-        ``name-2``, ``name-3``... with ``on_conflict="suffix"``."""
+        """Advertise, then listen for ``claim_window_s`` (CONFLICT_WINDOW_S by default) for
+        another live node of our name (it introduces itself at once when it sees us). On a
+        conflict, withdraw and fail, or try ``name-2``, ``name-3``... with
+        ``on_conflict="suffix"``. A window of 0 returns once advertised."""
         node = self._node
         base = node.name
         for attempt in range(2, 2 + MAX_NAME_SUFFIX):
@@ -77,7 +78,10 @@ class Membership:
             self._claiming = True
             try:
                 self._discovery.advertise(node.record)
-                self._conflict_seen.wait(CONFLICT_WINDOW_S)
+                window = node.config.claim_window_s
+                if window == 0:
+                    return  # a name unique by construction: nobody else can hold it
+                self._conflict_seen.wait(window)
                 if self._conflict is None:
                     # A record of our name heard in the window is only a hint: it claims the
                     # name once its node confirms it (at most VERIFY_TIMEOUT_S more).
