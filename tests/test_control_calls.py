@@ -192,6 +192,27 @@ def test_a_peer_that_refuses_our_key_fails_at_once(refusing, flavour: str) -> No
             assert server.name in str(err.value) and "keys allow" in str(err.value)
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_peer_whose_key_we_do_not_allow_fails_at_once(tmp_path: Path, flavour: str) -> None:
+    """Our allow-list lacks the server's key: no answer can change that, so the call ends at
+    once with AuthorizationError saying so (before: at the timeout, exit 4)."""
+    server_dir, wary = tmp_path / "server", tmp_path / "wary"
+    keys.generate(server_dir)
+    wary_key = keys.generate(wary)
+    keys.allow(server_dir, wary_key, "wary")  # the server would talk to us; we refuse it
+    with zf.Node(unique("secured"), keys=server_dir) as server, \
+            caller(flavour, "wary", keys=wary) as (node, ask):
+        wait_until(lambda: any(r.name == server.name for r, _ in node.refused_peers()), WAIT,
+                   "our refusal of the server")
+        start = time.monotonic()
+        with pytest.raises(zf.AuthorizationError) as err:
+            ask("ping", server.name, WAIT)
+        elapsed = time.monotonic() - start
+        assert elapsed < REFUSED_WITHIN, f"refused after {elapsed:.2f} s, not at once"
+        assert err.value.ours is not None and "allow-list" in str(err.value)
+        assert "this node refuses" in str(err.value)
+
+
 def test_closing_the_node_ends_a_call_in_flight() -> None:
     """A call waiting on a silent peer from another thread ends with ClosedError as soon as its
     node closes, and the close does not wait for the call's timeout."""

@@ -289,10 +289,15 @@ class _Canceller:
         self.call.cancel()
 
 
+#: Why discovery refuses a record for this node's keys (discovery/mdns.py's security refusals):
+#: no answer could change that, so a call to that node ends at once.
+_WE_REFUSE = ("not in this node's allow-list", "this node has no keys", "only talks CURVE")
+
+
 def find_node(runtime: NodeRuntime, name: str, timeout: float | None) -> Plan[NodeRecord]:
     """The plan of waiting for node ``name`` to be listed (verified). A node whose control
-    endpoint refused our key is never listed, only refused: that ends the wait at once with
-    AuthorizationError. One advertised but not answering for its record ends it at the timeout
+    endpoint refused our key, or whose key this node does not allow, is never listed, only
+    refused: that ends the wait at once with AuthorizationError. One advertised but not answering for its record ends it at the timeout
     with FabricTimeoutError, one never seen with NodeNotFoundError."""
     directory = runtime.directory
     deadline = deadline_after(timeout)
@@ -300,6 +305,8 @@ def find_node(runtime: NodeRuntime, name: str, timeout: float | None) -> Plan[No
         refusal = runtime.refusal_of(name)
         if refusal is not None and "refused our key" in refusal:
             raise AuthorizationError("control endpoint", name, [name])
+        if refusal is not None and any(why in refusal for why in _WE_REFUSE):
+            raise AuthorizationError("control endpoint", name, [name], ours=refusal)
         if ms_left(deadline) == 0:
             if refusal is not None or runtime.verifying(name):
                 why = f" ({refusal})" if refusal else ""

@@ -104,12 +104,18 @@ class NodeNotFoundError(FabricError, LookupError):
 
 
 class AuthorizationError(FabricError, PermissionError):
-    """Every provider of an endpoint refused our CURVE key (or we had no key for them)."""
+    """Every provider of an endpoint refused our CURVE key (or we had no key for them), or
+    this node refuses theirs (``ours`` says why)."""
 
-    def __init__(self, kind: str, name: str, servers: list[str]) -> None:
+    def __init__(self, kind: str, name: str, servers: list[str], ours: str | None = None) -> None:
         self.kind = kind
         self.name = name
         self.servers = servers
+        #: Why this node refuses them instead (e.g. their key is not in our allow-list), or None.
+        self.ours = ours
+        if ours is not None:
+            super().__init__(f"{kind} {name!r}: this node refuses {', '.join(servers)}: {ours}")
+            return
         super().__init__(
             f"{kind} {name!r}: refused by {', '.join(servers)}: this node's public key is not "
             f"in their allow-list (add it there with `zmqfabric keys allow`)"

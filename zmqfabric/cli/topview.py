@@ -92,8 +92,7 @@ class TopView:
                 out.print()
                 out.print(table)
         if spans and not any(s is not None and s.now.get("traffic") for _, s, _ in spans):
-            out.print("(per-endpoint rates and latency: nodes started with --metrics-port or "
-                      "metrics_port=)")
+            out.print("(per-endpoint rates, latency: for nodes with --metrics-port)")
 
 
 # --- tables ---------------------------------------------------------------------------------
