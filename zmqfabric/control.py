@@ -297,8 +297,9 @@ _WE_REFUSE = ("not in this node's allow-list", "this node has no keys", "only ta
 def find_node(runtime: NodeRuntime, name: str, timeout: float | None) -> Plan[NodeRecord]:
     """The plan of waiting for node ``name`` to be listed (verified). A node whose control
     endpoint refused our key, or whose key this node does not allow, is never listed, only
-    refused: that ends the wait at once with AuthorizationError. One advertised but not answering for its record ends it at the timeout
-    with FabricTimeoutError, one never seen with NodeNotFoundError."""
+    refused: that ends the wait at once with AuthorizationError. One advertised but not
+    answering for its record ends it at the timeout with FabricTimeoutError, one never seen with
+    NodeNotFoundError."""
     directory = runtime.directory
     deadline = deadline_after(timeout)
     while (record := directory.get(name)) is None:

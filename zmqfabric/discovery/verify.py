@@ -8,9 +8,9 @@ handshake), and sends the control op ``record``. The answer (the node's own name
 the truth: a hint whose node answers under another name or id, from another port, with another
 key or of another fabric is refused; a hint whose sequence number or endpoints differ from the
 answer is replaced by the answer. A hint whose advertiser does not complete the call within
-VERIFY_TIMEOUT_S (no answer, a refused handshake, nothing listening) is tried again after
-VERIFY_RETRY_S, VERIFY_ATTEMPTS times in all, then refused: none of its endpoints is connected,
-it is not listed as a node, it cannot claim a name.
+VERIFY_TIMEOUT_S (no answer, nothing listening) is tried again after VERIFY_RETRY_S,
+VERIFY_ATTEMPTS times in all, then refused (at once if it refused our key): none of its endpoints
+is connected, it is not listed as a node, it cannot claim a name.
 
 Bounded everywhere: at most MAX_PENDING_VERIFICATIONS calls in flight, MAX_QUEUED_HINTS waiting
 (the oldest dropped, counted), VERIFY_BURST then VERIFY_RATE_PER_S calls per advertised address,
@@ -325,8 +325,9 @@ class Verifier:
             except zmq.Again:
                 return
             if self._pending.get(probe.key) is probe:
-                why = _WHY.get(event["event"], "its connection failed")
-                self._decide(probe.hint, probe.key, None, why, transient=True)
+                kind = event["event"]  # a refusal of our key is an answer: no second try
+                self._decide(probe.hint, probe.key, None, _WHY.get(kind, "its connection failed"),
+                             transient=True, retry=kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             return
         try:
             frames = probe.sock.recv_multipart(zmq.NOBLOCK)
@@ -359,14 +360,15 @@ class Verifier:
                          transient=True)
 
     def _decide(self, hint: NodeRecord, key: _Key, answer: NodeRecord | None, why: str,
-                transient: bool = False) -> None:
+                transient: bool = False, retry: bool = True) -> None:
         """Record the outcome: remembered VERIFY_CACHE_S, or VERIFY_RETRY_S for a failure that
-        may pass (no answer, a dropped connection: a node busy or still starting)."""
+        may pass (no answer, a dropped connection: a node busy or still starting; tried again
+        first unless ``retry`` is False)."""
         probe = self._pending.pop(key, None)
         if probe is not None:
             self._close(probe)
         tries = self._tries.pop(key, 0) + 1
-        if answer is None and transient and tries < VERIFY_ATTEMPTS:
+        if answer is None and transient and retry and tries < VERIFY_ATTEMPTS:
             if len(self._retries) < MAX_QUEUED_HINTS:  # try again soon: a busy or starting node
                 self._retries[key] = (self._clock() + VERIFY_RETRY_S, hint)
                 self._tries[key] = tries
