@@ -160,7 +160,7 @@ class Dispatcher:
             link = self._links.with_monitor(sock)
             if link is not None:
                 self._on_monitor(link, now)
-        inbox.run_pending(_TAKE_BATCH)  # submissions (_take), workers (_connect, _drop)
+        self._take_posts()
         # Each durable submit costs a commit, so they arrive tens of microseconds apart: waking
         # for each would cost a wake-up and a round per task. Napping instead takes them by the
         # batch, at most TASK_NAP_MS late.
@@ -177,6 +177,13 @@ class Dispatcher:
         if due == math.inf:
             return TASK_TICK_MS
         return min(TASK_TICK_MS, max(1, math.ceil((due - now) * 1000)))
+
+    def _take_posts(self) -> None:
+        """Run what was posted (``_take``, ``_connect``, ``_drop``), also what is posted
+        meanwhile, up to _TAKE_BATCH: a busy submitter's tasks leave in large batches."""
+        inbox, taken = self._inbox, 0
+        while inbox.pending and taken < _TAKE_BATCH:
+            taken += inbox.run_pending(_TAKE_BATCH - taken)
 
     def _take(self, name: str, tasks: list[Task]) -> None:
         """Posted by ``submit``: new tasks, queued at the round's ``_queue_new``. Once the thread
