@@ -486,8 +486,7 @@ class TaskTableMachine(RuleBasedStateMachine):
             for key, since in worker.started.items():
                 if key not in worker.overdue:
                     assert self.table.next_due <= since + worker.held[key].deadline_s
-        if self.table._delayed:  # noqa: SLF001
-            assert self.table.next_due <= self.table._delayed[0][0]  # noqa: SLF001
+        assert self.table.next_due <= self.table._waiting.next_retry  # noqa: SLF001
 
 
 TestTaskTableMachine = TaskTableMachine.TestCase

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import Child, ProcessGroup
-from zmqfabric.cli.demo.run import DemoSummary, PatternResult, summary_lines
+from zmqfabric.cli.demo.report import DemoSummary, PatternResult, summary_lines
 
 pytestmark = pytest.mark.slow
 

@@ -108,3 +108,42 @@ def test_closed_or_unopened_inboxes_drop_posts_and_close_is_idempotent() -> None
     assert box.closed and not box.pending and box.fd == box.wakeup_fd == -1
     assert not box.post(int)
     box.wake()  # a late wake-up writes nowhere
+
+
+def test_a_nap_is_not_cut_short_by_posts_but_by_wake(inbox) -> None:
+    poller = _poller(inbox)
+    posted = threading.Event()
+    threading.Timer(0.02, lambda: (inbox.post(int), posted.set())).start()
+    for _ in range(100):  # bounded: the timer fires during one of these naps, unless very late
+        assert inbox.poll(poller, 100, wake=False) == {}  # the post wrote nothing: nap ran out
+        if posted.is_set():
+            break
+    assert posted.is_set() and _pipe_bytes(inbox) == 0 and inbox.run_pending() == 1
+    inbox.post(int)
+    assert inbox.poll(poller, 10_000, wake=False) == {}  # queued before: no nap at all
+    inbox.run_pending()
+    threading.Timer(0.02, inbox.wake).start()
+    assert inbox.fd in inbox.poll(poller, 10_000, wake=False)  # wake() ends a nap
+
+
+def test_leftovers_run_once_each_in_any_thread_after_a_close_that_keeps_them() -> None:
+    box = Inbox()
+    box.open()
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    def note(n: int) -> None:
+        with lock:
+            ran.append(n)
+
+    for n in range(20_000):
+        box.post(note, n)
+    box.close(drop=False)
+    assert not box.post(note, -1) and len(box.pending) == 20_000  # kept; later posts refused
+    threads = [threading.Thread(target=box.run_leftovers) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(ran) == list(range(20_000)) and not box.pending
+    assert box.run_leftovers() == 0

@@ -61,8 +61,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "patterns": ("zmqfabric.patterns", "zmqfabric.patterns.*"),
     "tasks": ("zmqfabric.tasks", "zmqfabric.tasks.*"),
     "control": ("zmqfabric.control",),
-    # the composition root: the only module that knows every part
-    "nodebase": ("zmqfabric.nodebase",),
+    # a node's reply services: registered before start, opened at start (as tasks.registry)
+    "services": ("zmqfabric.services",),
+    # the composition root: the only modules that know every part (the node base, and its
+    # background parts with the order they open and close in)
+    "nodebase": ("zmqfabric.nodebase", "zmqfabric.nodeparts"),
     # the sync and asyncio shells, and the public surface
     "shells": ("zmqfabric", "zmqfabric.node", "zmqfabric.aio"),
     # entry points: thin, no protocol logic; the CLI runs devices (its ``device`` command), and
@@ -92,23 +95,32 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
                   "security", "discovery", "metrics", "runtime", "patterns"],
         "control": ["constants", "errors", "core", "stats", "config", "transport",
                     "security", "discovery", "metrics", "runtime", "patterns"],
+        "services": ["constants", "errors", "core", "stats", "config", "transport",
+                     "security", "discovery", "metrics", "runtime", "patterns"],
         "nodebase": ["constants", "errors", "core", "stats", "config", "transport",
-                     "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control"],
+                     "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control",
+                     "services"],
         "shells": ["constants", "errors", "core", "stats", "config", "transport",
                    "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control",
-                   "nodebase"],
+                   "services", "nodebase"],
         # Neither entry point sees the node base.
         "devices": ["constants", "errors", "core", "stats", "config", "transport",
                     "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control",
-                    "shells"],
+                    "services", "shells"],
         "cli": ["constants", "errors", "core", "stats", "config", "transport",
                 "security", "discovery", "metrics", "runtime", "patterns", "tasks", "control",
-                "shells", "devices"],
+                "services", "shells", "devices"],
     }.items()
 }
 
 #: The only modules that may import ``nodebase`` (the shells layer also holds ``__init__``).
 NODEBASE_IMPORTERS = frozenset({"zmqfabric.node", "zmqfabric.aio"})
+#: Modules only the named ones may import, whatever the table allows their layers.
+ONLY_IMPORTED_BY: dict[str, frozenset[str]] = {
+    "zmqfabric.nodebase": NODEBASE_IMPORTERS,
+    # the node's background parts are the node base's business
+    "zmqfabric.nodeparts": frozenset({"zmqfabric.nodebase"}),
+}
 
 #: Layers held to the core's purity: IO, threads, event loops, the clock and dynamic imports are
 #: refused; of the rest, only the standard library and msgpack.
@@ -381,9 +393,11 @@ def test_imports_follow_the_layers() -> None:
 
 
 def test_only_the_shells_import_nodebase() -> None:
-    bad = [f"{edge}: only {', '.join(sorted(NODEBASE_IMPORTERS))} may import nodebase"
+    """And only the node base imports its parts (ONLY_IMPORTED_BY)."""
+    bad = [f"{edge}: only {', '.join(sorted(ONLY_IMPORTED_BY[edge.target]))} may import "
+           f"{edge.target}"
            for edge in edges()
-           if edge.target == "zmqfabric.nodebase" and edge.source.name not in NODEBASE_IMPORTERS]
+           if edge.source.name not in ONLY_IMPORTED_BY.get(edge.target, {edge.source.name})]
     assert not bad, listing(bad)
 
 
@@ -676,6 +690,10 @@ def test_purity_checker_allows(source: str) -> None:
         ("from ..patterns.base import Bound", "zmqfabric.tasks.worker", True),
         ("from ..runtime import NodeRuntime", "zmqfabric.patterns.base", True),
         ("from .nodebase import NodeBase", "zmqfabric.node", True),
+        ("from .nodeparts import NodeParts", "zmqfabric.node", False),
+        ("from .nodeparts import NodeParts", "zmqfabric.nodebase", True),
+        ("from .services import NodeServices", "zmqfabric.nodebase", True),
+        ("from .services import NodeServices", "zmqfabric.control", False),
     ],
 )
 def test_the_table_decides(source: str, module: str, allowed: bool) -> None:
@@ -685,7 +703,7 @@ def test_the_table_decides(source: str, module: str, allowed: bool) -> None:
     here, there = layer_of(module), layer_of(target)
     assert here is not None and there is not None
     ok = (here == there or there in MAY_IMPORT[here]) and (
-        target != "zmqfabric.nodebase" or module in NODEBASE_IMPORTERS)
+        module in ONLY_IMPORTED_BY.get(target, {module}))
     assert ok is allowed, f"{module} ({here}) -> {target} ({there})"
 
 

@@ -31,6 +31,7 @@ import zmqfabric.aio
 from tests.helpers import unique, wait_until
 from tests.procs import Child, ProcessGroup
 from zmqfabric.tasks.journal import Journal
+from zmqfabric.transport.inbox import Inbox
 
 #: Generous bound for anything that involves starting a process or discovery under load.
 SLOW = 20.0
@@ -300,6 +301,94 @@ def test_full_queue_blocks_submit_and_close_fails_what_is_unsettled(make_node, n
             handle.result(SLOW)
     with pytest.raises(zf.ClosedError):
         producer.submit(task, 1)
+
+
+
+def test_submissions_racing_with_close_all_settle(name) -> None:
+    """Submitters hammer a producer while it closes: each submit raises ClosedError or returns a
+    handle that settles (here ClosedError: nobody works on the task); none is left waiting."""
+    task = name("nobody")
+    producer = zf.Node(unique("producer"), tasks=zf.TaskConfig(queue_limit=1_000_000))
+    producer.start()
+    handles: list[Any] = []
+    refused = [0]
+    started = threading.Barrier(5)
+
+    def submitter() -> None:
+        started.wait(SLOW)
+        for i in range(200_000):  # bounded: close() comes within the first few thousand
+            try:
+                handles.append(producer.submit(task, i))
+            except zf.ClosedError:
+                refused[0] += 1
+                return
+
+    threads = [threading.Thread(target=submitter) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait(SLOW)
+    wait_until(lambda: len(handles) >= 2000, SLOW)
+    producer.close()
+    for thread in threads:
+        thread.join(SLOW)
+    assert not any(thread.is_alive() for thread in threads) and refused[0] == 4
+    for handle in handles:
+        with pytest.raises(zf.ClosedError):
+            handle.result(SLOW)
+
+
+
+class _LateInbox(Inbox):
+    """An inbox whose next post says it has come (``entered``) and waits for ``go`` before
+    posting for real: the submit that passed the closing check, held while the test ends the
+    dispatcher's thread."""
+
+    __slots__ = ()
+    entered = threading.Event()
+    go = threading.Event()
+
+    def post(self, fn: Callable[..., object], *args: Any) -> bool:
+        _LateInbox.entered.set()
+        _LateInbox.go.wait(SLOW)
+        return Inbox.post(self, fn, *args)  # (self may be an Inbox again by now)
+
+
+@pytest.mark.parametrize("inbox_closed", [False, True], ids=["thread-ended", "inbox-closed"])
+def test_a_submit_posted_after_the_dispatcher_ended_fails_its_tasks(name, inbox_closed) -> None:
+    """The submit passed the closing check, then the thread ended before its post: the tasks
+    fail with ClosedError, posted to the still open inbox (they run as leftovers, in the
+    submitter's thread) or refused by the closed one (submit fails them itself)."""
+    task = name("late")
+    producer = zf.Node(unique("producer"), tasks=zf.TaskConfig(queue_limit=100))
+    producer.start()
+    dispatcher = None
+    try:
+        producer.submit(task, 0)  # starts the dispatcher
+        dispatcher = producer._tasks._dispatcher  # noqa: SLF001 - white-box: the race's window
+        _LateInbox.entered.clear()
+        _LateInbox.go.clear()
+        dispatcher._inbox.__class__ = _LateInbox  # noqa: SLF001
+        handles: list[Any] = []
+        submitter = threading.Thread(target=lambda: handles.append(producer.submit(task, 1)))
+        submitter.start()
+        assert _LateInbox.entered.wait(SLOW)
+        dispatcher._inbox.__class__ = Inbox  # noqa: SLF001 - the held post is already inside
+        if inbox_closed:
+            dispatcher.close(SLOW)
+            assert dispatcher._inbox.closed  # noqa: SLF001
+        else:  # what close() does, short of closing the inbox
+            dispatcher._stopping = True  # noqa: SLF001
+            dispatcher._inbox.wake()  # noqa: SLF001
+            dispatcher._thread.join(SLOW)  # noqa: SLF001
+            assert dispatcher.closed and not dispatcher._inbox.closed  # noqa: SLF001
+        _LateInbox.go.set()
+        submitter.join(SLOW)
+        assert len(handles) == 1
+        with pytest.raises(zf.ClosedError):
+            handles[0].result(SLOW)
+    finally:
+        _LateInbox.go.set()
+        producer.close()
 
 
 def _open_fds() -> set[tuple[int, str]]:

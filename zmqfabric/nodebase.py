@@ -1,5 +1,8 @@
 """What a sync :class:`zmqfabric.Node` and an asyncio :class:`zmqfabric.aio.Node` share: identity,
 configuration, the directory, discovery, the control endpoint, the endpoint table and lifetimes.
+Services and reliable tasks keep their own registries (:mod:`.services`, :mod:`.tasks.registry`);
+discovery, membership, housekeeping, control and the guard, and the order they open and close in,
+are :mod:`.nodeparts`.
 
 Constructors only allocate. ``start()`` (or ``with``) opens sockets, discovery and the control
 thread; ``close()`` sends the discovery goodbye first, then closes every handle, then the context.
@@ -11,24 +14,20 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 from typing import Any, Callable, Iterable, TypeVar
 
 from .config import NodeConfig, Scope, fabric_from_env
-from .control import ControlServer, control_call, find_node
-from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
+from .control import control_call, find_node
+from .core.records import EndpointKind, NodeRecord, validate_node_name
 from .discovery.directory import Directory
-from .discovery.housekeeping import Housekeeping
-from .discovery.mdns import Discovery
-from .discovery.membership import Membership
 from .errors import ClosedError, LocalProtocolError, NoProviderError
+from .nodeparts import NodeParts
 from .patterns.handlers import Served, check_concurrency, is_coroutine_handler
 from .patterns.plan import WAIT_DIRECTORY, Plan
-from .patterns.service import ServiceEndpoint
 from .runtime import NodeRuntime, NodeState
-from .security.guard import Guard
 from .security.keys import KeySet
 from .security.keys import load as load_keys
+from .services import NodeServices
 from .stats import Counters, RateLimitedLog
 from .tasks.registry import NodeTasks, TaskConfig
 from .transport.frames import deadline_after
@@ -78,25 +77,14 @@ class NodeBase:
         self.config = config
         #: What the node's parts see of it (patterns, tasks, control, devices).
         self.runtime = rt = NodeRuntime(name, config, advertised=advertise, asyncio=self._ASYNC)
-        self._discovery = Discovery(config, rt.directory, rt.counters, self._on_name_conflict,
-                                    rt.sockets)
-        self._membership = Membership(rt, self._discovery, on_conflict)
-        rt.on_record_change = self._discovery.advertise
-        rt.refusals = self._discovery.refused
-        rt.verifying = self._discovery.verifying
+        #: Discovery, membership, housekeeping, control, guard: opened and closed in order.
+        self._parts = NodeParts(rt, on_conflict)
         self._lock = threading.RLock()
-        self._handlers: dict[str, Callable[[Any], Any]] = {}
-        self._service_allow: dict[str, tuple[str, ...]] = {}
-        self._service_concurrency: dict[str, int] = {}
-        self._services: dict[str, ServiceEndpoint] = {}
+        #: Request/reply services (``@node.reply``).
+        self._services = NodeServices(rt)
         #: What a handler raised that is not an Exception (SystemExit...): run() closes the
         #: node and raises it. Set once, by the serve loop's thread (or the loop).
         self._fatal: BaseException | None = None
-        self._opening = False
-        self._started_at = 0.0
-        self._control: ControlServer | None = None
-        self._housekeeping: Housekeeping | None = None
-        self._unlisten: Callable[[], None] | None = None
         #: Reliable tasks (``tasks=TaskConfig(...)``: journal, dead letters, defaults).
         self._tasks = NodeTasks(rt, tasks if tasks is not None else TaskConfig())
         rt.add_stats_source("tasks", self._tasks.stats)
@@ -176,23 +164,13 @@ class NodeBase:
         service. Raises LocalProtocolError (twice, after start, bad concurrency, a coroutine
         function on a sync node).
         """
-        validate_endpoint_name(service, "service")
-        check_concurrency(concurrency)
+        register = self._services.register(service, allow, concurrency)
 
-        def register(handler: F) -> F:
+        def checked(handler: F) -> F:
             self._check_handler(handler, f"service {service!r}")
-            with self._lock:
-                if service in self._handlers:
-                    raise LocalProtocolError(f"node {self.name!r} already serves {service!r}")
-                if self.runtime.state is not NodeState.NEW:
-                    raise LocalProtocolError("register services before the node starts")
-                self._handlers[service] = handler
-                self._service_concurrency[service] = concurrency
-                if allow is not None:
-                    self._service_allow[service] = tuple(allow)
-            return handler
+            return register(handler)
 
-        return register
+        return checked
 
     def task(
         self,
@@ -243,7 +221,7 @@ class NodeBase:
         """This node's services, as in its control ``stats`` answer under ``"services"``:
         ``{name: {handled, failed, slots, busy, hung}}``; ``hung``: slots busy on one request
         for longer than the request timeout. Thread-safe."""
-        return {name: svc.stats() for name, svc in list(self._services.items())}
+        return self._services.stats()
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -258,61 +236,28 @@ class NodeBase:
                 raise ClosedError(f"node {self.name!r} is closed; make a new Node")
             if rt.state is NodeState.STARTED:
                 return
-            self._opening = True
         try:
-            if self.config.keys is not None:
-                rt.guard = Guard(rt.sockets.context, self.config.keys, rt.counters, self.name)
-                rt.guard.start()
-            elif not self.config.scope.is_local:
-                log.warning("node %s is on %s without keys: its traffic is unauthenticated and "
-                            "unencrypted; give it keys (--keys DIR) on a shared network",
-                            self.name, self.config.scope.interface,
-                            extra={"zf_event": "unsecured_lan"})
-            self._discovery.start(self.name)
-            self._housekeeping = Housekeeping(rt, self._discovery)
-            self._control = ControlServer(
-                rt, self._membership.accept_hello, self._housekeeping.accept_peers,
-                self._housekeeping.answer_probe,
-            )
-            self._membership.attach(self._housekeeping)
-            if rt.metrics is not None:
-                self._handlers = {service: rt.metrics.timed_handler(service, handler)
-                                  for service, handler in self._handlers.items()}
-            self._open_services()
-            self._tasks.open()
-            rt.started_at = time.monotonic()
-            rt.state = NodeState.STARTED
-            self._opening = False
-            self._housekeeping.start()
-            self._control.start()
-            if rt.metrics is not None and self._metrics_port is not None:
-                rt.metrics.start(self.config.scope.address, self._metrics_port)
-            self._unlisten = self.directory.listen(self._membership.on_directory_event)
-            self._discovery.browse()
-            if self.advertised:
-                self._membership.claim_name()
-            else:
-                self.directory.put(self.record)
+            self._parts.open(self._open_endpoints, self._metrics_port)
         except BaseException:
-            self._opening = False
             self._close()
             raise
         log.info("node %s started at %s (id %s)", self.name, self.config.scope.address,
                  self.node_id)
 
+    def _open_endpoints(self) -> None:
+        """Services, then task queues (``start()``, between making and starting the threads)."""
+        self._open_services()
+        self._tasks.open()
+
     def _open_services(self) -> None:
-        for service, handler in self._handlers.items():
-            self._services[service] = ServiceEndpoint(
-                self.runtime, service, handler, self._service_allow.get(service),
-                self._service_concurrency[service])
-        if self._services:
-            self.runtime.add_stats_source("services", self.service_stats)
+        """Bind the services' endpoints (the sync shell first opens the inbox of ``run()``)."""
+        self._services.open()
 
     # --- serving (the shells' run()) ---------------------------------------------------------
 
     def _served(self) -> list[Served]:
         """Every endpoint whose handler ``run()`` calls: services, then task queues."""
-        return [*self._services.values(), *self._tasks.endpoints()]
+        return [*self._services.endpoints(), *self._tasks.endpoints()]
 
     def _watch_slots(self, now: float) -> None:
         """Log hung handler slots (the thread of ``run()``, or the loop)."""
@@ -338,16 +283,13 @@ class NodeBase:
             if self.runtime.state is NodeState.CLOSED:
                 return False
             self.runtime.state = NodeState.CLOSED
-        if self._unlisten is not None:
-            self._unlisten()
+        self._parts.stop_listening()
         return True
 
     def _close_discovery(self) -> None:
         """Goodbye first, so peers stop sending to us (and liveness says "left" and stops
         probing, so that nobody takes us back). Blocks ~250 ms; thread-safe."""
-        if self._housekeeping is not None:
-            self._housekeeping.leave()
-        self._discovery.close()
+        self._parts.leave()
 
     def _close_local(self) -> None:
         """Close the control and housekeeping threads, every handle and the context (in the
@@ -359,10 +301,7 @@ class NodeBase:
     def _close_threads(self) -> None:
         """Stop and join the node's threads (blocks up to THREAD_JOIN_TIMEOUT_S each)."""
         self._tasks.close()  # the dispatcher thread first: it owns sockets and a publisher
-        if self._control is not None:
-            self._control.stop()
-        if self._housekeeping is not None:
-            self._housekeeping.stop()
+        self._parts.stop_threads()
 
     def _close_handles(self) -> None:
         """Close every handle (in the thread or loop that owns them; never blocks)."""
@@ -371,12 +310,7 @@ class NodeBase:
 
     def _close_context(self) -> None:
         """Stop the ZAP thread and terminate the context (blocks up to the linger time)."""
-        rt = self.runtime
-        if rt.guard is not None:
-            rt.guard.stop()
-        rt.sockets.close()
-        if rt.metrics is not None:
-            rt.metrics.close()
+        self._parts.close_context()
         log.info("node %s closed", self.name)
 
     def _check_started(self) -> None:
@@ -384,10 +318,7 @@ class NodeBase:
 
     def refused_peers(self) -> list[tuple[NodeRecord, str]]:
         """Nodes seen but refused for security reasons, with the reason. Thread-safe."""
-        return self._discovery.refused()
-
-    def _on_name_conflict(self, other: NodeRecord) -> None:
-        self._membership.on_name_conflict(other)
+        return self._parts.discovery.refused()
 
     # --- directory -------------------------------------------------------------------------
 

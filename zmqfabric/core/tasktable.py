@@ -31,16 +31,19 @@ its decisions into frames, journal writes and dead letters. A task moves through
 - **Results.** The first ok result settles a task, whichever delivery it answers; a failure
   counts only for the current delivery. Other results (settled task, moved delivery, lost
   worker) are counted as late and dropped.
+
+The tasks that wait for a worker (suspects, tasks that overran, pending ones, retries in their
+backoff) are the table's :class:`~.taskbacklog.Backlog`, which also knows the order they go out
+in; the workers' windows and slots are :class:`~.taskworkers.WorkerView`.
 """
 
 from __future__ import annotations
 
-import collections
-import heapq
 import math
 from typing import Any
 
 from ..errors import LocalProtocolError
+from .taskbacklog import Backlog
 from .taskrecords import (
     DEADLINE_EXCEEDED,
     NOTHING,
@@ -81,11 +84,7 @@ class TaskTable:
         self.name = name
         self.policy = policy if policy is not None else RetryPolicy()
         self._tasks: dict[str, Task] = {}  # every unsettled task
-        self._pending: collections.deque[Task] = collections.deque()
-        self._redo: collections.deque[Task] = collections.deque()  # overran a deadline
-        self._suspects: collections.deque[Task] = collections.deque()
-        self._delayed: list[tuple[float, int, Task]] = []
-        self._seq = 0
+        self._waiting = Backlog()
         self._workers: dict[str, WorkerView] = {}
         self._turn = 0
         #: The earliest time at which tick() may have something to do.
@@ -102,7 +101,7 @@ class TaskTable:
             raise LocalProtocolError(f"task id {task.id!r} is already queued")
         task.state = _PENDING
         self._tasks[task.id] = task
-        self._pending.append(task)
+        self._waiting.pending.append(task)
 
     def get(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
@@ -115,9 +114,7 @@ class TaskTable:
         """Forget every unsettled task and return them (the owner is closing)."""
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for queue in (self._pending, self._redo, self._suspects):
-            queue.clear()
-        self._delayed.clear()
+        self._waiting.clear()
         for worker in self._workers.values():
             worker.clear()
         self.in_flight = self.hung = 0
@@ -156,7 +153,7 @@ class TaskTable:
                 self.requeued += 1
             task.state = _PENDING
             task.suspect = True
-            self._suspects.append(task)
+            self._waiting.suspects.append(task)
             self.redelivered += 1
         return Outcome((), tuple(dead)) if dead else NOTHING
 
@@ -186,52 +183,30 @@ class TaskTable:
         task's ``attempts`` already counts this delivery. Suspects go first, each alone to an
         idle worker; then tasks that overran a deadline, each to a worker where it did not;
         then the rest, spread evenly."""
-        self._promote(now)
+        waiting = self._waiting
+        waiting.promote(now)
         batches: dict[str, list[Task]] = {}
-        if self._suspects:
-            self._place_suspects(now, batches)
-            if self._suspects:
-                return list(batches.items())  # the others wait: workers drain and become idle
-        if self._redo:
-            self._place_redo(now, batches)
-        if self._pending:
+        if waiting.suspects or waiting.redo:
+            def deliver(worker: WorkerView, task: Task) -> Key:
+                return self._deliver(worker, task, now, batches)
+
+            if waiting.suspects:
+                waiting.place_suspects(list(self._workers.values()), deliver)
+                if waiting.suspects:
+                    return list(batches.items())  # the others wait: workers drain, become idle
+            if waiting.redo:
+                waiting.place_redo(list(self._workers.values()), deliver)
+        if waiting.pending:
             self._spread(now, batches)
         return list(batches.items())
-
-    def _place_suspects(self, now: float, batches: dict[str, list[Task]]) -> None:
-        idle = [w for w in self._workers.values() if w.idle()]
-        suspects = self._suspects
-        while suspects and idle:
-            task = suspects.popleft()
-            if task.state is not _PENDING:
-                continue  # settled meanwhile by a late result: dropped lazily
-            worker = idle.pop()
-            worker.probe = self._deliver(worker, task, now, batches)
-
-    def _place_redo(self, now: float, batches: dict[str, list[Task]]) -> None:
-        """Each task that overran goes to a worker where it did not, waiting for one to have
-        room if there is any such worker; only when there is none, to a free slot anywhere."""
-        redo, keep = self._redo, []
-        while redo:
-            task = redo.popleft()
-            if task.state is not _PENDING:
-                continue
-            hung_on = task.hung_on or ()
-            fresh = [w for w in self._workers.values() if w.key not in hung_on and not w.stuck]
-            ready = [w for w in (fresh or self._workers.values()) if w.room() > 0]
-            if ready:
-                self._deliver(task=task, worker=max(ready, key=WorkerView.room), now=now,
-                              batches=batches)
-            else:
-                keep.append(task)
-        redo.extend(keep)
 
     def _spread(self, now: float, batches: dict[str, list[Task]]) -> None:
         ready = [w for w in self._workers.values() if w.room() > 0]
         if ready:
             start = self._turn % len(ready)
             self._turn += 1
-            given, due = spread(ready[start:] + ready[:start], self._pending, now, batches)
+            given, due = spread(ready[start:] + ready[:start], self._waiting.pending, now,
+                                batches)
             self.in_flight += given
             self.next_due = min(self.next_due, due)
 
@@ -263,8 +238,8 @@ class TaskTable:
                 task.worker = None
                 self.in_flight -= 1
                 (suspects if task.suspect else back).append(task)
-        self._pending.extendleft(back)
-        self._suspects.extendleft(suspects)
+        self._waiting.pending.extendleft(back)
+        self._waiting.suspects.extendleft(suspects)
 
     # --- results and time ----------------------------------------------------------------------
 
@@ -323,7 +298,7 @@ class TaskTable:
         ``next_due``."""
         if now < self.next_due:
             return NOTHING
-        self._promote(now)
+        self._waiting.promote(now)
         dead: list[Task] = []
         next_due = math.inf
         for worker in list(self._workers.values()):
@@ -345,9 +320,7 @@ class TaskTable:
                     self._overran(task, worker.key, dead)
             if overran and worker.stuck:
                 self._requeue_waiting(worker)
-        if self._delayed:
-            next_due = min(next_due, self._delayed[0][0])
-        self.next_due = next_due
+        self.next_due = min(next_due, self._waiting.next_retry)
         return Outcome((), tuple(dead)) if dead else NOTHING
 
     def _overran(self, task: Task, worker: str, dead: list[Task]) -> None:
@@ -362,7 +335,7 @@ class TaskTable:
         why += f" on {where} worker{'s' * (where != 1)}"
         if self._charge(task, (DEADLINE_EXCEEDED, why), dead):
             task.state = _PENDING
-            self._redo.append(task)
+            self._waiting.redo.append(task)
             self.redelivered += 1
 
     def _requeue_waiting(self, worker: WorkerView) -> None:
@@ -374,7 +347,7 @@ class TaskTable:
                 task.worker = None
                 task.state = _PENDING
                 back.append(task)
-        self._pending.extendleft(reversed(back))
+        self._waiting.pending.extendleft(reversed(back))
         self.requeued += len(back)
         self.redelivered += len(back)
 
@@ -392,20 +365,10 @@ class TaskTable:
         return False
 
     def _retry_later(self, task: Task, now: float) -> None:
-        task.state = TaskState.DELAYED
         due = now + self.policy.delay(task.charged)
-        self._seq += 1
-        heapq.heappush(self._delayed, (due, self._seq, task))
+        self._waiting.delay(task, due)
         self.next_due = min(self.next_due, due)
         self.retried += 1
-
-    def _promote(self, now: float) -> None:
-        delayed = self._delayed
-        while delayed and delayed[0][0] <= now:
-            task = heapq.heappop(delayed)[2]
-            if task.state is TaskState.DELAYED:
-                task.state = _PENDING
-                self._pending.append(task)
 
     def stats(self) -> TaskTableStats:
         """A snapshot of the counters (safe to call from another thread; may be a tick old)."""

@@ -1,10 +1,11 @@
 """Zeroconf advertise + browse, feeding a :class:`~zmqfabric.directory.Directory`.
 
 Runs in python-zeroconf's threads and never touches a ZeroMQ socket. Records from the network are
-untrusted hints: each is validated by :func:`zmqfabric.core.records.decode_txt`, its address must
-lie in the node's scope, and then the node it names must confirm it (:mod:`.verify`, in the
-verifier's thread) before anything of it is used; refused records are counted and logged
-(rate-limited), never fatal, and listed by :meth:`Discovery.refused`.
+untrusted hints: each is validated by :func:`zmqfabric.core.records.decode_txt`, then passes the
+node's :class:`~.intake.Intake` (scope, fabric, keys; then the node it names must confirm it,
+:mod:`.verify`) before anything of it is used; refused records are counted and logged
+(rate-limited), never fatal, and listed by :meth:`Discovery.refused`. This module is the mDNS
+side: advertising, browsing, resolving, the goodbye and zeroconf's cache.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import logging
 import socket
 import threading
-import time
 from typing import Any, Callable
 
 from zeroconf import (
@@ -29,16 +29,9 @@ from zeroconf import (
 )
 
 from ..config import NodeConfig
-from ..constants import (
-    LOG_RATE_PER_MINUTE,
-    MAX_REFUSED_KEPT,
-    REGISTER_TIMEOUT_S,
-    RESOLVE_TIMEOUT_S,
-    SERVICE_TYPE,
-)
+from ..constants import REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
 from ..core.records import (
     NodeRecord,
-    address_in_scope,
     decode_txt,
     encode_txt,
     instance_name,
@@ -49,8 +42,8 @@ from ..errors import FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
+from .intake import Intake
 from .quickquery import QuickQuery, ask_now
-from .verify import Verifier
 
 log = logging.getLogger(__name__)
 #: DNS record type PTR and class IN (RFC 1035).
@@ -75,19 +68,12 @@ class Discovery:
         """``sockets``: the node's socket factory, for verifying hints with their advertisers
         (:mod:`.verify`). Without it (tests of discovery alone) hints are taken unverified."""
         self._config = config
-        self._on_conflict = on_conflict
-        self._own: tuple[str, str] | None = None
-        self._refused: dict[tuple[str, str], tuple[NodeRecord, str]] = {}
-        self._verifier = (
-            None if sockets is None
-            else Verifier(config, sockets, counters, self._admit, self._refuse)
-        )
+        self._intake = Intake(config, directory, counters, on_conflict, sockets)
         self._broadcast: Any = None  # zeroconf's task repeating our latest announcement
         self._closing = False
         self._directory = directory
         self._counters = counters
         self._rlog = RateLimitedLog(log)
-        self._refusal_logs = _Window(LOG_RATE_PER_MINUTE)
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
         self._quick: QuickQuery | None = None
@@ -98,8 +84,7 @@ class Discovery:
         """Open zeroconf and start the verifier thread. Raises FabricError."""
         address = self._config.scope.address
         self._directory.limit = peer_capacity()
-        if self._verifier is not None:
-            self._verifier.start(owner)
+        self._intake.start(owner)
         try:
             # use_asyncio=False: zeroconf runs its own thread even when called from an asyncio loop,
             # so the sync and asyncio nodes share one discovery path.
@@ -156,7 +141,7 @@ class Discovery:
                 REGISTER_TIMEOUT_S
             )
             self._info = info
-            self._own = (record.name, record.node_id)
+            self._intake.own = (record.name, record.node_id)
         # Our own record goes straight into our directory: no need to hear our own multicast.
         self._directory.put(record)
 
@@ -181,8 +166,7 @@ class Discovery:
         """Liveness dropped ``record``'s node: forget that its record was verified, so that the
         same record heard again (the node is back after a partition) is verified and admitted
         again instead of being skipped as known. Thread-safe."""
-        if self._verifier is not None:
-            self._verifier.forget(record.name, record.node_id)
+        self._intake.forget(record.name, record.node_id)
 
     def requery(self) -> None:
         """Ask the subnet for every node, listing the ones cached here as known answers: only
@@ -215,8 +199,7 @@ class Discovery:
             finally:
                 zc.close()
         finally:
-            if self._verifier is not None:
-                self._verifier.stop()
+            self._intake.stop()
 
     # --- zeroconf's thread -----------------------------------------------------------------
 
@@ -232,15 +215,14 @@ class Discovery:
         try:
             node, node_id = parse_instance(name)
             if state_change is ServiceStateChange.Removed:
-                if self._verifier is not None:
-                    self._verifier.forget(node, node_id)
+                self._intake.forget(node, node_id)
                 self._directory.remove(node, node_id)
                 return
             record = self._resolve(zeroconf, service_type, name, node)
             if record is not None:
                 if record.node_id != node_id:
                     raise RemoteProtocolError(f"record {node!r}: id differs from its instance name")
-                self.accept(record)
+                self._intake.accept(record)
         except RemoteProtocolError as exc:
             self._counters.add("refused_records")
             self._rlog.warning("record", "refused discovery record %r: %s", name[:120], exc)
@@ -263,103 +245,25 @@ class Discovery:
             raise RemoteProtocolError(f"record {node!r}: SRV port does not match its ctl endpoint")
         return record
 
+    # --- the intake (thread-safe; see intake.py) --------------------------------------------
+
     def accept(self, record: NodeRecord, *, direct: bool = False) -> None:
-        """Put a validated peer record into the directory if it is in scope and not ours.
-
-        ``direct``: the record came over a connection from its own address (a hello), so it may
-        lie outside the scope's networks (peers seeded across subnets). Raises
-        RemoteProtocolError for an mDNS record outside the scope. A record of another fabric
-        is dropped without a word (counted): that fabric is none of this node's business.
-        Thread-safe."""
-        if record.fabric != self._config.fabric:
-            self._counters.add("other_fabric_records")
-            return
-        if not direct and not address_in_scope(record.address, self._config.scope.networks):
-            raise RemoteProtocolError(
-                f"record {record.name!r}: address {record.address} is outside this node's scope "
-                f"{', '.join(self._config.scope.networks)}"
-            )
-        refusal = self._security_refusal(record)
-        if refusal is not None:
-            self._refuse(record, refusal)
-            return
-        own = self._own
-        if own is not None and record.node_id == own[1]:
-            return  # our own record, heard back
-        if self._verifier is None:
-            self._admit(record)
-        else:
-            self._verifier.submit(record)  # a hint: the node itself tells what is true
-
-    def _admit(self, record: NodeRecord) -> None:
-        """Take a verified record (the verifier's thread): a node of our name is a conflict,
-        any other goes into the directory, unless it is full (counted and logged)."""
-        with self._lock:  # refused earlier (it did not answer then): not any more
-            self._refused.pop((record.node_id, record.address), None)
-        own = self._own
-        if own is not None and record.name == own[0]:
-            if record.node_id != own[1]:
-                self._counters.add("name_conflicts")
-                self._on_conflict(record)
-            return
-        if not self._directory.put(record):
-            self._counters.add("directory_full")
-            self._refuse(record, f"this node already knows {self._directory.limit} nodes, "
-                                 "its most (raise the limit of open files for more)")
+        """See :meth:`.intake.Intake.accept`: scope, fabric, keys, our own, then verification.
+        Raises RemoteProtocolError for an mDNS record outside the scope. Thread-safe."""
+        self._intake.accept(record, direct=direct)
 
     def verifying(self, name: str) -> bool:
         """A hint claiming node name ``name`` is being verified (or waits to be). Thread-safe."""
-        return self._verifier is not None and self._verifier.busy(name)
+        return self._intake.verifying(name)
 
     def settle(self, name: str, timeout: float) -> bool:
         """Wait until no hint claiming node name ``name`` is being verified (claiming a name:
         only a verified node can hold it). False on timeout. Thread-safe."""
-        return self._verifier is None or self._verifier.wait_idle(name, timeout)
-
-    def _security_refusal(self, record: NodeRecord) -> str | None:
-        """Why a secured node must not connect to ``record`` (or the other way round), or None."""
-        keys = self._config.keys
-        if keys is None:
-            return "it is secured (CURVE) and this node has no keys" if record.curve_key else None
-        if not record.curve_key:
-            return "it is not secured and this node only talks CURVE"
-        if not keys.allows(record.curve_key):
-            return f"its key {record.curve_key} is not in this node's allow-list"
-        return None
-
-    def _refuse(self, record: NodeRecord, reason: str) -> None:
-        """Count a refused peer; log it once per node id and address. Thread-safe."""
-        self._counters.add("refused_peers")
-        key = (record.node_id, record.address)
-        with self._lock:
-            first = key not in self._refused
-            self._refused[key] = (record, reason)
-            while len(self._refused) > MAX_REFUSED_KEPT:
-                self._refused.pop(next(iter(self._refused)))
-        if first and self._refusal_logs.allow(time.monotonic()):
-            log.warning("ignoring node %s on host %s (%s): %s", record.name, record.host,
-                        record.address, reason, extra={"zf_event": "peer_refused"})
+        return self._intake.settle(name, timeout)
 
     def refused(self) -> list[tuple[NodeRecord, str]]:
         """Peers seen but refused for security reasons (most recent last). Thread-safe."""
-        with self._lock:
-            return list(self._refused.values())
-
-
-class _Window:
-    """At most ``per_minute`` events a minute (refused peers logged: a flood is counted, not
-    logged line by line). Thread-safe enough: a race logs one line more."""
-
-    def __init__(self, per_minute: int) -> None:
-        self._per_minute = per_minute
-        self._start = -60.0
-        self._count = 0
-
-    def allow(self, now: float) -> bool:
-        if now - self._start >= 60.0:
-            self._start, self._count = now, 0
-        self._count += 1
-        return self._count <= self._per_minute
+        return self._intake.refused()
 
 
 def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:

@@ -3,10 +3,11 @@
 It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
 every task), a socket monitor on each (:mod:`.links`) and the dead-letter publishers; it shares
 the journal with the submitters (:mod:`.recorder`: they record, it forgets). Other threads only
-post to its :class:`~zmqfabric.transport.inbox.Mailbox` (a deque, and a pipe in its poller
-written only while it sleeps, so a burst of submissions costs no system call): ``submit`` (any
-thread) posts tasks, already on disk when there is a journal; the directory's watchers
-(discovery's thread) post "connect/disconnect URL".
+post callables to its :class:`~zmqfabric.transport.inbox.Inbox` (a deque, and a pipe in its
+poller written only while it sleeps, so a burst of submissions costs no system call): ``submit``
+(any thread) posts the taking of tasks, already on disk when there is a journal; the directory's
+watchers (discovery's thread) post the connection to a worker, or its loss. What is posted once
+the thread has ended runs in the poster's thread and fails the tasks (:meth:`Inbox.run_leftovers`).
 
 Each round: read results and credit, then monitor events (a worker whose connection drops is
 lost: its tasks are redelivered at once), then new submissions, then deadlines and retry timers,
@@ -33,7 +34,7 @@ from ..core.records import EndpointKind
 from ..core.tasktable import Outcome, Task, TaskTable
 from ..errors import ClosedError, FabricError, RemoteProtocolError, TaskFailedError
 from ..stats import RateLimitedLog
-from ..transport.inbox import Mailbox
+from ..transport.inbox import Inbox
 from .deadletters import DeadLetters
 from .handle import HandleOwner, HandleState, TaskHandle, settle
 from .links import Links, WorkerLink
@@ -46,10 +47,9 @@ log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 
 _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-#: Messages read from one worker per round, and submissions taken per round (fairness).
+#: Messages read from one worker per round, and posts (submissions...) taken per round (fairness).
 _READ_BATCH = 256
 _TAKE_BATCH = 8192
-
 
 
 class Dispatcher:
@@ -65,7 +65,7 @@ class Dispatcher:
         self._size_limit = node.config.max_message_size
         self._dead = DeadLetters(node, config.dead_letter_path)
         self._thread = threading.Thread(target=self._run, name=f"zmqfabric-tasks-{node.name}")
-        self._mail = Mailbox()
+        self._inbox = Inbox()
         self._stopping = False
         self.closed = False
         self._tables: dict[str, TaskTable] = {}
@@ -87,7 +87,7 @@ class Dispatcher:
         """Open the wake pipe; ``resumed``: (name, task) from the journal, sent once the thread
         runs."""
         self._resumed = resumed
-        self._poller.register(self._mail.open(), zmq.POLLIN)
+        self._poller.register(self._inbox.open(), zmq.POLLIN)
 
     def start(self) -> None:
         self._thread.start()
@@ -96,14 +96,16 @@ class Dispatcher:
         """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe."""
         if self._stopping:
             raise ClosedError(f"node {self._node.name!r} is closing")
-        self._mail.post((name, tasks))
-        if self.closed:  # the thread ended between our check and the append
-            self._fail_leftovers()
+        if not self._inbox.post(self._take, name, tasks):
+            self._fail(tasks)  # the inbox is closed: the thread is long gone
+        elif self.closed:  # the thread ended between our check and the post
+            self._inbox.run_leftovers()
 
     def _post(self, op: str, name: str, url: str) -> None:
-        # discovery's thread: queue and wake, never touch a socket
+        # discovery's thread: queue and wake (even a napping thread), never touch a socket
         if not self._stopping:
-            self._mail.post((op, name, url), wake=True)
+            self._inbox.post(self._connect if op == "connect" else self._drop, name, url)
+            self._inbox.wake()
 
     def stats(self) -> dict[str, Any]:
         return {name: t.stats() for name, t in list(self._tables.items())}
@@ -111,7 +113,7 @@ class Dispatcher:
     def close(self, timeout: float) -> None:
         """Stop the thread: unsettled tasks fail with ClosedError (a journal keeps them)."""
         self._stopping = True
-        self._mail.wake()
+        self._inbox.wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -120,7 +122,7 @@ class Dispatcher:
                 return
         elif not self.closed:
             self._shutdown()  # never started
-        self._mail.close()
+        self._inbox.close(drop=False)  # a submit racing with this close fails its own tasks
 
     # --- the thread ----------------------------------------------------------------------------
 
@@ -140,29 +142,25 @@ class Dispatcher:
             self._shutdown()
 
     def _round(self) -> None:
-        mail = self._mail
+        inbox = self._inbox
         timeout = self._timeout(time.monotonic())
         if self._napping:  # durable submissions are flowing: look again soon, unwoken
-            timeout = 0 if mail.items else min(timeout, TASK_NAP_MS)
+            events = inbox.poll(self._poller, min(timeout, TASK_NAP_MS), wake=False)
         else:
-            timeout = mail.sleep_timeout(timeout)
-        events = self._poller.poll(timeout)
-        mail.sleeping = False
+            events = inbox.poll(self._poller, timeout)
         now = time.monotonic()
         monitors = []
-        for sock, _ in events:
+        for sock in events:
             link = self._links.with_socket(sock)
             if link is not None:
                 self._read(link, now)
-            elif sock == mail.fd:
-                mail.drain_pipe()
-            else:
+            elif sock != inbox.fd:  # the inbox's pipe: poll() emptied it
                 monitors.append(sock)
         for sock in monitors:
             link = self._links.with_monitor(sock)
             if link is not None:
                 self._on_monitor(link, now)
-        self._take_commands()
+        self._take_posts()
         # Each durable submit costs a commit, so they arrive tens of microseconds apart: waking
         # for each would cost a wake-up and a round per task. Napping instead takes them by the
         # batch, at most TASK_NAP_MS late.
@@ -180,23 +178,22 @@ class Dispatcher:
             return TASK_TICK_MS
         return min(TASK_TICK_MS, max(1, math.ceil((due - now) * 1000)))
 
-    def _take_commands(self) -> None:
-        commands = self._mail.items
-        for _ in range(_TAKE_BATCH):
-            if not commands:
-                return
-            command = commands.popleft()
-            if len(command) == 2:
-                name = command[0]
-                if name not in self._tables:
-                    self._table(name)
-                self._new.append(command)
-            elif command[0] == "connect":
-                self._connect(command[1], command[2])
-            else:
-                link = self._links.get(command[1], command[2])
-                if link is not None:
-                    self._disconnect(link, time.monotonic())
+    def _take_posts(self) -> None:
+        """Run what was posted (``_take``, ``_connect``, ``_drop``), also what is posted
+        meanwhile, up to _TAKE_BATCH: a busy submitter's tasks leave in large batches."""
+        inbox, taken = self._inbox, 0
+        while inbox.pending and taken < _TAKE_BATCH:
+            taken += inbox.run_pending(_TAKE_BATCH - taken)
+
+    def _take(self, name: str, tasks: list[Task]) -> None:
+        """Posted by ``submit``: new tasks, queued at the round's ``_queue_new``. Once the thread
+        has ended (a leftover, run by any thread), they fail instead."""
+        if self.closed:
+            self._fail(tasks)
+            return
+        if name not in self._tables:
+            self._table(name)
+        self._new.append((name, tasks))
 
     def _table(self, name: str) -> TaskTable:
         table = self._tables.get(name)
@@ -211,7 +208,8 @@ class Dispatcher:
     # --- workers -------------------------------------------------------------------------------
 
     def _connect(self, name: str, url: str) -> None:
-        if self._links.get(name, url) is not None:
+        """Posted by the directory's watcher: a worker of ``name`` at ``url`` appeared."""
+        if self.closed or self._links.get(name, url) is not None:
             return
         factory = self._node.sockets
         sock = factory.socket(zmq.DEALER, sync=True)
@@ -224,6 +222,12 @@ class Dispatcher:
             link.close()
             return
         self._links.add(link)
+
+    def _drop(self, name: str, url: str) -> None:
+        """Posted by the directory's watcher: the worker of ``name`` at ``url`` is gone."""
+        link = None if self.closed else self._links.get(name, url)
+        if link is not None:
+            self._disconnect(link, time.monotonic())
 
     def _disconnect(self, link: WorkerLink, now: float) -> None:
         self._read(link, now)  # what arrived before it left still counts
@@ -379,19 +383,13 @@ class Dispatcher:
         if self._recorder is not None:
             self._recorder.close()
         self.closed = True
-        self._fail_leftovers()
+        self._inbox.run_leftovers()  # posted after the thread's last look: _take fails them
 
-    def _fail_leftovers(self) -> None:
-        """Fail submissions that arrived after the thread's last look (any thread)."""
+    def _fail(self, tasks: list[Task]) -> None:
+        """Fail submitted tasks that the thread will never take (any thread)."""
         closed = ClosedError(f"node {self._node.name!r} is closed")
-        changes: list[tuple[TaskHandle, HandleState, Any]] = []
-        while True:
-            try:
-                command = self._mail.items.popleft()
-            except IndexError:
-                break
-            if len(command) == 2:
-                changes.extend((task.ref, HandleState.FAILED, closed) for task in command[1])
+        changes: list[tuple[TaskHandle, HandleState, Any]] = [
+            (task.ref, HandleState.FAILED, closed) for task in tasks]
         if changes:
             settle(self._tasks, changes)
             self._tasks.settled(len(changes))

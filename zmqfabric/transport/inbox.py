@@ -19,11 +19,15 @@ The pipe is written only while the owner sleeps: :meth:`poll` raises ``sleeping`
 polls and looks at the deque once more, so a burst of posts to a busy owner costs no system call.
 An owner that cannot use :meth:`poll` everywhere (it polls the fd from several pollers, or keeps
 work queued while it sleeps) makes its inbox with ``always_wake=True``: then every post writes.
+An owner that expects a stream of posts a little apart (durable task submissions, a commit apart)
+naps instead of sleeping (``poll(..., wake=False)``): posts do not wake it, it takes them by the
+batch when the nap ends.
 
 Thread-safety: :meth:`post` and :meth:`wake` are thread-safe and signal-safe (a Python signal
 handler may call them); :meth:`poll`, :meth:`run_pending` and :meth:`defer` are for the owner
 only; :meth:`open` and :meth:`close` belong to whoever starts and stops the owner (``close``
-after the owner stopped polling). Under asyncio the same job is ``loop.call_soon_threadsafe``.
+after the owner stopped polling); :meth:`run_leftovers`, once the owner is gone, to any thread.
+Under asyncio the same job is ``loop.call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -108,11 +112,14 @@ class Inbox:
         """Make the wake-up pipe; returns the fd the owner polls. Posts made before are dropped."""
         return self._pipe.open()
 
-    def close(self) -> None:
-        """Close the pipe and drop what is still queued; later posts are dropped. Call once the
-        owner no longer polls (after joining it). Idempotent."""
+    def close(self, *, drop: bool = True) -> None:
+        """Close the pipe and drop what is still queued; later posts are dropped (``post``
+        returns False). Call once the owner no longer polls (after joining it). ``drop=False``
+        keeps what is queued for :meth:`run_leftovers`: no post that returned True is lost, even
+        one racing with this close. Idempotent."""
         self._pipe.close()
-        self.pending.clear()
+        if drop:
+            self.pending.clear()
 
     @property
     def fd(self) -> int:
@@ -146,14 +153,19 @@ class Inbox:
 
     # --- owner only ----------------------------------------------------------------------------
 
-    def poll(self, poller: Poller, timeout_ms: int | None) -> dict[Any, int]:
+    def poll(
+        self, poller: Poller, timeout_ms: int | None, *, wake: bool = True
+    ) -> dict[Any, int]:
         """Poll ``poller`` (which has :attr:`fd` registered) and return its events as a dict.
 
         Sleeps up to ``timeout_ms`` (None: until woken) only when nothing is queued; the pipe is
-        emptied if it was readable (``fd`` stays in the events). Raises what ``poller.poll``
-        raises. Owner only."""
+        emptied if it was readable (``fd`` stays in the events). ``wake=False``: a nap, which
+        posts do not cut short (they write nothing and wait for its end; :meth:`wake` still
+        does). Raises what ``poller.poll`` raises. Owner only."""
         if self._always_wake:
             events = dict(poller.poll(timeout_ms))
+        elif not wake:
+            events = dict(poller.poll(0 if self.pending else timeout_ms))
         else:
             timeout = 0
             if not self.pending and timeout_ms != 0:
@@ -183,51 +195,24 @@ class Inbox:
             fn(*args)
         return count
 
+    def run_leftovers(self) -> int:
+        """Once the owner is gone for good (it runs nothing more): call what is still queued,
+        in order, in the calling thread, until nothing is. Thread-safe: several threads may
+        call it while others post, and each callable runs once, in whichever thread takes it.
+        The callables must know that their owner is gone (fail their work instead of doing it).
+        A callable that raises propagates; the ones after it stay queued. Returns how many ran.
+        """
+        pending = self.pending
+        count = 0
+        while True:
+            try:
+                fn, args = pending.popleft()
+            except IndexError:
+                return count
+            fn(*args)
+            count += 1
+
     def defer(self, fn: Callable[..., object], *args: Any) -> None:
         """Queue ``fn(*args)`` for the next :meth:`run_pending` without waking anyone: work that
         waits for something the owner itself will do first (read queued input). Owner only."""
         self.pending.append((fn, args))
-
-
-class Mailbox:
-    """The task dispatcher's inbox of plain items, until it posts callables to an :class:`Inbox`.
-
-    ``items`` is the deque (owner: popleft; others: append through ``post``). ``open()`` makes
-    the pipe and returns the fd to poll; ``close()`` closes it. Thread-safe except as noted."""
-
-    def __init__(self) -> None:
-        self.items: collections.deque[Any] = collections.deque()
-        self.sleeping = False
-        self._pipe = WakePipe()
-
-    def open(self) -> int:
-        return self._pipe.open()
-
-    @property
-    def fd(self) -> int:
-        return self._pipe.fd
-
-    def post(self, item: Any, *, wake: bool = False) -> None:
-        """Append ``item``; wake the owner if it sleeps (or always, with ``wake=True``)."""
-        self.items.append(item)
-        if wake or self.sleeping:
-            self._pipe.wake()
-
-    def wake(self) -> None:
-        self._pipe.wake()
-
-    def sleep_timeout(self, timeout: int) -> int:
-        """The owner is about to poll for ``timeout`` ms: 0 if there is mail, else ``timeout``
-        with ``sleeping`` raised (the owner lowers it after polling). Owner only."""
-        if self.items or not timeout:
-            return 0
-        self.sleeping = True
-        return 0 if self.items else timeout  # posted while we were deciding: do not sleep on it
-
-    def drain_pipe(self) -> None:
-        """Empty the pipe after a wake-up. Owner only."""
-        self._pipe.drain()
-
-    def close(self) -> None:
-        """Close the pipe (fds forgotten first). Idempotent."""
-        self._pipe.close()
