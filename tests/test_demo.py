@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import urllib.request
 import time
 from pathlib import Path
 
@@ -105,3 +107,48 @@ def test_summary_table_for_people() -> None:
     assert text.endswith("result: COUNTS DO NOT MATCH")
     assert not summary.ok
 
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (checked by binding each)."""
+    for first in range(20000 + (time.monotonic_ns() // 1000) % 20000, 60000, count):
+        socks = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError("no run of free ports")
+
+
+def test_demo_nodes_serve_metrics_on_consecutive_ports(procs: ProcessGroup) -> None:
+    """``zmqfabric --metrics-port P demo``: node i serves /metrics on P+i while traffic runs; the
+    providers count the requests they handled, the publisher its events."""
+    first = free_port_run(10)
+    demo = procs.cli("--metrics-port", str(first), "demo", "--duration", "6", "--workers", "2")
+    demo.expect("all processes found each other", timeout=25)
+    served: dict[str, float] = {}
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len([v for v in served.values() if v > 0]) < 3:
+        for port in range(first, first + 10):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("zmqfabric_messages_total{") and 'direction="out"' in line \
+                        and ('kind="service"' in line or 'kind="stream"' in line):
+                    node = line.split('node="', 1)[1].split('"', 1)[0]
+                    served[node] = float(line.rsplit(" ", 1)[1])
+        time.sleep(0.3)
+    assert demo.wait(40) == 0, demo.err_tail()
+    busy = sorted(node.rsplit("-", 2)[-2] if node[-1].isdigit() else node.rsplit("-", 1)[-1]
+                  for node, value in served.items() if value > 0)
+    assert busy == ["provider", "provider", "publisher"], served

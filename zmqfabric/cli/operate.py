@@ -336,14 +336,23 @@ def _device_ready(cfg: CliConfig, node: Node, kind: str, relayed: EndpointKind, 
 def demo_cmd(cfg: CliConfig, duration: float, workers: int) -> None:
     """Start a small fabric of real processes on this host and measure it: a service with 2
     providers and a client, a stream with 2 subscribers, and a pipeline producer -> workers ->
-    sink. Prints progress each second and a summary; Ctrl-C stops everything."""
+    sink. Prints progress each second and a summary; Ctrl-C stops everything. With the global
+    --metrics-port P, the nodes serve Prometheus metrics on ports P, P+1, ..."""
     from .demo import run as demo
 
     ignored = [opt for opt, given in (("--keys", cfg.keys is not None), ("--peer", cfg.peers),
                                       ("--control-port", cfg.control_port)) if given]
     if ignored:
         note(f"the demo runs its own nodes without {', '.join(ignored)}")
-    settings = demo.DemoSettings(duration=duration, workers=workers, scope=cfg.scope)
+    settings = demo.DemoSettings(duration=duration, workers=workers, scope=cfg.scope,
+                                 metrics_port=cfg.metrics_port)
+    if cfg.metrics_port is not None:
+        last = cfg.metrics_port + settings.node_count - 1
+        if last > 65535:
+            raise click.BadParameter(f"the demo needs {settings.node_count} consecutive ports "
+                                     f"from {cfg.metrics_port}", param_hint="--metrics-port")
+        note(f"metrics: http://{cfg.scope.address}:{cfg.metrics_port}..{last}/metrics "
+             "(one port per node, in the order the nodes start)")
     summary = demo.run_demo(settings, lambda event: _demo_event(cfg, event))
     if cfg.json:
         emit({"event": "summary", **summary.as_dict()})

@@ -74,6 +74,8 @@ class RoleSpec:
     startup_timeout: float
     #: Level of the child's log lines on stderr (the parent's level; warnings only with -v).
     log_level: int = logging.ERROR
+    #: The port this role's node serves Prometheus metrics on (None: it does not).
+    metrics_port: int | None = None
 
     @property
     def role_id(self) -> str:

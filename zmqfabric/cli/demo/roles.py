@@ -66,9 +66,8 @@ def _send_quietly(child: Child, kind: str, data: dict[str, Any]) -> None:
 
 
 def _node(spec: RoleSpec, hwm: int | None = None) -> Node:
-    if hwm is None:
-        return Node(spec.names.node(spec.role_id), scope=spec.scope)
-    return Node(spec.names.node(spec.role_id), config=NodeConfig(scope=spec.scope, hwm=hwm))
+    config = NodeConfig(scope=spec.scope) if hwm is None else NodeConfig(scope=spec.scope, hwm=hwm)
+    return Node(spec.names.node(spec.role_id), config=config, metrics_port=spec.metrics_port)
 
 
 def _providers(node: Node, kind: EndpointKind, name: str, wanted: int) -> Callable[[], bool]:

@@ -78,6 +78,13 @@ class DemoSettings:
     #: Events per second the publisher sends (pub/sub has no backpressure: it drops at HWM).
     pub_rate: int = 5000
     startup_timeout: float = 20.0
+    #: The first of the consecutive ports the nodes serve Prometheus metrics on (None: none do).
+    metrics_port: int | None = None
+
+    @property
+    def node_count(self) -> int:
+        """Processes (one node each): sink, producer, client, publisher and the rest."""
+        return 4 + self.workers + self.providers + self.subscribers
 
 
 # --- the processes -----------------------------------------------------------------------------
@@ -238,11 +245,13 @@ def _specs(settings: DemoSettings, names: Names) -> list[RoleSpec]:
     counts = [("sink", 1), ("worker", settings.workers), ("producer", 1),
               ("provider", settings.providers), ("client", 1),
               ("subscriber", settings.subscribers), ("publisher", 1)]
+    roles = [(role, index if n > 1 else 0) for role, n in counts for index in range(1, n + 1)]
+    first = settings.metrics_port
     return [
-        RoleSpec(role, index if n > 1 else 0, names, settings.scope, settings.providers,
-                 settings.workers, settings.pub_rate, settings.startup_timeout, child_level)
-        for role, n in counts
-        for index in range(1, n + 1)
+        RoleSpec(role, index, names, settings.scope, settings.providers, settings.workers,
+                 settings.pub_rate, settings.startup_timeout, child_level,
+                 None if first is None else first + position)
+        for position, (role, index) in enumerate(roles)
     ]
 
 
