@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import urllib.request
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
