@@ -126,13 +126,18 @@ def test_ls_lists_every_node_and_stops_when_the_answers_do(
     try:
         for node in nodes:
             node.start()
+        # What Python and the imports cost here now (the machine may be loaded).
+        start = time.monotonic()
+        assert run("--fabric", fabric, "--json", "ls", "--help").returncode == 0
+        baseline = time.monotonic() - start
         start = time.monotonic()
         done = run("--fabric", fabric, "--json", "ls")
         took = time.monotonic() - start
         assert done.returncode == 0, done.stderr
         assert {json.loads(line)["name"] for line in done.stdout.splitlines()} == \
             {node.name for node in nodes}
-        assert took < 1.5, took  # Python, imports and all: the old window alone was 1.5 s
+        # The old fixed window alone was 1.5 s on top of the baseline.
+        assert took - baseline < 1.2, (took, baseline)
     finally:
         for node in nodes:
             node.close()
