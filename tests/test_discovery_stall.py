@@ -6,8 +6,9 @@ new record in zeroconf's browser thread and, for a record whose SRV/TXT is not i
 waits up to RESOLVE_TIMEOUT_S (1 s) for an answer; every event behind it waits too. Three bare
 PTR records (one multicast packet, from anyone on the LAN) hold up for 3 s what only mDNS
 carries, such as a known peer's new endpoint (hellos still introduce newcomers at once).
-Measured: 3.01 s. Resolving in zeroconf's loop (``AsyncServiceInfo.async_request``, a bounded
-number at a time, cancelled on removal) would let each record take its own time.
+Measured: 3.01 s. Now a record missing from the cache is asked for in zeroconf's loop
+(``AsyncServiceInfo.async_request``, at most MAX_RESOLVING at a time, cancelled on removal), and
+the browser thread moves on: measured 0.005-0.007 s.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import socket
 import time
 from typing import Callable
 
-import pytest
 from zeroconf import DNSOutgoing, DNSPointer
 
 import zmqfabric as zf
@@ -40,8 +40,6 @@ def multicast_bare_pointers(count: int) -> None:
             sock.sendto(packet, ("224.0.0.251", 5353))
 
 
-@pytest.mark.xfail(strict=True, reason="Discovery resolves records one at a time in the browser "
-                   "thread (up to 1 s each); remove this mark once resolution does not block")
 def test_unresolvable_records_do_not_delay_a_peers_new_endpoint(
     make_node: Callable[..., zf.Node], name: Callable[[str], str],
 ) -> None:
@@ -56,4 +54,5 @@ def test_unresolvable_records_do_not_delay_a_peers_new_endpoint(
     with peer.publisher(stream):
         watcher.wait_for_endpoint("pub", stream, 10.0)
         took = time.monotonic() - start
+    print(f"\nnew endpoint seen after {took:.3f} s")
     assert took < 0.5, f"the watcher saw the new endpoint after {took:.2f} s"

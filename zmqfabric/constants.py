@@ -81,6 +81,9 @@ CONFLICT_WINDOW_S = 0.2
 MAX_NAME_SUFFIX = 8
 #: How long a browser waits for a peer's full record (SRV/TXT/A) after seeing its name.
 RESOLVE_TIMEOUT_S = 1.0
+#: Records asked for at once (their SRV/TXT/A were not cached): bare names from the network are
+#: cheap to send, so only this many are chased; more are counted as unresolved and dropped.
+MAX_RESOLVING = 64
 #: A starting node's legacy unicast query (discovery/quickquery.py) takes answers this long (s):
 #: responders answer it at once, so this only has to outlast a slow or loaded host.
 QUICK_QUERY_WINDOW_S = 2.0

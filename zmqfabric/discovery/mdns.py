@@ -11,6 +11,7 @@ side: advertising, browsing, resolving, the goodbye and zeroconf's cache.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import threading
@@ -27,9 +28,10 @@ from zeroconf import (
     Zeroconf,
     current_time_millis,
 )
+from zeroconf.asyncio import AsyncServiceInfo
 
 from ..config import NodeConfig
-from ..constants import REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
+from ..constants import MAX_RESOLVING, REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
 from ..core.records import (
     NodeRecord,
     decode_txt,
@@ -79,6 +81,8 @@ class Discovery:
         self._quick: QuickQuery | None = None
         self._info: ServiceInfo | None = None
         self._lock = threading.Lock()
+        #: Instances whose SRV/TXT/A were not cached, being asked for in zeroconf's loop.
+        self._resolving: dict[str, concurrent.futures.Future[None]] = {}
 
     def start(self, owner: str = "") -> None:
         """Open zeroconf and start the verifier thread. Raises FabricError."""
@@ -178,14 +182,16 @@ class Discovery:
 
     def close(self) -> None:
         with self._lock:
-            # The browser thread finishes its queued changes before cancel() returns; resolving
-            # each could take a second. Closing: skip them.
+            # The browser thread finishes its queued changes before cancel() returns: skip them.
             self._closing = True
             zc, self._zc = self._zc, None
             info, self._info = self._info, None
             browser, self._browser = self._browser, None
             quick, self._quick = self._quick, None
             announcing, self._broadcast = self._broadcast, None
+            resolving, self._resolving = list(self._resolving.values()), {}
+        for future in resolving:
+            future.cancel()
         try:
             if zc is None:
                 return
@@ -215,10 +221,11 @@ class Discovery:
         try:
             node, node_id = parse_instance(name)
             if state_change is ServiceStateChange.Removed:
+                self._stop_resolving(name)
                 self._intake.forget(node, node_id)
                 self._directory.remove(node, node_id)
                 return
-            record = self._resolve(zeroconf, service_type, name, node)
+            record = self._from_cache(zeroconf, service_type, name, node)
             if record is not None:
                 if record.node_id != node_id:
                     raise RemoteProtocolError(f"record {node!r}: id differs from its instance name")
@@ -230,20 +237,50 @@ class Discovery:
             self._counters.add("discovery_errors")
             self._rlog.exception("bug", "error handling discovery record %r", name[:120])
 
-    def _resolve(
+    def _from_cache(
         self, zeroconf: Zeroconf, service_type: str, name: str, node: str
     ) -> NodeRecord | None:
+        """The record of instance ``name`` if zeroconf's cache holds all of it; else None, and
+        it is asked for in zeroconf's loop (:meth:`_resolve`): this thread never waits on the
+        network, so a record nobody answers for does not hold up the others. Its answer lands
+        in the cache, and the browser calls us again (an update) with the record complete."""
         info = ServiceInfo(service_type, name)
         if not info.load_from_cache(zeroconf):
-            if not info.request(zeroconf, int(RESOLVE_TIMEOUT_S * 1000)):
-                self._counters.add("unresolved_records")
-                log.debug("record %s did not resolve within %s s", name, RESOLVE_TIMEOUT_S)
-                return None
+            self._start_resolving(zeroconf, service_type, name)
+            return None
         addresses = info.parsed_addresses(IPVersion.V4Only)
         record = decode_txt(node, addresses, info.properties)
         if info.port != (record.control.port if record.control else 0):
             raise RemoteProtocolError(f"record {node!r}: SRV port does not match its ctl endpoint")
         return record
+
+    def _start_resolving(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
+        loop = zeroconf.loop
+        with self._lock:
+            if self._closing or loop is None or name in self._resolving:
+                return
+            if len(self._resolving) >= MAX_RESOLVING:  # a flood of bare names: drop the rest
+                self._counters.add("unresolved_records")
+                return
+            self._resolving[name] = asyncio.run_coroutine_threadsafe(
+                self._resolve(zeroconf, service_type, name), loop)
+
+    def _stop_resolving(self, name: str) -> None:
+        with self._lock:
+            future = self._resolving.pop(name, None)
+        if future is not None:
+            future.cancel()
+
+    async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
+        """Zeroconf's loop: ask for instance ``name``'s records, up to RESOLVE_TIMEOUT_S."""
+        try:
+            info = AsyncServiceInfo(service_type, name)
+            if not await info.async_request(zeroconf, int(RESOLVE_TIMEOUT_S * 1000)):
+                self._counters.add("unresolved_records")
+                log.debug("record %s did not resolve within %s s", name, RESOLVE_TIMEOUT_S)
+        finally:
+            with self._lock:
+                self._resolving.pop(name, None)
 
     # --- the intake (thread-safe; see intake.py) --------------------------------------------
 
