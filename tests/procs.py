@@ -61,7 +61,8 @@ class Child:
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError(f"no output within {timeout} s; stderr:\n{self.err_tail()}") from None
+            tail = self.err_tail()
+            raise TimeoutError(f"no output within {timeout} s; stderr:\n{tail}") from None
         if line is None:
             self.lines.put(None)
             raise EOFError(f"child exited ({self.proc.poll()}); stderr:\n{self.err_tail()}")

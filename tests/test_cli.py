@@ -302,7 +302,7 @@ def test_run_one_definition_twice_under_two_names(
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     names = [name("inst"), name("inst")]
     runs = [procs.cli("run", f"{module}:make", "--name", n, env=env) for n in names]
-    for run, node_name in zip(runs, names):
+    for run, node_name in zip(runs, names, strict=True):
         assert run.expect("ready: ", timeout=15).startswith(f"node {node_name} ")
     answered: set[str] = set()
     with zf.Node(name("caller"), advertise=False) as caller:

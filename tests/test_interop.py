@@ -242,7 +242,7 @@ def test_raw_req_and_dealer_call_a_service(procs: ProcessGroup, server: zf.Node)
     check_txt(lines[0]["txt"], server)
     replies = lines[1:]
     assert len(replies) == len(bodies) + 2 + 3
-    for line, body in zip(replies, bodies):
+    for line, body in zip(replies, bodies, strict=False):
         head, payload = unhex(line["frames"])  # REQ strips the delimiter
         assert msgpack.unpackb(head)[:3] == [1, 2, line["sent"]]
         assert msgpack.unpackb(payload) == {"echo": body}
@@ -456,7 +456,7 @@ def test_a_raw_program_advertises_a_pipeline_that_a_node_feeds(
     lines = [line for line in lines_until(child, "done") if line["event"] == "message"]
 
     assert len(lines) == len(bodies)
-    for i, (line, body) in enumerate(zip(lines, bodies)):
+    for line, body in zip(lines, bodies, strict=True):
         head, payload = unhex(line["frames"])
         fields = msgpack.unpackb(head)
         assert len(head) == 21 and fields[:2] == [1, 5]  # zmqfabric writes the canonical header

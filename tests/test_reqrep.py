@@ -178,7 +178,7 @@ def test_two_providers_share_the_load(procs, make_node, name) -> None:
     assert min(counts.values()) >= 50, f"unfair split of 200 requests: {dict(counts)}"
     served = [stop_cleanly(child)["served"] for child in providers]
     assert sum(served) - sum(counts.values()) >= 2  # the warm-up calls
-    assert all(s >= counts[n] for s, n in zip(served, names))
+    assert all(s >= counts[n] for s, n in zip(served, names, strict=True))
 
 
 # --- failures --------------------------------------------------------------------------------

@@ -212,6 +212,6 @@ def test_two_subnets_joined_by_seed_peers(lan: Lan) -> None:
         lan.python(a2, node.format(name="a2", peers=(), port=0, other="b1")),
     ]
     expected = {"b1": "a2", "b2": "a1", "a1": "b2", "a2": "b1"}
-    for child, name in zip(children, ["b1", "b2", "a1", "a2"]):
+    for child, name in zip(children, ["b1", "b2", "a1", "a2"], strict=True):
         assert child.expect("SEES", 25) == "['a1', 'a2', 'b1', 'b2']"
         assert child.expect("CALL", 15) == expected[name]
