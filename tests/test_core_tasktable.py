@@ -64,6 +64,15 @@ def test_tasks_wait_for_credit_and_never_exceed_it() -> None:
     assert (stats.queued, stats.in_flight, stats.done, stats.workers) == (6, 3, 1, 1)
 
 
+def test_a_refused_task_is_dead_at_once_and_never_assigned() -> None:
+    table = TaskTable("job")
+    table.set_credit("a", 5, 0.0)
+    out = table.refuse(task("big"), ("MessageTooLargeError", "too big"))
+    assert [t.id for t in out.dead] == ["big"] and out.dead[0].error[0] == "MessageTooLargeError"
+    assert out.dead[0].charged == 0 and table.get("big") is None
+    assert table.assign(0.0) == [] and table.stats().dead == 1
+
+
 def test_pending_tasks_are_spread_over_workers_with_room() -> None:
     table = TaskTable("job")
     for w in "abcd":

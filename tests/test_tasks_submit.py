@@ -243,3 +243,28 @@ def test_settled_keys_kept_are_bounded() -> None:
     assert index.claim(TaskHandle("again", "job", "pending", owner)) is pending
     latest = TaskHandle("x", "job", "k29", owner)
     assert index.claim(latest) is not latest  # the newest settled key is still kept
+
+
+def test_a_journaled_task_over_a_lowered_size_limit_is_dead_lettered_at_resume(
+        worker_node, name, tmp_path: Path) -> None:
+    """A task journaled under a 1 MiB limit, resumed by a node whose max_message_size is now
+    64 KiB: no worker could accept it, so it is dead-lettered at once with the reason (before:
+    sent, refused by the worker, and dead-lettered as WorkerLost after a try), and the ones that
+    fit run."""
+    task = name("shrunk")
+    journal, dead = tmp_path / "tasks.db", tmp_path / "dead.jsonl"
+    config = zf.TaskConfig(journal=str(journal), dead_letter_file=str(dead))
+    with zf.Node(unique("producer"), tasks=config) as first:
+        big = first.submit(task, "x" * 200_000)
+        small = first.submit(task, "fits")
+    ran: list[Any] = []
+    worker_node(task, lambda body: ran.append(body) or len(body))
+    limit = zf.NodeConfig(max_message_size=64 * 1024)
+    with zf.Node(unique("producer"), config=limit, tasks=config) as second:
+        wait_until(lambda: second.task_stats()["submit"][task]["done"] == 1, SLOW,
+                   "the small task")
+        [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
+        assert letter["id"] == big.id and letter["error"]["type"] == "MessageTooLargeError"
+        assert "max_message_size" in letter["error"]["message"]
+        assert second.task_stats()["submit"][task]["dead"] == 1
+    assert ran == ["fits"] and small.id != big.id

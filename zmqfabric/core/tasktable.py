@@ -103,6 +103,13 @@ class TaskTable:
         self._tasks[task.id] = task
         self._waiting.pending.append(task)
 
+    def refuse(self, task: Task, error: tuple[str, str]) -> Outcome:
+        """A task that must never be sent (it cannot be delivered): dead at once, no attempt
+        used; it is not kept in the table."""
+        task.error = error
+        self.dead += 1
+        return Outcome((), (task,))
+
     def get(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import wire
 from ..core.tasktable import Task
-from ..errors import FabricError, RemoteProtocolError, TaskFailedError
+from ..errors import FabricError, MessageTooLargeError, RemoteProtocolError, TaskFailedError
 from ..patterns.pubsub import Publisher
 from ..stats import RateLimitedLog
 from .files import open_private
@@ -72,7 +72,11 @@ class DeadLetters:
         publisher = self._publishers.get(name)
         if publisher is not None:
             try:
-                publisher.send(failure.error_type, record)
+                try:
+                    publisher.send(failure.error_type, record)
+                except MessageTooLargeError:  # the file keeps the body; the stream says its size
+                    publisher.send(failure.error_type,
+                                   {**record, "body": None, "body_bytes": len(task.payload)})
             except FabricError as exc:
                 log.warning("%s: cannot publish dead letter %s: %s", self._node.name, task.id, exc)
         if self.path is not None:

@@ -3,18 +3,21 @@ socket monitor) per worker of each task name, and :class:`Links`, which finds th
 or by socket and keeps the dispatcher's poller in step.
 
 Owned by the dispatcher thread (:mod:`.producer`), which creates the sockets and decides what to
-send; not thread-safe.
+send; a link frames and sends it. Not thread-safe.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..core.tasktable import TaskTable
+from ..constants import TASK_FRAME_OVERHEAD
+from ..core import task_frames, wire
+from ..core.tasktable import Task, TaskTable
 
 
 @dataclass(slots=True)
@@ -36,6 +39,39 @@ class WorkerLink:
             except zmq.Again:
                 return
             yield event["event"]
+
+    def send_hello(self, hello: bytes) -> None:
+        """Send our hello (credit request) now, or mark it due if the pipe is not attached."""
+        header = wire.pack_header(wire.Kind.CREDIT, 0, time.time())
+        try:
+            self.sock.send_multipart([b"", header, hello], zmq.NOBLOCK)
+            self.hello_due = False
+        except zmq.ZMQError:
+            self.hello_due = True  # the pipe is not attached yet: try again next round
+
+    def send_tasks(self, tasks: list[Task], limit: int) -> int:
+        """Send ``tasks`` in messages of at most ``limit`` bytes (what workers accept), without
+        waiting; return how many left (the rest could not be queued)."""
+        start, size = 0, 0
+        for end, task in enumerate(tasks):
+            one = len(task.payload) + TASK_FRAME_OVERHEAD
+            if task.key is not None:
+                one += 4 * len(task.key)  # UTF-8, at most 4 bytes a character
+            size += one
+            if size > limit and end > start:
+                if not self._send_batch(tasks[start:end]):
+                    return start
+                start, size = end, one
+        return len(tasks) if self._send_batch(tasks[start:]) else start
+
+    def _send_batch(self, tasks: list[Task]) -> bool:
+        body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
+        header = wire.pack_header(wire.Kind.TASK, 0, time.time())
+        try:
+            self.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def close(self) -> None:
         try:

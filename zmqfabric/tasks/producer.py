@@ -32,7 +32,13 @@ from ..constants import JOURNAL_COMMIT_S, TASK_FRAME_OVERHEAD, TASK_NAP_MS, TASK
 from ..core import task_frames, wire
 from ..core.records import EndpointKind
 from ..core.tasktable import Outcome, Task, TaskTable
-from ..errors import ClosedError, FabricError, RemoteProtocolError, TaskFailedError
+from ..errors import (
+    ClosedError,
+    FabricError,
+    MessageTooLargeError,
+    RemoteProtocolError,
+    TaskFailedError,
+)
 from ..stats import RateLimitedLog
 from ..transport.inbox import Inbox
 from .deadletters import DeadLetters
@@ -128,9 +134,7 @@ class Dispatcher:
 
     def _run(self) -> None:
         try:
-            for name, task in self._resumed:
-                self._table(name).submit(task)
-            self._resumed = []
+            self._resume()
             while not self._stopping:
                 try:
                     self._round()
@@ -237,18 +241,10 @@ class Dispatcher:
     def _on_monitor(self, link: WorkerLink, now: float) -> None:
         for event in link.events():
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._send_hello(link)
+                link.send_hello(self._hello)
             elif event == zmq.EVENT_DISCONNECTED:
                 self._read(link, now)  # results that arrived before the drop count
                 self._collect(link.name, link.table.lose_worker(link.url, now))
-
-    def _send_hello(self, link: WorkerLink) -> None:
-        header = wire.pack_header(wire.Kind.CREDIT, 0, time.time())
-        try:
-            link.sock.send_multipart([b"", header, self._hello], zmq.NOBLOCK)
-            link.hello_due = False
-        except zmq.ZMQError:
-            link.hello_due = True  # the pipe is not attached yet: try again next round
 
     def _read(self, link: WorkerLink, now: float) -> None:
         sock, table, url = link.sock, link.table, link.url
@@ -292,38 +288,32 @@ class Dispatcher:
                     table.unassign(url, tasks, now)
                     continue
                 if link.hello_due:
-                    self._send_hello(link)
+                    link.send_hello(self._hello)
                 self._send_tasks(link, table, tasks, now)
         for link in self._links:
             if link.hello_due:
-                self._send_hello(link)
+                link.send_hello(self._hello)
 
     def _send_tasks(self, link: WorkerLink, table: TaskTable, tasks: list[Task],
                     now: float) -> None:
-        """Send in messages no larger than workers accept; what cannot leave goes back."""
-        limit, start, size = self._size_limit, 0, 0
-        for end, task in enumerate(tasks):
-            one = len(task.payload) + TASK_FRAME_OVERHEAD
-            if task.key is not None:
-                one += 4 * len(task.key)  # UTF-8, at most 4 bytes a character
-            size += one
-            if size > limit and end > start:
-                if not self._send_batch(link, tasks[start:end]):
-                    table.unassign(link.url, tasks[start:], now)
-                    return
-                start, size = end, one
-        if not self._send_batch(link, tasks[start:]):
-            table.unassign(link.url, tasks[start:], now)
+        """Send ``tasks`` to ``link``'s worker; what cannot leave goes back to the table."""
+        sent = link.send_tasks(tasks, self._size_limit)
+        if sent < len(tasks):
+            table.unassign(link.url, tasks[sent:], now)
 
-    @staticmethod
-    def _send_batch(link: WorkerLink, tasks: list[Task]) -> bool:
-        body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
-        header = wire.pack_header(wire.Kind.TASK, 0, time.time())
-        try:
-            link.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            return False
-        return True
+    def _resume(self) -> None:
+        """Queue the tasks the journal held; one that no longer fits this node's
+        ``max_message_size`` (lowered since it was submitted) is dead-lettered now, not sent."""
+        for name, task in self._resumed:
+            table = self._table(name)
+            if len(task.payload) + TASK_FRAME_OVERHEAD <= self._size_limit:
+                table.submit(task)
+                continue
+            self._collect(name, table.refuse(task, (
+                MessageTooLargeError.__name__,
+                f"the journaled task's body of {len(task.payload)} bytes exceeds this node's "
+                f"max_message_size of {self._size_limit}")))
+        self._resumed = []
 
     def _collect(self, name: str, outcome: Outcome) -> None:
         if not outcome:
