@@ -234,6 +234,21 @@ class Requester(RequesterBase, SyncConnector):
         refused our key), LocalProtocolError (an unencodable body), MessageTooLargeError,
         ClosedError.
         """
+        if retries == 0 and self._urls and not self._secured and not self._ops:
+            # Hot path: the plan's steps for one attempt to a connected provider, without the
+            # generator and the driver (one send, one blocking receive per reply).
+            self._check_open()
+            if timeout is None:
+                timeout = self._rt.config.request_timeout_s
+            msg_id, frames, copy = self._frames(body)
+            deadline = time.monotonic() + timeout
+            if self._send_to_one(frames, copy, None) is not None:
+                while (reply := self._await_reply(deadline)) is not None:
+                    ok, result = self._match(reply[1:], msg_id)
+                    if ok:
+                        return result
+                raise self._failure(timeout, 1)
+            timeout = max(0.0, deadline - time.monotonic())  # none took it: the plan waits
         return drive(self._plan(body, timeout, retries), self._waits)
 
     def _await_reply(self, deadline: float | None) -> list[bytes] | None:
