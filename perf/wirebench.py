@@ -19,7 +19,8 @@ The message is the issue's: a msgpack dict built per send, ``{"id": i, "ts": tim
 
 Each (case, build) pair runs in two fresh processes (bind side, connect side), optionally pinned:
 ``--pin cross`` puts the measuring process on CPU 0 and its peer on CPU 1, ``--pin same`` both on
-CPU 0. Fabric processes bypass discovery (the perf hook: connect to the bound port). Medians of
+CPU 0. Fabric processes connect to the bound port at once (the perf hook); the handles carry the
+advertised names, so discovery's own connection goes to the same endpoint. Medians of
 ``--runs`` runs; the ratio is fabric/raw of the medians (latency: lower is better).
 
     python3 perf/wirebench.py --builds old=/work/main,new=. --runs 5 --pin cross --json
@@ -106,15 +107,15 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
             _announce(out, {"url": f"tcp://127.0.0.1:{port}", "name": name})
             return _done({})
         if case == "ps":
-            pub = node.publisher("wbstream")
-            _announce(out, {"url": f"tcp://127.0.0.1:{pub.port}"})
+            pub = node.publisher(f"wbstream-{os.getpid()}")
+            _announce(out, {"url": f"tcp://127.0.0.1:{pub.port}", "name": pub.name})
             pub.wait_subscribers(1, 30)
             send = pub.send
             for i in range(n):
                 send("m", message(i))
             return _done({"sent": n})
-        pull = node.puller("wbpipe")
-        _announce(out, {"url": f"tcp://127.0.0.1:{pull.port}"})
+        pull = node.puller(f"wbpipe-{os.getpid()}")
+        _announce(out, {"url": f"tcp://127.0.0.1:{pull.port}", "name": pull.name})
         recv = pull.recv
         recv(30)
         return _done(_count(lambda: recv(IDLE_MS / 1000), n, Exception))
@@ -204,11 +205,11 @@ def connect_half(
             request = req.request
             return _done(_latency(lambda i: request(message(i), 5), n, seconds))
         if case == "ps":
-            sub = _connect(node.subscribe("wbstream-via", ["m"]), url)
+            sub = _connect(node.subscribe(name, ["m"]), url)
             recv = sub.recv
             recv(30)
             return _done(_count(lambda: recv(IDLE_MS / 1000), n, Exception))
-        push = _connect(node.pusher("wbpipe-via"), url)
+        push = _connect(node.pusher(name), url)
         send = push.send
         if case == "pp1m":
             for _ in range(n):
