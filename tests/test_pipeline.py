@@ -238,3 +238,18 @@ def test_a_pusher_ahead_of_its_puller_batches_and_loses_nothing(make_node, name)
     pusher.flush(timeout=SLOW)  # nothing held: returns at once
     pusher.close()
     assert source.counters.get("messages_dropped") == 0
+
+
+def test_first_sends_wait_for_the_connection_and_are_never_held(make_node, name) -> None:
+    """Batching holds messages only while a connected puller is behind: a fresh pusher whose
+    connection is still being made waits in send, so every message arrives without a flush
+    (holding them would leave them waiting for a next send that may never come)."""
+    pipeline = name("fresh")
+    puller = make_node("sink").puller(pipeline)
+    source = make_node("source")
+    pusher = source.pusher(pipeline)
+    for i in range(5):
+        pusher.send(i, timeout=SLOW)
+    assert pusher._held_size == 0
+    assert [puller.recv(timeout=SLOW) for _ in range(5)] == list(range(5))
+    assert source.counters.get("batches_sent") == 0

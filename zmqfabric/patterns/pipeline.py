@@ -188,7 +188,8 @@ class Pusher(PusherBase, SyncConnector):
     """Sends into a pipeline, round robin over its pullers. Owned by one thread.
 
     **Batching under load.** A message leaves at once while the socket takes it. When every
-    connected puller is HWM messages behind (the sender outruns the receivers), ``send`` holds
+    connected puller is HWM messages behind (the sender outruns the receivers; not while the
+    connections are still being made, when ``send`` waits for them), ``send`` holds
     the message instead of waiting, and the next sends join it: the held messages leave as one
     batch frame (docs/PROTOCOL.md, section 5.7) as soon as the socket takes it, tried at every
     send; once MAX_BATCH are held (or 16 KiB), ``send`` waits for the socket as before. Held
@@ -234,7 +235,7 @@ class Pusher(PusherBase, SyncConnector):
                 pass  # no puller yet, or all are HWM behind
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
-            if self._urls and len(packed) < _HOLD_ROOM:  # pullers, all behind: hold it
+            if len(packed) < _HOLD_ROOM and self._behind():  # pullers, all behind: hold it
                 self._held, self._held_first = [packed], seq
                 self._held_size = len(packed)
                 return
@@ -243,6 +244,13 @@ class Pusher(PusherBase, SyncConnector):
             self._drain()
         if not self._send(frames, deadline_after(timeout), copy):
             raise NoProviderError("pipeline", self.name, timeout)
+
+    def _behind(self) -> bool:
+        """The socket refused a message while a puller's connection is up (its handshake done):
+        the pullers are HWM messages behind. Not while connections are still being made (the
+        message would wait for them, held, however short the wait): then ``send`` waits."""
+        self._read_monitor()
+        return bool(self._handshaken & self._urls)
 
     def _hold(self, packed: bytes, seq: int, timeout: float | None) -> None:
         """Add a message to those held (in order: its id follows theirs), then try to send them
