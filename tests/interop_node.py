@@ -43,8 +43,9 @@ ADDRESS = "127.0.0.1"  # the default scope: this host
 MAX_TXT_VALUE = 250
 
 # --- section 5: messages --------------------------------------------------------------------
-VERSION = 1
+VERSION = 2
 REQUEST, REPLY, ERROR, EVENT, MESSAGE, TASKS, RESULTS, CREDIT = range(1, 9)
+FOLLOWS, BATCH = 16, 32  # kind bits: the body is the next frame; a batch of bodies
 MAX_HEADER = 4096
 MARKER = re.compile(rb"\xffzf/sub/[0-9a-f]{16}\Z")
 RAW_THRESHOLD = 64 * 1024  # large binary replies go out raw (enc: raw)
@@ -63,10 +64,16 @@ class Refused(Exception):
 
 
 def header(kind: int, msg_id: int, headers: dict[str, Any] | None = None) -> bytes:
-    fields: list[Any] = [VERSION, kind, msg_id, time.time()]
+    """A header frame (section 5.2): the body is the next frame."""
+    fields: list[Any] = [VERSION, kind | FOLLOWS, msg_id, time.time()]
     if headers:
         fields.append(headers)
     return msgpack.packb(fields)
+
+
+def one_frame(kind: int, msg_id: int, body: Any) -> bytes:
+    """A one-frame message (section 5.1)."""
+    return msgpack.packb([VERSION, kind, msg_id, time.time(), body])
 
 
 def peek_id(frame: bytes) -> int:
@@ -85,29 +92,43 @@ def peek_id(frame: bytes) -> int:
     return 0
 
 
-def parse_header(frame: bytes) -> tuple[int, int, dict[str, Any]]:
-    """(kind, msg_id, headers) of a version 1 header frame (section 5.1). Raises Refused."""
-    if len(frame) > MAX_HEADER:
-        raise Refused(f"header of {len(frame)} bytes exceeds {MAX_HEADER}")
+def parse_message(frames: list[bytes]) -> tuple[int, int, dict[str, Any], Any]:
+    """(kind, msg_id, headers, body) of a version 2 message (section 5): one frame
+    ``[2, kind, id, ts, body(, headers)]``, or a header frame ``[2, kind | 16, id, ts(,
+    headers)]`` and a body frame. A batch (kind | 32) gives its list of bodies. Raises
+    Refused."""
+    if not frames or len(frames) > 2:
+        raise Refused(f"a message is one or two frames, got {len(frames)}")
+    first = frames[0]
+    if len(frames) == 2 and len(first) > MAX_HEADER:
+        raise Refused(f"header of {len(first)} bytes exceeds {MAX_HEADER}")
     try:
-        fields = msgpack.unpackb(frame, raw=False)
+        fields = msgpack.unpackb(first, raw=False, strict_map_key=False)
     except Exception as exc:
-        raise Refused(f"header is not msgpack: {exc}") from None
-    if not isinstance(fields, list) or len(fields) not in (4, 5):
-        raise Refused("header must be an array of 4 or 5 items")
+        raise Refused(f"not msgpack: {exc}") from None
+    if not isinstance(fields, list) or not 4 <= len(fields) <= 6:
+        raise Refused("a message is an array of 4 to 6 items")
     version, kind, msg_id, stamp = fields[:4]
     if type(version) is not int or version != VERSION:
         raise Refused(f"unsupported protocol version {version!r}")
-    if type(kind) is not int or not REQUEST <= kind <= CREDIT:
+    flags = kind & (FOLLOWS | BATCH) if type(kind) is int else 0
+    if type(kind) is not int or not REQUEST <= kind ^ flags <= CREDIT or flags == 48:
         raise Refused(f"unknown kind {kind!r}")
     if type(msg_id) is not int or not 0 <= msg_id < 2**64:
         raise Refused("bad message id")
     if type(stamp) not in (int, float):
         raise Refused("bad timestamp")
-    headers = fields[4] if len(fields) == 5 and fields[4] is not None else {}
+    follows = flags == FOLLOWS
+    if follows != (len(frames) == 2) or len(fields) not in ((4, 5) if follows else (5, 6)):
+        raise Refused("a header frame comes with one body frame; a message is 5 or 6 items")
+    at = 4 if follows else 5
+    headers = fields[at] if len(fields) > at and fields[at] is not None else {}
     if not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers):
         raise Refused("header map must have string keys")
-    return kind, msg_id, headers
+    body = parse_body(frames[1], headers) if follows else fields[4]
+    if flags == BATCH and not isinstance(body, list):
+        raise Refused("a batch's body is an array")
+    return kind ^ FOLLOWS if follows else kind, msg_id, headers, body
 
 
 def parse_body(frame: bytes, headers: dict[str, Any]) -> Any:
@@ -354,15 +375,13 @@ class PlainNode:
             return None
         route, payload = frames[:2], frames[2:]
         try:
-            if len(payload) != 2:
-                raise Refused(f"request must be [header, body], got {len(payload)} frames")
-            kind, msg_id, headers = parse_header(payload[0])
+            kind, msg_id, headers, body = parse_message(payload)
             if kind != REQUEST:
                 raise Refused(f"expected a request, got kind {kind}")
             named = headers.get("svc")
             if named is not None and named != service:
                 raise Refused(f"request for service {str(named)[:64]!r} reached {service!r}")
-            return route, msg_id, parse_body(payload[1], headers)
+            return route, msg_id, body
         except Refused as exc:
             self.count("refused_requests")
             self.reply_error(self.control if service == "control" else self.service, route,
@@ -387,13 +406,13 @@ class PlainNode:
         if isinstance(body, bytes) and len(body) >= RAW_THRESHOLD:
             frames = [*route, header(REPLY, msg_id, {"enc": "raw"}), body]
         else:
-            frames = [*route, header(REPLY, msg_id), msgpack.packb(body)]
+            frames = [*route, one_frame(REPLY, msg_id, body)]
         self.send(sock, frames)
 
     def reply_error(self, sock: zmq.Socket, route: list[bytes], msg_id: int, kind: str,
                     message: str) -> None:
-        self.send(sock, [*route, header(ERROR, msg_id),
-                         msgpack.packb({"type": kind, "message": message})])
+        self.send(sock, [*route, one_frame(
+            ERROR, msg_id, {"type": kind, "message": message})])
 
     def send(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         try:
@@ -405,13 +424,12 @@ class PlainNode:
 
     def on_tasks(self, zframes: list[zmq.Frame]) -> None:
         frames = [f.bytes for f in zframes]
-        if len(frames) != 4 or frames[1]:
+        if len(frames) not in (3, 4) or frames[1]:
             self.count("refused_tasks")
             return
         route = frames[0]
         try:
-            kind, _, headers = parse_header(frames[2])
-            body = parse_body(frames[3], headers)
+            kind, _, _, body = parse_message(frames[2:])
         except Refused:
             self.count("refused_tasks")  # no error replies on a task connection
             return
@@ -487,9 +505,10 @@ class PlainNode:
 
     def publish(self) -> None:
         n = self.events
-        self.stream.send_multipart([b"t.tick", header(EVENT, n), msgpack.packb({"n": n})])
-        self.stream.send_multipart([b"u.other", header(EVENT, n + 1), msgpack.packb({"n": n})])
-        self.stream.send_multipart([b"t.raw", header(EVENT, n + 2, {"enc": "raw"}),
+        # Section 7.2: one frame, the topic and NUL first (ZeroMQ filters on the first bytes).
+        self.stream.send(b"t.tick\x00" + one_frame(EVENT, n, {"n": n}))
+        self.stream.send(b"u.other\x00" + one_frame(EVENT, n + 1, {"n": n}))
+        self.stream.send_multipart([b"t.raw\x00" + header(EVENT, n + 2, {"enc": "raw"}),
                                     bytes([n % 256]) * 3])
         self.events += 3
         self.count("events_sent", 3)
@@ -499,17 +518,15 @@ class PlainNode:
     def on_pull(self, zframes: list[zmq.Frame]) -> None:
         frames = [f.bytes for f in zframes]
         try:
-            if len(frames) != 2:
-                raise Refused("a pipeline message is [header, body]")
-            kind, _, headers = parse_header(frames[0])
-            if kind != MESSAGE:
+            kind, _, _, body = parse_message(frames)
+            if kind not in (MESSAGE, MESSAGE | BATCH):
                 raise Refused(f"expected a message, got kind {kind}")
-            body = parse_body(frames[1], headers)
         except Refused:
             self.count("refused_messages")
             return
-        if len(self.pulled) < 1000:
-            self.pulled.append(body)
+        for item in body if kind & BATCH else [body]:
+            if len(self.pulled) < 1000:
+                self.pulled.append(item)
 
 
 class _Allow:

@@ -48,24 +48,34 @@ WAIT = 10.0
 
 
 def hdr(
-    kind: int = 1, msg_id: int = 7, *, version: int = 1, headers: dict[str, Any] | None = None
+    kind: int = 1, msg_id: int = 7, *, version: int = 2, headers: dict[str, Any] | None = None
 ) -> bytes:
-    fields: list[Any] = [version, kind, msg_id, 0.0]
+    """A header frame (the two-frame form: the body is the next frame): the kind with the
+    FOLLOWS bit, 16. Version 1 headers have no such bit."""
+    fields: list[Any] = [version, kind | 16 if version == 2 else kind, msg_id, 0.0]
     if headers is not None:
         fields.append(headers)
     return msgpack.packb(fields)
 
 
+def one(kind: int, msg_id: int, body: Any) -> bytes:
+    """A one-frame message."""
+    return msgpack.packb([2, kind, msg_id, 0.0, body])
+
+
 BODY = msgpack.packb({"x": 1})
 #: A message kind no version of the spec uses.
 UNKNOWN_KIND = 127
-HUGE_HEADER = msgpack.packb([1, 1, 7, 0.0, {"pad": "x" * 5000}])
+HUGE_HEADER = msgpack.packb([2, 17, 7, 0.0, {"pad": "x" * 5000}])
 
 #: What a DEALER sends to a service or control endpoint (the ROUTER adds the identity).
 #: ``True``: the request had a routing envelope, so the node can still send an error reply.
 BAD_REQUESTS: dict[str, tuple[list[bytes], bool]] = {
     "garbage header": ([b"", b"garbage", BODY], True),
-    "unknown version 2": ([b"", hdr(version=2), BODY], True),
+    "version 1": ([b"", hdr(version=1), BODY], True),
+    "unknown version 3": ([b"", one(1, 7, "x").replace(b"\x95\x02", b"\x95\x03", 1)], True),
+    "one frame, then more": ([b"", one(1, 7, "x"), BODY], True),
+    "one frame of four items": ([b"", msgpack.packb([2, 1, 7, 0.0])], True),
     "unknown kind": ([b"", hdr(kind=UNKNOWN_KIND), BODY], True),
     "reply kind": ([b"", hdr(kind=2), BODY], True),
     "event kind": ([b"", hdr(kind=4), BODY], True),
@@ -85,28 +95,32 @@ BAD_MESSAGES: dict[str, list[bytes]] = {
     "header only": [hdr(5)],
     "three frames": [hdr(5), BODY, BODY],
     "garbage header": [b"garbage", BODY],
-    "unknown version 2": [hdr(5, version=2), BODY],
+    "version 1": [hdr(5, version=1), BODY],
+    "version 1, one frame": [msgpack.packb([1, 5, 7, 0.0, "x"])],
+    "batch not a list": [msgpack.packb([2, 5 | 32, 7, 0.0, "x"])],
     "unknown kind": [hdr(UNKNOWN_KIND), BODY],
     "event kind": [hdr(4), BODY],
     "bad msgpack body": [hdr(5), b"\xc1"],
-    "huge header": [msgpack.packb([1, 5, 7, 0.0, {"pad": "x" * 5000}]), BODY],
-    "header map not a map": [msgpack.packb([1, 5, 7, 0.0, [1]]), BODY],
+    "huge header": [msgpack.packb([2, 21, 7, 0.0, {"pad": "x" * 5000}]), BODY],
+    "header map not a map": [msgpack.packb([2, 21, 7, 0.0, [1]]), BODY],
 }
 
 #: What a PUB sends to a subscriber.
 BAD_EVENTS: dict[str, list[bytes]] = {
     "empty message": [b""],
     "topic only": [b"t"],
-    "two frames": [b"t", hdr(4)],
-    "four frames": [b"t", hdr(4), BODY, BODY],
-    "garbage header": [b"t", b"garbage", BODY],
-    "unknown version 2": [b"t", hdr(4, version=2), BODY],
-    "unknown kind": [b"t", hdr(UNKNOWN_KIND), BODY],
-    "message kind": [b"t", hdr(5), BODY],
-    "bad msgpack body": [b"t", hdr(4), b"\xc1"],
-    "huge header": [b"t", msgpack.packb([1, 4, 7, 0.0, {"pad": "x" * 5000}]), BODY],
-    "invalid utf-8 topic": [b"\xff\xfe", hdr(4), BODY],
-    "oversized topic": [b"t" * 2000, hdr(4), BODY],
+    "topic and its end only": [b"t\x00"],
+    "header frame, no body": [b"t\x00" + hdr(4)],
+    "two bodies": [b"t\x00" + hdr(4), BODY, BODY],
+    "garbage": [b"t\x00garbage", BODY],
+    "version 1 frames": [b"t", hdr(4, version=1), BODY],
+    "version 1 after the topic": [b"t\x00" + hdr(4, version=1), BODY],
+    "unknown kind": [b"t\x00" + hdr(UNKNOWN_KIND), BODY],
+    "message kind": [b"t\x00" + one(5, 7, "x")],
+    "bad msgpack body": [b"t\x00" + hdr(4), b"\xc1"],
+    "huge header": [b"t\x00" + msgpack.packb([2, 20, 7, 0.0, {"pad": "x" * 5000}]), BODY],
+    "invalid utf-8 topic": [b"\xff\xfe\x00" + one(4, 7, "x")],
+    "oversized topic": [b"t" * 2000 + b"\x00" + one(4, 7, "x")],
 }
 
 
@@ -172,12 +186,11 @@ def recv(sock: zmq.Socket, timeout: float = WAIT) -> list[bytes]:
 
 
 def assert_error_reply(frames: list[bytes], msg_id: int | None = None) -> dict[str, Any]:
-    head, body = frames[-2], frames[-1]
-    fields = msgpack.unpackb(head)
-    assert fields[:2] == [1, 3], f"expected an error reply (kind 3), got {fields}"
+    fields = msgpack.unpackb(frames[-1])  # one frame
+    assert fields[:2] == [2, 3], f"expected an error reply (kind 3), got {fields}"
     if msg_id is not None:
         assert fields[2] == msg_id
-    error = msgpack.unpackb(body)
+    error = fields[4]
     assert set(error) == {"type", "message"}
     assert error["type"] == "RemoteProtocolError" and error["message"]
     return error
@@ -186,9 +199,10 @@ def assert_error_reply(frames: list[bytes], msg_id: int | None = None) -> dict[s
 def echo_request(sock: zmq.Socket, target: Target, msg_id: int, body: Any) -> None:
     """A correct request through a DEALER, answered correctly."""
     sock.send_multipart([b"", hdr(1, msg_id), msgpack.packb(body)])
-    delimiter, head, payload = recv(sock)
-    assert delimiter == b"" and msgpack.unpackb(head)[:3] == [1, 2, msg_id]
-    assert msgpack.unpackb(payload) == {"echo": body}
+    delimiter, frame = recv(sock)
+    fields = msgpack.unpackb(frame)
+    assert delimiter == b"" and fields[:3] == [2, 2, msg_id]
+    assert fields[4] == {"echo": body}
 
 
 # --- reply services --------------------------------------------------------------------------
@@ -220,7 +234,7 @@ def test_service_refuses_malformed_requests_and_keeps_serving(
 BAD_REQ_PAYLOADS: dict[str, list[bytes]] = {
     "garbage": [b"garbage"],
     "reply kind": [hdr(kind=2), BODY],
-    "version 2": [hdr(version=2), BODY],
+    "version 1": [hdr(version=1), BODY],
     "unknown kind": [hdr(kind=UNKNOWN_KIND), BODY],
     "bad body": [hdr(), b"\xc1"],
     "header only": [hdr()],
@@ -235,9 +249,10 @@ def test_raw_req_gets_an_error_reply_instead_of_hanging(target: Target, raw: Raw
         req = raw(zmq.REQ, connect=url)
         req.send_multipart(frames)
         assert_error_reply(recv(req))
-        req.send_multipart([hdr(1, 3), msgpack.packb(case)])  # the same REQ carries on
-        head, payload = recv(req)
-        assert msgpack.unpackb(head)[:3] == [1, 2, 3] and msgpack.unpackb(payload) == {"echo": case}
+        req.send(one(1, 3, case))  # the same REQ carries on
+        (frame,) = recv(req)
+        assert msgpack.unpackb(frame)[:3] == [2, 2, 3]
+        assert msgpack.unpackb(frame)[4] == {"echo": case}
     assert target.calls == list(BAD_REQ_PAYLOADS)
 
 
@@ -256,7 +271,7 @@ def test_a_handler_error_that_cannot_be_encoded_does_not_stop_the_service(
     dealer = raw(zmq.DEALER, connect=target.url(EndpointKind.REPLY, target.service))
     dealer.send_multipart([b"", hdr(1, 5), msgpack.packb("unencodable error")])
     frames = recv(dealer, 1.0)
-    assert msgpack.unpackb(frames[1])[:3] == [1, 3, 5]
+    assert msgpack.unpackb(frames[1])[:3] == [2, 3, 5]
     echo_request(dealer, target, 6, "still serving")
 
 
@@ -264,10 +279,11 @@ def test_a_handler_error_that_cannot_be_encoded_does_not_stop_the_service(
 
 
 def control_request(sock: zmq.Socket, msg_id: int, body: Any) -> tuple[list[Any], Any]:
-    sock.send_multipart([b"", hdr(1, msg_id), msgpack.packb(body)])
-    delimiter, head, payload = recv(sock)
+    sock.send_multipart([b"", one(1, msg_id, body)])
+    delimiter, frame = recv(sock)
     assert delimiter == b""
-    return msgpack.unpackb(head), msgpack.unpackb(payload)
+    fields = msgpack.unpackb(frame)
+    return fields[:4], fields[4]
 
 
 def test_control_endpoint_refuses_malformed_requests(target: Target, raw: RawFactory) -> None:
@@ -289,11 +305,11 @@ def test_control_endpoint_refuses_malformed_requests(target: Target, raw: RawFac
         (14, {"op": ["ping"]}),
     ]:
         head, error = control_request(dealer, msg_id, body)
-        assert head[:3] == [1, 3, msg_id] and "unknown control op" in error["message"]
+        assert head[:3] == [2, 3, msg_id] and "unknown control op" in error["message"]
     head, answer = control_request(dealer, 20, {"op": "stats"})
 
     after = counters(node)
-    assert head[:3] == [1, 2, 20] and answer["node"] == node.name
+    assert head[:3] == [2, 2, 20] and answer["node"] == node.name
     assert grew(before, after, "refused_request") == len(BAD_REQUESTS)
     assert grew(before, after, "refused_request_replies") == answerable
     assert node.ping(node.name, timeout=WAIT)["id"] == node.node_id
@@ -335,7 +351,7 @@ def test_forged_hellos_are_refused(target: Target, raw: RawFactory) -> None:
     head, answer = control_request(dealer, 2, {"op": "ping"})  # hellos get no answer
 
     after = counters(node)
-    assert head[:3] == [1, 2, 2] and answer["node"] == node.name
+    assert head[:3] == [2, 2, 2] and answer["node"] == node.name
     assert grew(before, after, "refused_hellos") == len(hellos)
     # The one well-formed introduction is a hint: it names no control endpoint to confirm it,
     # so it is refused at verification and never listed.
@@ -387,9 +403,9 @@ def test_puller_refuses_malformed_messages(target: Target, raw: RawFactory) -> N
 def test_puller_fast_path_never_mixes_frames_of_two_messages(
     target: Target, raw: RawFactory
 ) -> None:
-    """``Puller.recv`` reads a canonical header's body without checking for more frames (the
+    """``Puller.recv`` takes a canonical one-frame message without checking for more frames (the
     check costs more than the rest of the receive): trailing frames are read next as if the same
-    sender had sent them as a message of their own (the wire spec allows it), and never joined
+    sender had sent them as messages of their own (the wire spec allows it), and never joined
     to a frame of any other message."""
     from zmqfabric.core import wire
 
@@ -397,21 +413,24 @@ def test_puller_fast_path_never_mixes_frames_of_two_messages(
     pipeline = unique("jobs")
     puller = node.puller(pipeline)
     push = raw(zmq.PUSH, connect=target.url(EndpointKind.PIPELINE, pipeline))
-    canonical = wire.pack_header(wire.Kind.MESSAGE, 5, 0.0)
-    assert len(canonical) == wire.HEADER_SIZE
-    push.send_multipart([canonical, msgpack.packb("first")])
+
+    def canonical(body: Any) -> bytes:
+        return wire.pack_message(wire.Kind.MESSAGE, 5, 0.0, msgpack.packb(body))
+
+    header = wire.pack_header(wire.Kind.MESSAGE, 5, 0.0)
+    push.send(canonical("first"))
     assert puller.recv(timeout=WAIT) == "first"
     before = counters(node)
 
-    push.send_multipart([canonical])  # header only: refused, the next message stays whole
-    push.send_multipart([canonical, msgpack.packb("second")])
-    push.send_multipart([canonical, b"\xc1"])  # not msgpack
-    push.send_multipart([canonical, msgpack.packb("third"), canonical, BODY])  # trailing frames
-    push.send_multipart([canonical, msgpack.packb("last")])
+    push.send(header)  # header frame only: refused, the next message stays whole
+    push.send(canonical("second"))
+    push.send(canonical("x")[:-1] + b"\xc1")  # not msgpack
+    push.send_multipart([canonical("third"), canonical({"x": 1}), BODY])  # trailing frames
+    push.send(canonical("last"))
     got = [puller.recv(timeout=WAIT) for _ in range(4)]
 
     assert got == ["second", "third", {"x": 1}, "last"]
-    assert grew(before, counters(node), "refused_message") == 2
+    assert grew(before, counters(node), "refused_message") == 3  # header, \xc1, BODY
     with pytest.raises(zf.FabricTimeoutError):
         puller.recv(timeout=0.05)
     puller.close()
@@ -433,12 +452,12 @@ def test_subscriber_refuses_malformed_events(target: Target, raw: RawFactory) ->
         deadline = time.monotonic() + WAIT
         while sub.recv_message(timeout=0.05) is None:  # until the subscription is through
             assert time.monotonic() < deadline, "the subscriber never received the raw PUB"
-            pub.send_multipart([b"probe", hdr(4, 1), msgpack.packb("probe")])
+            pub.send(b"probe\x00" + one(4, 1, "probe"))
         before = counters(node)
 
         for frames in BAD_EVENTS.values():
             pub.send_multipart(frames)
-        pub.send_multipart([b"end", hdr(4, 99), msgpack.packb("end")])
+        pub.send_multipart([b"end\x00" + hdr(4, 99), msgpack.packb("end")])
         while True:
             message = sub.recv_message(timeout=WAIT)
             assert message is not None, "the good event after the bad ones never came"
@@ -489,9 +508,11 @@ def test_publisher_refuses_malformed_subscription_frames(target: Target, raw: Ra
         assert grew(before, after, "refused_subscription") == len(BAD_SUBSCRIPTIONS)
 
         publisher.send("EURUSD", "still publishing")  # the marker was counted: EUR is applied
-        topic, header, body = recv(xsub)
-        assert (topic, msgpack.unpackb(body)) == (b"EURUSD", "still publishing")
-        assert msgpack.unpackb(header)[:2] == [1, 4]
+        (frame,) = recv(xsub)
+        topic, _, message = frame.partition(b"\x00")
+        fields = msgpack.unpackb(message)
+        assert (topic, fields[4]) == (b"EURUSD", "still publishing")
+        assert fields[:2] == [2, 4]
 
         xsub.send(b"\x00" + good)  # unsubscribing the marker: the subscriber left
         deadline = time.monotonic() + WAIT
@@ -518,20 +539,21 @@ def test_requester_refuses_malformed_replies(target: Target, raw: RawFactory) ->
 
     def answer_badly() -> None:
         nonlocal bad
-        route_id, _, head, _ = recv(router)
-        msg_id = msgpack.unpackb(head)[2]
+        route_id, _, frame = recv(router)  # one frame
+        msg_id = msgpack.unpackb(frame)[2]
         bad_replies = [
             [b"", b"garbage", BODY],
             [b"", hdr(1, msg_id), BODY],  # a request, not a reply
             [hdr(2, msg_id), BODY],  # no delimiter
             [b"", hdr(3, msg_id), msgpack.packb("an error body must be a map")],
-            [b"", hdr(2, msg_id, version=2), BODY],
+            [b"", hdr(2, msg_id, version=1), BODY],
+            [b"", one(2, msg_id, "x"), BODY],  # a whole message, then more
             [b"", hdr(2, msg_id), b"\xc1"],
         ]
         for frames in bad_replies:
             router.send_multipart([route_id, *frames])
         bad = len(bad_replies)
-        router.send_multipart([route_id, b"", hdr(2, msg_id + 1), msgpack.packb("stale")])
+        router.send_multipart([route_id, b"", one(2, msg_id + 1, "stale")])
         router.send_multipart([route_id, b"", hdr(2, msg_id), msgpack.packb({"ok": True})])
 
     worker = threading.Thread(target=answer_badly, name="test-raw-router")

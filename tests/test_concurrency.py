@@ -247,7 +247,7 @@ def test_task_slots_start_in_order_and_the_credit_says_how_many(make_node) -> No
         finder = make_node("finder")
         finder.wait_for_endpoint(zf.EndpointKind.TASK, task, SLOW)
         dealer = raw(zmq.DEALER, connect=finder.directory.providers(zf.EndpointKind.TASK, task)[0])
-        header = lambda kind: msgpack.packb([1, kind, 1, time.time()])  # noqa: E731
+        header = lambda kind: msgpack.packb([2, kind | 16, 1, time.time()])  # noqa: E731
         dealer.send_multipart([b"", header(8), msgpack.packb({})])
         assert dealer.poll(int(SLOW * 1000))
         assert msgpack.unpackb(dealer.recv_multipart()[2]) == {"credit": 10, "slots": slots}

@@ -51,10 +51,11 @@ values = st.recursive(
 header_maps = st.dictionaries(st.text(max_size=12), values, max_size=4)
 
 
-def canonical(kind: int, msg_id: int, ts: float, version: int = 1) -> bytes:
-    """The 21-byte header exactly as the spec in wire.py's docstring draws it."""
+def canonical(kind: int, msg_id: int, ts: float, version: int = 2, flags: int = 0x10) -> bytes:
+    """The 21-byte header frame exactly as the spec draws it (``94 02 KK|10 CF ...``); with
+    ``flags=0`` and an array of 5 instead, a one-frame message's first 21 bytes."""
     return (
-        bytes((0x94, version, kind, 0xCF))
+        bytes((0x94 if flags == 0x10 else 0x95, version, kind | flags, 0xCF))
         + msg_id.to_bytes(8, "big")
         + b"\xcb"
         + struct.pack(">d", ts)
@@ -71,6 +72,11 @@ def valid_frames_pool() -> st.SearchStrategy[bytes]:
         st.booleans(),
     )
     bodies = values.map(msgpack.packb)
+    messages = st.builds(
+        lambda k, i, t, v, topic: (b"t\x00" if topic else b"")
+        + wire.pack_message(k, i, t, msgpack.packb(v)),
+        kinds, msg_ids, timestamps, values, st.booleans(),
+    )
     error_bodies = st.builds(
         lambda t, m: msgpack.packb({"type": t, "message": m}), st.text(), st.text()
     )
@@ -79,6 +85,7 @@ def valid_frames_pool() -> st.SearchStrategy[bytes]:
         st.binary(max_size=40),
         headers,
         bodies,
+        messages,
         error_bodies,
         st.sampled_from([b"\xc1", b"\xff\xfe", "topic".encode(), b"\x94\x02\x01\x00\x00"]),
     )
@@ -103,8 +110,8 @@ def test_canonical_header_is_the_documented_21_bytes(kind: Kind, msg_id: int, ts
     assert data[wire.FLOAT64_AT] == wire.FLOAT64
     assert wire.unpack_canonical(data) == (wire.HEADER_PREFIX[kind], msg_id, wire.FLOAT64, ts)
     # It is ordinary msgpack: any msgpack reader sees the documented array.
-    assert msgpack.unpackb(data) == [PROTOCOL_VERSION, int(kind), msg_id, ts]
-    assert wire.unpack_header(data) == Header(kind, msg_id, ts)
+    assert msgpack.unpackb(data) == [PROTOCOL_VERSION, int(kind) | wire.FOLLOWS, msg_id, ts]
+    assert wire.unpack_header(data) == Header(kind, msg_id, ts, None, True)
 
 
 def test_nan_timestamp_round_trips() -> None:
@@ -192,7 +199,7 @@ def test_any_msgpack_encoding_of_a_header_is_accepted(
 
     fields = [
         pick(_int_encodings(PROTOCOL_VERSION)),
-        pick(_int_encodings(int(kind))),
+        pick(_int_encodings(int(kind) | wire.FOLLOWS)),
         pick(_int_encodings(msg_id)),
         pick(_int_encodings(ts) if isinstance(ts, int) else _float_encodings(ts)),
     ]
@@ -215,7 +222,7 @@ def test_pack_header_refuses_ids_outside_u64(msg_id: int) -> None:
 
 # --- header: rejection ----------------------------------------------------------------------
 
-_GOOD = [1, 1, 5, 0.5]
+_GOOD = [2, 1 | 0x10, 5, 0.5]
 
 
 def _with(index: int, value: Any) -> bytes:
@@ -231,15 +238,19 @@ BAD_HEADERS = {
     "trailing data": (canonical(1, 5, 0.5) + b"\x00", "msgpack"),
     "not an array": (msgpack.packb({"v": 1}), "array"),
     "an integer": (msgpack.packb(1), "array"),
-    "3 items": (msgpack.packb([1, 1, 5]), "array"),
-    "6 items": (msgpack.packb([1, 1, 5, 0.5, {}, 1]), "array"),
-    "version 2 canonical": (canonical(1, 5, 0.5, version=2), "version 2"),
-    "version 2": (_with(0, 2), "version 2"),
+    "3 items": (msgpack.packb([2, 17, 5]), "array"),
+    "6 items": (msgpack.packb([2, 17, 5, 0.5, {}, 1]), "array"),
+    "version 1 canonical": (bytes((0x94, 1, 1, 0xCF)) + canonical(1, 5, 0.5)[4:], "version 1"),
+    "version 1": (_with(0, 1), "version 1"),
+    "version 3": (_with(0, 3), "version 3"),
     "version 0": (_with(0, 0), "version"),
     "version true": (_with(0, True), "version"),
-    "version 1.0": (_with(0, 1.0), "version"),
+    "version 2.0": (_with(0, 2.0), "version"),
     "version '1'": (_with(0, "1"), "version"),
     "kind 0": (_with(1, 0), "kind"),
+    "kind 16 (follows, no kind)": (_with(1, 16), "kind"),
+    "follows and batch": (_with(1, 0x31), "kind"),
+    "a whole message": (msgpack.packb([2, 1, 5, 0.5, "body"]), "header frame"),
     "kind after the last": (_with(1, max(Kind) + 1), "kind"),
     "kind after the last, canonical": (canonical(max(Kind) + 1, 5, 0.5), "kind"),
     "kind 127 canonical": (canonical(127, 5, 0.5), "kind"),
@@ -253,10 +264,10 @@ BAD_HEADERS = {
     "text timestamp": (_with(3, "now"), "timestamp"),
     "nil timestamp": (_with(3, None), "timestamp"),
     "bool timestamp": (_with(3, False), "timestamp"),
-    "array headers": (msgpack.packb([1, 1, 5, 0.5, [1, 2]]), "map"),
-    "text headers": (msgpack.packb([1, 1, 5, 0.5, "enc"]), "map"),
-    "int-keyed headers": (msgpack.packb([1, 1, 5, 0.5, {1: 2}]), "msgpack"),
-    "huge header": (msgpack.packb([1, 1, 5, 0.5, {"pad": "x" * MAX_HEADER_SIZE}]), "exceeds"),
+    "array headers": (msgpack.packb([2, 17, 5, 0.5, [1, 2]]), "map"),
+    "text headers": (msgpack.packb([2, 17, 5, 0.5, "enc"]), "map"),
+    "int-keyed headers": (msgpack.packb([2, 17, 5, 0.5, {1: 2}]), "msgpack"),
+    "huge header": (msgpack.packb([2, 17, 5, 0.5, {"pad": "x" * MAX_HEADER_SIZE}]), "exceeds"),
 }
 
 
@@ -269,7 +280,7 @@ def test_bad_headers_are_refused_with_a_reason(data: bytes, says: str) -> None:
 def test_header_map_with_binary_keys_is_refused() -> None:
     """Spec: the headers map has string keys (msgpack's strict_map_key still allows bin keys)."""
     with pytest.raises(RemoteProtocolError, match="string keys"):
-        wire.unpack_header(msgpack.packb([1, 1, 5, 0.5, {b"enc": b"raw"}]))
+        wire.unpack_header(msgpack.packb([2, 17, 5, 0.5, {b"enc": b"raw"}]))
 
 
 def _check_header(header: Header, data: bytes) -> None:
@@ -282,7 +293,7 @@ def _check_header(header: Header, data: bytes) -> None:
     fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
     assert isinstance(fields, list) and len(fields) in (4, 5)
     assert fields[0] == PROTOCOL_VERSION and type(fields[0]) is int
-    assert fields[1] == header.kind and fields[2] == header.msg_id
+    assert fields[1] == header.kind | wire.FOLLOWS and fields[2] == header.msg_id
     assert len(data) <= MAX_HEADER_SIZE
 
 
@@ -318,7 +329,7 @@ def test_unpack_header_fuzz_mutated_canonical(
 
 
 def test_oversized_input_is_refused_whatever_it_holds() -> None:
-    data = msgpack.packb([1, 1, 5, 0.5, {"k": b"x" * (MAX_HEADER_SIZE + 10)}])
+    data = msgpack.packb([2, 17, 5, 0.5, {"k": b"x" * (MAX_HEADER_SIZE + 10)}])
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         wire.unpack_header(data)
     with pytest.raises(RemoteProtocolError):
@@ -402,6 +413,10 @@ def test_unpack_body_fuzz(data: bytes) -> None:
 @example("é" * (MAX_TOPIC_SIZE // 2))
 def test_topics_round_trip(topic: str) -> None:
     data = topic.encode()
+    if "\x00" in topic and len(data) <= MAX_TOPIC_SIZE:
+        with pytest.raises(LocalProtocolError, match="NUL"):
+            wire.encode_topic(topic)  # NUL ends a topic in a stream frame
+        return
     if len(data) > MAX_TOPIC_SIZE:
         with pytest.raises(LocalProtocolError):
             wire.encode_topic(topic)
@@ -449,53 +464,96 @@ def test_non_text_topic_is_refused(topic: Any) -> None:
 
 
 def test_bytes_topics_pass_through() -> None:
-    assert wire.encode_topic(b"\x00raw") == b"\x00raw"
+    assert wire.encode_topic(b"\x01raw") == b"\x01raw"
+    with pytest.raises(LocalProtocolError, match="NUL"):
+        wire.encode_topic(b"\x00raw")
     assert wire.encode_topic(bytearray(b"ab")) == b"ab"  # type: ignore[arg-type]
 
 
 # --- per-pattern framing: round trips --------------------------------------------------------
 
 
+def one(kind: Kind, msg_id: int, ts: float, body: Any, headers: bytes = b"") -> bytes:
+    return wire.pack_message(kind, msg_id, ts, wire.pack_body(body), headers)
+
+
 @ROUND_TRIP
-@given(msg_ids, timestamps, values)
-def test_request_round_trip(msg_id: int, ts: float, body: Any) -> None:
-    header, got = wire.parse_request(
-        [wire.pack_header(Kind.REQUEST, msg_id, ts), wire.pack_body(body)]
-    )
-    assert header == Header(Kind.REQUEST, msg_id, ts)
-    assert got == body
+@given(kinds, msg_ids, timestamps, values)
+def test_one_frame_message_is_the_documented_array(
+    kind: Kind, msg_id: int, ts: float, body: Any
+) -> None:
+    """``[2, kind, id, ts, body]``, its first 21 bytes the canonical fields; any msgpack reader
+    sees the array."""
+    data = one(kind, msg_id, ts, body)
+    assert data[:21] == canonical(int(kind), msg_id, ts, flags=0)
+    assert data.startswith(wire.MESSAGE_PREFIX[kind]) and data[wire.FLOAT64_AT] == wire.FLOAT64
+    assert msgpack.unpackb(data, strict_map_key=False) == [2, int(kind), msg_id, ts, body]
+    assert wire.parse_frames([data]) == (Header(kind, msg_id, ts), body)
+
+
+@ROUND_TRIP
+@given(msg_ids, timestamps, values, st.text(max_size=20))
+def test_request_round_trip(msg_id: int, ts: float, body: Any, service: str) -> None:
+    for frames in (
+        [one(Kind.REQUEST, msg_id, ts, body)],
+        [wire.pack_header(Kind.REQUEST, msg_id, ts), wire.pack_body(body)],
+    ):
+        header, got = wire.parse_request(frames)
+        assert (header.kind, header.msg_id, header.timestamp, got) == (
+            Kind.REQUEST, msg_id, ts, body)
+    named = one(Kind.REQUEST, msg_id, ts, body, wire.service_tail(service))
+    header, got = wire.parse_request([named], service)
+    assert header.headers == {"svc": service} and got == body
+    assert wire.canonical_request(named, {"svc": service}) in (None, (msg_id, body))
+    if len(named) <= 16 * 1024:
+        assert wire.canonical_request(named, {"svc": service}) == (msg_id, body)
+        assert wire.canonical_request(named, {"svc": service + "x"}) is None
+    with pytest.raises(RemoteProtocolError, match="wrong port"):
+        wire.parse_request([named], service + "x")
 
 
 @ROUND_TRIP
 @given(msg_ids, timestamps, values)
 def test_reply_round_trip(msg_id: int, ts: float, body: Any) -> None:
-    frames = [b"", wire.pack_header(Kind.REPLY, msg_id, ts), wire.pack_body(body)]
-    assert wire.parse_reply(frames) == (Header(Kind.REPLY, msg_id, ts), body)
+    assert wire.parse_reply([b"", one(Kind.REPLY, msg_id, ts, body)]) == (
+        Header(Kind.REPLY, msg_id, ts), body)
 
 
 def test_error_reply_round_trip() -> None:
     body = wire.error_body(ValueError("boom"))
     assert body == {"type": "ValueError", "message": "boom"}
-    frames = [b"", wire.pack_header(Kind.ERROR, 9, 1.0), wire.pack_body(body)]
-    assert wire.parse_reply(frames) == (Header(Kind.ERROR, 9, 1.0), body)
+    assert wire.parse_reply([b"", one(Kind.ERROR, 9, 1.0, body)]) == (
+        Header(Kind.ERROR, 9, 1.0), body)
+    two = [b"", wire.pack_header(Kind.ERROR, 9, 1.0), wire.pack_body(body)]
+    assert wire.parse_reply(two)[1] == body
 
 
 @ROUND_TRIP
-@given(st.text(max_size=40), msg_ids, timestamps, values)
+@given(st.text(max_size=40).filter(lambda t: "\x00" not in t), msg_ids, timestamps, values)
 def test_event_round_trip(topic: str, msg_id: int, ts: float, body: Any) -> None:
-    frames = [
-        wire.encode_topic(topic),
-        wire.pack_header(Kind.EVENT, msg_id, ts),
-        wire.pack_body(body),
-    ]
-    assert wire.parse_event(frames) == Message(Kind.EVENT, msg_id, ts, body, topic, None)
+    frame = wire.encode_topic(topic) + wire.TOPIC_END + one(Kind.EVENT, msg_id, ts, body)
+    assert wire.parse_event([frame]) == [Message(Kind.EVENT, msg_id, ts, body, topic, None)]
 
 
 @ROUND_TRIP
 @given(msg_ids, timestamps, values)
 def test_message_round_trip(msg_id: int, ts: float, body: Any) -> None:
-    frames = [wire.pack_header(Kind.MESSAGE, msg_id, ts), wire.pack_body(body)]
-    assert wire.parse_message(frames) == Message(Kind.MESSAGE, msg_id, ts, body, None, None)
+    assert wire.parse_message([one(Kind.MESSAGE, msg_id, ts, body)]) == [
+        Message(Kind.MESSAGE, msg_id, ts, body, None, None)]
+
+
+@ROUND_TRIP
+@given(msg_ids, timestamps, st.lists(values, max_size=8))
+def test_batch_round_trip(msg_id: int, ts: float, bodies: list[Any]) -> None:
+    """A batch is the messages first_id, first_id + 1, ... (ids wrap at 2**64)."""
+    data = (wire.pack_canonical(wire.BATCH_PREFIX[Kind.MESSAGE], msg_id, wire.FLOAT64, ts)
+            + msgpack.packb(bodies))
+    assert msgpack.unpackb(data, strict_map_key=False) == [2, 0x25, msg_id, ts, bodies]
+    got = wire.parse_message([data])
+    assert [m.body for m in got] == bodies
+    assert [m.msg_id for m in got] == [(msg_id + i) % 2**64 for i in range(len(bodies))]
+    with pytest.raises(RemoteProtocolError, match="batch"):
+        wire.parse_message([msgpack.packb([2, 0x25, 1, 0.0, "not a list"])])
 
 
 @ROUND_TRIP
@@ -506,32 +564,45 @@ def test_raw_bodies_in_every_pattern(payload: bytes) -> None:
 
     assert wire.parse_request([header(Kind.REQUEST), payload])[1] == payload
     assert wire.parse_reply([b"", header(Kind.REPLY), payload])[1] == payload
-    assert wire.parse_event([b"t", header(Kind.EVENT), payload]).body == payload
-    message = wire.parse_message([header(Kind.MESSAGE), payload])
+    assert wire.parse_event([b"t\x00" + header(Kind.EVENT), payload])[0].body == payload
+    (message,) = wire.parse_message([header(Kind.MESSAGE), payload])
     assert message.body == payload and message.headers == wire.RAW_HEADERS
+
+
+def test_version_1_is_refused_with_its_id_readable() -> None:
+    """A v1 message (header frame [1, ...] and a body frame) is refused, saying why; a refusal
+    can still repeat its id."""
+    v1 = bytes((0x94, 1, 1, 0xCF)) + (77).to_bytes(8, "big") + b"\xcb" + struct.pack(">d", 0.0)
+    for parse in (wire.parse_request, wire.parse_message):
+        with pytest.raises(RemoteProtocolError, match="version 1"):
+            parse([v1, BODY])
+    assert wire.request_id(v1) == 77
 
 
 # --- per-pattern framing: rejection ----------------------------------------------------------
 
 H = {kind: wire.pack_header(kind, 1, 0.0) for kind in Kind}
+M = {kind: wire.pack_message(kind, 1, 0.0, wire.pack_body({"x": 1})) for kind in Kind}
 BODY = wire.pack_body({"x": 1})
 
 BAD_REQUESTS = {
     "no frames": [],
     "header only": [H[Kind.REQUEST]],
     "three frames": [H[Kind.REQUEST], BODY, BODY],
-    "reply kind": [H[Kind.REPLY], BODY],
+    "one frame and more": [M[Kind.REQUEST], BODY],
+    "reply kind": [M[Kind.REPLY]],
     "event kind": [H[Kind.EVENT], BODY],
     "garbage header": [b"garbage", BODY],
     "bad body": [H[Kind.REQUEST], b"\xc1"],
+    "truncated": [M[Kind.REQUEST][:-1]],
 }
 BAD_REPLIES = {
-    "no delimiter": [H[Kind.REPLY], BODY],
-    "non-empty delimiter": [b"x", H[Kind.REPLY], BODY],
+    "no delimiter": [M[Kind.REPLY]],
+    "non-empty delimiter": [b"x", M[Kind.REPLY]],
     "four frames": [b"", H[Kind.REPLY], BODY, BODY],
-    "request kind": [b"", H[Kind.REQUEST], BODY],
+    "request kind": [b"", M[Kind.REQUEST]],
     "bad body": [b"", H[Kind.REPLY], b"\xc1"],
-    "error body not a map": [b"", H[Kind.ERROR], wire.pack_body("boom")],
+    "error body not a map": [b"", wire.pack_message(Kind.ERROR, 1, 0.0, wire.pack_body("boom"))],
     "error body without message": [b"", H[Kind.ERROR], wire.pack_body({"type": "X"})],
     "error body with non-str type": [
         b"",
@@ -540,23 +611,25 @@ BAD_REPLIES = {
     ],
 }
 BAD_EVENTS = {
-    "one frame": [b"t"],
-    "two frames": [b"t", H[Kind.EVENT]],
-    "four frames": [b"t", H[Kind.EVENT], BODY, BODY],
-    "message kind": [b"t", H[Kind.MESSAGE], BODY],
-    "invalid utf-8 topic": [b"\xff\xfe", H[Kind.EVENT], BODY],
-    "huge topic": [b"t" * (MAX_TOPIC_SIZE + 1), H[Kind.EVENT], BODY],
-    "bad body": [b"t", H[Kind.EVENT], b"\xc1"],
-    "version 2": [b"t", canonical(4, 1, 0.0, version=2), BODY],
-    "unknown kind": [b"t", canonical(max(Kind) + 1, 1, 0.0), BODY],
+    "topic only": [b"t"],
+    "no topic end": [b"t" + M[Kind.EVENT]],
+    "header without body": [b"t\x00" + H[Kind.EVENT]],
+    "two bodies": [b"t\x00" + H[Kind.EVENT], BODY, BODY],
+    "message kind": [b"t\x00" + M[Kind.MESSAGE]],
+    "invalid utf-8 topic": [b"\xff\xfe\x00" + M[Kind.EVENT]],
+    "huge topic": [b"t" * (MAX_TOPIC_SIZE + 1) + b"\x00" + M[Kind.EVENT]],
+    "bad body": [b"t\x00" + H[Kind.EVENT], b"\xc1"],
+    "version 3": [b"t\x00" + canonical(4, 1, 0.0, version=3), BODY],
+    "unknown kind": [b"t\x00" + canonical(max(Kind) + 1, 1, 0.0), BODY],
 }
 BAD_MESSAGES = {
     "empty frame only": [b""],
     "three frames": [H[Kind.MESSAGE], BODY, BODY],
-    "event kind": [H[Kind.EVENT], BODY],
+    "event kind": [M[Kind.EVENT]],
     "request kind": [H[Kind.REQUEST], BODY],
     "bad body": [H[Kind.MESSAGE], b"\xc1"],
     "garbage header": [b"\x00" * 21, BODY],
+    "four items, no follows": [msgpack.packb([2, 5, 1, 0.0])],
 }
 
 
@@ -586,36 +659,38 @@ def _valid_body(body: Any) -> bool:
 
 def _check_request(frames: list[bytes]) -> None:
     header, body = wire.parse_request(frames)
-    assert len(frames) == 2 and header.kind is Kind.REQUEST
+    assert len(frames) == (2 if header.follows else 1) and header.kind is Kind.REQUEST
     assert _valid_body(body)
 
 
 def _check_reply(frames: list[bytes]) -> None:
     header, body = wire.parse_reply(frames)
-    assert len(frames) == 3 and frames[0] == b""
+    assert len(frames) == (3 if header.follows else 2) and frames[0] == b""
     assert header.kind in (Kind.REPLY, Kind.ERROR) and _valid_body(body)
     if header.kind is Kind.ERROR:
         assert isinstance(body["type"], str) and isinstance(body["message"], str)
 
 
 def _check_event(frames: list[bytes]) -> None:
-    message = wire.parse_event(frames)
-    assert len(frames) == 3 and message.kind is Kind.EVENT and _valid_body(message.body)
-    assert isinstance(message.topic, str) and message.topic.encode() == frames[0]
+    for message in wire.parse_event(frames):
+        assert message.kind is Kind.EVENT and _valid_body(message.body)
+        assert isinstance(message.topic, str)
+        assert frames[0].startswith(message.topic.encode() + b"\x00")
 
 
 def _check_message(frames: list[bytes]) -> None:
-    message = wire.parse_message(frames)
-    assert len(frames) == 2 and message.kind is Kind.MESSAGE and message.topic is None
-    assert _valid_body(message.body)
+    for message in wire.parse_message(frames):
+        assert message.kind is Kind.MESSAGE and message.topic is None
+        assert _valid_body(message.body)
 
 
 @FUZZ
 @given(frame_lists)
 @example([H[Kind.REQUEST], BODY])
+@example([M[Kind.REQUEST]])
 @example([b"", H[Kind.ERROR], wire.pack_body({"type": "T", "message": "m"})])
-@example([b"t", H[Kind.EVENT], BODY])
-@example([H[Kind.MESSAGE], BODY])
+@example([b"t\x00" + M[Kind.EVENT]])
+@example([M[Kind.MESSAGE]])
 def test_pattern_parsers_fuzz(frames: list[bytes]) -> None:
     """Each parser, given any list of frames, returns a valid message or raises
     RemoteProtocolError."""

@@ -4,9 +4,9 @@ Each raw program runs in its own interpreter with only pyzmq, msgpack and python
 (``sys.modules["zmqfabric"] = None`` makes any import of the fabric fail there). It finds the node
 the way the records spec (``zmqfabric/core/records.py``) says, by browsing ``_zmqfabric._tcp`` on
 127.0.0.1 and reading the TXT record, and frames messages the way the wire spec
-(``zmqfabric/core/wire.py``) says. The raw programs print the frames they receive as hex in JSON
-lines; this test decodes and checks them. The last test turns it around: a raw program advertises
-a pipeline by hand-written record, and a zmqfabric pusher finds it and feeds it.
+(``docs/PROTOCOL.md``, version 2) says. The raw programs print the frames they receive as hex in
+JSON lines; this test decodes and checks them. The last test turns it around: a raw program
+advertises a pipeline by hand-written record, and a zmqfabric pusher finds it and feeds it.
 """
 
 from __future__ import annotations
@@ -53,16 +53,24 @@ def hexes(frames):
     return [f.hex() if len(f) <= 4096 else f"sha256:{hashlib.sha256(f).hexdigest()}:{len(f)}"
             for f in frames]
 
+def message(kind, msg_id, body, headers=None):
+    """A one-frame message as any msgpack library writes it (compact ints: not zmqfabric's
+    21-byte fixed fields)."""
+    fields = [2, kind, msg_id, time.time(), body]
+    if headers:
+        fields.append(headers)
+    return msgpack.packb(fields)
+
 def header(kind, msg_id, headers=None):
-    """A header as any msgpack library writes it (compact ints: not zmqfabric's 21 bytes)."""
-    fields = [1, kind, msg_id, time.time()]
+    """A header frame (the body is the next frame): the kind with the FOLLOWS bit, 16."""
+    fields = [2, kind | 16, msg_id, time.time()]
     if headers:
         fields.append(headers)
     return msgpack.packb(fields)
 
 def canonical(kind, msg_id):
-    """The 21-byte form drawn in the spec."""
-    return struct.pack(">BBBBQBd", 0x94, 1, kind, 0xCF, msg_id, 0xCB, time.time())
+    """The 21-byte fixed fields drawn in the spec; the packed body follows them."""
+    return struct.pack(">BBBBQBd", 0x95, 2, kind, 0xCF, msg_id, 0xCB, time.time())
 
 def zeroconf():
     return Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
@@ -208,21 +216,21 @@ url, txt = find(NODE, "rep", SVC)
 out(event="txt", txt=txt)
 with raw_socket(zmq.REQ) as req:
     req.connect(url)
-    # A REQ socket adds the empty delimiter itself: it sends [header, body].
+    # A REQ socket adds the empty delimiter itself: it sends one frame, the message.
     for i, body in enumerate(BODIES):
-        head = header(1, 100 + i) if i % 2 else canonical(1, 100 + i)
-        req.send_multipart([head, msgpack.packb(body)])
+        frame = message(1, 100 + i, body) if i % 2 else canonical(1, 100 + i) + msgpack.packb(body)
+        req.send(frame)
         out(event="reply", via="req", sent=100 + i, frames=hexes(req.recv_multipart()))
-    req.send_multipart([header(1, 200, {"enc": "raw"}), RAW])
+    req.send_multipart([header(1, 200, {"enc": "raw"}), RAW])  # a header frame, a raw body
     out(event="reply", via="req", sent=200, frames=hexes(req.recv_multipart()))
-    req.send_multipart([header(1, 201), msgpack.packb("fail")])
+    req.send_multipart([header(1, 201), msgpack.packb("fail")])  # a header frame, msgpack
     out(event="reply", via="req", sent=201, frames=hexes(req.recv_multipart()))
 with raw_socket(zmq.DEALER) as dealer:
     dealer.connect(url)
     # A DEALER sends the delimiter itself, and may pipeline: replies carry the request's id.
     ids = [2**64 - 1, 0, 12345]
     for i, msg_id in enumerate(ids):
-        dealer.send_multipart([b"", canonical(1, msg_id), msgpack.packb({"dealer": i})])
+        dealer.send_multipart([b"", canonical(1, msg_id) + msgpack.packb({"dealer": i})])
     for _ in ids:
         out(event="reply", via="dealer", frames=hexes(dealer.recv_multipart()))
 out(event="done")
@@ -243,23 +251,26 @@ def test_raw_req_and_dealer_call_a_service(procs: ProcessGroup, server: zf.Node)
     replies = lines[1:]
     assert len(replies) == len(bodies) + 2 + 3
     for line, body in zip(replies, bodies, strict=False):
-        head, payload = unhex(line["frames"])  # REQ strips the delimiter
-        assert msgpack.unpackb(head)[:3] == [1, 2, line["sent"]]
-        assert msgpack.unpackb(payload) == {"echo": body}
+        (frame,) = unhex(line["frames"])  # REQ strips the delimiter; a reply is one frame
+        fields = msgpack.unpackb(frame)
+        assert fields[:3] == [2, 2, line["sent"]] and len(fields) == 5
+        assert fields[4] == {"echo": body}
     raw_reply = replies[len(bodies)]
-    head, payload = unhex(raw_reply["frames"])
-    assert msgpack.unpackb(head)[:3] == [1, 2, 200]
-    assert msgpack.unpackb(payload) == {"echo": raw}  # the handler got the raw bytes
+    (frame,) = unhex(raw_reply["frames"])
+    fields = msgpack.unpackb(frame)
+    assert fields[:3] == [2, 2, 200]
+    assert fields[4] == {"echo": raw}  # the handler got the raw bytes
     error = replies[len(bodies) + 1]
-    head, payload = unhex(error["frames"])
-    assert msgpack.unpackb(head)[:3] == [1, 3, 201]
-    assert msgpack.unpackb(payload) == {"type": "ValueError", "message": "failure on request"}
+    (frame,) = unhex(error["frames"])
+    fields = msgpack.unpackb(frame)
+    assert fields[:3] == [2, 3, 201]
+    assert fields[4] == {"type": "ValueError", "message": "failure on request"}
     seen = {}
     for line in replies[-3:]:
-        delimiter, head, payload = unhex(line["frames"])
-        fields = msgpack.unpackb(head)
-        assert delimiter == b"" and fields[:2] == [1, 2]
-        seen[fields[2]] = msgpack.unpackb(payload)
+        delimiter, frame = unhex(line["frames"])
+        fields = msgpack.unpackb(frame)
+        assert delimiter == b"" and fields[:2] == [2, 2]
+        seen[fields[2]] = fields[4]
     assert seen == {
         2**64 - 1: {"echo": {"dealer": 0}},
         0: {"echo": {"dealer": 1}},
@@ -281,8 +292,8 @@ with raw_socket(zmq.SUB) as sub:
     while pending and time.monotonic() < deadline:
         if not sub.poll(200):
             continue
-        frames = sub.recv_multipart()
-        topic = frames[0].decode()
+        frames = sub.recv_multipart()  # one frame "topic NUL message" (big raw bodies: two)
+        topic = frames[0].partition(b"\\x00")[0].decode()
         if topic in pending or not topic.startswith(PREFIX):
             out(event="event", frames=hexes(frames))
             pending.discard(topic)
@@ -324,15 +335,18 @@ def test_raw_sub_receives_a_stream_with_a_topic_filter(
     received = {}
     for line in lines[1:-1]:
         frames = line["frames"]
-        topic = bytes.fromhex(frames[0]).decode()
-        assert topic in wanted, f"the filter let {topic!r} through"
-        head = msgpack.unpackb(bytes.fromhex(frames[1]))
-        assert head[:2] == [1, 4] and 0 <= head[2] < 2**64
-        if len(head) == 5 and head[4].get("enc") == "raw":
-            assert frames[2] == digest(big)
-            received[topic] = big
+        first = bytes.fromhex(frames[0])
+        topic, end, rest = first.partition(b"\x00")
+        assert end, "the topic ends with NUL"
+        assert topic.decode() in wanted, f"the filter let {topic!r} through"
+        fields = msgpack.unpackb(rest)
+        if len(frames) == 2:  # a header frame and the raw body
+            assert fields[:2] == [2, 4 | 16] and fields[4] == {"enc": "raw"}
+            assert frames[1] == digest(big)
+            received[topic.decode()] = big
         else:
-            received[topic] = msgpack.unpackb(bytes.fromhex(frames[2]))
+            assert fields[:2] == [2, 4] and 0 <= fields[2] < 2**64 and len(fields) == 5
+            received[topic.decode()] = fields[4]
     assert received == {topic: events[topic] for topic in wanted}
     assert child.wait(SLOW) == 0, child.err_tail()
     publisher.close()
@@ -346,8 +360,8 @@ out(event="txt", txt=txt)
 with raw_socket(zmq.PUSH) as push:
     push.connect(url)
     for i, body in enumerate(BODIES):
-        head = header(5, 500 + i) if i % 2 else canonical(5, 500 + i)
-        push.send_multipart([head, msgpack.packb(body)])
+        one = canonical(5, 500 + i) + msgpack.packb(body)
+        push.send(message(5, 500 + i, body) if i % 2 else one)
     push.send_multipart([header(5, 600, {"enc": "raw", "x-trace": "abc"}), RAW])
     out(event="sent")
     wait_for_sigterm()  # keep the socket until the test has everything
@@ -411,22 +425,25 @@ with raw_socket(zmq.PULL) as pull, raw_socket(zmq.ROUTER) as control:
                 received += 1
             if control in events:
                 frames = control.recv_multipart()
-                if len(frames) != 4:  # other nodes on this host may call too: only ours matter
+                if len(frames) not in (3, 4) or frames[1]:  # only ours matter
                     continue
-                route_id, delimiter, head, body = frames
-                request = msgpack.unpackb(body)
-                fields = msgpack.unpackb(head)
-                if not isinstance(request, dict):
+                route_id, delimiter, head, *body = frames
+                try:  # one frame [2, 1, id, ts, body, map], or a header frame and a body frame
+                    fields = msgpack.unpackb(head)
+                    request = msgpack.unpackb(body[0]) if body else fields[4]
+                except Exception:
+                    continue
+                if not isinstance(request, dict) or fields[0] != 2:
                     continue
                 if request.get("op") == "ping":  # hellos are one-way: no answer
-                    reply = msgpack.packb([1, 2, fields[2], time.time()])
-                    control.send_multipart([route_id, b"", reply,
-                                            msgpack.packb({"node": NAME, "raw": True})])
+                    reply = msgpack.packb([2, 2, fields[2], time.time(),
+                                           {"node": NAME, "raw": True}])
+                    control.send_multipart([route_id, b"", reply])
                     pinged = True
                 elif request.get("op") == "record":  # peers confirm our record with us first
-                    reply = msgpack.packb([1, 2, fields[2], time.time()])
-                    control.send_multipart([route_id, b"", reply,
-                                            msgpack.packb({"name": NAME, "txt": txt})])
+                    reply = msgpack.packb([2, 2, fields[2], time.time(),
+                                           {"name": NAME, "txt": txt}])
+                    control.send_multipart([route_id, b"", reply])
                 out(event="control", op=request.get("op"))
         zc.unregister_service(info)
     finally:
@@ -457,10 +474,10 @@ def test_a_raw_program_advertises_a_pipeline_that_a_node_feeds(
 
     assert len(lines) == len(bodies)
     for line, body in zip(lines, bodies, strict=True):
-        head, payload = unhex(line["frames"])
-        fields = msgpack.unpackb(head)
-        assert len(head) == 21 and fields[:2] == [1, 5]  # zmqfabric writes the canonical header
-        assert msgpack.unpackb(payload) == body
+        (frame,) = unhex(line["frames"])  # one frame
+        fields = msgpack.unpackb(frame)
+        assert frame[:4] == bytes((0x95, 2, 5, 0xCF)) and frame[12] == 0xCB  # canonical
+        assert fields[:2] == [2, 5] and fields[4] == body
     assert child.wait(SLOW) == 0, child.err_tail()
     pusher.close()
     # The goodbye took the raw node out of the directory.

@@ -279,16 +279,15 @@ def test_request_id_reads_the_id_of_headers_that_do_not_parse(
 
 
 REFUSED_REQUESTS = {
-    "version 2": ([msgpack.packb([2, 1, 4242, time.time()]), msgpack.packb("x")], 4242,
-                  "unsupported protocol version 2"),
+    "version 1": ([msgpack.packb([1, 1, 4242, time.time()]), msgpack.packb("x")], 4242,
+                  "unsupported protocol version 1"),
     "header over 4096 bytes": (
-        [msgpack.packb([1, 1, 4243, time.time(), {"pad": "x" * 5000}]), msgpack.packb("x")],
+        [msgpack.packb([2, 17, 4243, time.time(), {"pad": "x" * 5000}]), msgpack.packb("x")],
         4243, "exceeds 4096"),
     "one frame of a later version": (
-        [msgpack.packb([2, 1, 4244, time.time()]) + msgpack.packb("x")], 4244,
-        "unsupported protocol version 2"),
-    "a reply sent as a request": ([msgpack.packb([1, 2, 4245, time.time()]), msgpack.packb("x")],
-                                  4245, "expected a request"),
+        [msgpack.packb([3, 1, 4244, time.time(), "x"])], 4244, "unsupported protocol version 3"),
+    "a reply sent as a request": ([msgpack.packb([2, 2, 4245, time.time(), "x"])],
+                                  4245, "expected request"),
     "an unreadable header": ([b"\xc1\xc1\xc1", msgpack.packb("x")], 0, "not valid msgpack"),
 }
 
@@ -311,10 +310,16 @@ def _url(node: zf.Node, kind: EndpointKind) -> str:
 
 
 def _refusal(dealer: zmq.Socket, frames: list[bytes]) -> tuple[list[Any], dict[str, str]]:
+    """(version, kind, id) and body of the error reply: one frame ``[2, 3, id, ts, body]``, or
+    a header frame (kind | 16) and a body frame."""
     dealer.send_multipart([b"", *frames])
     assert dealer.poll(int(SLOW * 1000)), "no answer: the refusal never came"
-    delimiter, head, body = dealer.recv_multipart()
-    return msgpack.unpackb(head), msgpack.unpackb(body)
+    delimiter, *message = dealer.recv_multipart()
+    fields = msgpack.unpackb(message[0])
+    if len(message) == 2:
+        assert fields[1] & 16
+        return [fields[0], fields[1] ^ 16, fields[2]], msgpack.unpackb(message[1])
+    return fields[:3], fields[4]
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED_REQUESTS))
@@ -327,7 +332,7 @@ def test_a_refusal_repeats_the_request_id(
 
     head, body = _refusal(dealer, frames)
 
-    assert head[:3] == [1, wire.Kind.ERROR, msg_id]
+    assert head[:3] == [2, wire.Kind.ERROR, msg_id]
     assert body["type"] == "RemoteProtocolError" and why in body["message"]
 
 
@@ -343,7 +348,7 @@ def test_a_full_queue_device_refuses_with_the_request_id(
         for msg_id in range(1, 10_001):  # the device holds 10,000 requests
             dealer.send_multipart([b"", wire.pack_header(wire.Kind.REQUEST, msg_id, 0.0), body])
         head, answer = _refusal(dealer, [wire.pack_header(wire.Kind.REQUEST, 77777, 0.0), body])
-    assert head[:3] == [1, wire.Kind.ERROR, 77777]
+    assert head[:3] == [2, wire.Kind.ERROR, 77777]
     assert answer["type"] == "Overloaded"
 
 

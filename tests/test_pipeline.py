@@ -9,8 +9,10 @@ does the counted batch go out.
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal
 import textwrap
+import threading
 import time
 from typing import Any
 
@@ -169,3 +171,85 @@ def test_pipeline_in_one_process_keeps_order_and_big_bodies(make_node, name) -> 
     pusher.send(big, timeout=SLOW)
     assert [puller.recv(timeout=SLOW) for _ in range(200)] == [{"i": i} for i in range(200)]
     assert puller.recv(timeout=SLOW) == big
+
+
+def test_send_many_delivers_one_by_one_in_order_with_consecutive_ids(make_node, name) -> None:
+    """send_many packs bodies into batch frames; the puller's receives return them one at a
+    time, in order, each with its own id (the batch's first id plus its place), whether read
+    with recv (the hot path) or recv_message (the plan); a large raw body among them travels
+    on its own, in its place."""
+    pipeline = name("batched")
+    puller = make_node("sink").puller(pipeline)
+    pusher = make_node("source").pusher(pipeline)
+    assert pusher.wait_ready(SLOW)
+    big = bytes(range(256)) * 512  # 128 KiB: raw, alone
+    bodies: list[Any] = [{"i": i} for i in range(600)] + [big] + [{"i": 600}, {"i": 601}]
+    pusher.send_many(bodies, timeout=SLOW)
+    pusher.send({"i": "after"}, timeout=SLOW)
+    got = [puller.recv(timeout=SLOW) for _ in range(300)]
+    messages = [puller.recv_message(timeout=SLOW) for _ in range(len(bodies) - 300 + 1)]
+    assert None not in messages
+    assert got + [m.body for m in messages] == bodies + [{"i": "after"}]
+    ids = [m.msg_id for m in messages]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))  # consecutive across batches
+    assert puller.recv_message(timeout=0.05) is None
+
+
+def test_a_pusher_ahead_of_its_puller_batches_and_loses_nothing(make_node, name) -> None:
+    """A pusher that outruns its puller (every puller HWM messages behind) holds what the
+    socket will not take and sends it as batch frames: nothing is lost or reordered, sends do
+    not block while fewer than a batch are held, and flush() hands the rest over. A lone
+    message on an idle pipeline leaves at once (received without any flush)."""
+    pipeline = name("flood")
+    sink = make_node("sink")
+    puller = sink.puller(pipeline)
+    source = make_node("source")
+    pusher = source.pusher(pipeline)
+    assert pusher.wait_ready(SLOW)
+    pusher.send("lone", timeout=SLOW)
+    assert puller.recv(timeout=SLOW) == "lone"  # no batching when the socket takes it
+
+    count = 100_000  # beyond both HWMs (10,000 each side) and the kernel's buffers (20 MB)
+    pad = b"x" * 200
+    got: list[Any] = []
+    behind = threading.Event()
+
+    def read() -> None:  # starts once the pusher holds messages: it was ahead of us
+        behind.wait(SLOW)
+        deadline = time.monotonic() + SLOW
+        while len(got) < count and time.monotonic() < deadline:
+            with contextlib.suppress(zf.FabricTimeoutError):
+                got.append(puller.recv(timeout=0.2))
+
+    reader = threading.Thread(target=read, name="test-slow-puller")
+    reader.start()
+    try:
+        for i in range(count):
+            pusher.send([i, pad], timeout=SLOW)
+            if pusher._held_size and not behind.is_set():
+                behind.set()
+        behind.set()
+        pusher.flush(timeout=SLOW)  # the sender stops: hand over what it holds
+    finally:
+        behind.set()
+        reader.join(2 * SLOW)
+    assert len(got) == count and got == [[i, pad] for i in range(count)]
+    assert source.counters.get("batches_sent") > 0, "the flood was never batched"
+    pusher.flush(timeout=SLOW)  # nothing held: returns at once
+    pusher.close()
+    assert source.counters.get("messages_dropped") == 0
+
+
+def test_first_sends_wait_for_the_connection_and_are_never_held(make_node, name) -> None:
+    """Batching holds messages only while a connected puller is behind: a fresh pusher whose
+    connection is still being made waits in send, so every message arrives without a flush
+    (holding them would leave them waiting for a next send that may never come)."""
+    pipeline = name("fresh")
+    puller = make_node("sink").puller(pipeline)
+    source = make_node("source")
+    pusher = source.pusher(pipeline)
+    for i in range(5):
+        pusher.send(i, timeout=SLOW)
+    assert pusher._held_size == 0
+    assert [puller.recv(timeout=SLOW) for _ in range(5)] == list(range(5))
+    assert source.counters.get("batches_sent") == 0

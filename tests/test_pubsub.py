@@ -14,6 +14,7 @@ import textwrap
 import time
 from typing import Any, Callable
 
+import msgpack
 import pytest
 import zmq
 
@@ -287,8 +288,8 @@ def test_a_plain_zeromq_sub_receives_and_counts_once_it_subscribes_a_marker(
         while not sub.poll(20):
             assert time.monotonic() < deadline, "the raw SUB never received an event"
             publisher.send("EURUSD", 1.1)
-        topic, _, _ = sub.recv_multipart()
-        assert topic == b"EURUSD"
+        topic, _, message = sub.recv().partition(b"\x00")  # one frame: topic NUL message
+        assert topic == b"EURUSD" and msgpack.unpackb(message)[4] == 1.1
         assert publisher.subscribers == 0  # no marker, not counted
 
         sub.setsockopt(zmq.SUBSCRIBE, b"USD")
@@ -296,9 +297,9 @@ def test_a_plain_zeromq_sub_receives_and_counts_once_it_subscribes_a_marker(
         assert publisher.wait_subscribers(1, SLOW) == 1
         publisher.send("USDJPY", 150)
         assert sub.poll(int(SLOW * 1000)), "the event sent right after the count never came"
-        while (frames := sub.recv_multipart())[0] == b"EURUSD":  # pings still queued
+        while (frame := sub.recv()).startswith(b"EURUSD\x00"):  # pings still queued
             assert sub.poll(int(SLOW * 1000))
-        assert frames[0] == b"USDJPY"
+        assert frame.startswith(b"USDJPY\x00")
         sub.close(0)
     wait_count(publisher, 0)
 
@@ -354,9 +355,9 @@ def test_publisher_leaving_with_events_queued_does_not_abort_the_subscriber(proc
             header = wire.pack_header(wire.Kind.EVENT, 1, time.time())
             while sub.recv_message(timeout=0.05) is None:
                 assert time.monotonic() < deadline
-                pub.send_multipart([b"t", header, msgpack.packb(0)])
-            for i in range(50):
-                pub.send_multipart([b"t", header, msgpack.packb(i)])
+                pub.send_multipart([b"t\\x00" + header, msgpack.packb(0)])
+            for i in range(50):  # multipart: the two-frame form (header frame, body frame)
+                pub.send_multipart([b"t\\x00" + header, msgpack.packb(i)])
             while not sub._sock.get(zmq.EVENTS) & zmq.POLLIN:
                 assert time.monotonic() < deadline
                 time.sleep(0.005)

@@ -241,7 +241,8 @@ def test_asyncio_worker_and_producer(make_node, name) -> None:
 
 
 def test_a_plain_pyzmq_producer_can_talk_to_a_worker(worker_node, make_node, name) -> None:
-    """The wire spec in core/wire.py is enough: credit, a task batch, results."""
+    """The wire spec (docs/PROTOCOL.md, version 2) is enough: credit, a task batch, results, as
+    two-frame messages (a header frame, kind | 16, then the body frame)."""
     task = name("plain")
     worker_node(task, lambda body: {"got": body}, prefetch=5)
     finder = make_node("finder")
@@ -252,11 +253,12 @@ def test_a_plain_pyzmq_producer_can_talk_to_a_worker(worker_node, make_node, nam
     dealer.linger = 0
     try:
         dealer.connect(url)
-        header = lambda kind: msgpack.packb([1, kind, 1, time.time()])  # noqa: E731
+        # A header frame (kind | 16: the body is the next frame), version 2.
+        header = lambda kind: msgpack.packb([2, kind | 16, 1, time.time()])  # noqa: E731
         dealer.send_multipart([b"", header(8), msgpack.packb({})])
         assert dealer.poll(int(SLOW * 1000))
         empty, head, body = dealer.recv_multipart()
-        assert empty == b"" and msgpack.unpackb(head)[1] == 8
+        assert empty == b"" and msgpack.unpackb(head)[:2] == [2, 8 | 16]
         assert msgpack.unpackb(body) == {"credit": 5, "slots": 1}
         tasks = [["id-1", 1, {"x": 1}, None], ["id-2", 3, [1, 2], "key-2"]]
         dealer.send_multipart([b"", header(6), msgpack.packb(tasks)])
@@ -264,7 +266,7 @@ def test_a_plain_pyzmq_producer_can_talk_to_a_worker(worker_node, make_node, nam
         while len(results) < 2:
             assert dealer.poll(int(SLOW * 1000))
             _, head, body = dealer.recv_multipart()
-            assert msgpack.unpackb(head)[1] == 7
+            assert msgpack.unpackb(head)[1] == 7 | 16
             results.extend(msgpack.unpackb(body))
         assert results == [["id-1", 1, True, {"got": {"x": 1}}],
                            ["id-2", 3, True, {"got": [1, 2]}]]

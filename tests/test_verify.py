@@ -112,13 +112,14 @@ def test_a_malformed_answer_is_refused(answer: object) -> None:
 def test_a_request_header_names_its_service() -> None:
     tail = wire.service_tail("echo")
     header = wire.name_service(wire.pack_header(wire.Kind.REQUEST, 7, 1.0), tail)
-    assert header.hex().startswith("950101cf0000000000000007cb")
+    assert header.hex().startswith("950211cf0000000000000007cb")  # a header frame, version 2
     assert header.endswith(bytes.fromhex("81a3737663a46563686f"))
     assert wire.unpack_header(header).headers == {"svc": "echo"}
-    assert wire.canonical_request_id(header, tail) == 7
-    assert wire.canonical_request_id(header, wire.service_tail("admin")) is None
-    plain = wire.pack_header(wire.Kind.REQUEST, 8, 1.0)
-    assert wire.canonical_request_id(plain, tail) == 8  # no name: any endpoint takes it
+    one = wire.pack_message(wire.Kind.REQUEST, 7, 1.0, wire.pack_body("x"), tail)
+    assert wire.canonical_request(one, {"svc": "echo"}) == (7, "x")
+    assert wire.canonical_request(one, {"svc": "other"}) is None
+    plain = wire.pack_message(wire.Kind.REQUEST, 8, 1.0, wire.pack_body("y"))
+    assert wire.canonical_request(plain, {"svc": "echo"}) == (8, "y")  # no name: any takes it
     raw = wire.name_service(wire.pack_header(wire.Kind.REQUEST, 9, 1.0, wire.RAW_HEADERS), tail)
     assert wire.unpack_header(raw).headers == {"enc": "raw", "svc": "echo"}
     with pytest.raises(RemoteProtocolError, match="reached 'admin'"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # --- wire -----------------------------------------------------------------------------------
 #: Protocol version carried in every header; a peer speaking another version is refused.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: Largest message an endpoint accepts, all frames together (NATS's max_payload default): a peer
 #: that sends a bigger frame is disconnected before it is read (ZeroMQ's MAXMSGSIZE, per frame),
 #: and a message whose frames add up to more is dropped while it is read. Raise it per node
@@ -49,6 +49,10 @@ MAX_HEADER_SIZE = 4096
 MAX_TOPIC_SIZE = 1024
 #: Bodies at least this long that are bytes go out as a raw frame without a copy.
 ZERO_COPY_THRESHOLD = 64 * 1024
+#: Messages one batch frame carries at most (send_many): past a few hundred, a bigger batch
+#: gains nothing per message (measured: 1.4 M/s at 16, 2.1 M/s at 256 small messages) and a
+#: receiver holds the rest of a batch while its caller handles one.
+MAX_BATCH = 256
 
 # --- sockets --------------------------------------------------------------------------------
 #: Closing never blocks longer than this (ms) waiting for unsent messages.

@@ -104,5 +104,6 @@ def info(name, node_id, address, ctl_port, props):
 def zeroconf():
     return Zeroconf(interfaces=[ME], ip_version=IPVersion.V4Only)
 def hdr(kind, msg_id, headers=None):
-    return msgpack.packb([1, kind, msg_id, time.time()] + ([headers] if headers else []))
+    # A header frame (protocol version 2, the kind with the FOLLOWS bit): a body frame follows.
+    return msgpack.packb([2, kind | 16, msg_id, time.time()] + ([headers] if headers else []))
 """

@@ -525,8 +525,8 @@ while time.monotonic() < end and not subscribed:
             request = msgpack.unpackb(frames[3])
             head = msgpack.unpackb(frames[2])
             answer = {{"name": "fakepub", "txt": props}} if request.get("op") == "record" else {{}}
-            ctl.send_multipart([frames[0], b"", msgpack.packb([1, 2, head[2], time.time()]),
-                                msgpack.packb(answer)])
+            ctl.send_multipart([frames[0], b"", msgpack.packb([2, 2, head[2], time.time(),
+                                                               answer])])
         elif sock is pub and frames[0][:1] == b"\\x01":
             subscribed = True
 print("ATTACKING", flush=True)
@@ -535,7 +535,7 @@ def nested(size):
 for size, count in ((8 * 1024 * 1024, 10), (1000 * 1000, 20)):
     body = nested(size)
     for i in range(count):
-        pub.send_multipart([b"t", hdr(4, i + 1), body], copy=False)
+        pub.send_multipart([b"t\\x00" + hdr(4, i + 1), body], copy=False)
 print("SENT", flush=True)
 time.sleep(60)
 """

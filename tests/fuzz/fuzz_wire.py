@@ -35,16 +35,17 @@ def _frames(fdp: atheris.FuzzedDataProvider, most: int = 6) -> list[bytes]:
     frames: list[bytes] = []
     for _ in range(fdp.ConsumeIntInRange(0, most)):
         style = fdp.ConsumeIntInRange(0, 5)
-        if style == 0:  # a canonical header of any kind byte, mutated id/timestamp
-            kind = fdp.ConsumeIntInRange(0, 7)
-            frames.append(bytes((0x94, 1, kind, 0xCF)) + fdp.ConsumeBytes(8) + b"\xcb"
-                          + fdp.ConsumeBytes(8))
+        if style == 0:  # canonical fixed fields of any kind byte, mutated id/timestamp/body
+            kind = fdp.ConsumeIntInRange(0, 0x3F)
+            array = 0x94 + fdp.ConsumeIntInRange(0, 2)  # header frame, message, with a map
+            frames.append(bytes((array, 2, kind, 0xCF)) + fdp.ConsumeBytes(8) + b"\xcb"
+                          + fdp.ConsumeBytes(8) + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40)))
         elif style == 1:  # a msgpack header built from fuzzed fields of fuzzed types
             fields = [_value(fdp, fdp.ConsumeIntInRange(0, 3)),
-                      _value(fdp, fdp.ConsumeIntInRange(0, 7)),
+                      _value(fdp, fdp.ConsumeIntInRange(0, 0x3F)),
                       _value(fdp, fdp.ConsumeInt(9)),
                       _value(fdp, fdp.ConsumeRegularFloat())]
-            if fdp.ConsumeBool():
+            for _ in range(fdp.ConsumeIntInRange(0, 2)):  # a body, a header map
                 fields.append(_value(fdp, {"enc": "raw"}))
             try:
                 frames.append(msgpack.packb(fields))
@@ -104,12 +105,12 @@ def test_one(data: bytes) -> None:
             if header.kind is wire.Kind.ERROR:
                 assert isinstance(body["type"], str) and isinstance(body["message"], str)
         elif target == 5:
-            message = wire.parse_event(_frames(fdp))
-            assert message.kind is wire.Kind.EVENT and isinstance(message.topic, str)
-            assert len(message.topic.encode()) <= 1024
+            for message in wire.parse_event(_frames(fdp)):
+                assert message.kind is wire.Kind.EVENT and isinstance(message.topic, str)
+                assert len(message.topic.encode()) <= 1024
         else:
-            message = wire.parse_message(_frames(fdp))
-            assert message.kind is wire.Kind.MESSAGE and message.topic is None
+            for message in wire.parse_message(_frames(fdp)):
+                assert message.kind is wire.Kind.MESSAGE and message.topic is None
     except RemoteProtocolError:
         pass  # refused: the one allowed failure
 

@@ -10,30 +10,35 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 import msgpack
 import zmq
 
-from ..constants import ZERO_COPY_THRESHOLD
+from ..constants import DECODE_CHECK_SIZE, LINGER_MS, MAX_BATCH, ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
-from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
+from ..core.wire import FLOAT64, FLOAT64_AT, pack_canonical
 from ..errors import MessageTooLargeError, NoProviderError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
     deadline_after,
     ms_left,
     recv_frames,
+    recv_rest,
     sticky_rcvtimeo,
 )
 from .base import Bound, Connector
 from .encoder import BINARY, Encoder
+from .pending import Pending
 from .plan import drive, drive_async
 from .waiting import AsyncConnector, AsyncHandle, SyncConnector
 
-# Hot path (see wire's canonical header): the pre-packed header prefix.
-_MESSAGE = wire.HEADER_PREFIX[wire.Kind.MESSAGE]
+# Hot path (see wire_layout's canonical encodings): the pre-packed prefix of a message.
+_MESSAGE = wire.MESSAGE_PREFIX[wire.Kind.MESSAGE]
+_BATCH = wire.BATCH_PREFIX[wire.Kind.MESSAGE]
 #: The C-level receive (no attribute lookup through pyzmq's Socket classes) and msgpack's decoder.
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
-_NOBLOCK_MORE = NOBLOCK | int(zmq.SNDMORE)
 _UNPACKB = msgpack.unpackb
+#: Bytes of packed bodies a pusher holds at most (a batch then stays under DECODE_CHECK_SIZE,
+#: which its receiver decodes without the expansion check).
+_HOLD_ROOM = DECODE_CHECK_SIZE - 64
 #: The clock of message timestamps, without the module attribute lookup (hot path).
 _now = time.time
 
@@ -46,21 +51,24 @@ class PullerBase(Bound):
 
     kind = EndpointKind.PIPELINE
     noun = "pipeline"
+    #: The rest of the batch last received.
+    _pending: Pending
 
     def _decode(self, frames: list[bytes]) -> wire.Message | None:
-        """The message in ``frames``, or None (counted) when it is malformed."""
+        """The message in ``frames`` (the first of a batch: the rest wait in ``_pending``), or
+        None (counted) when it is malformed."""
         try:
-            if len(frames) == 2:  # fast path: [canonical message header, msgpack body]
-                header = frames[0]
-                if (len(header) == HEADER_SIZE and header.startswith(_MESSAGE)
-                        and header[FLOAT64_AT] == FLOAT64):
-                    _, msg_id, _, timestamp = unpack_canonical(header)
-                    return wire.Message(wire.Kind.MESSAGE, msg_id, timestamp,
-                                        wire.unpack_body(frames[1]))
-            return wire.parse_message(frames)
+            header, body = wire.parse_frames(frames, wire.Kind.MESSAGE)
         except RemoteProtocolError as exc:
             self._refused("message", exc)
             return None
+        return self._pending.first(header, body)
+
+    def _receive(self, timeout: float | None) -> Any:
+        """The plan of ``recv_message``: the rest of a batch first (see Handle._receive)."""
+        if self._pending:
+            return self._pending.next()
+        return (yield from super()._receive(timeout))
 
 
 class Puller(PullerBase):
@@ -70,6 +78,7 @@ class Puller(PullerBase):
         self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None
     ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
+        self._pending = Pending()
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set by recv(); -1: none
@@ -89,40 +98,33 @@ class Puller(PullerBase):
         else:
             deadline, wait = time.monotonic() + timeout, max(0, int(timeout * 1000))
         while True:
+            if self._pending:  # the rest of a batch
+                return self._pending.popleft()
             # Hot path, as a raw PULL does it: one blocking receive with the socket's receive
-            # timeout (a puller has no directory changes to watch, so nothing else to poll).
-            # The header comes as a zmq Frame, whose ``more`` is cheaper than
-            # getsockopt(RCVMORE); the body of a canonical header comes as bytes, unchecked:
-            # frames after it (a malformed message) are read next as a message of their own
-            # (see the wire spec), so nothing of another message is ever mixed in.
+            # timeout (a puller has no directory changes to watch, so nothing else to poll), the
+            # frame as bytes, one msgpack decode. A canonical one-frame message is recognised
+            # by its first bytes (see wire_layout); frames after it (a malformed message) are
+            # read next as messages of their own, so nothing of another message is mixed in.
             if wait != self._rcvtimeo:  # a call only when the wait changes (see sticky_rcvtimeo)
                 self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, wait)
             try:
-                head = _RECV(sock, 0, False)
+                data = _RECV(sock, 0)
             except zmq.Again:
                 raise self._timeout(timeout) from None
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
-            header = head.bytes
-            if not head.more:
-                frames = [header]
-            elif (len(header) == HEADER_SIZE and header[FLOAT64_AT] == FLOAT64
-                  and header.startswith(_MESSAGE)):
-                data = _RECV(sock, NOBLOCK)  # the rest of a message is there with its first frame
+            if len(data) <= DECODE_CHECK_SIZE:
                 try:
-                    return _UNPACKB(data, raw=False, strict_map_key=False)
-                except Exception as exc:  # wire.unpack_body inlined: its catch, its error
-                    self._refused("message", wire.undecodable(exc))
-                    if deadline is not None:
-                        wait = ms_left(deadline) or 0
-                    continue
-            else:
-                frames = [header]
-                part = head
-                while part.more:
-                    part = _RECV(sock, NOBLOCK, False)
-                    frames.append(part.bytes)
-            message = self._decode(frames)
+                    if data[FLOAT64_AT] == FLOAT64:
+                        if data.startswith(_MESSAGE):
+                            return _UNPACKB(data, raw=False, strict_map_key=False)[4]
+                        if data.startswith(_BATCH):
+                            fields = _UNPACKB(data, raw=False, strict_map_key=False)
+                            if type(fields[4]) is list and fields[4]:
+                                return self._pending.take(fields)
+                except Exception:  # noqa: S110 - refused (and counted) by the parser below
+                    pass
+            message = self._decode(recv_rest(sock, data))
             if message is not None:
                 return message.body
             if deadline is not None:
@@ -152,6 +154,7 @@ class AsyncPuller(AsyncHandle, PullerBase):
         self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None
     ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
+        self._pending = Pending()
         self._advertise()
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
@@ -182,42 +185,145 @@ class PusherBase(Encoder, Connector):
 
 
 class Pusher(PusherBase, SyncConnector):
-    """Sends into a pipeline, round robin over its pullers. Owned by one thread."""
+    """Sends into a pipeline, round robin over its pullers. Owned by one thread.
+
+    **Batching under load.** A message leaves at once while the socket takes it. When every
+    connected puller is HWM messages behind (the sender outruns the receivers; not while the
+    connections are still being made, when ``send`` waits for them), ``send`` holds
+    the message instead of waiting, and the next sends join it: the held messages leave as one
+    batch frame (docs/PROTOCOL.md, section 5.7) as soon as the socket takes it, tried at every
+    send; once MAX_BATCH are held (or 16 KiB), ``send`` waits for the socket as before. Held
+    messages also leave with :meth:`flush`, :meth:`send_many` and :meth:`close` (which waits
+    at most LINGER_MS for the socket); a sender that stops while its pullers are behind calls
+    :meth:`flush` to wait until they are out of its hands."""
+
+    _held: list[bytes]
+    _held_size = 0
+    _held_first = 0
 
     def send(self, body: Any, timeout: float | None = None) -> None:
         """Send ``body`` to one puller. Waits up to ``timeout`` s (None: forever) while no puller
-        is connected or all are HWM messages behind; then raises NoProviderError. Raises
-        LocalProtocolError for a body msgpack cannot encode, MessageTooLargeError for one over
-        the node's ``max_message_size`` (nothing is sent then)."""
+        is connected, or while every puller is behind and MAX_BATCH messages are held (see the
+        class); then raises NoProviderError. Raises LocalProtocolError for a body msgpack
+        cannot encode, MessageTooLargeError for one over the node's ``max_message_size``
+        (nothing is sent then)."""
         if self._closed:
             self._check_open()
-        # Encoder._encode and send_frames inlined (hot path).
+        # Encoder._encode inlined (hot path): one frame, one send.
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-            header, copy = self._raw_header(body), False
+            if self._held_size:
+                self.flush(timeout)
+            frames, copy = [self._raw_header(body), body], False
         else:
             self._seq = seq = self._seq + 1
             try:
-                body = self._pack(body)
+                packed = self._pack(body)
             except wire.PACK_ERRORS as exc:
                 raise wire.unencodable(exc) from exc
-            if len(body) > self._limit:
-                raise MessageTooLargeError(len(body), self._limit)
-            header = pack_canonical(self._prefix, seq, FLOAT64, _now())
-            copy = True
+            if len(packed) > self._limit:
+                raise MessageTooLargeError(len(packed), self._limit)
+            if self._ops:
+                self._drain()
+            if self._held_size:
+                self._hold(packed, seq, timeout)
+                return
+            data = pack_canonical(self._prefix, seq, FLOAT64, _now()) + packed
+            try:
+                _SEND(self._sock, data, NOBLOCK)
+                return
+            except zmq.Again:
+                pass  # no puller yet, or all are HWM behind
+            except zmq.ZMQError as exc:
+                raise self._zmq_error(exc) from exc
+            if len(packed) < _HOLD_ROOM and self._behind():  # pullers, all behind: hold it
+                self._held, self._held_first = [packed], seq
+                self._held_size = len(packed)
+                return
+            frames, copy = [data], True
         if self._ops:
             self._drain()
-        sock = self._sock
-        try:
-            # Once ZeroMQ takes the first frame it takes the whole message: only this can fail.
-            _SEND(sock, header, _NOBLOCK_MORE)
-            _SEND(sock, body, NOBLOCK, copy)
+        if not self._send(frames, deadline_after(timeout), copy):
+            raise NoProviderError("pipeline", self.name, timeout)
+
+    def _behind(self) -> bool:
+        """The socket refused a message while a puller's connection is up (its handshake done):
+        the pullers are HWM messages behind. Not while connections are still being made (the
+        message would wait for them, held, however short the wait): then ``send`` waits."""
+        self._read_monitor()
+        return bool(self._handshaken & self._urls)
+
+    def _hold(self, packed: bytes, seq: int, timeout: float | None) -> None:
+        """Add a message to those held (in order: its id follows theirs), then try to send them
+        all as one batch; wait (``timeout``) when as many are held as a batch takes."""
+        if seq != self._held_first + len(self._held) or self._held_size + len(packed) > _HOLD_ROOM:
+            self.flush(timeout)  # (an id gap: a raw body went between) or no room: out first
+            self._held, self._held_first, self._held_size = [packed], seq, len(packed)
+        else:
+            self._held.append(packed)
+            self._held_size += len(packed)
+        if len(self._held) >= MAX_BATCH:
+            self.flush(timeout)
             return
+        try:
+            _SEND(self._sock, self._held_frame(), NOBLOCK)
         except zmq.Again:
-            pass  # no puller yet, or all are HWM behind: wait (below) with a deadline
+            return  # still behind: keep holding
         except zmq.ZMQError as exc:
             raise self._zmq_error(exc) from exc
-        if not self._send([header, body], deadline_after(timeout), copy):
+        self._sent_held()
+
+    def _held_frame(self) -> bytes:
+        """The held messages as one frame: a batch, or one message on its own."""
+        held = self._held
+        if len(held) == 1:
+            return pack_canonical(self._prefix, self._held_first, FLOAT64, _now()) + held[0]
+        return b"".join((pack_canonical(self._batch_prefix, self._held_first, FLOAT64, _now()),
+                         self._array_header(len(held)), *held))
+
+    def _sent_held(self) -> None:
+        if len(self._held) > 1:
+            self._rt.counters.add("batches_sent")
+        self._held, self._held_size = [], 0
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send the messages held while the pullers were behind (see the class), waiting up to
+        ``timeout`` s (None: forever) for the socket to take them; raises NoProviderError then
+        (they stay held). Nothing held: returns at once."""
+        if not self._held_size:
+            return
+        self._check_open()
+        if not self._send([self._held_frame()], deadline_after(timeout)):
             raise NoProviderError("pipeline", self.name, timeout)
+        self._sent_held()
+
+    def _on_close(self) -> None:
+        """Held messages get LINGER_MS to leave (close never blocks longer); counted as
+        ``messages_dropped`` otherwise."""
+        if self._held_size:
+            try:
+                if self._sock.poll(LINGER_MS, zmq.POLLOUT):
+                    _SEND(self._sock, self._held_frame(), NOBLOCK)
+                    self._sent_held()
+            except zmq.ZMQError:
+                pass
+            if self._held_size:
+                self._rt.counters.add("messages_dropped", len(self._held))
+        super()._on_close()
+
+    def send_many(self, bodies: Iterable[Any], timeout: float | None = None) -> None:
+        """Send ``bodies`` in order, packed up to 256 a frame (batches: one puller gets each
+        frame, and its receives return them one by one). Waits and raises as :meth:`send`,
+        ``timeout`` counting for each frame; every body is encoded first, so an unencodable
+        one or one over the limit sends nothing."""
+        if self._closed:
+            self._check_open()
+        batches = list(self._batches(bodies))  # every body encoded before anything is sent
+        self.flush(timeout)
+        for frames, copy in batches:
+            if self._ops:
+                self._drain()
+            if not self._send(frames, deadline_after(timeout), copy):
+                raise NoProviderError("pipeline", self.name, timeout)
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until connected to every puller known now (at least one); False after
@@ -234,6 +340,13 @@ class AsyncPusher(PusherBase, AsyncConnector):
         frames, copy = self._encode(body)
         if not await self._send(frames, deadline_after(timeout), copy):
             raise NoProviderError("pipeline", self.name, timeout)
+
+    async def send_many(self, bodies: Iterable[Any], timeout: float | None = None) -> None:
+        """Coroutine of :meth:`Pusher.send_many`."""
+        self._check_open()
+        for frames, copy in self._batches(bodies):
+            if not await self._send(frames, deadline_after(timeout), copy):
+                raise NoProviderError("pipeline", self.name, timeout)
 
     async def wait_ready(self, timeout: float) -> bool:
         """Coroutine twin of the sync ``wait_ready``."""

@@ -13,15 +13,15 @@ import itertools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
-from ..constants import ZERO_COPY_THRESHOLD
+from ..constants import DECODE_CHECK_SIZE, ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
-from ..core.wire import FLOAT64, FLOAT64_AT, HEADER_SIZE, pack_canonical, unpack_canonical
+from ..core.wire import FLOAT64, FLOAT64_AT, pack_canonical
 from ..errors import (
     AuthorizationError,
     MessageTooLargeError,
@@ -48,26 +48,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Hot path (see wire's canonical header): pre-packed header prefixes.
-_REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
-_REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
+# Hot path (see wire_layout's canonical encodings): pre-packed prefixes of a request naming its
+# service and of a reply.
+_REQUEST = wire.MAPPED_PREFIX[wire.Kind.REQUEST]
+_REPLY = wire.MESSAGE_PREFIX[wire.Kind.REPLY]
+_UNPACKB = msgpack.unpackb
 #: A request that no connected provider takes yet is tried again at least this often (s).
 RESEND_CHECK_S = 0.01
-
-
-def _encode(
-    pack: Callable[[Any], bytes], kind: wire.Kind, prefix: bytes, msg_id: int, body: Any
-) -> tuple[bytes, Any, bool]:
-    """(header, body frame, copy flag) of one request or reply. Bytes bodies of at least
-    ZERO_COPY_THRESHOLD travel raw and uncopied; others as msgpack with a canonical header.
-    Raises LocalProtocolError for a body msgpack cannot encode."""
-    if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-        return wire.pack_header(kind, msg_id, time.time(), wire.RAW_HEADERS), body, False
-    try:
-        data = pack(body)
-    except wire.PACK_ERRORS as exc:
-        raise wire.unencodable(exc) from exc
-    return pack_canonical(prefix, msg_id, FLOAT64, time.time()), data, True
 
 
 class RequesterBase(Connector):
@@ -90,6 +77,7 @@ class RequesterBase(Connector):
         self._ids = itertools.count(random.getrandbits(40))
         self._secured = runtime.config.keys is not None
         self._svc_tail = wire.service_tail(service)  # requests name their service
+        self._raw_map = {**wire.RAW_HEADERS, wire.SERVICE_KEY: service}
         self._limit = runtime.config.max_message_size
         self._pack = msgpack.Packer().pack
         super().__init__(runtime, service, zmq.ROUTER, via)
@@ -144,29 +132,39 @@ class RequesterBase(Connector):
         Raises LocalProtocolError for a body msgpack cannot encode, MessageTooLargeError for one
         over the node's max_message_size (which the provider would refuse)."""
         msg_id = next(self._ids)
-        header, data, copy = _encode(self._pack, wire.Kind.REQUEST, _REQUEST, msg_id, body)
-        size = len(data) if copy else nbytes(data)
-        if size > self._limit:
-            raise MessageTooLargeError(size, self._limit)
-        return msg_id, [b"", b"", wire.name_service(header, self._svc_tail), data], copy
+        if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
+            size = nbytes(body)
+            if size > self._limit:
+                raise MessageTooLargeError(size, self._limit)
+            header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time(), self._raw_map)
+            return msg_id, [b"", b"", header, body], False
+        try:
+            data = self._pack(body)
+        except wire.PACK_ERRORS as exc:
+            raise wire.unencodable(exc) from exc
+        if len(data) > self._limit:
+            raise MessageTooLargeError(len(data), self._limit)
+        return msg_id, [b"", b"", pack_canonical(_REQUEST, msg_id, FLOAT64, time.time()) + data
+                        + self._svc_tail], True
 
     def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
         """(True, body) for our reply; (False, None) for stale or malformed replies.
         Raises RemoteError for an error reply to our request."""
-        # Fast path: ["", canonical reply header, msgpack body].
-        if len(frames) == 3 and not frames[0]:
-            head = frames[1]
-            if (len(head) == HEADER_SIZE and head.startswith(_REPLY)
-                    and head[FLOAT64_AT] == FLOAT64):
-                try:  # the body first, as parse_reply: a malformed reply is refused, stale or not
-                    body = wire.unpack_body(frames[2])
-                except RemoteProtocolError as exc:
-                    self._refused("reply", exc)
-                    return False, None
-                if unpack_canonical(head)[1] != msg_id:
-                    self._rt.counters.add("stale_replies")
-                    return False, None
-                return True, body
+        # Fast path: ["", canonical one-frame reply] (the whole frame decoded first, as
+        # parse_reply: a malformed reply is refused, stale or not).
+        if len(frames) == 2 and not frames[0]:
+            data = frames[1]
+            if data.startswith(_REPLY) and len(data) <= DECODE_CHECK_SIZE:
+                try:
+                    fields = (_UNPACKB(data, raw=False, strict_map_key=False)
+                              if data[FLOAT64_AT] == FLOAT64 else None)
+                except Exception:  # refused (and counted) by parse_reply below
+                    fields = None
+                if fields is not None:
+                    if fields[2] != msg_id:
+                        self._rt.counters.add("stale_replies")
+                        return False, None
+                    return True, fields[4]
         try:
             header, body = wire.parse_reply(frames)
         except RemoteProtocolError as exc:
@@ -236,6 +234,21 @@ class Requester(RequesterBase, SyncConnector):
         refused our key), LocalProtocolError (an unencodable body), MessageTooLargeError,
         ClosedError.
         """
+        if retries == 0 and self._urls and not self._secured and not self._ops:
+            # Hot path: the plan's steps for one attempt to a connected provider, without the
+            # generator and the driver (one send, one blocking receive per reply).
+            self._check_open()
+            if timeout is None:
+                timeout = self._rt.config.request_timeout_s
+            msg_id, frames, copy = self._frames(body)
+            deadline = time.monotonic() + timeout
+            if self._send_to_one(frames, copy, None) is not None:
+                while (reply := self._await_reply(deadline)) is not None:
+                    ok, result = self._match(reply[1:], msg_id)
+                    if ok:
+                        return result
+                raise self._failure(timeout, 1)
+            timeout = max(0.0, deadline - time.monotonic())  # none took it: the plan waits
         return drive(self._plan(body, timeout, retries), self._waits)
 
     def _await_reply(self, deadline: float | None) -> list[bytes] | None:

@@ -35,9 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 
-# Hot path (see wire's canonical header): pre-packed header prefixes.
-_REQUEST = wire.HEADER_PREFIX[wire.Kind.REQUEST]
-_REPLY = wire.HEADER_PREFIX[wire.Kind.REPLY]
+# Hot path (see wire_layout's canonical encodings): the pre-packed prefix of a reply.
+_REPLY = wire.MESSAGE_PREFIX[wire.Kind.REPLY]
 
 
 class ServiceEndpoint(Bound):
@@ -72,21 +71,18 @@ class ServiceEndpoint(Bound):
         self.failed = 0
         self._reply_sock = sync_view(self._sock)
         self._pack = msgpack.Packer().pack  # one Packer per handle: packb builds one per call
-        self._svc_tail = wire.service_tail(name)  # a request naming another service is refused
+        self._svc_map = {wire.SERVICE_KEY: name}  # a request naming another service is refused
         self._advertise()
 
     # --- Served -------------------------------------------------------------------------------
 
     def accept(self, frames: list[bytes]) -> list[Job]:
         """The request in ``frames`` as a job, or none when it was refused (see ``parse``)."""
-        # Fast path: [identity, "", canonical request header, msgpack body] from one DEALER hop.
-        if len(frames) == 4 and not frames[1]:
-            msg_id = wire.canonical_request_id(frames[2], self._svc_tail)  # ours, or no name
-            if msg_id is not None:
-                try:
-                    return [Job(frames[:2], msg_id, wire.unpack_body(frames[3]))]
-                except RemoteProtocolError:
-                    pass  # parse() below refuses it, counts it and answers with an error
+        # Fast path: [identity, "", canonical one-frame request] from one hop.
+        if len(frames) == 3 and not frames[1]:
+            found = wire.canonical_request(frames[2], self._svc_map)  # ours, or no name
+            if found is not None:
+                return [Job(frames[:2], found[0], found[1])]
         parsed = self.parse(frames)
         if parsed is None:
             return []
@@ -156,14 +152,14 @@ class ServiceEndpoint(Bound):
                           "sent: %s", self.noun, self.name, error)
             self.reply_error(route, msg_id, error)
             return
-        self._send(route + [pack_canonical(_REPLY, msg_id, FLOAT64, time.time()), data])
+        self._send(route + [pack_canonical(_REPLY, msg_id, FLOAT64, time.time()) + data])
 
     def reply_error(
         self, route: list[bytes], msg_id: int, exc: BaseException, refused: bool = False
     ) -> None:
         self._rt.counters.add("refused_request_replies" if refused else self.counter_failed)
-        header = wire.pack_header(wire.Kind.ERROR, msg_id, time.time())
-        self._send(route + [header, wire.pack_body(wire.error_body(exc))])
+        self._send(route + [wire.pack_message(wire.Kind.ERROR, msg_id, time.time(),
+                                              wire.pack_body(wire.error_body(exc)))])
 
     def _send(self, frames: list[Any], copy: bool = True) -> None:
         try:

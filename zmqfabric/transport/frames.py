@@ -101,6 +101,28 @@ def recv_frames(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
     return frames
 
 
+def recv_rest(sock: zmq.Socket[Any], first: bytes) -> list[bytes]:
+    """The frames of a message whose first frame ``first`` was received as bytes (which says
+    nothing of what follows): ``[first]`` when it was the last, else all of them, bounded as in
+    :func:`recv_frames`. One getsockopt(RCVMORE): for the rare messages of several frames, not
+    for the one-frame messages of the hot paths."""
+    if not sock.get(_RCVMORE):
+        return [first]
+    frames = [first]
+    total = len(first)
+    more = True
+    while more:
+        frame = sock.recv(NOBLOCK, False)
+        data = frame.bytes
+        frames.append(data)
+        total += len(data)
+        more = frame.more
+        if total > _SMALL and 0 <= cast(int, sock.get(_MAXMSGSIZE)) < total:
+            return _discard(sock, frame)
+    return frames
+
+
+_RCVMORE = int(zmq.RCVMORE)
 #: Messages smaller than this are never checked against MAXMSGSIZE (which is larger).
 _SMALL = 64 * 1024
 _MAXMSGSIZE = int(zmq.MAXMSGSIZE)
