@@ -197,8 +197,8 @@ def main(rounds: int, requests: int, count: int, size: int, quick: bool, as_json
     click.echo(f"{'curve / plain':<16}{r['p50_us']:>10.2f}{r['p99_us']:>10.2f}"
                f"{r['msgs_per_s']:>12.2f}")
     click.echo("per round (p50 µs / msgs/s): " + "; ".join(
-        f"{label}: " + ", ".join(f"{p:.0f}/{m:,.0f}" for p, m in zip(row["p50_us"],
-                                                                   row["msgs_per_s"]))
+        f"{label}: " + ", ".join(f"{p:.0f}/{m:,.0f}"
+                                 for p, m in zip(row["p50_us"], row["msgs_per_s"], strict=True))
         for label, row in result["samples"].items()))
 
 
