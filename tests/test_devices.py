@@ -501,8 +501,9 @@ def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
 
 def test_statistics_count_every_part(make_node, make_worker, devices, raw, name) -> None:
     """The counters in the hub's control "stats" answer match the traffic exactly: parts as
-    libzmq's proxy counts them (one-frame events "topic NUL message", two-frame pipeline messages from a raw PUSH,
-    [client id, "", message] requests and replies at the queue) and their bytes."""
+    libzmq's proxy counts them (one-frame events "topic NUL message", two-frame pipeline
+    messages from a raw PUSH, [client id, "", message] requests and replies at the queue) and
+    their bytes."""
     svc, stream, pipe = name("calc"), name("prices"), name("jobs")
     hub = make_node("hub")
     devices(Queue(hub, svc))

@@ -35,7 +35,7 @@ import zmqfabric as zf
 from tests.helpers import unique, wait_until
 from tests.procs import Child
 from zmqfabric import constants
-from zmqfabric.control import control_call
+from zmqfabric.calls import control_call
 from zmqfabric.core import wire
 from zmqfabric.core.records import EndpointKind, decode_txt
 from zmqfabric.devices import Queue

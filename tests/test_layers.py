@@ -60,7 +60,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # reply service), so they sit on the patterns
     "patterns": ("zmqfabric.patterns", "zmqfabric.patterns.*"),
     "tasks": ("zmqfabric.tasks", "zmqfabric.tasks.*"),
-    "control": ("zmqfabric.control",),
+    "control": ("zmqfabric.control", "zmqfabric.calls"),
     # a node's reply services: registered before start, opened at start (as tasks.registry)
     "services": ("zmqfabric.services",),
     # the composition root: the only modules that know every part (the node base, and its

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any, Iterable
 
+from .calls import control_call_async
 from .constants import (
     AIO_THREAD_WAIT_S,
     CONTROL_TIMEOUT_S,
@@ -27,7 +28,6 @@ from .constants import (
     SLOT_WATCH_S,
     THREAD_JOIN_TIMEOUT_S,
 )
-from .control import control_call_async
 from .core.records import EndpointKind, NodeRecord, validate_endpoint_name, validate_node_name
 from .errors import ClosedError, FabricTimeoutError
 from .nodebase import NodeBase, NodeState

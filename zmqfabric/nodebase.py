@@ -16,8 +16,8 @@ import os
 import threading
 from typing import Any, Callable, Iterable, TypeVar
 
+from .calls import control_call, find_node
 from .config import NodeConfig, Scope, fabric_from_env
-from .control import control_call, find_node
 from .core.records import EndpointKind, NodeRecord, validate_node_name
 from .discovery.directory import Directory
 from .errors import ClosedError, LocalProtocolError, NoProviderError
