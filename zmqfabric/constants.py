@@ -59,6 +59,11 @@ HWM = 10_000
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1_500
 HEARTBEAT_TTL_MS = 3_000
+#: The control endpoint pings its clients this seldom (ms; timeout three times it). Liveness
+#: keeps PROBE_SPREAD connections to each node's control endpoint, and at HEARTBEAT_IVL_MS their
+#: pings cost about 0.08 % of a core per node, a third of its idle cost; probes are the
+#: heartbeats there, and these pings only clear connections from hosts that vanished.
+CONTROL_HEARTBEAT_IVL_MS = 10_000
 #: Reconnect quickly on loopback/LAN; back off to 2 s for peers that stay away.
 RECONNECT_IVL_MS = 50
 RECONNECT_IVL_MAX_MS = 2_000

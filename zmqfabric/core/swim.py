@@ -202,6 +202,7 @@ class Members:
         self.timing = timing
         self.rng = rng or random.Random()
         self._members: dict[str, Member] = {}
+        self._suspects: dict[str, Member] = {}  # the members that are suspect
         self._formers: dict[str, Member] = {}
         self._rings = Rings(me, C.PROBE_SPREAD)  # of the members we probe (not refused)
         #: The least time (s) a suspect gets, whatever N: set from the answer times seen.
@@ -226,7 +227,7 @@ class Members:
         return frozenset(i for i, m in self._members.items() if m.state is State.ALIVE)
 
     def suspects(self) -> list[Member]:
-        return [m for m in self._members.values() if m.state is State.SUSPECT]
+        return list(self._suspects.values())
 
     # --- the directory ---------------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class Members:
             member = known
             member.record, member.url = record, url
             if member.state is State.DEAD:
-                member.state, member.since, member.suspecters = State.ALIVE, now, []
+                self._set(member, State.ALIVE, now)
                 member.buried = member.inc
             if inc is not None:
                 member.inc, member.known = max(member.inc, inc), True
@@ -257,6 +258,7 @@ class Members:
         member = self._members.pop(node_id, None)
         if member is not None:
             self._rings.remove(node_id)
+            self._suspects.pop(node_id, None)
         return member
 
     # --- probing -------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ class Members:
         if member is None or inc < member.inc:
             return out
         if member.state is State.SUSPECT and inc > member.inc:
-            member.state, member.since, member.suspecters = State.ALIVE, now, []
+            self._set(member, State.ALIVE, now)
             member.inc = inc
             out.gossip.append(member.update(Kind.ALIVE, self.me))  # its refutation, relayed
         member.inc = inc
@@ -365,7 +367,7 @@ class Members:
             if update.inc > member.inc:
                 member.inc = update.inc
                 if member.state is State.SUSPECT:
-                    member.state, member.since, member.suspecters = State.ALIVE, now, []
+                    self._set(member, State.ALIVE, now)
                 out.gossip.append(update)
         elif update.kind is Kind.SUSPECT:
             origin = update.origin or update.node_id
@@ -423,13 +425,22 @@ class Members:
     # --- internals -----------------------------------------------------------------------------
 
     def _suspect(self, member: Member, origin: str, now: float) -> None:
-        member.state, member.since, member.suspecters = State.SUSPECT, now, [origin]
+        self._set(member, State.SUSPECT, now, [origin])
+
+    def _set(self, member: Member, state: State, now: float,
+             suspecters: list[str] | None = None) -> None:
+        member.state, member.since, member.suspecters = state, now, suspecters or []
+        if state is State.SUSPECT:
+            self._suspects[member.node_id] = member
+        else:
+            self._suspects.pop(member.node_id, None)
 
     def _remove(self, member: Member, kind: Kind, now: float, out: Effects) -> None:
         del self._members[member.node_id]
         self._rings.remove(member.node_id)
+        self._suspects.pop(member.node_id, None)
         if kind is Kind.DEAD:
-            member.state, member.since, member.suspecters = State.DEAD, now, []
+            self._set(member, State.DEAD, now)
             self._formers[member.node_id] = member
             while len(self._formers) > C.MAX_FORMERS:
                 oldest = min(self._formers.values(), key=lambda f: f.since)
