@@ -2,14 +2,16 @@
 the messages: :mod:`.swim`).
 
 mDNS alone cannot tell that a peer died: a SIGKILLed process sends no goodbye. So each node, once
-per period, probes one member through its control endpoint (it takes turns over the few members
-after it on the ring, whose connections it keeps and watches); when the member is silent it asks
-a few others to try; a member nobody reaches is suspect, and dead when it does not refute in time.
-A watched connection that drops starts that probe at once. News (suspicions, deaths, refutations,
-leaves, returns) travels as gossip on probes and their answers and, while there is some, to a few
-random members every GOSSIP_INTERVAL_S. A node's work and sockets do not grow with the fabric:
-about one probe sent and one answered per period, PROBE_SPREAD kept connections and a few
-short-lived ones (:class:`~.probes.Prober`), and a member table that costs memory only.
+per period, probes one member through its control endpoint (it takes turns over its successors
+on the PROBE_SPREAD rings, whose connections it keeps and watches); when the member is silent it
+asks a few others to try; a member nobody reaches is suspect, and dead when it does not refute
+in time. A member whose host refuses a connect to its control port is dead at once (its process
+is gone), and a kept connection that drops is checked so at once. News (suspicions, deaths,
+refutations, leaves, returns) travels as gossip on probes and their answers and, while there is
+some, to the ring successors every GOSSIP_INTERVAL_S. A node's work and sockets do not grow with
+the fabric: about one probe sent and one answered per period, PROBE_SPREAD kept connections and a
+few short-lived ones (:class:`~.probes.Prober`), and a member table that costs memory only. The
+timeouts follow the answer times seen, so a loaded host slows the verdicts, not the fabric.
 
 A dead member is removed from the directory and kept as a *former* for ``former_keep_s``: now and
 then a node probes one, and one that answers is verified and admitted again, so a partition heals
@@ -352,8 +354,9 @@ class Liveness:
 
     def _rto(self) -> float:
         """How long to wait for an answer now (see :class:`~zmqfabric.core.swim.RoundTrip`)."""
-        return self._prober.rtt.timeout(self._timing.probe_timeout_s, PROBE_TIMEOUT_MAX_S,
-                                 max(self._timing.probe_timeout_s, PROBE_TIMEOUT_INITIAL_S))
+        floor = self._timing.probe_timeout_s
+        return self._prober.rtt.timeout(floor, PROBE_TIMEOUT_MAX_S,
+                                        max(floor, PROBE_TIMEOUT_INITIAL_S))
 
     def _answer(self, node_id: str, reply: Any) -> int | None:
         """Take an answer's gossip; its sender's incarnation if it is ``node_id``, else None.
@@ -415,7 +418,6 @@ class Liveness:
             self._discovery.forget(former.record)
         for update in out.verify:
             self._admission.verify(update.url, update.key, update.node_id)
-
         if out.confirm:
             chance = 2 * self._timing.confirmations / max(1, len(self._members))
             now = self._clock()
