@@ -282,3 +282,23 @@ def test_a_former_back_at_its_buried_incarnation_ignores_old_accusations() -> No
     # Accusations at a later incarnation (after it refuted) count again.
     members.acked(node_id(1), 3, 1.2)
     assert members.apply(Update(Kind.DEAD, node_id(1), 3, "n1"), 1.3).removed
+
+
+def test_anti_entropy_learns_what_gossip_missed() -> None:
+    ours = table(0, [1, 2])
+    theirs = table(3, [0, 1, 2, 4])
+    theirs.acked(node_id(1), 5, 0.0)
+    listed = {Update.decode(raw).node_id: Update.decode(raw) for raw in theirs.summary()}
+    assert set(listed) == {node_id(0), node_id(1), node_id(2), node_id(4)}
+    # A member at a later incarnation: taken as its alive.
+    assert ours.merge(listed[node_id(1)], 1.0).gossip
+    assert ours.get(node_id(1)).inc == 5  # type: ignore[union-attr]
+    # A node we never heard of: a hint to verify, not a member.
+    assert ours.merge(listed[node_id(4)], 1.0).verify == [listed[node_id(4)]]
+    assert ours.get(node_id(4)) is None
+    # Ourselves, and members at our incarnation: nothing.
+    assert ours.merge(listed[node_id(0)], 1.0) == type(ours.merge(listed[node_id(0)], 1.0))()
+    assert not ours.merge(listed[node_id(2)], 1.0).gossip
+    # A member we buried that they still list: verify it (the caller reports it dead again).
+    ours.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 2.0)
+    assert ours.merge(listed[node_id(2)], 3.0).verify == [listed[node_id(2)]]

@@ -158,6 +158,11 @@ FORMER_PROBERS = 3
 #: a PTR query every REQUERY_S (s), which every node missing from its known answers answers.
 REQUERY_S = 30.0
 REQUERY_SENDERS = 2
+#: Anti-entropy: each node swaps its member list with one random member this often (s), so
+#: that gossip a node missed (a join, a death) reaches it anyway (memberlist: push-pull, 30 s).
+SYNC_S = 30.0
+#: Most members listed in one anti-entropy message (bounded: a peer can make us hold them).
+MAX_SYNC = 1024
 #: Outgoing probe connections open at once; an idle one closes after PROBE_IDLE_S (s).
 MAX_PROBE_SOCKETS = 16
 PROBE_IDLE_S = 1.0

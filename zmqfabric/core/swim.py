@@ -36,15 +36,16 @@ Pure: no IO, threads or clock; every method takes ``now`` (monotonic seconds). N
 
 from __future__ import annotations
 
-import bisect
 import enum
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import constants as C
 from ..errors import LocalProtocolError
 from .records import NodeRecord
+from .rings import Rings
 from .updates import Kind, Update
 
 __all__ = ["Effects", "Kind", "Member", "Members", "RoundTrip", "State", "Timing", "Update"]
@@ -64,10 +65,12 @@ class Timing:
     former_keep_s: float = C.FORMER_KEEP_S
     former_probe_s: float = C.FORMER_PROBE_S
     requery_s: float = C.REQUERY_S
+    sync_s: float = C.SYNC_S
 
     def __post_init__(self) -> None:
         times = (self.probe_interval_s, self.probe_timeout_s, self.suspicion_s,
-                 self.gossip_interval_s, self.former_keep_s, self.former_probe_s, self.requery_s)
+                 self.gossip_interval_s, self.former_keep_s, self.former_probe_s, self.requery_s,
+                 self.sync_s)
         if min(times) <= 0 or self.probe_timeout_s * 3 > self.probe_interval_s:
             raise LocalProtocolError("liveness timers must be > 0, probe_timeout_s <= interval/3")
         if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,
@@ -150,50 +153,6 @@ class RoundTrip:
         return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
 
 
-_M64 = 2**64 - 1
-
-
-def ring_key(ring: int, node_id: str) -> int:
-    """Where ``node_id`` sits on ring ``ring``: splitmix64 of the id and the ring's number, the
-    same in every process (unlike ``hash``)."""
-    z = (int(node_id, 16) + (ring + 1) * 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-class Rings:
-    """``count`` rings of node ids, each in its own pseudo-random order, kept sorted as members
-    come and go (O(log N) to find, one list insert each)."""
-
-    def __init__(self, me: str, count: int) -> None:
-        self._me = me
-        self._rings: list[list[tuple[int, str]]] = [[(ring_key(j, me), me)] for j in range(count)]
-
-    def add(self, node_id: str) -> None:
-        for j, ring in enumerate(self._rings):
-            entry = (ring_key(j, node_id), node_id)
-            at = bisect.bisect_left(ring, entry)
-            if at == len(ring) or ring[at] != entry:
-                ring.insert(at, entry)
-
-    def remove(self, node_id: str) -> None:
-        for j, ring in enumerate(self._rings):
-            entry = (ring_key(j, node_id), node_id)
-            at = bisect.bisect_left(ring, entry)
-            if at < len(ring) and ring[at] == entry:
-                del ring[at]
-
-    def successors(self) -> list[str]:
-        """Our successor on each ring (empty while we are alone)."""
-        out = []
-        for j, ring in enumerate(self._rings):
-            if len(ring) > 1:
-                at = bisect.bisect_left(ring, (ring_key(j, self._me), self._me))
-                out.append(ring[(at + 1) % len(ring)][1])
-        return out
-
-
 class Members:
     """The member table of node ``me`` (its node id). See the module docstring."""
 
@@ -225,6 +184,22 @@ class Members:
 
     def alive_ids(self) -> frozenset[str]:
         return frozenset(i for i, m in self._members.items() if m.state is State.ALIVE)
+
+    def summary(self) -> list[list[Any]]:
+        """Every member as an ``alive`` update on the wire (for anti-entropy)."""
+        return [m.update(Kind.ALIVE, self.me).encode() for m in self._members.values()]
+
+    def merge(self, update: Update, now: float) -> Effects:
+        """Take an entry of a peer's member list (anti-entropy): the peer holds ``update``'s
+        node as a member at ``update.inc``. A later incarnation of a member is taken as its
+        ``alive``; a node we do not hold, or buried, is a hint to verify (the caller reports a
+        buried one dead again if it does not answer)."""
+        if update.node_id == self.me:
+            return Effects()
+        member = self._members.get(update.node_id)
+        if member is not None:
+            return self.apply(update, now) if update.inc > member.inc else Effects()
+        return Effects(verify=[update] if update.url else [])
 
     def suspects(self) -> list[Member]:
         return list(self._suspects.values())

@@ -1,27 +1,23 @@
 """Liveness: SWIM over the nodes' control endpoints (the protocol: :mod:`zmqfabric.core.swim`;
-the messages: :mod:`.swim`).
+the messages: :mod:`.swim`; admitting nodes heard of second-hand: :mod:`.admission`).
 
-mDNS alone cannot tell that a peer died: a SIGKILLed process sends no goodbye. So each node, once
-per period, probes one member through its control endpoint (it takes turns over its successors
-on the PROBE_SPREAD rings, whose connections it keeps and watches); when the member is silent it
-asks a few others to try; a member nobody reaches is suspect, and dead when it does not refute
-in time. A member whose host refuses a connect to its control port is dead at once (its process
-is gone), and a kept connection that drops is checked so at once. News (suspicions, deaths,
-refutations, leaves, returns) travels as gossip on probes and their answers and, while there is
-some, to the ring successors every GOSSIP_INTERVAL_S. A node's work and sockets do not grow with
-the fabric: about one probe sent and one answered per period, PROBE_SPREAD kept connections and a
-few short-lived ones (:class:`~.probes.Prober`), and a member table that costs memory only. The
-timeouts follow the answer times seen, so a loaded host slows the verdicts, not the fabric.
+mDNS cannot tell that a peer died: a SIGKILLed process sends no goodbye. So each node, once per
+period, probes one member through its control endpoint, taking turns over its successors on the
+PROBE_SPREAD rings (connections it keeps and watches); a silent member is tried through a few
+others, then suspect, then dead unless it refutes in time. A member whose host refuses a connect
+to its control port is dead at once, and a kept connection that drops is checked so at once.
+News travels as gossip on probes and answers and, while there is some, to the ring successors
+every GOSSIP_INTERVAL_S. A node's work and sockets do not grow with the fabric: about one probe
+sent and one answered per period, PROBE_SPREAD kept connections, a few short-lived ones
+(:class:`~.probes.Prober`), a member table that costs memory only. Timeouts follow the answer
+times seen: a loaded host slows the verdicts, not the fabric.
 
-A dead member is removed from the directory and kept as a *former* for ``former_keep_s``: now and
-then a node probes one, and one that answers is verified and admitted again, so a partition heals
-when the link comes back. Beyond that, mDNS finds it again (:meth:`Rediscovery.requery`).
+A dead member is removed from the directory and kept as a *former* for ``former_keep_s``, probed
+now and then and admitted again if it answers: a partition heals when the link comes back.
+Beyond that, mDNS finds it again (:meth:`Rediscovery.requery`).
 
-A node never admits a peer on another's word: an ``alive`` update, a probe from a stranger and a
-former that answers are hints (:mod:`.admission`).
-
-Everything here runs in the housekeeping thread (:mod:`.housekeeping`); the control thread
-answers the liveness ops with :attr:`Liveness.responder`, which only posts to this thread.
+Housekeeping thread only (:mod:`.housekeeping`); the control thread answers the liveness ops
+with :attr:`Liveness.responder`, which only posts to this thread.
 """
 
 from __future__ import annotations
@@ -101,8 +97,8 @@ class Liveness:
         self._members = Members(node.node_id, self._timing, self._rng)
         self._prober = Prober(node, poller, self._lost, self._refused, clock)
         self._ask = self._prober.request
-        self._admission = Admission(node, self._members, self.local, self._ask,
-                                    self.apply_wire, discovery, self.join, clock)
+        self._admission = Admission(node, self._members, self.local, self._ask, self._answer,
+                                    self._effects, discovery, self.join, clock)
         self._probes: dict[str, _Probe] = {}  # node id -> its probe under way
         self._watched: dict[str, Member] = {}  # url -> the members we take turns probing
         self._nonces = itertools.count(1)
@@ -110,6 +106,8 @@ class Liveness:
         self._next_round = self._next_gossip = now
         self._next_former = now + self._timing.former_probe_s
         self._next_requery = now + self._timing.requery_s * self._rng.random()
+        self._next_sync = now + self._timing.sync_s * self._rng.random()
+        self._summary_due = now  # when the responder's copy of our member list is refreshed
         self._phase = self._rng.random() * self._timing.probe_interval_s
         self._health = 0
         self._members.floor = SUSPICION_RTO_MULT * self._rto()
@@ -148,7 +146,7 @@ class Liveness:
         """When :meth:`tick` has work next (monotonic)."""
         if self._left:
             return self._clock() + 3600.0
-        times = [self._next_round, self._next_requery]
+        times = [self._next_round, self._next_requery, self._next_sync]
         for probe in self._probes.values():
             times.append(probe.ends if probe.asked else probe.indirect_at)
         suspect = self._members.next_deadline()
@@ -192,6 +190,12 @@ class Liveness:
             self._next_requery = now + self._timing.requery_s
             if self._rng.random() < REQUERY_SENDERS / (len(self._members) + 1):
                 self._discovery.requery()
+        if now >= self._next_sync:
+            self._next_sync = now + self._timing.sync_s
+            self._admission.sync(self._probe_body)
+        if now >= self._summary_due:
+            self._summary_due = float("inf")
+            self.responder.summary = self._members.summary()
         self._prober.close_idle(now)
 
     def leave_fabric(self) -> None:
@@ -227,6 +231,9 @@ class Liveness:
             else:
                 former = self._members.former(sender.node_id)
                 self._admission.verify(sender.url, key, sender.node_id, former)
+
+    def synced(self, raw: object) -> None:
+        self._admission.synced(raw)
 
     def relayed(self, nonce: int, node_id: str, inc: int) -> None:
         probe = self._probes.get(node_id)
@@ -437,3 +444,5 @@ class Liveness:
     def _changed(self) -> None:
         self.local.sized(len(self._members))
         self.responder.known = self._members.alive_ids()
+        if self._summary_due == float("inf"):  # refreshed at most once a second
+            self._summary_due = self._clock() + 1.0

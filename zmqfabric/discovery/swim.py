@@ -12,6 +12,8 @@ are not listed, such as the CLI's observers):
   it answers. Answered by every node's control thread with ``{"id": id, "inc": inc,
   "g": UPDATES}``, plus ``"name"`` and ``"txt"`` (the node's TXT record as a map) when ``rec``
   asks for it.
+- A probe may carry ``"sync": UPDATES``, the sender's whole member list as ``alive`` updates
+  (anti-entropy, every ``sync_s``); the answer then carries the answerer's list as ``"sync"``.
 - ``{"op": "probe-req", "nonce": n, "target": [id, name, url, key, inc], "from": FROM,
   "g": UPDATES}``: probe ``target`` for me. Answered at once like a probe; when the target
   answers the helper, the helper sends the asker the one-way
@@ -58,11 +60,11 @@ def is_node_id(value: object) -> bool:
                                                                for c in value)
 
 
-def decode_updates(raw: object) -> tuple[list[Update], int]:
-    """The valid updates of a message's ``g`` and how many were refused."""
+def decode_updates(raw: object, limit: int = MAX_GOSSIP) -> tuple[list[Update], int]:
+    """The valid updates of a message's ``g`` (at most ``limit``) and how many were refused."""
     if raw is None:
         return [], 0
-    if not isinstance(raw, list) or len(raw) > MAX_GOSSIP:
+    if not isinstance(raw, list) or len(raw) > limit:
         return [], 1
     updates, refused = [], 0
     for item in raw:
@@ -188,6 +190,7 @@ class Listener(Protocol):
     def heard(self, updates: list[Update], refused: int, refuted: bool, sender: Sender | None,
               key: str | None) -> None: ...
     def relayed(self, nonce: int, node_id: str, inc: int) -> None: ...
+    def synced(self, raw: object) -> None: ...
     def probe_for(self, target: Update, reply_url: str, reply_key: str | None,
                   nonce: int) -> None: ...
 
@@ -205,6 +208,8 @@ class Responder:
         self._listener = listener
         self._post = post
         self.known: frozenset[str] = frozenset()
+        #: Our member list on the wire (set by that thread, read here): anti-entropy answers.
+        self.summary: list[list[Any]] = []
 
     def answer(self, body: dict[str, Any], address: str | None,
                key: str | None) -> dict[str, Any] | None:
@@ -236,6 +241,9 @@ class Responder:
         if op == "probe-req":
             self._take_request(body, address, key)
         reply: dict[str, Any] = {"id": me, "inc": local.inc, "g": local.take(MAX_PIGGYBACK)}
+        if op == "probe" and "sync" in body:
+            self._post(self._listener.synced, body["sync"])
+            reply["sync"] = self.summary
         if op == "probe" and body.get("rec") is True:
             record = self._node.record
             reply["name"], reply["txt"] = record.name, encode_txt(record)
