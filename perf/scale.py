@@ -24,6 +24,7 @@ does not load the rest of this (shared) machine. They join a fabric of their own
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -73,6 +74,10 @@ def drop_times(survivors: list[Member], gone: set[str], since: float) -> list[fl
     return out
 
 
+def all_ready(members: list[Member]) -> bool:
+    return all(m.ready for m in members)
+
+
 def rejoins(member: Member) -> int:
     """Nodes ``member`` listed again after they had left its view."""
     count, left = 0, set()
@@ -94,7 +99,7 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
         t0 = time.monotonic()
         for i in range(0, count, batch):
             members = [fleet.spawn(f"n{j:03d}") for j in range(i, min(count, i + batch))]
-            if not fleet.wait(lambda b=members: all(m.ready for m in b), start_timeout):
+            if not fleet.wait(functools.partial(all_ready, members), start_timeout):
                 raise click.ClickException(f"nodes did not start: {[m.name for m in members]}")
             say(f"{len(fleet.members)} started")
         row["spawn_s"] = round(time.monotonic() - t0, 1)
@@ -108,7 +113,7 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
 
         fleet.sleep(5)  # the join traffic settles
         before = {m.name: cpu_ns(m.pid) for m in members}
-        t0 = time.monotonic()
+        t0 = t_idle = time.monotonic()
         fleet.sleep(idle)
         elapsed = time.monotonic() - t0
         cpu = [100 * (cpu_ns(m.pid) - before[m.name]) / 1e9 / elapsed for m in members]
@@ -119,6 +124,7 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
         row["fds_p50"], row["fds_max"] = p50_max([float(fds(m.pid)) for m in members], 0)
         say("idle measured")
 
+        t_idle_end = time.monotonic()
         if kill:
             victims = random.sample(members, kill)
             gone = {v.name for v in victims}
@@ -143,6 +149,12 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
     alive = [m for m in fleet.members.values() if m.name not in gone]
     false = [(m.name, n) for m in alive for k, t, n in m.events if k == "left" and n not in gone]
     row["false_deaths"] = len(false)
+    phases = {"start": 0, "idle": 0, "after_kill": 0}
+    for m in alive:
+        for k, t, n in m.events:
+            if k == "left" and n not in gone:
+                phases["start" if t < t_idle else "idle" if t < t_idle_end else "after_kill"] += 1
+    row["false_deaths_by_phase"] = phases
     row["rejoins"] = sum(rejoins(m) for m in alive)
     if false:
         row["false_death_examples"] = false[:5]

@@ -34,9 +34,10 @@ def record(i: int) -> NodeRecord:
     return NodeRecord(f"n{i}", node_id(i), "host", 100 + i, "127.0.0.1", (ctl,))
 
 
-def table(me: int, others: range | list[int], now: float = 0.0, inc: int | None = 0) -> Members:
-    """Node ``me``'s table holding ``others`` (at incarnation ``inc``, as if they had told us;
-    None: known from their records only)."""
+def table(me: int, others: range | list[int], now: float = -1000.0,
+          inc: int | None = 0) -> Members:
+    """Node ``me``'s table holding ``others`` since ``now`` (long ago: not young), at
+    incarnation ``inc`` as if they had told us (None: known from their records only)."""
     members = Members(node_id(me), T, random.Random(me))
     for i in others:
         if i != me:
@@ -302,3 +303,16 @@ def test_anti_entropy_learns_what_gossip_missed() -> None:
     # A member we buried that they still list: verify it (the caller reports it dead again).
     ours.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 2.0)
     assert ours.merge(listed[node_id(2)], 3.0).verify == [listed[node_id(2)]]
+
+
+def test_only_a_suspicion_of_our_own_runs_out_here() -> None:
+    members = table(0, range(300))
+    heard = Update(Kind.SUSPECT, node_id(1), 0, "n1", origin=node_id(2))
+    members.apply(heard, 0.0)
+    member = members.get(node_id(1))
+    assert member is not None and member.state is State.SUSPECT
+    assert members.next_deadline() is None and not members.expire(1000.0).removed
+    # Our own probe failed too: now our timer runs (with the other's suspicion as confirmation).
+    members.failed(node_id(1), 10.0)
+    assert members.next_deadline() is not None
+    assert [why for _, why in members.expire(1000.0).removed] == ["dead"]

@@ -133,6 +133,10 @@ SUSPICION_S = 0.5
 #: A suspicion nobody confirms waits this many times longer (Lifeguard: independent
 #: confirmations shorten it to the minimum).
 SUSPICION_MAX_FACTOR = 3.0
+#: A suspect whose host still accepts connections at its control port is a live process, only
+#: slow (a host so loaded that it answers nothing for seconds, as when hundreds of nodes start
+#: on two cores): it gets this long (s). One that accepts but answers nothing for longer is hung.
+SLOW_PEER_S = 30.0
 #: Independent confirmations that bring a suspicion down to its minimum time.
 SUSPICION_CONFIRMATIONS = 2
 #: While there is news, a node also sends it to its PROBE_SPREAD ring successors this often (s),

@@ -103,6 +103,8 @@ class Member:
     #: We learned its incarnation from it (an answer, its ``alive``), not only from its record:
     #: until then an accusation may be about an incarnation it already refuted.
     known: bool = False
+    #: It missed our probes while its host still accepted connections at its port (see failed).
+    slow: bool = False
 
     @property
     def node_id(self) -> str:
@@ -272,7 +274,7 @@ class Members:
             member.inc = inc
             out.gossip.append(member.update(Kind.ALIVE, self.me))  # its refutation, relayed
         member.inc = inc
-        member.refused = False
+        member.refused = member.slow = False
         member.known = True
         return out
 
@@ -283,12 +285,15 @@ class Members:
             member.refused = True
             self._rings.remove(node_id)
 
-    def failed(self, node_id: str, now: float) -> Effects:
-        """Neither ``node_id`` nor anyone we asked got an answer from it within a period."""
+    def failed(self, node_id: str, now: float, listening: bool = False) -> Effects:
+        """Neither ``node_id`` nor anyone we asked got an answer from it within a period.
+        ``listening``: its host still accepts connections at its control port, so the process
+        is there, only slow (or hung): it gets at least SLOW_PEER_S to answer."""
         out = Effects()
         member = self._members.get(node_id)
         if member is None:
             return out
+        member.slow = member.slow or listening
         if member.state is State.ALIVE:
             self._suspect(member, self.me, now)
         elif self.me in member.suspecters:
@@ -378,12 +383,16 @@ class Members:
         return timeout
 
     def deadline(self, member: Member) -> float:
-        return member.since + self.suspicion_timeout(len(member.suspecters) - 1)
+        timeout = self.suspicion_timeout(len(member.suspecters) - 1)
+        return member.since + (max(timeout, C.SLOW_PEER_S) if member.slow else timeout)
 
     def expire(self, now: float) -> Effects:
-        """Suspects whose time ran out die; formers kept long enough are forgotten."""
+        """Suspects whose time ran out die; formers kept long enough are forgotten. Only a
+        suspicion of our own runs out here (we failed to reach the member ourselves); one we only
+        heard of waits for its "dead" or its refutation (the member's probers on the rings each
+        reach it every few periods, so someone with evidence decides)."""
         out = Effects()
-        for member in self.suspects():
+        for member in self._own_suspects():
             if now >= self.deadline(member):
                 self._remove(member, Kind.DEAD, now, out)
                 out.gossip.append(member.update(Kind.DEAD, self.me))
@@ -394,8 +403,11 @@ class Members:
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` has work next (suspects only; formers are not urgent)."""
-        times = [self.deadline(m) for m in self.suspects()]
+        times = [self.deadline(m) for m in self._own_suspects()]
         return min(times) if times else None
+
+    def _own_suspects(self) -> list[Member]:
+        return [m for m in self._suspects.values() if self.me in m.suspecters]
 
     # --- internals -----------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ class _Probe:
     nonce: int
     acked: bool = False
     asked: bool = False  # helpers were asked to probe it for us
+    listening: bool = False  # its host accepted a connect at its port meanwhile
 
 
 class Liveness:
@@ -258,8 +259,11 @@ class Liveness:
                     "g": self.local.take(MAX_PIGGYBACK)})
 
         def silent() -> None:
-            # We could not reach it either: our own suspicion, which confirms the asker's.
-            self._effects(self._members.failed(target.node_id, self._clock()))
+            # We could not reach it either: our own suspicion, which confirms the asker's,
+            # unless its host still accepts connections (then it is only slow).
+            member = self._members.get(target.node_id)
+            if member is not None:
+                self._check(member, functools.partial(self._unreachable, member))
 
         self._ask(target.url, target.key, body, 2 * self._rto(), answered, silent)
 
@@ -288,16 +292,28 @@ class Liveness:
             self._check(member)
             self._probe(member, self._clock())
 
-    def _check(self, member: Member) -> None:
+    def _check(self, member: Member,
+               then: Callable[[bool], object] | None = None) -> None:
         """Ask the member's host whether anything still listens at its control port; if not,
-        the member is dead now, without a suspicion (a process that is gone cannot refute)."""
+        the member is dead now, without a suspicion (a process that is gone cannot refute).
+        Otherwise ``then(listening)``: True if the host accepted (the process is there)."""
 
         def result(closed: bool | None) -> None:
-            if closed and self._members.get(member.node_id) is member:
+            if self._members.get(member.node_id) is not member:
+                return
+            if closed:
                 self._effects(self._members.dead(member.node_id, self._clock()),
                               "its control port is closed")
+            elif then is not None:
+                then(closed is False)
 
         self._prober.check_port(member.url, result)
+
+    def _unreachable(self, member: Member, listening: bool) -> None:
+        """A probe we made for another member went unanswered: our own suspicion, unless the
+        member's host still accepts connections (a live process, only slow)."""
+        if not listening:
+            self._effects(self._members.failed(member.node_id, self._clock()))
 
     def _refused(self, url: str) -> None:
         member = self._watched.get(url)
@@ -328,7 +344,7 @@ class Liveness:
 
     def _indirect(self, probe: _Probe, now: float) -> None:
         target = probe.member
-        self._check(target)
+        self._check(target, lambda listening: setattr(probe, "listening", listening))
         helpers = self._members.helpers(target.node_id, self._timing.indirect_probes)
         probe.asked = True
         control = self._node.record.control
@@ -350,7 +366,7 @@ class Liveness:
         member = probe.member
         log.debug("%s: no answer from %s (rto %.3f, health %d, srtt %s)", self._node.name,
                   member.record.name, self._rto(), self._health, self._prober.rtt.srtt)
-        self._effects(self._members.failed(member.node_id, self._clock()))
+        self._effects(self._members.failed(member.node_id, self._clock(), probe.listening))
         if self._members.get(member.node_id) is member and member.state is State.SUSPECT:
             self._probe(member, self._clock())  # tell it (Lifeguard's buddy system): it refutes
 
