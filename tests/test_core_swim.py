@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
+from zmqfabric.core.rings import phase
 from zmqfabric.core.swim import Members, State, Timing
 from zmqfabric.core.updates import (
     MAX_INCARNATION,
@@ -130,6 +131,35 @@ def test_no_target_alone_and_refused_members_are_skipped() -> None:
     members = table(0, [1, 2])
     members.refused(node_id(1))
     assert {members.target(r).node_id for r in range(6)} == {node_id(2)}  # type: ignore[union-attr]
+
+
+def test_members_are_probed_at_phases_spread_over_the_period() -> None:
+    phases = sorted(phase(node_id(i)) for i in range(1000))
+    assert 0 <= phases[0] and phases[-1] < 1 and phase(node_id(7)) == phase(node_id(7))
+    assert all(len([p for p in phases if k / 10 <= p < (k + 1) / 10]) > 60 for k in range(10))
+
+
+def test_a_member_being_probed_is_skipped_for_the_next_on_that_ring() -> None:
+    members = table(0, range(1, 10))
+    first = members.target(4)
+    assert first is not None
+    second = members.target(4, {first.node_id})
+    assert second is not None and second.node_id != first.node_id
+    assert members.target(4, {node_id(i) for i in range(1, 10)}) is None
+
+
+def test_a_node_cut_off_suspects_every_member_one_per_period() -> None:
+    """Our own suspects are skipped: a node that reaches nobody probes (and suspects) a new
+    member each period, not only its successors (which the rings would keep for it until they
+    die, a suspicion time each)."""
+    members = table(0, range(1, 8))
+    for r in range(7):
+        target = members.target(r)
+        assert target is not None and target.state is State.ALIVE
+        members.failed(target.node_id, float(r))
+    states = {members.get(node_id(i)).state for i in range(1, 8)}  # type: ignore[union-attr]
+    assert states == {State.SUSPECT}
+    assert members.target(7) is None
 
 
 # --- suspicion, death, refutation -----------------------------------------------------------------

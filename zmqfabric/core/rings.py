@@ -24,6 +24,12 @@ def ring_key(ring: int, node_id: str) -> int:
     return z ^ (z >> 31)
 
 
+def phase(node_id: str) -> float:
+    """Where in each probe period ``node_id`` is probed, as a fraction in [0, 1): the same in
+    every process, spread evenly over the members (a hash of its own, not a ring's)."""
+    return ring_key(-2, node_id) / 2**64
+
+
 class Rings:
     """``count`` rings of node ids, each in its own pseudo-random order, kept sorted as members
     come and go (O(log N) to find, one list insert each)."""
@@ -45,6 +51,16 @@ class Rings:
             at = bisect.bisect_left(ring, entry)
             if at < len(ring) and ring[at] == entry:
                 del ring[at]
+
+    def successor(self, ring: int, skip: set[str] | frozenset[str] = frozenset()) -> str | None:
+        """The first id after ours on ring ``ring`` that is not in ``skip`` (None if none)."""
+        entries = self._rings[ring]
+        at = bisect.bisect_left(entries, (ring_key(ring, self._me), self._me))
+        for step in range(1, len(entries)):
+            node_id = entries[(at + step) % len(entries)][1]
+            if node_id not in skip:
+                return node_id
+        return None
 
     def successors(self) -> list[str]:
         """Our successor on each ring (empty while we are alone)."""

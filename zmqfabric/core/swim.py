@@ -25,7 +25,8 @@ reuses them, and news crosses the union of the rings, a random graph of degree 2
 in O(log N) hops. Members that die become *formers*: kept for ``former_keep_s`` and probed now
 and then, so a partition heals when the link comes back.
 
-The updates and their queue: :mod:`.updates`.
+The updates and their queue: :mod:`.updates`; the timers (configured, the answer-time estimate,
+the suspicion time): :mod:`.timers`; the rings: :mod:`.rings`.
 
 Trust: gossip is a hint. An ``alive`` update about a node this node does not hold as a member
 never admits it: it asks the caller to verify the node directly (:attr:`Effects.verify`).
@@ -37,45 +38,17 @@ Pure: no IO, threads or clock; every method takes ``now`` (monotonic seconds). N
 from __future__ import annotations
 
 import enum
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import constants as C
-from ..errors import LocalProtocolError
 from .records import NodeRecord
 from .rings import Rings
+from .timers import RoundTrip, Timing, suspicion_timeout
 from .updates import Kind, Update
 
 __all__ = ["Effects", "Kind", "Member", "Members", "RoundTrip", "State", "Timing", "Update"]
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """The liveness timers of a node (``NodeConfig.liveness``); defaults in constants."""
-
-    probe_interval_s: float = C.PROBE_INTERVAL_S
-    probe_timeout_s: float = C.PROBE_TIMEOUT_S
-    indirect_probes: int = C.INDIRECT_PROBES
-    suspicion_s: float = C.SUSPICION_S
-    suspicion_max_factor: float = C.SUSPICION_MAX_FACTOR
-    confirmations: int = C.SUSPICION_CONFIRMATIONS
-    gossip_interval_s: float = C.GOSSIP_INTERVAL_S
-    retransmit_mult: int = C.RETRANSMIT_MULT
-    former_keep_s: float = C.FORMER_KEEP_S
-    former_probe_s: float = C.FORMER_PROBE_S
-    requery_s: float = C.REQUERY_S
-    sync_s: float = C.SYNC_S
-
-    def __post_init__(self) -> None:
-        times = (self.probe_interval_s, self.probe_timeout_s, self.suspicion_s,
-                 self.gossip_interval_s, self.former_keep_s, self.former_probe_s, self.requery_s,
-                 self.sync_s)
-        if min(times) <= 0 or self.probe_timeout_s * 3 > self.probe_interval_s:
-            raise LocalProtocolError("liveness timers must be > 0, probe_timeout_s <= interval/3")
-        if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,
-                                                self.retransmit_mult) < 0:
-            raise LocalProtocolError("suspicion_max_factor must be >= 1, counts >= 0")
 
 
 class State(enum.Enum):
@@ -129,30 +102,6 @@ class Effects:
     verify: list[Update] = field(default_factory=list)
     confirm: list[tuple[Member, int]] = field(default_factory=list)
     forgotten: list[Member] = field(default_factory=list)
-
-
-class RoundTrip:
-    """How long answers take, as TCP estimates it (Jacobson/Karels: smoothed time and mean
-    deviation), and the timeout that follows: on a loaded host answers slow down, and so do our
-    verdicts, instead of turning slowness into deaths."""
-
-    def __init__(self) -> None:
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-
-    def sample(self, rtt: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-
-    def timeout(self, floor: float, ceiling: float, initial: float) -> float:
-        """srtt + 4 * rttvar, within [floor, ceiling]; ``initial`` before any answer came (as
-        TCP starts at 1 s: a node that just started knows nothing of its peers' load)."""
-        if self.srtt is None:
-            return initial
-        return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
 
 
 class Members:
@@ -245,12 +194,19 @@ class Members:
         (each one once)."""
         return [self._members[i] for i in dict.fromkeys(self._rings.successors())]
 
-    def target(self, round_no: int) -> Member | None:
+    def target(self, round_no: int, busy: set[str] | frozenset[str] = frozenset()) -> Member | None:
         """The member to probe in period ``round_no``: our successor on ring ``round_no`` mod
         PROBE_SPREAD. Every node uses the same ring in a period, so every member is probed by
-        exactly one node (its predecessor on that ring)."""
-        successors = self._rings.successors()
-        return self._members[successors[round_no % len(successors)]] if successors else None
+        exactly one node (its predecessor on that ring).
+
+        Members in ``busy`` (being probed already) and members we suspect ourselves (probed
+        again until they refute or die) are skipped for the next on that ring: so a node cut
+        off from the others suspects all its members within a few periods, not only its
+        successors (whose deaths would only then make the next ones its successors)."""
+        skip = set(busy)
+        skip.update(i for i, m in self._suspects.items() if self.me in m.suspecters)
+        node_id = self._rings.successor(round_no % C.PROBE_SPREAD, skip)
+        return None if node_id is None else self._members[node_id]
 
     def helpers(self, exclude: str, count: int) -> list[Member]:
         """Up to ``count`` random members (not ``exclude``) to probe a member for us."""
@@ -368,19 +324,8 @@ class Members:
     # --- time ----------------------------------------------------------------------------------
 
     def suspicion_timeout(self, confirmations: int) -> float:
-        """Lifeguard: from max down to min as confirmations come in; min scales with
-        log10(N) and is at least :attr:`floor`."""
-        t = self.timing
-        n = len(self._members) + 1
-        low = max(t.suspicion_s * max(1.0, math.log10(n)), self.floor)
-        high = low * t.suspicion_max_factor
-        expected = min(t.confirmations, max(0, n - 2))
-        if expected < 1:
-            timeout = low
-        else:
-            frac = math.log(confirmations + 1) / math.log(expected + 1)
-            timeout = max(low, high - frac * (high - low))
-        return timeout
+        """See :func:`~.timers.suspicion_timeout`, for this table's size and floor."""
+        return suspicion_timeout(self.timing, len(self._members) + 1, self.floor, confirmations)
 
     def deadline(self, member: Member) -> float:
         timeout = self.suspicion_timeout(len(member.suspecters) - 1)

@@ -23,33 +23,27 @@ with :attr:`Liveness.responder`, which only posts to this thread.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
 from ..constants import (
-    HEALTH_MAX,
     HELLO_LINGER_MS,
     LEAVE_FANOUT,
     MAX_GOSSIP,
-    MAX_PIGGYBACK,
-    MAX_VERIFYING,
-    PROBE_TIMEOUT_INITIAL_S,
-    PROBE_TIMEOUT_MAX_S,
     REQUERY_SENDERS,
     SUSPICION_RTO_MULT,
 )
 from ..core.records import NodeRecord
-from ..core.swim import Effects, Kind, Member, Members, State, Update
+from ..core.rings import phase
+from ..core.swim import Effects, Kind, Member, Members, Update
 from .admission import Admission, Rediscovery
-from .gossip import in_scope
-from .probes import REFUSED, Prober
+from .probes import Prober
+from .probing import Probing
 from .swim import Local, Responder, Sender, decode_updates, is_inc
 
 if TYPE_CHECKING:
@@ -58,19 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["Liveness", "Rediscovery"]
-
-
-@dataclass(slots=True)
-class _Probe:
-    """One member being probed: directly, then through helpers, until ``ends``."""
-
-    member: Member
-    ends: float
-    indirect_at: float
-    nonce: int
-    acked: bool = False
-    asked: bool = False  # helpers were asked to probe it for us
-    listening: bool = False  # its host accepted a connect at its port meanwhile
 
 
 class Liveness:
@@ -100,18 +81,18 @@ class Liveness:
         self._ask = self._prober.request
         self._admission = Admission(node, self._members, self.local, self._ask, self._answer,
                                     self._effects, discovery, self.join, clock)
-        self._probes: dict[str, _Probe] = {}  # node id -> its probe under way
+        self._probing = Probing(node, self._members, self._prober, self.local, self._answer,
+                                self._effects, clock)
         self._watched: dict[str, Member] = {}  # url -> the members we take turns probing
-        self._nonces = itertools.count(1)
         now = clock()
         self._next_round = self._next_gossip = now
         self._next_former = now + self._timing.former_probe_s
         self._next_requery = now + self._timing.requery_s * self._rng.random()
         self._next_sync = now + self._timing.sync_s * self._rng.random()
         self._summary_due = now  # when the responder's copy of our member list is refreshed
-        self._phase = self._rng.random() * self._timing.probe_interval_s
-        self._health = 0
-        self._members.floor = SUSPICION_RTO_MULT * self._rto()
+        #: This period's probe, when its target's phase comes: (monotonic time, member).
+        self._due: tuple[float, Member] | None = None
+        self._members.floor = SUSPICION_RTO_MULT * self._probing.rto()
         self._planned: float | None = None
         self._left = False
 
@@ -128,7 +109,7 @@ class Liveness:
         if buried and member.inc <= member.buried:
             # Back from the dead at the incarnation we buried it: tell it, so that it refutes
             # (and the "dead" still travelling about it cannot remove it again).
-            self._probe(member, self._clock())
+            self._probing.probe(member, self._clock())
 
     def leave(self, record: NodeRecord) -> None:
         """``record``'s node left the directory (a goodbye, or our own removal). A goodbye is
@@ -148,8 +129,9 @@ class Liveness:
         if self._left:
             return self._clock() + 3600.0
         times = [self._next_round, self._next_requery, self._next_sync]
-        for probe in self._probes.values():
-            times.append(probe.ends if probe.asked else probe.indirect_at)
+        if self._due is not None:
+            times.append(self._due[0])
+        times += self._probing.deadlines()
         suspect = self._members.next_deadline()
         if suspect is not None:
             times.append(suspect)
@@ -168,18 +150,16 @@ class Liveness:
         if self._left:
             return
         now = self._clock()
-        if self._planned is not None and now - self._planned > self._rto():
-            self._sick()  # we slept through our own deadline: this host is overloaded
+        if self._planned is not None and now - self._planned > self._probing.rto():
+            self._probing.sick()  # we slept through our own deadline: this host is overloaded
         self._planned = None
-        self._members.floor = SUSPICION_RTO_MULT * self._rto()
+        self._members.floor = SUSPICION_RTO_MULT * self._probing.rto()
         self._prober.expire(now)
-        for probe in list(self._probes.values()):
-            if now >= probe.ends:
-                self._finish(probe)
-            elif not probe.asked and now >= probe.indirect_at:
-                self._indirect(probe, now)
+        self._probing.tick(now)
         if now >= self._next_round:
             self._round(now)
+        if self._due is not None and now >= self._due[0]:
+            self._start_due(now)
         self._effects(self._members.expire(now), "no answer")
         if now >= self._next_gossip and self.local.news():
             self._next_gossip = now + self._timing.gossip_interval_s
@@ -193,7 +173,7 @@ class Liveness:
                 self._discovery.requery()
         if now >= self._next_sync:
             self._next_sync = now + self._timing.sync_s
-            self._admission.sync(self._probe_body)
+            self._admission.sync(self._probing.body)
         if now >= self._summary_due:
             self._summary_due = float("inf")
             self.responder.summary = self._members.summary()
@@ -209,7 +189,7 @@ class Liveness:
             left = self.local.me()
             left = Update(Kind.LEFT, left.node_id, left.inc, left.name, left.url, left.key)
             for member in self._members.targets()[:LEAVE_FANOUT]:
-                body = self._probe_body(member)
+                body = self._probing.body(member)
                 body["g"] = [left.encode()]
                 self._prober.send(member.url, member.record.curve_key, body)
         self._prober.close(HELLO_LINGER_MS)
@@ -237,149 +217,55 @@ class Liveness:
         self._admission.synced(raw)
 
     def relayed(self, nonce: int, node_id: str, inc: int) -> None:
-        probe = self._probes.get(node_id)
-        if probe is not None and probe.nonce == nonce:
-            probe.acked = True
-            self._effects(self._members.acked(node_id, inc, self._clock()))
-            self._finish(probe)
+        self._probing.relayed(nonce, node_id, inc)
 
     def probe_for(self, target: Update, reply_url: str, reply_key: str | None,
                   nonce: int) -> None:
         """Probe ``target`` for the member that asked, and tell it if the target answers."""
-        if len(self._prober) >= MAX_VERIFYING or not in_scope(self._node, target.url):
-            return
-        body = {"op": "probe", "to": [target.node_id, target.inc, False],
-                "from": self.local.sender(), "g": self.local.take(MAX_PIGGYBACK)}
-
-        def answered(reply: Any) -> None:
-            inc = self._answer(target.node_id, reply)
-            if inc is not None:
-                self._prober.send(reply_url, reply_key, {
-                    "op": "probe-ack", "nonce": nonce, "id": target.node_id, "inc": inc,
-                    "g": self.local.take(MAX_PIGGYBACK)})
-
-        def silent() -> None:
-            # We could not reach it either: our own suspicion, which confirms the asker's,
-            # unless its host still accepts connections (then it is only slow).
-            member = self._members.get(target.node_id)
-            if member is not None:
-                self._check(member, functools.partial(self._unreachable, member))
-
-        self._ask(target.url, target.key, body, 2 * self._rto(), answered, silent)
+        self._probing.probe_for(target, reply_url, reply_key, nonce)
 
     # --- probing ---------------------------------------------------------------------------------
 
     def _round(self, now: float) -> None:
-        """Start this period's probe: the turn of one of the members after us on the ring."""
+        """A probe period begins (periods follow the wall clock, the same in every process):
+        plan its probe, the turn of one of the members after us on a ring, at the target's own
+        phase in the period. So every member is probed once a period at the same offset, by
+        whichever node's turn it is: one period apart, not up to two (as with each prober's own
+        phase), and the probes of a period are spread over it."""
         interval = self._timing.probe_interval_s
         wall = self._wall()
-        round_no = math.floor((wall - self._phase) / interval)
-        boundary = (round_no + 1 + self._health) * interval + self._phase
+        round_no = math.floor(wall / interval)
+        boundary = (round_no + 1 + self._probing.health) * interval
         self._next_round = now + max(interval / 2, boundary - wall)
-        targets = self._members.targets()
-        watched = {m.url: m for m in targets}
+        watched = {m.url: m for m in self._members.targets()}
         if watched.keys() != self._watched.keys():
             self._prober.watch({url: m.record.curve_key for url, m in watched.items()})
         self._watched = watched
-        if targets:
-            self._probe(targets[round_no % len(targets)], now)
+        self._probing.period()
+        if self._due is not None:
+            self._start_due(now)  # the last period's, if we woke up too late for it
+        target = self._members.target(round_no, self._probing.busy())
+        if target is not None:
+            start = (round_no + phase(target.node_id)) * interval
+            self._due = (now + max(0.0, start - wall), target)
+
+    def _start_due(self, now: float) -> None:
+        due, self._due = self._due, None
+        if due is not None and self._members.get(due[1].node_id) is due[1]:
+            self._probing.probe(due[1], now)
 
     def _lost(self, url: str) -> None:
         """A watched connection dropped: is its port closed? Probe that member now anyway, not
         at its turn."""
         member = self._watched.get(url)
         if member is not None and self._members.get(member.node_id) is member:
-            self._check(member)
-            self._probe(member, self._clock())
-
-    def _check(self, member: Member,
-               then: Callable[[bool], object] | None = None) -> None:
-        """Ask the member's host whether anything still listens at its control port; if not,
-        the member is dead now, without a suspicion (a process that is gone cannot refute).
-        Otherwise ``then(listening)``: True if the host accepted (the process is there)."""
-
-        def result(closed: bool | None) -> None:
-            if self._members.get(member.node_id) is not member:
-                return
-            if closed:
-                self._effects(self._members.dead(member.node_id, self._clock()),
-                              "its control port is closed")
-            elif then is not None:
-                then(closed is False)
-
-        self._prober.check_port(member.url, result)
-
-    def _unreachable(self, member: Member, listening: bool) -> None:
-        """A probe we made for another member went unanswered: our own suspicion, unless the
-        member's host still accepts connections (a live process, only slow)."""
-        if not listening:
-            self._effects(self._members.failed(member.node_id, self._clock()))
+            self._probing.check(member)
+            self._probing.probe(member, self._clock())
 
     def _refused(self, url: str) -> None:
         member = self._watched.get(url)
         if member is not None:
             self._members.refused(member.node_id)
-
-    def _probe(self, member: Member, now: float, accuse: int | None = None) -> None:
-        """Probe ``member`` (accusing it at ``accuse``, if given, so that it refutes)."""
-        if member.node_id in self._probes:
-            return
-        timeout = self._rto() * (1 + self._health)
-        probe = _Probe(member, now + 3 * timeout, now + timeout, next(self._nonces))
-        body = self._probe_body(member)
-        if accuse is not None:
-            body["to"] = [member.node_id, max(member.inc, accuse), True]
-
-        def answered(reply: Any) -> None:
-            if reply is REFUSED:
-                self._members.refused(member.node_id)
-            elif self._answer(member.node_id, reply) is None:
-                return
-            probe.acked = True
-            if self._probes.get(member.node_id) is probe:
-                self._finish(probe)
-
-        if self._ask(member.url, member.record.curve_key, body, probe.ends - now, answered):
-            self._probes[member.node_id] = probe
-
-    def _indirect(self, probe: _Probe, now: float) -> None:
-        target = probe.member
-        self._check(target, lambda listening: setattr(probe, "listening", listening))
-        helpers = self._members.helpers(target.node_id, self._timing.indirect_probes)
-        probe.asked = True
-        control = self._node.record.control
-        if control is None:
-            return
-        body = {"op": "probe-req", "nonce": probe.nonce, "port": control.port,
-                "target": [target.node_id, target.record.name, target.url,
-                           target.record.curve_key, target.inc],
-                "from": self.local.sender(), "g": self.local.take(MAX_PIGGYBACK)}
-        for helper in helpers:
-            self._ask(helper.url, helper.record.curve_key, body, probe.ends - now,
-                      functools.partial(self._answer, helper.node_id))
-
-    def _finish(self, probe: _Probe) -> None:
-        del self._probes[probe.member.node_id]
-        if probe.acked:
-            self._health = max(0, self._health - 1)
-            return
-        member = probe.member
-        log.debug("%s: no answer from %s (rto %.3f, health %d, srtt %s)", self._node.name,
-                  member.record.name, self._rto(), self._health, self._prober.rtt.srtt)
-        self._effects(self._members.failed(member.node_id, self._clock(), probe.listening))
-        if self._members.get(member.node_id) is member and member.state is State.SUSPECT:
-            self._probe(member, self._clock())  # tell it (Lifeguard's buddy system): it refutes
-
-    def _probe_body(self, member: Member) -> dict[str, Any]:
-        accused = member.state is not State.ALIVE or member.inc <= member.buried
-        return {"op": "probe", "to": [member.node_id, member.inc, accused],
-                "from": self.local.sender(), "g": self.local.take(MAX_PIGGYBACK)}
-
-    def _rto(self) -> float:
-        """How long to wait for an answer now (see :class:`~zmqfabric.core.swim.RoundTrip`)."""
-        floor = self._timing.probe_timeout_s
-        return self._prober.rtt.timeout(floor, PROBE_TIMEOUT_MAX_S,
-                                        max(floor, PROBE_TIMEOUT_INITIAL_S))
 
     def _answer(self, node_id: str, reply: Any) -> int | None:
         """Take an answer's gossip; its sender's incarnation if it is ``node_id``, else None.
@@ -401,7 +287,7 @@ class Liveness:
         answers bring theirs back."""
         news = self.local.take(MAX_GOSSIP)
         for member in self._members.targets() if news else ():
-            body = self._probe_body(member)
+            body = self._probing.body(member)
             body["g"] = news
             self._ask(member.url, member.record.curve_key, body, self._timing.probe_interval_s,
                       functools.partial(self._answer, member.node_id))
@@ -446,16 +332,13 @@ class Liveness:
             now = self._clock()
             for member, inc in out.confirm:
                 if self._rng.random() < chance:
-                    self._probe(member, now, accuse=inc)
+                    self._probing.probe(member, now, accuse=inc)
 
     def _refuted(self) -> None:
         self._node.counters.add("refutations")
         log.info("%s: refuted a suspicion about this node (incarnation %d)", self._node.name,
                  self.local.inc)
-        self._sick()
-
-    def _sick(self) -> None:
-        self._health = min(HEALTH_MAX, self._health + 1)
+        self._probing.sick()
 
     def _changed(self) -> None:
         self.local.sized(len(self._members))

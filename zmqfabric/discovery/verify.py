@@ -129,8 +129,9 @@ class Verifier:
             collections.OrderedDict()
         )
         self._pending: dict[_Key, _Probe] = {}
-        #: Hints whose node did not answer, to try again (thread-owned): key -> (due, hint); and
-        #: the calls made so far for each hint being tried again.
+        #: Hints whose node did not answer, to try again (the thread adds them; submit() takes
+        #: one out, under the lock, when it is heard again): key -> (due, hint); and the calls
+        #: made so far for each hint being tried again (thread-owned).
         self._retries: dict[_Key, tuple[float, NodeRecord]] = {}
         self._tries: dict[_Key, int] = {}
         self._by_sock: dict[Any, _Probe] = {}
@@ -179,7 +180,11 @@ class Verifier:
             if expiry is not None and expiry > now:
                 self._counters.add("hints_known")
                 return
-            if key in self._pending or key in self._queued or key in self._retries:
+            if key in self._retries:
+                # Heard again while waiting to try again (its node is back after a partition,
+                # and the first connect after it failed): try now, not VERIFY_RETRY_S later.
+                del self._retries[key]
+            elif key in self._pending or key in self._queued:
                 return
             if len(self._queued) >= MAX_QUEUED_HINTS:
                 self._queued.popitem(last=False)
@@ -244,10 +249,9 @@ class Verifier:
     def _launch(self) -> None:
         """Start probes for queued hints while slots are free and their address has tokens."""
         now = self._clock()
-        due = [k for k, (when, _) in self._retries.items() if when <= now]
-        if due:
-            with self._lock:
-                for key in due:
+        if self._retries:
+            with self._lock:  # submit() may take a retry out
+                for key in [k for k, (when, _) in self._retries.items() if when <= now]:
                     _, retry = self._retries.pop(key)
                     if key in self._pending or key in self._queued:
                         continue  # heard again meanwhile: being checked already
