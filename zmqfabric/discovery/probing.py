@@ -186,22 +186,22 @@ class Probing:
                     "op": "probe-ack", "nonce": nonce, "id": target.node_id, "inc": inc,
                     "g": self._local.take(MAX_PIGGYBACK)})
 
+        # Its port is checked meanwhile (the answer takes PORT_CHECK_S at most, less than the
+        # probe's timeout), so a silence is judged at once.
+        listening: list[bool] = []
+        member = self._members.get(target.node_id)
+        if member is not None:
+            self.check(member, listening.append)
+
         def silent() -> None:
             # We could not reach it either: our own suspicion, which confirms the asker's,
             # unless its host still accepts connections (then it is only slow).
-            member = self._members.get(target.node_id)
-            if member is not None:
-                self.check(member, functools.partial(self._unreachable, member))
+            if member is not None and not any(listening):
+                self._effects(self._members.failed(member.node_id, self._clock()))
 
         self._prober.request(target.url, target.key, body, 2 * self.rto(), answered, silent)
 
     # --- internals ---------------------------------------------------------------------------
-
-    def _unreachable(self, member: Member, listening: bool) -> None:
-        """A probe we made for another member went unanswered: our own suspicion, unless the
-        member's host still accepts connections (a live process, only slow)."""
-        if not listening:
-            self._effects(self._members.failed(member.node_id, self._clock()))
 
     def _indirect(self, probe: _Probe, now: float) -> None:
         target = probe.member
