@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zmqfabric import constants as C
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
 from zmqfabric.core.rings import phase
 from zmqfabric.core.swim import Members, State, Timing
@@ -346,3 +347,13 @@ def test_only_a_suspicion_of_our_own_runs_out_here() -> None:
     members.failed(node_id(1), 10.0)
     assert members.next_deadline() is not None
     assert [why for _, why in members.expire(1000.0).removed] == ["dead"]
+
+
+def test_a_slow_member_that_refuted_is_not_slow_next_time() -> None:
+    members = table(0, range(5))
+    members.failed(node_id(1), 0.0, listening=True)
+    slow = members.get(node_id(1))
+    assert slow is not None and members.deadline(slow) >= C.SLOW_PEER_S
+    members.apply(Update(Kind.ALIVE, node_id(1), 1, "n1"), 1.0)  # it refuted (gossip)
+    members.failed(node_id(1), 2.0)
+    assert members.deadline(slow) < 2.0 + C.SLOW_PEER_S

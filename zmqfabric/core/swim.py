@@ -366,6 +366,7 @@ class Members:
             self._suspects[member.node_id] = member
         else:
             self._suspects.pop(member.node_id, None)
+            member.slow = False  # a suspicion's verdict: the next one starts afresh
 
     def _remove(self, member: Member, kind: Kind, now: float, out: Effects) -> None:
         del self._members[member.node_id]

@@ -92,6 +92,8 @@ class Liveness:
         self._summary_due = now  # when the responder's copy of our member list is refreshed
         #: This period's probe, when its target's phase comes: (monotonic time, member).
         self._due: tuple[float, Member] | None = None
+        #: One of the members we probe died: check the new ones at once (see tick).
+        self._successor_died = False
         self._members.floor = SUSPICION_RTO_MULT * self._probing.rto()
         self._planned: float | None = None
         self._left = False
@@ -129,6 +131,8 @@ class Liveness:
         if self._left:
             return self._clock() + 3600.0
         times = [self._next_round, self._next_requery, self._next_sync]
+        if self._successor_died:
+            times.append(self._clock())
         if self._due is not None:
             times.append(self._due[0])
         times += self._probing.deadlines()
@@ -156,6 +160,12 @@ class Liveness:
         self._members.floor = SUSPICION_RTO_MULT * self._probing.rto()
         self._prober.expire(now)
         self._probing.tick(now)
+        for _ in range(len(self._members) + 1):
+            if not self._successor_died:
+                break
+            self._successor_died = False
+            for member in self._watch():
+                self._probing.check(member)  # a killed node's successors are often killed too
         if now >= self._next_round:
             self._round(now)
         if self._due is not None and now >= self._due[0]:
@@ -237,10 +247,7 @@ class Liveness:
         round_no = math.floor(wall / interval)
         boundary = (round_no + 1 + self._probing.health) * interval
         self._next_round = now + max(interval / 2, boundary - wall)
-        watched = {m.url: m for m in self._members.targets()}
-        if watched.keys() != self._watched.keys():
-            self._prober.watch({url: m.record.curve_key for url, m in watched.items()})
-        self._watched = watched
+        self._watch()
         self._probing.period()
         if self._due is not None:
             self._start_due(now)  # the last period's, if we woke up too late for it
@@ -248,6 +255,16 @@ class Liveness:
         if target is not None:
             start = (round_no + phase(target.node_id)) * interval
             self._due = (now + max(0.0, start - wall), target)
+
+    def _watch(self) -> list[Member]:
+        """Keep connections to the members we probe (our ring successors); returns the ones
+        that were not among them."""
+        watched = {m.url: m for m in self._members.targets()}
+        fresh = [m for url, m in watched.items() if url not in self._watched]
+        if watched.keys() != self._watched.keys():
+            self._prober.watch({url: m.record.curve_key for url, m in watched.items()})
+        self._watched = watched
+        return fresh
 
     def _start_due(self, now: float) -> None:
         due, self._due = self._due, None
@@ -322,6 +339,8 @@ class Liveness:
             self._discovery.reverify(member.record)
         if out.removed:
             self._changed()
+            if any(m.url in self._watched for m, _ in out.removed):
+                self._successor_died = True
         for former in out.forgotten:
             # No longer looked for: if it comes back, its next mDNS answer must be news.
             self._discovery.forget(former.record)
