@@ -176,8 +176,8 @@ MAX_VERIFYING = 64
 HINT_RETRY_S = 2.0
 #: A node leaving tells this many members (the mDNS goodbye tells the subnet at once).
 LEAVE_FANOUT = 3
-#: Lifeguard's local health: a node that misses probes or wakes up late stretches its own
-#: timers up to (1 + HEALTH_MAX) times, instead of declaring others dead.
+#: Lifeguard's local health: a node that wakes up late or has to refute waits up to
+#: (1 + HEALTH_MAX) times longer for answers, instead of declaring others dead.
 HEALTH_MAX = 8
 #: An unreachable peer is declared dead within about this long (s) in a small fabric: a probe
 #: period, the indirect probes and the longest suspicion.

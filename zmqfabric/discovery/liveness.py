@@ -245,7 +245,9 @@ class Liveness:
         interval = self._timing.probe_interval_s
         wall = self._wall()
         round_no = math.floor(wall / interval)
-        boundary = (round_no + 1 + self._probing.health) * interval
+        # Every period's turn is taken, however unhealthy we are (Lifeguard would stretch the
+        # period too, but on the rings a period we skip is a member nobody probes in it).
+        boundary = (round_no + 1) * interval
         self._next_round = now + max(interval / 2, boundary - wall)
         self._watch()
         self._probing.period()

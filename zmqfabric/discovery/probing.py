@@ -11,8 +11,9 @@ or our confirmation of another's), and is probed again at once so that it learns
 (``probe-ack``), and a silence we find ourselves is our own suspicion.
 
 Local health (Lifeguard): a node that wakes up later than it planned, or has to refute, is
-probably the slow one; it stretches its own timers up to (1 + HEALTH_MAX) times instead of
-accusing others. Each answered probe eases it by one, and so does each period with neither, so
+probably the slow one; it waits up to (1 + HEALTH_MAX) times longer for answers instead of
+accusing others (its probe periods stay: on the rings, a period a node skips is a period in which
+nobody probes one member). Each answered probe eases it by one, and so does each period with neither, so
 a node cut off from every other (no answers at all) is not stretched for good.
 
 Housekeeping thread only (:mod:`.liveness` owns it). Not thread-safe.
@@ -106,7 +107,8 @@ class Probing:
         self._health_moved = False
 
     def sick(self) -> None:
-        """This node is probably the slow one (it woke up late, or had to refute)."""
+        """This node is probably the slow one (it woke up late, or had to refute): wait longer
+        for answers."""
         self.health = min(HEALTH_MAX, self.health + 1)
         self._health_moved = True
 
