@@ -94,7 +94,7 @@ class Liveness:
         self._due: tuple[float, Member] | None = None
         #: One of the members we probe died: check the new ones at once (see tick).
         self._successor_died = False
-        self._members.floor = SUSPICION_RTO_MULT * self._probing.rto()
+        self._members.floor = SUSPICION_RTO_MULT * self._probing.settled_rto()
         self._planned: float | None = None
         self._left = False
 
@@ -157,7 +157,7 @@ class Liveness:
         if self._planned is not None and now - self._planned > self._probing.rto():
             self._probing.sick()  # we slept through our own deadline: this host is overloaded
         self._planned = None
-        self._members.floor = SUSPICION_RTO_MULT * self._probing.rto()
+        self._members.floor = SUSPICION_RTO_MULT * self._probing.settled_rto()
         self._prober.expire(now)
         self._probing.tick(now)
         for _ in range(len(self._members) + 1):

@@ -13,8 +13,14 @@ or our confirmation of another's), and is probed again at once so that it learns
 Local health (Lifeguard): a node that wakes up later than it planned, or has to refute, is
 probably the slow one; it waits up to (1 + HEALTH_MAX) times longer for answers instead of
 accusing others (its probe periods stay: on the rings, a period a node skips is a period in which
-nobody probes one member). Each answered probe eases it by one, and so does each period with neither, so
-a node cut off from every other (no answers at all) is not stretched for good.
+nobody probes one member). Each answered probe eases it by one, and so does each period with
+neither, so a node cut off from every other (no answers at all) is not stretched for good.
+
+The least time a suspect gets to refute is SUSPICION_RTO_MULT answer timeouts as measured, or
+of ``probe_timeout_s`` before any answer came (:meth:`Probing.settled_rto`): a node that has
+timed nothing yet waits PROBE_TIMEOUT_INITIAL_S for an answer, as TCP does, but does not make
+its suspects wait four times that (a node cut off right after it started took 12 s per
+unconfirmed suspicion). A live but slow process is told apart by its port (SLOW_PEER_S).
 
 Housekeeping thread only (:mod:`.liveness` owns it). Not thread-safe.
 """
@@ -117,6 +123,12 @@ class Probing:
         floor = self._timing.probe_timeout_s
         return self._prober.rtt.timeout(floor, PROBE_TIMEOUT_MAX_S,
                                         max(floor, PROBE_TIMEOUT_INITIAL_S))
+
+    def settled_rto(self) -> float:
+        """The answer timeout as measured, or ``probe_timeout_s`` before any answer came (the
+        unit of the least suspicion time; see the module docstring)."""
+        floor = self._timing.probe_timeout_s
+        return self._prober.rtt.timeout(floor, PROBE_TIMEOUT_MAX_S, floor)
 
     def body(self, member: Member) -> dict[str, Any]:
         """A probe of ``member`` (accusing it if we hold it suspect or buried it at its
