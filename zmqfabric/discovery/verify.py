@@ -134,6 +134,8 @@ class Verifier:
         #: made so far for each hint being tried again (thread-owned).
         self._retries: dict[_Key, tuple[float, NodeRecord]] = {}
         self._tries: dict[_Key, int] = {}
+        #: The retries whose last call failed to connect (not timed out; under the lock).
+        self._unreached: set[_Key] = set()
         self._by_sock: dict[Any, _Probe] = {}
         self._settled = threading.Condition(self._lock)
         self._ids = int(clock() * 1e6) & 0xFFFFFFFF
@@ -180,11 +182,14 @@ class Verifier:
             if expiry is not None and expiry > now:
                 self._counters.add("hints_known")
                 return
-            if key in self._retries:
-                # Heard again while waiting to try again (its node is back after a partition,
-                # and the first connect after it failed): try now, not VERIFY_RETRY_S later.
+            if key in self._retries and key in self._unreached:
+                # Heard again while waiting to try again after a failed connect (its node is
+                # back after a partition, and the first connect after it failed while the
+                # host's neighbour entry was still resolving): try now, not VERIFY_RETRY_S
+                # later. (A node that timed out is busy: it waits.)
                 del self._retries[key]
-            elif key in self._pending or key in self._queued:
+                self._unreached.discard(key)
+            elif key in self._pending or key in self._queued or key in self._retries:
                 return
             if len(self._queued) >= MAX_QUEUED_HINTS:
                 self._queued.popitem(last=False)
@@ -253,6 +258,7 @@ class Verifier:
             with self._lock:  # submit() may take a retry out
                 for key in [k for k, (when, _) in self._retries.items() if when <= now]:
                     _, retry = self._retries.pop(key)
+                    self._unreached.discard(key)
                     if key in self._pending or key in self._queued:
                         continue  # heard again meanwhile: being checked already
                     if len(self._queued) < MAX_QUEUED_HINTS:
@@ -331,6 +337,9 @@ class Verifier:
             if self._pending.get(probe.key) is probe:
                 why = _WHY.get(event["event"], "its connection failed")
                 self._decide(probe.hint, probe.key, None, why, transient=True)
+                if probe.key in self._retries:
+                    with self._lock:
+                        self._unreached.add(probe.key)
             return
         try:
             frames = probe.sock.recv_multipart(zmq.NOBLOCK)
