@@ -117,7 +117,11 @@ PROBE_TIMEOUT_S = 0.2
 PROBE_TIMEOUT_MAX_S = 5.0
 #: ...and starts at this (s), before any answer was timed (TCP's initial RTO is 1 s).
 PROBE_TIMEOUT_INITIAL_S = 1.0
-SUSPICION_RTO_MULT = 4
+#: A suspect's least time to refute, in answer timeouts: the accusation reaches it and its
+#: refutation comes back within one each, with room for a slow period. (A live process that is
+#: only slow is told apart by its port: SLOW_PEER_S.) A pulled cable is seen within about a
+#: period, three timeouts to suspect, and this.
+SUSPICION_RTO_MULT = 3
 #: An answer that comes after its timeout still counts (and is timed) this long (s).
 LATE_ANSWER_S = 10.0
 #: A member that misses a probe, or whose kept connection drops, has its control port checked
