@@ -129,13 +129,11 @@ class Verifier:
             collections.OrderedDict()
         )
         self._pending: dict[_Key, _Probe] = {}
-        #: Hints whose node did not answer, to try again (the thread adds them; submit() takes
-        #: one out, under the lock, when it is heard again): key -> (due, hint); and the calls
-        #: made so far for each hint being tried again (thread-owned).
+        #: Hints whose node did not answer, to try again (submit() may take one out, under the
+        #: lock): key -> (due, hint); and the calls made so far for each (thread-owned).
         self._retries: dict[_Key, tuple[float, NodeRecord]] = {}
         self._tries: dict[_Key, int] = {}
-        #: The retries whose last call failed to connect (not timed out; under the lock).
-        self._unreached: set[_Key] = set()
+        self._unreached: set[_Key] = set()  # retries after a failed connect (under the lock)
         self._by_sock: dict[Any, _Probe] = {}
         self._settled = threading.Condition(self._lock)
         self._ids = int(clock() * 1e6) & 0xFFFFFFFF
@@ -183,10 +181,8 @@ class Verifier:
                 self._counters.add("hints_known")
                 return
             if key in self._retries and key in self._unreached:
-                # Heard again while waiting to try again after a failed connect (its node is
-                # back after a partition, and the first connect after it failed while the
-                # host's neighbour entry was still resolving): try now, not VERIFY_RETRY_S
-                # later. (A node that timed out is busy: it waits.)
+                # Heard again after a failed connect (back after a cut, the first connect can
+                # fail): try now. (One that timed out is busy: it waits VERIFY_RETRY_S.)
                 del self._retries[key]
                 self._unreached.discard(key)
             elif key in self._pending or key in self._queued or key in self._retries:
