@@ -24,6 +24,7 @@ does not load the rest of this (shared) machine. They join a fabric of their own
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -73,6 +74,10 @@ def drop_times(survivors: list[Member], gone: set[str], since: float) -> list[fl
     return out
 
 
+def all_ready(members: list[Member]) -> bool:
+    return all(m.ready for m in members)
+
+
 def rejoins(member: Member) -> int:
     """Nodes ``member`` listed again after they had left its view."""
     count, left = 0, set()
@@ -86,7 +91,7 @@ def rejoins(member: Member) -> int:
 
 
 def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str | None,
-        logs: Path | None, say: Any) -> dict[str, Any]:
+        logs: Path | None, say: Any, start_timeout: float = 600.0) -> dict[str, Any]:
     fleet = Fleet(f"scale-{uuid.uuid4().hex[:8]}", netns=netns, logs=logs, source=source)
     row: dict[str, Any] = {"nodes": count, "kill": kill, "source": str(source),
                            "private_loopback": netns is not None}
@@ -94,12 +99,12 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
         t0 = time.monotonic()
         for i in range(0, count, batch):
             members = [fleet.spawn(f"n{j:03d}") for j in range(i, min(count, i + batch))]
-            if not fleet.wait(lambda b=members: all(m.ready for m in b), 300):
+            if not fleet.wait(functools.partial(all_ready, members), start_timeout):
                 raise click.ClickException(f"nodes did not start: {[m.name for m in members]}")
             say(f"{len(fleet.members)} started")
         row["spawn_s"] = round(time.monotonic() - t0, 1)
         members = list(fleet.members.values())
-        if not fleet.wait(fleet.full, 120):
+        if not fleet.wait(fleet.full, start_timeout):
             row["not_full"] = sum(1 for m in members if not fleet.full([m]))
         last_ready = max(m.ready or 0.0 for m in members)
         fulls = [t for m in members if (t := fleet.full_at(m)) is not None]
@@ -108,7 +113,7 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
 
         fleet.sleep(5)  # the join traffic settles
         before = {m.name: cpu_ns(m.pid) for m in members}
-        t0 = time.monotonic()
+        t0 = t_idle = time.monotonic()
         fleet.sleep(idle)
         elapsed = time.monotonic() - t0
         cpu = [100 * (cpu_ns(m.pid) - before[m.name]) / 1e9 / elapsed for m in members]
@@ -119,6 +124,7 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
         row["fds_p50"], row["fds_max"] = p50_max([float(fds(m.pid)) for m in members], 0)
         say("idle measured")
 
+        t_idle_end = time.monotonic()
         if kill:
             victims = random.sample(members, kill)
             gone = {v.name for v in victims}
@@ -143,6 +149,12 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
     alive = [m for m in fleet.members.values() if m.name not in gone]
     false = [(m.name, n) for m in alive for k, t, n in m.events if k == "left" and n not in gone]
     row["false_deaths"] = len(false)
+    phases = {"start": 0, "idle": 0, "after_kill": 0}
+    for m in alive:
+        for k, t, n in m.events:
+            if k == "left" and n not in gone:
+                phases["start" if t < t_idle else "idle" if t < t_idle_end else "after_kill"] += 1
+    row["false_deaths_by_phase"] = phases
     row["rejoins"] = sum(rejoins(m) for m in alive)
     if false:
         row["false_death_examples"] = false[:5]
@@ -171,6 +183,11 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
               default=ROOT, show_default=True, help="Checkout whose zmqfabric the nodes run.")
 @click.option("--batch", type=int, default=25, show_default=True,
               help="Nodes started at a time (each batch waits until its nodes are ready).")
+@click.option("--start-timeout", type=float, default=600.0, show_default=True,
+              help="Seconds a batch may take to start, and the fabric to converge: every "
+                   "node hears every newcomer's mDNS browse answered by every other node, so a "
+                   "join costs O(N) per node (O(N^2) on one host) and 300 nodes on 2 cores take "
+                   "minutes.")
 @click.option("--netns/--shared-loopback", default=True, show_default=True,
               help="Run the nodes in a network namespace of their own (needs root).")
 @click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -178,7 +195,8 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of text.")
 @click.option("--verbose", is_flag=True, help="Say how far each run got, on stderr.")
 def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: int,
-         netns: bool, logs: Path | None, as_json: bool, verbose: bool) -> None:
+         start_timeout: float, netns: bool, logs: Path | None, as_json: bool,
+         verbose: bool) -> None:
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
 
@@ -189,7 +207,7 @@ def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: i
     for count in counts:
         with private_loopback(netns) as ns:
             row = run(count, max(0, min(kill, count - 2)), idle, source.resolve(), batch, ns,
-                      logs, say)
+                      logs, say, start_timeout)
         row["loadavg_1m"] = round(os.getloadavg()[0], 1)
         if as_json:
             click.echo(json.dumps(row))

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zmqfabric import constants as C
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
+from zmqfabric.core.rings import phase
 from zmqfabric.core.swim import Members, State, Timing
 from zmqfabric.core.updates import (
     MAX_INCARNATION,
@@ -34,9 +36,10 @@ def record(i: int) -> NodeRecord:
     return NodeRecord(f"n{i}", node_id(i), "host", 100 + i, "127.0.0.1", (ctl,))
 
 
-def table(me: int, others: range | list[int], now: float = 0.0, inc: int | None = 0) -> Members:
-    """Node ``me``'s table holding ``others`` (at incarnation ``inc``, as if they had told us;
-    None: known from their records only)."""
+def table(me: int, others: range | list[int], now: float = -1000.0,
+          inc: int | None = 0) -> Members:
+    """Node ``me``'s table holding ``others`` since ``now`` (long ago: not young), at
+    incarnation ``inc`` as if they had told us (None: known from their records only)."""
     members = Members(node_id(me), T, random.Random(me))
     for i in others:
         if i != me:
@@ -129,6 +132,35 @@ def test_no_target_alone_and_refused_members_are_skipped() -> None:
     members = table(0, [1, 2])
     members.refused(node_id(1))
     assert {members.target(r).node_id for r in range(6)} == {node_id(2)}  # type: ignore[union-attr]
+
+
+def test_members_are_probed_at_phases_spread_over_the_period() -> None:
+    phases = sorted(phase(node_id(i)) for i in range(1000))
+    assert 0 <= phases[0] and phases[-1] < 1 and phase(node_id(7)) == phase(node_id(7))
+    assert all(len([p for p in phases if k / 10 <= p < (k + 1) / 10]) > 60 for k in range(10))
+
+
+def test_a_member_being_probed_is_skipped_for_the_next_on_that_ring() -> None:
+    members = table(0, range(1, 10))
+    first = members.target(4)
+    assert first is not None
+    second = members.target(4, {first.node_id})
+    assert second is not None and second.node_id != first.node_id
+    assert members.target(4, {node_id(i) for i in range(1, 10)}) is None
+
+
+def test_a_node_cut_off_suspects_every_member_one_per_period() -> None:
+    """Our own suspects are skipped: a node that reaches nobody probes (and suspects) a new
+    member each period, not only its successors (which the rings would keep for it until they
+    die, a suspicion time each)."""
+    members = table(0, range(1, 8))
+    for r in range(7):
+        target = members.target(r)
+        assert target is not None and target.state is State.ALIVE
+        members.failed(target.node_id, float(r))
+    states = {members.get(node_id(i)).state for i in range(1, 8)}  # type: ignore[union-attr]
+    assert states == {State.SUSPECT}
+    assert members.target(7) is None
 
 
 # --- suspicion, death, refutation -----------------------------------------------------------------
@@ -282,3 +314,46 @@ def test_a_former_back_at_its_buried_incarnation_ignores_old_accusations() -> No
     # Accusations at a later incarnation (after it refuted) count again.
     members.acked(node_id(1), 3, 1.2)
     assert members.apply(Update(Kind.DEAD, node_id(1), 3, "n1"), 1.3).removed
+
+
+def test_anti_entropy_learns_what_gossip_missed() -> None:
+    ours = table(0, [1, 2])
+    theirs = table(3, [0, 1, 2, 4])
+    theirs.acked(node_id(1), 5, 0.0)
+    listed = {Update.decode(raw).node_id: Update.decode(raw) for raw in theirs.summary()}
+    assert set(listed) == {node_id(0), node_id(1), node_id(2), node_id(4)}
+    # A member at a later incarnation: taken as its alive.
+    assert ours.merge(listed[node_id(1)], 1.0).gossip
+    assert ours.get(node_id(1)).inc == 5  # type: ignore[union-attr]
+    # A node we never heard of: a hint to verify, not a member.
+    assert ours.merge(listed[node_id(4)], 1.0).verify == [listed[node_id(4)]]
+    assert ours.get(node_id(4)) is None
+    # Ourselves, and members at our incarnation: nothing.
+    assert ours.merge(listed[node_id(0)], 1.0) == type(ours.merge(listed[node_id(0)], 1.0))()
+    assert not ours.merge(listed[node_id(2)], 1.0).gossip
+    # A member we buried that they still list: verify it (the caller reports it dead again).
+    ours.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 2.0)
+    assert ours.merge(listed[node_id(2)], 3.0).verify == [listed[node_id(2)]]
+
+
+def test_only_a_suspicion_of_our_own_runs_out_here() -> None:
+    members = table(0, range(300))
+    heard = Update(Kind.SUSPECT, node_id(1), 0, "n1", origin=node_id(2))
+    members.apply(heard, 0.0)
+    member = members.get(node_id(1))
+    assert member is not None and member.state is State.SUSPECT
+    assert members.next_deadline() is None and not members.expire(1000.0).removed
+    # Our own probe failed too: now our timer runs (with the other's suspicion as confirmation).
+    members.failed(node_id(1), 10.0)
+    assert members.next_deadline() is not None
+    assert [why for _, why in members.expire(1000.0).removed] == ["dead"]
+
+
+def test_a_slow_member_that_refuted_is_not_slow_next_time() -> None:
+    members = table(0, range(5))
+    members.failed(node_id(1), 0.0, listening=True)
+    slow = members.get(node_id(1))
+    assert slow is not None and members.deadline(slow) >= C.SLOW_PEER_S
+    members.apply(Update(Kind.ALIVE, node_id(1), 1, "n1"), 1.0)  # it refuted (gossip)
+    members.failed(node_id(1), 2.0)
+    assert members.deadline(slow) < 2.0 + C.SLOW_PEER_S

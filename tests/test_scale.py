@@ -36,16 +36,20 @@ def start(fleet: Fleet, names: list[str]) -> list[Member]:
 
 
 def idle_fds(members: list[Member], timeout: float = 20.0) -> int:
-    """The most file descriptors any node holds, once two looks 0.5 s apart agree (the joins'
-    short-lived connections have closed)."""
+    """The most file descriptors an idle node holds: each node's least over five looks 0.4 s
+    apart (a probe or sync connection lives about a second), once the joins' short-lived
+    connections have closed (two such rounds agree)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        now = max(fds(m.pid) for m in members)
+        looks = []
+        for _ in range(5):
+            looks.append([fds(m.pid) for m in members])
+            time.sleep(0.4)
+        now = max(min(column) for column in zip(*looks, strict=True))
         if now == last:
             return now
         last = now
-        time.sleep(0.5)
     raise AssertionError(f"file descriptors still changing after {timeout} s (last: {last})")
 
 

@@ -63,6 +63,11 @@ HWM = 10_000
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1_500
 HEARTBEAT_TTL_MS = 3_000
+#: The control endpoint pings its clients this seldom (ms; timeout three times it). Liveness
+#: keeps PROBE_SPREAD connections to each node's control endpoint, and at HEARTBEAT_IVL_MS their
+#: pings cost about 0.08 % of a core per node, a third of its idle cost; probes are the
+#: heartbeats there, and these pings only clear connections from hosts that vanished.
+CONTROL_HEARTBEAT_IVL_MS = 10_000
 #: Reconnect quickly on loopback/LAN; back off to 2 s for peers that stay away.
 RECONNECT_IVL_MS = 50
 RECONNECT_IVL_MAX_MS = 2_000
@@ -119,7 +124,11 @@ PROBE_TIMEOUT_S = 0.2
 PROBE_TIMEOUT_MAX_S = 5.0
 #: ...and starts at this (s), before any answer was timed (TCP's initial RTO is 1 s).
 PROBE_TIMEOUT_INITIAL_S = 1.0
-SUSPICION_RTO_MULT = 4
+#: A suspect's least time to refute, in answer timeouts: the accusation reaches it and its
+#: refutation comes back within one each, with room for a slow period. (A live process that is
+#: only slow is told apart by its port: SLOW_PEER_S.) A pulled cable is seen within about a
+#: period, three timeouts to suspect, and this.
+SUSPICION_RTO_MULT = 3
 #: An answer that comes after its timeout still counts (and is timed) this long (s).
 LATE_ANSWER_S = 10.0
 #: A member that misses a probe, or whose kept connection drops, has its control port checked
@@ -135,6 +144,10 @@ SUSPICION_S = 0.5
 #: A suspicion nobody confirms waits this many times longer (Lifeguard: independent
 #: confirmations shorten it to the minimum).
 SUSPICION_MAX_FACTOR = 3.0
+#: A suspect whose host still accepts connections at its control port is a live process, only
+#: slow (a host so loaded that it answers nothing for seconds, as when hundreds of nodes start
+#: on two cores): it gets this long (s). One that accepts but answers nothing for longer is hung.
+SLOW_PEER_S = 30.0
 #: Independent confirmations that bring a suspicion down to its minimum time.
 SUSPICION_CONFIRMATIONS = 2
 #: While there is news, a node also sends it to its PROBE_SPREAD ring successors this often (s),
@@ -160,6 +173,11 @@ FORMER_PROBERS = 3
 #: a PTR query every REQUERY_S (s), which every node missing from its known answers answers.
 REQUERY_S = 30.0
 REQUERY_SENDERS = 2
+#: Anti-entropy: each node swaps its member list with one random member this often (s), so
+#: that gossip a node missed (a join, a death) reaches it anyway (memberlist: push-pull, 30 s).
+SYNC_S = 30.0
+#: Most members listed in one anti-entropy message (bounded: a peer can make us hold them).
+MAX_SYNC = 1024
 #: Outgoing probe connections open at once; an idle one closes after PROBE_IDLE_S (s).
 MAX_PROBE_SOCKETS = 16
 PROBE_IDLE_S = 1.0
@@ -169,8 +187,8 @@ MAX_VERIFYING = 64
 HINT_RETRY_S = 2.0
 #: A node leaving tells this many members (the mDNS goodbye tells the subnet at once).
 LEAVE_FANOUT = 3
-#: Lifeguard's local health: a node that misses probes or wakes up late stretches its own
-#: timers up to (1 + HEALTH_MAX) times, instead of declaring others dead.
+#: Lifeguard's local health: a node that wakes up late or has to refute waits up to
+#: (1 + HEALTH_MAX) times longer for answers, instead of declaring others dead.
 HEALTH_MAX = 8
 #: An unreachable peer is declared dead within about this long (s) in a small fabric: a probe
 #: period, the indirect probes and the longest suspicion.

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .constants import MAX_CONTROL_MESSAGE, THREAD_JOIN_TIMEOUT_S
+from .constants import CONTROL_HEARTBEAT_IVL_MS, MAX_CONTROL_MESSAGE, THREAD_JOIN_TIMEOUT_S
 from .core.records import EndpointKind, encode_txt
 from .discovery.swim import OPS as PROBE_OPS
 from .errors import (
@@ -57,6 +57,8 @@ class ControlEndpoint(ServiceEndpoint):
     counter_undeliverable = "control_replies_undeliverable"
     #: Control messages are small: a peer that sends a bigger frame is disconnected unread.
     max_message_size = MAX_CONTROL_MESSAGE
+    #: Peers keep liveness connections here: ping them seldom (each ping wakes two IO threads).
+    heartbeat_ivl_ms = CONTROL_HEARTBEAT_IVL_MS
 
     def __init__(self, runtime: NodeRuntime, handler: Any) -> None:
         self.fixed_port = runtime.config.control_port

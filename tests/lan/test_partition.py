@@ -127,9 +127,12 @@ def test_a_partition_longer_than_the_forget_time_heals(lan: Lan, former_keep_s: 
     assert gone_at - pulled < DEAD_WITHIN_S
     # The cut-off node probes its members one per period, so it takes longer to bury them all.
     alone_at = views.wait(lambda v: v["node3"] == {"node3"}, 30)
-    # Keep the cable out for cut_s, and until both sides have held their formers longer than
-    # former_keep_s (the cut-off node may take longer than cut_s to bury the others).
-    until = max(pulled + cut_s, alone_at + former_keep_s + 1.0)
+    # Keep the cable out for cut_s, and, when the formers are to be forgotten, until both sides
+    # have held them longer than former_keep_s (the cut-off node may take longer than cut_s to
+    # bury the others). Formers kept longer than the cut are probed instead.
+    until = pulled + cut_s
+    if former_keep_s < cut_s:
+        until = max(until, alone_at + former_keep_s + 1.0)
     while time.monotonic() < until:
         assert not [c for c in views.pump(until - time.monotonic()) if c[2] == "joined"]
 

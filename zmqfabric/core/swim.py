@@ -25,7 +25,8 @@ reuses them, and news crosses the union of the rings, a random graph of degree 2
 in O(log N) hops. Members that die become *formers*: kept for ``former_keep_s`` and probed now
 and then, so a partition heals when the link comes back.
 
-The updates and their queue: :mod:`.updates`.
+The updates and their queue: :mod:`.updates`; the timers (configured, the answer-time estimate,
+the suspicion time): :mod:`.timers`; the rings: :mod:`.rings`.
 
 Trust: gossip is a hint. An ``alive`` update about a node this node does not hold as a member
 never admits it: it asks the caller to verify the node directly (:attr:`Effects.verify`).
@@ -36,43 +37,18 @@ Pure: no IO, threads or clock; every method takes ``now`` (monotonic seconds). N
 
 from __future__ import annotations
 
-import bisect
 import enum
-import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import constants as C
-from ..errors import LocalProtocolError
 from .records import NodeRecord
+from .rings import Rings
+from .timers import RoundTrip, Timing, suspicion_timeout
 from .updates import Kind, Update
 
 __all__ = ["Effects", "Kind", "Member", "Members", "RoundTrip", "State", "Timing", "Update"]
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """The liveness timers of a node (``NodeConfig.liveness``); defaults in constants."""
-
-    probe_interval_s: float = C.PROBE_INTERVAL_S
-    probe_timeout_s: float = C.PROBE_TIMEOUT_S
-    indirect_probes: int = C.INDIRECT_PROBES
-    suspicion_s: float = C.SUSPICION_S
-    suspicion_max_factor: float = C.SUSPICION_MAX_FACTOR
-    confirmations: int = C.SUSPICION_CONFIRMATIONS
-    gossip_interval_s: float = C.GOSSIP_INTERVAL_S
-    retransmit_mult: int = C.RETRANSMIT_MULT
-    former_keep_s: float = C.FORMER_KEEP_S
-    former_probe_s: float = C.FORMER_PROBE_S
-    requery_s: float = C.REQUERY_S
-
-    def __post_init__(self) -> None:
-        times = (self.probe_interval_s, self.probe_timeout_s, self.suspicion_s,
-                 self.gossip_interval_s, self.former_keep_s, self.former_probe_s, self.requery_s)
-        if min(times) <= 0 or self.probe_timeout_s * 3 > self.probe_interval_s:
-            raise LocalProtocolError("liveness timers must be > 0, probe_timeout_s <= interval/3")
-        if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,
-                                                self.retransmit_mult) < 0:
-            raise LocalProtocolError("suspicion_max_factor must be >= 1, counts >= 0")
 
 
 class State(enum.Enum):
@@ -100,6 +76,8 @@ class Member:
     #: We learned its incarnation from it (an answer, its ``alive``), not only from its record:
     #: until then an accusation may be about an incarnation it already refuted.
     known: bool = False
+    #: It missed our probes while its host still accepted connections at its port (see failed).
+    slow: bool = False
 
     @property
     def node_id(self) -> str:
@@ -126,74 +104,6 @@ class Effects:
     forgotten: list[Member] = field(default_factory=list)
 
 
-class RoundTrip:
-    """How long answers take, as TCP estimates it (Jacobson/Karels: smoothed time and mean
-    deviation), and the timeout that follows: on a loaded host answers slow down, and so do our
-    verdicts, instead of turning slowness into deaths."""
-
-    def __init__(self) -> None:
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-
-    def sample(self, rtt: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-
-    def timeout(self, floor: float, ceiling: float, initial: float) -> float:
-        """srtt + 4 * rttvar, within [floor, ceiling]; ``initial`` before any answer came (as
-        TCP starts at 1 s: a node that just started knows nothing of its peers' load)."""
-        if self.srtt is None:
-            return initial
-        return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
-
-
-_M64 = 2**64 - 1
-
-
-def ring_key(ring: int, node_id: str) -> int:
-    """Where ``node_id`` sits on ring ``ring``: splitmix64 of the id and the ring's number, the
-    same in every process (unlike ``hash``)."""
-    z = (int(node_id, 16) + (ring + 1) * 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-class Rings:
-    """``count`` rings of node ids, each in its own pseudo-random order, kept sorted as members
-    come and go (O(log N) to find, one list insert each)."""
-
-    def __init__(self, me: str, count: int) -> None:
-        self._me = me
-        self._rings: list[list[tuple[int, str]]] = [[(ring_key(j, me), me)] for j in range(count)]
-
-    def add(self, node_id: str) -> None:
-        for j, ring in enumerate(self._rings):
-            entry = (ring_key(j, node_id), node_id)
-            at = bisect.bisect_left(ring, entry)
-            if at == len(ring) or ring[at] != entry:
-                ring.insert(at, entry)
-
-    def remove(self, node_id: str) -> None:
-        for j, ring in enumerate(self._rings):
-            entry = (ring_key(j, node_id), node_id)
-            at = bisect.bisect_left(ring, entry)
-            if at < len(ring) and ring[at] == entry:
-                del ring[at]
-
-    def successors(self) -> list[str]:
-        """Our successor on each ring (empty while we are alone)."""
-        out = []
-        for j, ring in enumerate(self._rings):
-            if len(ring) > 1:
-                at = bisect.bisect_left(ring, (ring_key(j, self._me), self._me))
-                out.append(ring[(at + 1) % len(ring)][1])
-        return out
-
-
 class Members:
     """The member table of node ``me`` (its node id). See the module docstring."""
 
@@ -202,6 +112,7 @@ class Members:
         self.timing = timing
         self.rng = rng or random.Random()
         self._members: dict[str, Member] = {}
+        self._suspects: dict[str, Member] = {}  # the members that are suspect
         self._formers: dict[str, Member] = {}
         self._rings = Rings(me, C.PROBE_SPREAD)  # of the members we probe (not refused)
         #: The least time (s) a suspect gets, whatever N: set from the answer times seen.
@@ -225,8 +136,24 @@ class Members:
     def alive_ids(self) -> frozenset[str]:
         return frozenset(i for i, m in self._members.items() if m.state is State.ALIVE)
 
+    def summary(self) -> list[list[Any]]:
+        """Every member as an ``alive`` update on the wire (for anti-entropy)."""
+        return [m.update(Kind.ALIVE, self.me).encode() for m in self._members.values()]
+
+    def merge(self, update: Update, now: float) -> Effects:
+        """Take an entry of a peer's member list (anti-entropy): the peer holds ``update``'s
+        node as a member at ``update.inc``. A later incarnation of a member is taken as its
+        ``alive``; a node we do not hold, or buried, is a hint to verify (the caller reports a
+        buried one dead again if it does not answer)."""
+        if update.node_id == self.me:
+            return Effects()
+        member = self._members.get(update.node_id)
+        if member is not None:
+            return self.apply(update, now) if update.inc > member.inc else Effects()
+        return Effects(verify=[update] if update.url else [])
+
     def suspects(self) -> list[Member]:
-        return [m for m in self._members.values() if m.state is State.SUSPECT]
+        return list(self._suspects.values())
 
     # --- the directory ---------------------------------------------------------------------------
 
@@ -240,7 +167,7 @@ class Members:
             member = known
             member.record, member.url = record, url
             if member.state is State.DEAD:
-                member.state, member.since, member.suspecters = State.ALIVE, now, []
+                self._set(member, State.ALIVE, now)
                 member.buried = member.inc
             if inc is not None:
                 member.inc, member.known = max(member.inc, inc), True
@@ -257,6 +184,7 @@ class Members:
         member = self._members.pop(node_id, None)
         if member is not None:
             self._rings.remove(node_id)
+            self._suspects.pop(node_id, None)
         return member
 
     # --- probing -------------------------------------------------------------------------------
@@ -266,12 +194,19 @@ class Members:
         (each one once)."""
         return [self._members[i] for i in dict.fromkeys(self._rings.successors())]
 
-    def target(self, round_no: int) -> Member | None:
+    def target(self, round_no: int, busy: set[str] | frozenset[str] = frozenset()) -> Member | None:
         """The member to probe in period ``round_no``: our successor on ring ``round_no`` mod
         PROBE_SPREAD. Every node uses the same ring in a period, so every member is probed by
-        exactly one node (its predecessor on that ring)."""
-        successors = self._rings.successors()
-        return self._members[successors[round_no % len(successors)]] if successors else None
+        exactly one node (its predecessor on that ring).
+
+        Members in ``busy`` (being probed already) and members we suspect ourselves (probed
+        again until they refute or die) are skipped for the next on that ring: so a node cut
+        off from the others suspects all its members within a few periods, not only its
+        successors (whose deaths would only then make the next ones its successors)."""
+        skip = set(busy)
+        skip.update(i for i, m in self._suspects.items() if self.me in m.suspecters)
+        node_id = self._rings.successor(round_no % C.PROBE_SPREAD, skip)
+        return None if node_id is None else self._members[node_id]
 
     def helpers(self, exclude: str, count: int) -> list[Member]:
         """Up to ``count`` random members (not ``exclude``) to probe a member for us."""
@@ -291,11 +226,11 @@ class Members:
         if member is None or inc < member.inc:
             return out
         if member.state is State.SUSPECT and inc > member.inc:
-            member.state, member.since, member.suspecters = State.ALIVE, now, []
+            self._set(member, State.ALIVE, now)
             member.inc = inc
             out.gossip.append(member.update(Kind.ALIVE, self.me))  # its refutation, relayed
         member.inc = inc
-        member.refused = False
+        member.refused = member.slow = False
         member.known = True
         return out
 
@@ -306,12 +241,15 @@ class Members:
             member.refused = True
             self._rings.remove(node_id)
 
-    def failed(self, node_id: str, now: float) -> Effects:
-        """Neither ``node_id`` nor anyone we asked got an answer from it within a period."""
+    def failed(self, node_id: str, now: float, listening: bool = False) -> Effects:
+        """Neither ``node_id`` nor anyone we asked got an answer from it within a period.
+        ``listening``: its host still accepts connections at its control port, so the process
+        is there, only slow (or hung): it gets at least SLOW_PEER_S to answer."""
         out = Effects()
         member = self._members.get(node_id)
         if member is None:
             return out
+        member.slow = member.slow or listening
         if member.state is State.ALIVE:
             self._suspect(member, self.me, now)
         elif self.me in member.suspecters:
@@ -365,7 +303,7 @@ class Members:
             if update.inc > member.inc:
                 member.inc = update.inc
                 if member.state is State.SUSPECT:
-                    member.state, member.since, member.suspecters = State.ALIVE, now, []
+                    self._set(member, State.ALIVE, now)
                 out.gossip.append(update)
         elif update.kind is Kind.SUSPECT:
             origin = update.origin or update.node_id
@@ -386,27 +324,20 @@ class Members:
     # --- time ----------------------------------------------------------------------------------
 
     def suspicion_timeout(self, confirmations: int) -> float:
-        """Lifeguard: from max down to min as confirmations come in; min scales with
-        log10(N) and is at least :attr:`floor`."""
-        t = self.timing
-        n = len(self._members) + 1
-        low = max(t.suspicion_s * max(1.0, math.log10(n)), self.floor)
-        high = low * t.suspicion_max_factor
-        expected = min(t.confirmations, max(0, n - 2))
-        if expected < 1:
-            timeout = low
-        else:
-            frac = math.log(confirmations + 1) / math.log(expected + 1)
-            timeout = max(low, high - frac * (high - low))
-        return timeout
+        """See :func:`~.timers.suspicion_timeout`, for this table's size and floor."""
+        return suspicion_timeout(self.timing, len(self._members) + 1, self.floor, confirmations)
 
     def deadline(self, member: Member) -> float:
-        return member.since + self.suspicion_timeout(len(member.suspecters) - 1)
+        timeout = self.suspicion_timeout(len(member.suspecters) - 1)
+        return member.since + (max(timeout, C.SLOW_PEER_S) if member.slow else timeout)
 
     def expire(self, now: float) -> Effects:
-        """Suspects whose time ran out die; formers kept long enough are forgotten."""
+        """Suspects whose time ran out die; formers kept long enough are forgotten. Only a
+        suspicion of our own runs out here (we failed to reach the member ourselves); one we only
+        heard of waits for its "dead" or its refutation (the member's probers on the rings each
+        reach it every few periods, so someone with evidence decides)."""
         out = Effects()
-        for member in self.suspects():
+        for member in self._own_suspects():
             if now >= self.deadline(member):
                 self._remove(member, Kind.DEAD, now, out)
                 out.gossip.append(member.update(Kind.DEAD, self.me))
@@ -417,19 +348,32 @@ class Members:
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` has work next (suspects only; formers are not urgent)."""
-        times = [self.deadline(m) for m in self.suspects()]
+        times = [self.deadline(m) for m in self._own_suspects()]
         return min(times) if times else None
+
+    def _own_suspects(self) -> list[Member]:
+        return [m for m in self._suspects.values() if self.me in m.suspecters]
 
     # --- internals -----------------------------------------------------------------------------
 
     def _suspect(self, member: Member, origin: str, now: float) -> None:
-        member.state, member.since, member.suspecters = State.SUSPECT, now, [origin]
+        self._set(member, State.SUSPECT, now, [origin])
+
+    def _set(self, member: Member, state: State, now: float,
+             suspecters: list[str] | None = None) -> None:
+        member.state, member.since, member.suspecters = state, now, suspecters or []
+        if state is State.SUSPECT:
+            self._suspects[member.node_id] = member
+        else:
+            self._suspects.pop(member.node_id, None)
+            member.slow = False  # a suspicion's verdict: the next one starts afresh
 
     def _remove(self, member: Member, kind: Kind, now: float, out: Effects) -> None:
         del self._members[member.node_id]
         self._rings.remove(member.node_id)
+        self._suspects.pop(member.node_id, None)
         if kind is Kind.DEAD:
-            member.state, member.since, member.suspecters = State.DEAD, now, []
+            self._set(member, State.DEAD, now)
             self._formers[member.node_id] = member
             while len(self._formers) > C.MAX_FORMERS:
                 oldest = min(self._formers.values(), key=lambda f: f.since)

@@ -15,6 +15,11 @@ about FORMER_PROBERS probes per FORMER_PROBE_S fabric-wide, so the cost does not
 fabric, and a node that answers is admitted again and announced (``alive``) to the others, who
 verify it in turn.
 
+Anti-entropy (:meth:`Admission.sync`): every ``sync_s`` a node swaps its member list with one
+random member, so that a join or a death that gossip missed reaches it anyway; what a list holds
+and we do not is a hint like any other, and a member we buried that the peer still lists is
+verified, and reported dead again if it does not answer.
+
 Housekeeping thread only. Bounded: MAX_VERIFYING verifications at once; a URL that did not answer
 is not tried again on a hint for HINT_RETRY_S.
 """
@@ -25,12 +30,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..constants import FORMER_PROBERS, HINT_RETRY_S, MAX_PIGGYBACK, MAX_VERIFYING
+from ..constants import FORMER_PROBERS, HINT_RETRY_S, MAX_PIGGYBACK, MAX_SYNC, MAX_VERIFYING
 from ..core.records import NodeRecord
-from ..core.swim import Kind, Member, Members, Update
+from ..core.swim import Effects, Kind, Member, Members, Update
 from ..errors import RemoteProtocolError
 from .gossip import in_scope
-from .swim import Local, decode_record, is_inc
+from .swim import Local, decode_record, decode_updates, is_inc
 
 if TYPE_CHECKING:
     from .local import LocalNode
@@ -54,16 +59,19 @@ class Admission:
     """Verifies hinted nodes and formers, and admits those that answer. Not thread-safe."""
 
     def __init__(self, node: LocalNode, members: Members, local: Local, ask: Ask,
-                 gossip: Callable[[object], None], discovery: Rediscovery,
+                 answer: Callable[[str, Any], int | None],
+                 effects: Callable[[Effects, str], None], discovery: Rediscovery,
                  join: Callable[[NodeRecord], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """``ask`` sends requests, ``gossip`` takes the gossip of an answer, ``join`` makes an
-        admitted node a member."""
+        """``ask`` sends requests, ``answer(node_id, reply)`` takes an answer (its gossip, and
+        the node's incarnation if it is ``node_id``), ``effects`` carries out what the member
+        table asks, ``join`` makes an admitted node a member."""
         self._node = node
         self._members = members
         self._local = local
         self._ask = ask
-        self._gossip = gossip
+        self._answer = answer
+        self._effects = effects
         self._discovery = discovery
         self._join = join
         self._clock = clock
@@ -76,6 +84,38 @@ class Admission:
         """The incarnation a node told us while we verified it (None if none); read once."""
         return self._incs.pop(node_id, None)
 
+    def sync(self, probe_body: Callable[[Member], dict[str, Any]]) -> None:
+        """Swap member lists with one random member (anti-entropy; its answer carries its)."""
+        for member in self._members.helpers("", 1):
+            body = probe_body(member)
+            body["sync"] = self._members.summary()
+
+            def answered(reply: Any, member: Member = member) -> None:
+                self._answer(member.node_id, reply)
+                if isinstance(reply, dict) and "sync" in reply:
+                    self.synced(reply["sync"])
+
+            self._ask(member.url, member.record.curve_key, body, self._timeout, answered)
+
+    def synced(self, raw: object) -> None:
+        """Take a peer's member list (anti-entropy): learn what it holds that we missed."""
+        if not isinstance(raw, list) or len(raw) > MAX_SYNC:
+            self._node.counters.add("refused_gossip")
+            return
+        updates, refused = decode_updates(raw, MAX_SYNC)
+        if refused:
+            self._node.counters.add("refused_gossip", refused)
+        now = self._clock()
+        for update in updates:
+            if update.kind is not Kind.ALIVE:
+                continue
+            out = self._members.merge(update, now)
+            for hint in out.verify:
+                former = self._members.former(hint.node_id)
+                self.verify(hint.url, hint.key, hint.node_id, former, report=True)
+            out.verify = []
+            self._effects(out, "gossip")
+
     def look_for_former(self) -> None:
         """Probe a random former member, with probability FORMER_PROBERS / N."""
         if self._members.rng.random() >= FORMER_PROBERS / (len(self._members) + 1):
@@ -84,10 +124,11 @@ class Admission:
         if former is not None:
             self.verify(former.url, former.record.curve_key, former.node_id, former)
 
-    def verify(self, url: str, key: str | None, node_id: str,
-               former: Member | None = None) -> None:
+    def verify(self, url: str, key: str | None, node_id: str, former: Member | None = None,
+               report: bool = False) -> None:
         """Ask the node at ``url`` for its record and admit it if it answers (a hint about
-        ``node_id``, or ``former``)."""
+        ``node_id``, or ``former``). ``report``: if a former does not answer, gossip its death
+        again (a peer still lists it)."""
         now = self._clock()
         if (node_id == self._node.node_id or self._members.get(node_id) is not None
                 or url in self._verifying or len(self._verifying) >= MAX_VERIFYING):
@@ -103,6 +144,8 @@ class Admission:
 
         def silent() -> None:
             self._verifying.pop(url, None)
+            if report and former is not None and self._members.former(node_id) is former:
+                self._local.add([former.update(Kind.DEAD, self._node.node_id)])
             if len(self._unanswered) >= MAX_VERIFYING:
                 self._unanswered.clear()
             self._unanswered[url] = self._clock() + HINT_RETRY_S
@@ -115,7 +158,7 @@ class Admission:
         self._verifying.pop(url, None)
         if not isinstance(reply, dict):
             return
-        self._gossip(reply.get("g"))
+        self._answer("", reply)  # its gossip (it is no member yet)
         try:
             record = decode_record(reply, url)
         except RemoteProtocolError as exc:

@@ -42,7 +42,7 @@ from ..constants import (
     PROBE_IDLE_S,
 )
 from ..core import wire
-from ..core.swim import RoundTrip
+from ..core.timers import RoundTrip
 from ..errors import FabricError, RemoteProtocolError
 
 if TYPE_CHECKING:

@@ -9,9 +9,11 @@ are not listed, such as the CLI's observers):
 - ``{"op": "probe", "to": [id, inc, accused], "from": FROM, "rec": bool, "g": UPDATES}``: are
   you there? ``to`` is what the prober holds about the target; ``accused`` is true when it holds
   it as suspect or dead at ``inc``, and the target then refutes (raises its incarnation) before
-  it answers. Answered by every node's control thread with
-  ``{"id": id, "name": name, "inc": inc, "seq": seq, "g": UPDATES}``, plus ``"txt"`` (the node's
-  TXT record as a map) when ``rec`` asks for it.
+  it answers. Answered by every node's control thread with ``{"id": id, "inc": inc,
+  "g": UPDATES}``, plus ``"name"`` and ``"txt"`` (the node's TXT record as a map) when ``rec``
+  asks for it.
+- A probe may carry ``"sync": UPDATES``, the sender's whole member list as ``alive`` updates
+  (anti-entropy, every ``sync_s``); the answer then carries the answerer's list as ``"sync"``.
 - ``{"op": "probe-req", "nonce": n, "target": [id, name, url, key, inc], "from": FROM,
   "g": UPDATES}``: probe ``target`` for me. Answered at once like a probe; when the target
   answers the helper, the helper sends the asker the one-way
@@ -58,11 +60,11 @@ def is_node_id(value: object) -> bool:
                                                                for c in value)
 
 
-def decode_updates(raw: object) -> tuple[list[Update], int]:
-    """The valid updates of a message's ``g`` and how many were refused."""
+def decode_updates(raw: object, limit: int = MAX_GOSSIP) -> tuple[list[Update], int]:
+    """The valid updates of a message's ``g`` (at most ``limit``) and how many were refused."""
     if raw is None:
         return [], 0
-    if not isinstance(raw, list) or len(raw) > MAX_GOSSIP:
+    if not isinstance(raw, list) or len(raw) > limit:
         return [], 1
     updates, refused = [], 0
     for item in raw:
@@ -122,6 +124,8 @@ class Local:
         self._mult = node.config.liveness.retransmit_mult
         #: Set when the node starts to leave: it answers and asks nothing any more.
         self.leaving = False
+        self._sender: list[Any] = ["", ""]  # our name and id (``from``), and control port:
+        self._port: int | None = None
 
     @property
     def inc(self) -> int:
@@ -169,10 +173,15 @@ class Local:
     def sender(self) -> list[Any] | None:
         """Our ``from``: None for a node that is not listed."""
         node = self._node
-        record = node.record
-        if not node.advertised or record.control is None:
+        if not node.advertised:
             return None
-        return [record.name, record.node_id, self._inc, record.control.port]
+        if self._port is None or self._sender[0] != node.name:
+            control = node.record.control
+            if control is None:
+                return None
+            self._port = control.port
+            self._sender = [node.name, node.node_id]
+        return [*self._sender, self._inc, self._port]
 
 
 class Listener(Protocol):
@@ -181,6 +190,7 @@ class Listener(Protocol):
     def heard(self, updates: list[Update], refused: int, refuted: bool, sender: Sender | None,
               key: str | None) -> None: ...
     def relayed(self, nonce: int, node_id: str, inc: int) -> None: ...
+    def synced(self, raw: object) -> None: ...
     def probe_for(self, target: Update, reply_url: str, reply_key: str | None,
                   nonce: int) -> None: ...
 
@@ -198,6 +208,8 @@ class Responder:
         self._listener = listener
         self._post = post
         self.known: frozenset[str] = frozenset()
+        #: Our member list on the wire (set by that thread, read here): anti-entropy answers.
+        self.summary: list[list[Any]] = []
 
     def answer(self, body: dict[str, Any], address: str | None,
                key: str | None) -> dict[str, Any] | None:
@@ -228,11 +240,13 @@ class Responder:
             return None
         if op == "probe-req":
             self._take_request(body, address, key)
-        record = self._node.record
-        reply: dict[str, Any] = {"id": me, "name": record.name, "inc": local.inc,
-                                 "seq": record.seq, "g": local.take(MAX_PIGGYBACK)}
+        reply: dict[str, Any] = {"id": me, "inc": local.inc, "g": local.take(MAX_PIGGYBACK)}
+        if op == "probe" and "sync" in body:
+            self._post(self._listener.synced, body["sync"])
+            reply["sync"] = self.summary
         if op == "probe" and body.get("rec") is True:
-            reply["txt"] = encode_txt(record)
+            record = self._node.record
+            reply["name"], reply["txt"] = record.name, encode_txt(record)
         return reply
 
     def _take_request(self, body: dict[str, Any], address: str | None, key: str | None) -> None:

@@ -51,6 +51,7 @@ from ..constants import (
     VERIFY_TIMEOUT_S,
 )
 from ..core import wire
+from ..core.buckets import AddressBuckets
 from ..core.records import NodeRecord, confirm_record
 from ..errors import ClosedError, FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
@@ -125,14 +126,14 @@ class Verifier:
         self._lock = threading.Lock()
         self._queued: collections.OrderedDict[_Key, NodeRecord] = collections.OrderedDict()
         self._cache: collections.OrderedDict[_Key, float] = collections.OrderedDict()
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = (
-            collections.OrderedDict()
-        )
+        self._buckets = AddressBuckets(VERIFY_BURST, VERIFY_RATE_PER_S, VERIFY_LOCAL_FACTOR,
+                                       MAX_VERIFY_CACHE)
         self._pending: dict[_Key, _Probe] = {}
-        #: Hints whose node did not answer, to try again (thread-owned): key -> (due, hint); and
-        #: the calls made so far for each hint being tried again.
+        #: Hints whose node did not answer, to try again (submit() may take one out, under the
+        #: lock): key -> (due, hint); and the calls made so far for each (thread-owned).
         self._retries: dict[_Key, tuple[float, NodeRecord]] = {}
         self._tries: dict[_Key, int] = {}
+        self._unreached: set[_Key] = set()  # retries after a failed connect (under the lock)
         self._by_sock: dict[Any, _Probe] = {}
         self._settled = threading.Condition(self._lock)
         self._ids = int(clock() * 1e6) & 0xFFFFFFFF
@@ -179,7 +180,12 @@ class Verifier:
             if expiry is not None and expiry > now:
                 self._counters.add("hints_known")
                 return
-            if key in self._pending or key in self._queued or key in self._retries:
+            if key in self._retries and key in self._unreached:
+                # Heard again after a failed connect (back after a cut, the first connect can
+                # fail): try now. (One that timed out is busy: it waits VERIFY_RETRY_S.)
+                del self._retries[key]
+                self._unreached.discard(key)
+            elif key in self._pending or key in self._queued or key in self._retries:
                 return
             if len(self._queued) >= MAX_QUEUED_HINTS:
                 self._queued.popitem(last=False)
@@ -244,11 +250,11 @@ class Verifier:
     def _launch(self) -> None:
         """Start probes for queued hints while slots are free and their address has tokens."""
         now = self._clock()
-        due = [k for k, (when, _) in self._retries.items() if when <= now]
-        if due:
-            with self._lock:
-                for key in due:
+        if self._retries:
+            with self._lock:  # submit() may take a retry out
+                for key in [k for k, (when, _) in self._retries.items() if when <= now]:
                     _, retry = self._retries.pop(key)
+                    self._unreached.discard(key)
                     if key in self._pending or key in self._queued:
                         continue  # heard again meanwhile: being checked already
                     if len(self._queued) < MAX_QUEUED_HINTS:
@@ -257,7 +263,7 @@ class Verifier:
                         self._tries.pop(key, None)  # no room: dropped like a new hint
         while len(self._pending) < MAX_PENDING_VERIFICATIONS:
             with self._lock:
-                hint = next((h for h in self._queued.values() if self._has_token(h.address, now)),
+                hint = next((h for h in self._queued.values() if self._buckets.has(h.address, now)),
                             None)
                 if hint is None:
                     return
@@ -265,25 +271,8 @@ class Verifier:
                 del self._queued[key]
                 if key in self._pending:
                     continue  # already being checked: one probe per claim at a time
-                self._take_token(hint.address, now)
+                self._buckets.take(hint.address, now)
             self._probe(hint, key, now)
-
-    def _tokens(self, address: str, now: float) -> float:
-        """The verifications ``address`` may have now (a token bucket per address)."""
-        factor = VERIFY_LOCAL_FACTOR if address.startswith("127.") else 1
-        burst = float(VERIFY_BURST * factor)
-        tokens, stamp = self._buckets.get(address, (burst, now))
-        return min(burst, tokens + (now - stamp) * VERIFY_RATE_PER_S * factor)
-
-    def _has_token(self, address: str, now: float) -> bool:
-        return self._tokens(address, now) >= 1.0
-
-    def _take_token(self, address: str, now: float) -> None:
-        tokens = self._tokens(address, now)
-        self._buckets.pop(address, None)
-        self._buckets[address] = (tokens - 1.0, now)
-        while len(self._buckets) > MAX_VERIFY_CACHE:
-            self._buckets.popitem(last=False)
 
     def _probe(self, hint: NodeRecord, key: _Key, now: float) -> None:
         control = hint.control
@@ -328,6 +317,9 @@ class Verifier:
                 kind = event["event"]  # a refusal of our key is an answer: no second try
                 self._decide(probe.hint, probe.key, None, _WHY.get(kind, "its connection failed"),
                              transient=True, retry=kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                if probe.key in self._retries:
+                    with self._lock:
+                        self._unreached.add(probe.key)
             return
         try:
             frames = probe.sock.recv_multipart(zmq.NOBLOCK)

@@ -54,11 +54,15 @@ class Handle:
     #: The waits of this handle's plans: step -> the name of the method that does it (blocking
     #: in a sync handle, a coroutine in an asyncio one; see plan.py).
     steps: ClassVar[Mapping[int, str]] = {RECV: "_recv"}
+    #: The socket's ZeroMQ heartbeat interval (ms), if not the node's.
+    heartbeat_ivl_ms: int | None = None
 
     def __init__(self, runtime: NodeRuntime, name: str, socket_type: int) -> None:
         self._rt = runtime
         self.name = name
-        self._sock: zmq.Socket = runtime.sockets.socket(socket_type, sync=self.sync_socket)
+        self._sock: zmq.Socket = runtime.sockets.socket(
+            socket_type, sync=self.sync_socket, heartbeat_ivl_ms=self.heartbeat_ivl_ms
+        )
         self._closed = False
         runtime.track(self)
 

@@ -68,9 +68,11 @@ class SocketFactory:
             self._context = ctx
         return self._context
 
-    def socket(self, socket_type: int, *, sync: bool = False) -> zmq.Socket:
+    def socket(self, socket_type: int, *, sync: bool = False,
+               heartbeat_ivl_ms: int | None = None) -> zmq.Socket:
         """A new socket with the fabric's options. ``sync=True`` gives a plain socket even on an
-        asyncio node (for node-owned threads)."""
+        asyncio node (for node-owned threads); ``heartbeat_ivl_ms`` overrides the heartbeat
+        interval (timeout: three times it)."""
         cfg = self._config
         ctx = self.context
         if sync and self._asyncio:
@@ -81,8 +83,12 @@ class SocketFactory:
         sock.setsockopt(zmq.SNDHWM, cfg.hwm)
         sock.setsockopt(zmq.RCVHWM, cfg.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size + C.MESSAGE_ENVELOPE)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, cfg.heartbeat_ivl_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, cfg.heartbeat_timeout_ms)
+        if heartbeat_ivl_ms is None:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, cfg.heartbeat_ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, cfg.heartbeat_timeout_ms)
+        else:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ivl_ms)
         sock.setsockopt(zmq.HEARTBEAT_TTL, cfg.heartbeat_ttl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL, C.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, C.RECONNECT_IVL_MAX_MS)
