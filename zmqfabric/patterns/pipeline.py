@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 import msgpack
 import zmq
 
-from ..constants import DECODE_CHECK_SIZE, LINGER_MS, MAX_BATCH, ZERO_COPY_THRESHOLD
+from ..constants import DECODE_CHECK_SIZE, ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, pack_canonical
@@ -187,32 +187,21 @@ class PusherBase(Encoder, Connector):
 class Pusher(PusherBase, SyncConnector):
     """Sends into a pipeline, round robin over its pullers. Owned by one thread.
 
-    **Batching under load.** A message leaves at once while the socket takes it. When every
-    connected puller is HWM messages behind (the sender outruns the receivers; not while the
-    connections are still being made, when ``send`` waits for them), ``send`` holds
-    the message instead of waiting, and the next sends join it: the held messages leave as one
-    batch frame (docs/PROTOCOL.md, section 5.7) as soon as the socket takes it, tried at every
-    send; once MAX_BATCH are held (or 16 KiB), ``send`` waits for the socket as before. Held
-    messages also leave with :meth:`flush`, :meth:`send_many` and :meth:`close` (which waits
-    at most LINGER_MS for the socket); a sender that stops while its pullers are behind calls
-    :meth:`flush` to wait until they are out of its hands."""
-
-    _held: list[bytes]
-    _held_size = 0
-    _held_first = 0
+    A message is in ZeroMQ's hands when ``send`` returns: it leaves whether or not the sender
+    sends again. While every puller is HWM messages behind, ``send`` waits for room (ZeroMQ's
+    backpressure). :meth:`send_many` packs messages into batch frames (docs/PROTOCOL.md, 5.7).
+    The pusher does not hold messages back to batch them by itself: a message held until the
+    next send was stranded when the sender went idle (the demo's pipeline lost 184 jobs)."""
 
     def send(self, body: Any, timeout: float | None = None) -> None:
         """Send ``body`` to one puller. Waits up to ``timeout`` s (None: forever) while no puller
-        is connected, or while every puller is behind and MAX_BATCH messages are held (see the
-        class); then raises NoProviderError. Raises LocalProtocolError for a body msgpack
-        cannot encode, MessageTooLargeError for one over the node's ``max_message_size``
-        (nothing is sent then)."""
+        is connected or every puller is behind; then raises NoProviderError. Raises
+        LocalProtocolError for a body msgpack cannot encode, MessageTooLargeError for one over
+        the node's ``max_message_size`` (nothing is sent then)."""
         if self._closed:
             self._check_open()
         # Encoder._encode inlined (hot path): one frame, one send.
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
-            if self._held_size:
-                self.flush(timeout)
             frames, copy = [self._raw_header(body), body], False
         else:
             self._seq = seq = self._seq + 1
@@ -224,91 +213,19 @@ class Pusher(PusherBase, SyncConnector):
                 raise MessageTooLargeError(len(packed), self._limit)
             if self._ops:
                 self._drain()
-            if self._held_size:
-                self._hold(packed, seq, timeout)
-                return
             data = pack_canonical(self._prefix, seq, FLOAT64, _now()) + packed
             try:
                 _SEND(self._sock, data, NOBLOCK)
                 return
             except zmq.Again:
-                pass  # no puller yet, or all are HWM behind
+                pass  # no puller yet, or all are HWM behind: wait below
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
-            if len(packed) < _HOLD_ROOM and self._behind():  # pullers, all behind: hold it
-                self._held, self._held_first = [packed], seq
-                self._held_size = len(packed)
-                return
             frames, copy = [data], True
         if self._ops:
             self._drain()
         if not self._send(frames, deadline_after(timeout), copy):
             raise NoProviderError("pipeline", self.name, timeout)
-
-    def _behind(self) -> bool:
-        """The socket refused a message while a puller's connection is up (its handshake done):
-        the pullers are HWM messages behind. Not while connections are still being made (the
-        message would wait for them, held, however short the wait): then ``send`` waits."""
-        self._read_monitor()
-        return bool(self._handshaken & self._urls)
-
-    def _hold(self, packed: bytes, seq: int, timeout: float | None) -> None:
-        """Add a message to those held (in order: its id follows theirs), then try to send them
-        all as one batch; wait (``timeout``) when as many are held as a batch takes."""
-        if seq != self._held_first + len(self._held) or self._held_size + len(packed) > _HOLD_ROOM:
-            self.flush(timeout)  # (an id gap: a raw body went between) or no room: out first
-            self._held, self._held_first, self._held_size = [packed], seq, len(packed)
-        else:
-            self._held.append(packed)
-            self._held_size += len(packed)
-        if len(self._held) >= MAX_BATCH:
-            self.flush(timeout)
-            return
-        try:
-            _SEND(self._sock, self._held_frame(), NOBLOCK)
-        except zmq.Again:
-            return  # still behind: keep holding
-        except zmq.ZMQError as exc:
-            raise self._zmq_error(exc) from exc
-        self._sent_held()
-
-    def _held_frame(self) -> bytes:
-        """The held messages as one frame: a batch, or one message on its own."""
-        held = self._held
-        if len(held) == 1:
-            return pack_canonical(self._prefix, self._held_first, FLOAT64, _now()) + held[0]
-        return b"".join((pack_canonical(self._batch_prefix, self._held_first, FLOAT64, _now()),
-                         self._array_header(len(held)), *held))
-
-    def _sent_held(self) -> None:
-        if len(self._held) > 1:
-            self._rt.counters.add("batches_sent")
-        self._held, self._held_size = [], 0
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Send the messages held while the pullers were behind (see the class), waiting up to
-        ``timeout`` s (None: forever) for the socket to take them; raises NoProviderError then
-        (they stay held). Nothing held: returns at once."""
-        if not self._held_size:
-            return
-        self._check_open()
-        if not self._send([self._held_frame()], deadline_after(timeout)):
-            raise NoProviderError("pipeline", self.name, timeout)
-        self._sent_held()
-
-    def _on_close(self) -> None:
-        """Held messages get LINGER_MS to leave (close never blocks longer); counted as
-        ``messages_dropped`` otherwise."""
-        if self._held_size:
-            try:
-                if self._sock.poll(LINGER_MS, zmq.POLLOUT):
-                    _SEND(self._sock, self._held_frame(), NOBLOCK)
-                    self._sent_held()
-            except zmq.ZMQError:
-                pass
-            if self._held_size:
-                self._rt.counters.add("messages_dropped", len(self._held))
-        super()._on_close()
 
     def send_many(self, bodies: Iterable[Any], timeout: float | None = None) -> None:
         """Send ``bodies`` in order, packed up to 256 a frame (batches: one puller gets each
@@ -318,7 +235,6 @@ class Pusher(PusherBase, SyncConnector):
         if self._closed:
             self._check_open()
         batches = list(self._batches(bodies))  # every body encoded before anything is sent
-        self.flush(timeout)
         for frames, copy in batches:
             if self._ops:
                 self._drain()
