@@ -84,7 +84,7 @@ while time.monotonic() < end:
 
 #: The hostile process's helpers: forge mDNS records with zeroconf pinned to its own address.
 ATTACKER = """
-import json, os, socket, sys, threading, time
+import json, os, signal, socket, sys, threading, time
 import msgpack, zmq
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 TYPE = "_zmqfabric._tcp.local."
@@ -106,4 +106,10 @@ def zeroconf():
 def hdr(kind, msg_id, headers=None):
     # A header frame (protocol version 2, the kind with the FOLLOWS bit): a body frame follows.
     return msgpack.packb([2, kind | 16, msg_id, time.time()] + ([headers] if headers else []))
+def hold(seconds=60):
+    # Keep what this process advertises or holds open until the test ends it (SIGTERM, or
+    # SIGKILL: a hostile process does not clean up), at most seconds.
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    signal.sigtimedwait([signal.SIGTERM], seconds)
+    os._exit(0)
 """

@@ -242,7 +242,7 @@ for name, node_id, address, ctl, eps, seq in {records!r}:
     zc.register_service(info(name, node_id, address, ctl, txt(node_id, eps, {key!r}, seq)),
                         cooperating_responders=True)
 print("ATTACKING", flush=True)
-time.sleep(60)
+hold()
 """
 
 
@@ -351,7 +351,7 @@ for start in range(0, {count}, 8):
         sock.sendto(packet, ("224.0.0.251", 5353))
     time.sleep(0.002)
 print("SENT", flush=True)
-time.sleep(60)
+hold()
 """
 
 
@@ -377,7 +377,7 @@ for i in range({count}):
                        "open")}}
     dealer.send_multipart([b"", hdr(1, 0), msgpack.packb(body)])
 print("SENT", flush=True)
-time.sleep(60)
+hold()
 """
 
 
@@ -406,7 +406,7 @@ print("ATTACKING", flush=True)
 for round_ in range(20):
     peers = [[f"tcp://{third}:{{7700 + (round_ * 256 + i) % 4000}}", None] for i in range(256)]
     dealer.send_multipart([b"", hdr(1, 0), msgpack.packb({{"op": "peers", "peers": peers}})])
-time.sleep(60)
+hold()
 """
 
 
@@ -437,7 +437,7 @@ for size, count in ((8 * 1024 * 1024, 10), (1000 * 1000, 20)):
     for i in range(count):
         dealer.send_multipart([b"", hdr(1, i + 1, {{"svc": "echo"}}), body], copy=False)
 print("SENT", flush=True)
-time.sleep(60)
+hold()
 """
 
 
@@ -462,7 +462,7 @@ dealer.send(hdr(1, 1, {{"svc": "echo"}}), zmq.SNDMORE)
 for i in range(8):
     dealer.send(frame, zmq.SNDMORE if i < 7 else 0, copy=False)
 print("SENT", flush=True)
-time.sleep(60)
+hold()
 """
 
 
@@ -488,7 +488,7 @@ for i in range(2000):
 for i in range(20000):
     xsub.send(b"\\x01" + i.to_bytes(4, "big") + os.urandom(1000))
 print("SENT", flush=True)
-time.sleep(60)
+hold()
 """
 
 
@@ -537,7 +537,7 @@ for size, count in ((8 * 1024 * 1024, 10), (1000 * 1000, 20)):
     for i in range(count):
         pub.send_multipart([b"t\\x00" + hdr(4, i + 1), body], copy=False)
 print("SENT", flush=True)
-time.sleep(60)
+hold()
 """
 
 
