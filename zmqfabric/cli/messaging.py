@@ -230,12 +230,16 @@ def wait_device_providers(node: Node, via: str, section: str, deadline: float,
                           error: Exception) -> None:
     """Wait until device ``section`` of node ``via`` is connected to a provider (a streamer
     with no puller would take messages and hold them); raise ``error`` at ``deadline``. Asks
-    the device node's stats each DEVICE_POLL_S. Raises FabricError as control calls do."""
+    the device node's stats each DEVICE_POLL_S; a stats call still unanswered at ``deadline``
+    counts as no provider. Raises FabricError as control calls do (refused keys, ...)."""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise error
-        found = node.stats(via, timeout=max(left, 0.001)).get(section)
+        try:
+            found = node.stats(via, timeout=left).get(section)
+        except FabricTimeoutError:  # its answer would come after the deadline: none in time
+            raise error from None
         if isinstance(found, dict) and isinstance(found.get("providers"), int) \
                 and found["providers"] > 0:
             return
