@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -217,6 +218,59 @@ def test_a_node_is_usable_soon_after_it_starts(make_node) -> None:
         start = time.monotonic()
         assert peer.request("hello-svc", 1, timeout=WAIT) == 1
         assert time.monotonic() - start < 1.0
+
+
+def _late_answerer(router: zmq.Socket, name: str, txt: dict[str, str], skip: int,
+                   calls: list[float], stop: threading.Event) -> None:
+    """A control endpoint that takes every connection and answers the op ``record`` only from
+    call ``skip + 1`` on (a node busy starting, as in a start rush)."""
+    while not stop.is_set():
+        if not router.poll(50):
+            continue
+        route_id, _, head, *body = router.recv_multipart()
+        fields = msgpack.unpackb(head)
+        request = msgpack.unpackb(body[0]) if body else fields[4]
+        if request.get("op") != "record":
+            continue
+        calls.append(time.monotonic())
+        if len(calls) > skip:
+            router.send_multipart([route_id, b"", msgpack.packb(
+                [2, 2, fields[2], time.time(), {"name": name, "txt": txt}])])
+
+
+@pytest.mark.parametrize("skip", [1, 1000])
+def test_a_node_that_takes_the_connection_but_answers_late_is_asked_again(make_node, raw,
+                                                                          skip: int) -> None:
+    """A busy node (its control endpoint takes the connection, the answer comes after the
+    call's timeout) is not refused after two calls like an address where nothing listens: it is
+    asked again with longer waits (VERIFY_BUSY_ATTEMPTS), and listed once it answers; one that
+    never answers is never listed."""
+    observer = make_node("observer")
+    router = raw(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    name, node_id = unique("busy"), secrets.token_hex(8)
+    txt = {"v": "1", "id": node_id, "host": "busy-host", "pid": "1", "seq": "1",
+           "fab": observer.config.fabric, "e0": f"ctl:control:{port}"}
+    calls: list[float] = []
+    stop = threading.Event()
+    server = threading.Thread(target=_late_answerer, args=(router, name, txt, skip, calls, stop))
+    server.start()
+    zc = loopback_zeroconf()
+    try:
+        zc.register_service(forged_service_info(f"{name}@{node_id}.{SERVICE_TYPE}", node_id,
+                                                txt, port), cooperating_responders=True)
+        if skip == 1:
+            observer.wait_for_node(name, WAIT)
+            assert len(calls) == 2, calls
+        else:  # three calls (more than VERIFY_ATTEMPTS) and it is still not listed nor refused
+            wait_until(lambda: len(calls) >= 3, 3 * WAIT, "the busy node to be asked again")
+            assert observer.directory.get(name) is None
+            assert name not in {r.name for r, _ in observer.refused_peers()}
+            assert calls[2] - calls[1] > calls[1] - calls[0]  # waiting longer each time
+    finally:
+        zc.close()
+        stop.set()
+        server.join(WAIT)
 
 
 # --- whole-message limit -------------------------------------------------------------------------

@@ -176,6 +176,10 @@ REQUERY_SENDERS = 2
 #: Anti-entropy: each node swaps its member list with one random member this often (s), so
 #: that gossip a node missed (a join, a death) reaches it anyway (memberlist: push-pull, 30 s).
 SYNC_S = 30.0
+#: A node's first swap comes this long (s, plus up to as much again at random) after it starts,
+#: and again as often until it had a member to swap with: a node that joined in a start rush
+#: learns every member whose discovery it missed in seconds, not in SYNC_S.
+SYNC_FIRST_S = 2.0
 #: Most members listed in one anti-entropy message (bounded: a peer can make us hold them).
 MAX_SYNC = 1024
 #: Outgoing probe connections open at once; an idle one closes after PROBE_IDLE_S (s).
@@ -219,6 +223,13 @@ MAX_VERIFY_CACHE = 4096
 VERIFY_RETRY_S = 2.0
 #: Calls made for one hint whose node does not answer before it is refused.
 VERIFY_ATTEMPTS = 2
+#: ...but a node that completed the handshake and then did not answer is there and busy (a start
+#: rush: dozens of nodes starting on one host answer late): it is called up to this many times,
+#: each call waiting VERIFY_TIMEOUT_S longer (at most VERIFY_TIMEOUT_MAX_S), the pause between
+#: calls doubling from VERIFY_RETRY_S (at most VERIFY_RETRY_MAX_S): about a minute in all.
+VERIFY_BUSY_ATTEMPTS = 6
+VERIFY_TIMEOUT_MAX_S = 4.0
+VERIFY_RETRY_MAX_S = 16.0
 #: The verifier thread checks deadlines this often (ms).
 VERIFY_TICK_MS = 50
 #: Most nodes a directory holds (and so peers watched and connected); lowered at start to fit the

@@ -84,9 +84,11 @@ class Admission:
         """The incarnation a node told us while we verified it (None if none); read once."""
         return self._incs.pop(node_id, None)
 
-    def sync(self, probe_body: Callable[[Member], dict[str, Any]]) -> None:
-        """Swap member lists with one random member (anti-entropy; its answer carries its)."""
-        for member in self._members.helpers("", 1):
+    def sync(self, probe_body: Callable[[Member], dict[str, Any]]) -> bool:
+        """Swap member lists with one random member (anti-entropy; its answer carries its).
+        False if there was no member to swap with."""
+        chosen = self._members.helpers("", 1)
+        for member in chosen:
             body = probe_body(member)
             body["sync"] = self._members.summary()
 
@@ -96,6 +98,7 @@ class Admission:
                     self.synced(reply["sync"])
 
             self._ask(member.url, member.record.curve_key, body, self._timeout, answered)
+        return bool(chosen)
 
     def synced(self, raw: object) -> None:
         """Take a peer's member list (anti-entropy): learn what it holds that we missed."""

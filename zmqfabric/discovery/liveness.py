@@ -37,6 +37,7 @@ from ..constants import (
     MAX_GOSSIP,
     REQUERY_SENDERS,
     SUSPICION_RTO_MULT,
+    SYNC_FIRST_S,
 )
 from ..core.records import NodeRecord
 from ..core.rings import phase
@@ -88,7 +89,8 @@ class Liveness:
         self._next_round = self._next_gossip = now
         self._next_former = now + self._timing.former_probe_s
         self._next_requery = now + self._timing.requery_s * self._rng.random()
-        self._next_sync = now + self._timing.sync_s * self._rng.random()
+        self._next_sync = now + SYNC_FIRST_S * (1 + self._rng.random())
+        self._synced = False  # a first swap happened (until then, tried every SYNC_FIRST_S)
         self._summary_due = now  # when the responder's copy of our member list is refreshed
         #: This period's probe, when its target's phase comes: (monotonic time, member).
         self._due: tuple[float, Member] | None = None
@@ -182,8 +184,8 @@ class Liveness:
             if self._rng.random() < REQUERY_SENDERS / (len(self._members) + 1):
                 self._discovery.requery()
         if now >= self._next_sync:
-            self._next_sync = now + self._timing.sync_s
-            self._admission.sync(self._probing.body)
+            self._synced = self._admission.sync(self._probing.body) or self._synced
+            self._next_sync = now + (self._timing.sync_s if self._synced else SYNC_FIRST_S)
         if now >= self._summary_due:
             self._summary_due = float("inf")
             self.responder.summary = self._members.summary()

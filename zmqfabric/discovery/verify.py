@@ -8,9 +8,13 @@ handshake), and sends the control op ``record``. The answer (the node's own name
 the truth: a hint whose node answers under another name or id, from another port, with another
 key or of another fabric is refused; a hint whose sequence number or endpoints differ from the
 answer is replaced by the answer. A hint whose advertiser does not complete the call within
-VERIFY_TIMEOUT_S (no answer, nothing listening) is tried again after VERIFY_RETRY_S,
+VERIFY_TIMEOUT_S (nothing listening, no handshake) is tried again after VERIFY_RETRY_S,
 VERIFY_ATTEMPTS times in all, then refused (at once if it refused our key): none of its endpoints
-is connected, it is not listed as a node, it cannot claim a name.
+is connected, it is not listed as a node, it cannot claim a name. One that took the connection
+but did not answer in time (a node busy starting: dozens starting at once on one host) is called
+VERIFY_BUSY_ATTEMPTS times in all, each call waiting longer and the pauses doubling, before it is
+refused (a handshake that fails is a failure, not a busy node; on loopback, where the kernel
+answers every connect at once, a silent call is a busy node too).
 
 Bounded everywhere: at most MAX_PENDING_VERIFICATIONS calls in flight, MAX_QUEUED_HINTS waiting
 (the oldest dropped, counted), VERIFY_BURST then VERIFY_RATE_PER_S calls per advertised address,
@@ -28,7 +32,6 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
@@ -43,11 +46,14 @@ from ..constants import (
     THREAD_JOIN_TIMEOUT_S,
     VERIFY_ATTEMPTS,
     VERIFY_BURST,
+    VERIFY_BUSY_ATTEMPTS,
     VERIFY_CACHE_S,
     VERIFY_LOCAL_FACTOR,
     VERIFY_RATE_PER_S,
+    VERIFY_RETRY_MAX_S,
     VERIFY_RETRY_S,
     VERIFY_TICK_MS,
+    VERIFY_TIMEOUT_MAX_S,
     VERIFY_TIMEOUT_S,
 )
 from ..core import wire
@@ -57,48 +63,11 @@ from ..errors import ClosedError, FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from ..transport.inbox import Inbox
 from ..transport.sockets import SocketFactory
+from .hints import FAIL_EVENTS, REACHED, WHY, HintKey, Probe, hint_key, on_loopback
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
-
-#: Events that end a probe before its answer: nothing listens there (the connection was refused
-#: and ZeroMQ would retry), the handshake failed (the advertiser does not hold the key's
-#: secret, or speaks something else), or the connection dropped.
-_FAIL_EVENTS = (
-    zmq.EVENT_CONNECT_RETRIED
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_DISCONNECTED
-)
-_WHY = {
-    zmq.EVENT_CONNECT_RETRIED: "nothing answers at its control port",
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "its control endpoint refused our key",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "it could not complete a CURVE handshake with its key",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "it could not complete a CURVE handshake with its key",
-    zmq.EVENT_DISCONNECTED: "it closed the connection before answering",
-}
 _CONTROL_TAIL = wire.service_tail("control")
-_Key = tuple[str, str, int, str, int, str, str]
-
-
-def hint_key(hint: NodeRecord) -> _Key:
-    """What makes two hints the same claim: name, id, seq, address, control port, key, fabric
-    (endpoints are not part of it: the truth at one seq is what the node answers)."""
-    control = hint.control
-    return (hint.name, hint.node_id, hint.seq, hint.address,
-            control.port if control else 0, hint.curve_key or "", hint.fabric)
-
-
-@dataclass(slots=True)
-class _Probe:
-    hint: NodeRecord
-    key: _Key
-    sock: zmq.Socket
-    monitor: zmq.Socket
-    msg_id: int
-    deadline: float
-
 
 class Verifier:
     """Checks hints with their advertisers; calls ``admit(record)`` with the answer of each
@@ -124,17 +93,17 @@ class Verifier:
         self._refuse = refuse
         self._clock = clock
         self._lock = threading.Lock()
-        self._queued: collections.OrderedDict[_Key, NodeRecord] = collections.OrderedDict()
-        self._cache: collections.OrderedDict[_Key, float] = collections.OrderedDict()
+        self._queued: collections.OrderedDict[HintKey, NodeRecord] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[HintKey, float] = collections.OrderedDict()
         self._buckets = AddressBuckets(VERIFY_BURST, VERIFY_RATE_PER_S, VERIFY_LOCAL_FACTOR,
                                        MAX_VERIFY_CACHE)
-        self._pending: dict[_Key, _Probe] = {}
+        self._pending: dict[HintKey, Probe] = {}
         #: Hints whose node did not answer, to try again (submit() may take one out, under the
         #: lock): key -> (due, hint); and the calls made so far for each (thread-owned).
-        self._retries: dict[_Key, tuple[float, NodeRecord]] = {}
-        self._tries: dict[_Key, int] = {}
-        self._unreached: set[_Key] = set()  # retries after a failed connect (under the lock)
-        self._by_sock: dict[Any, _Probe] = {}
+        self._retries: dict[HintKey, tuple[float, NodeRecord]] = {}
+        self._tries: dict[HintKey, int] = {}
+        self._unreached: set[HintKey] = set()  # retries after a failed connect (under the lock)
+        self._by_sock: dict[Any, Probe] = {}
         self._settled = threading.Condition(self._lock)
         self._ids = int(clock() * 1e6) & 0xFFFFFFFF
         self._inbox = Inbox()
@@ -274,7 +243,7 @@ class Verifier:
                 self._buckets.take(hint.address, now)
             self._probe(hint, key, now)
 
-    def _probe(self, hint: NodeRecord, key: _Key, now: float) -> None:
+    def _probe(self, hint: NodeRecord, key: HintKey, now: float) -> None:
         control = hint.control
         if control is None:
             self._decide(hint, key, None, "it has no control endpoint")
@@ -284,11 +253,12 @@ class Verifier:
         sock.setsockopt(zmq.IMMEDIATE, 0)  # the request waits in the socket for the connection
         sock.setsockopt(zmq.LINGER, 0)
         # One connection attempt per probe: the first failure ends it (no reconnection first).
-        sock.setsockopt(zmq.RECONNECT_IVL, int(VERIFY_TIMEOUT_S * 2000))
+        timeout = min(VERIFY_TIMEOUT_S * (1 + self._tries.get(key, 0)), VERIFY_TIMEOUT_MAX_S)
+        sock.setsockopt(zmq.RECONNECT_IVL, int(timeout * 2000))
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)  # an answer is a few kilobytes
-        monitor = sockets.monitor(sock, _FAIL_EVENTS, sync=True)
+        monitor = sockets.monitor(sock, FAIL_EVENTS | REACHED, sync=True)
         self._ids = (self._ids + 1) & 0xFFFFFFFF
-        probe = _Probe(hint, key, sock, monitor, self._ids, now + VERIFY_TIMEOUT_S)
+        probe = Probe(hint, key, sock, monitor, self._ids, now + timeout, timeout)
         self._pending[key] = probe
         self._by_sock[sock] = probe
         self._by_sock[monitor] = probe
@@ -313,9 +283,11 @@ class Verifier:
                 event = recv_monitor_message(probe.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if self._pending.get(probe.key) is probe:
-                kind = event["event"]  # a refusal of our key is an answer: no second try
-                self._decide(probe.hint, probe.key, None, _WHY.get(kind, "its connection failed"),
+            kind = event["event"]
+            if kind & REACHED:
+                probe.reached = True
+            elif self._pending.get(probe.key) is probe:  # a refusal of our key: no second try
+                self._decide(probe.hint, probe.key, None, WHY.get(kind, "its connection failed"),
                              transient=True, retry=kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH)
                 if probe.key in self._retries:
                     with self._lock:
@@ -347,22 +319,26 @@ class Verifier:
     def _expire(self) -> None:
         now = self._clock()
         for probe in [p for p in self._pending.values() if p.deadline <= now]:
+            what = "took the connection but " if probe.reached else ""
             self._decide(probe.hint, probe.key, None,
-                         f"its control endpoint did not answer within {VERIFY_TIMEOUT_S:g} s",
-                         transient=True)
+                         f"its control endpoint {what}did not answer within {probe.timeout:g} s",
+                         transient=True, busy=probe.reached or on_loopback(probe.hint.address))
 
-    def _decide(self, hint: NodeRecord, key: _Key, answer: NodeRecord | None, why: str,
-                transient: bool = False, retry: bool = True) -> None:
+    def _decide(self, hint: NodeRecord, key: HintKey, answer: NodeRecord | None, why: str,
+                transient: bool = False, retry: bool = True, busy: bool = False) -> None:
         """Record the outcome: remembered VERIFY_CACHE_S, or VERIFY_RETRY_S for a failure that
         may pass (no answer, a dropped connection: a node busy or still starting; tried again
-        first unless ``retry`` is False)."""
+        first unless ``retry`` is False; up to VERIFY_BUSY_ATTEMPTS times if ``busy``: it took
+        the connection)."""
         probe = self._pending.pop(key, None)
         if probe is not None:
             self._close(probe)
         tries = self._tries.pop(key, 0) + 1
-        if answer is None and transient and retry and tries < VERIFY_ATTEMPTS:
+        attempts = VERIFY_BUSY_ATTEMPTS if busy else VERIFY_ATTEMPTS
+        if answer is None and transient and retry and tries < attempts:
             if len(self._retries) < MAX_QUEUED_HINTS:  # try again soon: a busy or starting node
-                self._retries[key] = (self._clock() + VERIFY_RETRY_S, hint)
+                pause = min(VERIFY_RETRY_S * 2 ** (tries - 1), VERIFY_RETRY_MAX_S)
+                self._retries[key] = (self._clock() + pause, hint)
                 self._tries[key] = tries
                 while len(self._tries) > 2 * MAX_QUEUED_HINTS:  # hints dropped from the queue
                     del self._tries[next(iter(self._tries))]
@@ -381,7 +357,7 @@ class Verifier:
             self._counters.add("hints_verified")
             self._admit(answer)
 
-    def _close(self, probe: _Probe) -> None:
+    def _close(self, probe: Probe) -> None:
         self._by_sock.pop(probe.sock, None)
         self._by_sock.pop(probe.monitor, None)
         self._poller.unregister(probe.sock)
