@@ -33,16 +33,16 @@ from typing import Any
 import common
 import msgpack
 import zmq
-from harness import (
+from bench_env import (
     SETUP_TIMEOUT_S,
     Env,
-    echo_info,
     fabric_connect,
     fabric_expose,
-    make_cli,
     payload,
     raw_is_binary,
 )
+from bench_server import echo_info
+from harness import make_cli
 
 #: A reply or acknowledgement later than this (s) means the peer is gone: the run stops.
 REPLY_TIMEOUT_S = 5.0

@@ -33,15 +33,15 @@ from typing import Any
 import common
 import msgpack
 import zmq
-from harness import (
+from bench_env import (
     SETUP_TIMEOUT_S,
     Env,
     fabric_connect,
     fabric_expose,
-    make_cli,
     payload,
     raw_is_binary,
 )
+from harness import make_cli
 
 from zmqfabric.errors import FabricTimeoutError
 
