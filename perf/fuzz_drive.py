@@ -1,0 +1,377 @@
+"""The node under fire and the raw sockets that fire at it, for ``perf/fuzz_network.py``.
+
+The victim is a child process (``VICTIM``) with a reply service, a task worker, two pipeline
+pullers and two stream subscriptions (one of each reads with ``recv_message``, the other with
+the ``recv`` hot path), plus its control endpoint. A subscriber only hears publishers it
+connects to, so each stream's hostile publisher is a raw PUB bound here that the child puts in
+its own directory, as discovery would. Each ``fuzz_*`` function sends one endpoint its messages
+from a :class:`~fuzz_frames.Generator`, classifies each with the reference decoders
+(``fuzz_expect``) and returns what the node counted and answered. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import fuzz_expect
+import zmq
+from fuzz_expect import Expect
+from fuzz_frames import Spec, render
+from fuzz_mutations import Generator
+
+import zmqfabric as zf
+from tests.procs import Child, ProcessGroup
+from zmqfabric.errors import RemoteProtocolError
+
+WAIT = 30.0
+#: Messages between two checks that a subscriber has read everything sent so far (a PUB drops
+#: what a subscriber's queue cannot hold instead of blocking).
+PUB_BATCH = 1000
+
+VICTIM = r"""
+import json, os, secrets, threading
+import zmqfabric as zf
+from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
+from zmqfabric.errors import FabricTimeoutError
+
+node = zf.Node(NAME)
+stop = threading.Event()
+started = [threading.Event() for _ in range(4)]
+
+@node.reply(SVC)
+def echo(body):
+    return {"echo": body}
+
+@node.task(TASK)
+def work(payload):
+    node.counters.add("fuzz_good_tasks")
+
+def pull(i, name, hot):
+    with node.puller(name) as puller:
+        started[i].set()
+        while not stop.is_set():
+            if hot:
+                try:
+                    puller.recv(timeout=0.1)
+                except FabricTimeoutError:
+                    continue
+            elif puller.recv_message(timeout=0.1) is None:
+                continue
+            node.counters.add("fuzz_good_" + name)
+
+def subscribe(i, name, hot):
+    with node.subscribe(name) as sub:
+        started[i].set()
+        while not stop.is_set():
+            if hot:
+                try:
+                    sub.recv(timeout=0.1)
+                except FabricTimeoutError:
+                    continue
+            elif sub.recv_message(timeout=0.1) is None:
+                continue
+            node.counters.add("fuzz_good_" + name)
+
+with node:
+    # The hostile publishers enter the directory as discovery would put them there.
+    for i, (stream, port) in enumerate(PUBS):
+        node.directory.put(NodeRecord(f"{NAME[:36]}-pub{i}", secrets.token_hex(8), "raw-host",
+                                      os.getpid(), "127.0.0.1",
+                                      (Endpoint(EndpointKind.STREAM, stream, port),), 1))
+    workers = [threading.Thread(target=pull, args=(0, PIPES[0], False)),
+               threading.Thread(target=pull, args=(1, PIPES[1], True)),
+               threading.Thread(target=subscribe, args=(2, PUBS[0][0], False)),
+               threading.Thread(target=subscribe, args=(3, PUBS[1][0], True))]
+    for worker in workers:
+        worker.start()
+    try:
+        assert all(event.wait(10) for event in started)
+        ports = {f"{ep.kind.value}:{ep.name}": ep.port for ep in node.record.endpoints}
+        print("READY", flush=True)
+        print("INFO " + json.dumps({"name": node.name, "pid": os.getpid(), "ports": ports}),
+              flush=True)
+        node.run()
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+"""
+
+
+class Victim:
+    """The child node; its names carry ``tag`` so that runs never meet."""
+
+    def __init__(self, procs: ProcessGroup, pub_ports: list[int], tag: str) -> None:
+        self.svc, self.task = f"fz-svc-{tag}", f"fz-task-{tag}"
+        self.pipes = [f"fz-jobs-{tag}", f"fz-jobs-hot-{tag}"]
+        self.streams = [f"fz-ticks-{tag}", f"fz-ticks-hot-{tag}"]
+        pubs = list(zip(self.streams, pub_ports, strict=True))
+        head = (f"NAME = 'fz-victim-{tag}'\nSVC = {self.svc!r}\nTASK = {self.task!r}\n"
+                f"PIPES = {self.pipes!r}\nPUBS = {pubs!r}\n")
+        self.child: Child = procs.python(head + VICTIM, timeout=WAIT)
+        info = json.loads(self.child.expect("INFO", WAIT))
+        self.name: str = info["name"]
+        self.pid: int = info["pid"]
+        self.ports: dict[str, int] = info["ports"]
+
+    def port(self, kind: str, name: str) -> int:
+        return self.ports[f"{kind}:{name}"]
+
+    def resources(self) -> dict[str, int]:
+        """Resident memory (KiB, now and peak) and open file descriptors, from /proc."""
+        with open(f"/proc/{self.pid}/status", encoding="ascii") as status:
+            fields = dict(line.split(":", 1) for line in status)
+        out = {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+        out["fds"] = len(os.listdir(f"/proc/{self.pid}/fd"))
+        return out
+
+    def alive(self) -> bool:
+        return self.child.proc.poll() is None
+
+
+@dataclass
+class Outcome:
+    """What one endpoint's storm sent, what the spec expects, and what the node did."""
+
+    expect: Expect = field(default_factory=Expect)
+    counted_refused: int = 0
+    handled: int | None = None
+    replies: int | None = None
+    grants: int | None = None
+    bad_answers: int = 0
+    reply_ids: Counter[int] | None = None
+    notes: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Outcome) -> None:
+        self.expect.add(other.expect)
+        self.counted_refused += other.counted_refused
+        for key in ("handled", "replies", "grants"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if theirs is not None:
+                setattr(self, key, (mine or 0) + theirs)
+        self.bad_answers += other.bad_answers
+        if other.reply_ids is not None:
+            self.reply_ids = (self.reply_ids or Counter()) + other.reply_ids
+        self.notes += other.notes
+        for key, n in other.counters.items():
+            self.counters[key] = self.counters.get(key, 0) + n
+
+    def mismatches(self) -> list[str]:
+        e, notes = self.expect, []
+        if self.counted_refused != e.refused:
+            notes.append(f"refused counted {self.counted_refused} != expected {e.refused}")
+        if self.replies is not None and self.replies != e.replies:
+            notes.append(f"replies {self.replies} != expected {e.replies}")
+        if self.handled is not None and self.handled != e.valid:
+            notes.append(f"handled {self.handled} != expected {e.valid}")
+        if self.grants is not None and self.grants != e.grants:
+            notes.append(f"grants {self.grants} != expected {e.grants}")
+        if self.bad_answers:
+            notes.append(f"{self.bad_answers} answers did not parse")
+        if self.reply_ids is not None and self.reply_ids != e.reply_ids:
+            missing = list((e.reply_ids - self.reply_ids).items())[:3]
+            extra = list((self.reply_ids - e.reply_ids).items())[:3]
+            notes.append(f"reply ids differ: missing {missing}, unexpected {extra}")
+        return notes + self.notes
+
+
+class Fire:
+    """The raw sockets' side: the observer node reads the victim's counters."""
+
+    def __init__(self, ctx: zmq.Context, observer: zf.Node, victim: Victim) -> None:
+        self.ctx, self.observer, self.victim = ctx, observer, victim
+
+    def counters(self) -> dict[str, int]:
+        return self.observer.stats(self.victim.name, timeout=WAIT)["counters"]
+
+    def wait_counters(self, done: Callable[[dict[str, int]], bool], what: str,
+                      timeout: float = WAIT) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.counters()
+            if done(now):
+                return now
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}; counters: {now}")
+            time.sleep(0.005)  # a poll interval, not a settle: the loop ends on the condition
+
+    def socket(self, kind: int, port: int | None = None) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, int(WAIT * 1000))
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        if port is not None:
+            sock.connect(f"tcp://127.0.0.1:{port}")
+        return sock
+
+    def _outcome(self, expect: Expect, before: dict[str, int], after: dict[str, int],
+                 refused_key: str) -> Outcome:
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        return Outcome(expect, delta.get(refused_key, 0),
+                       counters={k: v for k, v in delta.items() if v})
+
+    def requests(self, port: int, gen: Generator, count: int, service: str,
+                 control: bool) -> Outcome:
+        """A DEALER sends ``count`` messages to a ROUTER endpoint and collects every reply."""
+        dealer = self.socket(zmq.DEALER, port)
+        expect, ids, bad = Expect(), Counter[int](), 0
+
+        def read() -> None:
+            nonlocal bad
+            try:
+                ids[fuzz_expect.reply_id(dealer.recv_multipart())] += 1
+            except RemoteProtocolError:
+                bad += 1
+
+        try:
+            before = self.counters()
+            for _ in range(count):
+                name, frames = gen.next()
+                expect.note(name)
+                fuzz_expect.request(expect, frames, service, control)
+                dealer.send_multipart(frames)
+                while dealer.poll(0):
+                    read()
+            deadline = time.monotonic() + WAIT
+            while ids.total() + bad < expect.replies and dealer.poll(
+                    max(1, int((deadline - time.monotonic()) * 1000))):
+                read()
+            after = self.wait_counters(lambda c: grew(before, c, "refused_request")
+                                       >= expect.refused, "the refusals to be counted")
+            while dealer.poll(200):  # anything beyond the expected replies is a defect
+                read()
+        finally:
+            dealer.close(0)
+        out = self._outcome(expect, before, after, "refused_request")
+        out.replies, out.reply_ids, out.bad_answers = ids.total() + bad, ids, bad
+        return out
+
+    def pipeline(self, port: int, gen: Generator, count: int, good_key: str, hot: bool) -> Outcome:
+        push = self.socket(zmq.PUSH, port)
+        expect = Expect()
+        classify = fuzz_expect.message_hot if hot else fuzz_expect.message_whole
+        try:
+            before = self.counters()
+            for _ in range(count):
+                name, frames = gen.next()
+                expect.note(name)
+                classify(expect, frames)
+                push.send_multipart(frames)
+            after = self.wait_counters(
+                lambda c: grew(before, c, "refused_message") >= expect.refused
+                and grew(before, c, good_key) >= expect.valid,
+                "the puller to read every message", timeout=WAIT * 4)
+            after = self.settled(after)
+        finally:
+            push.close(0)
+        out = self._outcome(expect, before, after, "refused_message")
+        out.handled = grew(before, after, good_key)
+        return out
+
+    def settled(self, after: dict[str, int], quiet_s: float = 0.3) -> dict[str, int]:
+        """The counters once they have not moved for ``quiet_s`` (more than expected arriving
+        late would be a defect to see, not to miss)."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s)  # bounded: the loop ends when two reads agree
+            now = self.counters()
+            if _moving(after, now):
+                after = now
+                continue
+            return now
+        return after
+
+    def stream(self, pub: zmq.Socket, gen: Generator, count: int, good_key: str,
+               hot: bool) -> Outcome:
+        expect = Expect()
+        classify: Callable[[Expect, list[bytes]], None] = (
+            fuzz_expect.EventHot() if hot else fuzz_expect.event_whole)
+        before = self.counters()
+        after = before
+        for start in range(0, count, PUB_BATCH):
+            for _ in range(min(PUB_BATCH, count - start)):
+                name, frames = gen.next()
+                expect.note(name)
+                classify(expect, frames)
+                pub.send_multipart(frames)
+            sent_refused, sent_valid = expect.refused, expect.valid
+
+            def read_all(c: dict[str, int], r: int = sent_refused, v: int = sent_valid) -> bool:
+                return grew(before, c, "refused_event") >= r and grew(before, c, good_key) >= v
+
+            after = self.wait_counters(read_all, f"the subscriber to read {expect.sent} events")
+        after = self.settled(after)
+        out = self._outcome(expect, before, after, "refused_event")
+        out.handled = grew(before, after, good_key)
+        return out
+
+    def tasks(self, port: int, gen: Generator, count: int) -> Outcome:
+        """A DEALER as a producer: grants and results must come back for exactly the valid
+        credit requests and task items."""
+        dealer = self.socket(zmq.DEALER, port)
+        expect, grants, results, bad = Expect(), 0, 0, 0
+
+        def read() -> None:
+            nonlocal grants, results, bad
+            try:
+                g, r = fuzz_expect.worker_answer(dealer.recv_multipart())
+            except RemoteProtocolError:
+                bad += 1
+                return
+            grants, results = grants + g, results + r
+
+        try:
+            before = self.counters()
+            for _ in range(count):
+                name, frames = gen.next()
+                expect.note(name)
+                fuzz_expect.task(expect, frames)
+                dealer.send_multipart(frames)
+                while dealer.poll(0):
+                    read()
+            deadline = time.monotonic() + WAIT * 2
+            while (grants < expect.grants or results < expect.valid) and dealer.poll(
+                    max(1, int((deadline - time.monotonic()) * 1000))):
+                read()
+            after = self.wait_counters(lambda c: grew(before, c, "refused_task")
+                                       >= expect.refused, "the task refusals to be counted")
+            while dealer.poll(300):
+                read()
+            after = self.settled(after)
+        finally:
+            dealer.close(0)
+        out = self._outcome(expect, before, after, "refused_task")
+        out.replies, out.grants, out.bad_answers = None, grants, bad
+        out.handled = results
+        ran = grew(before, after, "fuzz_good_tasks")
+        if ran != results:
+            out.notes.append(f"handlers ran {ran} times for {results} results")
+        return out
+
+    def one_frame_credit(self, port: int) -> bool:
+        """PROTOCOL.md 7.4: a one-frame task message ``["", [2, 8, id, ts, {...}]]`` "is
+        accepted as well": does a one-frame credit request get a grant?"""
+        dealer = self.socket(zmq.DEALER, port)
+        try:
+            dealer.send_multipart(render(Spec(8, {"from": "fz-spec"}, 0, envelope=[b""])))
+            if not dealer.poll(int(WAIT * 1000 / 10)):
+                return False
+            return fuzz_expect.worker_answer(dealer.recv_multipart())[0] == 1
+        finally:
+            dealer.close(0)
+
+
+def grew(before: dict[str, int], after: dict[str, int], key: str) -> int:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def _moving(a: dict[str, int], b: dict[str, int]) -> bool:
+    keys = {k for k in (*a, *b) if k.startswith(("refused_", "fuzz_"))}
+    return any(a.get(k, 0) != b.get(k, 0) for k in keys)
