@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -66,7 +66,9 @@ class Env:
         """Bind ``sock`` on ``transport``; return the URL a peer connects to."""
         url = self.url(transport, tag)
         sock.bind(url)
-        return sock.getsockopt(zmq.LAST_ENDPOINT).decode() if transport == "tcp" else url
+        if transport != "tcp":
+            return url
+        return cast(bytes, sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
 
     def url(self, transport: str, tag: str) -> str:
         if transport == "tcp":

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from bench_env import (
     CLOSE_TIMEOUT_S,
@@ -75,7 +75,7 @@ def echo_info(env: Env, transport: str) -> dict[str, Any]:
     return {"name": echo_name(name), "url": env.url(transport, f"{name}-echo")}
 
 
-def serve_main(script: str, name: str, halves: dict[str, Half], max_seconds: float) -> None:
+def serve_main(script: str, name: str, halves: Mapping[str, Half], max_seconds: float) -> None:
     """``SCRIPT serve --name NAME``: the remote side of every case until quit, SIGINT/SIGTERM or
     ``max_seconds``. Raw halves go to a raw worker child; fabric halves run here."""
     ipc_dir = tempfile.mkdtemp(prefix=f"zfperf-{name}-", dir="/tmp")
@@ -148,7 +148,7 @@ class Session:
     """
 
     def __init__(
-        self, script: str, server: str, halves: dict[str, Half], spawn: bool, max_seconds: float
+        self, script: str, server: str, halves: Mapping[str, Half], spawn: bool, max_seconds: float
     ) -> None:
         self.server = server
         self.stuck = False

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from bench_env import QUIT_GRACE_S, ROOT, SETUP_TIMEOUT_S, WORKER_MAX_S, Env, Half
 
@@ -53,7 +53,7 @@ class Worker(Protocol):
 class Runner:
     """Runs halves in threads of this process; the in-process :class:`Worker`."""
 
-    def __init__(self, env: Env, halves: dict[str, Half]) -> None:
+    def __init__(self, env: Env, halves: Mapping[str, Half]) -> None:
         self.env = env
         self._halves = halves
         self._jobs: dict[int, _Job] = {}
@@ -181,7 +181,7 @@ class ChildWorker:
         self._reader.join(QUIT_GRACE_S)
 
 
-def worker_main(halves: dict[str, Half], address: str) -> None:
+def worker_main(halves: Mapping[str, Half], address: str) -> None:
     """``SCRIPT worker``: run raw halves as told on stdin (one JSON command a line)."""
     signal.alarm(WORKER_MAX_S)
     env = Env("raw", address, tempfile.mkdtemp(prefix="zfperf-raw-", dir="/tmp"))

@@ -32,6 +32,8 @@ WAIT = 30.0
 #: Messages between two checks that a subscriber has read everything sent so far (a PUB drops
 #: what a subscriber's queue cannot hold instead of blocking).
 PUB_BATCH = 1000
+#: Seconds without a change in the victim's counters after which it has read everything.
+STILL_S = 3.0
 
 VICTIM = r"""
 import json, os, secrets, threading
@@ -192,12 +194,21 @@ class Fire:
 
     def wait_counters(self, done: Callable[[dict[str, int]], bool], what: str,
                       timeout: float = WAIT) -> dict[str, int]:
+        """The victim's counters once ``done`` holds, or once its refusal and fuzz counters
+        have not moved for STILL_S (the node has read everything: the difference is then a
+        mismatch to report, not a wait to extend). Raises RuntimeError after ``timeout``."""
         deadline = time.monotonic() + timeout
+        last, changed = self.counters(), time.monotonic()
         while True:
             now = self.counters()
             if done(now):
                 return now
-            if time.monotonic() > deadline:
+            t = time.monotonic()
+            if _moving(last, now):
+                last, changed = now, t
+            elif t - changed > STILL_S:
+                return now
+            if t > deadline:
                 raise RuntimeError(f"timed out waiting for {what}; counters: {now}")
             time.sleep(0.005)  # a poll interval, not a settle: the loop ends on the condition
 

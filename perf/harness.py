@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from bench_env import RUN_ATTEMPTS, WORKER_MAX_S, Half
 from bench_server import Session, run_pair, serve_main
@@ -44,8 +44,11 @@ class Bench(Protocol):
     """What a bench script provides to :func:`make_cli`."""
 
     name: str
-    patterns: tuple[str, ...]
-    halves: dict[str, Half]
+
+    @property
+    def patterns(self) -> tuple[str, ...]: ...
+    @property
+    def halves(self) -> Mapping[str, Half]: ...
 
     def plan_case(self, pattern: str, transport: str, size: int, quick: bool) -> dict[str, Any]: ...
     def pair(self, pattern: str) -> tuple[str, str, str]: ...
