@@ -239,6 +239,14 @@ def m_large(rng: random.Random, spec: Spec) -> list[bytes]:
     return frames
 
 
+def m_over_control(rng: random.Random, spec: Spec) -> list[bytes]:
+    """A control message of more than 64 KiB in all, in frames each under the socket's limit:
+    read to its end and dropped, unanswered (PROTOCOL.md 6.1)."""
+    frames = render(spec)
+    at = rng.randrange(len(frames) + 1)
+    return frames[:at] + [rng.randbytes(40_000), rng.randbytes(30_000)] + frames[at:]
+
+
 def m_valid(rng: random.Random, spec: Spec) -> list[bytes]:
     return render(spec)
 
@@ -255,7 +263,7 @@ COMMON: list[tuple[str, Mutation, int]] = [
 ]
 EXTRA: dict[str, list[tuple[str, Mutation, int]]] = {
     "request": [("wrong service", m_service, 1)],
-    "control": [("wrong service", m_service, 1)],
+    "control": [("wrong service", m_service, 1), ("over 64 KiB in all", m_over_control, 1)],
     "message": [("odd batch", m_batch, 2)],
     "event": [("odd batch", m_batch, 2), ("bad topic", m_topic, 1)],
     "task": [("bad task items", m_tasks, 3)],
