@@ -20,6 +20,7 @@ from typing import Callable
 
 import fuzz_expect
 import zmq
+import zmq.utils.monitor
 from fuzz_expect import Expect
 from fuzz_frames import Spec, render
 from fuzz_mutations import Generator
@@ -301,26 +302,47 @@ class Fire:
 
     def stream(self, pub: zmq.Socket, gen: Generator, count: int, good_key: str,
                hot: bool) -> Outcome:
-        expect = Expect()
+        """The raw PUB sends ``count`` events in batches of PUB_BATCH, each read before the
+        next. A batch that comes up short is noted with the PUB's connection events of that
+        time (a subscriber that reconnects misses what was published meanwhile: pub/sub is at
+        most once), and later batches are waited for net of that shortfall."""
+        expect, notes = Expect(), []
         classify: Callable[[Expect, list[bytes]], None] = (
             fuzz_expect.EventHot() if hot else fuzz_expect.event_whole)
-        before = self.counters()
-        after = before
-        for start in range(0, count, PUB_BATCH):
-            for _ in range(min(PUB_BATCH, count - start)):
-                name, frames = gen.next()
-                expect.note(name)
-                classify(expect, frames)
-                pub.send_multipart(frames)
-            sent_refused, sent_valid = expect.refused, expect.valid
+        monitor = pub.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        short_r = short_v = 0
+        try:
+            before = self.counters()
+            after = before
+            for start in range(0, count, PUB_BATCH):
+                for _ in range(min(PUB_BATCH, count - start)):
+                    name, frames = gen.next()
+                    expect.note(name)
+                    classify(expect, frames)
+                    pub.send_multipart(frames)
+                want_r, want_v = expect.refused - short_r, expect.valid - short_v
 
-            def read_all(c: dict[str, int], r: int = sent_refused, v: int = sent_valid) -> bool:
-                return grew(before, c, "refused_event") >= r and grew(before, c, good_key) >= v
+                def read_all(c: dict[str, int], r: int = want_r, v: int = want_v) -> bool:
+                    return (grew(before, c, "refused_event") >= r
+                            and grew(before, c, good_key) >= v)
 
-            after = self.wait_counters(read_all, f"the subscriber to read {expect.sent} events")
-        after = self.settled(after)
+                after = self.wait_counters(read_all, f"the subscriber to read {expect.sent}")
+                events = _drain_events(monitor)
+                if not read_all(after):
+                    dr = want_r - grew(before, after, "refused_event")
+                    dv = want_v - grew(before, after, good_key)
+                    short_r, short_v = short_r + dr, short_v + dv
+                    notes.append(f"events {start}-{expect.sent}: {dr} refusals and {dv} "
+                                 f"deliveries short; PUB connection events {events or 'none'}")
+                elif events:
+                    notes.append(f"events {start}-{expect.sent}: PUB connection events {events}")
+            after = self.settled(after)
+        finally:
+            pub.disable_monitor()
+            monitor.close(0)
         out = self._outcome(expect, before, after, "refused_event")
         out.handled = grew(before, after, good_key)
+        out.notes += notes
         return out
 
     def tasks(self, port: int, gen: Generator, count: int) -> Outcome:
@@ -381,6 +403,15 @@ class Fire:
 
 def grew(before: dict[str, int], after: dict[str, int], key: str) -> int:
     return after.get(key, 0) - before.get(key, 0)
+
+
+def _drain_events(monitor: zmq.Socket) -> list[str]:
+    """The names of the socket events waiting on ``monitor``."""
+    out = []
+    while monitor.poll(0):
+        event = zmq.utils.monitor.recv_monitor_message(monitor)
+        out.append(str(zmq.Event(event["event"]).name))
+    return out
 
 
 def _moving(a: dict[str, int], b: dict[str, int]) -> bool:

@@ -31,7 +31,9 @@ read from /proc before and after each round. Everything runs on 127.0.0.1 (run i
 namespace of its own, e.g. ``/work/tools/innetns.sh``, to keep it away from other nodes on
 the host); every loop is bounded.
 
-    python3 perf/fuzz_network.py [--count 100000] [--rounds 1] [--quick] [--seed N] [--json]
+    python3 perf/fuzz_network.py [--count 100000] [--rounds 1] [--quick] [--seed N]
+                                 [--endpoints service,control,pipeline,pipeline-hot,stream,
+                                  stream-hot,tasks] [--json]
 """
 
 from __future__ import annotations
@@ -165,7 +167,14 @@ def still_serving(fire: Fire, pubs: list[zmq.Socket], rng: random.Random) -> dic
     return out
 
 
-def run(count: int, seed: int, rounds: int = 1) -> dict[str, Any]:
+#: The endpoints ``--endpoints`` can pick, by the labels of the table.
+ENDPOINTS = {"service": "service", "control": "control", "pipeline": "pipeline",
+             "pipeline-hot": "pipeline recv()", "stream": "stream", "stream-hot": "stream recv()",
+             "tasks": "tasks"}
+
+
+def run(count: int, seed: int, rounds: int = 1,
+        endpoints: tuple[str, ...] = tuple(ENDPOINTS)) -> dict[str, Any]:
     rng = random.Random(seed)
     tag = f"{seed % 10000}-{time.monotonic_ns() % 10**6}"
     ctx = zmq.Context()
@@ -189,7 +198,10 @@ def run(count: int, seed: int, rounds: int = 1) -> dict[str, Any]:
         timing: dict[str, float] = {}
         start = time.monotonic()
         for _ in range(rounds):
+            chosen = {ENDPOINTS[e] for e in endpoints}
             for label, phase in phases(fire, pubs, rng, count):
+                if label not in chosen:
+                    continue
                 t = time.monotonic()
                 outcome = phase()
                 results.setdefault(label, Outcome()).add(outcome)
@@ -284,13 +296,21 @@ def report(result: dict[str, Any]) -> None:
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, printed).")
 @click.option("--rounds", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Repeat the whole storm; RSS after each round shows whether memory levels off.")
+@click.option("--endpoints", default=",".join(ENDPOINTS), show_default=True,
+              help="Comma list of the endpoints to fuzz.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
-def main(count: int, quick: bool, seed: int | None, rounds: int, as_json: bool) -> None:
+def main(count: int, quick: bool, seed: int | None, rounds: int, endpoints: str,
+         as_json: bool) -> None:
     logging.basicConfig(level=logging.ERROR)  # the nodes' warnings about refused messages
     if quick:
         count = 5_000
     seed = random.randrange(2**32) if seed is None else seed
-    result = run(count, seed, rounds)
+    chosen = tuple(e.strip() for e in endpoints.split(",") if e.strip())
+    unknown = [e for e in chosen if e not in ENDPOINTS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown endpoints {unknown}; choose from {list(ENDPOINTS)}",
+                                 param_hint="--endpoints")
+    result = run(count, seed, rounds, chosen)
     checks = {label: r.mismatches() for label, r in result["results"].items()}
     growth = bounded(result)
     ok = (all(result["still_serving"].values()) and result["oversized_dropped"] == 5
