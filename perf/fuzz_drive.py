@@ -301,14 +301,12 @@ class Fire:
         return after
 
     def stream(self, pub: zmq.Socket, gen: Generator, count: int, good_key: str,
-               hot: bool) -> Outcome:
+               classify: Callable[[Expect, list[bytes]], None]) -> Outcome:
         """The raw PUB sends ``count`` events in batches of PUB_BATCH, each read before the
         next. A batch that comes up short is noted with the PUB's connection events of that
         time (a subscriber that reconnects misses what was published meanwhile: pub/sub is at
         most once), and later batches are waited for net of that shortfall."""
         expect, notes = Expect(), []
-        classify: Callable[[Expect, list[bytes]], None] = (
-            fuzz_expect.EventHot() if hot else fuzz_expect.event_whole)
         monitor = pub.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         short_r = short_v = 0
         try:

@@ -154,10 +154,12 @@ def event_whole(expect: Expect, frames: list[bytes]) -> None:
 
 
 class EventHot:
-    """A PUB's frames as ``Subscription.recv`` reads them, with the topics it has learnt."""
+    """A PUB's frames as ``Subscription.recv`` reads them, with the topics it has learnt. Keep
+    one per subscription for its whole life (the subscription's cache outlives a round), and
+    start it with the topics the subscription decoded before (``learnt``)."""
 
-    def __init__(self) -> None:
-        self.names: set[bytes] = set()
+    def __init__(self, learnt: tuple[bytes, ...] = ()) -> None:
+        self.names: set[bytes] = set(learnt)
 
     def __call__(self, expect: Expect, frames: list[bytes]) -> None:
         for i, data in enumerate(frames):
