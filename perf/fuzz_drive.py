@@ -86,6 +86,11 @@ with node:
         node.directory.put(NodeRecord(f"{NAME[:36]}-pub{i}", secrets.token_hex(8), "raw-host",
                                       os.getpid(), "127.0.0.1",
                                       (Endpoint(EndpointKind.STREAM, stream, port),), 1))
+    # So does the hostile worker, and this node gives it a task: its producer connects.
+    node.directory.put(NodeRecord(f"{NAME[:36]}-worker", secrets.token_hex(8), "raw-host",
+                                  os.getpid(), "127.0.0.1",
+                                  (Endpoint(EndpointKind.TASK, PRODUCE, WORKER_PORT),), 1))
+    node.submit(PRODUCE, "fz-real")
     workers = [threading.Thread(target=pull, args=(0, PIPES[0], False)),
                threading.Thread(target=pull, args=(1, PIPES[1], True)),
                threading.Thread(target=subscribe, args=(2, PUBS[0][0], False)),
@@ -109,13 +114,15 @@ with node:
 class Victim:
     """The child node; its names carry ``tag`` so that runs never meet."""
 
-    def __init__(self, procs: ProcessGroup, pub_ports: list[int], tag: str) -> None:
-        self.svc, self.task = f"fz-svc-{tag}", f"fz-task-{tag}"
+    def __init__(self, procs: ProcessGroup, pub_ports: list[int], worker_port: int,
+                 tag: str) -> None:
+        self.svc, self.task, self.produce = f"fz-svc-{tag}", f"fz-task-{tag}", f"fz-prod-{tag}"
         self.pipes = [f"fz-jobs-{tag}", f"fz-jobs-hot-{tag}"]
         self.streams = [f"fz-ticks-{tag}", f"fz-ticks-hot-{tag}"]
         pubs = list(zip(self.streams, pub_ports, strict=True))
         head = (f"NAME = 'fz-victim-{tag}'\nSVC = {self.svc!r}\nTASK = {self.task!r}\n"
-                f"PIPES = {self.pipes!r}\nPUBS = {pubs!r}\n")
+                f"PIPES = {self.pipes!r}\nPUBS = {pubs!r}\nPRODUCE = {self.produce!r}\n"
+                f"WORKER_PORT = {worker_port}\n")
         self.child: Child = procs.python(head + VICTIM, timeout=WAIT)
         info = json.loads(self.child.expect("INFO", WAIT))
         self.name: str = info["name"]
@@ -191,7 +198,12 @@ class Fire:
         self.ctx, self.observer, self.victim = ctx, observer, victim
 
     def counters(self) -> dict[str, int]:
-        return self.observer.stats(self.victim.name, timeout=WAIT)["counters"]
+        """The victim's counters, and ``fuzz_task_late``: results its producer dropped as late
+        (from the ``tasks`` section of its stats)."""
+        stats = self.observer.stats(self.victim.name, timeout=WAIT)
+        submit = stats.get("tasks", {}).get("submit", {})
+        late = submit.get(self.victim.produce, {}).get("late", 0)
+        return {**stats["counters"], "fuzz_task_late": late}
 
     def wait_counters(self, done: Callable[[dict[str, int]], bool], what: str,
                       timeout: float = WAIT) -> dict[str, int]:
@@ -384,6 +396,33 @@ class Fire:
         ran = grew(before, after, "fuzz_good_tasks")
         if ran != results:
             out.notes.append(f"handlers ran {ran} times for {results} results")
+        return out
+
+    def results(self, router: zmq.Socket, gen: Generator, count: int) -> Outcome:
+        """A raw ROUTER as the worker the victim's producer gave a task to: results and grants
+        in, refusals (``refused_task_results``) and late results counted exactly."""
+        expect = Expect()
+        if not router.poll(int(WAIT * 1000)):
+            raise RuntimeError("the victim's producer never connected to the raw worker")
+        producer = router.recv_multipart()[0]  # its credit request: the routing id
+        before = self.counters()
+        for _ in range(count):
+            name, frames = gen.next()
+            expect.note(name)
+            fuzz_expect.result(expect, frames)
+            router.send_multipart([producer, *frames])
+            while router.poll(0):  # credit requests and the task: not answered
+                router.recv_multipart()
+
+        def counted(c: dict[str, int]) -> bool:
+            return (grew(before, c, "refused_task_results") >= expect.refused
+                    and grew(before, c, "fuzz_task_late") >= expect.valid)
+
+        after = self.settled(self.wait_counters(counted, "the producer to read every result"))
+        while router.poll(0):
+            router.recv_multipart()
+        out = self._outcome(expect, before, after, "refused_task_results")
+        out.handled = grew(before, after, "fuzz_task_late")
         return out
 
     def one_frame_credit(self, port: int) -> bool:

@@ -204,3 +204,18 @@ def worker_answer(frames: list[bytes]) -> tuple[int, int]:
         raise RemoteProtocolError("worker answer without a delimiter") from None
     kind, body = task_frames.parse_from_worker(frames[route_end:])
     return (1, 0) if kind is wire.Kind.CREDIT else (0, len(body))
+
+
+def result(expect: Expect, frames: list[bytes]) -> None:
+    """A worker's ``frames`` (as the producer's DEALER receives them): refused, or results the
+    producer counts as late (it never gave out their tasks), or a grant."""
+    try:
+        kind, body = task_frames.parse_from_worker(frames)
+    except RemoteProtocolError:
+        expect.refused += 1
+        return
+    if kind is wire.Kind.CREDIT:
+        expect.grants += 1
+    else:
+        expect.valid += len(body)
+

@@ -21,7 +21,7 @@ import msgpack
 
 #: The wire's version, kind numbers and flag bits (docs/PROTOCOL.md 5.1, 5.2, 5.4, 5.7).
 VERSION = 2
-REQUEST, EVENT, MESSAGE, TASK, CREDIT = 1, 4, 5, 6, 8
+REQUEST, EVENT, MESSAGE, TASK, RESULT, CREDIT = 1, 4, 5, 6, 7, 8
 FOLLOWS, BATCH = 0x10, 0x20
 MAX_HEADER = 4096
 MAX_TOPIC = 1024
@@ -192,3 +192,27 @@ def task(rng: random.Random) -> Spec:
     spec.form = "two" if rng.random() < 0.9 else "one"
     spec.canonical = rng.random() < 0.8
     return spec
+
+
+def result_item(rng: random.Random) -> list[Any]:
+    """A result for a task the producer never gave out (it counts it as late)."""
+    ok = rng.random() < 0.7
+    value = body(rng) if ok else {"type": "ValueError", "message": "fuzzed"}
+    return [f"t-{rng.getrandbits(48):x}", rng.randrange(1, 6), ok, value]
+
+
+def result(rng: random.Random) -> Spec:
+    """A worker's message to a producer: a grant or results, ``["", header, body]`` as the
+    producer's DEALER receives it (now and then one frame, as PROTOCOL.md 7.4 allows)."""
+    if rng.random() < 0.3:
+        grant: dict[str, Any] = {"credit": rng.randint(1, 65535)}
+        if rng.random() < 0.7:
+            grant["slots"] = rng.randint(1, 16)
+        spec = Spec(CREDIT, grant, 0, _ts(rng))
+    else:
+        spec = Spec(RESULT, [result_item(rng) for _ in range(rng.randrange(1, 4))], 0, _ts(rng))
+    spec.envelope = [b""]
+    spec.form = "two" if rng.random() < 0.9 else "one"
+    spec.canonical = rng.random() < 0.8
+    return spec
+

@@ -17,7 +17,17 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import msgpack
-from fuzz_frames import CREDIT, MAX_HEADER, TASK, Spec, body, render, task_item
+from fuzz_frames import (
+    CREDIT,
+    MAX_HEADER,
+    RESULT,
+    TASK,
+    Spec,
+    body,
+    render,
+    result_item,
+    task_item,
+)
 
 Template = Callable[[random.Random], Spec]
 Mutation = Callable[[random.Random, Spec], list[bytes]]
@@ -232,6 +242,22 @@ def m_tasks(rng: random.Random, spec: Spec) -> list[bytes]:
     return render(replace(spec, kind=TASK, body=bad))
 
 
+def m_results(rng: random.Random, spec: Spec) -> list[bytes]:
+    """Result and grant bodies with bad items or values (PROTOCOL.md 7.4)."""
+    if spec.kind == CREDIT or rng.random() < 0.3:
+        grant: Any = rng.choice(({"credit": 0}, {"credit": 65536}, {"credit": 1, "slots": 0},
+                            {"credit": "1"}, {"slots": 4}, {"credit": True}, [], 5, None,
+                            {"credit": 1, "slots": 70000}))
+        return render(replace(spec, kind=CREDIT, body=grant))
+    good = result_item(rng)
+    bad = rng.choice([
+        [["t", 1, 1, None]], [["t", 1, False, "error"]], [["t", 1, False, {"type": "E"}]],
+        [["", 1, True, None]], [["t", 0, True, None]], [["t" * 129, 1, True, None]],
+        [["t", 1, True]], [good, 5], [], {"t": 1}, None, [good] * 3,
+    ])
+    return render(replace(spec, kind=RESULT, body=bad))
+
+
 def m_large(rng: random.Random, spec: Spec) -> list[bytes]:
     frames = render(spec)
     i = rng.randrange(_msg_at(spec), len(frames))
@@ -267,6 +293,7 @@ EXTRA: dict[str, list[tuple[str, Mutation, int]]] = {
     "message": [("odd batch", m_batch, 2)],
     "event": [("odd batch", m_batch, 2), ("bad topic", m_topic, 1)],
     "task": [("bad task items", m_tasks, 3)],
+    "result": [("bad results", m_results, 3)],
 }
 
 

@@ -3,17 +3,17 @@ endpoint it reads from, then proof that it still works, that it counted exactly 
 refused, and that its memory and file descriptors stay bounded.
 
 A node runs in a child process (``fuzz_drive.VICTIM``) with a reply service and a task worker
-(ROUTERs), its control endpoint (ROUTER), two pipeline pullers (PULL) and two stream
-subscriptions (SUB); one puller and one subscription read with ``recv_message``, the others
-with the ``recv`` hot path. Raw pyzmq sockets here send ``--count`` messages to each: valid
-protocol-2 messages of the endpoint's kind (one frame, header and raw body frames, batches,
-canonical and compact msgpack; ``fuzz_frames.py``) and mutations of them (random frames,
-flipped and truncated bytes, dropped, duplicated, swapped and extra frames, wrong versions 0, 1,
-3 and 255, the version 1 layout, wrong kinds and flags, odd fields, header maps around 4096
-bytes, broken, bomb and too deep bodies, odd batches, wrong services, bad topics, bad task items,
-a few large frames). The reference decoders (``zmqfabric.core.wire`` and ``task_frames``, i.e.
-docs/PROTOCOL.md in code) classify every message as it is sent (``fuzz_expect.py``), so the
-node's counters are compared exactly:
+(ROUTERs), its control endpoint (ROUTER), two pipeline pullers (PULL), two stream subscriptions
+(SUB) and a task producer (DEALER); one puller and one subscription read with ``recv_message``,
+the others with the ``recv`` hot path. Raw pyzmq sockets here send ``--count`` messages to each:
+valid protocol-2 messages of the endpoint's kind (one frame, header and raw body frames,
+batches, canonical and compact msgpack; ``fuzz_frames.py``) and mutations of them (random
+frames, flipped and truncated bytes, dropped, duplicated, swapped and extra frames, wrong
+versions 0, 1, 3 and 255, the version 1 layout, wrong kinds and flags, odd fields, header maps
+around 4096 bytes, broken, bomb and too deep bodies, odd batches, wrong services, bad topics,
+bad task items, a few large frames). The reference decoders (``zmqfabric.core.wire`` and
+``task_frames``, i.e. docs/PROTOCOL.md in code) classify every message as it is sent
+(``fuzz_expect.py``), so the node's counters are compared exactly:
 
 - service and control: ``refused_request`` grows by the refused ones, and this DEALER gets
   exactly one reply per message that had a routing envelope, except one-way control ops;
@@ -22,7 +22,10 @@ node's counters are compared exactly:
 - streams: ``refused_event`` likewise (a raw PUB, paced in batches of 1000: a PUB drops instead
   of blocking when a subscriber's queue is full);
 - tasks: ``refused_task`` by the refused ones, one grant per credit request and one result per
-  task item.
+  task item;
+- task results: the child submits a task to a raw ROUTER it holds as a worker; what that ROUTER
+  sends its producer must grow ``refused_task_results`` by the refused ones and the producer's
+  ``late`` count (results for tasks it never gave out) by the items of the rest.
 
 Then a few frames over each endpoint's size limit go out on sockets of their own (ZeroMQ
 disconnects such a peer), and the node must still answer a request, a ping, a task, and receive
@@ -33,7 +36,7 @@ the host); every loop is bounded.
 
     python3 perf/fuzz_network.py [--count 100000] [--rounds 1] [--quick] [--seed N]
                                  [--endpoints service,control,pipeline,pipeline-hot,stream,
-                                  stream-hot,tasks] [--json]
+                                  stream-hot,tasks,results] [--json]
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ from tests.procs import ProcessGroup  # noqa: E402
 from zmqfabric.constants import MAX_CONTROL_MESSAGE, MAX_MESSAGE_SIZE  # noqa: E402
 
 
-def phases(fire: Fire, pubs: list[zmq.Socket], rng: random.Random, count: int,
-           hot_events: fuzz_expect.EventHot) -> list[tuple[str, Callable[[], Outcome]]]:
+def phases(fire: Fire, pubs: list[zmq.Socket], worker: zmq.Socket, rng: random.Random,
+           count: int, hot_events: fuzz_expect.EventHot
+           ) -> list[tuple[str, Callable[[], Outcome]]]:
     """Each endpoint's storm, in order: (label, run it). ``hot_events`` models the hot-path
     subscription over the whole run."""
     v = fire.victim
@@ -94,6 +98,7 @@ def phases(fire: Fire, pubs: list[zmq.Socket], rng: random.Random, count: int,
             hot_events)),
         ("tasks", lambda: fire.tasks(v.port("task", v.task), gen("task", fuzz_frames.task),
                                      count)),
+        ("task results", lambda: fire.results(worker, gen("result", fuzz_frames.result), count)),
     ]
 
 
@@ -176,7 +181,7 @@ def still_serving(fire: Fire, pubs: list[zmq.Socket], rng: random.Random) -> dic
 #: The endpoints ``--endpoints`` can pick, by the labels of the table.
 ENDPOINTS = {"service": "service", "control": "control", "pipeline": "pipeline",
              "pipeline-hot": "pipeline recv()", "stream": "stream", "stream-hot": "stream recv()",
-             "tasks": "tasks"}
+             "tasks": "tasks", "results": "task results"}
 
 
 def run(count: int, seed: int, rounds: int = 1,
@@ -185,6 +190,7 @@ def run(count: int, seed: int, rounds: int = 1,
     tag = f"{seed % 10000}-{time.monotonic_ns() % 10**6}"
     ctx = zmq.Context()
     pubs = [ctx.socket(zmq.PUB) for _ in range(2)]
+    worker = ctx.socket(zmq.ROUTER)
     procs = ProcessGroup()
     observer: zf.Node | None = None
     try:
@@ -192,7 +198,11 @@ def run(count: int, seed: int, rounds: int = 1,
             pub.setsockopt(zmq.LINGER, 0)
             pub.setsockopt(zmq.SNDHWM, 100_000)
         pub_ports = [pub.bind_to_random_port("tcp://127.0.0.1") for pub in pubs]
-        victim = Victim(procs, pub_ports, tag)
+        for option, value in ((zmq.LINGER, 0), (zmq.ROUTER_MANDATORY, 1),
+                              (zmq.SNDHWM, 100_000), (zmq.SNDTIMEO, int(WAIT * 1000))):
+            worker.setsockopt(option, value)
+        worker_port = worker.bind_to_random_port("tcp://127.0.0.1")
+        victim = Victim(procs, pub_ports, worker_port, tag)
         observer = zf.Node(f"fz-observer-{tag}").start()
         observer.wait_for_node(victim.name, WAIT)
         fire = Fire(ctx, observer, victim)
@@ -207,7 +217,7 @@ def run(count: int, seed: int, rounds: int = 1,
         start = time.monotonic()
         for _ in range(rounds):
             chosen = {ENDPOINTS[e] for e in endpoints}
-            for label, phase in phases(fire, pubs, rng, count, hot_events):
+            for label, phase in phases(fire, pubs, worker, rng, count, hot_events):
                 if label not in chosen:
                     continue
                 t = time.monotonic()
@@ -231,6 +241,7 @@ def run(count: int, seed: int, rounds: int = 1,
         procs.close()
         for pub in pubs:
             pub.close(0)
+        worker.close(0)
         ctx.term()
     return {"count": count, "seed": seed, "rounds": rounds, "elapsed_s": elapsed,
             "phase_s": timing, "results": results, "resources": resources,
