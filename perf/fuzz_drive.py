@@ -1,18 +1,11 @@
-"""The node under fire and the raw sockets that fire at it, for ``perf/fuzz_network.py``.
-
-The victim is a child process (``VICTIM``) with a reply service, a task worker, two pipeline
-pullers and two stream subscriptions (one of each reads with ``recv_message``, the other with
-the ``recv`` hot path), plus its control endpoint. A subscriber only hears publishers it
-connects to, so each stream's hostile publisher is a raw PUB bound here that the child puts in
-its own directory, as discovery would. Each ``fuzz_*`` function sends one endpoint its messages
+"""The raw sockets that fire at the node under fire (``fuzz_victim.py``), for
+``perf/fuzz_network.py``. Each ``fuzz_*`` function sends one endpoint its messages
 from a :class:`~fuzz_frames.Generator`, classifies each with the reference decoders
 (``fuzz_expect``) and returns what the node counted and answered. Every wait is bounded.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,9 +17,9 @@ import zmq.utils.monitor
 from fuzz_expect import Expect
 from fuzz_frames import Spec, render
 from fuzz_mutations import Generator
+from fuzz_victim import Victim
 
 import zmqfabric as zf
-from tests.procs import Child, ProcessGroup
 from zmqfabric.errors import RemoteProtocolError
 
 WAIT = 30.0
@@ -35,114 +28,6 @@ WAIT = 30.0
 PUB_BATCH = 1000
 #: Seconds without a change in the victim's counters after which it has read everything.
 STILL_S = 3.0
-
-VICTIM = r"""
-import json, os, secrets, threading
-import zmqfabric as zf
-from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
-from zmqfabric.errors import FabricTimeoutError
-
-node = zf.Node(NAME)
-stop = threading.Event()
-started = [threading.Event() for _ in range(4)]
-
-@node.reply(SVC)
-def echo(body):
-    return {"echo": body}
-
-@node.task(TASK)
-def work(payload):
-    node.counters.add("fuzz_good_tasks")
-
-def pull(i, name, hot):
-    with node.puller(name) as puller:
-        started[i].set()
-        while not stop.is_set():
-            if hot:
-                try:
-                    puller.recv(timeout=0.1)
-                except FabricTimeoutError:
-                    continue
-            elif puller.recv_message(timeout=0.1) is None:
-                continue
-            node.counters.add("fuzz_good_" + name)
-
-def subscribe(i, name, hot):
-    with node.subscribe(name) as sub:
-        started[i].set()
-        while not stop.is_set():
-            if hot:
-                try:
-                    sub.recv(timeout=0.1)
-                except FabricTimeoutError:
-                    continue
-            elif sub.recv_message(timeout=0.1) is None:
-                continue
-            node.counters.add("fuzz_good_" + name)
-
-with node:
-    # The hostile publishers enter the directory as discovery would put them there.
-    for i, (stream, port) in enumerate(PUBS):
-        node.directory.put(NodeRecord(f"{NAME[:36]}-pub{i}", secrets.token_hex(8), "raw-host",
-                                      os.getpid(), "127.0.0.1",
-                                      (Endpoint(EndpointKind.STREAM, stream, port),), 1))
-    # So does the hostile worker, and this node gives it a task: its producer connects.
-    node.directory.put(NodeRecord(f"{NAME[:36]}-worker", secrets.token_hex(8), "raw-host",
-                                  os.getpid(), "127.0.0.1",
-                                  (Endpoint(EndpointKind.TASK, PRODUCE, WORKER_PORT),), 1))
-    node.submit(PRODUCE, "fz-real")
-    workers = [threading.Thread(target=pull, args=(0, PIPES[0], False)),
-               threading.Thread(target=pull, args=(1, PIPES[1], True)),
-               threading.Thread(target=subscribe, args=(2, PUBS[0][0], False)),
-               threading.Thread(target=subscribe, args=(3, PUBS[1][0], True))]
-    for worker in workers:
-        worker.start()
-    try:
-        assert all(event.wait(10) for event in started)
-        ports = {f"{ep.kind.value}:{ep.name}": ep.port for ep in node.record.endpoints}
-        print("READY", flush=True)
-        print("INFO " + json.dumps({"name": node.name, "pid": os.getpid(), "ports": ports}),
-              flush=True)
-        node.run()
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(10)
-"""
-
-
-class Victim:
-    """The child node; its names carry ``tag`` so that runs never meet."""
-
-    def __init__(self, procs: ProcessGroup, pub_ports: list[int], worker_port: int,
-                 tag: str) -> None:
-        self.svc, self.task, self.produce = f"fz-svc-{tag}", f"fz-task-{tag}", f"fz-prod-{tag}"
-        self.pipes = [f"fz-jobs-{tag}", f"fz-jobs-hot-{tag}"]
-        self.streams = [f"fz-ticks-{tag}", f"fz-ticks-hot-{tag}"]
-        pubs = list(zip(self.streams, pub_ports, strict=True))
-        head = (f"NAME = 'fz-victim-{tag}'\nSVC = {self.svc!r}\nTASK = {self.task!r}\n"
-                f"PIPES = {self.pipes!r}\nPUBS = {pubs!r}\nPRODUCE = {self.produce!r}\n"
-                f"WORKER_PORT = {worker_port}\n")
-        self.child: Child = procs.python(head + VICTIM, timeout=WAIT)
-        info = json.loads(self.child.expect("INFO", WAIT))
-        self.name: str = info["name"]
-        self.pid: int = info["pid"]
-        self.ports: dict[str, int] = info["ports"]
-
-    def port(self, kind: str, name: str) -> int:
-        return self.ports[f"{kind}:{name}"]
-
-    def resources(self) -> dict[str, int]:
-        """Resident memory (KiB, now and peak) and open file descriptors, from /proc."""
-        with open(f"/proc/{self.pid}/status", encoding="ascii") as status:
-            fields = dict(line.split(":", 1) for line in status)
-        out = {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
-        out["fds"] = len(os.listdir(f"/proc/{self.pid}/fd"))
-        return out
-
-    def alive(self) -> bool:
-        return self.child.proc.poll() is None
-
 
 @dataclass
 class Outcome:
@@ -196,6 +81,8 @@ class Fire:
 
     def __init__(self, ctx: zmq.Context, observer: zf.Node, victim: Victim) -> None:
         self.ctx, self.observer, self.victim = ctx, observer, victim
+        #: The routing id of the victim's producer at the raw worker, once it has connected.
+        self.producer: bytes | None = None
 
     def counters(self) -> dict[str, int]:
         """The victim's counters, and ``fuzz_task_late``: results its producer dropped as late
@@ -402,9 +289,11 @@ class Fire:
         """A raw ROUTER as the worker the victim's producer gave a task to: results and grants
         in, refusals (``refused_task_results``) and late results counted exactly."""
         expect = Expect()
-        if not router.poll(int(WAIT * 1000)):
-            raise RuntimeError("the victim's producer never connected to the raw worker")
-        producer = router.recv_multipart()[0]  # its credit request: the routing id
+        if self.producer is None:  # its first credit request: the routing id
+            if not router.poll(int(WAIT * 1000)):
+                raise RuntimeError("the victim's producer never connected to the raw worker")
+            self.producer = router.recv_multipart()[0]
+        producer = self.producer
         before = self.counters()
         for _ in range(count):
             name, frames = gen.next()

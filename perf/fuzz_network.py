@@ -57,10 +57,11 @@ sys.path.insert(0, str(ROOT))
 
 import fuzz_expect  # noqa: E402
 import fuzz_frames  # noqa: E402
-from fuzz_drive import WAIT, Fire, Outcome, Victim, grew  # noqa: E402
+from fuzz_drive import WAIT, Fire, Outcome, grew  # noqa: E402
 from fuzz_expect import worker_answer  # noqa: E402
 from fuzz_frames import Spec, render  # noqa: E402
 from fuzz_mutations import Generator  # noqa: E402
+from fuzz_victim import Victim  # noqa: E402
 
 import zmqfabric as zf  # noqa: E402
 from tests.procs import ProcessGroup  # noqa: E402
