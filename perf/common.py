@@ -102,7 +102,7 @@ def merge_runs(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def alternate(runs: int) -> list[tuple[int, str]]:
     """(run index, impl) in the order to measure: raw, fabric, fabric, raw, raw, fabric, ..."""
-    order = []
+    order: list[tuple[int, str]] = []
     for i in range(runs):
         pair = IMPLS if i % 2 == 0 else IMPLS[::-1]
         order.extend((i, impl) for impl in pair)
@@ -403,16 +403,16 @@ def plot(rows: list[Row], path: str, title: str = "") -> None:
             continue
         for pattern in sorted({r.pattern for r in fab}):
             for transport in transports:
-                pts = sorted(
+                found = sorted(
                     (r.size, r.ratio if key == "ratio" else r.extra.get(key))
                     for r in fab
                     if (r.pattern, r.transport) == (pattern, transport)
                 )
-                pts = [(x, y) for x, y in pts if y is not None]
-                if pts:
+                ratios = [(x, y) for x, y in found if y is not None]
+                if ratios:
                     ax.plot(
-                        [x for x, _ in pts],
-                        [y for _, y in pts],
+                        [x for x, _ in ratios],
+                        [y for _, y in ratios],
                         styles[transport],
                         color=pattern_colors.get(pattern, "k"),
                         ms=3,

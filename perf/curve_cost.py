@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import zmqfabric as zf  # noqa: E402
 from tests.procs import Child, ProcessGroup  # noqa: E402
-from zmqfabric import keys  # noqa: E402
+from zmqfabric.security import keys  # noqa: E402
 
 WAIT = 20.0
 

@@ -6,7 +6,9 @@
   ``unpackb(recv())`` on both sides, one frame.
 - pubsub: one-way latency, timestamps in the message (time.time() on one host). Fabric: the
   header's timestamp (``Message.timestamp``, set inside ``publisher.send``) against the clock
-  after ``subscription.recv_message()``. Raw: ``[topic + 8-byte timestamp, packb(body)]``. Each
+  after ``subscription.recv_message()``. Raw: one frame ``topic + 8-byte timestamp +
+  packb(body)`` as protocol 2 sends one frame (bodies of 64 KiB and more: ``[topic +
+  timestamp, body]``, two frames, as the fabric's raw bodies). Each
   message waits for the subscriber's acknowledgement (a raw PUSH, same for both) before the next
   goes, so no message queues behind another.
 
@@ -33,16 +35,16 @@ from typing import Any
 import common
 import msgpack
 import zmq
-from harness import (
+from bench_env import (
     SETUP_TIMEOUT_S,
     Env,
-    echo_info,
     fabric_connect,
     fabric_expose,
-    make_cli,
     payload,
     raw_is_binary,
 )
+from bench_server import echo_info
+from harness import make_cli
 
 #: A reply or acknowledgement later than this (s) means the peer is gone: the run stops.
 REPLY_TIMEOUT_S = 5.0
@@ -164,7 +166,8 @@ def ps_pub(env: Env, case: dict[str, Any], announce: Any, stop: threading.Event)
         else:
             pub = env.socket(zmq.PUB)
             info = {"url": env.bind(pub, transport, tag)}
-            send_multipart, packb, now = pub.send_multipart, msgpack.packb, time.time
+            send_one, send_multipart = pub.send, pub.send_multipart
+            packb, now = msgpack.packb, time.time
             binary = raw_is_binary(case["size"])
             pack_ts = _TS.pack
 
@@ -173,7 +176,7 @@ def ps_pub(env: Env, case: dict[str, Any], announce: Any, stop: threading.Event)
                 if binary:
                     send_multipart([head, body], copy=False)
                 else:
-                    send_multipart([head, packb(body)])
+                    send_one(head + packb(body))
 
         announce(dict(info, ack=ack_url))
         if not _join(emit, ack, stop):
@@ -246,16 +249,18 @@ def ps_sub(env: Env, case: dict[str, Any], announce: Any, stop: threading.Event)
                 sub.setsockopt(zmq.SUBSCRIBE, b"")
                 sub.connect(peer["url"])
                 announce({})
-                recv_multipart, unpackb = sub.recv_multipart, msgpack.unpackb
-                unpack_ts = _TS.unpack_from
+                recv, recv_multipart = sub.recv, sub.recv_multipart
+                unpackb, unpack_ts = msgpack.unpackb, _TS.unpack_from
                 binary = raw_is_binary(case["size"])
                 while True:
                     try:
-                        head, data = recv_multipart()
+                        if binary:
+                            head, data = recv_multipart()
+                        else:
+                            head = recv()
+                            unpackb(head[9:])
                     except zmq.Again:
                         break
-                    if not binary:
-                        data = unpackb(data)
                     t = now()
                     topic = head[:1]
                     if topic == b"m":
