@@ -315,8 +315,8 @@ class Fire:
         return out
 
     def one_frame_credit(self, port: int) -> bool:
-        """PROTOCOL.md 7.4: a one-frame task message ``["", [2, 8, id, ts, {...}]]`` "is
-        accepted as well": does a one-frame credit request get a grant?"""
+        """PROTOCOL.md 7.4: task messages use the two-frame form; a one-frame credit request
+        ``["", [2, 8, id, ts, {...}]]`` is refused: does it get a grant (it must not)?"""
         dealer = self.socket(zmq.DEALER, port)
         try:
             dealer.send_multipart(render(Spec(8, {"from": "fz-spec"}, 0, envelope=[b""])))

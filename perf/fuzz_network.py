@@ -231,7 +231,7 @@ def run(count: int, seed: int, rounds: int = 1,
         elapsed = time.monotonic() - start
         over = oversized(fire)
         still = still_serving(fire, pubs, rng)
-        spec = {"one-frame task message accepted (PROTOCOL.md 7.4)": fire.one_frame_credit(
+        spec = {"one-frame task message refused (PROTOCOL.md 7.4)": not fire.one_frame_credit(
             victim.port("task", victim.task))}
         resources.append(victim.resources())
         final = fire.counters()
