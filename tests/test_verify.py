@@ -7,11 +7,14 @@ themselves, across network namespaces, are in tests/attacks/.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
+import socket
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import msgpack
 import pytest
@@ -26,6 +29,7 @@ from zmqfabric.core import wire
 from zmqfabric.core.budget import expansion_cost
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord, confirm_record, encode_txt
 from zmqfabric.errors import RemoteProtocolError
+from zmqfabric.security import keys
 
 WAIT = 10.0
 
@@ -271,6 +275,68 @@ def test_a_node_that_takes_the_connection_but_answers_late_is_asked_again(make_n
         zc.close()
         stop.set()
         server.join(WAIT)
+
+
+def _introduce(sock: zmq.Socket, target: zf.Node, client_keys: Path | None,
+               record: NodeRecord) -> None:
+    """Call ``target``'s control op ``record`` on DEALER ``sock`` as a verifier does, introducing
+    ``record`` (``me``), from 127.0.0.1, as a CURVE client with ``client_keys`` (None: plain)."""
+    try:
+        if client_keys is not None:
+            mine = keys.load(client_keys)
+            sock.curve_publickey, sock.curve_secretkey = mine.public.encode(), mine.secret.encode()
+            sock.curve_serverkey = (target.record.curve_key or "").encode()
+        control = target.record.control
+        assert control is not None
+        sock.connect(f"tcp://127.0.0.1:{control.port}")
+        header = wire.name_service(wire.pack_header(wire.Kind.REQUEST, 7, time.time()),
+                                   wire.service_tail("control"))
+        me = {"name": record.name, "txt": encode_txt(record)}
+        sock.send_multipart([b"", header, wire.pack_body({"op": "record", "me": me})])
+        assert sock.poll(int(WAIT * 1000)), "the node did not answer the record call"
+        sock.recv_multipart()
+    finally:
+        sock.close(0)
+
+
+@pytest.mark.parametrize("secured", [True, False])
+def test_a_verifiers_own_record_is_taken_on_its_word_only_over_curve(tmp_path: Path, raw,
+                                                                     secured: bool) -> None:
+    """A verification call carries the caller's record (``me``). Over CURVE with that record's
+    key it is the caller's own word: the node lists it without calling back (one call per pair
+    of nodes instead of two). Without keys nothing proves the control port it claims, so it is a
+    hint, verified: here nothing answers there, and it is never listed."""
+    server_dir, client_dir = tmp_path / "server", tmp_path / "client"
+    server_key, client_key = keys.generate(server_dir), keys.generate(client_dir)
+    keys.allow(server_dir, client_key, "client")
+    keys.allow(client_dir, server_key, "server")
+    with silent_port() as port, zf.Node(unique("verified"),
+                                        keys=server_dir if secured else None) as target:
+        record = NodeRecord(unique("caller"), secrets.token_hex(8), "caller-host", 1, "127.0.0.1",
+                            (Endpoint(EndpointKind.CONTROL, "control", port),), 1,
+                            client_key if secured else None, target.config.fabric)
+        before = target.counters.get("verifications")
+        _introduce(raw(zmq.DEALER), target, client_dir if secured else None, record)
+        if secured:
+            listed = target.wait_for_node(record.name, WAIT)
+            assert listed.node_id == record.node_id
+            assert target.counters.get("peers_introduced") == 1
+            assert target.counters.get("verifications") == before  # no call back
+        else:
+            wait_until(lambda: target.counters.get("verifications") > before, WAIT,
+                       "the introduction to be verified")
+            time.sleep(0.5)  # the call fails at once (nothing listens): it stays unlisted
+            assert target.directory.get(record.name) is None
+            assert target.counters.get("peers_introduced") == 0
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port where nothing listens (taken, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield port
 
 
 # --- whole-message limit -------------------------------------------------------------------------

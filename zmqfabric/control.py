@@ -69,8 +69,10 @@ class ControlServer:
     """Owns the control endpoint and the control thread that serves it.
 
     The constructor binds the endpoint; ``start()`` starts the thread; ``stop()`` (idempotent,
-    any thread) stops and joins it and closes the endpoint. ``on_hello(body, peer_address)``
-    takes a peer's introduction and ``on_peers(peers)`` a peer's list of control URLs;
+    any thread) stops and joins it and closes the endpoint. ``on_hello(body, peer_address,
+    peer_key, verifying)`` takes a peer's introduction (a hello, or with ``verifying`` the
+    ``me`` of a ``record`` call: the peer is verifying our record) and
+    ``on_peers(peers)`` a peer's list of control URLs;
     ``on_probe(body, peer_address, peer_key)`` answers a liveness op (the reply body, or None:
     no reply). All are called in the control thread and must not block it.
     """
@@ -78,7 +80,7 @@ class ControlServer:
     def __init__(
         self,
         runtime: NodeRuntime,
-        on_hello: Callable[[dict[str, Any], str | None], None],
+        on_hello: Callable[[dict[str, Any], str | None, str | None, bool], None],
         on_peers: Callable[[object], None],
         on_probe: Callable[[dict[str, Any], str | None, str | None], dict[str, Any] | None],
     ) -> None:
@@ -139,16 +141,15 @@ class ControlServer:
             return
         route, header, body = parsed
         op = body.get("op") if isinstance(body, dict) else None
+        last = zframes[-1]
+        key = _property(last, "User-Id") if self._node.config.keys is not None else None
         if op == "hello":
-            address = zframes[-1].get("Peer-Address")
-            self._on_hello(body, address if isinstance(address, str) else None)
+            self._on_hello(body, _property(last, "Peer-Address"), key or None, False)
             return  # introductions are one-way: no reply
         if op == "peers":
             self._on_peers(body.get("peers"))
             return
         if op in PROBE_OPS:
-            last = zframes[-1]
-            key = _property(last, "User-Id") if self._node.config.keys is not None else None
             answer = self._on_probe(body, _property(last, "Peer-Address"), key or None)
             if answer is not None and header.msg_id:  # id 0: one-way, no reply
                 self._endpoint.reply(route, header.msg_id, answer)
@@ -159,6 +160,8 @@ class ControlServer:
             self._endpoint.reply_error(route, header.msg_id, exc)
         else:
             self._endpoint.reply(route, header.msg_id, result)
+            if op == "record" and isinstance(body.get("me"), dict):  # a verifier introduces itself
+                self._on_hello(body["me"], _property(last, "Peer-Address"), key or None, True)
 
     def _answer(self, op: object) -> Any:
         if op not in OPS:

@@ -49,7 +49,8 @@ Ask = Callable[..., bool]
 class Rediscovery(Protocol):
     """What liveness asks of discovery (thread-safe, returning at once)."""
 
-    def accept(self, record: NodeRecord, *, direct: bool = False) -> None: ...
+    def accept(self, record: NodeRecord, *, direct: bool = False,
+               proven: bool = False) -> None: ...
     def forget(self, record: NodeRecord) -> None: ...
     def reverify(self, record: NodeRecord) -> None: ...
     def requery(self) -> None: ...
@@ -154,10 +155,10 @@ class Admission:
             self._unanswered[url] = self._clock() + HINT_RETRY_S
 
         if self._ask(url, key, body, self._timeout,
-                     lambda reply: self._answered(url, former, reply), silent):
+                     lambda reply: self._answered(url, key, former, reply), silent):
             self._verifying[url] = now
 
-    def _answered(self, url: str, former: Member | None, reply: Any) -> None:
+    def _answered(self, url: str, key: str | None, former: Member | None, reply: Any) -> None:
         self._verifying.pop(url, None)
         if not isinstance(reply, dict):
             return
@@ -174,7 +175,9 @@ class Admission:
         if len(self._incs) < MAX_VERIFYING:
             self._incs[record.node_id] = inc
         try:
-            self._discovery.accept(record, direct=True)
+            # Its own word at its control URL (over CURVE with ``key`` when secured): a node
+            # not listed yet needs no second call from the verifier.
+            self._discovery.accept(record, direct=True, proven=record.curve_key == key)
         except RemoteProtocolError as exc:
             self._node.counters.add("refused_peers")
             log.debug("%s: %s", url, exc)

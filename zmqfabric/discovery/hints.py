@@ -66,3 +66,4 @@ class Probe:
     deadline: float
     timeout: float
     reached: bool = False  # something took the connection: the advertiser is there
+    introduced: bool = False  # the call carries our record: answered, its node knows us

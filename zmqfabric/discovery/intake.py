@@ -19,14 +19,15 @@ control thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from typing import Callable
 
 from ..config import NodeConfig
-from ..constants import LOG_RATE_PER_MINUTE, MAX_REFUSED_KEPT
-from ..core.records import NodeRecord, address_in_scope
+from ..constants import LOG_RATE_PER_MINUTE, MAX_REFUSED_KEPT, MAX_VERIFY_CACHE
+from ..core.records import NodeRecord, address_in_scope, encode_txt
 from ..errors import RemoteProtocolError
 from ..stats import Counters
 from ..transport.sockets import SocketFactory
@@ -59,13 +60,25 @@ class Intake:
         self._on_conflict = on_conflict
         #: (name, node id) of our own record once advertised: heard back, it is ignored.
         self.own: tuple[str, str] | None = None
+        #: Our own record as a verification call carries it (``me``), once advertised.
+        self._me: dict[str, object] | None = None
         self._refused: dict[tuple[str, str], tuple[NodeRecord, str]] = {}
         self._refusal_logs = _Window(LOG_RATE_PER_MINUTE)
         self._lock = threading.Lock()
         self._verifier = (
             None if sockets is None
-            else Verifier(config, sockets, counters, self.admit, self._refuse)
+            else Verifier(config, sockets, counters, self.admit, self._refuse, lambda: self._me,
+                          self.introduced)
         )
+        #: Nodes that have our record from us (they answered a call that carried it, or sent
+        #: us theirs): no hello of ours needed. Bounded, oldest forgotten first.
+        self._know_us: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def advertised(self, record: NodeRecord) -> None:
+        """Our own record is advertised: ignore it when heard back, and introduce ourselves with
+        it in each verification call."""
+        self.own = (record.name, record.node_id)
+        self._me = {"name": record.name, "txt": encode_txt(record)}
 
     def start(self, owner: str) -> None:
         """Start the verifier's thread (``owner``: the node's name, for the thread's name)."""
@@ -77,11 +90,14 @@ class Intake:
         if self._verifier is not None:
             self._verifier.stop()
 
-    def accept(self, record: NodeRecord, *, direct: bool = False) -> None:
+    def accept(self, record: NodeRecord, *, direct: bool = False, proven: bool = False) -> None:
         """Put a validated peer record into the directory if it is in scope and not ours.
 
         ``direct``: the record came over a connection from its own address (a hello), so it may
-        lie outside the scope's networks (peers seeded across subnets). Raises
+        lie outside the scope's networks (peers seeded across subnets). ``proven``: its node
+        itself sent it, from the record's address (over CURVE with the record's key when
+        secured): a node not listed yet is admitted without a call of its own, at the
+        verifier's rate for that address; a change to a listed node is verified. Raises
         RemoteProtocolError for an mDNS record outside the scope. A record of another fabric
         is dropped without a word (counted): that fabric is none of this node's business."""
         if record.fabric != self._config.fabric:
@@ -101,6 +117,10 @@ class Intake:
             return  # our own record, heard back
         if self._verifier is None:
             self.admit(record)
+        elif (proven and self._directory.get(record.name) is None
+              and self._verifier.vouch(record)):
+            self._counters.add("peers_introduced")
+            self.admit(record)
         else:
             self._verifier.submit(record)  # a hint: the node itself tells what is true
 
@@ -119,6 +139,19 @@ class Intake:
             self._counters.add("directory_full")
             self._refuse(record, f"this node already knows {self._directory.limit} nodes, "
                                  "its most (raise the limit of open files for more)")
+
+    def introduced(self, node_id: str) -> None:
+        """Node ``node_id`` and we have introduced ourselves to each other (any thread)."""
+        with self._lock:
+            self._know_us[node_id] = None
+            self._know_us.move_to_end(node_id)
+            while len(self._know_us) > MAX_VERIFY_CACHE:
+                self._know_us.popitem(last=False)
+
+    def knows_us(self, node_id: str) -> bool:
+        """Whether node ``node_id`` has our record from us (:meth:`introduced`)."""
+        with self._lock:
+            return node_id in self._know_us
 
     def forget(self, name: str, node_id: str) -> None:
         """Forget that node ``name`` (``node_id``) was verified: its record heard again is

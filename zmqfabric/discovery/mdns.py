@@ -145,7 +145,7 @@ class Discovery:
                 REGISTER_TIMEOUT_S
             )
             self._info = info
-            self._intake.own = (record.name, record.node_id)
+            self._intake.advertised(record)
         # Our own record goes straight into our directory: no need to hear our own multicast.
         self._directory.put(record)
 
@@ -284,10 +284,19 @@ class Discovery:
 
     # --- the intake (thread-safe; see intake.py) --------------------------------------------
 
-    def accept(self, record: NodeRecord, *, direct: bool = False) -> None:
+    def accept(self, record: NodeRecord, *, direct: bool = False, proven: bool = False) -> None:
         """See :meth:`.intake.Intake.accept`: scope, fabric, keys, our own, then verification.
         Raises RemoteProtocolError for an mDNS record outside the scope. Thread-safe."""
-        self._intake.accept(record, direct=direct)
+        self._intake.accept(record, direct=direct, proven=proven)
+
+    def introduced(self, node_id: str) -> None:
+        """Node ``node_id`` sent us its record itself (a hello, or a verification call that
+        carried it): it knows us, no hello of ours is needed. Thread-safe."""
+        self._intake.introduced(node_id)
+
+    def knows_us(self, node_id: str) -> bool:
+        """Whether node ``node_id`` has our record from us or sent us its own. Thread-safe."""
+        return self._intake.knows_us(node_id)
 
     def verifying(self, name: str) -> bool:
         """A hint claiming node name ``name`` is being verified (or waits to be). Thread-safe."""

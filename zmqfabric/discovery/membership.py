@@ -126,17 +126,23 @@ class Membership:
             control.unwatch(record)
             return
         control.watch(record)
-        if event.change is Change.JOINED and node.advertised and record.control is not None:
-            control.greet(record)
+        if (event.change is Change.JOINED and node.advertised and record.control is not None
+                and not self._discovery.knows_us(record.node_id)):
+            control.greet(record)  # (one that introduced itself, or heard us in a call, has us)
             if node.config.peers or not address_in_scope(
                 record.address, node.config.scope.networks
             ):
                 control.share(record)  # across subnets: tell it whom else we know
 
-    def accept_hello(self, body: dict[str, Any], peer_address: str | None) -> None:
-        """Take a peer's introduction: validated like an mDNS record, its address must be the
-        one the hello came from, and then it is a hint like any other, verified with the node
-        at that address before anything of it is used. Runs in the control thread."""
+    def accept_hello(self, body: dict[str, Any], peer_address: str | None,
+                     peer_key: str | None = None, verifying: bool = False) -> None:
+        """Take a peer's introduction (a hello, or the ``me`` of a verification call):
+        validated like an mDNS record, its address is the one it came from. It is the node's
+        own word when it came over CURVE with the record's key: a node not listed yet is then
+        admitted without a call of ours (discovery's ``proven``); otherwise (and always in a
+        fabric without keys, where nothing proves the control port it claims) it is a hint,
+        verified with the node. ``verifying``: it came in a call verifying our record, so its
+        node has ours and needs no hello back. Runs in the control thread."""
         node = self._node
         try:
             name, txt = body.get("name"), body.get("txt")
@@ -151,7 +157,11 @@ class Membership:
             except InvalidNameError as exc:
                 raise RemoteProtocolError(f"hello has a bad node name: {exc}") from exc
             props = {k.encode(): v.encode() for k, v in txt.items()}
-            self._discovery.accept(decode_txt(peer, [peer_address], props), direct=True)
+            record = decode_txt(peer, [peer_address], props)
+            if verifying:
+                self._discovery.introduced(record.node_id)  # it has our record: no hello back
+            proven = node.config.keys is not None and peer_key == record.curve_key
+            self._discovery.accept(record, direct=True, proven=proven)
         except RemoteProtocolError as exc:
             node.counters.add("refused_hellos")
             _rlog.warning("hello", "refused an introduction from %s: %s", peer_address, exc)

@@ -84,6 +84,8 @@ class Verifier:
         counters: Counters,
         admit: Callable[[NodeRecord], None],
         refuse: Callable[[NodeRecord, str], None],
+        me: Callable[[], dict[str, object] | None] = lambda: None,
+        knows_us: Callable[[str], None] = lambda node_id: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
@@ -91,6 +93,8 @@ class Verifier:
         self._counters = counters
         self._admit = admit
         self._refuse = refuse
+        self._me = me
+        self._knows_us = knows_us
         self._clock = clock
         self._lock = threading.Lock()
         self._queued: collections.OrderedDict[HintKey, NodeRecord] = collections.OrderedDict()
@@ -163,6 +167,22 @@ class Verifier:
                               "dropping the oldest (a flood of records or hellos?)")
             self._queued[key] = hint
         self._inbox.wake()
+
+    def vouch(self, record: NodeRecord) -> bool:
+        """Take ``record`` as verified without a call (its node sent it itself, over a
+        connection that proves its address, and its key when secured: Intake.accept) if its
+        address has a token left; the same claim is then known for VERIFY_CACHE_S. False if a
+        call about it is under way or the address is out of tokens: verify it as a hint."""
+        key, now = hint_key(record), self._clock()
+        with self._lock:
+            if key in self._pending or not self._buckets.has(record.address, now):
+                return False
+            self._buckets.take(record.address, now)
+            self._queued.pop(key, None)
+            self._retries.pop(key, None)
+            self._unreached.discard(key)
+            self._remember(key, now + VERIFY_CACHE_S)
+        return True
 
     def forget(self, name: str, node_id: str) -> None:
         """Drop the cached outcomes for node ``name`` with ``node_id`` (it said goodbye: if it
@@ -269,7 +289,10 @@ class Verifier:
             sockets.connect(sock, hint.url(control), hint.curve_key)
             header = wire.name_service(
                 wire.pack_header(wire.Kind.REQUEST, probe.msg_id, time.time()), _CONTROL_TAIL)
-            sock.send_multipart([b"", header, wire.pack_body({"op": "record"})], zmq.NOBLOCK)
+            me = self._me()  # we introduce ourselves: it need not call us in turn
+            body = {"op": "record", "me": me} if me is not None else {"op": "record"}
+            sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
+            probe.introduced = me is not None
         except (zmq.ZMQError, FabricError) as exc:
             self._decide(hint, key, None, f"cannot reach its control endpoint: {exc}",
                          transient=True)
@@ -345,17 +368,23 @@ class Verifier:
                 self._counters.add("hints_retried")
                 return
         with self._lock:
-            self._cache[key] = self._clock() + (VERIFY_RETRY_S if transient else VERIFY_CACHE_S)
-            self._cache.move_to_end(key)
-            while len(self._cache) > MAX_VERIFY_CACHE:
-                self._cache.popitem(last=False)
-            self._settled.notify_all()
+            self._remember(key, self._clock() + (VERIFY_RETRY_S if transient else VERIFY_CACHE_S))
         if answer is None:
             self._counters.add("hints_refused")
             self._refuse(hint, f"unverified: {why}")
         else:
             self._counters.add("hints_verified")
             self._admit(answer)
+            if probe is not None and probe.introduced:
+                self._knows_us(answer.node_id)
+
+    def _remember(self, key: HintKey, until: float) -> None:
+        """A claim decided, not checked again until ``until`` (under the lock)."""
+        self._cache[key] = until
+        self._cache.move_to_end(key)
+        while len(self._cache) > MAX_VERIFY_CACHE:
+            self._cache.popitem(last=False)
+        self._settled.notify_all()
 
     def _close(self, probe: Probe) -> None:
         self._by_sock.pop(probe.sock, None)
