@@ -31,6 +31,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fleet import Fleet, Member, cpu_ns, fds, rss_mib  # noqa: E402
+from zmqfabric.security import keys  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -91,14 +93,21 @@ def rejoins(member: Member) -> int:
 
 
 def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str | None,
-        logs: Path | None, say: Any, start_timeout: float = 600.0) -> dict[str, Any]:
+        logs: Path | None, say: Any, start_timeout: float = 600.0,
+        keydir: Path | None = None) -> dict[str, Any]:
     fleet = Fleet(f"scale-{uuid.uuid4().hex[:8]}", netns=netns, logs=logs, source=source)
     row: dict[str, Any] = {"nodes": count, "kill": kill, "source": str(source),
-                           "private_loopback": netns is not None}
+                           "private_loopback": netns is not None, "secured": keydir is not None}
+
+    def spawn(name: str) -> Member:
+        if keydir is not None:
+            fleet.keys[name] = keydir  # one keypair for the fabric: every node allows it
+        return fleet.spawn(name)
+
     with fleet:
         t0 = time.monotonic()
         for i in range(0, count, batch):
-            members = [fleet.spawn(f"n{j:03d}") for j in range(i, min(count, i + batch))]
+            members = [spawn(f"n{j:03d}") for j in range(i, min(count, i + batch))]
             if not fleet.wait(functools.partial(all_ready, members), start_timeout):
                 raise click.ClickException(f"nodes did not start: {[m.name for m in members]}")
             say(f"{len(fleet.members)} started")
@@ -190,12 +199,14 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
                    "minutes.")
 @click.option("--netns/--shared-loopback", default=True, show_default=True,
               help="Run the nodes in a network namespace of their own (needs root).")
+@click.option("--keys", "secured", is_flag=True,
+              help="A secured fabric: every node has keys (one keypair, made for the run).")
 @click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write each node's log (liveness at DEBUG) to DIR/NAME.log.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of text.")
 @click.option("--verbose", is_flag=True, help="Say how far each run got, on stderr.")
 def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: int,
-         start_timeout: float, netns: bool, logs: Path | None, as_json: bool,
+         start_timeout: float, netns: bool, secured: bool, logs: Path | None, as_json: bool,
          verbose: bool) -> None:
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
@@ -205,9 +216,12 @@ def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: i
             click.echo(f"[scale] {text}", err=True)
 
     for count in counts:
-        with private_loopback(netns) as ns:
+        with private_loopback(netns) as ns, tempfile.TemporaryDirectory() as tmp:
+            keydir = Path(tmp) / "keys" if secured else None
+            if keydir is not None:
+                keys.generate(keydir)
             row = run(count, max(0, min(kill, count - 2)), idle, source.resolve(), batch, ns,
-                      logs, say, start_timeout)
+                      logs, say, start_timeout, keydir)
         row["loadavg_1m"] = round(os.getloadavg()[0], 1)
         if as_json:
             click.echo(json.dumps(row))
