@@ -126,9 +126,9 @@ class Membership:
             control.unwatch(record)
             return
         control.watch(record)
-        if (event.change is Change.JOINED and node.advertised and record.control is not None
-                and not self._discovery.knows_us(record.node_id)):
-            control.greet(record)  # (one that introduced itself, or heard us in a call, has us)
+        if event.change is Change.JOINED and node.advertised and record.control is not None:
+            if not self._discovery.knows_us(record.node_id):  # (it verified us: it has us)
+                control.greet(record)
             if node.config.peers or not address_in_scope(
                 record.address, node.config.scope.networks
             ):
