@@ -103,7 +103,7 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         if case == "rr":
             node.serve_in_background()
             name = f"wbecho-{os.getpid()}"
-            port = node._services[name].port
+            port = _service_port(node, name)
             _announce(out, {"url": f"tcp://127.0.0.1:{port}", "name": name})
             return _done({})
         if case == "ps":
@@ -121,6 +121,15 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         return _done(_count(lambda: recv(IDLE_MS / 1000), n, Exception))
     finally:
         node.close()
+
+
+def _service_port(node: Any, name: str) -> int:
+    """The bound port of service ``name`` (the node's services as a table of endpoints since the
+    restructure, a dict before)."""
+    services = node._services
+    if hasattr(services, "endpoints"):
+        return next(ep.port for ep in services.endpoints() if ep.name == name)
+    return int(services[name].port)
 
 
 def _done(result: dict[str, Any]) -> dict[str, Any]:
