@@ -52,6 +52,8 @@ class ServiceEndpoint(Bound):
     counter_sent = "replies_sent"
     counter_failed = "handler_errors"
     counter_undeliverable = "replies_undeliverable"
+    #: Replies leave at once (``flush`` does nothing).
+    flushes = False
 
     def __init__(
         self,

@@ -73,6 +73,8 @@ class TaskEndpoint(Bound):
 
     kind = EndpointKind.TASK
     noun = "task"
+    #: Results wait in ``_pending`` for ``flush`` (those of the messages that arrived together).
+    flushes = True
 
     def __init__(
         self,
