@@ -33,7 +33,7 @@ from typing import Any, Callable, cast
 import zmq
 
 from ..constants import POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
-from ..transport.frames import NOBLOCK, SocketWaker, recv_frames
+from ..transport.frames import NOBLOCK, SocketWaker, recv_frames, recv_routed
 from ..transport.inbox import Inbox
 from .handlers import FATAL, Job, Served, Status, ThreadSlots, acall, call, is_coroutine_handler
 
@@ -151,7 +151,7 @@ class ThreadDriver:
         held = 0
         while not self._stopping:
             try:
-                frames = recv_frames(sock, 0)
+                frames = recv_routed(sock, 0)  # a Served socket is a ROUTER
             except zmq.Again:  # idle
                 frames = None
             if inbox.pending:

@@ -65,8 +65,9 @@ def sticky_rcvtimeo(sock: zmq.Socket[Any], have: int, want: int) -> int:
 #: Flags as plain ints: or-ing zmq's Flag enums costs about a microsecond per call.
 NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE)
-#: The C method under pyzmq's Python ``Socket.send`` wrapper.
+#: The C methods under pyzmq's Python ``Socket.send``/``recv`` wrappers.
 _SEND = zmq.backend.Socket.send
+_RECV = zmq.backend.Socket.recv
 
 
 def send_frames(
@@ -101,6 +102,32 @@ def recv_frames(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
             if total > _SMALL and 0 <= cast(int, sock.get(_MAXMSGSIZE)) < total:
                 return _discard(sock, frame)
     return frames
+
+
+def recv_routed(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
+    """:func:`recv_frames` for a ROUTER socket: its first frame, the routing id ZeroMQ puts in
+    front of every message, is always followed by another, so it is received as bytes without a
+    Frame (half a microsecond each). Raises and bounds as :func:`recv_frames`."""
+    route = _RECV(sock, flags)
+    frame = sock.recv(NOBLOCK, False)
+    frames = [route, frame.bytes]
+    total = len(route) + len(frames[1])
+    while frame.more:
+        frame = sock.recv(NOBLOCK, False)
+        data = frame.bytes
+        frames.append(data)
+        total += len(data)
+        if total > _SMALL and 0 <= cast(int, sock.get(_MAXMSGSIZE)) < total:
+            return _discard(sock, frame)
+    return frames
+
+
+def send_routed(sock: zmq.Socket[Any], route: list[bytes], data: Any, flags: int) -> None:
+    """``send_frames(sock, route + [data], flags)`` without building the list (replies)."""
+    more = flags | _MORE
+    for frame in route:
+        _SEND(sock, frame, more)
+    _SEND(sock, data, flags)
 
 
 def recv_rest(sock: zmq.Socket[Any], first: bytes) -> list[bytes]:
