@@ -17,6 +17,11 @@ The message is the issue's: a msgpack dict built per send, ``{"id": i, "ts": tim
 - ``batch``: the fabric's ``pusher.send_many`` (batches of 256) -> ``puller.recv()`` against
   raw one message per frame (builds without ``send_many`` skip it).
 
+``cpu_us`` / ``peer_cpu_us``: process CPU time per message (every thread, ZeroMQ's I/O thread
+and the node's own included) of the measuring side and of its peer, from each one's first message
+on: steadier than rates and latencies on a loaded machine. In ``rr`` the measuring side is the
+client, in ``pp`` the receiver.
+
 Each (case, build) pair runs in two fresh processes (bind side, connect side), optionally pinned:
 ``--pin cross`` puts the measuring process on CPU 0 and its peer on CPU 1, ``--pin same`` both on
 CPU 0. Fabric processes connect to the bound port at once (the perf hook); the handles carry the
@@ -83,7 +88,9 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         if case == "rr":
             sock.setsockopt(zmq.RCVTIMEO, 30000)
             recv, send, packb, unpackb = sock.recv, sock.send, msgpack.packb, msgpack.unpackb
-            send(packb(unpackb(recv())))
+            data = recv()
+            _mark()
+            send(packb(unpackb(data)))
             sock.setsockopt(zmq.RCVTIMEO, 1000)
             try:
                 while True:
@@ -94,6 +101,7 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
             sock.setsockopt(zmq.RCVTIMEO, 30000)
             sock.recv()  # the subscription: the subscriber is there
             send, packb = sock.send, msgpack.packb
+            _mark()
             for i in range(n):
                 send(b"m" + packb(message(i)))
             return _done({"sent": n})
@@ -105,12 +113,14 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
             name = f"wbecho-{os.getpid()}"
             port = _service_port(node, name)
             _announce(out, {"url": f"tcp://127.0.0.1:{port}", "name": name})
+            _mark()  # idle until the client's first request
             return _done({})
         if case == "ps":
             pub = node.publisher(f"wbstream-{os.getpid()}")
             _announce(out, {"url": f"tcp://127.0.0.1:{pub.port}", "name": pub.name})
             pub.wait_subscribers(1, 30)
             send = pub.send
+            _mark()
             for i in range(n):
                 send("m", message(i))
             return _done({"sent": n})
@@ -132,11 +142,28 @@ def _service_port(node: Any, name: str) -> int:
     return int(services[name].port)
 
 
+#: Process CPU time (s) when this half began its work (set by ``_mark``).
+_CPU0: list[float] = []
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _mark() -> None:
+    """Start this half's CPU clock (once): the messages, not the setup, are measured."""
+    if not _CPU0:
+        _CPU0.append(_cpu())
+
+
 def _done(result: dict[str, Any]) -> dict[str, Any]:
     """Print the result, then keep the sockets open until the driver says the peer is done
-    (closing drops what is queued)."""
+    (closing drops what is queued); then print the process CPU time this half used (every
+    thread: ZeroMQ's I/O thread and the node's own count) since ``_mark``."""
     print(json.dumps(result), flush=True)
     sys.stdin.readline()
+    print(json.dumps({"cpu_s": _cpu() - (_CPU0[0] if _CPU0 else 0.0)}), flush=True)
     return result
 
 
@@ -159,6 +186,7 @@ def _raw_receive(sock: Any, case: str, n: int) -> dict[str, Any]:
 def _count(recv: Any, n: int, stop: Any) -> dict[str, Any]:
     """Receive up to n-1 more (the first one started the clock); rate from first to last."""
     pc = time.perf_counter
+    _mark()
     t0 = t_mark = pc()
     count = c_mark = 1
     try:
@@ -200,6 +228,7 @@ def connect_half(
             sock.setsockopt(zmq.RCVTIMEO, IDLE_MS)
             return _done(_count(lambda: unpackb(recv()[1:]), n, zmq.Again))
         send, packb = sock.send, msgpack.packb
+        _mark()
         if case == "pp1m":
             for _ in range(n):
                 send(body, copy=False)
@@ -220,6 +249,7 @@ def connect_half(
             return _done(_count(lambda: recv(IDLE_MS / 1000), n, Exception))
         push = _connect(node.pusher(name), url)
         send = push.send
+        _mark()
         if case == "pp1m":
             for _ in range(n):
                 send(body, 30)
@@ -237,6 +267,7 @@ def connect_half(
 
 def _latency(call: Any, n: int, seconds: float) -> dict[str, Any]:
     pc, samples = time.perf_counter, []
+    _mark()
     for i in range(200):
         call(i)
     end = time.monotonic() + seconds
@@ -289,20 +320,36 @@ def run_pair(case: str, impl: str, build: str, pin: str, seconds: float) -> dict
         outs = []
         for proc in (measurer, other):
             outs.append(proc.communicate("done\n", timeout=CHILD_TIMEOUT_S)[0])
-        lines = outs[1].strip().splitlines()
+        cpu_measurer = _last_cpu(outs[0])
+        lines = [line for line in outs[1].strip().splitlines() if '"cpu_s"' not in line]
         other_result = json.loads(lines[-1]) if lines else {}
+        cpu_other = _last_cpu(outs[1])
     finally:
         for proc in (bind, conn):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+    # CPU per message (us) of each side's process, every thread, from its first message on.
+    per = result.get("samples", 0) + 200 if case == "rr" else result.get("count", 0)
+    if per and cpu_measurer is not None and cpu_other is not None:
+        result["cpu_us"] = cpu_measurer / per * 1e6
+        result["peer_cpu_us"] = cpu_other / (other_result.get("sent") or per) * 1e6
     if "count" in result:
         rate = (result["count"] - 1) / result["elapsed"]
+        cpu = {k: result[k] for k in ("cpu_us", "peer_cpu_us") if k in result}
         result = {"msgs_per_s": rate, "count": result["count"],
-                  "dropped": max(0, other_result.get("sent", 0) - result["count"])}
+                  "dropped": max(0, other_result.get("sent", 0) - result["count"]), **cpu}
         if case == "pp1m":
             result["mb_per_s"] = rate * (1 << 20) / 1e6
     return result
+
+
+def _last_cpu(output: str) -> float | None:
+    """The ``cpu_s`` a half printed last, or None."""
+    for line in reversed(output.strip().splitlines()):
+        if '"cpu_s"' in line:
+            return float(json.loads(line)["cpu_s"])
+    return None
 
 
 @click.group(invoke_without_command=True)
