@@ -17,10 +17,8 @@ The message is the issue's: a msgpack dict built per send, ``{"id": i, "ts": tim
 - ``batch``: the fabric's ``pusher.send_many`` (batches of 256) -> ``puller.recv()`` against
   raw one message per frame (builds without ``send_many`` skip it).
 
-``cpu_us`` / ``peer_cpu_us``: process CPU time per message (every thread, ZeroMQ's I/O thread
-and the node's own included) of the measuring side and of its peer, from each one's first message
-on: steadier than rates and latencies on a loaded machine. In ``rr`` the measuring side is the
-client, in ``pp`` the receiver.
+``cpu_us`` / ``peer_cpu_us``: process CPU per message (all threads) of the measuring side (rr: the
+client; others: the receiver) and of its peer, from the first message on; steadier under load.
 
 Each (case, build) pair runs in two fresh processes (bind side, connect side), optionally pinned:
 ``--pin cross`` puts the measuring process on CPU 0 and its peer on CPU 1, ``--pin same`` both on
@@ -34,6 +32,7 @@ advertised names, so discovery's own connection goes to the same endpoint. Media
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -111,7 +110,7 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         if case == "rr":
             node.serve_in_background()
             name = f"wbecho-{os.getpid()}"
-            port = _service_port(node, name)
+            port = next(ep.port for ep in node._services.endpoints() if ep.name == name)
             _announce(out, {"url": f"tcp://127.0.0.1:{port}", "name": name})
             _mark()  # idle until the client's first request
             return _done({})
@@ -133,34 +132,21 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         node.close()
 
 
-def _service_port(node: Any, name: str) -> int:
-    """The bound port of service ``name`` (the node's services as a table of endpoints since the
-    restructure, a dict before)."""
-    services = node._services
-    if hasattr(services, "endpoints"):
-        return next(ep.port for ep in services.endpoints() if ep.name == name)
-    return int(services[name].port)
-
-
-#: Process CPU time (s) when this half began its work (set by ``_mark``).
-_CPU0: list[float] = []
+_CPU0: list[float] = []  # process CPU time (s) when this half began its work (``_mark``)
 
 
 def _cpu() -> float:
-    times = os.times()
-    return times.user + times.system
+    return sum(os.times()[:2])
 
 
 def _mark() -> None:
     """Start this half's CPU clock (once): the messages, not the setup, are measured."""
-    if not _CPU0:
-        _CPU0.append(_cpu())
+    _CPU0[:] = _CPU0 or [_cpu()]
 
 
 def _done(result: dict[str, Any]) -> dict[str, Any]:
-    """Print the result, then keep the sockets open until the driver says the peer is done
-    (closing drops what is queued); then print the process CPU time this half used (every
-    thread: ZeroMQ's I/O thread and the node's own count) since ``_mark``."""
+    """Print the result, keep the sockets open until the driver says the peer is done (closing
+    drops what is queued), then print the process CPU time used since ``_mark``."""
     print(json.dumps(result), flush=True)
     sys.stdin.readline()
     print(json.dumps({"cpu_s": _cpu() - (_CPU0[0] if _CPU0 else 0.0)}), flush=True)
@@ -317,39 +303,32 @@ def run_pair(case: str, impl: str, build: str, pin: str, seconds: float) -> dict
         measurer, other = (bind, conn) if bind_measures else (conn, bind)
         assert measurer.stdout is not None
         result = json.loads(measurer.stdout.readline())  # bounded by the halves' own timeouts
-        outs = []
-        for proc in (measurer, other):
-            outs.append(proc.communicate("done\n", timeout=CHILD_TIMEOUT_S)[0])
-        cpu_measurer = _last_cpu(outs[0])
+        outs = [p.communicate("done\n", timeout=CHILD_TIMEOUT_S)[0] for p in (measurer, other)]
         lines = [line for line in outs[1].strip().splitlines() if '"cpu_s"' not in line]
         other_result = json.loads(lines[-1]) if lines else {}
-        cpu_other = _last_cpu(outs[1])
     finally:
         for proc in (bind, conn):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
     # CPU per message (us) of each side's process, every thread, from its first message on.
-    per = result.get("samples", 0) + 200 if case == "rr" else result.get("count", 0)
-    if per and cpu_measurer is not None and cpu_other is not None:
-        result["cpu_us"] = cpu_measurer / per * 1e6
-        result["peer_cpu_us"] = cpu_other / (other_result.get("sent") or per) * 1e6
+    per = max(1, result.get("samples", 0) + 200 if case == "rr" else result.get("count", 0))
+    cpu = {"cpu_us": _last_cpu(outs[0]) / per * 1e6,
+           "peer_cpu_us": _last_cpu(outs[1]) / (other_result.get("sent") or per) * 1e6}
     if "count" in result:
         rate = (result["count"] - 1) / result["elapsed"]
-        cpu = {k: result[k] for k in ("cpu_us", "peer_cpu_us") if k in result}
         result = {"msgs_per_s": rate, "count": result["count"],
-                  "dropped": max(0, other_result.get("sent", 0) - result["count"]), **cpu}
-        if case == "pp1m":
-            result["mb_per_s"] = rate * (1 << 20) / 1e6
+                  "dropped": max(0, other_result.get("sent", 0) - result["count"])}
+    result.update(cpu)
+    if case == "pp1m":
+        result["mb_per_s"] = result["msgs_per_s"] * (1 << 20) / 1e6
     return result
 
 
-def _last_cpu(output: str) -> float | None:
-    """The ``cpu_s`` a half printed last, or None."""
-    for line in reversed(output.strip().splitlines()):
-        if '"cpu_s"' in line:
-            return float(json.loads(line)["cpu_s"])
-    return None
+def _last_cpu(output: str) -> float:
+    """The ``cpu_s`` a half printed last (NaN if none)."""
+    lines = [line for line in output.splitlines() if '"cpu_s"' in line]
+    return float(json.loads(lines[-1])["cpu_s"]) if lines else math.nan
 
 
 @click.group(invoke_without_command=True)
@@ -393,11 +372,8 @@ def main(ctx: click.Context, builds: str, cases: str, runs: int, pin: str, secon
                 row["ratio_p99"] = row["p99_us"] / statistics.median(f["p99_us"] for f in raw)
         rows.append(row)
     for row in rows:
-        if as_json:
-            print(json.dumps(row))
-        else:
-            print("  ".join(f"{k}={v:,.2f}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in row.items()))
+        print(json.dumps(row) if as_json else "  ".join(
+            f"{k}={v:,.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"load average {os.getloadavg()}", file=sys.stderr)
 
 

@@ -346,41 +346,6 @@ def test_hung_slots_are_reported_and_the_node_keeps_answering(make_node, caplog)
         release.set()
 
 
-# --- stopping an inline driver ----------------------------------------------------------------
-
-
-def test_an_idle_service_and_task_worker_stop_at_once_and_serve_again(make_node) -> None:
-    """A concurrency-1 endpoint's thread blocks in its socket's receive (no poll); the stop
-    wakes it through the socket. Without that wake, run() would return only when the receive
-    times out (the driver's idle net, 1 s). Three serve/stop cycles: each run binds a fresh
-    wake-up address and unbinds it at the end; the wake messages are nobody's requests."""
-    service, task = unique("idle"), unique("idle-task")
-    node = zf.Node(unique("stopper"))
-    node.reply(service)(lambda body: body)
-    done = threading.Event()
-    node.task(task)(lambda body: done.set())
-    caller = make_node("caller")
-    try:
-        for cycle in range(3):
-            thread = served(node)._background
-            assert thread is not None
-            assert caller.request(service, cycle, timeout=SLOW) == cycle
-            if cycle == 0:
-                caller.submit(task, 1)
-                assert done.wait(SLOW)
-            started = time.monotonic()
-            node.stop()
-            thread.join(SLOW)
-            took = time.monotonic() - started
-            assert not thread.is_alive()
-            assert took < 0.6, f"run() returned {took:.2f} s after stop(): no wake-up"
-        counters = node.counters.snapshot()
-    finally:
-        node.close()
-    assert not any(name.startswith("refused") for name in counters), counters
-    assert counters["replies_sent"] == 3, counters
-
-
 # --- monitoring and definitions ---------------------------------------------------------------
 
 

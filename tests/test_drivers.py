@@ -1,0 +1,50 @@
+"""The drivers that serve endpoints (:mod:`zmqfabric.patterns.drivers`), with real sockets and
+nodes on loopback: an inline driver (``concurrency=1``, sync node) blocks in its socket's receive,
+and ``stop`` must still end it at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import zmqfabric as zf
+from tests.helpers import unique
+
+SLOW = 20.0
+
+
+def served(node: zf.Node) -> threading.Thread:
+    node.start()
+    thread = node.serve_in_background()
+    return thread
+
+
+def test_an_idle_service_and_task_worker_stop_at_once_and_serve_again(make_node) -> None:
+    """A concurrency-1 endpoint's thread blocks in its socket's receive (no poll); the stop
+    wakes it through the socket. Without that wake, run() would return only when the receive
+    times out (the driver's idle net, 1 s). Three serve/stop cycles: each run binds a fresh
+    wake-up address and unbinds it at the end; the wake messages are nobody's requests."""
+    service, task = unique("idle"), unique("idle-task")
+    node = zf.Node(unique("stopper"))
+    node.reply(service)(lambda body: body)
+    done = threading.Event()
+    node.task(task)(lambda body: done.set())
+    caller = make_node("caller")
+    try:
+        for cycle in range(3):
+            thread = served(node)
+            assert caller.request(service, cycle, timeout=SLOW) == cycle
+            if cycle == 0:
+                caller.submit(task, 1)
+                assert done.wait(SLOW)
+            started = time.monotonic()
+            node.stop()
+            thread.join(SLOW)
+            took = time.monotonic() - started
+            assert not thread.is_alive()
+            assert took < 0.6, f"run() returned {took:.2f} s after stop(): no wake-up"
+        counters = node.counters.snapshot()
+    finally:
+        node.close()
+    assert not any(name.startswith("refused") for name in counters), counters
+    assert counters["replies_sent"] == 3, counters
