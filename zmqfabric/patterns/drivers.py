@@ -140,7 +140,8 @@ class ThreadDriver:
         """Concurrency 1, the hot path: block in the socket's receive itself, as a raw REP
         socket does (a poll of the socket and the inbox pipe, then a receive, cost a system
         call or two per message); ``stop`` wakes it through the socket (:class:`SocketWaker`),
-        and the inbox is looked at after every message. An idle driver wakes every _IDLE_MS.
+        and the inbox is looked at after every message, once it is served. An idle driver wakes
+        every _IDLE_MS.
         An endpoint that holds outcomes (``flushes``) flushes them once no message waits."""
         ep, inbox = self._ep, self._inbox
         sock = ep.socket
@@ -154,25 +155,25 @@ class ThreadDriver:
                 frames = recv_routed(sock, 0)  # a Served socket is a ROUTER
             except zmq.Again:  # idle
                 frames = None
-            if inbox.pending:
-                inbox.run_pending()
-                if self._stopping:
-                    return  # a job received but not started is dropped, as on any stop
             if frames is None or (len(frames) == 2 and frames[1] == token):
                 ep.flush()
-                continue
-            for job in ep.accept(frames):
-                status, value = call(ep, job, 0)
-                ep.done(job, status, value)
-                if status is FATAL:
-                    self._fatal(value)
-                    return  # the rest of a task batch is not acknowledged: it goes elsewhere
-            if flushes:
-                held += 1
-                # Outcomes of messages that arrived together leave together (at most _BATCH).
-                if held >= _BATCH or not _GET(sock, _EVENTS) & _POLLIN:
-                    held = 0
-                    ep.flush()
+            else:
+                # Served even if a stop came meanwhile: taken off the socket, it would be lost
+                # (run() in a loop restarts its drivers); one not yet read waits in the socket.
+                for job in ep.accept(frames):
+                    status, value = call(ep, job, 0)
+                    ep.done(job, status, value)
+                    if status is FATAL:
+                        self._fatal(value)
+                        return  # the rest of a task batch is not acknowledged: goes elsewhere
+                if flushes:
+                    held += 1
+                    # Outcomes of messages that arrived together leave together (<= _BATCH).
+                    if held >= _BATCH or not _GET(sock, _EVENTS) & _POLLIN:
+                        held = 0
+                        ep.flush()
+            if inbox.pending:
+                inbox.run_pending()
 
     def _serve(self) -> None:
         """Concurrency > 1: poll the socket (while a slot is free) and the inbox, where the
