@@ -12,6 +12,10 @@ own (sync node) and a task of the loop (asyncio node). Both do the same, only wa
 5. on ``stop``, drop the jobs not started, let the running ones finish for at most
    THREAD_JOIN_TIMEOUT_S (their outcomes are still sent), then end.
 
+An inline driver (``concurrency=1`` on a sync node) blocks in its socket's receive, as a raw REP
+socket does, and ``stop`` wakes it through the socket itself (see ``_serve_inline``); a driver
+with slots polls the socket and its inbox, where the slots post outcomes.
+
 A driver owns its endpoint's socket while it runs; the node starts drivers in ``run()`` and
 stops them before ``run()`` returns, so that the socket is handed back to the node (which closes
 it) only by a thread that has ended. A driver whose handler never returns is left behind (its
@@ -29,7 +33,7 @@ from typing import Any, Callable, cast
 import zmq
 
 from ..constants import POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
-from ..transport.frames import NOBLOCK, recv_frames
+from ..transport.frames import NOBLOCK, SocketWaker, recv_frames, recv_routed
 from ..transport.inbox import Inbox
 from .handlers import FATAL, Job, Served, Status, ThreadSlots, acall, call, is_coroutine_handler
 
@@ -65,22 +69,36 @@ class ThreadDriver:
         # A daemon only because an inline handler that never returns must not keep the process
         # alive; stop() and join() are the shutdown plan.
         self._thread = threading.Thread(target=self._run, name=label, daemon=True)
+        #: Wakes an inline driver (no pool) blocked in its socket's receive.
+        self._waker: SocketWaker | None = None
 
     def start(self) -> None:
         self._inbox.open()
         if self._pool is not None:
             self._pool.start()
-        self._thread.start()
+        else:
+            self._waker = SocketWaker(self._ep.socket)
+        try:
+            self._thread.start()
+        except BaseException:
+            if self._waker is not None:
+                self._waker.close()  # its socket would keep the context from terminating
+            raise
 
     def stop(self) -> None:
         """Ask the driver to end (see the module docstring). Thread-safe; idempotent."""
         self._inbox.post(self._halt)
+        if self._waker is not None:
+            self._waker.wake()  # an inline driver blocks in the socket's receive, not a poll
 
     def join(self, deadline: float) -> bool:
         """Wait for the driver's thread, at most until ``deadline`` (monotonic); False, logged,
         if a handler still runs then (the thread is left behind)."""
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
+        ended = not self._thread.is_alive()
+        if self._waker is not None:
+            self._waker.close(unbind=ended)
+        if not ended:
             log.error("%s %s: a handler did not return within %s s of the stop; left running",
                       self._ep.noun, self._ep.name, THREAD_JOIN_TIMEOUT_S)
             return False
@@ -107,7 +125,10 @@ class ThreadDriver:
     def _run(self) -> None:
         ep = self._ep
         try:
-            self._serve()
+            if self._pool is None:
+                self._serve_inline()
+            else:
+                self._serve()
             self._drain()
         except zmq.ZMQError as exc:  # the socket was closed under a driver left behind
             log.debug("%s %s: driver ended: %s", ep.noun, ep.name, exc)
@@ -115,8 +136,50 @@ class ThreadDriver:
             log.exception("%s %s: the driver failed", ep.noun, ep.name)
             self._on_fatal(exc)
 
+    def _serve_inline(self) -> None:
+        """Concurrency 1, the hot path: block in the socket's receive itself, as a raw REP
+        socket does (a poll of the socket and the inbox pipe, then a receive, cost a system
+        call or two per message); ``stop`` wakes it through the socket (:class:`SocketWaker`),
+        and the inbox is looked at after every message, once it is served. An idle driver wakes
+        every _IDLE_MS.
+        An endpoint that holds outcomes (``flushes``) flushes them once no message waits."""
+        ep, inbox = self._ep, self._inbox
+        sock = ep.socket
+        assert self._waker is not None
+        token = self._waker.token
+        flushes = ep.flushes
+        sock.setsockopt(zmq.RCVTIMEO, _IDLE_MS)
+        held = 0
+        while not self._stopping:
+            try:
+                frames = recv_routed(sock, 0)  # a Served socket is a ROUTER
+            except zmq.Again:  # idle
+                frames = None
+            if frames is None or (len(frames) == 2 and frames[1] == token):
+                ep.flush()
+            else:
+                # Served even if a stop came meanwhile: taken off the socket, it would be lost
+                # (run() in a loop restarts its drivers); one not yet read waits in the socket.
+                for job in ep.accept(frames):
+                    status, value = call(ep, job, 0)
+                    ep.done(job, status, value)
+                    if status is FATAL:
+                        self._fatal(value)
+                        return  # the rest of a task batch is not acknowledged: goes elsewhere
+                if flushes:
+                    held += 1
+                    # Outcomes of messages that arrived together leave together (<= _BATCH).
+                    if held >= _BATCH or not _GET(sock, _EVENTS) & _POLLIN:
+                        held = 0
+                        ep.flush()
+            if inbox.pending:
+                inbox.run_pending()
+
     def _serve(self) -> None:
+        """Concurrency > 1: poll the socket (while a slot is free) and the inbox, where the
+        slots post their outcomes."""
         ep, inbox, pool = self._ep, self._inbox, self._pool
+        assert pool is not None
         sock = ep.socket
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -127,32 +190,11 @@ class ThreadDriver:
             if inbox.pending:
                 inbox.run_pending()
             if reading and sock in events and not self._stopping:
-                if pool is None:
-                    self._read_inline(sock)
-                else:
-                    self._read_into(sock, pool)
+                self._read_into(sock, pool)
             ep.flush()
-            if pool is not None and reading != (pool.waiting < ep.concurrency):
+            if reading != (pool.waiting < ep.concurrency):
                 reading = not reading  # full: requests wait in ZeroMQ's queue until a slot frees
                 poller.modify(sock, zmq.POLLIN if reading else 0)
-
-    def _read_inline(self, sock: zmq.Socket[Any]) -> None:
-        # The poll said readable, so the first receive succeeds; after each message, the socket's
-        # EVENTS tells whether another waits (cheaper than a receive that raises zmq.Again).
-        ep = self._ep
-        for _ in range(_BATCH):
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
-                return
-            for job in ep.accept(frames):
-                status, value = call(ep, job, 0)
-                ep.done(job, status, value)
-                if status is FATAL:
-                    self._fatal(value)
-                    return  # the rest of a task batch is not acknowledged: it goes elsewhere
-            if not _GET(sock, _EVENTS) & _POLLIN:  # ints: zmq's Flag enums cost a microsecond
-                return
 
     def _read_into(self, sock: zmq.Socket[Any], pool: ThreadSlots) -> None:
         ep = self._ep

@@ -77,6 +77,9 @@ class Served(Protocol):
     concurrency: int
     slots: SlotBoard
     socket: Any
+    #: ``done`` may hold outcomes until ``flush`` (False: ``flush`` does nothing; the inline
+    #: driver then never asks the socket whether more input waits).
+    flushes: bool
 
     def accept(self, frames: list[bytes]) -> list[Job]: ...
 

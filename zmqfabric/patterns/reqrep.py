@@ -33,7 +33,7 @@ from ..errors import (
 from ..transport.frames import (
     NOBLOCK,
     ms_left,
-    recv_frames,
+    recv_routed,
     send_frames,
     sticky_rcvtimeo,
 )
@@ -244,6 +244,17 @@ class Requester(RequesterBase, SyncConnector):
             deadline = time.monotonic() + timeout
             if self._send_to_one(frames, copy, None) is not None:
                 while (reply := self._await_reply(deadline)) is not None:
+                    # _match's fast path inlined: [route, "", canonical one-frame reply].
+                    if len(reply) == 3 and not reply[1]:
+                        data = reply[2]
+                        if (data.startswith(_REPLY) and len(data) <= DECODE_CHECK_SIZE
+                                and data[FLOAT64_AT] == FLOAT64):
+                            try:
+                                fields = _UNPACKB(data, raw=False, strict_map_key=False)
+                            except Exception:  # noqa: S112 - refused (and counted) by _match
+                                fields = None
+                            if fields is not None and fields[2] == msg_id:
+                                return fields[4]
                     ok, result = self._match(reply[1:], msg_id)
                     if ok:
                         return result
@@ -263,9 +274,10 @@ class Requester(RequesterBase, SyncConnector):
         elif left == 0:
             return None
         sock = self._sock
-        self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, left)
+        if left != self._rcvtimeo:  # a call only when the wait changes (see sticky_rcvtimeo)
+            self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, left)
         try:
-            return recv_frames(sock, 0)
+            return recv_routed(sock, 0)
         except zmq.Again:
             return None
         except zmq.ZMQError as exc:

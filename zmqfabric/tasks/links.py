@@ -18,6 +18,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..constants import TASK_FRAME_OVERHEAD
 from ..core import task_frames, wire
 from ..core.tasktable import Task, TaskTable
+from ..transport.frames import NOBLOCK, send_frames
 
 
 @dataclass(slots=True)
@@ -68,7 +69,7 @@ class WorkerLink:
         body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
         header = wire.pack_header(wire.Kind.TASK, 0, time.time())
         try:
-            self.sock.send_multipart([b"", header, body], zmq.NOBLOCK)
+            send_frames(self.sock, [b"", header, body], NOBLOCK)
         except zmq.ZMQError:
             return False
         return True

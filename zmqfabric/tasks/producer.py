@@ -40,6 +40,7 @@ from ..errors import (
     TaskFailedError,
 )
 from ..stats import RateLimitedLog
+from ..transport.frames import NOBLOCK, recv_frames
 from ..transport.inbox import Inbox
 from .deadletters import DeadLetters
 from .handle import HandleOwner, HandleState, TaskHandle, settle
@@ -250,7 +251,7 @@ class Dispatcher:
         sock, table, url = link.sock, link.table, link.url
         for _ in range(_READ_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:

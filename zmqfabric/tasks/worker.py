@@ -30,6 +30,7 @@ from ..core.records import EndpointKind
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..patterns.base import Bound
 from ..patterns.handlers import FATAL, OK, Handler, Job, SlotBoard, Status
+from ..transport.frames import NOBLOCK, send_frames
 from ..transport.sockets import sync_view
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class TaskEndpoint(Bound):
 
     kind = EndpointKind.TASK
     noun = "task"
+    #: Results wait in ``_pending`` for ``flush`` (those of the messages that arrived together).
+    flushes = True
 
     def __init__(
         self,
@@ -165,9 +168,8 @@ class TaskEndpoint(Bound):
 
     def _send(self, route: list[bytes], kind: wire.Kind, body: bytes) -> None:
         try:
-            self._out.send_multipart(
-                route + [wire.pack_header(kind, 0, time.time()), body], zmq.NOBLOCK
-            )
+            send_frames(self._out, route + [wire.pack_header(kind, 0, time.time()), body],
+                        NOBLOCK)
         except zmq.ZMQError:  # the producer vanished (ROUTER_MANDATORY) or its queue is full:
             self.undeliverable += 1  # it redelivers what it did not hear back about
             self._rt.counters.add("task_results_undeliverable")
