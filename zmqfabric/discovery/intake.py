@@ -155,7 +155,10 @@ class Intake:
 
     def forget(self, name: str, node_id: str) -> None:
         """Forget that node ``name`` (``node_id``) was verified: its record heard again is
-        verified again."""
+        verified again. Also forget that it knows us: a node dropped from our view (it left, it
+        died, a partition) has likely dropped us too, so it is greeted when it comes back."""
+        with self._lock:
+            self._know_us.pop(node_id, None)
         if self._verifier is not None:
             self._verifier.forget(name, node_id)
 
