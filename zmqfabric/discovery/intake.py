@@ -70,8 +70,9 @@ class Intake:
             else Verifier(config, sockets, counters, self.admit, self._refuse, lambda: self._me,
                           self.introduced)
         )
-        #: Nodes that have our record from us (they answered a call that carried it, or sent
-        #: us theirs): no hello of ours needed. Bounded, oldest forgotten first.
+        #: Nodes that have our record (they answered a call that carried it, or called us to
+        #: verify it): no hello of ours needed. Forgotten when they leave our view; bounded,
+        #: oldest forgotten first.
         self._know_us: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def advertised(self, record: NodeRecord) -> None:
@@ -141,7 +142,7 @@ class Intake:
                                  "its most (raise the limit of open files for more)")
 
     def introduced(self, node_id: str) -> None:
-        """Node ``node_id`` and we have introduced ourselves to each other (any thread)."""
+        """Node ``node_id`` has our record (see ``_know_us``). Any thread."""
         with self._lock:
             self._know_us[node_id] = None
             self._know_us.move_to_end(node_id)

@@ -290,12 +290,13 @@ class Discovery:
         self._intake.accept(record, direct=direct, proven=proven)
 
     def introduced(self, node_id: str) -> None:
-        """Node ``node_id`` sent us its record itself (a hello, or a verification call that
-        carried it): it knows us, no hello of ours is needed. Thread-safe."""
+        """Node ``node_id`` sent us its record in a call verifying ours: it knows us, no hello
+        of ours is needed (until it leaves our view). Thread-safe."""
         self._intake.introduced(node_id)
 
     def knows_us(self, node_id: str) -> bool:
-        """Whether node ``node_id`` has our record from us or sent us its own. Thread-safe."""
+        """Whether node ``node_id`` has our record: it verified ours, or answered a call of ours
+        that carried it. Thread-safe."""
         return self._intake.knows_us(node_id)
 
     def verifying(self, name: str) -> bool:

@@ -109,16 +109,9 @@ def recv_routed(sock: zmq.Socket[Any], flags: int) -> list[bytes]:
     front of every message, is always followed by another, so it is received as bytes without a
     Frame (half a microsecond each). Raises and bounds as :func:`recv_frames`."""
     route = _RECV(sock, flags)
-    frame = sock.recv(NOBLOCK, False)
-    frames = [route, frame.bytes]
-    total = len(route) + len(frames[1])
-    while frame.more:
-        frame = sock.recv(NOBLOCK, False)
-        data = frame.bytes
-        frames.append(data)
-        total += len(data)
-        if total > _SMALL and 0 <= cast(int, sock.get(_MAXMSGSIZE)) < total:
-            return _discard(sock, frame)
+    frames = recv_frames(sock, NOBLOCK)  # the rest (the size bound leaves out the route's bytes)
+    if frames:
+        frames.insert(0, route)
     return frames
 
 
