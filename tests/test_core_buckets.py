@@ -20,3 +20,15 @@ def test_only_capacity_addresses_are_remembered() -> None:
         buckets.take(address, 0.0)
     assert buckets.has("10.0.0.1", 0.0)  # forgotten: a full bucket again
     assert not buckets.has("10.0.0.3", 0.0)
+
+
+def test_a_token_given_back_is_spent_again_but_never_above_the_burst() -> None:
+    buckets = AddressBuckets(burst=2, rate_per_s=0.0, local_factor=1, capacity=8)
+    for _ in range(10):  # ten calls that each turned out harmless: never throttled
+        assert buckets.has("10.0.0.1", 0.0)
+        buckets.take("10.0.0.1", 0.0)
+        buckets.give("10.0.0.1", 0.0)
+    buckets.give("10.0.0.1", 0.0)
+    assert buckets.tokens("10.0.0.1", 0.0) == 2.0
+    buckets.give("10.0.0.9", 0.0)  # never taken: nothing to give back
+    assert buckets.tokens("10.0.0.9", 0.0) == 2.0

@@ -96,6 +96,12 @@ MAX_RESOLVING = 64
 #: A starting node's legacy unicast query (discovery/quickquery.py) takes answers this long (s):
 #: responders answer it at once, so this only has to outlast a slow or loaded host.
 QUICK_QUERY_WINDOW_S = 2.0
+#: A node that advertises sends its one mDNS query this long (s, times 1 to 2 at random) after it
+#: starts browsing: by then the nodes that heard its announcement have called it (PROTOCOL.md
+#: 6.2) and are listed as known answers, so only nodes that did not call answer (a program that
+#: does not verify newcomers, a lost announcement). A querying browser instead cost every node on
+#: a host O(N) answers per join (discovery/watch.py).
+JOIN_QUERY_DELAY_S = 1.0
 #: Largest TXT value we write or accept (a DNS character-string is at most 255 bytes).
 MAX_TXT_VALUE = 250
 #: Refused peers remembered for `ls` (bounded: a hostile LAN can advertise without end).
@@ -207,8 +213,9 @@ VERIFY_TIMEOUT_S = 1.0
 MAX_PENDING_VERIFICATIONS = 32
 #: Hints waiting for a verification slot or a token; the oldest are dropped (counted) beyond.
 MAX_QUEUED_HINTS = 256
-#: Per advertised address: a burst of this many verifications, then VERIFY_RATE_PER_S (a host
-#: may run dozens of nodes, all at one address; a probe costs about a millisecond of CPU).
+#: Per advertised address: a burst of this many verifications, then VERIFY_RATE_PER_S; a call
+#: that the node it names answers gives its token back (a host may run hundreds of nodes, all at
+#: one address: only calls that fail, to ports where nothing or someone else answers, count).
 VERIFY_BURST = 32
 VERIFY_RATE_PER_S = 16.0
 #: ...four times that for loopback addresses: every node of a host shares one, and a probe there

@@ -78,7 +78,7 @@ class NodeParts:
         if rt.metrics is not None and metrics_port is not None:
             rt.metrics.start(config.scope.address, metrics_port)
         self._unlisten = rt.directory.listen(self.membership.on_directory_event)
-        self.discovery.browse()
+        self.discovery.browse(advertising=rt.advertised)
         if rt.advertised:
             self.membership.claim_name()
         else:

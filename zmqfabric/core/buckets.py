@@ -29,6 +29,12 @@ class AddressBuckets:
     def has(self, address: str, now: float) -> bool:
         return self.tokens(address, now) >= 1.0
 
+    def give(self, address: str, now: float) -> None:
+        """Return a token taken for ``address`` (what it was spent on turned out harmless)."""
+        if address in self._buckets:
+            tokens = self.tokens(address, now)
+            self._buckets[address] = (tokens + 1.0, now)  # tokens() caps it at the burst
+
     def take(self, address: str, now: float) -> None:
         tokens = self.tokens(address, now)
         self._buckets.pop(address, None)

@@ -53,8 +53,12 @@ class Intake:
         counters: Counters,
         on_conflict: Callable[[NodeRecord], None],
         sockets: SocketFactory | None,
+        on_admit: Callable[[NodeRecord], None] | None = None,
     ) -> None:
+        """``on_admit``: called with each record put into the directory (the verifier's
+        thread)."""
         self._config = config
+        self._on_admit = on_admit
         self._directory = directory
         self._counters = counters
         self._on_conflict = on_conflict
@@ -140,6 +144,8 @@ class Intake:
             self._counters.add("directory_full")
             self._refuse(record, f"this node already knows {self._directory.limit} nodes, "
                                  "its most (raise the limit of open files for more)")
+        elif self._on_admit is not None:
+            self._on_admit(record)
 
     def introduced(self, node_id: str) -> None:
         """Node ``node_id`` has our record (see ``_know_us``). Any thread."""

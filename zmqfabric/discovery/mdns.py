@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import random
 import socket
 import threading
 from typing import Any, Callable
@@ -20,9 +21,7 @@ from typing import Any, Callable
 from zeroconf import (
     DNSOutgoing,
     DNSQuestion,
-    DNSQuestionType,
     IPVersion,
-    ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
@@ -31,7 +30,13 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceInfo
 
 from ..config import NodeConfig
-from ..constants import MAX_RESOLVING, REGISTER_TIMEOUT_S, RESOLVE_TIMEOUT_S, SERVICE_TYPE
+from ..constants import (
+    JOIN_QUERY_DELAY_S,
+    MAX_RESOLVING,
+    REGISTER_TIMEOUT_S,
+    RESOLVE_TIMEOUT_S,
+    SERVICE_TYPE,
+)
 from ..core.records import (
     NodeRecord,
     decode_txt,
@@ -46,6 +51,7 @@ from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
 from .intake import Intake
 from .quickquery import QuickQuery, ask_now
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 #: DNS record type PTR and class IN (RFC 1035).
@@ -70,14 +76,15 @@ class Discovery:
         """``sockets``: the node's socket factory, for verifying hints with their advertisers
         (:mod:`.verify`). Without it (tests of discovery alone) hints are taken unverified."""
         self._config = config
-        self._intake = Intake(config, directory, counters, on_conflict, sockets)
+        self._intake = Intake(config, directory, counters, on_conflict, sockets, self._remember)
         self._broadcast: Any = None  # zeroconf's task repeating our latest announcement
         self._closing = False
         self._directory = directory
         self._counters = counters
         self._rlog = RateLimitedLog(log)
         self._zc: Zeroconf | None = None
-        self._browser: ServiceBrowser | None = None
+        self._watch: Watch | None = None
+        self._join_query: asyncio.TimerHandle | None = None  # zeroconf's loop
         self._quick: QuickQuery | None = None
         self._info: ServiceInfo | None = None
         self._lock = threading.Lock()
@@ -98,21 +105,31 @@ class Discovery:
         except OSError as exc:
             raise FabricError(f"cannot start discovery on {address}: {exc}") from exc
 
-    def browse(self) -> None:
-        """Start browsing for peers (after our own record is out, so peers see us first)."""
-        assert self._zc is not None, "start() first"
-        # QM from the first query: a QU answer goes by unicast to port 5353, which on a host
-        # shared by several zeroconf processes (SO_REUSEPORT) mostly reaches another process.
-        self._browser = ServiceBrowser(
-            self._zc, SERVICE_TYPE, handlers=[self._on_change], question_type=DNSQuestionType.QM
-        )
-        # The browser's first query leaves after 20-120 ms and its answers may take a second:
-        # one legacy unicast query now is answered at once (see quickquery).
-        try:
-            scope = self._config.scope
-            self._quick = ask_now(self._zc, scope.address, scope.networks, SERVICE_TYPE)
-        except OSError as exc:
-            log.debug("no quick query on %s: %s", self._config.scope.address, exc)
+    def browse(self, advertising: bool) -> None:
+        """Start watching for peers (after our own record is out, so peers see us first).
+
+        No querying browser (see :mod:`.watch`): a node that ``advertising`` hears of the fabric
+        from the nodes that verify it, and sends one query of its own JOIN_QUERY_DELAY_S later,
+        listing what it learned as known answers, so only the nodes that did not call answer. An
+        observer, which nobody calls, asks at once (:mod:`.quickquery`) and again after the
+        delay."""
+        zc = self._zc
+        assert zc is not None and zc.loop is not None, "start() first"
+        self._watch = Watch(zc, SERVICE_TYPE, self._on_change)
+        self._watch.start()
+        if not advertising:
+            try:
+                scope = self._config.scope
+                self._quick = ask_now(zc, scope.address, scope.networks, SERVICE_TYPE)
+            except OSError as exc:
+                log.debug("no quick query on %s: %s", self._config.scope.address, exc)
+        delay = JOIN_QUERY_DELAY_S * (1.0 + random.random())  # spread a rush of joins
+
+        def schedule() -> None:
+            if not self._closing:
+                self._join_query = zc.loop.call_later(delay, _requery, zc)  # type: ignore[union-attr]
+
+        zc.loop.call_soon_threadsafe(schedule)
 
     def advertise(self, record: NodeRecord) -> None:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
@@ -166,6 +183,21 @@ class Discovery:
             names = (instance_name(record.name, record.node_id), server_name(record.node_id))
             zc.loop.call_soon_threadsafe(_forget, zc, names)
 
+    def _remember(self, record: NodeRecord) -> None:
+        """A verified peer goes into zeroconf's cache as if its announcement had been heard
+        (most peers are learned from their calls, not from mDNS): its goodbye then removes it at
+        once, and our queries list it as a known answer, so it does not answer them. Any
+        thread."""
+        zc = self._zc
+        if zc is None or zc.loop is None or self._closing or not record.control:
+            return
+        ttl = self._config.record_ttl_s
+        info = ServiceInfo(
+            SERVICE_TYPE, instance_name(record.name, record.node_id), port=record.control.port,
+            properties=encode_txt(record), server=server_name(record.node_id), host_ttl=ttl,
+            other_ttl=ttl, addresses=[socket.inet_aton(record.address)])
+        zc.loop.call_soon_threadsafe(_cache_info, zc, info)
+
     def reverify(self, record: NodeRecord) -> None:
         """Liveness dropped ``record``'s node: forget that its record was verified, so that the
         same record heard again (the node is back after a partition) is verified and admitted
@@ -182,11 +214,12 @@ class Discovery:
 
     def close(self) -> None:
         with self._lock:
-            # The browser thread finishes its queued changes before cancel() returns: skip them.
+            # The watch's thread may still be handling a change: it sees _closing and skips.
             self._closing = True
             zc, self._zc = self._zc, None
             info, self._info = self._info, None
-            browser, self._browser = self._browser, None
+            watch, self._watch = self._watch, None
+            join_query, self._join_query = self._join_query, None
             quick, self._quick = self._quick, None
             announcing, self._broadcast = self._broadcast, None
             resolving, self._resolving = list(self._resolving.values()), {}
@@ -197,9 +230,11 @@ class Discovery:
                 return
             if quick is not None:
                 quick.close()
+            if join_query is not None and zc.loop is not None:
+                zc.loop.call_soon_threadsafe(join_query.cancel)
             try:
-                if browser is not None:
-                    browser.cancel()
+                if watch is not None:
+                    watch.close()
                 if info is not None:
                     _say_goodbye(zc, info, announcing)
             finally:
@@ -209,13 +244,8 @@ class Discovery:
 
     # --- zeroconf's thread -----------------------------------------------------------------
 
-    def _on_change(
-        self,
-        zeroconf: Zeroconf,
-        service_type: str,
-        name: str,
-        state_change: ServiceStateChange,
-    ) -> None:
+    def _on_change(self, state_change: ServiceStateChange, name: str) -> None:
+        """The watch's thread: instance ``name`` was added, updated or removed."""
         if self._closing:
             return
         try:
@@ -225,7 +255,7 @@ class Discovery:
                 self._intake.forget(node, node_id)
                 self._directory.remove(node, node_id)
                 return
-            record = self._from_cache(zeroconf, service_type, name, node)
+            record = self._from_cache(name, node)
             if record is not None:
                 if record.node_id != node_id:
                     raise RemoteProtocolError(f"record {node!r}: id differs from its instance name")
@@ -237,16 +267,17 @@ class Discovery:
             self._counters.add("discovery_errors")
             self._rlog.exception("bug", "error handling discovery record %r", name[:120])
 
-    def _from_cache(
-        self, zeroconf: Zeroconf, service_type: str, name: str, node: str
-    ) -> NodeRecord | None:
+    def _from_cache(self, name: str, node: str) -> NodeRecord | None:
         """The record of instance ``name`` if zeroconf's cache holds all of it; else None, and
         it is asked for in zeroconf's loop (:meth:`_resolve`): this thread never waits on the
         network, so a record nobody answers for does not hold up the others. Its answer lands
-        in the cache, and the browser calls us again (an update) with the record complete."""
-        info = ServiceInfo(service_type, name)
+        in the cache, and the watch calls us again (an update) with the record complete."""
+        zeroconf = self._zc
+        if zeroconf is None:
+            return None
+        info = ServiceInfo(SERVICE_TYPE, name)
         if not info.load_from_cache(zeroconf):
-            self._start_resolving(zeroconf, service_type, name)
+            self._start_resolving(zeroconf, SERVICE_TYPE, name)
             return None
         addresses = info.parsed_addresses(IPVersion.V4Only)
         record = decode_txt(node, addresses, info.properties)
@@ -328,6 +359,15 @@ def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
 
     assert zc.loop is not None
     asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
+
+
+def _cache_info(zc: Zeroconf, info: ServiceInfo) -> None:
+    """Zeroconf's loop: put ``info``'s PTR, SRV, TXT and address records into the cache (no
+    listener hears of it: the record is already known)."""
+    if zc.done:
+        return
+    zc.cache.async_add_records(
+        [info.dns_pointer(), info.dns_service(), info.dns_text(), *info.dns_addresses()])
 
 
 def _forget(zc: Zeroconf, names: tuple[str, str]) -> None:

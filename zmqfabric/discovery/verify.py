@@ -374,6 +374,11 @@ class Verifier:
             self._refuse(hint, f"unverified: {why}")
         else:
             self._counters.add("hints_verified")
+            if probe is not None:
+                # The node the hint named answered at its address: the call was no abuse of that
+                # address, and a host of many nodes (one loopback) is not slowed by its count.
+                with self._lock:
+                    self._buckets.give(hint.address, self._clock())
             self._admit(answer)
             if probe is not None and probe.introduced:
                 self._knows_us(answer.node_id)

@@ -1,0 +1,112 @@
+"""What a join costs the nodes already there, on mDNS (PROTOCOL.md 4.7 "Joining without asking").
+
+A querying browser made every node answer each newcomer by multicast, which every node of a host
+parses: O(N) packets per node and join, and 300 nodes on one host never finished starting. Now a
+newcomer learns the fabric from the calls that verify it, so the nodes already there send nothing
+on mDNS for it; and a node learned that way is still dropped at its goodbye. Real nodes and a
+passive listener on loopback (it only receives, and counts packets carrying one node's records,
+so other processes' mDNS does not count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from typing import Iterator
+
+import pytest
+from zeroconf import DNSIncoming
+
+import zmqfabric as zf
+from tests.helpers import wait_until
+from zmqfabric.constants import JOIN_QUERY_DELAY_S
+from zmqfabric.core.records import instance_name
+
+pytestmark = pytest.mark.slow
+
+SLOW = 15.0
+#: A clean leave reaches the peers within this (README: "a clean stop in a few ms").
+QUICK = 1.0
+MDNS_GROUP, MDNS_PORT = "224.0.0.251", 5353
+
+
+@contextlib.contextmanager
+def mdns_listener() -> Iterator[socket.socket]:
+    """A socket that receives the mDNS group on loopback, as every zeroconf of the host does."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("", MDNS_PORT))
+        membership = struct.pack("4s4s", socket.inet_aton(MDNS_GROUP),
+                                 socket.inet_aton("127.0.0.1"))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        sock.settimeout(0.05)
+        yield sock
+    finally:
+        sock.close()
+
+
+def answers_naming(sock: socket.socket, instance: str, until: float) -> int:
+    """mDNS responses received until ``until`` (monotonic) with an answer about ``instance``."""
+    count = 0
+    wanted = instance.lower()
+    while time.monotonic() < until:
+        try:
+            data, addr = sock.recvfrom(9000)
+        except TimeoutError:
+            continue
+        msg = DNSIncoming(data, (addr[0], addr[1]))
+        if not msg.valid or msg.is_query():
+            continue
+        if any(wanted in (r.name.lower(), getattr(r, "alias", "").lower())
+               for r in msg.answers()):
+            count += 1
+    return count
+
+
+def quiet(sock: socket.socket, instance: str, gap: float, timeout: float) -> bool:
+    """Wait until ``gap`` seconds pass with no response about ``instance`` (False after
+    ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers_naming(sock, instance, min(deadline, time.monotonic() + gap)) == 0:
+            return True
+    return False
+
+
+def test_the_nodes_there_send_nothing_on_mdns_for_a_newcomer(make_node) -> None:
+    """With the querying browser, the node there answered the newcomer's queries by multicast
+    (1-2 packets within 3 s, every node of the fabric doing the same). Now: none, and each still
+    lists the other at once (the newcomer from the call that verified it)."""
+    with mdns_listener() as sock:
+        there = make_node("there")
+        mine = instance_name(there.name, there.node_id)
+        # Past its announcements (three, 225 ms apart): what follows would be answers.
+        assert quiet(sock, mine, 0.6, SLOW), f"{there.name} kept announcing"
+        newcomer = make_node("newcomer")
+        started = time.monotonic()
+        assert wait_until(lambda: newcomer.name in [n.name for n in there.nodes()], SLOW)
+        assert wait_until(lambda: there.name in [n.name for n in newcomer.nodes()], SLOW)
+        # The newcomer's one query leaves 1-2 s after it starts: watch until after it.
+        heard = answers_naming(sock, mine, started + 2 * JOIN_QUERY_DELAY_S + 1.0)
+    assert heard == 0, f"the node there multicast its record {heard} times for one newcomer"
+
+
+def test_a_node_learned_from_its_call_leaves_at_its_goodbye(make_node) -> None:
+    """The newcomer never heard the older node's announcement (it was sent before the newcomer
+    started): it learned it from its verification call. Its clean stop still reaches the
+    newcomer at once."""
+    older = zf.Node(f"older-{time.monotonic_ns()}")
+    older.start()
+    try:
+        newcomer = make_node("newcomer")
+        assert wait_until(lambda: older.name in [n.name for n in newcomer.nodes()], SLOW)
+    finally:
+        stopped = time.monotonic()
+        older.close()
+    assert wait_until(lambda: older.name not in [n.name for n in newcomer.nodes()], SLOW)
+    gone = time.monotonic() - stopped
+    assert gone < QUICK, f"{older.name} was listed {gone:.2f} s after its clean stop"
