@@ -87,6 +87,11 @@ class Dispatcher:
         self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
         self._napping = False
+        #: Tasks wait for credit (after the round's dispatch): a nap ends with a result.
+        self._starved = False
+        self._last_new = -math.inf
+        #: Polled while napping: only the inbox's pipe, which only ``wake()`` writes then.
+        self._nap = zmq.Poller()
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -94,7 +99,9 @@ class Dispatcher:
         """Open the wake pipe; ``resumed``: (name, task) from the journal, sent once the thread
         runs."""
         self._resumed = resumed
-        self._poller.register(self._inbox.open(), zmq.POLLIN)
+        fd = self._inbox.open()
+        self._poller.register(fd, zmq.POLLIN)
+        self._nap.register(fd, zmq.POLLIN)
 
     def start(self) -> None:
         self._thread.start()
@@ -149,8 +156,16 @@ class Dispatcher:
     def _round(self) -> None:
         inbox = self._inbox
         timeout = self._timeout(time.monotonic())
-        if self._napping:  # durable submissions are flowing: look again soon, unwoken
+        if self._napping:
+            self._node.counters.add("task_naps")
+        if self._napping and self._starved:
+            # Submissions are flowing and tasks wait for credit: results (credit) end the nap.
             events = inbox.poll(self._poller, min(timeout, TASK_NAP_MS), wake=False)
+        elif self._napping:
+            # Submissions are flowing and workers have credit: sleep a little, deaf to posts and
+            # to results (only wake() cuts it short), then take all that came in one round.
+            self._nap.poll(min(timeout, TASK_NAP_MS))
+            events = inbox.poll(self._poller, 0, wake=False)
         else:
             events = inbox.poll(self._poller, timeout)
         now = time.monotonic()
@@ -166,15 +181,24 @@ class Dispatcher:
             if link is not None:
                 self._on_monitor(link, now)
         self._take_posts()
-        # Each durable submit costs a commit, so they arrive tens of microseconds apart: waking
-        # for each would cost a wake-up and a round per task. Napping instead takes them by the
-        # batch, at most TASK_NAP_MS late.
-        self._napping = bool(self._new) and self._recorder is not None
+        # A submitting thread's tasks come a few microseconds apart (tens with a journal: one
+        # commit each): a round for each, with its wake-up, sends and receives, would cost
+        # more than the tasks and fight the submitter for the GIL. Tasks that follow others
+        # within TASK_NAP_MS while earlier ones are unsettled are taken by the batch after a
+        # nap instead. A lone task, the first of a burst, and the next task of a caller that
+        # waits for each result leave at once, and the nap does not delay their results.
+        if self._new:
+            self._napping = (now - self._last_new < TASK_NAP_MS / 1000
+                             and any(t.unsettled for t in self._tables.values()))
+            self._last_new = now
+        else:
+            self._napping = False
         self._queue_new()
         for table in self._tables.values():
             if now >= table.next_due:
                 self._collect(table.name, table.tick(now))
         self._dispatch(now)
+        self._starved = any(t.waiting for t in self._tables.values())
         self._finish(now)
 
     def _timeout(self, now: float) -> int:
@@ -276,9 +300,7 @@ class Dispatcher:
         self._new = []
         tables = self._tables
         for name, tasks in batch:
-            submit = tables[name].submit
-            for task in tasks:
-                submit(task)
+            tables[name].submit_many(tasks)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
