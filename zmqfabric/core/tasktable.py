@@ -40,7 +40,7 @@ in; the workers' windows and slots are :class:`~.taskworkers.WorkerView`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import LocalProtocolError
 from .taskbacklog import Backlog
@@ -58,18 +58,8 @@ from .taskrecords import (
 )
 from .taskworkers import Key, WorkerView, is_current, spread
 
-__all__ = [
-    "DEADLINE_EXCEEDED",
-    "NOTHING",
-    "WORKER_LOST",
-    "Outcome",
-    "RetryPolicy",
-    "Task",
-    "TaskState",
-    "TaskTable",
-    "TaskTableStats",
-    "check_deadline",
-]
+__all__ = ["DEADLINE_EXCEEDED", "NOTHING", "WORKER_LOST", "Outcome", "RetryPolicy", "Task",
+           "TaskState", "TaskTable", "TaskTableStats", "check_deadline"]
 
 _IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
 
@@ -97,16 +87,11 @@ class TaskTable:
 
     def submit(self, task: Task) -> None:
         """Queue a new task. Raises LocalProtocolError for an id already in the table."""
-        if task.id in self._tasks:
-            raise LocalProtocolError(f"task id {task.id!r} is already queued")
-        task.state = _PENDING
-        self._tasks[task.id] = task
-        self._waiting.pending.append(task)
+        self.submit_many((task,))
 
-    def submit_many(self, tasks: list[Task]) -> None:
-        """``submit`` each of ``tasks`` in order (the dispatcher's hot path: no call per task).
-        Raises LocalProtocolError at the first id already in the table (those before it are
-        queued)."""
+    def submit_many(self, tasks: Iterable[Task]) -> None:
+        """Queue new tasks in order (no call per task: the dispatcher's hot path). Raises
+        LocalProtocolError at the first id already in the table (those before it are queued)."""
         table, append = self._tasks, self._waiting.pending.append
         for task in tasks:
             if task.id in table:

@@ -3,19 +3,16 @@
 It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
 every task), a socket monitor on each (:mod:`.links`) and the dead-letter publishers; it shares
 the journal with the submitters (:mod:`.recorder`: they record, it forgets). Other threads only
-post callables to its :class:`~zmqfabric.transport.inbox.Inbox` (a deque, and a pipe in its
-poller written only while it sleeps, so a burst of submissions costs no system call): ``submit``
-(any thread) posts the taking of tasks, already on disk when there is a journal; the directory's
-watchers (discovery's thread) post the connection to a worker, or its loss. What is posted once
-the thread has ended runs in the poster's thread and fails the tasks (:meth:`Inbox.run_leftovers`).
+post callables to its :class:`~zmqfabric.transport.inbox.Inbox` (a deque, and a pipe written
+once per sleep): ``submit`` (any thread) posts the taking of tasks, already on disk when there is
+a journal; the directory's watchers (discovery's thread) post the connection to a worker, or its
+loss. What is posted once the thread has ended runs in the poster's thread and fails the tasks.
 
-Each round: read results and credit, then monitor events (a worker whose connection drops is
-lost: its tasks are redelivered at once), then new submissions, then deadlines and retry timers,
-then dispatch to workers with credit (task messages split to stay under the size workers
-accept), then completions (journal deletes are batched) and the handles' waiters.
-
-The decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`); this
-module only moves frames, rows and handles.
+Each round: wait or nap (:meth:`Dispatcher._wait`), read results and credit, then monitor events
+(a worker whose connection drops is lost: its tasks are redelivered at once), then new tasks,
+deadlines and retry timers, then dispatch to workers with credit (task messages split to stay
+under the size workers accept), then completions (journal deletes batched) and waiters. The
+decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`).
 """
 
 from __future__ import annotations
@@ -155,19 +152,7 @@ class Dispatcher:
 
     def _round(self) -> None:
         inbox = self._inbox
-        timeout = self._timeout(time.monotonic())
-        if self._napping:
-            self._node.counters.add("task_naps")
-        if self._napping and self._starved:
-            # Submissions are flowing and tasks wait for credit: results (credit) end the nap.
-            events = inbox.poll(self._poller, min(timeout, TASK_NAP_MS), wake=False)
-        elif self._napping:
-            # Submissions are flowing and workers have credit: sleep a little, deaf to posts and
-            # to results (only wake() cuts it short), then take all that came in one round.
-            self._nap.poll(min(timeout, TASK_NAP_MS))
-            events = inbox.poll(self._poller, 0, wake=False)
-        else:
-            events = inbox.poll(self._poller, timeout)
+        events = self._wait(inbox)
         now = time.monotonic()
         monitors = []
         for sock in events:
@@ -181,13 +166,7 @@ class Dispatcher:
             if link is not None:
                 self._on_monitor(link, now)
         self._take_posts()
-        # A submitting thread's tasks come a few microseconds apart (tens with a journal: one
-        # commit each): a round for each, with its wake-up, sends and receives, would cost
-        # more than the tasks and fight the submitter for the GIL. Tasks that follow others
-        # within TASK_NAP_MS while earlier ones are unsettled are taken by the batch after a
-        # nap instead. A lone task, the first of a burst, and the next task of a caller that
-        # waits for each result leave at once, and the nap does not delay their results.
-        if self._new:
+        if self._new:  # tasks that follow others while those are unsettled: nap (see _wait)
             self._napping = (now - self._last_new < TASK_NAP_MS / 1000
                              and any(t.unsettled for t in self._tables.values()))
             self._last_new = now
@@ -200,6 +179,21 @@ class Dispatcher:
         self._dispatch(now)
         self._starved = any(t.waiting for t in self._tables.values())
         self._finish(now)
+
+    def _wait(self, inbox: Inbox) -> dict[Any, int]:
+        """Sleep until a post, a result or a timer, or nap (TASK_NAP_MS): a round, sends and
+        receives per task would fight the submitter for the GIL. A lone task, the first of a
+        burst and the next of a caller that waits for each result leave at once and their
+        results are read at once. A nap is deaf to posts, and to results unless tasks wait for
+        credit; ``wake()`` ends it."""
+        timeout = self._timeout(time.monotonic())
+        if not self._napping:
+            return inbox.poll(self._poller, timeout)
+        self._node.counters.add("task_naps")
+        if self._starved:  # tasks wait for credit: a result ends the nap
+            return inbox.poll(self._poller, min(timeout, TASK_NAP_MS), wake=False)
+        self._nap.poll(min(timeout, TASK_NAP_MS))
+        return inbox.poll(self._poller, 0, wake=False)
 
     def _timeout(self, now: float) -> int:
         due = min((t.next_due for t in self._tables.values()), default=math.inf)
