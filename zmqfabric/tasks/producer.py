@@ -336,10 +336,12 @@ class Dispatcher:
         if not outcome:
             return
         changes, removals, done_state = self._changes, self._removals, HandleState.DONE
+        journaled = self._recorder is not None
         for task in outcome.done:
             if task.ref is not None:
                 changes.append((task.ref, done_state, task.value))
-            removals.append(task.id)
+            if journaled:
+                removals.append(task.id)
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
             failure = TaskFailedError(name, task.id, task.charged, error_type, error)
@@ -360,7 +362,7 @@ class Dispatcher:
                 self._last_commit = now
         if self._changes:
             changes, self._changes = self._changes, []
-            settle(self._tasks, [c for c in changes if c[0] is not None])
+            settle(self._tasks, changes)
         if self._settled:
             self._tasks.settled(self._settled)
             self._settled = 0
@@ -382,7 +384,8 @@ class Dispatcher:
         closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
         for table in self._tables.values():
             for task in table.drain():
-                self._changes.append((task.ref, HandleState.FAILED, closed))
+                if task.ref is not None:  # a resumed task without a key has no handle
+                    self._changes.append((task.ref, HandleState.FAILED, closed))
                 self._settled += 1
         self._finish(now)
         self._links.close()
