@@ -190,10 +190,9 @@ class Dispatcher:
         if not self._napping:
             return inbox.poll(self._poller, timeout)
         self._node.counters.add("task_naps")
-        if self._starved:  # tasks wait for credit: a result ends the nap
-            return inbox.poll(self._poller, min(timeout, TASK_NAP_MS), wake=False)
-        self._nap.poll(min(timeout, TASK_NAP_MS))
-        return inbox.poll(self._poller, 0, wake=False)
+        # Tasks wait for credit: a result ends the nap. Posts do not (they are not written).
+        (self._poller if self._starved else self._nap).poll(min(timeout, TASK_NAP_MS))
+        return inbox.poll(self._poller, 0, wake=False)  # what is ready now; empties the pipe
 
     def _timeout(self, now: float) -> int:
         due = min((t.next_due for t in self._tables.values()), default=math.inf)
