@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -147,3 +148,62 @@ def test_leftovers_run_once_each_in_any_thread_after_a_close_that_keeps_them() -
         thread.join(10)
     assert sorted(ran) == list(range(20_000)) and not box.pending
     assert box.run_leftovers() == 0
+
+
+def test_a_sleeper_is_woken_by_one_write_however_many_posts_come_before_it_runs(inbox) -> None:
+    poller = _poller(inbox)
+    # While the owner sleeps (and while it waits for the GIL after waking, sleeping still
+    # raised), only the first post writes: a burst of submissions costs one system call.
+    inbox.sleeping = True  # as poll() raises it
+    for n in range(100):
+        inbox.post(int, n)
+    assert _pipe_bytes(inbox) == 1
+    inbox.sleeping = False
+    inbox.run_pending()
+    # The next sleep starts afresh: its first post writes again.
+    woke = threading.Event()
+    threading.Timer(0.05, lambda: (inbox.post(woke.set), inbox.post(int))).start()
+    assert inbox.fd in inbox.poll(poller, 10_000)
+    inbox.run_pending()
+    assert woke.is_set()
+    # always_wake owners (several pollers) keep a write per post.
+    box = Inbox(always_wake=True)
+    box.open()
+    try:
+        for n in range(3):
+            box.post(int, n)
+        assert _pipe_bytes(box) == 3
+    finally:
+        box.close()
+
+
+def test_no_post_is_missed_by_a_sleeping_owner_under_racing_posters(inbox) -> None:
+    """Four threads post 20,000 callables at random moments while the owner sleeps with a 2 s
+    timeout between rounds: a missed wake-up would show as a poll that ran out its timeout."""
+    poller = _poller(inbox)
+    total, posters = 20_000, 4
+    seen = [0]
+
+    def note() -> None:
+        seen[0] += 1
+
+    def post_share() -> None:
+        for n in range(total // posters):
+            inbox.post(note)
+            if n % 97 == 0:
+                time.sleep(0.0002)  # let the owner fall asleep now and then
+
+    threads = [threading.Thread(target=post_share) for _ in range(posters)]
+    for thread in threads:
+        thread.start()
+    slowest = 0.0
+    deadline = time.monotonic() + 60
+    while seen[0] < total and time.monotonic() < deadline:
+        started = time.monotonic()
+        inbox.poll(poller, 2_000)
+        slowest = max(slowest, time.monotonic() - started)
+        inbox.run_pending()
+    for thread in threads:
+        thread.join(10)
+    assert seen[0] == total
+    assert slowest < 1.5, f"a poll slept {slowest:.2f} s with posts queued: a wake-up was missed"

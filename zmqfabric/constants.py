@@ -302,9 +302,10 @@ TASK_RESULT_FLUSH_S = 0.01
 TASK_QUEUE_LIMIT = 100_000
 #: The dispatcher checks deadlines and retry timers at least this often (ms).
 TASK_TICK_MS = 50
-#: After taking durable submissions the dispatcher looks for more after this long (ms) instead
-#: of being woken for each: they come a commit apart, and a wake-up and a round per task halve
-#: the rate a submitting thread gets. A task waits at most this long more to be sent.
+#: The dispatcher's nap (ms): tasks submitted within this long of others that are unsettled are
+#: taken by the batch after it, not with a wake-up and a round each (durable ones come a commit
+#: apart: a round per task halved the rate a submitting thread got, and sent ~5 per message).
+#: Such a task waits at most this long more to be sent, and results at most this long to be read.
 TASK_NAP_MS = 1
 #: Completions reach the journal at least this often (s); new tasks are committed before sending.
 JOURNAL_COMMIT_S = 0.05

@@ -40,7 +40,7 @@ in; the workers' windows and slots are :class:`~.taskworkers.WorkerView`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import LocalProtocolError
 from .taskbacklog import Backlog
@@ -58,18 +58,8 @@ from .taskrecords import (
 )
 from .taskworkers import Key, WorkerView, is_current, spread
 
-__all__ = [
-    "DEADLINE_EXCEEDED",
-    "NOTHING",
-    "WORKER_LOST",
-    "Outcome",
-    "RetryPolicy",
-    "Task",
-    "TaskState",
-    "TaskTable",
-    "TaskTableStats",
-    "check_deadline",
-]
+__all__ = ["DEADLINE_EXCEEDED", "NOTHING", "WORKER_LOST", "Outcome", "RetryPolicy", "Task",
+           "TaskState", "TaskTable", "TaskTableStats", "check_deadline"]
 
 _IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
 
@@ -97,11 +87,18 @@ class TaskTable:
 
     def submit(self, task: Task) -> None:
         """Queue a new task. Raises LocalProtocolError for an id already in the table."""
-        if task.id in self._tasks:
-            raise LocalProtocolError(f"task id {task.id!r} is already queued")
-        task.state = _PENDING
-        self._tasks[task.id] = task
-        self._waiting.pending.append(task)
+        self.submit_many((task,))
+
+    def submit_many(self, tasks: Iterable[Task]) -> None:
+        """Queue new tasks in order (no call per task: the dispatcher's hot path). Raises
+        LocalProtocolError at the first id already in the table (those before it are queued)."""
+        table, append = self._tasks, self._waiting.pending.append
+        for task in tasks:
+            if task.id in table:
+                raise LocalProtocolError(f"task id {task.id!r} is already queued")
+            task.state = _PENDING
+            table[task.id] = task
+            append(task)
 
     def refuse(self, task: Task, error: tuple[str, str]) -> Outcome:
         """A task that must never be sent (it cannot be delivered): dead at once, no attempt
@@ -116,6 +113,12 @@ class TaskTable:
     @property
     def unsettled(self) -> int:
         return len(self._tasks)
+
+    @property
+    def waiting(self) -> bool:
+        """True when tasks wait for a worker's credit (not those in a retry's backoff)."""
+        waiting = self._waiting
+        return bool(waiting.pending or waiting.redo or waiting.suspects)
 
     def drain(self) -> list[Task]:
         """Forget every unsettled task and return them (the owner is closing)."""
@@ -257,9 +260,10 @@ class TaskTable:
         if known is None:
             self.late += len(results)
             return NOTHING
-        held, started, tasks, slots = known.held, known.started, self._tasks, known.slots
+        held, started, tasks = known.held, known.started, self._tasks
         done: list[Task] = []
         dead: list[Task] = []
+        freed = False
         for task_id, attempt, ok, value in results:
             key = (task_id, attempt)
             task = held.pop(key, None)
@@ -267,15 +271,12 @@ class TaskTable:
                 self.late += 1  # never ours to answer: a stray or forged result
                 continue
             if started.pop(key, None) is not None:
+                freed = True  # its slot goes to the oldest waiting delivery, below
                 if known.overdue and key in known.overdue:
                     known.overdue.discard(key)
                     self.hung -= 1
-                if known.probe == key:
-                    known.probe = None
-                if len(held) >= slots:
-                    due = known.promote(now)
-                    if due < self.next_due:
-                        self.next_due = due
+            if known.probe is not None and known.probe == key:
+                known.probe = None
             if task is not tasks.get(task_id):
                 self.late += 1  # settled already
                 continue
@@ -296,6 +297,10 @@ class TaskTable:
                     self._retry_later(task, now)
             else:
                 self.late += 1
+        if freed:
+            due = known.refill(now)
+            if due < self.next_due:
+                self.next_due = due
         if not done and not dead:
             return NOTHING
         return Outcome(tuple(done), tuple(dead))

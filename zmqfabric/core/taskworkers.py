@@ -72,6 +72,17 @@ class WorkerView:
         self.started[key] = now
         return now + self.held[key].deadline_s
 
+    def refill(self, now: float) -> float:
+        """Started deliveries were answered: the oldest waiting ones take the free slots now
+        (one call for a whole message of results). Returns the earliest new deadline, or inf."""
+        started, held, due = self.started, self.held, math.inf
+        if len(started) < self.slots and len(held) > len(started):
+            for key in itertools.islice(held, self.slots):
+                if key not in started:
+                    started[key] = now
+                    due = min(due, now + held[key].deadline_s)
+        return due
+
     def forget(self, key: Key, now: float) -> tuple[Task | None, bool, float]:
         """Drop a delivery (answered, or its send failed): ``(task or None if not held, was it
         overdue, deadline of a delivery that took its slot or inf)``."""

@@ -3,19 +3,16 @@
 It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
 every task), a socket monitor on each (:mod:`.links`) and the dead-letter publishers; it shares
 the journal with the submitters (:mod:`.recorder`: they record, it forgets). Other threads only
-post callables to its :class:`~zmqfabric.transport.inbox.Inbox` (a deque, and a pipe in its
-poller written only while it sleeps, so a burst of submissions costs no system call): ``submit``
-(any thread) posts the taking of tasks, already on disk when there is a journal; the directory's
-watchers (discovery's thread) post the connection to a worker, or its loss. What is posted once
-the thread has ended runs in the poster's thread and fails the tasks (:meth:`Inbox.run_leftovers`).
+post callables to its :class:`~zmqfabric.transport.inbox.Inbox` (a deque, and a pipe written
+once per sleep): ``submit`` (any thread) posts the taking of tasks, already on disk when there is
+a journal; the directory's watchers (discovery's thread) post the connection to a worker, or its
+loss. What is posted once the thread has ended runs in the poster's thread and fails the tasks.
 
-Each round: read results and credit, then monitor events (a worker whose connection drops is
-lost: its tasks are redelivered at once), then new submissions, then deadlines and retry timers,
-then dispatch to workers with credit (task messages split to stay under the size workers
-accept), then completions (journal deletes are batched) and the handles' waiters.
-
-The decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`); this
-module only moves frames, rows and handles.
+Each round: wait or nap (:meth:`Dispatcher._wait`), read results and credit, then monitor events
+(a worker whose connection drops is lost: its tasks are redelivered at once), then new tasks,
+deadlines and retry timers, then dispatch to workers with credit (task messages split to stay
+under the size workers accept), then completions (journal deletes batched) and waiters. The
+decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`).
 """
 
 from __future__ import annotations
@@ -87,6 +84,11 @@ class Dispatcher:
         self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
         self._napping = False
+        #: Tasks wait for credit (after the round's dispatch): a nap ends with a result.
+        self._starved = False
+        self._last_new = -math.inf
+        #: Polled while napping: only the inbox's pipe, which only ``wake()`` writes then.
+        self._nap = zmq.Poller()
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -94,7 +96,9 @@ class Dispatcher:
         """Open the wake pipe; ``resumed``: (name, task) from the journal, sent once the thread
         runs."""
         self._resumed = resumed
-        self._poller.register(self._inbox.open(), zmq.POLLIN)
+        fd = self._inbox.open()
+        self._poller.register(fd, zmq.POLLIN)
+        self._nap.register(fd, zmq.POLLIN)
 
     def start(self) -> None:
         self._thread.start()
@@ -148,11 +152,7 @@ class Dispatcher:
 
     def _round(self) -> None:
         inbox = self._inbox
-        timeout = self._timeout(time.monotonic())
-        if self._napping:  # durable submissions are flowing: look again soon, unwoken
-            events = inbox.poll(self._poller, min(timeout, TASK_NAP_MS), wake=False)
-        else:
-            events = inbox.poll(self._poller, timeout)
+        events = self._wait(inbox)
         now = time.monotonic()
         monitors = []
         for sock in events:
@@ -166,16 +166,33 @@ class Dispatcher:
             if link is not None:
                 self._on_monitor(link, now)
         self._take_posts()
-        # Each durable submit costs a commit, so they arrive tens of microseconds apart: waking
-        # for each would cost a wake-up and a round per task. Napping instead takes them by the
-        # batch, at most TASK_NAP_MS late.
-        self._napping = bool(self._new) and self._recorder is not None
+        if self._new:  # tasks that follow others while those are unsettled: nap (see _wait)
+            self._napping = (now - self._last_new < TASK_NAP_MS / 1000
+                             and any(t.unsettled for t in self._tables.values()))
+            self._last_new = now
+        else:
+            self._napping = False
         self._queue_new()
         for table in self._tables.values():
             if now >= table.next_due:
                 self._collect(table.name, table.tick(now))
         self._dispatch(now)
+        self._starved = any(t.waiting for t in self._tables.values())
         self._finish(now)
+
+    def _wait(self, inbox: Inbox) -> dict[Any, int]:
+        """Sleep until a post, a result or a timer, or nap (TASK_NAP_MS): a round, sends and
+        receives per task would fight the submitter for the GIL. A lone task, the first of a
+        burst and the next of a caller that waits for each result leave at once and their
+        results are read at once. A nap is deaf to posts, and to results unless tasks wait for
+        credit; ``wake()`` ends it."""
+        timeout = self._timeout(time.monotonic())
+        if not self._napping:
+            return inbox.poll(self._poller, timeout)
+        self._node.counters.add("task_naps")
+        # Tasks wait for credit: a result ends the nap. Posts do not (they are not written).
+        (self._poller if self._starved else self._nap).poll(min(timeout, TASK_NAP_MS))
+        return inbox.poll(self._poller, 0, wake=False)  # what is ready now; empties the pipe
 
     def _timeout(self, now: float) -> int:
         due = min((t.next_due for t in self._tables.values()), default=math.inf)
@@ -276,9 +293,7 @@ class Dispatcher:
         self._new = []
         tables = self._tables
         for name, tasks in batch:
-            submit = tables[name].submit
-            for task in tasks:
-                submit(task)
+            tables[name].submit_many(tasks)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
@@ -320,10 +335,12 @@ class Dispatcher:
         if not outcome:
             return
         changes, removals, done_state = self._changes, self._removals, HandleState.DONE
+        journaled = self._recorder is not None
         for task in outcome.done:
             if task.ref is not None:
                 changes.append((task.ref, done_state, task.value))
-            removals.append(task.id)
+            if journaled:
+                removals.append(task.id)
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
             failure = TaskFailedError(name, task.id, task.charged, error_type, error)
@@ -344,7 +361,7 @@ class Dispatcher:
                 self._last_commit = now
         if self._changes:
             changes, self._changes = self._changes, []
-            settle(self._tasks, [c for c in changes if c[0] is not None])
+            settle(self._tasks, changes)
         if self._settled:
             self._tasks.settled(self._settled)
             self._settled = 0
@@ -366,7 +383,8 @@ class Dispatcher:
         closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
         for table in self._tables.values():
             for task in table.drain():
-                self._changes.append((task.ref, HandleState.FAILED, closed))
+                if task.ref is not None:  # a resumed task without a key has no handle
+                    self._changes.append((task.ref, HandleState.FAILED, closed))
                 self._settled += 1
         self._finish(now)
         self._links.close()

@@ -63,8 +63,10 @@ class NodeTasks:
         self._dispatcher: Dispatcher | None = None
         self._start_lock = threading.Lock()
         self.handle_lock = threading.Lock()
-        #: submitted and settled counts: backpressure and wait_all()
-        self._cond = threading.Condition()
+        #: submitted and settled counts: backpressure and wait_all(). A plain Lock under the
+        #: Condition: the admission of every submit takes it (``with`` on a Lock is C-level).
+        self._count_lock = threading.Lock()
+        self._cond = threading.Condition(self._count_lock)
         self._submitted = 0
         self._settled = 0
         self._prefix = secrets.token_hex(6)
@@ -167,7 +169,11 @@ class NodeTasks:
         timeout: float | None,
     ) -> TaskHandle:
         """See :meth:`zmqfabric.Node.submit`. Thread-safe."""
-        deadline_s, attempts = self._options(name, deadline, max_attempts)
+        if deadline is None and max_attempts is None and name in self._names:
+            config = self.config  # the common case, the hot path: checked once, at first use
+            deadline_s, attempts = config.deadline_s, config.max_attempts
+        else:
+            deadline_s, attempts = self._options(name, deadline, max_attempts)
         payload = self._encode(body, key)
         dispatcher = self._dispatcher or self._start_dispatcher()
         handle = TaskHandle(f"{self._prefix}-{next(self._ids)}", name, key, self)
@@ -276,6 +282,10 @@ class NodeTasks:
 
     def _admit(self, count: int, timeout: float | None) -> None:
         limit = self.config.queue_limit
+        with self._count_lock:  # the common case: room at once
+            if not self._closed and self._submitted - self._settled + count <= limit:
+                self._submitted += count
+                return
         with self._cond:
             if self._closed:
                 raise ClosedError(f"node {self._node.name!r} is closed")

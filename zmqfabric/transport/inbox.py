@@ -95,7 +95,7 @@ class Inbox:
     waiting?", one C-level test that a hot path can afford) and never changes it.
     """
 
-    __slots__ = ("pending", "sleeping", "_pipe", "_always_wake")
+    __slots__ = ("pending", "sleeping", "_pipe", "_always_wake", "_woken")
 
     def __init__(self, *, always_wake: bool = False) -> None:
         self.pending: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = (
@@ -104,6 +104,9 @@ class Inbox:
         #: Raised by the owner while it sleeps in :meth:`poll`: posts must write the pipe.
         self.sleeping = always_wake
         self._always_wake = always_wake
+        #: A post has written the pipe during this sleep: later posts need not (one system call
+        #: per sleep, not one per post, while the owner waits for the GIL after waking).
+        self._woken = False
         self._pipe = WakePipe()
 
     # --- lifetime (whoever starts and stops the owner) ---------------------------------------
@@ -143,7 +146,10 @@ class Inbox:
         if self._pipe.fd < 0:
             return False
         self.pending.append((fn, args))
-        if self.sleeping:  # read after the append: see poll() for why no post is missed
+        # Read after the append: see poll() for why no post is missed. A poster that finds
+        # _woken raised skips the write: the one that raised it writes right after.
+        if self.sleeping and not self._woken:
+            self._woken = not self._always_wake
             self._pipe.wake()
         return True
 
@@ -169,6 +175,7 @@ class Inbox:
         else:
             timeout = 0
             if not self.pending and timeout_ms != 0:
+                self._woken = False  # before sleeping is raised: a late poster only wakes us
                 self.sleeping = True
                 # A post that read sleeping=False appended before we raised it: look again.
                 if not self.pending:
