@@ -96,10 +96,11 @@ def rejoins(member: Member) -> int:
 
 def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str | None,
         logs: Path | None, say: Any, start_timeout: float = 600.0,
-        keydir: Path | None = None) -> dict[str, Any]:
+        keydir: Path | None = None, settle: bool = False) -> dict[str, Any]:
     fleet = Fleet(f"scale-{uuid.uuid4().hex[:8]}", netns=netns, logs=logs, source=source)
     row: dict[str, Any] = {"nodes": count, "kill": kill, "source": str(source),
-                           "private_loopback": netns is not None, "secured": keydir is not None}
+                           "private_loopback": netns is not None, "secured": keydir is not None,
+                           "batch": batch, "settle": settle}
 
     def spawn(name: str) -> Member:
         if keydir is not None:
@@ -113,6 +114,8 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
             if not fleet.wait(functools.partial(all_ready, members), start_timeout):
                 raise click.ClickException(f"nodes did not start: {[m.name for m in members]}")
             say(f"{len(fleet.members)} started")
+            if settle and not fleet.wait(fleet.full, start_timeout):
+                raise click.ClickException(f"{len(fleet.members)} nodes did not converge")
         row["spawn_s"] = round(time.monotonic() - t0, 1)
         members = list(fleet.members.values())
         if not fleet.wait(fleet.full, start_timeout):
@@ -199,6 +202,9 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
               help="Nodes started at a time (each batch waits until its nodes are ready).")
 @click.option("--start-timeout", type=float, default=600.0, show_default=True,
               help="Seconds a batch may take to start, and the fabric to converge.")
+@click.option("--settle", is_flag=True,
+              help="Start each batch once the nodes before it all see each other (a rollout), "
+                   "not as soon as they are ready.")
 @click.option("--netns/--shared-loopback", default=True, show_default=True,
               help="Run the nodes in a network namespace of their own (needs root).")
 @click.option("--keys", "secured", is_flag=True,
@@ -208,8 +214,8 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of text.")
 @click.option("--verbose", is_flag=True, help="Say how far each run got, on stderr.")
 def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: int,
-         start_timeout: float, netns: bool, secured: bool, logs: Path | None, as_json: bool,
-         verbose: bool) -> None:
+         start_timeout: float, settle: bool, netns: bool, secured: bool, logs: Path | None,
+         as_json: bool, verbose: bool) -> None:
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C: the fleet's nodes are stopped and the namespace removed.
@@ -225,7 +231,7 @@ def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: i
             if keydir is not None:
                 keys.generate(keydir)
             row = run(count, max(0, min(kill, count - 2)), idle, source.resolve(), batch, ns,
-                      logs, say, start_timeout, keydir)
+                      logs, say, start_timeout, keydir, settle)
         row["loadavg_1m"] = round(os.getloadavg()[0], 1)
         if as_json:
             click.echo(json.dumps(row))
