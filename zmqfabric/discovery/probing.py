@@ -43,6 +43,7 @@ from ..constants import (
 )
 from ..core.swim import Effects, Member, Members, State, Update
 from .gossip import in_scope
+from .hints import on_loopback
 from .probes import REFUSED, Prober
 from .swim import Local
 
@@ -65,6 +66,7 @@ class _Probe:
     acked: bool = False
     asked: bool = False  # helpers were asked to probe it for us
     listening: bool = False  # its host accepted a connect at its port meanwhile
+    checked: bool = False  # the port check has answered
 
 
 class Probing:
@@ -173,7 +175,10 @@ class Probing:
                 self._effects(self._members.dead(member.node_id, self._clock()),
                               "its control port is closed")
             elif then is not None:
-                then(closed is False)
+                # On loopback the kernel answers a connect at once, taken or refused: no answer
+                # means the process is too starved to take connections (its listen queue is
+                # full) or we are; either way it is there (as for the verifier, hints.py).
+                then(closed is False or _starved(member))
 
         self._prober.check_port(member.url, result)
 
@@ -209,9 +214,11 @@ class Probing:
 
         def silent() -> None:
             # We could not reach it either: our own suspicion, which confirms the asker's,
-            # unless its host still accepts connections (then it is only slow).
-            if member is not None and not any(listening):
-                self._effects(self._members.failed(member.node_id, self._clock()))
+            # unless its host still accepts connections (then it is only slow), or, on
+            # loopback, the check has not answered yet (see check()).
+            if member is None or any(listening) or (not listening and _starved(member)):
+                return
+            self._effects(self._members.failed(member.node_id, self._clock()))
 
         self._prober.request(target.url, target.key, body, 2 * self.rto(), answered, silent)
 
@@ -219,7 +226,10 @@ class Probing:
 
     def _indirect(self, probe: _Probe, now: float) -> None:
         target = probe.member
-        self.check(target, functools.partial(setattr, probe, "listening"))
+        def checked(listening: bool) -> None:
+            probe.listening, probe.checked = listening, True
+
+        self.check(target, checked)
         helpers = self._members.helpers(target.node_id, self._timing.indirect_probes)
         probe.asked = True
         control = self._node.record.control
@@ -242,7 +252,16 @@ class Probing:
         member = probe.member
         log.debug("%s: no answer from %s (rto %.3f, health %d, srtt %s)", self._node.name,
                   member.record.name, self.rto(), self.health, self._prober.rtt.srtt)
-        out: Effects = self._members.failed(member.node_id, self._clock(), probe.listening)
+        # A port check still unanswered on loopback: the host is starved, not the member dead
+        # (check()); a dead process's port refuses at once.
+        listening = probe.listening or (probe.asked and not probe.checked and _starved(member))
+        out: Effects = self._members.failed(member.node_id, self._clock(), listening)
         self._effects(out, "no answer")
         if self._members.get(member.node_id) is member and member.state is State.SUSPECT:
             self.probe(member, self._clock())  # tell it (Lifeguard's buddy system): it refutes
+
+
+def _starved(member: Member) -> bool:
+    """A port check of ``member`` that has no answer means a starved host, not a dead process:
+    on loopback, where a connect is answered at once (taken or refused)."""
+    return on_loopback(member.record.address)
