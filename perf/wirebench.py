@@ -14,9 +14,9 @@ The message is the issue's: a msgpack dict built per send, ``{"id": i, "ts": tim
   ``unpackb(recv()[1:])`` (one frame, the topic its first bytes), lossless: XPUB_NODROP (a send
   waits at the HWM) and the fabric's HWM. Fabric: ``publisher.send("m", msg)`` ->
   ``subscription.recv()``. Messages/s received and drops (``dropped``, ``drop_pct``) of both.
-  A raw publisher that drops wastes its core on messages nobody gets: pinned, its I/O thread
-  then delivered 0.37x of the lossless rate (137k against 371k msg/s, 66% dropped), which
-  made the fabric look 1.5-2.2x faster than raw.
+  A raw PUB that drops spends its core (pinned: shared with its I/O thread) on messages nobody
+  gets: it delivered 0.37x of the lossless rate (137k of 371k msg/s, 66% dropped), so the
+  fabric, which drops nothing at these rates, read 1.5-2.2x raw.
 - ``pp1m``: push/pull of 1 MiB bytes bodies. Raw ``send(body, copy=False)`` / ``recv(copy=False)``.
 - ``batch``: the fabric's ``pusher.send_many`` (batches of 256) -> ``puller.recv()`` against
   raw one message per frame (builds without ``send_many`` skip it).
@@ -88,11 +88,7 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         kind = {"rr": zmq.REP, "ps": zmq.XPUB}.get(case, zmq.PULL)
         sock = ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        if case == "ps":
-            # Lossless, as the fabric's publisher is at these rates (it reports 0 dropped): a
-            # raw PUB that outruns its subscriber drops at the HWM, and its sending thread then
-            # takes the CPU from the I/O thread that delivers (pinned, they share one core),
-            # so the subscriber received 0.37x of the lossless rate. The fabric's HWM, too.
+        if case == "ps":  # lossless (see the module docstring), with the fabric's HWM
             sock.setsockopt(zmq.SNDHWM, PS_HWM)
             sock.setsockopt(zmq.XPUB_NODROP, 1)  # a send waits at the HWM, nothing is dropped
         port = sock.bind_to_random_port("tcp://127.0.0.1")
