@@ -180,7 +180,9 @@ def make_cli(script: str, bench: Bench) -> Any:
                 f"\n{len(rows)} rows in {time.monotonic() - started:.0f} s; {common.machine_note()}"
             )
         if opts["plot_file"]:
-            common.plot(rows, opts["plot_file"])
+            import bench_plot  # matplotlib only when asked
+
+            bench_plot.plot(rows, opts["plot_file"])
             common.note(f"plot written to {opts['plot_file']}", opts["json"])
         if session.stuck:
             sys.stdout.flush()

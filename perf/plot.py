@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import bench_plot
 import click
 import common
 
@@ -27,7 +28,7 @@ def main(files: tuple[str, ...], output: str, title: str, markdown: bool) -> Non
             if not markdown:
                 common.print_table(part)
             print("\n")
-    common.plot(rows, output, title)
+    bench_plot.plot(rows, output, title)
     print(f"plot written to {output}")
 
 

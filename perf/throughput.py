@@ -8,9 +8,10 @@ Sender and receiver are separate processes (inproc: two threads of one process).
   a raw acknowledgement socket). Fabric: ``publisher.send("m", body)`` ->
   ``subscription.recv()``. Raw: PUB ``send(b"m" + packb(body))`` -> SUB ``unpackb(recv()[1:])``,
   one frame as protocol 2 sends one (bodies of 64 KiB and more: ``[b"m", body]``, two frames
-  and no msgpack, as the fabric's raw bodies). A publisher faster than its subscriber loses
-  messages at the HWM (ZeroMQ pub/sub): the rate is what the subscriber received, and drops
-  are reported.
+  and no msgpack, as the fabric's raw bodies). The raw publisher is an XPUB with XPUB_NODROP (a
+  send waits at the HWM: lossless, the best a raw program delivers); the fabric's publisher
+  never waits and drops at the HWM when it outruns its subscriber (ZeroMQ pub/sub): the rate is
+  what the subscriber received, and drops are reported.
 
 Rates are messages per second and MB/s (10^6 bytes of body) at the receiver. Bodies of 64 KiB
 and more travel as raw bytes in both (the fabric's zero-copy rule); smaller ones are msgpack
@@ -194,7 +195,11 @@ def pst_pub(env: Env, case: dict[str, Any], announce: Any, stop: threading.Event
             def emit(topic: str) -> None:
                 send(topic, body)
         else:
-            pub = env.socket(zmq.PUB)
+            pub = env.socket(zmq.XPUB)  # sends as a PUB; subscriptions stay unread
+            # Lossless: a send waits at the HWM. A raw PUB that outruns its subscriber drops
+            # there and spends the CPU its I/O thread needs on messages nobody gets: its
+            # subscriber then received 0.37x of the lossless rate (perf/wirebench.py ``ps``).
+            pub.setsockopt(zmq.XPUB_NODROP, 1)
             info = {"url": env.bind(pub, transport, tag)}
             send_one, send_multipart, packb = pub.send, pub.send_multipart, msgpack.packb
 
@@ -376,6 +381,7 @@ class Throughput:
             "mb_per_s": rate * case["size"] / 1e6,
             "sent": sender["sent"],
             "dropped": max(0, sender["sent"] - count),
+            "drop_pct": 100.0 * max(0, sender["sent"] - count) / max(1, sender["sent"]),
             "sender_msgs_per_s": sender["sent"] / sender["elapsed"] if sender["elapsed"] else 0,
         }
 

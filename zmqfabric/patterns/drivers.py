@@ -148,6 +148,9 @@ class ThreadDriver:
         assert self._waker is not None
         token = self._waker.token
         flushes = ep.flushes
+        #: An endpoint's own hot path for a message it serves whole (optional; see Served).
+        serve_one: Callable[[list[bytes]], tuple[Status, Any] | None] | None = (
+            None if flushes else getattr(ep, "serve_one", None))
         sock.setsockopt(zmq.RCVTIMEO, _IDLE_MS)
         held = 0
         while not self._stopping:
@@ -157,6 +160,10 @@ class ThreadDriver:
                 frames = None
             if frames is None or (len(frames) == 2 and frames[1] == token):
                 ep.flush()
+            elif serve_one is not None and (done := serve_one(frames)) is not None:
+                if done[0] is FATAL:  # served whole by the endpoint's hot path
+                    self._fatal(done[1])
+                    return
             else:
                 # Served even if a stop came meanwhile: taken off the socket, it would be lost
                 # (run() in a loop restarts its drivers); one not yet read waits in the socket.

@@ -80,6 +80,9 @@ class Served(Protocol):
     #: ``done`` may hold outcomes until ``flush`` (False: ``flush`` does nothing; the inline
     #: driver then never asks the socket whether more input waits).
     flushes: bool
+    # Optional (looked up with getattr by the inline driver, for endpoints that do not flush):
+    # ``serve_one(frames) -> (status, value) | None``, the endpoint's hot path for a message it
+    # serves whole (accept, call in slot 0, done); None hands the message to ``accept``.
 
     def accept(self, frames: list[bytes]) -> list[Job]: ...
 
@@ -119,15 +122,23 @@ def call(ep: Served, job: Job, slot: int) -> tuple[Status, Any]:
     token = ep.enter(job)
     try:
         return OK, ep.handler(job.arg)
-    except Exception as exc:
-        _log_failure(ep, job, exc)
-        return FAILED, exc
     except BaseException as exc:
-        _log_fatal(ep, job, exc)
-        return FATAL, exc
+        return outcome(ep, job, exc)
     finally:
         ep.leave(token)
         board.end(slot)
+
+
+def outcome(ep: Served, job: Job, exc: BaseException) -> tuple[Status, BaseException]:
+    """The outcome of a handler call for ``job`` that raised ``exc``, logged: FAILED for an
+    ``Exception``, FATAL for any other BaseException (see the module docstring). Call inside
+    the ``except``, in the thread that called the handler (the traceback is logged). Never
+    raises."""
+    if isinstance(exc, Exception):
+        _log_failure(ep, job, exc)
+        return FAILED, exc
+    _log_fatal(ep, job, exc)
+    return FATAL, exc
 
 
 async def acall(ep: Served, job: Job, slot: int) -> tuple[Status, Any]:

@@ -15,10 +15,13 @@ class Pending:
     topic, header map); each message's id is the batch's first id plus its place in it.
     Falsy when empty."""
 
-    __slots__ = ("_bodies", "_end_id", "_kind", "_timestamp", "_topic", "_headers")
+    __slots__ = ("_bodies", "bodies", "_end_id", "_kind", "_timestamp", "_topic", "_headers")
 
     def __init__(self) -> None:
         self._bodies: collections.deque[Any] = collections.deque()
+        #: The same deque, for hot paths to test without a Python ``__len__`` call (read it
+        #: only: empty means no message is pending).
+        self.bodies = self._bodies
         self._end_id = 0
         self._kind = wire.Kind.MESSAGE
         self._timestamp = 0.0

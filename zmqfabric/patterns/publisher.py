@@ -53,6 +53,7 @@ _TOPIC_CACHE = 1024
 #: moments, so that they never pile up in libzmq (which queues them without a limit) at no cost per
 #: event.
 _COUNT_BATCH = 256
+_COUNT_MASK = _COUNT_BATCH - 1  # a power of two
 
 #: The first bytes of every subscriber marker. 0xFF is never part of UTF-8, so no fabric topic
 #: starts with it; and it sorts after every UTF-8 topic, which the ordering needs: a SUB (or a
@@ -102,7 +103,8 @@ class PublisherBase(Encoder, Bound):
         #: The last frame read was a malformed frame with more to come (counted once).
         self._in_junk = False
         self._topics: dict[str, bytes] = {}
-        self._unsent_count = 0
+        #: Events up to this sequence number are in the node's ``events_sent`` counter.
+        self._counted = 0
         self._advertise()
 
     @property
@@ -177,9 +179,9 @@ class PublisherBase(Encoder, Bound):
             self._read_subscriptions(_READ_BATCH)
 
     def _flush_count(self) -> None:
-        if self._unsent_count:
-            self._rt.counters.add("events_sent", self._unsent_count)
-            self._unsent_count = 0
+        if self._seq != self._counted:  # every event sent takes one sequence number
+            self._rt.counters.add("events_sent", self._seq - self._counted)
+            self._counted = self._seq
 
     def send(self, topic: str, body: Any) -> None:
         """Publish ``body`` under ``topic``. Raises LocalProtocolError for an unencodable body or
@@ -193,17 +195,20 @@ class PublisherBase(Encoder, Bound):
             head = self._topic(topic)
         if isinstance(body, BINARY) and len(body) >= ZERO_COPY_THRESHOLD:
             send_frames(self._sock, [head + self._raw_header(body), body], 0, False)
-        else:  # Encoder._encode inlined (hot path): one frame, topic NUL message
-            self._seq = seq = self._seq + 1
-            try:
-                data = self._pack(body)
-            except wire.PACK_ERRORS as exc:
-                raise wire.unencodable(exc) from exc
-            if len(data) > self._limit:
-                raise MessageTooLargeError(len(data), self._limit)
-            _SEND(self._sock, head + pack_canonical(self._prefix, seq, FLOAT64, _now()) + data)
-        self._unsent_count += 1
-        if self._unsent_count >= _COUNT_BATCH:
+            if self._seq - self._counted >= _COUNT_BATCH:
+                self._flush_batch()
+            return
+        # Encoder._encode inlined (hot path): one frame, topic NUL message
+        try:
+            data = self._pack(body)
+        except wire.PACK_ERRORS as exc:
+            raise wire.unencodable(exc) from exc
+        if len(data) > self._limit:
+            raise MessageTooLargeError(len(data), self._limit)
+        seq = self._seq + 1
+        _SEND(self._sock, head + pack_canonical(self._prefix, seq, FLOAT64, _now()) + data)
+        self._seq = seq  # taken once sent: events_sent counts the sequence numbers taken
+        if not seq & _COUNT_MASK:
             self._flush_batch()
 
     def send_many(self, topic: str, bodies: Iterable[Any]) -> None:
@@ -216,11 +221,9 @@ class PublisherBase(Encoder, Bound):
         head = self._topics.get(topic)
         if head is None:
             head = self._topic(topic)
-        first = self._seq
         for frames, copy in self._batches(bodies):
             send_frames(self._sock, [head + frames[0], *frames[1:]], 0, copy)
-        self._unsent_count += self._seq - first
-        if self._unsent_count >= _COUNT_BATCH:
+        if self._seq - self._counted >= _COUNT_BATCH:
             self._flush_batch()
 
     def _topic(self, topic: str) -> bytes:

@@ -45,6 +45,8 @@ _EVENT = wire.MESSAGE_PREFIX[wire.Kind.EVENT]
 _BATCH = wire.BATCH_PREFIX[wire.Kind.EVENT]
 #: Where the float64 tag sits after a topic's end.
 _TAG_AFTER_END = 1 + wire.FLOAT64_AT
+#: A topic's end (NUL) is looked for in a frame's first bytes only.
+_TOPIC_SCAN = MAX_TOPIC_SIZE + 1
 _RECV = zmq.backend.Socket.recv
 _UNPACKB = msgpack.unpackb
 #: Topics a subscription keeps decoded (a bounded cache: cleared when full).
@@ -87,6 +89,7 @@ class SubscriptionBase(Connector):
         self._sock.setsockopt(zmq.SUBSCRIBE, self.marker)
         #: The rest of the batch last received.
         self._pending = Pending()
+        self._held = self._pending.bodies  # truthy while a batch's rest waits (hot path)
         #: Topics decoded (bytes -> text), for the hot path.
         self._names: dict[bytes, str] = {}
 
@@ -113,7 +116,7 @@ class SubscriptionBase(Connector):
         """``(topic, body)`` of a canonical event or batch frame of at most DECODE_CHECK_SIZE
         bytes whose topic is known; None for anything else (the parser decides). Hot path:
         the checks of wire_layout's canonical encodings, after the topic's end."""
-        end = data.find(0, 0, MAX_TOPIC_SIZE + 1)
+        end = data.find(0, 0, _TOPIC_SCAN)
         if end < 0 or len(data) > DECODE_CHECK_SIZE:
             return None
         topic = self._names.get(data[:end])
@@ -164,7 +167,7 @@ class Subscription(SubscriptionBase, SyncConnector):
             # Hot path, as _recv: take what is there; compute a deadline only to wait.
             if self._ops:
                 self._drain()
-            if self._pending:  # the rest of a batch
+            if self._held:  # the rest of a batch
                 message = self._pending.next()
                 return message.topic or "", message.body
             try:
@@ -177,6 +180,17 @@ class Subscription(SubscriptionBase, SyncConnector):
                 continue
             except zmq.ZMQError as exc:
                 raise self._zmq_error(exc) from exc
+            # _fast's first case inlined: a canonical event whose topic is known.
+            end = data.find(0, 0, _TOPIC_SCAN)
+            if end >= 0 and len(data) <= DECODE_CHECK_SIZE:
+                topic = self._names.get(data[:end])
+                if topic is not None and data.startswith(_EVENT, end + 1):
+                    try:
+                        if data[end + _TAG_AFTER_END] == FLOAT64:
+                            return topic, _UNPACKB(data[end + 1:], raw=False,
+                                                   strict_map_key=False)[4]
+                    except Exception:  # noqa: S110 - refused (and counted) below
+                        pass
             event = self._fast(data)
             if event is not None:
                 return event

@@ -31,7 +31,9 @@ from ..errors import (
     RequestTimeoutError,
 )
 from ..transport.frames import (
+    MORE_NOBLOCK,
     NOBLOCK,
+    csend,
     ms_left,
     recv_routed,
     send_frames,
@@ -242,7 +244,21 @@ class Requester(RequesterBase, SyncConnector):
                 timeout = self._rt.config.request_timeout_s
             msg_id, frames, copy = self._frames(body)
             deadline = time.monotonic() + timeout
-            if self._send_to_one(frames, copy, None) is not None:
+            routes = self._routes
+            if copy and routes:  # one frame after the route: inline, to the provider in turn
+                turn = self._turn % len(routes)
+                out = self._out
+                try:
+                    csend(out, routes[turn][1], MORE_NOBLOCK)  # refused: nothing was queued
+                    csend(out, b"", MORE_NOBLOCK)
+                    csend(out, frames[2], NOBLOCK)
+                    self._turn = turn + 1
+                    sent: str | None = routes[turn][0]
+                except zmq.ZMQError:  # not connected (yet), or full: try every provider
+                    sent = self._send_to_one(frames, copy, None)
+            else:
+                sent = self._send_to_one(frames, copy, None)
+            if sent is not None:
                 while (reply := self._await_reply(deadline)) is not None:
                     # _match's fast path inlined: [route, "", canonical one-frame reply].
                     if len(reply) == 3 and not reply[1]:

@@ -68,6 +68,10 @@ _MORE = int(zmq.SNDMORE)
 #: The C methods under pyzmq's Python ``Socket.send``/``recv`` wrappers.
 _SEND = zmq.backend.Socket.send
 _RECV = zmq.backend.Socket.recv
+#: For hot paths that send a known frame layout inline: ``csend(sock, data, flags)`` is the C
+#: send (copy by default), ``MORE_NOBLOCK`` the flags of a frame that is not the last.
+csend = _SEND
+MORE_NOBLOCK = NOBLOCK | _MORE
 
 
 def send_frames(
