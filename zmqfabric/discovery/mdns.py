@@ -135,17 +135,7 @@ class Discovery:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
         zc = self._zc
         assert zc is not None, "start() first"
-        ttl = self._config.record_ttl_s
-        info = ServiceInfo(
-            SERVICE_TYPE,
-            instance_name(record.name, record.node_id),
-            port=record.control.port if record.control else 0,
-            properties=encode_txt(record),
-            server=server_name(record.node_id),
-            host_ttl=ttl,
-            other_ttl=ttl,
-            addresses=[socket.inet_aton(record.address)],
-        )
+        info = _service_info(record, self._config.record_ttl_s)
         loop = zc.loop
         assert loop is not None
         with self._lock:
@@ -191,11 +181,7 @@ class Discovery:
         zc = self._zc
         if zc is None or zc.loop is None or self._closing or not record.control:
             return
-        ttl = self._config.record_ttl_s
-        info = ServiceInfo(
-            SERVICE_TYPE, instance_name(record.name, record.node_id), port=record.control.port,
-            properties=encode_txt(record), server=server_name(record.node_id), host_ttl=ttl,
-            other_ttl=ttl, addresses=[socket.inet_aton(record.address)])
+        info = _service_info(record, self._config.record_ttl_s)
         zc.loop.call_soon_threadsafe(_cache_info, zc, info)
 
     def reverify(self, record: NodeRecord) -> None:
@@ -342,6 +328,20 @@ class Discovery:
     def refused(self) -> list[tuple[NodeRecord, str]]:
         """Peers seen but refused for security reasons (most recent last). Thread-safe."""
         return self._intake.refused()
+
+
+def _service_info(record: NodeRecord, ttl: int) -> ServiceInfo:
+    """``record`` as DNS-SD records (PTR, SRV, TXT, A), each with ``ttl``."""
+    return ServiceInfo(
+        SERVICE_TYPE,
+        instance_name(record.name, record.node_id),
+        port=record.control.port if record.control else 0,
+        properties=encode_txt(record),
+        server=server_name(record.node_id),
+        host_ttl=ttl,
+        other_ttl=ttl,
+        addresses=[socket.inet_aton(record.address)],
+    )
 
 
 def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
