@@ -39,7 +39,10 @@ def mdns_listener() -> Iterator[socket.socket]:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("", MDNS_PORT))
+        # Only the group joined below, on loopback (Linux otherwise delivers every group any
+        # socket of the host joined, on any interface).
+        sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MULTICAST_ALL", 49), 0)
+        sock.bind((MDNS_GROUP, MDNS_PORT))
         membership = struct.pack("4s4s", socket.inet_aton(MDNS_GROUP),
                                  socket.inet_aton("127.0.0.1"))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
