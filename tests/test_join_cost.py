@@ -20,7 +20,7 @@ import pytest
 from zeroconf import DNSIncoming
 
 import zmqfabric as zf
-from tests.helpers import wait_until
+from tests.helpers import unique, wait_until
 from zmqfabric.constants import JOIN_QUERY_DELAY_S
 from zmqfabric.core.records import instance_name
 
@@ -102,7 +102,7 @@ def test_a_node_learned_from_its_call_leaves_at_its_goodbye(make_node) -> None:
     """The newcomer never heard the older node's announcement (it was sent before the newcomer
     started): it learned it from its verification call. Its clean stop still reaches the
     newcomer at once."""
-    older = zf.Node(f"older-{time.monotonic_ns()}")
+    older = zf.Node(unique("older"))
     older.start()
     try:
         newcomer = make_node("newcomer")
