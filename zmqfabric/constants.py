@@ -237,7 +237,8 @@ VERIFY_ATTEMPTS = 2
 VERIFY_BUSY_ATTEMPTS = 6
 VERIFY_TIMEOUT_MAX_S = 4.0
 VERIFY_RETRY_MAX_S = 16.0
-#: The verifier thread checks deadlines this often (ms).
+#: The verifier thread sleeps until its next deadline (a call's end, a retry, a token for a
+#: queued hint), but at least this long (ms): a deadline is acted on up to this late.
 VERIFY_TICK_MS = 50
 #: Most nodes a directory holds (and so peers watched and connected); lowered at start to fit the
 #: process's file descriptors (FDS_PER_PEER each, FD_RESERVE kept for everything else).

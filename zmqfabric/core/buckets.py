@@ -29,6 +29,14 @@ class AddressBuckets:
     def has(self, address: str, now: float) -> bool:
         return self.tokens(address, now) >= 1.0
 
+    def wait(self, address: str, now: float) -> float:
+        """Seconds until ``address`` has a token (0.0 if it has one now)."""
+        missing = 1.0 - self.tokens(address, now)
+        if missing <= 0.0:
+            return 0.0
+        factor = self._local if address.startswith("127.") else 1
+        return missing / (self._rate * factor)
+
     def give(self, address: str, now: float) -> None:
         """Return a token taken for ``address`` (what it was spent on turned out harmless)."""
         if address in self._buckets:

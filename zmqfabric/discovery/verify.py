@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable
@@ -214,10 +215,8 @@ class Verifier:
         inbox, fd = self._inbox, self._inbox.fd
         try:
             while not self._stopping:
-                busy = self._pending or self._queued or self._retries
-                timeout = VERIFY_TICK_MS if busy else None
                 try:
-                    events = inbox.poll(self._poller, timeout)
+                    events = inbox.poll(self._poller, self._timeout_ms())
                 except zmq.ContextTerminated:
                     return
                 try:
@@ -235,6 +234,21 @@ class Verifier:
             for probe in {id(p): p for p in self._by_sock.values()}.values():
                 self._close(probe)
             self._pending.clear()
+
+    def _timeout_ms(self) -> int | None:
+        """How long the thread may sleep: until the first call's deadline, retry or token for a
+        queued hint (None: nothing to wait for). Not a fixed tick: hundreds of nodes on one host,
+        each with a retry pending for seconds, woke each other's cores for nothing."""
+        now = self._clock()
+        due = [p.deadline for p in self._pending.values()]
+        with self._lock:
+            due.extend(when for when, _ in self._retries.values())
+            if self._queued and len(self._pending) < MAX_PENDING_VERIFICATIONS:
+                due.append(now + min(self._buckets.wait(h.address, now)
+                                     for h in self._queued.values()))
+        if not due:
+            return None
+        return max(VERIFY_TICK_MS, math.ceil((min(due) - now) * 1000))
 
     def _launch(self) -> None:
         """Start probes for queued hints while slots are free and their address has tokens."""

@@ -1,0 +1,85 @@
+"""The verifier sleeps until its next deadline, not on a tick.
+
+Hundreds of nodes on one host, each with a busy peer's retry pending for seconds, woke 20 times a
+second each for nothing: load that starved the very nodes being verified. Real sockets and real
+zeroconf on loopback; the verifier thread's wake-ups are read from the kernel (its voluntary
+context switches).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+
+import zmq
+
+from tests.helpers import forged_service_info, loopback_zeroconf, unique, wait_until
+from zmqfabric.constants import SERVICE_TYPE, VERIFY_TICK_MS
+from zmqfabric.core.buckets import AddressBuckets
+
+WAIT = 10.0
+
+
+def test_a_bucket_says_when_its_next_token_comes() -> None:
+    buckets = AddressBuckets(burst=2, rate_per_s=4.0, local_factor=2, capacity=8)
+    assert buckets.wait("10.0.0.1", 0.0) == 0.0
+    buckets.take("10.0.0.1", 0.0)
+    buckets.take("10.0.0.1", 0.0)
+    assert buckets.wait("10.0.0.1", 0.0) == 0.25  # one token at 4 a second
+    assert abs(buckets.wait("10.0.0.1", 0.1) - 0.15) < 1e-9
+    for _ in range(4):
+        buckets.take("127.0.0.1", 0.0)  # loopback: twice the burst and the rate
+    assert abs(buckets.wait("127.0.0.1", 0.0) - 0.125) < 1e-9
+
+
+def _switches(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def test_the_verifier_sleeps_while_a_busy_node_waits_for_its_next_call(make_node, raw) -> None:
+    """A node that takes the connection and never answers is asked again after pauses of
+    seconds; meanwhile the verifier thread stays asleep (it woke every VERIFY_TICK_MS)."""
+    observer = make_node("observer")
+    router = raw(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    name, node_id = unique("mute"), secrets.token_hex(8)
+    txt = {"v": "1", "id": node_id, "host": "mute-host", "pid": "1", "seq": "1",
+           "fab": observer.config.fabric, "e0": f"ctl:control:{port}"}
+    calls: list[float] = []
+    stop = threading.Event()
+
+    def mute() -> None:  # takes every call, answers none (a node busy starting)
+        while not stop.is_set():
+            if router.poll(50):
+                router.recv_multipart()
+                calls.append(time.monotonic())
+
+    server = threading.Thread(target=mute)
+    server.start()
+    zc = loopback_zeroconf()
+    try:
+        zc.register_service(forged_service_info(f"{name}@{node_id}.{SERVICE_TYPE}", node_id,
+                                                txt, port), cooperating_responders=True)
+        wait_until(lambda: len(calls) >= 1, WAIT, "the verifier's first call")
+        verifier = next(t for t in threading.enumerate()
+                        if t.name == f"zmqfabric-verify-{observer.name}")
+        assert verifier.native_id is not None
+        # The first call waits VERIFY_TIMEOUT_S (1 s) for its answer, then the retry waits
+        # VERIFY_RETRY_S (2 s): a window inside those 3 s with no call starting.
+        time.sleep(0.2)
+        before, t0 = _switches(verifier.native_id), time.monotonic()
+        time.sleep(1.5)  # the observation window: the test asserts an absence of wake-ups
+        woke, elapsed = _switches(verifier.native_id) - before, time.monotonic() - t0
+        assert len(calls) <= 2, calls  # (still the first call, or its retry just started)
+        ticks = elapsed * 1000 / VERIFY_TICK_MS  # what a ticking thread would have done
+        assert woke < ticks / 3, f"the verifier woke {woke} times in {elapsed:.1f} s"
+        assert observer.directory.get(name) is None
+    finally:
+        zc.close()
+        stop.set()
+        server.join(WAIT)
