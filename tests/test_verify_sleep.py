@@ -1,4 +1,5 @@
-"""The verifier sleeps until its next deadline, not on a tick.
+"""The verifier sleeps until its next deadline, not on a tick, and liveness does not call a node
+the verifier is calling.
 
 Hundreds of nodes on one host, each with a busy peer's retry pending for seconds, woke 20 times a
 second each for nothing: load that starved the very nodes being verified. Real sockets and real
@@ -16,7 +17,9 @@ import zmq
 
 from tests.helpers import forged_service_info, loopback_zeroconf, unique, wait_until
 from zmqfabric.constants import SERVICE_TYPE, VERIFY_TICK_MS
+from zmqfabric.core import wire
 from zmqfabric.core.buckets import AddressBuckets
+from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord, encode_txt
 
 WAIT = 10.0
 
@@ -83,3 +86,48 @@ def test_the_verifier_sleeps_while_a_busy_node_waits_for_its_next_call(make_node
         zc.close()
         stop.set()
         server.join(WAIT)
+
+
+def test_liveness_does_not_call_a_node_the_verifier_is_calling(make_node, raw) -> None:
+    """A node that introduced itself in a call verifying ours (``me``) is verified by the
+    verifier. When it then probes us before that call is answered (it lists us, we do not list
+    it yet), liveness does not call it a second time for its record (``rec``): under load a
+    newcomer called every busy node twice."""
+    target = make_node("target")
+    router = raw(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    name, node_id = unique("caller"), secrets.token_hex(8)
+    record = NodeRecord(name, node_id, "caller-host", 1, "127.0.0.1",
+                        (Endpoint(EndpointKind.CONTROL, "control", port),), 1, None,
+                        target.config.fabric)
+    control = target.record.control
+    assert control is not None
+    dealer = raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{control.port}")
+
+    def call(msg_id: int, body: dict[str, object]) -> None:
+        header = wire.name_service(wire.pack_header(wire.Kind.REQUEST, msg_id, time.time()),
+                                   wire.service_tail("control"))
+        dealer.send_multipart([b"", header, wire.pack_body(body)])
+        assert dealer.poll(int(WAIT * 1000)), f"the node did not answer {body['op']}"
+        dealer.recv_multipart()
+
+    call(1, {"op": "record", "me": {"name": name, "txt": encode_txt(record)}})
+    ops: list[dict[str, object]] = []
+
+    def read(seconds: float, until_record: bool = False) -> None:
+        """Our control endpoint: takes calls, answers none (a node busy starting)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if router.poll(50):
+                frames = router.recv_multipart()
+                ops.append(wire.parse_request(frames[2:])[1])
+                if until_record and ops[-1].get("op") == "record":
+                    return
+
+    read(WAIT, until_record=True)
+    assert any(op.get("op") == "record" for op in ops), "the verifier did not call"
+    call(2, {"op": "probe", "to": [target.node_id, 0, False], "from": [name, node_id, 0, port],
+             "g": []})
+    read(1.5)  # an absence is asserted: watch for a while
+    assert [op for op in ops if op.get("op") == "probe" and op.get("rec")] == []
+    assert target.counters.get("admission_calls") == 0

@@ -53,6 +53,7 @@ class Rediscovery(Protocol):
                proven: bool = False) -> None: ...
     def forget(self, record: NodeRecord) -> None: ...
     def reverify(self, record: NodeRecord) -> None: ...
+    def checking(self, node_id: str) -> bool: ...
     def requery(self) -> None: ...
 
 
@@ -138,8 +139,9 @@ class Admission:
                 or url in self._verifying or len(self._verifying) >= MAX_VERIFYING):
             return
         if former is None and (self._unanswered.get(url, 0.0) > now
-                               or not in_scope(self._node, url)):
-            return
+                               or not in_scope(self._node, url)
+                               or self._discovery.checking(node_id)):
+            return  # (the verifier is calling it already: its introduction came first)
         # A former is told it was found dead (it refutes before it answers), so that the
         # "dead" still travelling about it cannot remove it again.
         to = [node_id, former.inc, True] if former is not None else [node_id, 0, False]
@@ -157,6 +159,7 @@ class Admission:
         if self._ask(url, key, body, self._timeout,
                      lambda reply: self._answered(url, key, former, reply), silent):
             self._verifying[url] = now
+            self._node.counters.add("admission_calls")
 
     def _answered(self, url: str, key: str | None, former: Member | None, reply: Any) -> None:
         self._verifying.pop(url, None)

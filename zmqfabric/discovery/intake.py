@@ -169,6 +169,10 @@ class Intake:
         if self._verifier is not None:
             self._verifier.forget(name, node_id)
 
+    def checking(self, node_id: str) -> bool:
+        """A hint about node ``node_id`` is being verified, waits to be, or waits for a retry."""
+        return self._verifier is not None and self._verifier.checking(node_id)
+
     def verifying(self, name: str) -> bool:
         """A hint claiming node name ``name`` is being verified (or waits to be)."""
         return self._verifier is not None and self._verifier.busy(name)

@@ -316,6 +316,11 @@ class Discovery:
         that carried it. Thread-safe."""
         return self._intake.knows_us(node_id)
 
+    def checking(self, node_id: str) -> bool:
+        """A hint about node ``node_id`` is being verified, waits to be, or waits for a retry
+        (liveness need not call it as well). Thread-safe."""
+        return self._intake.checking(node_id)
+
     def verifying(self, name: str) -> bool:
         """A hint claiming node name ``name`` is being verified (or waits to be). Thread-safe."""
         return self._intake.verifying(name)

@@ -194,9 +194,15 @@ class Verifier:
 
     def busy(self, name: str) -> bool:
         """Whether a hint claiming node name ``name`` is waiting or being verified."""
+        with self._lock:  # (tuple(): the thread adds calls without the lock)
+            return any(k[0] == name for k in (*self._queued, *tuple(self._pending)))
+
+    def checking(self, node_id: str) -> bool:
+        """Whether a hint about node ``node_id`` is waiting, being verified or waiting to be
+        called again (liveness then need not call it too)."""
         with self._lock:
-            return any(k[0] == name for k in self._queued) or any(
-                k[0] == name for k in self._pending)
+            return any(k[1] == node_id for k in (*self._queued, *tuple(self._pending),
+                                                  *tuple(self._retries)))
 
     def wait_idle(self, name: str, timeout: float) -> bool:
         """Wait until no hint claiming ``name`` is waiting or under way; False on timeout."""
