@@ -195,6 +195,11 @@ PROBE_IDLE_S = 1.0
 #: long (s) a node that did not answer is not tried again on another hint.
 MAX_VERIFYING = 64
 HINT_RETRY_S = 2.0
+#: Calls in all to a node heard of in gossip that does not answer (a node busy starting; a host
+#: under load): each waits longer, the pauses doubling from HINT_RETRY_S (about 30 s in all).
+#: With one call, a node falsely buried under load waited for anti-entropy (SYNC_S) or mDNS at
+#: nodes that missed the gossip of its return: 80 s seen at 225 nodes on one host.
+ADMISSION_ATTEMPTS = 5
 #: A node leaving tells this many members (the mDNS goodbye tells the subnet at once).
 LEAVE_FANOUT = 3
 #: Lifeguard's local health: a node that wakes up late or has to refute waits up to

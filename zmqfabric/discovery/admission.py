@@ -30,7 +30,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..constants import FORMER_PROBERS, HINT_RETRY_S, MAX_PIGGYBACK, MAX_SYNC, MAX_VERIFYING
+from ..constants import (
+    ADMISSION_ATTEMPTS,
+    FORMER_PROBERS,
+    HINT_RETRY_S,
+    MAX_PIGGYBACK,
+    MAX_SYNC,
+    MAX_VERIFYING,
+    PROBE_TIMEOUT_MAX_S,
+)
 from ..core.records import NodeRecord
 from ..core.swim import Effects, Kind, Member, Members, Update
 from ..errors import RemoteProtocolError
@@ -80,6 +88,10 @@ class Admission:
         self._timeout = node.config.liveness.probe_interval_s
         self._verifying: dict[str, float] = {}  # url -> since
         self._unanswered: dict[str, float] = {}  # url -> not again before
+        #: Nodes heard of whose call went unanswered, asked again (a node busy starting, or a
+        #: host under load, answers late; gossip about it may not come again for 30 s):
+        #: url -> (when, key, node id, calls so far).
+        self._again: dict[str, tuple[float, str | None, str, int]] = {}
         self._incs: dict[str, int] = {}  # node id -> incarnation it told us
 
     def incarnation(self, node_id: str) -> int | None:
@@ -129,16 +141,26 @@ class Admission:
         if former is not None:
             self.verify(former.url, former.record.curve_key, former.node_id, former)
 
+    def ask_again(self) -> None:
+        """Call again the nodes heard of whose calls went unanswered, as their time comes."""
+        now = self._clock()
+        for url in [u for u, (when, *_) in self._again.items() if when <= now]:
+            _, key, node_id, calls = self._again.pop(url)
+            self._unanswered.pop(url, None)
+            self.verify(url, key, node_id, calls=calls)
+
     def verify(self, url: str, key: str | None, node_id: str, former: Member | None = None,
-               report: bool = False) -> None:
+               report: bool = False, calls: int = 0) -> None:
         """Ask the node at ``url`` for its record and admit it if it answers (a hint about
         ``node_id``, or ``former``). ``report``: if a former does not answer, gossip its death
-        again (a peer still lists it)."""
+        again (a peer still lists it). A hint whose node does not answer is asked again,
+        ADMISSION_ATTEMPTS calls in all, each waiting longer, the pauses doubling from
+        HINT_RETRY_S (``calls``: made so far)."""
         now = self._clock()
         if (node_id == self._node.node_id or self._members.get(node_id) is not None
                 or url in self._verifying or len(self._verifying) >= MAX_VERIFYING):
             return
-        if former is None and (self._unanswered.get(url, 0.0) > now
+        if former is None and (self._unanswered.get(url, 0.0) > now or url in self._again
                                or not in_scope(self._node, url)
                                or self._discovery.checking(node_id)):
             return  # (the verifier is calling it already: its introduction came first)
@@ -154,9 +176,14 @@ class Admission:
                 self._local.add([former.update(Kind.DEAD, self._node.node_id)])
             if len(self._unanswered) >= MAX_VERIFYING:
                 self._unanswered.clear()
-            self._unanswered[url] = self._clock() + HINT_RETRY_S
+            pause = HINT_RETRY_S * 2 ** calls
+            self._unanswered[url] = self._clock() + pause
+            if (former is None and calls + 1 < ADMISSION_ATTEMPTS
+                    and len(self._again) < MAX_VERIFYING):
+                self._again[url] = (self._clock() + pause, key, node_id, calls + 1)
 
-        if self._ask(url, key, body, self._timeout,
+        timeout = min(self._timeout * (1 + calls), PROBE_TIMEOUT_MAX_S)
+        if self._ask(url, key, body, timeout,
                      lambda reply: self._answered(url, key, former, reply), silent):
             self._verifying[url] = now
             self._node.counters.add("admission_calls")

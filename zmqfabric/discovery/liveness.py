@@ -179,6 +179,7 @@ class Liveness:
         if now >= self._next_former:
             self._next_former = now + self._timing.former_probe_s
             self._admission.look_for_former()
+            self._admission.ask_again()
         if now >= self._next_requery:
             self._next_requery = now + self._timing.requery_s
             if self._rng.random() < REQUERY_SENDERS / (len(self._members) + 1):
