@@ -1,14 +1,14 @@
 """Durable submit: a producer's journal shared by the threads that submit (they record tasks) and
 the dispatcher thread (it forgets settled ones).
 
-``record(rows)`` returns once the rows are committed, so a task whose ``submit`` returned
-survives the producer being killed. Commits are grouped: a submitter that finds the journal busy
-queues its rows, and whoever commits next takes every row queued by then in one transaction (one
-write of the WAL), so concurrent submitters share commits and none waits for more than the
-commit in progress and its own. A single thread that submits in a loop pays one commit per call;
-``submit_many`` pays one per batch.
+``record(rows)`` returns once the rows are written to the journal file, so a task whose
+``submit`` returned survives the producer being killed. Commits are grouped: a submitter that
+finds the journal busy queues its rows, and whoever commits next takes every row queued by then
+in one write (and one fdatasync with ``fsync``), so concurrent submitters share commits and none
+waits for more than the commit in progress and its own. A single thread that submits in a loop
+pays one write per call; ``submit_many`` pays one per batch.
 
-Thread-safe: every use of the sqlite connection holds ``_commit_lock``.
+Thread-safe: every use of the journal holds ``_commit_lock``.
 """
 
 from __future__ import annotations
