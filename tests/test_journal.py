@@ -82,6 +82,34 @@ def test_a_second_process_cannot_open_a_journal_in_use(tmp_path: Path, procs: Pr
         assert journal.open() == []
 
 
+def test_a_process_forked_from_the_producer_does_not_keep_the_lock(
+    tmp_path: Path, procs: ProcessGroup
+) -> None:
+    """The lock belongs to the open file, which a fork shares: the forked child closes its copy,
+    so the journal is free once the producer closed it (or died), whatever the child does."""
+    path = tmp_path / "j.db"
+    producer = procs.python(f"""
+        import os, time
+        from zmqfabric.tasks.journal import Journal
+        journal = Journal({str(path)!r})
+        journal.open()
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        journal.close()
+        print("READY", pid, flush=True)
+        time.sleep(60)
+    """, ready=False)
+    forked = int(producer.expect("READY", 120))
+    try:
+        with Journal(path) as journal:
+            assert journal.open() == []
+    finally:
+        os.kill(forked, signal.SIGKILL)
+        producer.kill()
+
+
 def test_committed_tasks_survive_sigkill(tmp_path: Path, procs: ProcessGroup) -> None:
     path = tmp_path / "j.db"
     child = procs.python(f"""

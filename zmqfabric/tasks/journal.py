@@ -40,11 +40,13 @@ record) and the dispatcher thread (which forgets).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import logging
 import os
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -72,6 +74,8 @@ log = logging.getLogger(__name__)
 
 #: Malformed records are appended to this file beside the journal (JSON lines).
 QUARANTINE_SUFFIX = ".quarantine"
+_pack_head = HEAD.pack
+_crc32 = zlib.crc32
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,23 @@ class JournalEntry:
     key: str | None
     deadline_s: float
     max_attempts: int
+
+
+#: Open journals, so that a process forked from the producer does not keep the lock for as long as
+#: it lives (the lock belongs to the open file, which a fork shares): the child closes its copies.
+_OPEN: weakref.WeakSet[Journal] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for journal in list(_OPEN):
+        fd, journal._fd = journal._fd, None  # noqa: SLF001 - this module's own class
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Journal:
@@ -111,10 +132,12 @@ class Journal:
         if self._fd is not None:
             raise JournalError(self.path, "already open")
         self._fd = journal_file.lock(self.path)
+        _OPEN.add(self)
         try:
             return self._load(self._fd)
         except BaseException:
             fd, self._fd = self._fd, None  # a conversion may have replaced the first one
+            _OPEN.discard(self)
             if fd is not None:
                 os.close(fd)
             raise
@@ -329,8 +352,14 @@ class Journal:
         except (TypeError, ValueError) as exc:
             raise JournalError(self.path, f"cannot record a task: {exc}") from exc
         size = len(body)
-        record = HEAD.pack(MARKER, size, zlib.crc32(body, size)) + body
-        self._added(row[0], self._append(record), size + HEAD.size)
+        record = _pack_head(MARKER, size, _crc32(body, size)) + body
+        offset = self._append(record)
+        live = self._live
+        if row[0] in live:  # recorded again: the newest record counts
+            self._live_bytes -= live.pop(row[0])[1]
+        size += HEAD.size
+        live[row[0]] = (offset, size)
+        self._live_bytes += size
 
     def remove(self, task_ids: Iterable[str]) -> None:
         """Forget settled tasks; durable after the next ``commit()``. Raises JournalError."""
@@ -399,6 +428,7 @@ class Journal:
         finally:
             fd, self._fd = self._fd, None
             self._pending = []
+            _OPEN.discard(self)
             if fd is not None:
                 os.close(fd)
 
