@@ -93,10 +93,13 @@ def test_a_process_forked_from_the_producer_does_not_keep_the_lock(
         from zmqfabric.tasks.journal import Journal
         journal = Journal({str(path)!r})
         journal.open()
+        started, running = os.pipe()
         pid = os.fork()
-        if pid == 0:
+        if pid == 0:  # the fork hooks have run by now
+            os.write(running, b"x")
             time.sleep(60)
             os._exit(0)
+        os.read(started, 1)
         journal.close()
         print("READY", pid, flush=True)
         time.sleep(60)
