@@ -42,10 +42,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import json
 import logging
 import os
-import time
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -64,9 +62,8 @@ from .journal_log import (
     SETTLED,
     SQLITE_HEADER,
     Row,
-    decode,
     frame,
-    scan,
+    replay,
     settled_record,
 )
 
@@ -97,10 +94,7 @@ _OPEN: weakref.WeakSet[Journal] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for journal in list(_OPEN):
-        fd, journal._fd = journal._fd, None  # noqa: SLF001 - this module's own class
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        journal.drop_after_fork()
     _OPEN.clear()
 
 
@@ -156,32 +150,9 @@ class Journal:
             return []
         if not data.startswith(FILE_HEADER):
             raise JournalError(self.path, "not a journal (neither this format nor sqlite)")
-        tasks: dict[str, Row] = {}
-        live = self._live
-        bad: list[tuple[str, int, bytes]] = []
-        torn = -1
-        for offset, end, body in scan(data, len(FILE_HEADER)):
-            if body is None:
-                if end == len(data):
-                    torn = offset
-                else:
-                    bad.append(("corrupt region (no intact record)", offset, data[offset:end]))
-                continue
-            try:
-                kind, value = decode(body)
-            except ValueError as exc:
-                bad.append((str(exc), offset, data[offset:end]))
-                continue
-            if kind == ADD:
-                task_id = value[0]
-                if live.pop(task_id, None) is not None:
-                    del tasks[task_id]  # recorded again: the newest record counts
-                tasks[task_id] = value
-                live[task_id] = (offset, end - offset)
-            else:
-                for task_id in value:
-                    if live.pop(task_id, None) is not None:
-                        del tasks[task_id]
+        found = replay(data)
+        tasks, live, bad, torn = found.tasks, found.live, found.bad, found.torn
+        self._live = live
         self._live_bytes = sum(size for _, size in live.values())
         self._size = len(data)
         if torn >= 0:
@@ -196,8 +167,9 @@ class Journal:
             self.quarantined += len(bad)
             log.warning("journal %s: %d malformed records set aside in %s (first: %s)",
                         self.path, len(bad), self.path + QUARANTINE_SUFFIX, bad[0][0])
-            if self._set_aside([{"reason": r, "offset": o, "record": _b64(raw)}
-                                for r, o, raw in bad]):
+            kept = [{"reason": r, "offset": o, "record": base64.b64encode(raw).decode()}
+                    for r, o, raw in bad]
+            if journal_file.set_aside(self.path + QUARANTINE_SUFFIX, kept):
                 self._compact()  # the file without them
         elif self._mostly_dead():
             self._compact()
@@ -225,26 +197,14 @@ class Journal:
             self.quarantined += len(bad)
             log.warning("journal %s: %d malformed rows of the sqlite journal not carried over "
                         "(first: %s); they stay in %s", self.path, len(bad), bad[0][0], aside)
-            self._set_aside([{"reason": r, "sqlite_row": repr(row)[:4096], "file": aside}
-                             for r, row in bad])
+            journal_file.set_aside(self.path + QUARANTINE_SUFFIX, [
+                {"reason": r, "sqlite_row": repr(row)[:4096], "file": aside} for r, row in bad])
         records = ((row[0], frame(self._pack((ADD, *row)))) for row in rows)
         if not self._rewrite(records):
             raise JournalError(self.path, "cannot convert the previous release's journal")
         log.warning("journal %s: converted from the previous release's sqlite format (%d "
                     "tasks); the old file is kept as %s", self.path, len(rows), aside)
         return [JournalEntry(*row) for row in rows]
-
-    def _set_aside(self, items: list[dict[str, Any]]) -> bool:
-        """Append ``items`` to the quarantine file (fsynced); False (logged) when it fails."""
-        at = time.time()  # for the reader, not for any expiry
-        text = "".join(json.dumps({"at": at, **item}) + "\n" for item in items).encode()
-        try:
-            journal_file.append_synced(self.path + QUARANTINE_SUFFIX, text)
-        except OSError as exc:
-            log.error("journal %s: cannot write the quarantine file (the records stay in the "
-                      "journal): %s", self.path, exc)
-            return False
-        return True
 
     # --- rewriting -----------------------------------------------------------------------------
 
@@ -432,12 +392,18 @@ class Journal:
             if fd is not None:
                 os.close(fd)
 
+    def drop_after_fork(self) -> None:
+        """In a process forked from the one that opened it (the fork hook calls it): close this
+        copy of the file without writing, so that the lock goes with the opener. Idempotent."""
+        fd, self._fd = self._fd, None
+        self._pending = []
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
-from typing import Iterable
+import time
+from typing import Any, Iterable
 
 from ..errors import JournalError
 from .files import open_private
@@ -112,14 +114,23 @@ def sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def append_synced(path: str, data: bytes) -> None:
-    """Append ``data`` to the private file ``path`` (created if missing) and fsync it."""
-    fd = open_private(path, os.O_WRONLY | os.O_APPEND)
+def set_aside(path: str, items: list[dict[str, Any]]) -> bool:
+    """Append ``items`` (JSON lines, with the time) to the quarantine file ``path`` (private,
+    created if missing) and fsync it; False (logged) when it fails."""
+    at = time.time()  # for the reader, not for any expiry
+    text = "".join(json.dumps({"at": at, **item}) + "\n" for item in items).encode()
     try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = open_private(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            write_all(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.error("journal quarantine %s: cannot write (the records stay in the journal): %s",
+                  path, exc)
+        return False
+    return True
 
 
 def keep_legacy(path: str, fd: int, side_files: Iterable[str]) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import msgpack
@@ -58,6 +59,49 @@ def frame(body: bytes) -> bytes:
 def settled_record(task_ids: list[str]) -> bytes:
     """The record saying ``task_ids`` settled."""
     return frame(msgpack.packb((SETTLED, task_ids)))
+
+
+@dataclass(slots=True)
+class Replayed:
+    """What a journal file holds, as :func:`replay` found it."""
+
+    #: The unsettled tasks, in the order of their last ``ADD``.
+    tasks: dict[str, Row] = field(default_factory=dict)
+    #: Where each one's record is: task id -> (offset, size).
+    live: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Malformed records and corrupt regions: (reason, offset, bytes).
+    bad: list[tuple[str, int, bytes]] = field(default_factory=list)
+    #: Where a torn tail starts (-1: none).
+    torn: int = -1
+
+
+def replay(data: bytes) -> Replayed:
+    """Read a whole journal file (``data`` starts with :data:`FILE_HEADER`)."""
+    found = Replayed()
+    tasks, live = found.tasks, found.live
+    for offset, end, body in scan(data, len(FILE_HEADER)):
+        if body is None:
+            if end == len(data):
+                found.torn = offset
+            else:
+                found.bad.append(("corrupt region (no intact record)", offset, data[offset:end]))
+            continue
+        try:
+            kind, value = decode(body)
+        except ValueError as exc:
+            found.bad.append((str(exc), offset, data[offset:end]))
+            continue
+        if kind == ADD:
+            task_id = value[0]
+            if live.pop(task_id, None) is not None:
+                del tasks[task_id]  # recorded again: the newest record counts
+            tasks[task_id] = value
+            live[task_id] = (offset, end - offset)
+        else:
+            for task_id in value:
+                if live.pop(task_id, None) is not None:
+                    del tasks[task_id]
+    return found
 
 
 def scan(data: bytes, start: int) -> Iterator[tuple[int, int, bytes | None]]:
