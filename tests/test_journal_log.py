@@ -351,6 +351,20 @@ def test_a_sqlite_journal_is_converted_and_kept_aside(
         assert journal.quarantined == 0
 
 
+def test_a_sqlite_journal_whose_wal_is_a_link_is_refused(tmp_path: Path,
+                                                         procs: ProcessGroup) -> None:
+    path = tmp_path / "j.db"
+    old = old_journal(path, procs)
+    old.kill()
+    old.wait(30)
+    wal = Path(str(path) + "-wal")
+    wal.rename(tmp_path / "elsewhere")
+    wal.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(JournalError, match="cannot open"):
+        Journal(path).open()
+    assert path.read_bytes().startswith(b"SQLite format 3")
+
+
 def test_a_conversion_cut_short_is_done_again(tmp_path: Path, procs: ProcessGroup) -> None:
     """Killed after keeping the old file aside but before the new one replaced it: the next open
     converts again and finds the old file already kept."""

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import JournalError
+from .files import check_existing
 from .journal_log import Row, check_task
 
 #: Files sqlite may keep beside a journal of the previous release.
@@ -26,6 +27,11 @@ SIDE_FILES = ("-wal", "-journal", "-shm")
 def read(path: str) -> tuple[list[Row], list[tuple[str, Any]]]:
     """The tasks of the sqlite journal at ``path``, oldest first, and its malformed rows as
     ``(reason, row)``. Raises JournalError (in use by another process, or unreadable)."""
+    try:
+        for suffix in SIDE_FILES:  # sqlite opens them as they are: no link, ours, private
+            check_existing(path + suffix)
+    except OSError as exc:
+        raise JournalError(path, f"cannot open: {exc.strerror or exc}") from exc
     try:
         db = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=0,
                              isolation_level=None)
