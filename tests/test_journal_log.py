@@ -136,6 +136,48 @@ def test_malformed_records_are_quarantined_counted_and_the_rest_load(tmp_path: P
     assert len(quarantine(path)) == len(bad)
 
 
+#: Records tasks until the file size limit refuses a write (a full disk, as far as the journal
+#: can tell): prints each id whose add_now returned, then the error and the file's size.
+FILLING = """
+import os, resource, signal
+from zmqfabric.errors import JournalError
+from zmqfabric.tasks.journal import Journal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+journal = Journal(PATH)
+journal.open()
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(PATH) + 1000, resource.RLIM_INFINITY))
+print("READY", flush=True)
+for i in range(1000):
+    try:
+        journal.add_now([(f"t-{i}", "resize", b"\\xc4\\x20" + bytes(32), None, 1.0, 3)])
+    except JournalError as exc:
+        print("ERROR", exc, flush=True)
+        break
+    print("OK", f"t-{i}", flush=True)
+print("SIZE", os.path.getsize(PATH), flush=True)
+"""
+
+
+def test_a_write_the_disk_refuses_fails_and_leaves_no_fragment(
+    tmp_path: Path, procs: ProcessGroup
+) -> None:
+    path = tmp_path / "j.db"
+    child = procs.python(FILLING.replace("PATH", repr(str(path))), timeout=120)
+    written: list[str] = []
+    while True:
+        kind, _, rest = child.readline(60).partition(" ")
+        if kind != "OK":
+            break
+        written.append(rest)
+    assert kind == "ERROR" and "cannot write" in rest, rest
+    assert 10 < len(written) < 1000
+    size = int(child.expect("SIZE", 60))
+    assert child.wait(60) == 0
+    with Journal(path) as journal:
+        assert ids(journal.open()) == written and journal.quarantined == 0
+    assert size == path.stat().st_size  # cut back to the last whole record: no torn tail
+
+
 # --- growth --------------------------------------------------------------------------------------
 
 
