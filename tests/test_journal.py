@@ -1,7 +1,7 @@
 """The producer's task journal (:mod:`zmqfabric.tasks.journal`): an append-only log, one process
 at a time, committed tasks survive the process being killed with SIGKILL, the file is private
 and never opened through a link; and the group commit over it (:mod:`zmqfabric.tasks.recorder`).
-Damage, quarantine, compaction and the conversion of sqlite journals: tests/test_journal_log.py."""
+Damage, quarantine, compaction: test_journal_log.py; sqlite journals: test_journal_legacy.py."""
 
 from __future__ import annotations
 
