@@ -7,11 +7,12 @@ the journal, against raw pyzmq push/pull measured in the same run on the same ma
   producer's process (the classic ventilator / workers / sink); the rate is acknowledgements.
 - ``tasks``: ``node.submit`` in a loop to 4 worker nodes (``@node.task`` with an empty handler);
   the rate is tasks whose result reached the producer (``wait_tasks``), without a journal, and
-  with the durable journal (each ``submit`` returns once its task is committed: one thread in a
-  loop pays a commit per task).
+  with the durable journal (each ``submit`` returns once its task is written to the journal
+  file: one thread in a loop pays a write(2) per task).
 - ``tasks_journal_many``: the durable journal, ``submit_many`` in batches of ``--batch`` (one
-  commit per batch); ``tasks_journal_threads``: ``submit`` from ``--threads`` threads at once
-  (they share commits).
+  write per batch); ``tasks_journal_threads``: ``submit`` from ``--threads`` threads at once
+  (they share writes). ``--fsync``: the journal cases with ``journal_fsync=True`` (an fdatasync
+  per write).
 
 All traffic is on loopback. Not a test: it prints figures, the ratios, and the CPU each task cost
 the producer process and the workers (``*_producer_us``, ``*_workers_us``: steadier than rates on a
@@ -19,7 +20,8 @@ loaded machine). Targets (issue 15): >= 250,000 tasks/s without a journal, >= 10
 durable journal.
 
     python3 perf/tasks.py [--tasks 100000] [--workers 4] [--prefetch 64] [--batch 1000]
-                          [--threads 4] [--no-raw] [--cases none,loop,many,threads] [--json]
+                          [--threads 4] [--no-raw] [--cases none,loop,many,threads] [--fsync]
+                          [--json]
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def _cpu_s(pid: int) -> float:
 
 
 def tasks(count: int, workers: int, prefetch: int, journal: str | None, mode: str = "loop",
-          batch: int = 1000, threads: int = 4, cpu: dict[str, float] | None = None) -> float:
+          batch: int = 1000, threads: int = 4, cpu: dict[str, float] | None = None,
+          fsync: bool = False) -> float:
     """Tasks per second, submit to result, through ``workers`` worker nodes. ``mode``: "loop"
     (submit in one thread), "many" (submit_many batches), "threads" (submit from threads).
     ``cpu``, if given, receives the CPU microseconds per task of the producer process and of
@@ -185,7 +188,7 @@ def tasks(count: int, workers: int, prefetch: int, journal: str | None, mode: st
     children = [spawn(TASK_WORKER, f"bench-w{i}-{tag}", name, str(prefetch))
                 for i in range(workers)]
     try:
-        config = zf.TaskConfig(journal=journal)
+        config = zf.TaskConfig(journal=journal, journal_fsync=fsync)
         with zf.Node(f"bench-p-{tag}", tasks=config) as node:
             node.directory.wait_for(
                 lambda: len(node.directory.providers(zf.EndpointKind.TASK, name)) >= workers, 20)
@@ -239,11 +242,13 @@ def tasks(count: int, workers: int, prefetch: int, journal: str | None, mode: st
 @click.option("--no-raw", is_flag=True, help="skip the raw pyzmq baselines")
 @click.option("--cases", default="none,loop,many,threads", show_default=True,
               help="task cases: none (no journal), loop, many, threads (durable journal)")
+@click.option("--fsync", is_flag=True, help="journal cases with journal_fsync=True")
 @click.option("--json", "as_json", is_flag=True)
 def main(count: int, workers: int, prefetch: int, batch: int, threads: int, no_raw: bool,
-         cases: str, as_json: bool) -> None:
+         cases: str, fsync: bool, as_json: bool) -> None:
     chosen = set(cases.split(","))
-    results: dict[str, Any] = {"tasks": count, "workers": workers, "prefetch": prefetch}
+    results: dict[str, Any] = {"tasks": count, "workers": workers, "prefetch": prefetch,
+                               "fsync": fsync}
     if not no_raw:
         results["raw_one_way"] = raw(count, workers, reply=False)
         results["raw_round_trip"] = raw(count, workers, reply=True)
@@ -257,7 +262,7 @@ def main(count: int, workers: int, prefetch: int, batch: int, threads: int, no_r
             continue
         with tempfile.TemporaryDirectory() as tmp:
             results[key] = tasks(count, workers, prefetch, str(Path(tmp) / "bench.db"), mode,
-                                 batch, threads, cpu)
+                                 batch, threads, cpu, fsync)
             results.update({f"{key}_{k}": v for k, v in cpu.items()})
     if not no_raw and "tasks_no_journal" in results:
         results["ratio_vs_one_way"] = results["tasks_no_journal"] / results["raw_one_way"]

@@ -1,11 +1,10 @@
-"""The producer's task journal (:mod:`zmqfabric.tasks.journal`): sqlite in WAL mode, one process
+"""The producer's task journal (:mod:`zmqfabric.tasks.journal`): an append-only log, one process
 at a time, committed tasks survive the process being killed with SIGKILL, the file is private
-and never opened through a link, malformed rows are quarantined; and the group commit over it
-(:mod:`zmqfabric.tasks.recorder`)."""
+and never opened through a link; and the group commit over it (:mod:`zmqfabric.tasks.recorder`).
+Damage, quarantine, compaction: test_journal_log.py; sqlite journals: test_journal_legacy.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sqlite3
@@ -14,12 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from tests.helpers import wait_until
 from tests.procs import ProcessGroup
 from zmqfabric.errors import FabricError, JournalError
 from zmqfabric.tasks.journal import Journal, JournalEntry
+from zmqfabric.tasks.journal_log import FILE_HEADER, frame
 from zmqfabric.tasks.recorder import Recorder
 
 
@@ -42,9 +43,7 @@ def test_tasks_round_trip_in_submission_order(tmp_path: Path) -> None:
     assert [e.task_id for e in entries] == ["t-0", "t-2", "t-3", "t-4", "t-5", "t-7"]
     assert entries[0] == JournalEntry("t-0", "resize", b"\x91\x00", None, 1.5, 3)
     assert entries[-1] == JournalEntry("t-7", "other", b"\x91\x07", "k7", 1.5, 3)
-    # WAL mode, as promised
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert path.read_bytes().startswith(FILE_HEADER)  # the log format, not sqlite
 
 
 def test_uncommitted_changes_are_not_durable_and_rollback_drops_them(tmp_path: Path) -> None:
@@ -83,6 +82,37 @@ def test_a_second_process_cannot_open_a_journal_in_use(tmp_path: Path, procs: Pr
         assert journal.open() == []
 
 
+def test_a_process_forked_from_the_producer_does_not_keep_the_lock(
+    tmp_path: Path, procs: ProcessGroup
+) -> None:
+    """The lock belongs to the open file, which a fork shares: the forked child closes its copy,
+    so the journal is free once the producer closed it (or died), whatever the child does."""
+    path = tmp_path / "j.db"
+    producer = procs.python(f"""
+        import os, time
+        from zmqfabric.tasks.journal import Journal
+        journal = Journal({str(path)!r})
+        journal.open()
+        started, running = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the fork hooks have run by now
+            os.write(running, b"x")
+            time.sleep(60)
+            os._exit(0)
+        os.read(started, 1)
+        journal.close()
+        print("READY", pid, flush=True)
+        time.sleep(60)
+    """, ready=False)
+    forked = int(producer.expect("READY", 120))
+    try:
+        with Journal(path) as journal:
+            assert journal.open() == []
+    finally:
+        os.kill(forked, signal.SIGKILL)
+        producer.kill()
+
+
 def test_committed_tasks_survive_sigkill(tmp_path: Path, procs: ProcessGroup) -> None:
     path = tmp_path / "j.db"
     child = procs.python(f"""
@@ -107,25 +137,42 @@ def test_committed_tasks_survive_sigkill(tmp_path: Path, procs: ProcessGroup) ->
 
 def test_files_that_are_not_journals_are_refused(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.db"
-    garbage.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(JournalError):
+    garbage.write_bytes(b"this is not a journal" * 100)
+    with pytest.raises(JournalError, match="not a journal"):
         Journal(garbage).open()
+    assert garbage.read_bytes() == b"this is not a journal" * 100  # left as it was
     newer = tmp_path / "newer.db"
     with sqlite3.connect(newer) as db:
         db.execute("PRAGMA user_version=99")
     with pytest.raises(JournalError, match="version 99"):
         Journal(newer).open()
+    assert not (tmp_path / "newer.db.sqlite").exists()
     with pytest.raises(JournalError):
         Journal(tmp_path / "no" / "such" / "dir.db").open()
     with pytest.raises(JournalError, match="not open"):
         Journal(tmp_path / "x.db").add([row(1)])
+    with Journal(tmp_path / "twice.db") as journal:
+        journal.open()
+        with pytest.raises(JournalError, match="already open"):
+            journal.open()
+
+
+def test_a_new_file_killed_before_its_header_was_whole_opens_empty(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    path.write_bytes(FILE_HEADER[:7])
+    with Journal(path) as journal:
+        assert journal.open() == []
+        journal.add_now([row(1)])
+    with Journal(path) as journal:
+        assert [e.task_id for e in journal.open()] == ["t-1"]
 
 
 # --- the file: private, never through a link -----------------------------------------------------
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022])
-def test_the_journal_and_its_wal_are_0600_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+def test_the_journal_and_its_side_files_are_0600_whatever_the_umask(tmp_path: Path,
+                                                                     umask: int) -> None:
     path = tmp_path / "j.db"
     old = os.umask(umask)
     try:
@@ -133,10 +180,12 @@ def test_the_journal_and_its_wal_are_0600_whatever_the_umask(tmp_path: Path, uma
             journal.open()
             journal.add([row(1)])
             journal.commit()
-            wal = Path(str(path) + "-wal")
-            assert wal.exists()  # the WAL holds the payloads until a checkpoint
-            assert stat.S_IMODE(wal.stat().st_mode) == 0o600
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with path.open("ab") as tail:  # a malformed record: set aside in the quarantine file
+            tail.write(frame(msgpack.packb([9, "what"])))
+        with Journal(path) as journal:
+            assert [e.task_id for e in journal.open()] == ["t-1"]  # and compacted: a new file
+        for made in (path, Path(str(path) + ".quarantine")):
+            assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
     finally:
         os.umask(old)
     path.chmod(0o644)  # widened by someone: narrowed again on open
@@ -151,12 +200,28 @@ def test_a_journal_path_that_is_a_link_is_refused_and_its_target_untouched(
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     victim.chmod(0o644)
-    for link in (tmp_path / "j.db", tmp_path / "k.db-wal"):
-        link.symlink_to(victim)
+    (tmp_path / "j.db").symlink_to(victim)
     with pytest.raises(JournalError, match="cannot open"):
         Journal(tmp_path / "j.db").open()
-    with pytest.raises(JournalError, match="cannot open"):
-        Journal(tmp_path / "k.db").open()  # its WAL would be written through the link
+    # links where the journal writes its side files: the quarantine file is refused (the
+    # record stays in the journal), compaction's new file replaces the link, not its target
+    with Journal(tmp_path / "k.db") as journal:
+        journal.open()
+        journal.add_now([row(1)])
+    with open(tmp_path / "k.db", "ab") as tail:
+        tail.write(frame(msgpack.packb([9, "what"])))
+    for suffix in (".quarantine", ".compact"):
+        (tmp_path / f"k.db{suffix}").symlink_to(victim)
+    with Journal(tmp_path / "k.db") as journal:
+        assert [e.task_id for e in journal.open()] == ["t-1"] and journal.quarantined == 1
+    with Journal(tmp_path / "k.db") as journal:  # still there, so quarantined again
+        assert [e.task_id for e in journal.open()] == ["t-1"] and journal.quarantined == 1
+    (tmp_path / "k.db.quarantine").unlink()
+    with Journal(tmp_path / "k.db") as journal:  # set aside now, and the file compacted
+        assert [e.task_id for e in journal.open()] == ["t-1"] and journal.quarantined == 1
+    with Journal(tmp_path / "k.db") as journal:
+        assert [e.task_id for e in journal.open()] == ["t-1"] and journal.quarantined == 0
+    assert not (tmp_path / "k.db.compact").exists()
     assert victim.read_bytes() == b"precious" and stat.S_IMODE(victim.stat().st_mode) == 0o644
 
 
@@ -170,42 +235,6 @@ def test_a_fifo_or_a_directory_at_the_journal_path_is_refused_without_blocking(
         with pytest.raises(JournalError):
             Journal(tmp_path / name).open()
     assert time.monotonic() - start < 2.0
-
-
-# --- rows checked on load ----------------------------------------------------------------------
-
-
-def test_malformed_rows_are_quarantined_counted_and_the_rest_load(tmp_path: Path) -> None:
-    path = tmp_path / "j.db"
-    with Journal(path) as journal:
-        journal.open()
-        journal.add([row(i) for i in range(4)])
-        journal.commit()
-    bad = {  # id -> (column, value): what a corrupted or hand-edited file may hold
-        "t-bad-payload": ("payload", b"\xc1"),  # 0xc1 is never valid msgpack
-        "t-bad-name": ("name", "no spaces allowed"),
-        "t-bad-deadline": ("deadline", -1.0),
-        "t-bad-attempts": ("attempts", "three"),
-        "t-bad-key": ("key", "k" * 300),
-        "t-long-id" + "x" * 200: ("payload", b"\x90"),
-    }
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        for i, (task_id, (column, value)) in enumerate(bad.items()):
-            db.execute("INSERT INTO tasks VALUES (?, ?, 'resize', ?, NULL, 1.0, 3)",
-                       (task_id, 100 + i, b"\x90"))
-            db.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, task_id))
-        db.execute("INSERT INTO tasks VALUES (x'00ff', 200, 'resize', x'90', NULL, 1.0, 3)")
-    with Journal(path) as journal:
-        entries = journal.open()
-        assert [e.task_id for e in entries] == ["t-0", "t-1", "t-2", "t-3"]
-        assert journal.quarantined == len(bad) + 1
-        assert journal.count() == 4
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        kept = dict(db.execute("SELECT id, reason FROM quarantine").fetchall())
-    assert set(kept) == set(bad) | {b"\x00\xff"}
-    assert "msgpack" in kept["t-bad-payload"] and "name" in kept["t-bad-name"]
-    with Journal(path) as journal:  # moved aside for good: loading again finds them no more
-        assert len(journal.open()) == 4 and journal.quarantined == 0
 
 
 # --- group commit ------------------------------------------------------------------------------
@@ -255,7 +284,7 @@ def test_a_row_the_journal_refuses_fails_its_submitter_only(tmp_path: Path) -> N
 
     with recorder._commit_lock:  # noqa: SLF001 - both rows wait for the same commit
         runners = [threading.Thread(target=submit, args=("good", "resize")),
-                   threading.Thread(target=submit, args=("bad", None))]  # NOT NULL: refused
+                   threading.Thread(target=submit, args=("bad", object()))]  # not packable
         for runner in runners:
             runner.start()
         wait_until(lambda: recorder._queued == 2, 10, "both rows queued")  # noqa: SLF001

@@ -6,23 +6,24 @@ dead-letter file's privacy."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import sqlite3
 import stat
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 import zmqfabric as zf
 from tests import test_tasks
 from tests.helpers import unique, wait_until
 from tests.test_tasks import SLOW, table_stats, wait_workers
+from zmqfabric.tasks import journal_log
 from zmqfabric.tasks.handle import HandleState, TaskHandle, settle
+from zmqfabric.tasks.journal_log import FILE_HEADER
 from zmqfabric.tasks.keys import KeyIndex
 
 MB = 1024 * 1024
@@ -208,9 +209,18 @@ def test_a_producer_resumes_past_malformed_journal_rows(worker_node, name,
     config = zf.TaskConfig(journal=str(tmp_path / "j.db"))
     with zf.Node(unique("producer"), tasks=config) as first:
         handles = first.submit_many(task, [{"i": i} for i in range(5)])
-    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as db, db:
-        db.execute("UPDATE tasks SET payload = x'c1' WHERE id = ?", (handles[1].id,))
-        db.execute("UPDATE tasks SET deadline = 'soon' WHERE id = ?", (handles[3].id,))
+    spoil = {handles[1].id: (3, b"\xc1"), handles[3].id: (5, "soon")}  # payload, deadline
+    path = tmp_path / "j.db"
+    data = path.read_bytes()
+    records = [data[:len(FILE_HEADER)]]
+    for _, _, body in journal_log.scan(data, len(FILE_HEADER)):
+        assert body is not None
+        item = msgpack.unpackb(body)
+        if item[0] == journal_log.ADD and item[1] in spoil:
+            field, value = spoil[item[1]]
+            item[field + 1] = value
+        records.append(journal_log.frame(msgpack.packb(item)))
+    path.write_bytes(b"".join(records))
     ran: list[Any] = []
     worker_node(task, lambda body: ran.append(body["i"]))
     with zf.Node(unique("producer"), tasks=config) as second:

@@ -315,6 +315,10 @@ TASK_TICK_MS = 50
 TASK_NAP_MS = 1
 #: Completions reach the journal at least this often (s); new tasks are committed before sending.
 JOURNAL_COMMIT_S = 0.05
+#: The journal file is compacted (its live records copied to a new file) once it is at least
+#: this big (bytes) and at most a quarter live: each rewrite copies at most a third of what was
+#: appended since the last, and a small file is not rewritten for a few settled tasks.
+JOURNAL_COMPACT_MIN_BYTES = 4 << 20
 #: Longest task id and idempotency key (characters): ids are keys, not payload.
 MAX_TASK_ID = 128
 MAX_TASK_KEY = 256

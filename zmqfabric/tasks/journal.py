@@ -1,74 +1,78 @@
 """The producer's task journal: unsettled tasks on disk, so that a producer that crashes resends
 them when it starts again.
 
-Every task is recorded (the insert committed) before ``submit`` returns, so before it is sent,
-and deleted once it is settled (done or dead-lettered; those deletes are batched). A producer
-killed at any point therefore finds every task that may not have completed, and resends it:
-together with the workers' at-least-once delivery, nothing whose ``submit`` returned is lost,
+Every task is recorded (its record written to the file) before ``submit`` returns, so before it
+is sent, and forgotten once it is settled (done or dead-lettered; those records are batched). A
+producer killed at any point therefore finds every task that may not have completed, and resends
+it: together with the workers' at-least-once delivery, nothing whose ``submit`` returned is lost,
 and a task may run twice.
 
-Storage is sqlite in WAL mode with ``synchronous=NORMAL``: a committed transaction is in the WAL
-file (written with write(2)) when COMMIT returns, so it survives the process being killed, even
-with SIGKILL; the WAL is fsynced only at checkpoints, so an operating-system crash or power loss
-may lose the last transactions. ``fsync=True`` (``synchronous=FULL``) closes that gap at the cost
-of an fsync per commit. One process at a time: the file is locked exclusively while open
-(``locking_mode=EXCLUSIVE``), and a second producer on it gets :class:`JournalError`.
+Storage is an append-only log (:mod:`.journal_log`): a task is one record appended with one
+write(2), a batch of settled tasks another. A written record is in the operating system's cache
+when write returns, so it survives the process being killed, even with SIGKILL; an operating
+system crash or power loss may lose the last records. ``fsync=True`` closes that gap at the cost
+of an fdatasync per write (per group of records: :mod:`.recorder` shares one among concurrent
+submitters). When the file is mostly settled tasks (at least ``JOURNAL_COMPACT_MIN_BYTES``, at
+most a quarter live) it is compacted: the live records are written to a new file, fsynced, and
+renamed over the journal, then the directory is fsynced; a crash at any point leaves the old file
+or the new one, both complete. Every record has its length and a checksum: a record the last
+process did not finish writing (a torn tail) is dropped when the file is opened, with a log line.
+A record that is complete but malformed (not one this fabric writes, or a task it could not have
+written), or a corrupt region inside the file, is quarantined: appended with its reason to
+``<journal>.quarantine`` (JSON lines, the record in base64), counted in ``quarantined`` and
+logged; the tasks after it load.
 
-The file holds task payloads: it is created 0600 whatever the umask (sqlite gives its WAL the
-same mode), and a symbolic link, a file that is not regular or one of another user is refused
-(:mod:`.files`); the path is checked again once sqlite has opened it. Keep the journal in a
-directory other users cannot write: one who can may still swap the path in the microseconds
-between the check and sqlite's open.
+One process at a time: the file is locked (``flock``, exclusive) while open, and a second
+producer on it gets :class:`JournalError` "in use by another process". The files hold task
+payloads: they are created 0600 whatever the umask, and a symbolic link, a file that is not
+regular or one of another user is refused (:mod:`.files`). Keep the journal in a directory other
+users cannot write.
 
-Rows are checked as they load: a row that is not a task this fabric could have written (wrong
-types, a bad name, a payload that is not msgpack, ...) is moved to the table ``quarantine``
-with the reason, counted in ``quarantined`` and logged; the others load.
+A journal of the previous release (sqlite) is converted when opened: its tasks are written to a
+new file in this format, which replaces it, and the sqlite file is kept beside it as
+``<journal>.sqlite`` (:mod:`.journal_legacy`; logged). A crash during the conversion leaves the
+sqlite file in place, and the next open converts it again.
 
 Not thread-safe: :class:`~zmqfabric.tasks.recorder.Recorder` serialises the submitters (who
-record) and the dispatcher thread (which deletes).
+record) and the dispatcher thread (which forgets).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import errno
 import logging
-import math
 import os
-import sqlite3
-import time
+import weakref
+import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from ..constants import MAX_TASK_ID, MAX_TASK_KEY
-from ..core import wire
-from ..errors import FabricError, JournalError
-from .config import validate_task_name
-from .files import check_existing, open_private
+import msgpack
+
+from ..constants import JOURNAL_COMPACT_MIN_BYTES
+from ..errors import JournalError
+from . import journal_file, journal_legacy
+from .journal_log import (
+    ADD,
+    FILE_HEADER,
+    HEAD,
+    MARKER,
+    SETTLED,
+    SQLITE_HEADER,
+    Row,
+    frame,
+    replay,
+    settled_record,
+)
 
 log = logging.getLogger(__name__)
 
-#: Schema version in ``PRAGMA user_version``; a journal of another version is refused.
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    key TEXT,
-    deadline REAL NOT NULL,
-    attempts INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS quarantine (
-    id, seq, name, payload, key, deadline, attempts, reason TEXT, at REAL
-);
-"""
-_INSERT = ("INSERT OR REPLACE INTO tasks (id, seq, name, payload, key, deadline, attempts) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?)")
-#: Pages of a new journal (bytes): each commit writes its changed pages to the WAL, and the
-#: usual rows (tens of bytes) make a small page cheaper to commit (measured: ~25% per task).
-_PAGE_SIZE = 1024
-#: Files sqlite may create beside the journal: they hold the same payloads.
-_SIDE_FILES = ("-wal", "-journal", "-shm")
+#: Malformed records are appended to this file beside the journal (JSON lines).
+QUARANTINE_SUFFIX = ".quarantine"
+_pack_head = HEAD.pack
+_crc32 = zlib.crc32
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,214 +87,319 @@ class JournalEntry:
     max_attempts: int
 
 
+#: Open journals, so that a process forked from the producer does not keep the lock for as long as
+#: it lives (the lock belongs to the open file, which a fork shares): the child closes its copies.
+_OPEN: weakref.WeakSet[Journal] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for journal in list(_OPEN):
+        journal.drop_after_fork()
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Journal:
     """An open journal file. ``Journal(path)`` allocates; ``open()`` opens, locks and loads."""
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.path = os.fspath(path)
         self.fsync = fsync
-        self._db: sqlite3.Connection | None = None
-        self._seq = 0
-        self._in_transaction = False
-        #: Malformed rows moved to quarantine by open().
+        self._fd: int | None = None
+        self._pack = msgpack.Packer().pack  # one per journal: a Packer is not thread-safe
+        self._live: dict[str, tuple[int, int]] = {}  # task id -> (offset, size) of its record
+        self._live_bytes = 0
+        self._size = 0  # where the next record goes
+        self._pending: list[tuple[int, Any, bytes]] = []  # (ADD, id | SETTLED, ids, record)
+        self._compact_at = JOURNAL_COMPACT_MIN_BYTES
+        #: Malformed records and corrupt regions set aside by open().
         self.quarantined = 0
+
+    # --- opening -------------------------------------------------------------------------------
 
     def open(self) -> list[JournalEntry]:
         """Open (creating it if needed) and lock the file; return the tasks it holds, oldest
-        first, after moving malformed rows to quarantine. Raises JournalError (unreadable, a
-        link or not private, another version, or in use by another process)."""
-        created = self._prepare_file()
+        first, after setting malformed records aside. Raises JournalError (unreadable, a link or
+        not private, not a journal, or in use by another process)."""
+        if self._fd is not None:
+            raise JournalError(self.path, "already open")
+        self._fd = journal_file.lock(self.path)
+        _OPEN.add(self)
         try:
-            db = sqlite3.connect(
-                self.path, timeout=0, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise JournalError(self.path, f"cannot open: {exc}") from exc
-        try:
-            rows = self._load(db, created)
-        except sqlite3.OperationalError as exc:
-            db.close()
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise JournalError(self.path, "in use by another process") from exc
-            raise JournalError(self.path, f"cannot read: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise JournalError(self.path, f"not a journal: {exc}") from exc
+            return self._load(self._fd)
         except BaseException:
-            db.close()
-            raise
-        self._db = db
-        entries, bad = [], []
-        for row in rows:
-            why = check_row(row)
-            if why is None:
-                entries.append(JournalEntry(row[0], row[1], bytes(row[2]), row[3], row[4], row[5]))
-            else:
-                bad.append((row[0], why))
-        self._seq = max((r[6] for r in rows if type(r[6]) is int), default=0)
-        if bad:
-            self._quarantine(bad)
-        if entries:
-            log.info("journal %s: %d unsettled tasks to resend", self.path, len(entries))
-        return entries
-
-    def _prepare_file(self) -> os.stat_result:
-        """Create or check the file and its side files (0600, no link, ours); returns what the
-        path is, to compare once sqlite has it. The descriptor is closed before sqlite opens the
-        file: closing one of a process's descriptors of a file drops all its POSIX locks there,
-        sqlite's included. Raises JournalError."""
-        try:
-            for suffix in _SIDE_FILES:
-                check_existing(self.path + suffix)
-            fd = open_private(self.path, os.O_RDWR)
-            try:
-                return os.fstat(fd)
-            finally:
+            fd, self._fd = self._fd, None  # a conversion may have replaced the first one
+            _OPEN.discard(self)
+            if fd is not None:
                 os.close(fd)
-        except OSError as exc:
-            raise JournalError(self.path, f"cannot open: {exc.strerror or exc}") from exc
+            raise
 
-    def _load(self, db: sqlite3.Connection, created: os.stat_result) -> list[Any]:
-        db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        db.execute(f"PRAGMA page_size={_PAGE_SIZE}")  # a new file only; ignored otherwise
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise JournalError(self.path, f"cannot switch to WAL mode (got {mode!r})")
-        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
-        db.execute("BEGIN EXCLUSIVE")  # takes the lock that locking_mode keeps until close
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise JournalError(self.path, f"schema version {version}; this fabric writes "
-                                          f"{SCHEMA_VERSION}")
-        for statement in _SCHEMA.split(";"):  # not executescript: it would commit first
-            if statement.strip():
-                db.execute(statement)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        db.execute("COMMIT")
-        try:  # lstat only: opening the files again here would drop sqlite's locks
-            now = os.stat(self.path, follow_symlinks=False)
-            links = [s for s in _SIDE_FILES if os.path.islink(self.path + s)]
-        except OSError as exc:
-            raise JournalError(self.path, f"changed while opening: {exc}") from exc
-        if (now.st_dev, now.st_ino) != (created.st_dev, created.st_ino) or links:
-            raise JournalError(self.path, "replaced while opening (by a link or another file)")
-        return db.execute(
-            "SELECT id, name, payload, key, deadline, attempts, seq FROM tasks ORDER BY seq"
-        ).fetchall()
-
-    def _quarantine(self, bad: list[tuple[Any, str]]) -> None:
-        db = self._db
-        assert db is not None
-        at = time.time()  # for the reader of the quarantine table, not for any expiry
+    def _load(self, fd: int) -> list[JournalEntry]:
         try:
-            db.execute("BEGIN")
-            for task_id, why in bad:
-                db.execute(
-                    "INSERT INTO quarantine SELECT id, seq, name, payload, key, deadline, "
-                    "attempts, ?, ? FROM tasks WHERE id IS ?", (why, at, task_id))
-                db.execute("DELETE FROM tasks WHERE id IS ?", (task_id,))
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self.rollback()
-            log.error("journal %s: cannot quarantine %d rows: %s", self.path, len(bad), exc)
-        self.quarantined += len(bad)
-        log.warning("journal %s: %d malformed rows moved to its quarantine table (first: %s)",
-                    self.path, len(bad), bad[0][1])
+            data = journal_file.read_all(fd)
+        except OSError as exc:
+            raise JournalError(self.path, f"cannot read: {exc.strerror or exc}") from exc
+        if data.startswith(SQLITE_HEADER):
+            return self._convert()
+        if len(data) < len(FILE_HEADER) and FILE_HEADER.startswith(data):
+            if data:  # killed while writing the header of a new file
+                log.warning("journal %s: dropped a torn header of %d bytes", self.path, len(data))
+            self._new_file(fd)
+            return []
+        if not data.startswith(FILE_HEADER):
+            raise JournalError(self.path, "not a journal (neither this format nor sqlite)")
+        found = replay(data)
+        tasks, live, bad, torn = found.tasks, found.live, found.bad, found.torn
+        self._live = live
+        self._live_bytes = sum(size for _, size in live.values())
+        self._size = len(data)
+        if torn >= 0:
+            log.warning("journal %s: dropped a torn tail of %d bytes at offset %d (a write the "
+                        "last process did not finish)", self.path, len(data) - torn, torn)
+            try:
+                os.ftruncate(fd, torn)
+            except OSError as exc:
+                raise JournalError(self.path, f"cannot drop a torn tail: {exc}") from exc
+            self._size = torn
+        if bad:
+            self.quarantined += len(bad)
+            log.warning("journal %s: %d malformed records set aside in %s (first: %s)",
+                        self.path, len(bad), self.path + QUARANTINE_SUFFIX, bad[0][0])
+            kept = [{"reason": r, "offset": o, "record": base64.b64encode(raw).decode()}
+                    for r, o, raw in bad]
+            if journal_file.set_aside(self.path + QUARANTINE_SUFFIX, kept):
+                self._compact()  # the file without them
+        elif self._mostly_dead():
+            self._compact()
+        if tasks:
+            log.info("journal %s: %d unsettled tasks to resend", self.path, len(tasks))
+        return [JournalEntry(*row) for row in tasks.values()]
 
-    def _begin(self) -> sqlite3.Connection:
-        db = self._db
-        if db is None:
+    def _new_file(self, fd: int) -> None:
+        try:
+            os.ftruncate(fd, 0)
+            journal_file.write_all(fd, FILE_HEADER)
+            if self.fsync:
+                os.fsync(fd)
+                journal_file.sync_dir(self.path)
+        except OSError as exc:
+            raise JournalError(self.path, f"cannot write: {exc.strerror or exc}") from exc
+        self._size = len(FILE_HEADER)
+
+    def _convert(self) -> list[JournalEntry]:
+        """The file is a journal of the previous release: carry its tasks over."""
+        rows, bad = journal_legacy.read(self.path)
+        assert self._fd is not None
+        aside = journal_file.keep_legacy(self.path, self._fd, journal_legacy.SIDE_FILES)
+        if bad:
+            self.quarantined += len(bad)
+            log.warning("journal %s: %d malformed rows of the sqlite journal not carried over "
+                        "(first: %s); they stay in %s", self.path, len(bad), bad[0][0], aside)
+            journal_file.set_aside(self.path + QUARANTINE_SUFFIX, [
+                {"reason": r, "sqlite_row": repr(row)[:4096], "file": aside} for r, row in bad])
+        records = ((row[0], frame(self._pack((ADD, *row)))) for row in rows)
+        if not self._rewrite(records):
+            raise JournalError(self.path, "cannot convert the previous release's journal")
+        log.warning("journal %s: converted from the previous release's sqlite format (%d "
+                    "tasks); the old file is kept as %s", self.path, len(rows), aside)
+        return [JournalEntry(*row) for row in rows]
+
+    # --- rewriting -----------------------------------------------------------------------------
+
+    def _mostly_dead(self) -> bool:
+        return self._size >= self._compact_at and self._live_bytes * 4 <= self._size
+
+    def _compact(self) -> None:
+        """Rewrite the file with only the live tasks' records. A failure is logged (the file
+        stays as it is) and the next try waits until the file has doubled."""
+        fd = self._fd
+        assert fd is not None
+
+        def records() -> Iterator[tuple[str, bytes]]:
+            for task_id, (offset, size) in self._live.items():
+                record = os.pread(fd, size, offset)
+                if len(record) != size:
+                    raise OSError(errno.EIO, "short read", self.path)
+                yield task_id, record
+
+        before = self._size
+        if self._rewrite(records()):
+            self._compact_at = JOURNAL_COMPACT_MIN_BYTES
+            log.debug("journal %s: compacted %d -> %d bytes", self.path, before, self._size)
+        else:
+            self._compact_at = 2 * self._size
+
+    def _rewrite(self, records: Iterable[tuple[str, bytes]]) -> bool:
+        """Replace the file by one holding the header and ``records`` (task id, record), which
+        is then the journal. False (logged) when it fails: the old file stays."""
+        live: dict[str, tuple[int, int]] = {}
+        size = len(FILE_HEADER)
+
+        def parts() -> Iterator[bytes]:
+            nonlocal size
+            yield FILE_HEADER
+            for task_id, record in records:
+                live[task_id] = (size, len(record))
+                size += len(record)
+                yield record
+
+        try:
+            new = journal_file.replace(self.path, parts())
+        except OSError as exc:
+            log.error("journal %s: cannot rewrite the file: %s", self.path, exc)
+            return False
+        old, self._fd = self._fd, new
+        if old is not None:
+            os.close(old)
+        self._live, self._size = live, size
+        self._live_bytes = sum(s for _, s in live.values())
+        return True
+
+    # --- recording -----------------------------------------------------------------------------
+
+    def _append(self, record: bytes) -> int:
+        """Write ``record`` at the end (fdatasync with ``fsync``); returns its offset. On a
+        failure the file is cut back to where it was. Raises JournalError."""
+        fd = self._fd
+        if fd is None:
             raise JournalError(self.path, "not open")
-        if not self._in_transaction:
-            db.execute("BEGIN")
-            self._in_transaction = True
-        return db
+        try:
+            written = os.write(fd, record)
+            if written != len(record):
+                journal_file.write_all(fd, record[written:])
+            if self.fsync:
+                os.fdatasync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, self._size)
+            except OSError as again:  # the next open quarantines the fragment
+                log.error("journal %s: cannot cut a failed write: %s", self.path, again)
+            raise JournalError(self.path, f"cannot write: {exc.strerror or exc}") from exc
+        offset = self._size
+        self._size = offset + len(record)
+        return offset
 
-    def add(self, entries: Iterable[tuple[str, str, bytes, str | None, float, int]]) -> None:
+    def _added(self, task_id: str, offset: int, size: int) -> None:
+        old = self._live.pop(task_id, None)
+        if old is not None:
+            self._live_bytes -= old[1]
+        self._live[task_id] = (offset, size)
+        self._live_bytes += size
+
+    def add(self, entries: Iterable[Row]) -> None:
         """Record tasks ``(id, name, payload, key, deadline_s, max_attempts)``; durable after
         the next ``commit()``. Raises JournalError."""
-        db = self._begin()
-        seq = self._seq
-
-        def rows() -> Iterable[tuple[object, ...]]:
-            nonlocal seq
-            for task_id, name, payload, key, deadline_s, attempts in entries:
-                seq += 1
-                yield task_id, seq, name, payload, key, deadline_s, attempts
-
+        if self._fd is None:
+            raise JournalError(self.path, "not open")
+        pack = self._pack
         try:
-            db.executemany(_INSERT, rows())
-        except sqlite3.Error as exc:
+            self._pending.extend((ADD, row[0], frame(pack((ADD, *row)))) for row in entries)
+        except (TypeError, ValueError) as exc:
             raise JournalError(self.path, f"cannot record tasks: {exc}") from exc
-        self._seq = seq
 
-    def add_now(self, entries: list[tuple[str, str, bytes, str | None, float, int]]) -> None:
-        """``add`` and ``commit`` in one go; a single task is one statement, its own
-        transaction (the common case of a thread submitting in a loop). Raises JournalError."""
-        if len(entries) != 1 or self._in_transaction or self._db is None:
+    def add_now(self, entries: list[Row]) -> None:
+        """``add`` and ``commit`` in one go; a single task is one write (the common case of a
+        thread submitting in a loop). Raises JournalError."""
+        if len(entries) != 1 or self._pending:
             self.add(entries)
             self.commit()
             return
-        task_id, name, payload, key, deadline_s, attempts = entries[0]
+        row = entries[0]
         try:
-            self._db.execute(_INSERT, (task_id, self._seq + 1, name, payload, key, deadline_s,
-                                       attempts))
-        except sqlite3.Error as exc:
+            body = self._pack((ADD, *row))
+        except (TypeError, ValueError) as exc:
             raise JournalError(self.path, f"cannot record a task: {exc}") from exc
-        self._seq += 1
+        size = len(body)
+        record = _pack_head(MARKER, size, _crc32(body, size)) + body
+        offset = self._append(record)
+        live = self._live
+        if row[0] in live:  # recorded again: the newest record counts
+            self._live_bytes -= live.pop(row[0])[1]
+        size += HEAD.size
+        live[row[0]] = (offset, size)
+        self._live_bytes += size
 
     def remove(self, task_ids: Iterable[str]) -> None:
         """Forget settled tasks; durable after the next ``commit()``. Raises JournalError."""
-        db = self._begin()
-        try:
-            db.executemany("DELETE FROM tasks WHERE id = ?", ((i,) for i in task_ids))
-        except sqlite3.Error as exc:
-            raise JournalError(self.path, f"cannot forget tasks: {exc}") from exc
+        if self._fd is None:
+            raise JournalError(self.path, "not open")
+        ids = list(task_ids)
+        if not any(kind == ADD for kind, _, _ in self._pending):
+            live = self._live
+            ids = [task_id for task_id in ids if task_id in live]
+        if ids:
+            self._pending.append((SETTLED, ids, settled_record(ids)))
 
     @property
     def dirty(self) -> bool:
         """True when changes wait for a commit."""
-        return self._in_transaction
+        return bool(self._pending)
 
     def commit(self) -> None:
-        """Make everything added and removed so far durable. Raises JournalError."""
-        if not self._in_transaction or self._db is None:
+        """Make everything added and removed so far durable (one write); compact the file when
+        it is mostly settled tasks. Raises JournalError (then nothing pending is written)."""
+        pending = self._pending
+        if not pending or self._fd is None:
             return
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise JournalError(self.path, f"cannot commit: {exc}") from exc
-        finally:
-            self._in_transaction = self._db.in_transaction
+        offset = self._append(b"".join(record for _, _, record in pending))
+        self._pending = []
+        removed = False
+        for kind, value, record in pending:
+            if kind == ADD:
+                self._added(value, offset, len(record))
+            else:
+                removed = True
+                for task_id in value:
+                    old = self._live.pop(task_id, None)
+                    if old is not None:
+                        self._live_bytes -= old[1]
+            offset += len(record)
+        if removed and self._mostly_dead():
+            self._compact()
 
     def rollback(self) -> None:
         """Drop changes not yet committed (after a failed add or remove)."""
-        if self._in_transaction and self._db is not None:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                log.error("journal %s: rollback failed: %s", self.path, exc)
-            self._in_transaction = self._db.in_transaction
+        self._pending = []
 
     def count(self) -> int:
         """How many unsettled tasks the journal holds (committed or not)."""
-        if self._db is None:
+        if self._fd is None:
             raise JournalError(self.path, "not open")
-        return int(self._db.execute("SELECT count(*) FROM tasks").fetchone()[0])
+        if not self._pending:
+            return len(self._live)
+        ids = set(self._live)
+        for kind, value, _ in self._pending:
+            if kind == ADD:
+                ids.add(value)
+            else:
+                ids.difference_update(value)
+        return len(ids)
 
     def close(self) -> None:
         """Commit and close (releasing the lock). Idempotent."""
-        db, self._db = self._db, None
-        if db is None:
+        if self._fd is None:
             return
         try:
-            if self._in_transaction:
-                db.execute("COMMIT")
-        except sqlite3.Error as exc:
+            self.commit()
+        except JournalError as exc:
             log.error("journal %s: last commit failed: %s", self.path, exc)
         finally:
-            self._in_transaction = False
-            db.close()
+            fd, self._fd = self._fd, None
+            self._pending = []
+            _OPEN.discard(self)
+            if fd is not None:
+                os.close(fd)
+
+    def drop_after_fork(self) -> None:
+        """In a process forked from the one that opened it (the fork hook calls it): close this
+        copy of the file without writing, so that the lock goes with the opener. Idempotent."""
+        fd, self._fd = self._fd, None
+        self._pending = []
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> Journal:
         return self
@@ -298,29 +407,3 @@ class Journal:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def check_row(row: tuple[Any, ...]) -> str | None:
-    """Why a journal row ``(id, name, payload, key, deadline, attempts, seq)`` is not a task
-    this fabric could have written, or None when it is one."""
-    task_id, name, payload, key, deadline, attempts, seq = row
-    if type(task_id) is not str or not 0 < len(task_id) <= MAX_TASK_ID:
-        return f"id must be a string of 1 to {MAX_TASK_ID} characters"
-    try:
-        validate_task_name(name)
-    except FabricError as exc:
-        return f"bad task name: {exc}"
-    if key is not None and (type(key) is not str or len(key) > MAX_TASK_KEY):
-        return f"key must be null or a string of at most {MAX_TASK_KEY} characters"
-    if type(deadline) not in (int, float) or not 0 < deadline < math.inf:
-        return "deadline must be a number of seconds > 0"
-    if type(attempts) is not int or attempts < 1:
-        return "attempts must be an integer >= 1"
-    if type(seq) is not int:
-        return "seq must be an integer"
-    if type(payload) is not bytes:
-        return "payload must be a blob"
-    try:
-        wire.unpack_body(payload)
-    except FabricError as exc:
-        return f"payload: {exc}"
-    return None

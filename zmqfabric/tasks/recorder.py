@@ -1,14 +1,14 @@
 """Durable submit: a producer's journal shared by the threads that submit (they record tasks) and
 the dispatcher thread (it forgets settled ones).
 
-``record(rows)`` returns once the rows are committed, so a task whose ``submit`` returned
-survives the producer being killed. Commits are grouped: a submitter that finds the journal busy
-queues its rows, and whoever commits next takes every row queued by then in one transaction (one
-write of the WAL), so concurrent submitters share commits and none waits for more than the
-commit in progress and its own. A single thread that submits in a loop pays one commit per call;
-``submit_many`` pays one per batch.
+``record(rows)`` returns once the rows are written to the journal file, so a task whose
+``submit`` returned survives the producer being killed. Commits are grouped: a submitter that
+finds the journal busy queues its rows, and whoever commits next takes every row queued by then
+in one write (and one fdatasync with ``fsync``), so concurrent submitters share commits and none
+waits for more than the commit in progress and its own. A single thread that submits in a loop
+pays one write per call; ``submit_many`` pays one per batch.
 
-Thread-safe: every use of the sqlite connection holds ``_commit_lock``.
+Thread-safe: every use of the journal holds ``_commit_lock``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ class Recorder:
     def record(self, rows: list[Row]) -> None:
         """Add ``rows`` to the journal; return once they are committed. Raises JournalError
         (then none of them is recorded). Thread-safe; blocks for a commit or two."""
+        if self._commit_lock.acquire(blocking=False):  # nobody committing: no queue either
+            try:
+                if not self._queue:  # else others wait for this lock: take theirs along
+                    self._write(rows)
+                    return
+            finally:
+                self._commit_lock.release()
         with self._queue_lock:
             self._queued += len(rows)
             ticket = self._queued
