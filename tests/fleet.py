@@ -2,7 +2,8 @@
 
 Each child runs one node of a fabric of its own (other nodes on this host's loopback, such as
 other test suites, are invisible to it) and prints JSON arrays: ``["ready", t]`` once started,
-``["joined" | "left", t, name]`` for every change of its directory (t: the monotonic clock, which
+``["threads", {native id: thread name}]`` after that, ``["joined" | "left", t, name]`` for every
+change of its directory (t: the monotonic clock, which
 is system-wide on Linux, so children's times compare with ours), ``["stats", counters, names]``
 on SIGUSR1. SIGTERM closes the node cleanly (its goodbye); SIGKILL is a crash.
 
@@ -53,6 +54,7 @@ signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=lambda: emit(
     "stats", node.counters.snapshot(), [r.name for r in node.directory.records()])).start())
 node.start()
 emit("ready", time.monotonic())
+emit("threads", {str(t.native_id): t.name for t in threading.enumerate()})
 while not stop.wait(1.0):
     pass
 node.close()
@@ -74,6 +76,7 @@ class Member:
     events: list[tuple[str, float, str]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     sees: list[str] | None = None
+    threads: dict[str, str] = field(default_factory=dict)  # native id -> Python thread name
 
     @property
     def pid(self) -> int:
@@ -157,6 +160,8 @@ class Fleet:
             (member.view.add if kind == "joined" else member.view.discard)(fields[2])
         elif kind == "stats":
             member.counters, member.sees = fields[1], fields[2]
+        elif kind == "threads":
+            member.threads = fields[1]
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Pump until ``predicate()``; False after ``timeout`` s."""
@@ -248,6 +253,29 @@ def cpu_ns(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError, ValueError):
             pass
     return total
+
+
+def thread_cpu_ns(member: Member) -> dict[str, int]:
+    """Run time (ns) of each thread of ``member`` so far, by kind: its Python thread name
+    without the node's name (``zmqfabric-verify``), or the kernel's (``ZMQbg/IO/0``)."""
+    out: dict[str, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{member.pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{member.pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{member.pid}/task/{tid}/comm", encoding="ascii") as f:
+                comm = f.read().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        name = member.threads.get(tid, comm)
+        if name.endswith("-" + member.name):
+            name = name[: -len(member.name) - 1]
+        out[name] = out.get(name, 0) + ns
+    return out
 
 
 def rss_mib(pid: int) -> float:
