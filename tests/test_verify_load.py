@@ -19,7 +19,7 @@ import msgpack
 import zmq
 
 from tests.helpers import forged_service_info, loopback_zeroconf, unique, wait_until
-from zmqfabric.constants import SERVICE_TYPE, VERIFY_TICK_MS
+from zmqfabric.constants import SERVICE_TYPE, VERIFY_TICK_MS, VERIFY_TIMEOUT_MAX_S
 from zmqfabric.core import wire
 from zmqfabric.core.buckets import AddressBuckets
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord, encode_txt
@@ -186,3 +186,35 @@ def test_a_node_heard_of_in_gossip_that_answers_late_is_asked_again(make_node, r
     finally:
         stop.set()
         server.join(WAIT)
+
+
+def test_a_verification_call_its_caller_has_given_up_on_is_not_served(make_node, raw) -> None:
+    """A call for the node's record that waited longer than any verifier waits
+    (VERIFY_TIMEOUT_MAX_S) is dropped unanswered, its introduction unread: under load, a starting
+    node answered calls whose callers had moved on, and never caught up. A fresh call is
+    answered."""
+    target = make_node("target")
+    control = target.record.control
+    assert control is not None
+    dealer = raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{control.port}")
+    name, node_id = unique("gone"), secrets.token_hex(8)
+    record = NodeRecord(name, node_id, "gone-host", 1, "127.0.0.1",
+                        (Endpoint(EndpointKind.CONTROL, "control", 9),), 1, None,
+                        target.config.fabric)
+    me = {"name": name, "txt": encode_txt(record)}
+    before = target.counters.get("verifications")
+
+    def call(msg_id: int, sent: float) -> None:
+        header = wire.name_service(wire.pack_header(wire.Kind.REQUEST, msg_id, sent),
+                                   wire.service_tail("control"))
+        dealer.send_multipart([b"", header, wire.pack_body({"op": "record", "me": me})])
+
+    call(1, time.time() - VERIFY_TIMEOUT_MAX_S - 1)
+    call(2, time.time())
+    assert dealer.poll(int(WAIT * 1000)), "the fresh call was not answered"
+    header, body = wire.parse_reply(dealer.recv_multipart())
+    assert header.msg_id == 2 and body["name"] == target.name
+    assert not dealer.poll(300)  # (the stale one came first: no answer for it)
+    assert target.counters.get("stale_calls") == 1
+    wait_until(lambda: target.counters.get("verifications") > before, WAIT,
+               "the fresh call's introduction to be verified")

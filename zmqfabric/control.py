@@ -29,8 +29,14 @@ from typing import Any, Callable
 
 import zmq
 
-from .constants import CONTROL_HEARTBEAT_IVL_MS, MAX_CONTROL_MESSAGE, THREAD_JOIN_TIMEOUT_S
+from .constants import (
+    CONTROL_HEARTBEAT_IVL_MS,
+    MAX_CONTROL_MESSAGE,
+    THREAD_JOIN_TIMEOUT_S,
+    VERIFY_TIMEOUT_MAX_S,
+)
 from .core.records import EndpointKind, encode_txt
+from .discovery.hints import on_loopback
 from .discovery.swim import OPS as PROBE_OPS
 from .errors import (
     LocalProtocolError,
@@ -154,6 +160,9 @@ class ControlServer:
             if answer is not None and header.msg_id:  # id 0: one-way, no reply
                 self._endpoint.reply(route, header.msg_id, answer)
             return
+        if op == "record" and _given_up(header.timestamp, _property(last, "Peer-Address")):
+            self._node.counters.add("stale_calls")  # its caller has given up: no answer, no work
+            return
         try:
             result = self._answer(op)
         except LocalProtocolError as exc:
@@ -167,6 +176,14 @@ class ControlServer:
         if op not in OPS:
             raise LocalProtocolError(f"unknown control op {op!r}; expected one of {', '.join(OPS)}")
         return control_answer(self._node, str(op))
+
+
+def _given_up(sent: float, peer: str | None) -> bool:
+    """A verification call that waited here longer than any verifier waits (VERIFY_TIMEOUT_MAX_S),
+    from this host (its clock is ours): under load, answering calls whose callers have moved on
+    kept a starting node from ever catching up."""
+    return (sent > 0 and time.time() - sent > VERIFY_TIMEOUT_MAX_S and peer is not None
+            and on_loopback(peer))
 
 
 def _recv_bounded(sock: zmq.Socket) -> list[zmq.Frame] | None:
