@@ -191,3 +191,23 @@ def test_a_raw_body_frame_under_the_threshold_stays_bytes(make_node, name, raw) 
     push.send_multipart([header, b"0123456789"])
     body = puller.recv(timeout=SLOW)
     assert type(body) is bytes and body == b"0123456789"
+
+
+def test_stream_batches_deliver_each_event_with_its_topic(make_node, name) -> None:
+    """A publisher's send_many reaches a subscription as batches; recv hands out each event
+    with the batch's topic, in order, and recv_message goes on with consecutive ids."""
+    stream = name("ticks")
+    publisher = make_node("pub").publisher(stream)
+    sub = make_node("sub").subscribe(stream, ["eur"])
+    assert publisher.wait_subscribers(1, SLOW)
+    bodies: list[Any] = [{"i": i, "pad": "x" * 60} for i in range(700)]
+    publisher.send_many("eur.usd", bodies)
+    publisher.send_many("eur.gbp", ["last", "one"])
+    got = [sub.recv(timeout=SLOW) for _ in range(600)]
+    assert got == [("eur.usd", body) for body in bodies[:600]]
+    messages = [sub.recv_message(timeout=SLOW) for _ in range(102)]
+    assert None not in messages
+    assert [(m.topic, m.body) for m in messages] == (
+        [("eur.usd", body) for body in bodies[600:]] + [("eur.gbp", "last"), ("eur.gbp", "one")])
+    ids = [m.msg_id for m in messages]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
