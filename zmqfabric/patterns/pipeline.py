@@ -165,8 +165,10 @@ class Puller(PullerBase):
                 raise self._zmq_error(exc) from exc
 
     def __iter__(self) -> Iterator[Any]:
-        while (message := self.recv_message()) is not None:
-            yield message.body
+        """Every body, as :meth:`recv` returns them (forever; ClosedError once closed)."""
+        recv = self.recv
+        while True:
+            yield recv()
 
 
 class AsyncPuller(AsyncHandle, PullerBase):
@@ -213,8 +215,9 @@ class AsyncPuller(AsyncHandle, PullerBase):
         return [frames[0].bytes, *(body_of(frame) for frame in frames[1:])]
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        while (message := await self.recv_message()) is not None:
-            yield message.body
+        """Every body, as :meth:`recv` returns them (forever; ClosedError once closed)."""
+        while True:
+            yield await self.recv()
 
 
 def _take(first: Any, bodies: collections.deque[Any], max_count: int) -> list[Any]:
