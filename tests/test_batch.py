@@ -211,3 +211,26 @@ def test_stream_batches_deliver_each_event_with_its_topic(make_node, name) -> No
         [("eur.usd", body) for body in bodies[600:]] + [("eur.gbp", "last"), ("eur.gbp", "one")])
     ids = [m.msg_id for m in messages]
     assert ids == list(range(ids[0], ids[0] + len(ids)))
+
+
+def test_a_large_raw_body_leaves_behind_the_canonical_raw_header(make_node, name, raw) -> None:
+    """The header frame of a raw body is the fixed layout the pullers' fast path tests for
+    (PROTOCOL.md 5.2): RAW_PREFIX, the uint64 id, the float64 timestamp, the map. A compact
+    encoding is valid but would send every large body down the full parser."""
+    pipeline = name("rawhdr")
+    node = make_node("source")
+    pull = _raw_sink(node, raw, pipeline)
+    pusher = node.pusher(pipeline)
+    assert pusher.wait_ready(SLOW)
+    big = bytes(ZERO_COPY_THRESHOLD)
+    pusher.send(big, timeout=SLOW)
+    pusher.send_many([1, big], timeout=SLOW)
+    for _ in range(2):
+        frames = pull.recv_multipart()
+        if len(frames) == 1:  # the 1 of send_many
+            frames = pull.recv_multipart()
+        header = frames[0]
+        assert header.startswith(wire.RAW_PREFIX[wire.Kind.MESSAGE]), header
+        assert len(header) == wire.RAW_HEADER_SIZE and header.endswith(wire.RAW_MAP)
+        assert header[wire.FLOAT64_AT] == wire.FLOAT64 and frames[1] == big
+        assert wire.unpack_header(header).raw

@@ -47,6 +47,7 @@ class Encoder:
         self._kind = kind
         self._prefix = wire.MESSAGE_PREFIX[kind]
         self._batch_prefix = wire.BATCH_PREFIX[kind]
+        self._raw_prefix = wire.RAW_PREFIX[kind]
         packer = msgpack.Packer()
         self._pack = packer.pack
         self._array_header = packer.pack_array_header
@@ -182,4 +183,4 @@ class Encoder:
         if size > self._limit:
             raise MessageTooLargeError(size, self._limit)
         self._seq += 1
-        return wire.pack_header(self._kind, self._seq, time.time(), wire.RAW_HEADERS)
+        return pack_canonical(self._raw_prefix, self._seq, FLOAT64, time.time()) + wire.RAW_MAP

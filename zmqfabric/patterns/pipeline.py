@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 import msgpack
 import zmq
 
-from ..constants import DECODE_CHECK_SIZE, MAX_BATCH, PROTOCOL_VERSION, ZERO_COPY_THRESHOLD
+from ..constants import DECODE_CHECK_SIZE, MAX_BATCH, ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, pack_canonical
@@ -34,11 +34,11 @@ from .waiting import AsyncConnector, AsyncHandle, SyncConnector
 # Hot path (see wire_layout's canonical encodings): the pre-packed prefix of a message.
 _MESSAGE = wire.MESSAGE_PREFIX[wire.Kind.MESSAGE]
 _BATCH = wire.BATCH_PREFIX[wire.Kind.MESSAGE]
-#: The header frame of a large raw body as senders write it (wire_layout's canonical 21 bytes
-#: of a 5-item header frame, then the map): one byte test for each field.
-_RAW = bytes((0x95, PROTOCOL_VERSION, wire.Kind.MESSAGE | wire.FOLLOWS, 0xCF))
-_RAW_MAP = msgpack.packb(wire.RAW_HEADERS)
-_RAW_SIZE = wire.HEADER_SIZE + len(_RAW_MAP)
+#: The header frame of a large raw body as zmqfabric writes it (wire_layout's RAW_PREFIX):
+#: recognised by its prefix, length, float tag and map.
+_RAW = wire.RAW_PREFIX[wire.Kind.MESSAGE]
+_RAW_MAP = wire.RAW_MAP
+_RAW_SIZE = wire.RAW_HEADER_SIZE
 #: The C-level receive (no attribute lookup through pyzmq's Socket classes) and msgpack's decoder.
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
