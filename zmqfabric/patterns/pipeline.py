@@ -106,8 +106,9 @@ class Puller(PullerBase):
     def recv(self, timeout: float | None = None) -> Any:
         """The next body. Raises FabricTimeoutError after ``timeout`` seconds, ClosedError
         once closed."""
-        if self._bodies:  # the rest of a batch (emptied on close): no socket call
-            return self._bodies.popleft()
+        bodies = self._bodies
+        if bodies:  # the rest of a batch (emptied on close): no socket call
+            return bodies.popleft()
         if self._closed:
             self._check_open()
         sock = self._sock
