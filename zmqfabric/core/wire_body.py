@@ -25,10 +25,11 @@ def pack_body(body: Any) -> bytes:
 
 
 def unpack_body(data: bytes | memoryview, raw: bool = False) -> Any:
-    """Decode a body frame. Raises RemoteProtocolError, also for a body larger than
+    """Decode a body frame; a raw one is ``data`` itself (bytes, or a memoryview over a large
+    received frame, not copied). Raises RemoteProtocolError, also for a body larger than
     DECODE_CHECK_SIZE that would expand beyond DECODE_EXPANSION times its size (see Limits)."""
     if raw:
-        return bytes(data)
+        return data if type(data) is memoryview else bytes(data)
     if len(data) > DECODE_CHECK_SIZE:
         check_expansion(data)
     try:

@@ -89,6 +89,12 @@ MAPPED_PREFIX: Final = _prefixes(0x96, 0)
 HEADER_PREFIX: Final = _prefixes(0x94, FOLLOWS)
 #: A batch frame ``[2, kind | BATCH, first_id, ts, [bodies]]``.
 BATCH_PREFIX: Final = _prefixes(0x95, BATCH)
+#: The header frame of a raw body ``[2, kind | FOLLOWS, id, ts, {"enc": "raw"}]``: this prefix,
+#: the id and timestamp as in CANONICAL, then RAW_MAP (RAW_HEADER_SIZE bytes in all).
+RAW_PREFIX: Final = _prefixes(0x95, FOLLOWS)
+#: ``{"enc": "raw"}`` packed: fixmap(1), fixstr "enc", fixstr "raw".
+RAW_MAP: Final = b"\x81\xa3enc\xa3raw"
+RAW_HEADER_SIZE: Final = CANONICAL.size + len(RAW_MAP)
 
 
 @dataclass(frozen=True, slots=True)

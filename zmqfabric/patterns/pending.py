@@ -31,9 +31,18 @@ class Pending:
     def __len__(self) -> int:
         return len(self._bodies)
 
+    def clear(self) -> None:
+        """Drop every pending body."""
+        self._bodies.clear()
+
     def popleft(self) -> Any:
         """The next body. Raises IndexError when none is left."""
         return self._bodies.popleft()
+
+    def pop_event(self) -> tuple[str, Any]:
+        """The next ``(topic, body)`` of a stream's batch, without building its Message (a
+        subscription's ``recv``). Raises IndexError when none is left."""
+        return self._topic or "", self._bodies.popleft()
 
     def next(self) -> wire.Message:
         """The next message. Raises IndexError when none is left."""

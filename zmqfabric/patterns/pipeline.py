@@ -4,19 +4,21 @@ the pullers that are connected (IMMEDIATE: never to a puller that is gone)."""
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
 import msgpack
 import zmq
 
-from ..constants import DECODE_CHECK_SIZE, ZERO_COPY_THRESHOLD
+from ..constants import DECODE_CHECK_SIZE, MAX_BATCH, ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
 from ..core.wire import FLOAT64, FLOAT64_AT, pack_canonical
 from ..errors import MessageTooLargeError, NoProviderError, RemoteProtocolError
 from ..transport.frames import (
     NOBLOCK,
+    body_of,
     deadline_after,
     ms_left,
     recv_frames,
@@ -32,6 +34,11 @@ from .waiting import AsyncConnector, AsyncHandle, SyncConnector
 # Hot path (see wire_layout's canonical encodings): the pre-packed prefix of a message.
 _MESSAGE = wire.MESSAGE_PREFIX[wire.Kind.MESSAGE]
 _BATCH = wire.BATCH_PREFIX[wire.Kind.MESSAGE]
+#: The header frame of a large raw body as zmqfabric writes it (wire_layout's RAW_PREFIX):
+#: recognised by its prefix, length, float tag and map.
+_RAW = wire.RAW_PREFIX[wire.Kind.MESSAGE]
+_RAW_MAP = wire.RAW_MAP
+_RAW_SIZE = wire.RAW_HEADER_SIZE
 #: The C-level receive (no attribute lookup through pyzmq's Socket classes) and msgpack's decoder.
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
@@ -53,6 +60,8 @@ class PullerBase(Bound):
     noun = "pipeline"
     #: The rest of the batch last received.
     _pending: Pending
+    #: Its bodies (``_pending.bodies``): the receives' first test.
+    _bodies: collections.deque[Any]
 
     def _decode(self, frames: list[bytes]) -> wire.Message | None:
         """The message in ``frames`` (the first of a batch: the rest wait in ``_pending``), or
@@ -63,6 +72,10 @@ class PullerBase(Bound):
             self._refused("message", exc)
             return None
         return self._pending.first(header, body)
+
+    def _on_close(self) -> None:
+        self._pending.clear()  # a closed puller delivers nothing more
+        super()._on_close()
 
     def _receive(self, timeout: float | None) -> Any:
         """The plan of ``recv_message``: the rest of a batch first (see Handle._receive)."""
@@ -79,6 +92,8 @@ class Puller(PullerBase):
     ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._pending = Pending()
+        #: The pending bodies' deque, tested first by ``recv`` (see Pending.bodies).
+        self._bodies = self._pending.bodies
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set by recv(); -1: none
@@ -89,7 +104,11 @@ class Puller(PullerBase):
         return drive(self._receive(timeout), self._waits)
 
     def recv(self, timeout: float | None = None) -> Any:
-        """The next body. Raises FabricTimeoutError after ``timeout`` seconds."""
+        """The next body. Raises FabricTimeoutError after ``timeout`` seconds, ClosedError
+        once closed."""
+        bodies = self._bodies
+        if bodies:  # the rest of a batch (emptied on close): no socket call
+            return bodies.popleft()
         if self._closed:
             self._check_open()
         sock = self._sock
@@ -98,8 +117,6 @@ class Puller(PullerBase):
         else:
             deadline, wait = time.monotonic() + timeout, max(0, int(timeout * 1000))
         while True:
-            if self._pending:  # the rest of a batch
-                return self._pending.popleft()
             # Hot path, as a raw PULL does it: one blocking receive with the socket's receive
             # timeout (a puller has no directory changes to watch, so nothing else to poll), the
             # frame as bytes, one msgpack decode. A canonical one-frame message is recognised
@@ -124,17 +141,33 @@ class Puller(PullerBase):
                                 return self._pending.take(fields)
                 except Exception:  # noqa: S110 - refused (and counted) by the parser below
                     pass
-            message = self._decode(recv_rest(sock, data))
+            frames = recv_rest(sock, data, True)
+            if len(frames) == 2 and data.startswith(_RAW) and len(data) == _RAW_SIZE and (
+                data.endswith(_RAW_MAP) and data[FLOAT64_AT] == FLOAT64
+            ):  # [2, 5 | 16, id, ts, {"enc": "raw"}] as zmqfabric writes it: the body as it is
+                return frames[1]
+            message = self._decode(frames)
             if message is not None:
                 return message.body
             if deadline is not None:
                 wait = ms_left(deadline) or 0
 
+    def recv_many(self, timeout: float | None = None, max_count: int = MAX_BATCH) -> list[Any]:
+        """The next bodies, in order: the one :meth:`recv` returns and those that came in the
+        same frame with it (a batch of ``send_many``), at most ``max_count`` (the rest stay for
+        the next receive). A message that came alone comes alone: this never waits for more.
+        Waits and raises as :meth:`recv`."""
+        first = self.recv(timeout)
+        bodies = self._bodies
+        if not bodies:
+            return [first]
+        return _take(first, bodies, max_count)
+
     def _recv(self, deadline: float | None) -> list[bytes] | None:
         """The next multipart message, or None when ``deadline`` passes (the RECV step)."""
         while True:
             try:
-                return recv_frames(self._sock, NOBLOCK)
+                return recv_frames(self._sock, NOBLOCK, True)
             except zmq.Again:
                 left = ms_left(deadline)
                 if left == 0 or not self._poller.poll(left):
@@ -143,8 +176,10 @@ class Puller(PullerBase):
                 raise self._zmq_error(exc) from exc
 
     def __iter__(self) -> Iterator[Any]:
-        while (message := self.recv_message()) is not None:
-            yield message.body
+        """Every body, as :meth:`recv` returns them (forever; ClosedError once closed)."""
+        recv = self.recv
+        while True:
+            yield recv()
 
 
 class AsyncPuller(AsyncHandle, PullerBase):
@@ -155,6 +190,7 @@ class AsyncPuller(AsyncHandle, PullerBase):
     ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._pending = Pending()
+        self._bodies = self._pending.bodies
         self._advertise()
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
@@ -162,15 +198,50 @@ class AsyncPuller(AsyncHandle, PullerBase):
         return await drive_async(self._receive(timeout), self._waits)
 
     async def recv(self, timeout: float | None = None) -> Any:
-        """The next body. Raises FabricTimeoutError after ``timeout`` seconds."""
+        """The next body. Raises FabricTimeoutError after ``timeout`` seconds, ClosedError
+        once closed."""
+        if self._bodies:  # the rest of a batch (emptied on close)
+            return self._bodies.popleft()
         message = await self.recv_message(timeout)
         if message is None:
             raise self._timeout(timeout)
         return message.body
 
+    async def recv_many(
+        self, timeout: float | None = None, max_count: int = MAX_BATCH
+    ) -> list[Any]:
+        """Coroutine of :meth:`Puller.recv_many`."""
+        first = await self.recv(timeout)
+        bodies = self._bodies
+        if not bodies:
+            return [first]
+        return _take(first, bodies, max_count)
+
+    async def _recv(self, deadline: float | None) -> list[Any] | None:
+        """One multipart message, large frames after the first kept (see recv_frames), or None
+        at ``deadline``."""
+        frames = await self._within(self._aio_sock.recv_multipart(copy=False), deadline)
+        if frames is None:
+            return None
+        return [frames[0].bytes, *(body_of(frame) for frame in frames[1:])]
+
     async def __aiter__(self) -> AsyncIterator[Any]:
-        while (message := await self.recv_message()) is not None:
-            yield message.body
+        """Every body, as :meth:`recv` returns them (forever; ClosedError once closed)."""
+        while True:
+            yield await self.recv()
+
+
+def _take(first: Any, bodies: collections.deque[Any], max_count: int) -> list[Any]:
+    """``first`` and the next bodies of ``bodies``, at most ``max_count`` in all (recv_many)."""
+    if len(bodies) < max_count:
+        taken = [first, *bodies]
+        bodies.clear()
+        return taken
+    taken = [first]
+    popleft = bodies.popleft
+    for _ in range(max_count - 1):
+        taken.append(popleft())
+    return taken
 
 
 class PusherBase(Encoder, Connector):
@@ -234,10 +305,18 @@ class Pusher(PusherBase, SyncConnector):
         one or one over the limit sends nothing."""
         if self._closed:
             self._check_open()
-        batches = list(self._batches(bodies))  # every body encoded before anything is sent
-        for frames, copy in batches:
+        sock = self._sock
+        for frames, copy in self._batches(bodies):  # every body encoded before anything is sent
             if self._ops:
                 self._drain()
+            if copy:  # one frame: tried at once (the hot path), as send does
+                try:
+                    _SEND(sock, frames[0], NOBLOCK)
+                    continue
+                except zmq.Again:
+                    pass  # no puller yet, or all are HWM behind: wait below
+                except zmq.ZMQError as exc:
+                    raise self._zmq_error(exc) from exc
             if not self._send(frames, deadline_after(timeout), copy):
                 raise NoProviderError("pipeline", self.name, timeout)
 

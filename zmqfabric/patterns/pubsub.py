@@ -168,8 +168,7 @@ class Subscription(SubscriptionBase, SyncConnector):
             if self._ops:
                 self._drain()
             if self._held:  # the rest of a batch
-                message = self._pending.next()
-                return message.topic or "", message.body
+                return self._pending.pop_event()
             try:
                 data = _RECV(self._sock, NOBLOCK)
             except zmq.Again:
