@@ -33,12 +33,14 @@ from typing import Any, Callable, cast
 import zmq
 
 from ..constants import POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
-from ..transport.frames import NOBLOCK, SocketWaker, recv_frames, recv_routed
+from ..transport.frames import NOBLOCK, SocketWaker, recv_frames
 from ..transport.inbox import Inbox
 from .handlers import FATAL, Job, Served, Status, ThreadSlots, acall, call, is_coroutine_handler
 
 #: ``getsockopt`` as the C method, its arguments as plain ints (hot path).
 _GET = cast("Callable[[Any, int], int]", zmq.backend.Socket.get)
+#: The C-level receive (a routing id as bytes).
+_RECV = zmq.backend.Socket.recv
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -155,9 +157,13 @@ class ThreadDriver:
         held = 0
         while not self._stopping:
             try:
-                frames = recv_routed(sock, 0)  # a Served socket is a ROUTER
+                route = _RECV(sock, 0)  # a Served socket is a ROUTER: recv_routed inlined
             except zmq.Again:  # idle
                 frames = None
+            else:
+                frames = recv_frames(sock, NOBLOCK)
+                if frames:
+                    frames.insert(0, route)
             if frames is None or (len(frames) == 2 and frames[1] == token):
                 ep.flush()
             elif serve_one is not None and (done := serve_one(frames)) is not None:
