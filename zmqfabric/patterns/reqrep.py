@@ -8,6 +8,7 @@ by :class:`Requester` (blocking) and :class:`AsyncRequester` (awaiting); see :mo
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import logging
@@ -156,6 +157,32 @@ class RequesterBase(Connector):
         return msg_id, [b"", b"", pack_canonical(_REQUEST, msg_id, FLOAT64, time.time()) + data
                         + self._svc_tail], True
 
+    def _send_packed(self, body: Any) -> tuple[int, str | None]:
+        """The hot path's send: (message id, the provider's URL or None when none took it) of a
+        new request whose body msgpack packs (not raw bytes), sent as one frame after the route
+        to the provider in turn (:meth:`_frames` and :meth:`_send_to_one` inlined). Raises as
+        :meth:`_frames`. Never blocks."""
+        msg_id = next(self._ids)
+        pack = self._pack  # a local: calling the attribute would look it up as a method
+        try:
+            data = pack(body)
+        except wire.PACK_ERRORS as exc:
+            raise wire.unencodable(exc) from exc
+        if len(data) > self._limit:
+            raise MessageTooLargeError(len(data), self._limit)
+        frame = _pack_canonical(_REQUEST, msg_id, FLOAT64, _now()) + data + self._svc_tail
+        routes = self._routes
+        turn = self._turn % len(routes)
+        out = self._out
+        try:
+            csend(out, routes[turn][1], MORE_NOBLOCK)  # refused: nothing was queued
+            csend(out, b"", MORE_NOBLOCK)
+            csend(out, frame, NOBLOCK)
+        except zmq.ZMQError:  # not connected (yet), or full: try every provider
+            return msg_id, self._send_to_one([b"", b"", frame], True, None)
+        self._turn = turn + 1
+        return msg_id, routes[turn][0]
+
     def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
         """(True, body) for our reply; (False, None) for stale or malformed replies.
         Raises RemoteError for an error reply to our request."""
@@ -250,30 +277,9 @@ class Requester(RequesterBase, SyncConnector):
                 self._check_open()
             if timeout is None:
                 timeout = self._rt.config.request_timeout_s
-            routes = self._routes
-            if routes and type(body) in _PACKED:
-                # _frames inlined for a packed body: one frame after the route, sent inline
-                # to the provider in turn.
-                msg_id = next(self._ids)
-                pack = self._pack  # a local: calling the attribute would look it up as a method
-                try:
-                    data = pack(body)
-                except wire.PACK_ERRORS as exc:
-                    raise wire.unencodable(exc) from exc
-                if len(data) > self._limit:
-                    raise MessageTooLargeError(len(data), self._limit)
-                frame = _pack_canonical(_REQUEST, msg_id, FLOAT64, _now()) + data + self._svc_tail
+            if self._routes and type(body) in _PACKED:
+                msg_id, sent = self._send_packed(body)
                 deadline = _monotonic() + timeout
-                turn = self._turn % len(routes)
-                out = self._out
-                try:
-                    csend(out, routes[turn][1], MORE_NOBLOCK)  # refused: nothing was queued
-                    csend(out, b"", MORE_NOBLOCK)
-                    csend(out, frame, NOBLOCK)
-                    self._turn = turn + 1
-                    sent: str | None = routes[turn][0]
-                except zmq.ZMQError:  # not connected (yet), or full: try every provider
-                    sent = self._send_to_one([b"", b"", frame], True, None)
             else:
                 msg_id, frames, copy = self._frames(body)
                 deadline = _monotonic() + timeout
@@ -331,4 +337,44 @@ class AsyncRequester(RequesterBase, AsyncConnector):
 
     async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
         """Coroutine of :meth:`Requester.request` (the same plan, awaited)."""
+        if retries == 0 and self._routes and not self._secured and type(body) in _PACKED:
+            # Hot path, as the sync one: one attempt to a connected provider without the
+            # generator and the driver.
+            if self._closed:
+                self._check_open()
+            if timeout is None:
+                timeout = self._rt.config.request_timeout_s
+            msg_id, sent = self._send_packed(body)
+            deadline = _monotonic() + timeout
+            if sent is not None:
+                while (reply := await self._await_reply(deadline)) is not None:
+                    ok, result = self._match(reply[1:], msg_id)
+                    if ok:
+                        return result
+                raise self._failure(timeout, 1)
+            timeout = max(0.0, deadline - _monotonic())  # none took it: the plan waits
         return await drive_async(self._plan(body, timeout, retries), self._waits)
+
+    async def _await_reply(self, deadline: float) -> list[bytes] | None:
+        """The next message on the socket, or None at ``deadline``: its first frame (the
+        routing id) awaited with pyzmq's asyncio ``recv``, the rest, there with it, received
+        at once (``recv_multipart`` asks the socket for RCVMORE after every frame, a slow call in
+        pyzmq); ``asyncio.timeout`` rather than ``wait_for``, which wraps the receive in a
+        task. Raises ClosedError when the handle is closed meanwhile."""
+        left = deadline - _monotonic()
+        if left <= 0:
+            return None
+        try:
+            async with asyncio.timeout(left):
+                route = await self._aio_sock.recv()
+        except TimeoutError:
+            return None
+        except zmq.ZMQError as exc:
+            raise self._zmq_error(exc) from exc
+        except asyncio.CancelledError:
+            self._closed_meanwhile()
+            raise
+        frames = recv_frames(self._out, NOBLOCK)
+        if frames:
+            frames.insert(0, route)
+        return frames
