@@ -373,3 +373,30 @@ def test_publisher_leaving_with_events_queued_does_not_abort_the_subscriber(proc
     got = int(child.expect("READY", 30))
     assert got > 0
     assert child.wait(10) == 0
+
+
+def test_events_under_more_topics_than_the_publisher_caches_keep_their_topics_and_order(
+    make_node: Callable[..., zf.Node], name: Callable[[str], str]
+) -> None:
+    """``send`` packs each event's topic, header and timestamp with a per-topic struct kept in a
+    bounded cache (cleared when full): across a clear, under a topic seen before it and under
+    bytes topics (never cached), every event still carries its own topic, its body and the next
+    sequence number; a large bytes body (raw, uncopied) takes one number in the same order."""
+    from zmqfabric.constants import ZERO_COPY_THRESHOLD
+    from zmqfabric.patterns.publisher import _TOPIC_CACHE
+
+    stream = name("many")
+    publisher = make_node("pub").publisher(stream)
+    sub = make_node("sub").subscribe(stream, topics=["t"])
+    assert publisher.wait_subscribers(1, SLOW) == 1
+    big = bytes(range(256)) * (ZERO_COPY_THRESHOLD // 256 + 1)
+    sent: list[tuple[str, Any]] = [(f"t{i}", {"i": i}) for i in range(_TOPIC_CACHE + 50)]
+    sent += [("t0", "again"), ("t1", big), ("t2", [1, "two"])]
+    for topic, body in sent:
+        publisher.send(topic, body)
+    publisher.send(b"t-bytes", "a bytes topic")  # type: ignore[arg-type]
+    sent.append(("t-bytes", "a bytes topic"))
+    got = [sub.recv_message(timeout=SLOW) for _ in sent]
+    assert [(m.topic, m.body) for m in got if m is not None] == sent
+    ids = [m.msg_id for m in got if m is not None]
+    assert ids == list(range(ids[0], ids[0] + len(sent)))

@@ -201,30 +201,33 @@ class SlotBoard:
     from any thread (list items are read and written whole); ``watch`` from one watcher thread.
     """
 
-    __slots__ = ("size", "hung_after_s", "_started", "_jobs", "_reported", "_all_hung")
+    __slots__ = ("size", "hung_after_s", "started", "_jobs", "_reported", "_all_hung")
 
     def __init__(self, size: int, hung_after_s: float) -> None:
         self.size = size
         self.hung_after_s = hung_after_s
-        self._started = [0.0] * size
+        #: When each slot began its call (0.0: idle), written by the slot itself: ``begin`` and
+        #: ``end``, or an endpoint's hot path writing its item directly (its job is then not
+        #: recorded: a hung slot is logged without the job's description).
+        self.started = [0.0] * size
         self._jobs: list[Job | None] = [None] * size
         self._reported: dict[int, float] = {}
         self._all_hung = False
 
     def begin(self, slot: int, job: Job, now: float) -> None:
         self._jobs[slot] = job
-        self._started[slot] = now
+        self.started[slot] = now
 
     def end(self, slot: int) -> None:
-        self._started[slot] = 0.0
+        self.started[slot] = 0.0
         self._jobs[slot] = None
 
     def busy(self) -> int:
-        return sum(1 for t in self._started if t)
+        return sum(1 for t in self.started if t)
 
     def hung(self, now: float) -> int:
         limit = now - self.hung_after_s
-        return sum(1 for t in self._started if t and t < limit)
+        return sum(1 for t in self.started if t and t < limit)
 
     def stats(self) -> dict[str, int]:
         """``{"slots", "busy", "hung"}`` now. Thread-safe."""
@@ -235,7 +238,7 @@ class SlotBoard:
         slots hung (ERROR, once until one is free again) and recovery (INFO). One thread."""
         limit = now - self.hung_after_s
         hung = 0
-        for slot, started in enumerate(self._started):
+        for slot, started in enumerate(self.started):
             if not started or started >= limit:
                 continue
             hung += 1

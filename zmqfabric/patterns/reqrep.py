@@ -8,6 +8,7 @@ by :class:`Requester` (blocking) and :class:`AsyncRequester` (awaiting); see :mo
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import logging
@@ -35,7 +36,7 @@ from ..transport.frames import (
     NOBLOCK,
     csend,
     ms_left,
-    recv_routed,
+    recv_frames,
     send_frames,
     sticky_rcvtimeo,
 )
@@ -55,6 +56,13 @@ log = logging.getLogger(__name__)
 _REQUEST = wire.MAPPED_PREFIX[wire.Kind.REQUEST]
 _REPLY = wire.MESSAGE_PREFIX[wire.Kind.REPLY]
 _UNPACKB = msgpack.unpackb
+_pack_canonical = pack_canonical
+_now = time.time
+_monotonic = time.monotonic
+#: The C-level receive (a routing id as bytes).
+_RECV = zmq.backend.Socket.recv
+#: Body types that are never raw bytes (one set lookup, cheaper than isinstance).
+_PACKED = frozenset({dict, list, tuple, str, int, float, bool, type(None)})
 #: A request that no connected provider takes yet is tried again at least this often (s).
 RESEND_CHECK_S = 0.01
 
@@ -149,6 +157,32 @@ class RequesterBase(Connector):
         return msg_id, [b"", b"", pack_canonical(_REQUEST, msg_id, FLOAT64, time.time()) + data
                         + self._svc_tail], True
 
+    def _send_packed(self, body: Any) -> tuple[int, str | None]:
+        """The hot path's send: (message id, the provider's URL or None when none took it) of a
+        new request whose body msgpack packs (not raw bytes), sent as one frame after the route
+        to the provider in turn (:meth:`_frames` and :meth:`_send_to_one` inlined). Raises as
+        :meth:`_frames`. Never blocks."""
+        msg_id = next(self._ids)
+        pack = self._pack  # a local: calling the attribute would look it up as a method
+        try:
+            data = pack(body)
+        except wire.PACK_ERRORS as exc:
+            raise wire.unencodable(exc) from exc
+        if len(data) > self._limit:
+            raise MessageTooLargeError(len(data), self._limit)
+        frame = _pack_canonical(_REQUEST, msg_id, FLOAT64, _now()) + data + self._svc_tail
+        routes = self._routes
+        turn = self._turn % len(routes)
+        out = self._out
+        try:
+            csend(out, routes[turn][1], MORE_NOBLOCK)  # refused: nothing was queued
+            csend(out, b"", MORE_NOBLOCK)
+            csend(out, frame, NOBLOCK)
+        except zmq.ZMQError:  # not connected (yet), or full: try every provider
+            return msg_id, self._send_to_one([b"", b"", frame], True, None)
+        self._turn = turn + 1
+        return msg_id, routes[turn][0]
+
     def _match(self, frames: list[bytes], msg_id: int) -> tuple[bool, Any]:
         """(True, body) for our reply; (False, None) for stale or malformed replies.
         Raises RemoteError for an error reply to our request."""
@@ -239,24 +273,16 @@ class Requester(RequesterBase, SyncConnector):
         if retries == 0 and self._urls and not self._secured and not self._ops:
             # Hot path: the plan's steps for one attempt to a connected provider, without the
             # generator and the driver (one send, one blocking receive per reply).
-            self._check_open()
+            if self._closed:
+                self._check_open()
             if timeout is None:
                 timeout = self._rt.config.request_timeout_s
-            msg_id, frames, copy = self._frames(body)
-            deadline = time.monotonic() + timeout
-            routes = self._routes
-            if copy and routes:  # one frame after the route: inline, to the provider in turn
-                turn = self._turn % len(routes)
-                out = self._out
-                try:
-                    csend(out, routes[turn][1], MORE_NOBLOCK)  # refused: nothing was queued
-                    csend(out, b"", MORE_NOBLOCK)
-                    csend(out, frames[2], NOBLOCK)
-                    self._turn = turn + 1
-                    sent: str | None = routes[turn][0]
-                except zmq.ZMQError:  # not connected (yet), or full: try every provider
-                    sent = self._send_to_one(frames, copy, None)
+            if self._routes and type(body) in _PACKED:
+                msg_id, sent = self._send_packed(body)
+                deadline = _monotonic() + timeout
             else:
+                msg_id, frames, copy = self._frames(body)
+                deadline = _monotonic() + timeout
                 sent = self._send_to_one(frames, copy, None)
             if sent is not None:
                 while (reply := self._await_reply(deadline)) is not None:
@@ -266,7 +292,7 @@ class Requester(RequesterBase, SyncConnector):
                         if (data.startswith(_REPLY) and len(data) <= DECODE_CHECK_SIZE
                                 and data[FLOAT64_AT] == FLOAT64):
                             try:
-                                fields = _UNPACKB(data, raw=False, strict_map_key=False)
+                                fields = _UNPACKB(data, strict_map_key=False)
                             except Exception:  # noqa: S112 - refused (and counted) by _match
                                 fields = None
                             if fields is not None and fields[2] == msg_id:
@@ -275,7 +301,7 @@ class Requester(RequesterBase, SyncConnector):
                     if ok:
                         return result
                 raise self._failure(timeout, 1)
-            timeout = max(0.0, deadline - time.monotonic())  # none took it: the plan waits
+            timeout = max(0.0, deadline - _monotonic())  # none took it: the plan waits
         return drive(self._plan(body, timeout, retries), self._waits)
 
     def _await_reply(self, deadline: float | None) -> list[bytes] | None:
@@ -284,20 +310,26 @@ class Requester(RequesterBase, SyncConnector):
         only fail (a raised zmq.Again) and polling would add syscalls to every round trip.
         Directory changes that arrive meanwhile wait for the next send. The receive timeout may
         overshoot the deadline by 1/64 of the time left, so that it is rarely reset."""
-        left = ms_left(deadline)
-        if left is None:
+        if deadline is None:
             left = -1  # no deadline: wait as long as it takes
-        elif left == 0:
-            return None
+        else:  # ms_left inlined
+            wait = deadline - _monotonic()
+            if wait <= 0:
+                return None
+            left = max(1, int(wait * 1000))
         sock = self._sock
         if left != self._rcvtimeo:  # a call only when the wait changes (see sticky_rcvtimeo)
             self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, left)
         try:
-            return recv_routed(sock, 0)
+            route = _RECV(sock, 0)  # recv_routed inlined: the routing id as bytes
         except zmq.Again:
             return None
         except zmq.ZMQError as exc:
             raise self._zmq_error(exc) from exc
+        frames = recv_frames(sock, NOBLOCK)  # the rest is there once the first frame is
+        if frames:
+            frames.insert(0, route)
+        return frames
 
 
 class AsyncRequester(RequesterBase, AsyncConnector):
@@ -305,4 +337,44 @@ class AsyncRequester(RequesterBase, AsyncConnector):
 
     async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
         """Coroutine of :meth:`Requester.request` (the same plan, awaited)."""
+        if retries == 0 and self._routes and not self._secured and type(body) in _PACKED:
+            # Hot path, as the sync one: one attempt to a connected provider without the
+            # generator and the driver.
+            if self._closed:
+                self._check_open()
+            if timeout is None:
+                timeout = self._rt.config.request_timeout_s
+            msg_id, sent = self._send_packed(body)
+            deadline = _monotonic() + timeout
+            if sent is not None:
+                while (reply := await self._await_reply(deadline)) is not None:
+                    ok, result = self._match(reply[1:], msg_id)
+                    if ok:
+                        return result
+                raise self._failure(timeout, 1)
+            timeout = max(0.0, deadline - _monotonic())  # none took it: the plan waits
         return await drive_async(self._plan(body, timeout, retries), self._waits)
+
+    async def _await_reply(self, deadline: float) -> list[bytes] | None:
+        """The next message on the socket, or None at ``deadline``: its first frame (the
+        routing id) awaited with pyzmq's asyncio ``recv``, the rest, there with it, received
+        at once (``recv_multipart`` asks the socket for RCVMORE after every frame, a slow call in
+        pyzmq); ``asyncio.timeout`` rather than ``wait_for``, which wraps the receive in a
+        task. Raises ClosedError when the handle is closed meanwhile."""
+        left = deadline - _monotonic()
+        if left <= 0:
+            return None
+        try:
+            async with asyncio.timeout(left):
+                route = await self._aio_sock.recv()
+        except TimeoutError:
+            return None
+        except zmq.ZMQError as exc:
+            raise self._zmq_error(exc) from exc
+        except asyncio.CancelledError:
+            self._closed_meanwhile()
+            raise
+        frames = recv_frames(self._out, NOBLOCK)
+        if frames:
+            frames.insert(0, route)
+        return frames

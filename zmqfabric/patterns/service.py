@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Iterable
 import msgpack
 import zmq
 
-from ..constants import ZERO_COPY_THRESHOLD
+from ..constants import DECODE_CHECK_SIZE, ZERO_COPY_THRESHOLD
 from ..core import wire
 from ..core.records import EndpointKind
-from ..core.wire import FLOAT64, pack_canonical
+from ..core.wire import FLOAT64, FLOAT64_AT, pack_canonical
 from ..errors import RemoteProtocolError
 from ..stats import RateLimitedLog
-from ..transport.frames import NOBLOCK, send_frames, send_routed
+from ..transport.frames import MORE_NOBLOCK, NOBLOCK, csend, send_frames, send_routed
 from ..transport.sockets import sync_view
 from .base import Bound
 from .encoder import BINARY
@@ -35,8 +35,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 
-# Hot path (see wire_layout's canonical encodings): the pre-packed prefix of a reply.
+# Hot path (see wire_layout's canonical encodings): the pre-packed prefixes of a reply and of
+# a request naming its service.
 _REPLY = wire.MESSAGE_PREFIX[wire.Kind.REPLY]
+_REQUEST_MAPPED = wire.MAPPED_PREFIX[wire.Kind.REQUEST]
+_HEADER_SIZE = wire.HEADER_SIZE
+_UNPACKB = msgpack.unpackb
+_pack_canonical = pack_canonical
+_csend = csend
+#: Result types that are never raw bytes (one set lookup, cheaper than isinstance).
+_PACKED = frozenset({dict, list, tuple, str, int, float, bool, type(None)})
 #: The clocks of reply timestamps and of handler starts, without module lookups (hot path).
 _now = time.time
 _monotonic = time.monotonic
@@ -78,6 +86,9 @@ class ServiceEndpoint(Bound):
         self._reply_sock = sync_view(self._sock)
         self._pack = msgpack.Packer().pack  # one Packer per handle: packb builds one per call
         self._svc_map = {wire.SERVICE_KEY: name}  # a request naming another service is refused
+        #: Slot 0's start in ``slots`` (serve_one writes it itself), and the counters' add.
+        self._started = self.slots.started
+        self._count = runtime.counters.add
         self._advertise()
 
     # --- Served -------------------------------------------------------------------------------
@@ -103,29 +114,59 @@ class ServiceEndpoint(Bound):
         handles the general way. Never raises (the handler's exceptions are its outcome)."""
         if len(frames) != 3 or frames[1]:
             return None
-        found = _canonical_request(frames[2], self._svc_map)  # ours, or no name
-        if found is None:
-            return None
-        msg_id, body = found
-        job = Job(frames[:2], msg_id, body)
-        board = self.slots
-        job.started = started = _monotonic()
-        board.begin(0, job, started)
+        data = frames[2]
+        # wire.canonical_request inlined for a request naming its service (what requesters
+        # send); the function itself for any other frame, which refuses what is not canonical.
+        if (data.startswith(_REQUEST_MAPPED) and _HEADER_SIZE < len(data) <= DECODE_CHECK_SIZE
+                and data[FLOAT64_AT] == FLOAT64):
+            try:
+                fields = _UNPACKB(data, strict_map_key=False)
+            except Exception:  # noqa: S112 - not canonical: refused the general way
+                return None
+            if fields[5] != self._svc_map:
+                return None  # another service's request: refused the general way
+            msg_id = fields[2]
+            body = fields[4]
+        else:
+            found = _canonical_request(data, self._svc_map)  # ours, or no name
+            if found is None:
+                return None
+            msg_id, body = found
+        # The SlotBoard's record of slot 0 (begin/end inlined; no Job: a service describes
+        # none, and one is made for the log if the handler raises).
+        started = self._started
+        started[0] = _monotonic()
         try:
             value = self.handler(body)
         except BaseException as exc:
-            status, value = outcome(self, job, exc)
-        else:
-            status = OK
-        finally:
-            board.end(0)
-        self.handled += 1
-        if status is OK:
-            self.reply(job.route, msg_id, value)
-        else:
+            status, value = outcome(self, Job(frames[:2], msg_id, body), exc)
+            started[0] = 0.0
+            self.handled += 1
             self.failed += 1
-            self.reply_error(job.route, msg_id, value)
-        return status, value
+            self.reply_error(frames[:2], msg_id, value)
+            return status, value
+        started[0] = 0.0
+        self.handled += 1
+        if type(value) not in _PACKED:  # raw bytes or anything unusual: the general way
+            self.reply(frames[:2], msg_id, value)
+            return OK, value
+        # reply() inlined: the reply frame after the route, three C-level sends.
+        pack = self._pack
+        try:
+            data = pack(value)
+        except wire.PACK_ERRORS:
+            self.reply(frames[:2], msg_id, value)  # logs, and answers with the error
+            return OK, value
+        sock = self._reply_sock
+        try:
+            _csend(sock, frames[0], MORE_NOBLOCK)  # refused: nothing was queued
+            _csend(sock, b"", MORE_NOBLOCK)
+            _csend(sock, _pack_canonical(_REPLY, msg_id, FLOAT64, _now()) + data, NOBLOCK)
+        except zmq.ZMQError:  # client vanished (ROUTER_MANDATORY) or its queue is full
+            self._count(self.counter_undeliverable)
+        else:
+            self._count(self.counter_sent)
+        return OK, value
 
     def enter(self, job: Job) -> None:
         return None
@@ -178,12 +219,14 @@ class ServiceEndpoint(Bound):
     def reply(self, route: list[bytes], msg_id: int, result: Any) -> None:
         """Send ``result`` as the reply to ``msg_id``; a result msgpack cannot encode is logged
         and answered as an error. Never raises for an unreachable caller (counted)."""
-        if isinstance(result, BINARY) and len(result) >= ZERO_COPY_THRESHOLD:
+        if type(result) not in _PACKED and isinstance(result, BINARY) and (
+                len(result) >= ZERO_COPY_THRESHOLD):
             header = wire.pack_header(wire.Kind.REPLY, msg_id, time.time(), wire.RAW_HEADERS)
             self._send(route + [header, result], False)
             return
+        pack = self._pack  # a local: calling the attribute would look it up as a method
         try:
-            data = self._pack(result)
+            data = pack(result)
         except wire.PACK_ERRORS as exc:
             error = wire.unencodable(exc)
             _rlog.warning(f"{self.noun} {self.name}", "%s %s: the handler's result cannot be "

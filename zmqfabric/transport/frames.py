@@ -98,12 +98,12 @@ def recv_frames(sock: zmq.Socket[Any], flags: int, keep: bool = False) -> list[A
     ZeroMQ's MAXMSGSIZE bounds each frame; the whole message is bounded here: one whose frames
     add up to more than MAXMSGSIZE is read to its end, dropped frame by frame, and returned as
     ``[]`` (every parser refuses an empty message and counts it)."""
-    frame = sock.recv(flags, False)
+    frame = _RECV(sock, flags, False)  # the C method: no lookup through pyzmq's Socket class
     frames: list[Any] = [frame.bytes]
     if frame.more:
         total = len(frames[0])
         while frame.more:
-            frame = sock.recv(NOBLOCK, False)
+            frame = _RECV(sock, NOBLOCK, False)
             data = body_of(frame) if keep else frame.bytes
             frames.append(data)
             total += len(data)
