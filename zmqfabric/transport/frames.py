@@ -8,6 +8,7 @@ together about 1 us per frame.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -172,6 +173,10 @@ def _discard(sock: zmq.Socket[Any], frame: zmq.Frame) -> list[bytes]:
     return []
 
 
+#: Keys the wake tokens of this process's sockets (SocketWaker).
+_WAKE_SECRET = os.urandom(16)
+
+
 class SocketWaker:
     """Wakes the thread blocked in a receive on a bound socket: ZeroMQ cannot interrupt a
     blocking receive, so the waker sends the socket a message, through an inproc connection of
@@ -187,10 +192,13 @@ class SocketWaker:
     __slots__ = ("token", "_sock", "_address", "_waker", "_lock")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
-        #: The wake message's body: random, so that no peer can send one.
-        self.token = os.urandom(16)
+        #: The wake message's body: secret (no peer can send one), and the same for every waker
+        #: of ``sock``: a wake that a driver stopped before reading stays in the socket, and the
+        #: next run's driver must still know it for one (it counted it as a malformed request).
+        self.token = hashlib.blake2b(id(sock).to_bytes(8, "little"), key=_WAKE_SECRET,
+                                     digest_size=16).digest()
         self._sock = sock
-        self._address = f"inproc://zmqfabric-wake-{self.token.hex()}"
+        self._address = f"inproc://zmqfabric-wake-{os.urandom(8).hex()}"
         self._lock = threading.Lock()
         sock.bind(self._address)
         # A plain socket even on an asyncio context: wake() is a blocking-API call.
