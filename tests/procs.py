@@ -82,6 +82,18 @@ class Child:
     def err_tail(self, n: int = 30) -> str:
         return "\n".join(self.stderr[-n:])
 
+    def out_rest(self) -> str:
+        """The stdout lines not read yet (what a failed assertion should show)."""
+        rest = []
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                rest.append(line)
+        return "\n".join(rest[-40:])
+
     def signal(self, signum: int) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)

@@ -148,7 +148,7 @@ def test_demo_nodes_serve_metrics_on_consecutive_ports(procs: ProcessGroup) -> N
                     node = line.split('node="', 1)[1].split('"', 1)[0]
                     served[node] = float(line.rsplit(" ", 1)[1])
         time.sleep(0.3)
-    assert demo.wait(40) == 0, demo.err_tail()
+    assert demo.wait(40) == 0, f"{demo.out_rest()}\n{demo.err_tail()}"
     busy = sorted(node.rsplit("-", 2)[-2] if node[-1].isdigit() else node.rsplit("-", 1)[-1]
                   for node, value in served.items() if value > 0)
     assert busy == ["provider", "provider", "publisher"], served
