@@ -27,6 +27,33 @@ from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord, encode_tx
 WAIT = 10.0
 
 
+def _control_dealer(raw, node) -> zmq.Socket:
+    """A raw DEALER connected to ``node``'s control endpoint on loopback."""
+    control = node.record.control
+    assert control is not None
+    return raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{control.port}")
+
+
+def _send_control(dealer: zmq.Socket, msg_id: int, body: dict[str, Any],
+                  sent: float | None = None) -> None:
+    """Send a control op as a node does (``sent``: the header's timestamp, now by default)."""
+    header = wire.name_service(
+        wire.pack_header(wire.Kind.REQUEST, msg_id, time.time() if sent is None else sent),
+        wire.service_tail("control"))
+    dealer.send_multipart([b"", header, wire.pack_body(body)])
+
+
+def _raw_node(raw, fabric: str, label: str) -> tuple[zmq.Socket, int, str, str, dict[str, str]]:
+    """A node played by a raw ROUTER on loopback: the socket, its port, a name, an id and the
+    TXT map that advertises it."""
+    router = raw(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    name, node_id = unique(label), secrets.token_hex(8)
+    txt = {"v": "1", "id": node_id, "host": f"{label}-host", "pid": "1", "seq": "1",
+           "fab": fabric, "e0": f"ctl:control:{port}"}
+    return router, port, name, node_id, txt
+
+
 def test_a_bucket_says_when_its_next_token_comes() -> None:
     buckets = AddressBuckets(burst=2, rate_per_s=4.0, local_factor=2, capacity=8)
     assert buckets.wait("10.0.0.1", 0.0) == 0.0
@@ -51,11 +78,7 @@ def test_the_verifier_sleeps_while_a_busy_node_waits_for_its_next_call(make_node
     """A node that takes the connection and never answers is asked again after pauses of
     seconds; meanwhile the verifier thread stays asleep (it woke every VERIFY_TICK_MS)."""
     observer = make_node("observer")
-    router = raw(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    name, node_id = unique("mute"), secrets.token_hex(8)
-    txt = {"v": "1", "id": node_id, "host": "mute-host", "pid": "1", "seq": "1",
-           "fab": observer.config.fabric, "e0": f"ctl:control:{port}"}
+    router, port, name, node_id, txt = _raw_node(raw, observer.config.fabric, "mute")
     calls: list[float] = []
     stop = threading.Event()
 
@@ -97,20 +120,14 @@ def test_liveness_does_not_call_a_node_the_verifier_is_calling(make_node, raw) -
     it yet), liveness does not call it a second time for its record (``rec``): under load a
     newcomer called every busy node twice."""
     target = make_node("target")
-    router = raw(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    name, node_id = unique("caller"), secrets.token_hex(8)
+    router, port, name, node_id, _ = _raw_node(raw, target.config.fabric, "caller")
     record = NodeRecord(name, node_id, "caller-host", 1, "127.0.0.1",
                         (Endpoint(EndpointKind.CONTROL, "control", port),), 1, None,
                         target.config.fabric)
-    control = target.record.control
-    assert control is not None
-    dealer = raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{control.port}")
+    dealer = _control_dealer(raw, target)
 
-    def call(msg_id: int, body: dict[str, object]) -> None:
-        header = wire.name_service(wire.pack_header(wire.Kind.REQUEST, msg_id, time.time()),
-                                   wire.service_tail("control"))
-        dealer.send_multipart([b"", header, wire.pack_body(body)])
+    def call(msg_id: int, body: dict[str, Any]) -> None:
+        _send_control(dealer, msg_id, body)
         assert dealer.poll(int(WAIT * 1000)), f"the node did not answer {body['op']}"
         dealer.recv_multipart()
 
@@ -142,11 +159,7 @@ def test_a_node_heard_of_in_gossip_that_answers_late_is_asked_again(make_node, r
     listed. With one call, a node that missed the gossip waited for anti-entropy or mDNS: a
     falsely buried node took 80 s to come back at 225 nodes on one host."""
     target = make_node("target")
-    router = raw(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    name, node_id = unique("late"), secrets.token_hex(8)
-    txt = {"v": "1", "id": node_id, "host": "late-host", "pid": "1", "seq": "1",
-           "fab": target.config.fabric, "e0": f"ctl:control:{port}"}
+    router, port, name, node_id, txt = _raw_node(raw, target.config.fabric, "late")
     calls: list[float] = []
     stop = threading.Event()
 
@@ -170,14 +183,10 @@ def test_a_node_heard_of_in_gossip_that_answers_late_is_asked_again(make_node, r
     server = threading.Thread(target=late)
     server.start()
     try:
-        control = target.record.control
-        assert control is not None
-        dealer = raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{control.port}")
-        header = wire.name_service(wire.pack_header(wire.Kind.REQUEST, 1, time.time()),
-                                   wire.service_tail("control"))
+        dealer = _control_dealer(raw, target)
         gossip = [[0, node_id, 0, name, f"tcp://127.0.0.1:{port}", None, ""]]
-        dealer.send_multipart([b"", header, wire.pack_body(
-            {"op": "probe", "to": [target.node_id, 0, False], "from": None, "g": gossip})])
+        _send_control(dealer, 1, {"op": "probe", "to": [target.node_id, 0, False],
+                                  "from": None, "g": gossip})
         assert dealer.poll(int(WAIT * 1000)), "the node did not answer the probe"
         listed = target.wait_for_node(name, WAIT)
         assert listed.node_id == node_id
@@ -194,9 +203,7 @@ def test_a_verification_call_its_caller_has_given_up_on_is_not_served(make_node,
     node answered calls whose callers had moved on, and never caught up. A fresh call is
     answered."""
     target = make_node("target")
-    control = target.record.control
-    assert control is not None
-    dealer = raw(zmq.DEALER, connect=f"tcp://127.0.0.1:{control.port}")
+    dealer = _control_dealer(raw, target)
     name, node_id = unique("gone"), secrets.token_hex(8)
     record = NodeRecord(name, node_id, "gone-host", 1, "127.0.0.1",
                         (Endpoint(EndpointKind.CONTROL, "control", 9),), 1, None,
@@ -204,13 +211,8 @@ def test_a_verification_call_its_caller_has_given_up_on_is_not_served(make_node,
     me = {"name": name, "txt": encode_txt(record)}
     before = target.counters.get("verifications")
 
-    def call(msg_id: int, sent: float) -> None:
-        header = wire.name_service(wire.pack_header(wire.Kind.REQUEST, msg_id, sent),
-                                   wire.service_tail("control"))
-        dealer.send_multipart([b"", header, wire.pack_body({"op": "record", "me": me})])
-
-    call(1, time.time() - VERIFY_TIMEOUT_MAX_S - 1)
-    call(2, time.time())
+    _send_control(dealer, 1, {"op": "record", "me": me}, time.time() - VERIFY_TIMEOUT_MAX_S - 1)
+    _send_control(dealer, 2, {"op": "record", "me": me})
     assert dealer.poll(int(WAIT * 1000)), "the fresh call was not answered"
     header, body = wire.parse_reply(dealer.recv_multipart())
     assert header.msg_id == 2 and body["name"] == target.name
