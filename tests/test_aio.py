@@ -118,8 +118,16 @@ def test_concurrent_requests_from_one_node(name) -> None:
                 lambda: len(client.directory.providers(zf.EndpointKind.REPLY, service)) == 2,
                 SLOW,
             ))
-            for _ in range(4):  # both connections up: both providers have answered
-                await bound(client.request(service, -1, timeout=SLOW))
+            # Both connections up: both providers have answered. A provider is listed before
+            # the requester's connection to it is up, and a request goes to a provider whose
+            # connection is up, so four requests alone did not prove it (failed once in a suite).
+            answered: set[str] = set()
+            for _ in range(200):
+                answered.add((await bound(client.request(service, -1, timeout=SLOW)))[1])
+                if answered == {"slow", "fast"}:
+                    break
+                await asyncio.sleep(0.01)
+            assert answered == {"slow", "fast"}, f"only {answered} answered in 200 requests"
             results = await bound(asyncio.gather(
                 *(client.request(service, i, timeout=1.0) for i in range(10)),
                 return_exceptions=True,

@@ -4,7 +4,8 @@
 16 KiB (the receivers' decode bound) to the share that fits; the frames are read here off a plain
 PULL socket, so the layout is checked as it goes on the wire. ``recv`` hands a batch out body by
 body, ``recv_many`` as it came; a closed puller hands out nothing more. A raw body of 64 KiB or
-more arrives as a memoryview over the received frame (no copy).
+more arrives as a memoryview over the received frame (no copy) from a puller made with
+``copy=False``, as bytes otherwise.
 """
 
 from __future__ import annotations
@@ -132,11 +133,29 @@ def test_a_closed_puller_hands_out_nothing_more(make_node, name) -> None:
         puller.recv_many(timeout=SLOW)
 
 
-def test_large_raw_bodies_arrive_uncopied(make_node, name) -> None:
-    """A bytes body of 64 KiB or more arrives as a memoryview over the received frame, by recv,
-    recv_message and in a send_many; a smaller raw frame (another sender's) stays bytes."""
-    pipeline = name("big")
+def test_large_raw_bodies_arrive_as_bytes_by_default(make_node, name) -> None:
+    """Without ``copy=False`` a large raw body is bytes, whichever receive takes it: code that
+    decodes or slices a body (``json.loads``, ``.decode()``) works at every size."""
+    pipeline = name("bigcopy")
     puller = make_node("sink").puller(pipeline)
+    pusher = make_node("source").pusher(pipeline)
+    assert pusher.wait_ready(SLOW)
+    big = b'"' + b"x" * (ZERO_COPY_THRESHOLD + 10) + b'"'
+    pusher.send(big, timeout=SLOW)
+    pusher.send_many([1, big], timeout=SLOW)
+    first = puller.recv(timeout=SLOW)
+    assert type(first) is bytes and first == big and len(first.decode()) == len(big)
+    assert puller.recv_many(timeout=SLOW) == [1]
+    message = puller.recv_message(timeout=SLOW)
+    assert message is not None and type(message.body) is bytes and message.body == big
+
+
+def test_large_raw_bodies_arrive_uncopied(make_node, name) -> None:
+    """With ``copy=False`` a bytes body of 64 KiB or more arrives as a memoryview over the
+    received frame, by recv, recv_message and in a send_many; a smaller raw frame (another
+    sender's) stays bytes."""
+    pipeline = name("big")
+    puller = make_node("sink").puller(pipeline, copy=False)
     pusher = make_node("source").pusher(pipeline)
     assert pusher.wait_ready(SLOW)
     big = bytes(range(256)) * (ZERO_COPY_THRESHOLD // 256 + 4)
@@ -154,8 +173,9 @@ def test_large_raw_bodies_arrive_uncopied(make_node, name) -> None:
 
 
 def test_large_raw_bodies_arrive_uncopied_in_asyncio(aio_make_node, name, raw) -> None:
-    """The asyncio puller delivers large raw bodies as the sync one does, and batches by recv
-    and recv_many (a plain PUSH sends the frames as the protocol writes them)."""
+    """The asyncio puller delivers large raw bodies as the sync one does (bytes by default, a
+    memoryview with ``copy=False``), and batches by recv and recv_many (a plain PUSH sends the
+    frames as the protocol writes them)."""
     big = bytes(range(256)) * (ZERO_COPY_THRESHOLD // 256 + 4)
     raw_header = msgpack.packb([2, 5 | 16, 1, 1.0, {"enc": "raw"}])
 
@@ -164,7 +184,12 @@ def test_large_raw_bodies_arrive_uncopied_in_asyncio(aio_make_node, name, raw) -
 
     async def main() -> None:
         async with aio_make_node("sink") as node:
-            puller = node.puller(name("aiobig"))
+            copying = node.puller(name("aiocopy"))
+            push = raw(zmq.PUSH, connect=f"tcp://127.0.0.1:{copying.port}")
+            push.send_multipart([raw_header, big])
+            body = await copying.recv(timeout=SLOW)
+            assert type(body) is bytes and body == big
+            puller = node.puller(name("aiobig"), copy=False)
             push = raw(zmq.PUSH, connect=f"tcp://127.0.0.1:{puller.port}")
             push.send_multipart([raw_header, big])
             push.send(batch(2, [1, 2, 3]))

@@ -220,10 +220,13 @@ class Node(NodeBase):
         self._check_started()
         return AsyncPusher(self.runtime, validate_endpoint_name(pipeline, "pipeline"), _via(via))
 
-    def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> AsyncPuller:
-        """Receive from ``pipeline``: ``async for body in puller``."""
+    def puller(self, pipeline: str, *, allow: Iterable[str] | None = None,
+               copy: bool = True) -> AsyncPuller:
+        """Receive from ``pipeline``: ``async for body in puller``. ``allow`` and ``copy``: see
+        :meth:`zmqfabric.Node.puller`."""
         self._check_started()
-        return AsyncPuller(self.runtime, validate_endpoint_name(pipeline, "pipeline"), allow)
+        return AsyncPuller(self.runtime, validate_endpoint_name(pipeline, "pipeline"), allow,
+                           copy)
 
     async def submit(self, name: str, body: Any = None, *, key: str | None = None,
                      deadline: float | None = None, max_attempts: int | None = None,

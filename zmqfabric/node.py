@@ -231,11 +231,14 @@ class Node(NodeBase):
         self._check_started()
         return Pusher(self.runtime, _valid(pipeline, "pipeline"), _via(via))
 
-    def puller(self, pipeline: str, *, allow: Iterable[str] | None = None) -> Puller:
+    def puller(self, pipeline: str, *, allow: Iterable[str] | None = None,
+               copy: bool = True) -> Puller:
         """Receive from ``pipeline`` (one puller per pipeline and node). ``allow`` (secured
-        nodes): only these public keys may push."""
+        nodes): only these public keys may push. ``copy=False``: a raw body of 64 KiB or more
+        arrives as a memoryview over the received frame, without a copy (as pyzmq's
+        ``recv(copy=False)``); by default every body is bytes."""
         self._check_started()
-        return Puller(self.runtime, _valid(pipeline, "pipeline"), allow)
+        return Puller(self.runtime, _valid(pipeline, "pipeline"), allow, copy)
 
     def submit(
         self,

@@ -62,6 +62,8 @@ class PullerBase(Bound):
     _pending: Pending
     #: Its bodies (``_pending.bodies``): the receives' first test.
     _bodies: collections.deque[Any]
+    #: Large raw bodies as memoryviews over their frames (``copy=False``), not bytes.
+    _keep: bool
 
     def _decode(self, frames: list[bytes]) -> wire.Message | None:
         """The message in ``frames`` (the first of a batch: the rest wait in ``_pending``), or
@@ -88,12 +90,16 @@ class Puller(PullerBase):
     """Receives a pipeline's messages (a worker or a sink). Owned by one thread."""
 
     def __init__(
-        self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None
+        self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None,
+        copy: bool = True,
     ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._pending = Pending()
         #: The pending bodies' deque, tested first by ``recv`` (see Pending.bodies).
         self._bodies = self._pending.bodies
+        #: ``copy=False``: a raw body of ZERO_COPY_THRESHOLD bytes or more is a memoryview over
+        #: the received frame (see frames.body_of), as pyzmq's ``recv(copy=False)`` opts in.
+        self._keep = not copy
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set by recv(); -1: none
@@ -141,7 +147,7 @@ class Puller(PullerBase):
                                 return self._pending.take(fields)
                 except Exception:  # noqa: S110 - refused (and counted) by the parser below
                     pass
-            frames = recv_rest(sock, data, True)
+            frames = recv_rest(sock, data, self._keep)
             if len(frames) == 2 and data.startswith(_RAW) and len(data) == _RAW_SIZE and (
                 data.endswith(_RAW_MAP) and data[FLOAT64_AT] == FLOAT64
             ):  # [2, 5 | 16, id, ts, {"enc": "raw"}] as zmqfabric writes it: the body as it is
@@ -167,7 +173,7 @@ class Puller(PullerBase):
         """The next multipart message, or None when ``deadline`` passes (the RECV step)."""
         while True:
             try:
-                return recv_frames(self._sock, NOBLOCK, True)
+                return recv_frames(self._sock, NOBLOCK, self._keep)
             except zmq.Again:
                 left = ms_left(deadline)
                 if left == 0 or not self._poller.poll(left):
@@ -186,11 +192,13 @@ class AsyncPuller(AsyncHandle, PullerBase):
     """Receives a pipeline's messages in an asyncio loop. ``async for body in puller``."""
 
     def __init__(
-        self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None
+        self, runtime: NodeRuntime, pipeline: str, allow: Iterable[str] | None = None,
+        copy: bool = True,
     ) -> None:
         super().__init__(runtime, pipeline, zmq.PULL, allow)
         self._pending = Pending()
         self._bodies = self._pending.bodies
+        self._keep = not copy  # as Puller's
         self._advertise()
 
     async def recv_message(self, timeout: float | None = None) -> wire.Message | None:
@@ -223,7 +231,9 @@ class AsyncPuller(AsyncHandle, PullerBase):
         frames = await self._within(self._aio_sock.recv_multipart(copy=False), deadline)
         if frames is None:
             return None
-        return [frames[0].bytes, *(body_of(frame) for frame in frames[1:])]
+        if self._keep:
+            return [frames[0].bytes, *(body_of(frame) for frame in frames[1:])]
+        return [frame.bytes for frame in frames]
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         """Every body, as :meth:`recv` returns them (forever; ClosedError once closed)."""
