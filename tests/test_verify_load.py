@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import zmq
 
+import zmqfabric as zf
 from tests.helpers import forged_service_info, loopback_zeroconf, unique, wait_until
 from zmqfabric.constants import SERVICE_TYPE, VERIFY_TICK_MS, VERIFY_TIMEOUT_MAX_S
 from zmqfabric.core import wire
@@ -77,7 +78,9 @@ def _switches(native_id: int) -> int:
 def test_the_verifier_sleeps_while_a_busy_node_waits_for_its_next_call(make_node, raw) -> None:
     """A node that takes the connection and never answers is asked again after pauses of
     seconds; meanwhile the verifier thread stays asleep (it woke every VERIFY_TICK_MS)."""
-    observer = make_node("observer")
+    # A fabric of its own: on a shared host, other nodes of the default fabric would call the
+    # forged record too (4 calls in 4 ms were seen), and the test counts calls.
+    observer = make_node("observer", config=zf.NodeConfig(fabric=unique("quiet")))
     router, port, name, node_id, txt = _raw_node(raw, observer.config.fabric, "mute")
     calls: list[float] = []
     stop = threading.Event()
@@ -119,7 +122,7 @@ def test_liveness_does_not_call_a_node_the_verifier_is_calling(make_node, raw) -
     verifier. When it then probes us before that call is answered (it lists us, we do not list
     it yet), liveness does not call it a second time for its record (``rec``): under load a
     newcomer called every busy node twice."""
-    target = make_node("target")
+    target = make_node("target", config=zf.NodeConfig(fabric=unique("quiet")))  # (as above)
     router, port, name, node_id, _ = _raw_node(raw, target.config.fabric, "caller")
     record = NodeRecord(name, node_id, "caller-host", 1, "127.0.0.1",
                         (Endpoint(EndpointKind.CONTROL, "control", port),), 1, None,
@@ -158,7 +161,7 @@ def test_a_node_heard_of_in_gossip_that_answers_late_is_asked_again(make_node, r
     one (a node busy starting, or a host under load). It is asked again within seconds and
     listed. With one call, a node that missed the gossip waited for anti-entropy or mDNS: a
     falsely buried node took 80 s to come back at 225 nodes on one host."""
-    target = make_node("target")
+    target = make_node("target", config=zf.NodeConfig(fabric=unique("quiet")))  # (as above)
     router, port, name, node_id, txt = _raw_node(raw, target.config.fabric, "late")
     calls: list[float] = []
     stop = threading.Event()
@@ -202,7 +205,7 @@ def test_a_verification_call_its_caller_has_given_up_on_is_not_served(make_node,
     (VERIFY_TIMEOUT_MAX_S) is dropped unanswered, its introduction unread: under load, a starting
     node answered calls whose callers had moved on, and never caught up. A fresh call is
     answered."""
-    target = make_node("target")
+    target = make_node("target", config=zf.NodeConfig(fabric=unique("quiet")))  # (as above)
     dealer = _control_dealer(raw, target)
     name, node_id = unique("gone"), secrets.token_hex(8)
     record = NodeRecord(name, node_id, "gone-host", 1, "127.0.0.1",

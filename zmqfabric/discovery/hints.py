@@ -1,17 +1,25 @@
-"""What the verifier (:mod:`.verify`) keeps of one call: the hint's identity, the call's sockets
-and deadline, and how its connection events read.
-
-Pure but for ZeroMQ's event numbers; no thread of its own.
+"""One call of the verifier (:mod:`.verify`): the hint's identity, the call's sockets and
+deadline, how its connection events read, and the call itself (open, send, read the answer,
+close). No thread of its own: every function runs in the verifier's thread, which owns the
+sockets.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
-from ..core.records import NodeRecord
+from ..constants import MAX_CONTROL_MESSAGE
+from ..core import wire
+from ..core.records import NodeRecord, confirm_record
+from ..errors import RemoteProtocolError
+from ..transport.sockets import SocketFactory
+
+_CONTROL_TAIL = wire.service_tail("control")
 
 #: Events that end a probe before its answer: nothing listens there (the connection was refused
 #: and ZeroMQ would retry), the handshake failed (the advertiser does not hold the key's
@@ -60,10 +68,63 @@ class Probe:
 
     hint: NodeRecord
     key: HintKey
-    sock: zmq.Socket
-    monitor: zmq.Socket
+    sock: zmq.Socket[Any]
+    monitor: zmq.Socket[Any]
     msg_id: int
     deadline: float
     timeout: float
     reached: bool = False  # something took the connection: the advertiser is there
     introduced: bool = False  # the call carries our record: answered, its node knows us
+
+
+def open_call(sockets: SocketFactory, hint: NodeRecord, key: HintKey, msg_id: int, now: float,
+              timeout: float) -> Probe:
+    """The sockets of a call to ``hint``'s control endpoint (a DEALER and its monitor), not
+    connected yet. A failed connection is not retried within ``timeout``."""
+    sock = sockets.socket(zmq.DEALER, sync=True)
+    sock.setsockopt(zmq.IMMEDIATE, 0)  # the request waits in the socket for the connection
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, int(timeout * 2000))
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)  # an answer is a few kilobytes
+    monitor = sockets.monitor(sock, FAIL_EVENTS | REACHED, sync=True)
+    return Probe(hint, key, sock, monitor, msg_id, now + timeout, timeout)
+
+
+def send_call(sockets: SocketFactory, probe: Probe, me: dict[str, object] | None) -> None:
+    """Connect ``probe`` (as a CURVE client of the hint's key when it has one) and send the
+    control op ``record``, introducing us with ``me`` (our record) when given. Raises
+    zmq.ZMQError or FabricError when the endpoint cannot be connected."""
+    hint = probe.hint
+    assert hint.control is not None
+    sockets.connect(probe.sock, hint.url(hint.control), hint.curve_key)
+    header = wire.name_service(
+        wire.pack_header(wire.Kind.REQUEST, probe.msg_id, time.time()), _CONTROL_TAIL)
+    body = {"op": "record", "me": me} if me is not None else {"op": "record"}
+    probe.sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
+    probe.introduced = me is not None
+
+
+def read_answer(probe: Probe) -> NodeRecord | None:
+    """The record the node answered, checked against the hint; None when nothing is there or
+    the reply is not this call's (wait for the answer or the deadline). Raises
+    RemoteProtocolError for a malformed or refused answer."""
+    try:
+        frames = probe.sock.recv_multipart(zmq.NOBLOCK)
+    except zmq.Again:
+        return None
+    header, body = wire.parse_reply(frames)
+    if header.msg_id != probe.msg_id:
+        return None
+    if header.kind is wire.Kind.ERROR:
+        raise RemoteProtocolError(f"it answered with an error: {body['message'][:120]}")
+    return confirm_record(probe.hint, body)
+
+
+def close_call(probe: Probe) -> None:
+    """Close the call's sockets (also while the context terminates)."""
+    try:
+        probe.sock.disable_monitor()
+    except zmq.ZMQError:
+        pass  # the context is terminating (a node closed under load): close all the same
+    probe.monitor.close(0)
+    probe.sock.close(0)

@@ -40,7 +40,6 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..config import NodeConfig
 from ..constants import (
-    MAX_CONTROL_MESSAGE,
     MAX_PENDING_VERIFICATIONS,
     MAX_QUEUED_HINTS,
     MAX_VERIFY_CACHE,
@@ -57,18 +56,27 @@ from ..constants import (
     VERIFY_TIMEOUT_MAX_S,
     VERIFY_TIMEOUT_S,
 )
-from ..core import wire
 from ..core.buckets import AddressBuckets
-from ..core.records import NodeRecord, confirm_record
+from ..core.records import NodeRecord
 from ..errors import ClosedError, FabricError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from ..transport.inbox import Inbox
 from ..transport.sockets import SocketFactory
-from .hints import FAIL_EVENTS, REACHED, WHY, HintKey, Probe, hint_key, on_loopback
+from .hints import (
+    REACHED,
+    WHY,
+    HintKey,
+    Probe,
+    close_call,
+    hint_key,
+    on_loopback,
+    open_call,
+    read_answer,
+    send_call,
+)
 
 log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
-_CONTROL_TAIL = wire.service_tail("control")
 
 class Verifier:
     """Checks hints with their advertisers; calls ``admit(record)`` with the answer of each
@@ -284,35 +292,21 @@ class Verifier:
             self._probe(hint, key, now)
 
     def _probe(self, hint: NodeRecord, key: HintKey, now: float) -> None:
-        control = hint.control
-        if control is None:
+        if hint.control is None:
             self._decide(hint, key, None, "it has no control endpoint")
             return
-        sockets = self._sockets
-        sock = sockets.socket(zmq.DEALER, sync=True)
-        sock.setsockopt(zmq.IMMEDIATE, 0)  # the request waits in the socket for the connection
-        sock.setsockopt(zmq.LINGER, 0)
-        # One connection attempt per probe: the first failure ends it (no reconnection first).
+        # One connection attempt per call: the first failure ends it (no reconnection first).
         timeout = min(VERIFY_TIMEOUT_S * (1 + self._tries.get(key, 0)), VERIFY_TIMEOUT_MAX_S)
-        sock.setsockopt(zmq.RECONNECT_IVL, int(timeout * 2000))
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)  # an answer is a few kilobytes
-        monitor = sockets.monitor(sock, FAIL_EVENTS | REACHED, sync=True)
         self._ids = (self._ids + 1) & 0xFFFFFFFF
-        probe = Probe(hint, key, sock, monitor, self._ids, now + timeout, timeout)
+        probe = open_call(self._sockets, hint, key, self._ids, now, timeout)
         self._pending[key] = probe
-        self._by_sock[sock] = probe
-        self._by_sock[monitor] = probe
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(monitor, zmq.POLLIN)
+        self._by_sock[probe.sock] = probe
+        self._by_sock[probe.monitor] = probe
+        self._poller.register(probe.sock, zmq.POLLIN)
+        self._poller.register(probe.monitor, zmq.POLLIN)
         self._counters.add("verifications")
         try:
-            sockets.connect(sock, hint.url(control), hint.curve_key)
-            header = wire.name_service(
-                wire.pack_header(wire.Kind.REQUEST, probe.msg_id, time.time()), _CONTROL_TAIL)
-            me = self._me()  # we introduce ourselves: it need not call us in turn
-            body = {"op": "record", "me": me} if me is not None else {"op": "record"}
-            sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
-            probe.introduced = me is not None
+            send_call(self._sockets, probe, self._me())  # with our record: no call back
         except (zmq.ZMQError, FabricError) as exc:
             self._decide(hint, key, None, f"cannot reach its control endpoint: {exc}",
                          transient=True)
@@ -337,27 +331,14 @@ class Verifier:
                         self._unreached.add(probe.key)
             return
         try:
-            frames = probe.sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            header, body = wire.parse_reply(frames)
-            if header.msg_id != probe.msg_id:
-                return  # not ours: wait for the answer or the deadline
-            if header.kind is wire.Kind.ERROR:
-                raise RemoteProtocolError(f"it answered with an error: {body['message'][:120]}")
-            answer = self._answer(probe.hint, body)
+            answer = read_answer(probe)
         except RemoteProtocolError as exc:
             self._decide(probe.hint, probe.key, None, str(exc))
             return
-        self._decide(probe.hint, probe.key, answer, "")
-
-    def _answer(self, hint: NodeRecord, body: Any) -> NodeRecord:
-        """The record the node answered, checked against the hint. Raises RemoteProtocolError."""
-        answer = confirm_record(hint, body)
-        if answer.seq != hint.seq or answer.endpoints != hint.endpoints:
-            self._counters.add("hints_corrected")
-        return answer
+        if answer is not None:
+            if answer.seq != probe.hint.seq or answer.endpoints != probe.hint.endpoints:
+                self._counters.add("hints_corrected")
+            self._decide(probe.hint, probe.key, answer, "")
 
     def _expire(self) -> None:
         now = self._clock()
@@ -416,9 +397,4 @@ class Verifier:
         self._by_sock.pop(probe.monitor, None)
         self._poller.unregister(probe.sock)
         self._poller.unregister(probe.monitor)
-        try:
-            probe.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass  # the context is terminating (a node closed under load): close all the same
-        probe.monitor.close(0)
-        probe.sock.close(0)
+        close_call(probe)
