@@ -249,7 +249,7 @@ def test_a_node_that_takes_the_connection_but_answers_late_is_asked_again(make_n
     call's timeout) is not refused after two calls like an address where nothing listens: it is
     asked again with longer waits (VERIFY_BUSY_ATTEMPTS), and listed once it answers; one that
     never answers is never listed."""
-    observer = make_node("observer")
+    observer = make_node("observer", config=zf.NodeConfig(fabric=unique("quiet")))  # (counts calls)
     router = raw(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     name, node_id = unique("busy"), secrets.token_hex(8)
