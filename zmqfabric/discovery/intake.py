@@ -171,11 +171,24 @@ class Intake:
 
     def checking(self, node_id: str) -> bool:
         """A hint about node ``node_id`` is being verified, waits to be, or waits for a retry."""
-        return self._verifier is not None and self._verifier.checking(node_id)
+        return self._verifier is not None and any(
+            k[1] == node_id for k in self._verifier.claims())
 
     def verifying(self, name: str) -> bool:
         """A hint claiming node name ``name`` is being verified (or waits to be)."""
-        return self._verifier is not None and self._verifier.busy(name)
+        return self._verifier is not None and any(
+            k[0] == name for k in self._verifier.claims(retries=False))
+
+    def settled(self) -> bool:
+        """Whether no hint waits for its first call or is in it (always, without a verifier)."""
+        return self._verifier is None or self._verifier.settled()
+
+    def hinted(self) -> list[tuple[str, str]]:
+        """(name, node id) of the nodes heard of and not verified yet: their hints wait, are
+        being verified, or wait to be called again."""
+        if self._verifier is None:
+            return []
+        return list({(k[0], k[1]) for k in self._verifier.claims()})
 
     def settle(self, name: str, timeout: float) -> bool:
         """Wait until no hint claiming node name ``name`` is being verified. False on

@@ -16,22 +16,22 @@ import logging
 import random
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from zeroconf import (
-    DNSOutgoing,
-    DNSQuestion,
     IPVersion,
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
-    current_time_millis,
 )
 from zeroconf.asyncio import AsyncServiceInfo
 
 from ..config import NodeConfig
 from ..constants import (
     JOIN_QUERY_DELAY_S,
+    JOIN_QUERY_MAX_WAIT_S,
+    JOIN_QUERY_RECHECK_S,
     MAX_RESOLVING,
     REGISTER_TIMEOUT_S,
     RESOLVE_TIMEOUT_S,
@@ -50,7 +50,7 @@ from ..stats import Counters, RateLimitedLog
 from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
 from .intake import Intake
-from .quickquery import QuickQuery, ask_now
+from .quickquery import QuickQuery, ask_now, pointers, requery
 from .watch import Watch
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,10 @@ class Discovery:
 
         No querying browser (see :mod:`.watch`): a node that ``advertising`` hears of the fabric
         from the nodes that verify it, and sends one query of its own JOIN_QUERY_DELAY_S later,
-        listing what it learned as known answers, so only the nodes that did not call answer. An
-        observer, which nobody calls, asks at once (:mod:`.quickquery`) and again after the
-        delay."""
+        once its verifier has settled (at most JOIN_QUERY_MAX_WAIT_S), listing what it learned
+        and the nodes it is still checking as known answers, so only the nodes that did not call
+        answer. An observer, which nobody calls, asks at once (:mod:`.quickquery`) and again
+        after the delay."""
         zc = self._zc
         assert zc is not None and zc.loop is not None, "start() first"
         self._watch = Watch(zc, SERVICE_TYPE, self._on_change)
@@ -124,12 +125,23 @@ class Discovery:
             except OSError as exc:
                 log.debug("no quick query on %s: %s", self._config.scope.address, exc)
         delay = JOIN_QUERY_DELAY_S * (1.0 + random.random())  # spread a rush of joins
+        loop, until = zc.loop, time.monotonic() + JOIN_QUERY_MAX_WAIT_S
+
+        def join_query() -> None:  # zeroconf's loop: once the calls we got are checked
+            if self._closing:
+                return
+            if not self._intake.settled() and time.monotonic() < until:
+                self._join_query = loop.call_later(JOIN_QUERY_RECHECK_S, join_query)
+                return
+            hinted = pointers(self._intake.hinted(), self._config.record_ttl_s)
+            requery(zc, hinted)
+            self._counters.add("join_queries")
 
         def schedule() -> None:
             if not self._closing:
-                self._join_query = zc.loop.call_later(delay, _requery, zc)  # type: ignore[union-attr]
+                self._join_query = loop.call_later(delay, join_query)
 
-        zc.loop.call_soon_threadsafe(schedule)
+        loop.call_soon_threadsafe(schedule)
 
     def advertise(self, record: NodeRecord) -> None:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
@@ -196,7 +208,7 @@ class Discovery:
         """
         zc = self._zc
         if zc is not None and zc.loop is not None:
-            zc.loop.call_soon_threadsafe(_requery, zc)
+            zc.loop.call_soon_threadsafe(requery, zc)
 
     def close(self) -> None:
         with self._lock:
@@ -384,15 +396,3 @@ def _forget(zc: Zeroconf, names: tuple[str, str]) -> None:
     stale += cache.async_entries_with_name(instance) + cache.async_entries_with_name(server)
     cache.async_remove_records(stale)
 
-
-def _requery(zc: Zeroconf) -> None:
-    """Zeroconf's loop: one multicast PTR query with the cached answers as known answers."""
-    if zc.done:
-        return
-    now = current_time_millis()
-    out = DNSOutgoing(0)  # flags 0: a query
-    out.add_question(DNSQuestion(SERVICE_TYPE, _PTR, _IN))
-    for record in zc.cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN):
-        if not record.is_stale(now):
-            out.add_answer_at_time(record, now)
-    zc.async_send(out)

@@ -1,4 +1,9 @@
-"""One query that every responder answers at once: the first look of a new node at the fabric.
+"""Our own mDNS queries (we run no querying browser: discovery/watch.py).
+
+:func:`requery` is the multicast PTR query that lists what we know as known answers, so only
+nodes missing here answer: a node's one query after it joins, and the fabric's occasional
+re-query (REQUERY_S). :func:`ask_now` is the query every responder answers at once, an
+observer's first look at the fabric:
 
 A browser's own first query waits 20-120 ms (RFC 6762 §5.2), and responders delay multicast
 answers to it by another 20-120 ms, or by a second and more when they multicast the same answer
@@ -21,10 +26,17 @@ import secrets
 import socket
 from typing import Any, Sequence
 
-from zeroconf import DNSIncoming, DNSOutgoing, DNSQuestion, Zeroconf
+from zeroconf import (
+    DNSIncoming,
+    DNSOutgoing,
+    DNSPointer,
+    DNSQuestion,
+    Zeroconf,
+    current_time_millis,
+)
 
-from ..constants import QUICK_QUERY_WINDOW_S
-from ..core.records import address_in_scope
+from ..constants import QUICK_QUERY_WINDOW_S, SERVICE_TYPE
+from ..core.records import address_in_scope, instance_name
 
 log = logging.getLogger(__name__)
 #: mDNS: the group and port (RFC 6762 §3), the multicast TTL (§11), a query's flags, PTR, IN.
@@ -128,3 +140,28 @@ def ask_now(zc: Zeroconf, address: str, networks: Sequence[str], service_type: s
     out.add_question(DNSQuestion(service_type, TYPE_PTR, CLASS_IN))
     asyncio.run_coroutine_threadsafe(query.start(out.packets()), loop)
     return query
+
+
+def requery(zc: Zeroconf, known: list[DNSPointer] | None = None) -> None:
+    """Zeroconf's loop: one multicast PTR query with the cached answers, and ``known``, as known
+    answers."""
+    if zc.done:
+        return
+    now = current_time_millis()
+    out = DNSOutgoing(0)  # flags 0: a query
+    out.add_question(DNSQuestion(SERVICE_TYPE, TYPE_PTR, CLASS_IN))
+    cached: set[str | None] = set()
+    for record in zc.cache.async_all_by_details(SERVICE_TYPE, TYPE_PTR, CLASS_IN):
+        if not record.is_stale(now):
+            out.add_answer_at_time(record, now)
+            cached.add(getattr(record, "alias", None))
+    for pointer in known or ():
+        if pointer.alias not in cached:
+            out.add_answer_at_time(pointer, now)
+    zc.async_send(out)
+
+
+def pointers(nodes: list[tuple[str, str]], ttl: int) -> list[DNSPointer]:
+    """PTR records of the nodes ``(name, node id)``, as their own announcements carry them."""
+    return [DNSPointer(SERVICE_TYPE, TYPE_PTR, CLASS_IN, ttl, instance_name(name, node_id))
+            for name, node_id in nodes]

@@ -200,17 +200,16 @@ class Verifier:
             for key in [k for k in self._cache if k[0] == name and k[1] == node_id]:
                 del self._cache[key]
 
-    def busy(self, name: str) -> bool:
-        """Whether a hint claiming node name ``name`` is waiting or being verified."""
+    def claims(self, retries: bool = True) -> list[HintKey]:
+        """The hints waiting, being verified and (``retries``) waiting to be called again."""
         with self._lock:  # (tuple(): the thread adds calls without the lock)
-            return any(k[0] == name for k in (*self._queued, *tuple(self._pending)))
+            return [*self._queued, *tuple(self._pending), *(self._retries if retries else ())]
 
-    def checking(self, node_id: str) -> bool:
-        """Whether a hint about node ``node_id`` is waiting, being verified or waiting to be
-        called again (liveness then need not call it too)."""
-        with self._lock:
-            return any(k[1] == node_id for k in (*self._queued, *tuple(self._pending),
-                                                  *tuple(self._retries)))
+    def settled(self) -> bool:
+        """Whether no hint is waiting for its first call or in it (a node that did not answer
+        is called again later, as a retry: not waited for)."""
+        tries = self._tries
+        return all(k in tries for k in self.claims(retries=False))
 
     def wait_idle(self, name: str, timeout: float) -> bool:
         """Wait until no hint claiming ``name`` is waiting or under way; False on timeout."""
