@@ -1,7 +1,8 @@
 """A joining node's one mDNS query (discovery/mdns.py ``browse``; PROTOCOL.md 4.4).
 
-It waits until the node has checked the calls it got (its verifier has no first call waiting or
-under way, JOIN_QUERY_MAX_WAIT_S at most), and lists as known answers the nodes it is still
+It waits until the calls the node gets have stopped coming (none for JOIN_QUERY_QUIET_S) and it
+has checked them (its verifier has no first call waiting or under way), JOIN_QUERY_MAX_WAIT_S at
+most, and lists as known answers the nodes it is still
 checking, not only the records in its cache: every node that is not a known answer answers the
 query by multicast, and every node of the host decodes each answer. At 150 nodes on one host the
 query went out while 37 callers were still being checked, and 46 nodes answered it.
@@ -72,7 +73,7 @@ def test_the_join_query_waits_for_the_calls_and_lists_the_callers_being_checked(
         make_node, raw) -> None:
     """A peer calls the joining node again and again, each time with a new version of its
     record whose control port takes the connection and never answers: the node's first calls
-    back keep its verifier busy. No join query goes out while they do (before: 1-2 s after the
+    back keep its verifier busy. No join query goes out while calls come (before: 1-2 s after the
     start, whatever was under way); once they stop, the query goes out, and it lists the peer,
     which is neither verified nor in zeroconf's cache, as a known answer."""
     listener = QueryListener()

@@ -102,11 +102,13 @@ QUICK_QUERY_WINDOW_S = 2.0
 #: does not verify newcomers, a lost announcement). A querying browser instead cost every node on
 #: a host O(N) answers per join (discovery/watch.py).
 JOIN_QUERY_DELAY_S = 1.0
-#: ...and not before its verifier has settled (no hint waiting or under way; looked at every
-#: JOIN_QUERY_RECHECK_S), at most JOIN_QUERY_MAX_WAIT_S after it starts browsing. Nodes whose
-#: calls it is still checking are listed as known answers too. At 150 nodes on one host the
-#: query went out at 1-2 s while 37 callers were still being checked: 46 nodes answered it, and
-#: every node of the host decoded each answer (O(N) packets per join, O(N^2) work).
+#: ...and not before its verifier has settled: no new hint (a caller) for JOIN_QUERY_QUIET_S,
+#: and none waiting for its first call or in it (looked at every JOIN_QUERY_RECHECK_S); at most
+#: JOIN_QUERY_MAX_WAIT_S after it starts browsing. Nodes whose calls it is still checking are
+#: listed as known answers too. At 150 nodes on one host the query went out at 1-2 s while
+#: callers were still coming and being checked: 46 nodes answered it, and every node of the host
+#: decoded each answer (O(N) packets per join, O(N^2) work).
+JOIN_QUERY_QUIET_S = 1.0
 JOIN_QUERY_RECHECK_S = 0.5
 JOIN_QUERY_MAX_WAIT_S = 20.0
 #: Largest TXT value we write or accept (a DNS character-string is at most 255 bytes).

@@ -179,9 +179,10 @@ class Intake:
         return self._verifier is not None and any(
             k[0] == name for k in self._verifier.claims(retries=False))
 
-    def settled(self) -> bool:
-        """Whether no hint waits for its first call or is in it (always, without a verifier)."""
-        return self._verifier is None or self._verifier.settled()
+    def settled(self, quiet: float) -> bool:
+        """Whether no new hint came for ``quiet`` s and none waits for its first call or is in
+        it (always, without a verifier)."""
+        return self._verifier is None or self._verifier.settled(quiet)
 
     def hinted(self) -> list[tuple[str, str]]:
         """(name, node id) of the nodes heard of and not verified yet: their hints wait, are

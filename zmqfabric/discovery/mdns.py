@@ -31,6 +31,7 @@ from ..config import NodeConfig
 from ..constants import (
     JOIN_QUERY_DELAY_S,
     JOIN_QUERY_MAX_WAIT_S,
+    JOIN_QUERY_QUIET_S,
     JOIN_QUERY_RECHECK_S,
     MAX_RESOLVING,
     REGISTER_TIMEOUT_S,
@@ -110,7 +111,8 @@ class Discovery:
 
         No querying browser (see :mod:`.watch`): a node that ``advertising`` hears of the fabric
         from the nodes that verify it, and sends one query of its own JOIN_QUERY_DELAY_S later,
-        once its verifier has settled (at most JOIN_QUERY_MAX_WAIT_S), listing what it learned
+        once its verifier has settled (no new caller for JOIN_QUERY_QUIET_S and every first call
+        back done; at most JOIN_QUERY_MAX_WAIT_S), listing what it learned
         and the nodes it is still checking as known answers, so only the nodes that did not call
         answer. An observer, which nobody calls, asks at once (:mod:`.quickquery`) and again
         after the delay."""
@@ -130,7 +132,7 @@ class Discovery:
         def join_query() -> None:  # zeroconf's loop: once the calls we got are checked
             if self._closing:
                 return
-            if not self._intake.settled() and time.monotonic() < until:
+            if not self._intake.settled(JOIN_QUERY_QUIET_S) and time.monotonic() < until:
                 self._join_query = loop.call_later(JOIN_QUERY_RECHECK_S, join_query)
                 return
             hinted = pointers(self._intake.hinted(), self._config.record_ttl_s)

@@ -23,8 +23,7 @@ probe connects to the hint's control port only, never to another port, and is cl
 first failure, so an unreachable address costs one connection attempt.
 
 The verifier owns a thread and the sockets of its calls (never a standing connection to a peer);
-:meth:`submit`, :meth:`forget` and :meth:`busy` are thread-safe and never block.
-"""
+its other methods are thread-safe and never block (but ``wait_idle``)."""
 
 from __future__ import annotations
 
@@ -116,6 +115,7 @@ class Verifier:
         self._retries: dict[HintKey, tuple[float, NodeRecord]] = {}
         self._tries: dict[HintKey, int] = {}
         self._unreached: set[HintKey] = set()  # retries after a failed connect (under the lock)
+        self._last_hint = -math.inf  # when a new hint was last queued
         self._by_sock: dict[Any, Probe] = {}
         self._settled = threading.Condition(self._lock)
         self._ids = int(clock() * 1e6) & 0xFFFFFFFF
@@ -175,6 +175,7 @@ class Verifier:
                 _rlog.warning("hints", "too many discovery hints waiting for verification: "
                               "dropping the oldest (a flood of records or hellos?)")
             self._queued[key] = hint
+            self._last_hint = now
         self._inbox.wake()
 
     def vouch(self, record: NodeRecord) -> bool:
@@ -205,11 +206,11 @@ class Verifier:
         with self._lock:  # (tuple(): the thread adds calls without the lock)
             return [*self._queued, *tuple(self._pending), *(self._retries if retries else ())]
 
-    def settled(self) -> bool:
-        """Whether no hint is waiting for its first call or in it (a node that did not answer
-        is called again later, as a retry: not waited for)."""
-        tries = self._tries
-        return all(k in tries for k in self.claims(retries=False))
+    def settled(self, quiet: float) -> bool:
+        """No new hint for ``quiet`` s, none waiting for its first call or in it (retries are
+        not waited for: their node did not answer)."""
+        return (self._clock() - self._last_hint >= quiet
+                and all(k in self._tries for k in self.claims(retries=False)))
 
     def wait_idle(self, name: str, timeout: float) -> bool:
         """Wait until no hint claiming ``name`` is waiting or under way; False on timeout."""
@@ -250,8 +251,8 @@ class Verifier:
 
     def _timeout_ms(self) -> int | None:
         """How long the thread may sleep: until the first call's deadline, retry or token for a
-        queued hint (None: nothing to wait for). Not a fixed tick: hundreds of nodes on one host,
-        each with a retry pending for seconds, woke each other's cores for nothing."""
+        queued hint (None: nothing to wait for). Not a fixed tick: hundreds of nodes on one host
+        woke each other's cores for nothing."""
         now = self._clock()
         due = [p.deadline for p in self._pending.values()]
         with self._lock:
