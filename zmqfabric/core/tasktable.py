@@ -211,7 +211,11 @@ class TaskTable:
         return list(batches.items())
 
     def _spread(self, now: float, batches: dict[str, list[Task]]) -> None:
-        ready = [w for w in self._workers.values() if w.room() > 0]
+        # Batching: a worker takes more only once it has room for its low water mark, or for
+        # every task waiting (a lone task leaves at once). See WorkerView.low_water.
+        waiting = len(self._waiting.pending)
+        ready = [w for w in self._workers.values() if w.room() >= min(w.low_water(), waiting)
+                 and w.room() > 0]
         if ready:
             start = self._turn % len(ready)
             self._turn += 1

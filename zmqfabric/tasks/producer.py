@@ -17,6 +17,7 @@ decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTab
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -40,7 +41,7 @@ from ..stats import RateLimitedLog
 from ..transport.frames import NOBLOCK, recv_frames
 from ..transport.inbox import Inbox
 from .deadletters import DeadLetters
-from .handle import HandleOwner, HandleState, TaskHandle, settle
+from .handle import HandleOwner, HandleState, TaskHandle, settle, settle_done
 from .links import Links, WorkerLink
 from .recorder import Recorder
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 
 _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-#: Messages read from one worker per round, and posts (submissions...) taken per round (fairness).
+#: Messages read from one worker per round, and submitted tasks taken per round (fairness).
 _READ_BATCH = 256
 _TAKE_BATCH = 8192
 
@@ -78,8 +79,13 @@ class Dispatcher:
         self._links = Links(self._poller)
         self._resumed: list[tuple[str, Task]] = []
         self._new: list[tuple[str, list[Task]]] = []
+        #: Submitted tasks not taken yet (see ``submit``); a ``_take`` is posted for them.
+        self._incoming: collections.deque[tuple[str, list[Task]]] = collections.deque()
+        self._take_posted = False
         self._removals: list[str] = []
         self._changes: list[tuple[TaskHandle, HandleState, Any]] = []
+        #: Tasks done this round, their handles settled by ``_finish``.
+        self._done: list[Task] = []
         self._settled = 0
         self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
@@ -104,13 +110,22 @@ class Dispatcher:
         self._thread.start()
 
     def submit(self, name: str, tasks: list[Task]) -> None:
-        """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe."""
+        """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe.
+
+        The tasks go to a deque the thread empties each round; the inbox carries one post
+        (``_take``) per such batch, not one per call. Appended before ``_take_posted`` is read
+        and lowered by ``_take`` before it empties the deque, so a batch is either taken by a
+        ``_take`` under way or posts one itself (at worst a spare one)."""
         if self._stopping:
             raise ClosedError(f"node {self._node.name!r} is closing")
-        if not self._inbox.post(self._take, name, tasks):
-            self._fail(tasks)  # the inbox is closed: the thread is long gone
-        elif self.closed:  # the thread ended between our check and the post
-            self._inbox.run_leftovers()
+        self._incoming.append((name, tasks))
+        if not self._take_posted:
+            self._take_posted = True
+            if not self._inbox.post(self._take):
+                self._fail_incoming()  # the inbox is closed: the thread is long gone
+                return
+        if self.closed:  # the thread ended between our check and the append
+            self._fail_incoming()
 
     def _post(self, op: str, name: str, url: str) -> None:
         # discovery's thread: queue and wake (even a napping thread), never touch a socket
@@ -201,21 +216,40 @@ class Dispatcher:
         return min(TASK_TICK_MS, max(1, math.ceil((due - now) * 1000)))
 
     def _take_posts(self) -> None:
-        """Run what was posted (``_take``, ``_connect``, ``_drop``), also what is posted
-        meanwhile, up to _TAKE_BATCH: a busy submitter's tasks leave in large batches."""
-        inbox, taken = self._inbox, 0
-        while inbox.pending and taken < _TAKE_BATCH:
-            taken += inbox.run_pending(_TAKE_BATCH - taken)
+        """Run what was posted (``_take``, ``_connect``, ``_drop``); ``_take`` takes what was
+        submitted up to then, so a busy submitter's tasks leave in large batches."""
+        self._inbox.run_pending()
 
-    def _take(self, name: str, tasks: list[Task]) -> None:
-        """Posted by ``submit``: new tasks, queued at the round's ``_queue_new``. Once the thread
-        has ended (a leftover, run by any thread), they fail instead."""
+    def _take(self) -> None:
+        """Posted by ``submit``: take the new tasks (up to _TAKE_BATCH, the rest at the next
+        round), queued at the round's ``_queue_new``. Once the thread has ended (a leftover,
+        run by any thread), they fail instead."""
+        self._take_posted = False  # before emptying: see submit
         if self.closed:
-            self._fail(tasks)
+            self._fail_incoming()
             return
-        if name not in self._tables:
-            self._table(name)
-        self._new.append((name, tasks))
+        incoming, new, tables = self._incoming, self._new, self._tables
+        taken = 0
+        while incoming and taken < _TAKE_BATCH:
+            name, tasks = incoming.popleft()
+            if name not in tables:
+                self._table(name)
+            new.append((name, tasks))
+            taken += len(tasks)
+        if incoming and not self._take_posted:
+            self._take_posted = True
+            self._inbox.post(self._take)
+
+    def _fail_incoming(self) -> None:
+        """Fail what ``submit`` queued (any thread, once the dispatcher is gone): each batch is
+        taken by one thread only."""
+        incoming = self._incoming
+        while True:
+            try:
+                _, tasks = incoming.popleft()
+            except IndexError:
+                return
+            self._fail(tasks)
 
     def _table(self, name: str) -> TaskTable:
         table = self._tables.get(name)
@@ -292,8 +326,17 @@ class Dispatcher:
             return
         self._new = []
         tables = self._tables
-        for name, tasks in batch:
-            tables[name].submit_many(tasks)
+        if len(batch) == 1:
+            tables[batch[0][0]].submit_many(batch[0][1])
+            return
+        run: list[Task] = []
+        last = batch[0][0]
+        for name, tasks in batch:  # one call per run of a name, not one per submit
+            if name != last:
+                tables[last].submit_many(run)
+                run, last = [], name
+            run += tasks
+        tables[last].submit_many(run)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
@@ -334,13 +377,11 @@ class Dispatcher:
     def _collect(self, name: str, outcome: Outcome) -> None:
         if not outcome:
             return
-        changes, removals, done_state = self._changes, self._removals, HandleState.DONE
-        journaled = self._recorder is not None
-        for task in outcome.done:
-            if task.ref is not None:
-                changes.append((task.ref, done_state, task.value))
-            if journaled:
-                removals.append(task.id)
+        changes, removals = self._changes, self._removals
+        if outcome.done:
+            self._done.extend(outcome.done)
+            if self._recorder is not None:
+                removals.extend([task.id for task in outcome.done])
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
             failure = TaskFailedError(name, task.id, task.charged, error_type, error)
@@ -359,6 +400,9 @@ class Dispatcher:
                 self._recorder.forget(self._removals)
                 self._removals = []
                 self._last_commit = now
+        if self._done:
+            done, self._done = self._done, []
+            settle_done(self._tasks, done)
         if self._changes:
             changes, self._changes = self._changes, []
             settle(self._tasks, changes)
@@ -393,6 +437,7 @@ class Dispatcher:
             self._recorder.close()
         self.closed = True
         self._inbox.run_leftovers()  # posted after the thread's last look: _take fails them
+        self._fail_incoming()
 
     def _fail(self, tasks: list[Task]) -> None:
         """Fail submitted tasks that the thread will never take (any thread)."""
