@@ -3,16 +3,18 @@
 It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
 every task), a socket monitor on each (:mod:`.links`) and the dead-letter publishers; it shares
 the journal with the submitters (:mod:`.recorder`: they record, it forgets). Other threads only
-post callables to its :class:`~zmqfabric.transport.inbox.Inbox` (a deque, and a pipe written
-once per sleep): ``submit`` (any thread) posts the taking of tasks, already on disk when there is
-a journal; the directory's watchers (discovery's thread) post the connection to a worker, or its
-loss. What is posted once the thread has ended runs in the poster's thread and fails the tasks.
+hand it work: ``submit`` (any thread) appends tasks, already on disk when there is a journal, to
+a deque, and posts one ``_take`` per batch of them to its
+:class:`~zmqfabric.transport.inbox.Inbox` (a deque of callables, and a pipe written once per
+sleep); the directory's watchers (discovery's thread) post the connection to a worker, or its
+loss. Tasks handed over once the thread has ended fail in the submitter's thread.
 
 Each round: wait or nap (:meth:`Dispatcher._wait`), read results and credit, then monitor events
 (a worker whose connection drops is lost: its tasks are redelivered at once), then new tasks,
 deadlines and retry timers, then dispatch to workers with credit (task messages split to stay
-under the size workers accept), then completions (journal deletes batched) and waiters. The
-decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`).
+under the size workers accept), then completions (:mod:`.settling`: journal deletes batched,
+handles and waiters). The decisions are the pure state machine's
+(:class:`zmqfabric.core.tasktable.TaskTable`).
 """
 
 from __future__ import annotations
@@ -26,24 +28,24 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
-from ..constants import JOURNAL_COMMIT_S, TASK_FRAME_OVERHEAD, TASK_NAP_MS, TASK_TICK_MS
+from ..constants import TASK_FRAME_OVERHEAD, TASK_NAP_MS, TASK_TICK_MS
 from ..core import task_frames, wire
 from ..core.records import EndpointKind
-from ..core.tasktable import Outcome, Task, TaskTable
+from ..core.tasktable import Task, TaskTable
 from ..errors import (
     ClosedError,
     FabricError,
     MessageTooLargeError,
     RemoteProtocolError,
-    TaskFailedError,
 )
 from ..stats import RateLimitedLog
 from ..transport.frames import NOBLOCK, recv_frames
 from ..transport.inbox import Inbox
 from .deadletters import DeadLetters
-from .handle import HandleOwner, HandleState, TaskHandle, settle, settle_done
+from .handle import HandleOwner
 from .links import Links, WorkerLink
 from .recorder import Recorder
+from .settling import Settler
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -66,9 +68,10 @@ class Dispatcher:
         self._tasks = tasks
         config = tasks.config
         self._retry = config.retry
-        self._recorder = recorder
         self._size_limit = node.config.max_message_size
         self._dead = DeadLetters(node, config.dead_letter_path)
+        self._settler = Settler(tasks, recorder, self._dead, node.name)
+        self._collect = self._settler.collect
         self._thread = threading.Thread(target=self._run, name=f"zmqfabric-tasks-{node.name}")
         self._inbox = Inbox()
         self._stopping = False
@@ -82,12 +85,6 @@ class Dispatcher:
         #: Submitted tasks not taken yet (see ``submit``); a ``_take`` is posted for them.
         self._incoming: collections.deque[tuple[str, list[Task]]] = collections.deque()
         self._take_posted = False
-        self._removals: list[str] = []
-        self._changes: list[tuple[TaskHandle, HandleState, Any]] = []
-        #: Tasks done this round, their handles settled by ``_finish``.
-        self._done: list[Task] = []
-        self._settled = 0
-        self._last_commit = 0.0
         self._hello = wire.pack_body({"from": node.name})
         self._napping = False
         #: Tasks wait for credit (after the round's dispatch): a nap ends with a result.
@@ -193,7 +190,7 @@ class Dispatcher:
                 self._collect(table.name, table.tick(now))
         self._dispatch(now)
         self._starved = any(t.waiting for t in self._tables.values())
-        self._finish(now)
+        self._settler.finish(now)
 
     def _wait(self, inbox: Inbox) -> dict[Any, int]:
         """Sleep until a post, a result or a timer, or nap (TASK_NAP_MS): a round, sends and
@@ -249,7 +246,7 @@ class Dispatcher:
                 _, tasks = incoming.popleft()
             except IndexError:
                 return
-            self._fail(tasks)
+            self._settler.fail_submitted(tasks)
 
     def _table(self, name: str) -> TaskTable:
         table = self._tables.get(name)
@@ -374,77 +371,15 @@ class Dispatcher:
                 f"max_message_size of {self._size_limit}")))
         self._resumed = []
 
-    def _collect(self, name: str, outcome: Outcome) -> None:
-        if not outcome:
-            return
-        changes, removals = self._changes, self._removals
-        if outcome.done:
-            self._done.extend(outcome.done)
-            if self._recorder is not None:
-                removals.extend([task.id for task in outcome.done])
-        for task in outcome.dead:
-            error_type, error = task.error or ("Error", "")
-            failure = TaskFailedError(name, task.id, task.charged, error_type, error)
-            if task.ref is not None:
-                changes.append((task.ref, HandleState.FAILED, failure))
-            removals.append(task.id)
-            self._dead.send(name, task, failure)
-        self._settled += len(outcome.done) + len(outcome.dead)
-
-    def _finish(self, now: float) -> None:
-        """Journal completions (batched), then wake the handles' waiters."""
-        if self._removals:
-            if self._recorder is None:
-                self._removals = []
-            elif now - self._last_commit >= JOURNAL_COMMIT_S:
-                self._recorder.forget(self._removals)
-                self._removals = []
-                self._last_commit = now
-        if self._done:
-            done, self._done = self._done, []
-            settle_done(self._tasks, done)
-        if self._changes:
-            changes, self._changes = self._changes, []
-            settle(self._tasks, changes)
-        if self._settled:
-            self._tasks.settled(self._settled)
-            self._settled = 0
-
     # --- closing -------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch = []
-        now = time.monotonic()
-        self._queue_new()  # taken but not queued yet: they fail below with the rest
-        try:
-            if self._recorder is not None and self._removals:
-                self._recorder.forget(self._removals)
-            self._removals = []
-        except Exception:
-            log.exception("%s: cannot save the task journal on close", self._node.name)
-        closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
-        for table in self._tables.values():
-            for task in table.drain():
-                if task.ref is not None:  # a resumed task without a key has no handle
-                    self._changes.append((task.ref, HandleState.FAILED, closed))
-                self._settled += 1
-        self._finish(now)
+        self._queue_new()  # taken but not queued yet: they fail with the rest
+        self._settler.close(list(self._tables.values()), time.monotonic())
         self._links.close()
-        self._dead.close()
-        if self._recorder is not None:
-            self._recorder.close()
         self.closed = True
         self._inbox.run_leftovers()  # posted after the thread's last look: _take fails them
         self._fail_incoming()
-
-    def _fail(self, tasks: list[Task]) -> None:
-        """Fail submitted tasks that the thread will never take (any thread)."""
-        closed = ClosedError(f"node {self._node.name!r} is closed")
-        changes: list[tuple[TaskHandle, HandleState, Any]] = [
-            (task.ref, HandleState.FAILED, closed) for task in tasks]
-        if changes:
-            settle(self._tasks, changes)
-            self._tasks.settled(len(changes))
-
