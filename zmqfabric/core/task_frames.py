@@ -27,6 +27,7 @@ import msgpack
 
 from ..constants import MAX_TASK_CREDIT, MAX_TASK_ID, MAX_TASK_KEY
 from ..errors import LocalProtocolError, RemoteProtocolError
+from .taskrecords import Task
 from .wire import PACK_ERRORS, Kind, error_body, unpack_body, unpack_header
 
 
@@ -40,6 +41,19 @@ def pack_tasks(tasks: list[tuple[str, int, bytes, str | None]]) -> bytes:
         # The usual item (first attempt, no key) costs one encoding call, not three.
         add(b"\x94" + pack(task_id) + (_SMALL_INTS[attempt] if attempt < 128 else pack(attempt))
             + payload + (_NIL if key is None else pack(key)))
+    return b"".join(parts)
+
+
+def pack_task_records(tasks: list[Task]) -> bytes:
+    """:func:`pack_tasks` of the current delivery of each :class:`Task` (its ``id``,
+    ``attempts``, ``payload`` and ``key``), without a tuple per task: the dispatcher's path."""
+    pack = msgpack.Packer().pack
+    parts = [_array_header(len(tasks))]
+    add = parts.append
+    for task in tasks:
+        attempt, key = task.attempts, task.key
+        add(b"\x94" + pack(task.id) + (_SMALL_INTS[attempt] if attempt < 128 else pack(attempt))
+            + task.payload + (_NIL if key is None else pack(key)))
     return b"".join(parts)
 
 

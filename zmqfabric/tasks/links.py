@@ -66,7 +66,7 @@ class WorkerLink:
         return len(tasks) if self._send_batch(tasks[start:]) else start
 
     def _send_batch(self, tasks: list[Task]) -> bool:
-        body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
+        body = task_frames.pack_task_records(tasks)
         header = wire.pack_header(wire.Kind.TASK, 0, time.time())
         try:
             send_frames(self.sock, [b"", header, body], NOBLOCK)
