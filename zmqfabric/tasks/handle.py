@@ -182,12 +182,7 @@ def settle(owner: HandleOwner, changes: list[tuple[TaskHandle, HandleState, Any]
     fire: list[Callable[[], Any]] = []
     with owner.handle_lock:
         for handle, state, value in changes:
-            if handle._waiters is None and handle.key is None and state > handle._state:
-                handle._state = state  # the usual handle, nobody waiting: advance() inlined
-                if state >= _DONE:
-                    handle._value = value
-            else:
-                handle.advance(state, value, fire)
+            handle.advance(state, value, fire)
     for fn in fire:
         fn()
 
@@ -198,13 +193,7 @@ def settle_done(owner: HandleOwner, tasks: list[Any]) -> None:
     fire: list[Callable[[], Any]] = []
     with owner.handle_lock:
         for task in tasks:
-            handle = task.ref
-            if handle is None:
-                continue
-            if handle._waiters is None and handle.key is None and handle._state < _DONE:
-                handle._state = _DONE
-                handle._value = task.value
-            else:
-                handle.advance(_DONE, task.value, fire)
+            if task.ref is not None:
+                task.ref.advance(_DONE, task.value, fire)
     for fn in fire:
         fn()
