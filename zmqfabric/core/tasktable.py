@@ -61,7 +61,10 @@ from .taskworkers import Key, WorkerView, is_current, spread
 __all__ = ["DEADLINE_EXCEEDED", "NOTHING", "WORKER_LOST", "Outcome", "RetryPolicy", "Task",
            "TaskState", "TaskTable", "TaskTableStats", "check_deadline"]
 
+#: Module globals: on Python 3.11 an enum class's attribute goes through EnumType.__getattr__
+#: (~900 instructions), and these are read per task.
 _IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
+_DONE, _DEAD = TaskState.DONE, TaskState.DEAD
 
 
 class TaskTable:
@@ -287,7 +290,7 @@ class TaskTable:
             if ok:
                 if task.state is _IN_FLIGHT:
                     self.in_flight -= 1
-                task.state = TaskState.DONE
+                task.state = _DONE
                 task.value = value
                 task.worker = None
                 del tasks[task_id]
@@ -374,7 +377,7 @@ class TaskTable:
         task.charged += 1
         if task.charged < task.max_attempts:
             return True
-        task.state = TaskState.DEAD
+        task.state = _DEAD
         del self._tasks[task.id]
         self.dead += 1
         dead.append(task)

@@ -36,7 +36,7 @@ class HandleState(enum.IntEnum):
 
 #: Read for every task (submit, dispatcher thread): a module global reads ~8 times faster than
 #: an enum member.
-_QUEUED, _DONE = HandleState.QUEUED, HandleState.DONE
+_QUEUED, _DONE, _FAILED = HandleState.QUEUED, HandleState.DONE, HandleState.FAILED
 
 
 class HandleOwner(Protocol):
@@ -77,16 +77,16 @@ class TaskHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ``done()``; False after ``timeout`` seconds."""
-        return self._wait(HandleState.DONE, timeout)
+        return self._wait(_DONE, timeout)
 
     def result(self, timeout: float | None = None) -> Any:
         """The handler's return value. Raises TaskFailedError (dead-lettered), ClosedError (the
         node closed before the task settled), FabricTimeoutError (not done within ``timeout``)."""
-        if not self._wait(HandleState.DONE, timeout):
+        if not self._wait(_DONE, timeout):
             raise FabricTimeoutError(
                 f"task {self.id} of {self.name!r} not done within {timeout:g} s", timeout=timeout
             )
-        if self._state is HandleState.FAILED:
+        if self._state is _FAILED:
             raise self._value
         return self._value
 

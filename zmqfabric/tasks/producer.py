@@ -56,6 +56,7 @@ _rlog = RateLimitedLog(log)
 _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 #: Messages read from one worker per round, and submitted tasks taken per round (fairness).
 _READ_BATCH = 256
+_RESULT = wire.Kind.RESULT  # per message: a module global, not an enum class attribute
 _TAKE_BATCH = 8192
 
 
@@ -309,7 +310,7 @@ class Dispatcher:
                 _rlog.warning("task-results", "task %r: dropped a malformed message from %s: %s",
                               link.name, url, exc)
                 continue
-            if kind is wire.Kind.RESULT:
+            if kind is _RESULT:
                 self._collect(link.name, table.on_results(url, body, now))
             else:
                 table.set_credit(url, body[0], now, body[1])

@@ -287,9 +287,12 @@ class NodeTasks:
                 admitted = True
             recorder = self._recorder
             if recorder is not None:
-                recorder.record([(t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts)
-                                 for t in tasks])
-                settle(self, [(t.ref, _RECORDED, None) for t in tasks])
+                rows, recorded = [], []  # loops, not comprehensions: no function made per call
+                for t in tasks:
+                    rows.append((t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts))
+                    recorded.append((t.ref, _RECORDED, None))
+                recorder.record(rows)
+                settle(self, recorded)
             dispatcher.submit(name, tasks)
         except BaseException as exc:
             for task in tasks:

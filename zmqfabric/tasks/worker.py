@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: A result this long in the making is sent at once, with those waiting for its producer.
 _SLOW_S = TASK_RESULT_FLUSH_S / 10
 _monotonic = time.monotonic
+#: Read per message: module globals, not enum class attributes (slow on Python 3.11).
+_TASK, _RESULT = wire.Kind.TASK, wire.Kind.RESULT
 
 #: (task name, wire item [task_id, attempt, payload, key]) of the task being handled.
 _CURRENT: contextvars.ContextVar[tuple[str, list[Any]]] = contextvars.ContextVar("zmqfabric_task")
@@ -138,7 +140,7 @@ class TaskEndpoint(Bound):
             kind, items = task_frames.parse_to_worker(frames[2:])
         except RemoteProtocolError:
             return None  # refused by accept, the general way
-        if kind is not wire.Kind.TASK:
+        if kind is not _TASK:
             return None
         route = frames[:2]
         peer = route[0]
@@ -220,7 +222,7 @@ class TaskEndpoint(Bound):
     # --- sending -------------------------------------------------------------------------------
 
     def _send_results(self, route: list[bytes], results: list[list[Any]]) -> None:
-        self._send(route, wire.Kind.RESULT, task_frames.pack_results(results))
+        self._send(route, _RESULT, task_frames.pack_results(results))
 
     def _send(self, route: list[bytes], kind: wire.Kind, body: bytes) -> None:
         try:
