@@ -36,7 +36,8 @@ class HandleState(enum.IntEnum):
 
 #: Read for every task (submit, dispatcher thread): a module global reads ~8 times faster than
 #: an enum member.
-_QUEUED, _DONE, _FAILED = HandleState.QUEUED, HandleState.DONE, HandleState.FAILED
+_QUEUED, _RECORDED = HandleState.QUEUED, HandleState.RECORDED
+_DONE, _FAILED = HandleState.DONE, HandleState.FAILED
 
 
 class HandleOwner(Protocol):
@@ -157,6 +158,12 @@ class TaskHandle:
                 self._waiters = []
             self._waiters.append((level, event.set))
         return event.wait(timeout)
+
+    def mark_recorded(self) -> None:
+        """In the journal now: for a handle no other thread can have yet (not returned by
+        ``submit``, no key), so without the lock and with no waiter to wake."""
+        if self._state is _QUEUED:
+            self._state = _RECORDED
 
     def advance(self, state: HandleState, value: Any, fire: list[Callable[[], Any]]) -> None:
         """Move to ``state`` (call with the owner's handle_lock held); collect due waiters."""

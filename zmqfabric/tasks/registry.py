@@ -51,8 +51,7 @@ if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 F = TypeVar("F", bound=Callable[..., Any])
-#: msgpack's encoder for a task body (what wire.pack_body calls, without its frame: hot path).
-_packb = msgpack.packb
+_Packer = msgpack.Packer
 _RECORDED = HandleState.RECORDED
 
 
@@ -183,7 +182,7 @@ class NodeTasks:
             deadline_s, attempts = self._options(name, deadline, max_attempts)
         if key is None:  # the hot path: _encode inlined
             try:
-                payload = _packb(body)
+                payload = _Packer().pack(body)  # what msgpack.packb does, one frame less
             except PACK_ERRORS:
                 payload = wire.pack_body(body)  # raises LocalProtocolError
             limit = self._node.config.max_message_size
@@ -287,12 +286,14 @@ class NodeTasks:
                 admitted = True
             recorder = self._recorder
             if recorder is not None:
-                rows, recorded = [], []  # loops, not comprehensions: no function made per call
+                rows = []  # a loop, not a comprehension: no function made per call
                 for t in tasks:
                     rows.append((t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts))
-                    recorded.append((t.ref, _RECORDED, None))
                 recorder.record(rows)
-                settle(self, recorded)
+                if count == 1 and tasks[0].key is None:  # nobody else has its handle yet
+                    tasks[0].ref.mark_recorded()
+                else:  # a keyed handle may be another submitter's already: under the lock
+                    settle(self, [(t.ref, _RECORDED, None) for t in tasks])
             dispatcher.submit(name, tasks)
         except BaseException as exc:
             for task in tasks:
