@@ -148,36 +148,41 @@ class TaskEndpoint(Bound):
         results: list[list[Any]] | None = None
         oldest = 0.0
         now = _monotonic()
-        for item in items:
-            if results is None:
-                pending = self._pending.get(peer)
-                if pending is None:
-                    pending = self._pending[peer] = (route, [], now)
-                results, oldest = pending[1], pending[2]
-            # The SlotBoard's record of slot 0 and enter/leave, inlined (no Job: one is made
-            # for the log if the handler raises).
-            started[0] = now
-            token = _CURRENT.set((name, item))
-            try:
-                results.append([item[0], item[1], True, handler(item[2])])
-            except BaseException as exc:
-                job = Job(route, item, item[2])
-                job.started = now
-                status, error = outcome(self, job, exc)
-                if status is FATAL:
-                    return FATAL, error  # nothing sent: the task goes to another worker
-                self.failed += 1
-                results.append([item[0], item[1], False, wire.error_body(error)])
-            finally:
-                _CURRENT.reset(token)
-                started[0] = 0.0
-            self.handled += 1
-            end = _monotonic()
-            if end - now >= _SLOW_S or end - oldest >= TASK_RESULT_FLUSH_S:
-                del self._pending[peer]
-                self._send_results(route, results)
-                results = None
-            now = end
+        # One Job for the batch, following the task that runs: the SlotBoard describes it if
+        # its slot hangs, and a failure's log names it. Slot 0's start is written directly.
+        job = Job(route, None, None)
+        board = self.slots
+        board.begin(0, job, now)
+        try:
+            for item in items:
+                if results is None:
+                    pending = self._pending.get(peer)
+                    if pending is None:
+                        pending = self._pending[peer] = (route, [], now)
+                    results, oldest = pending[1], pending[2]
+                job.ref, job.arg, job.started = item, item[2], now
+                started[0] = now
+                token = _CURRENT.set((name, item))  # enter/leave inlined
+                try:
+                    results.append([item[0], item[1], True, handler(item[2])])
+                except BaseException as exc:
+                    status, error = outcome(self, job, exc)
+                    if status is FATAL:
+                        return FATAL, error  # nothing sent: the task goes to another worker
+                    self.failed += 1
+                    results.append([item[0], item[1], False, wire.error_body(error)])
+                finally:
+                    _CURRENT.reset(token)
+                    started[0] = 0.0
+                self.handled += 1
+                end = _monotonic()
+                if end - now >= _SLOW_S or end - oldest >= TASK_RESULT_FLUSH_S:
+                    del self._pending[peer]
+                    self._send_results(route, results)
+                    results = None
+                now = end
+        finally:
+            board.end(0)
         return OK, None
 
     def enter(self, job: Job) -> contextvars.Token[tuple[str, list[Any]]]:
