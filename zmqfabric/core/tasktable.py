@@ -14,7 +14,9 @@ its decisions into frames, journal writes and dead letters. A task moves through
 
 - **Credit and slots.** Each worker grants a window (its prefetch) and runs ``slots`` tasks at
   once, in the order received. It never holds more than its window of our deliveries, and a
-  delivery stays *held* until answered or the worker is lost, even once its task moved on.
+  delivery stays *held* until answered or the worker is lost, even once its task moved on. A
+  busy worker is refilled in batches: only once half its window beyond its slots is free, or
+  at once when fewer tasks wait (:meth:`~.taskworkers.WorkerView.ready_for`).
 - **Attempts are charged only to deliveries that may have started**: a worker's oldest
   ``slots`` unanswered ones (:mod:`.taskworkers`). Their failures (the handler raised, the
   deadline passed, the worker was lost) use an attempt; deliveries queued behind them go
@@ -61,10 +63,8 @@ from .taskworkers import Key, WorkerView, is_current, spread
 __all__ = ["DEADLINE_EXCEEDED", "NOTHING", "WORKER_LOST", "Outcome", "RetryPolicy", "Task",
            "TaskState", "TaskTable", "TaskTableStats", "check_deadline"]
 
-#: Module globals: on Python 3.11 an enum class's attribute goes through EnumType.__getattr__
-#: (~900 instructions), and these are read per task.
 _IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
-_DONE, _DEAD = TaskState.DONE, TaskState.DEAD
+_DONE, _DEAD = TaskState.DONE, TaskState.DEAD  # per task: globals (enum attributes are slow)
 
 
 class TaskTable:
@@ -214,11 +214,8 @@ class TaskTable:
         return list(batches.items())
 
     def _spread(self, now: float, batches: dict[str, list[Task]]) -> None:
-        # Batching: a worker takes more only once it has room for its low water mark, or for
-        # every task waiting (a lone task leaves at once). See WorkerView.low_water.
-        waiting = len(self._waiting.pending)
-        ready = [w for w in self._workers.values() if w.room() >= min(w.low_water(), waiting)
-                 and w.room() > 0]
+        waiting = len(self._waiting.pending)  # batching: see WorkerView.ready_for
+        ready = [w for w in self._workers.values() if w.ready_for(waiting)]
         if ready:
             start = self._turn % len(ready)
             self._turn += 1
@@ -393,14 +390,6 @@ class TaskTable:
         """A snapshot of the counters (safe to call from another thread; may be a tick old)."""
         in_flight = self.in_flight
         return TaskTableStats(
-            queued=max(0, len(self._tasks) - in_flight),
-            in_flight=in_flight,
-            done=self.done,
-            retried=self.retried,
-            redelivered=self.redelivered,
-            dead=self.dead,
-            late=self.late,
-            workers=len(self._workers),
-            requeued=self.requeued,
-            hung=self.hung,
-        )
+            queued=max(0, len(self._tasks) - in_flight), in_flight=in_flight, done=self.done,
+            retried=self.retried, redelivered=self.redelivered, dead=self.dead, late=self.late,
+            workers=len(self._workers), requeued=self.requeued, hung=self.hung)

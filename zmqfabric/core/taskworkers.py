@@ -58,6 +58,12 @@ class WorkerView:
         not one message per result that came back."""
         return max(1, (self.window - self.slots) // 2)
 
+    def ready_for(self, waiting: int) -> bool:
+        """Whether to give this worker tasks now, ``waiting`` of them: room for its low water
+        mark, or for every one (a lone task leaves at once)."""
+        room = self.room()
+        return room > 0 and room >= min(self.low_water(), waiting)
+
     def idle(self) -> bool:
         """Nothing of ours runs or waits here but overdue deliveries, and a slot is free: a
         delivery sent now starts at once, with nothing unanswered before it."""
