@@ -85,6 +85,34 @@ def test_pending_tasks_are_spread_over_workers_with_room() -> None:
     assert sum(len(ts) for _, ts in table.assign(0.0)) == 1
 
 
+def test_a_busy_worker_is_refilled_in_batches_and_a_lone_task_leaves_at_once() -> None:
+    """Batching: a worker holding more than its low water mark (half its window beyond its
+    slots) takes more only once that much room is free, so tasks leave in messages of at least
+    that many; fewer tasks than that waiting leave at once (the lone task is never held)."""
+    table = TaskTable("job")
+    table.set_credit("a", 64, 0.0, 2)  # low water (64 - 2) // 2 = 31
+    tasks = [task(i) for i in range(200)]
+    table.submit_many(tasks)
+    assert sent(table.assign(0.0)) == {"a": [str(i) for i in range(64)]}
+    table.on_results("a", [ok(t) for t in tasks[:30]], 1.0)  # room 30 < 31, 136 waiting
+    assert table.assign(1.0) == [] and table.credit("a") == 30
+    table.on_results("a", [ok(tasks[30])], 1.0)  # room 31: refilled with 31 at once
+    assert sent(table.assign(1.0)) == {"a": [str(i) for i in range(64, 95)]}
+    drained = TaskTable("job")
+    drained.set_credit("a", 64, 0.0, 2)
+    busy = [task(f"b{i}") for i in range(60)]
+    drained.submit_many(busy)
+    assert len(sent(drained.assign(0.0))["a"]) == 60
+    drained.submit(task("lone"))  # room 4 < 31, but it is all that waits: it leaves now
+    assert sent(drained.assign(0.0)) == {"a": ["lone"]}
+    drained.submit_many([task(f"c{i}") for i in range(5)])  # room 3 < 5 waiting: held
+    assert drained.assign(0.0) == []
+    window_of_slots = TaskTable("job")  # window == slots: no hold-back, every slot kept busy
+    window_of_slots.set_credit("a", 4, 0.0, 4)
+    window_of_slots.submit_many([task(f"s{i}") for i in range(10)])
+    assert len(sent(window_of_slots.assign(0.0))["a"]) == 4
+
+
 def test_handler_failure_retries_with_exponential_backoff_then_dead() -> None:
     table = TaskTable("job", RetryPolicy(backoff_s=1.0, backoff_max_s=3.0))
     table.set_credit("a", 1, 0.0)
@@ -573,6 +601,12 @@ def test_task_batches_round_trip(tasks: list[tuple[str, int, Any, str | None]]) 
     kind, items = task_frames.parse_to_worker([wire.pack_header(wire.Kind.TASK, 1, 0.0), body])
     assert kind is wire.Kind.TASK
     assert items == [[i, a, v, k] for i, a, v, k in tasks]
+    records = []  # the dispatcher's encoder of Task records writes the same bytes
+    for i, a, v, k in tasks:
+        record = Task(i, wire.pack_body(v), k)
+        record.attempts = a
+        records.append(record)
+    assert task_frames.pack_task_records(records) == body
 
 
 @settings(max_examples=60, deadline=None)

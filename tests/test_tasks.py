@@ -31,7 +31,6 @@ import zmqfabric.aio
 from tests.helpers import unique, wait_until
 from tests.procs import Child, ProcessGroup
 from zmqfabric.tasks.journal import Journal
-from zmqfabric.transport.inbox import Inbox
 
 #: Generous bound for anything that involves starting a process or discovery under load.
 SLOW = 20.0
@@ -340,26 +339,25 @@ def test_submissions_racing_with_close_all_settle(name) -> None:
 
 
 
-class _LateInbox(Inbox):
-    """An inbox whose next post says it has come (``entered``) and waits for ``go`` before
-    posting for real: the submit that passed the closing check, held while the test ends the
-    dispatcher's thread."""
+class _LateQueue(collections.deque):  # type: ignore[type-arg]
+    """The dispatcher's queue of submitted tasks, whose next append says it has come
+    (``entered``) and waits for ``go`` before appending for real: the submit that passed the
+    closing check, held while the test ends the dispatcher's thread."""
 
-    __slots__ = ()
     entered = threading.Event()
     go = threading.Event()
 
-    def post(self, fn: Callable[..., object], *args: Any) -> bool:
-        _LateInbox.entered.set()
-        _LateInbox.go.wait(SLOW)
-        return Inbox.post(self, fn, *args)  # (self may be an Inbox again by now)
+    def append(self, item: Any) -> None:
+        _LateQueue.entered.set()
+        _LateQueue.go.wait(SLOW)
+        super().append(item)
 
 
 @pytest.mark.parametrize("inbox_closed", [False, True], ids=["thread-ended", "inbox-closed"])
 def test_a_submit_posted_after_the_dispatcher_ended_fails_its_tasks(name, inbox_closed) -> None:
-    """The submit passed the closing check, then the thread ended before its post: the tasks
-    fail with ClosedError, posted to the still open inbox (they run as leftovers, in the
-    submitter's thread) or refused by the closed one (submit fails them itself)."""
+    """The submit passed the closing check, then the thread ended before it handed its tasks
+    over: they fail with ClosedError, in the submitter's thread (the thread is gone; the inbox
+    is still open, or closed and refuses the post)."""
     task = name("late")
     producer = zf.Node(unique("producer"), tasks=zf.TaskConfig(queue_limit=100))
     producer.start()
@@ -367,14 +365,13 @@ def test_a_submit_posted_after_the_dispatcher_ended_fails_its_tasks(name, inbox_
     try:
         producer.submit(task, 0)  # starts the dispatcher
         dispatcher = producer._tasks._dispatcher  # noqa: SLF001 - white-box: the race's window
-        _LateInbox.entered.clear()
-        _LateInbox.go.clear()
-        dispatcher._inbox.__class__ = _LateInbox  # noqa: SLF001
+        _LateQueue.entered.clear()
+        _LateQueue.go.clear()
+        dispatcher._incoming = _LateQueue(dispatcher._incoming)  # noqa: SLF001
         handles: list[Any] = []
         submitter = threading.Thread(target=lambda: handles.append(producer.submit(task, 1)))
         submitter.start()
-        assert _LateInbox.entered.wait(SLOW)
-        dispatcher._inbox.__class__ = Inbox  # noqa: SLF001 - the held post is already inside
+        assert _LateQueue.entered.wait(SLOW)
         if inbox_closed:
             dispatcher.close(SLOW)
             assert dispatcher._inbox.closed  # noqa: SLF001
@@ -383,13 +380,14 @@ def test_a_submit_posted_after_the_dispatcher_ended_fails_its_tasks(name, inbox_
             dispatcher._inbox.wake()  # noqa: SLF001
             dispatcher._thread.join(SLOW)  # noqa: SLF001
             assert dispatcher.closed and not dispatcher._inbox.closed  # noqa: SLF001
-        _LateInbox.go.set()
+        _LateQueue.go.set()
         submitter.join(SLOW)
         assert len(handles) == 1
         with pytest.raises(zf.ClosedError):
             handles[0].result(SLOW)
+        assert not dispatcher._incoming  # noqa: SLF001 - nothing left behind
     finally:
-        _LateInbox.go.set()
+        _LateQueue.go.set()
         producer.close()
 
 

@@ -5,11 +5,14 @@ one process."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import zmqfabric as zf
 from tests import test_tasks
+from tests.helpers import unique, wait_until
 from tests.test_tasks import SLOW, wait_workers
 
 worker_node = test_tasks.worker_node  # the fixture: an in-process worker node, serving
@@ -45,3 +48,27 @@ def test_a_burst_is_taken_by_the_batch_and_every_task_completes(
         stats = producer.task_stats()["submit"][task]
         assert stats["done"] == 3001 and stats["in_flight"] == 0 and stats["queued"] == 0
         producer.close()
+
+
+def test_a_hung_task_in_a_batch_is_named_in_the_log(make_node, name, caplog) -> None:
+    """The inline worker serves a task message whole (TaskEndpoint.serve_batch): a handler that
+    hangs there is still reported with its task, as a slot of the general path is."""
+    caplog.set_level(logging.INFO, logger="zmqfabric.patterns.handlers")
+    task = name("hangs")
+    node = zf.Node(unique("worker"), tasks=zf.TaskConfig(deadline_s=0.3))
+    release = threading.Event()
+    node.task(task)(lambda body: release.wait(SLOW) if body == "hang" else body)
+    node.start()
+    node.serve_in_background()
+    try:
+        producer = make_node("producer")
+        wait_workers(producer, task, 1)
+        handles = producer.submit_many(task, [1, "hang", 3])  # one message: a batch
+        wait_until(lambda: any("its slot is hung" in r.getMessage()
+                               and f"on task {handles[1].id} (attempt 1)" in r.getMessage()
+                               for r in caplog.records), SLOW, "the hung task named")
+        release.set()
+        assert handles[0].result(SLOW) == 1 and handles[2].result(SLOW) == 3
+    finally:
+        release.set()
+        node.close()

@@ -27,6 +27,7 @@ import msgpack
 
 from ..constants import MAX_TASK_CREDIT, MAX_TASK_ID, MAX_TASK_KEY
 from ..errors import LocalProtocolError, RemoteProtocolError
+from .taskrecords import Task
 from .wire import PACK_ERRORS, Kind, error_body, unpack_body, unpack_header
 
 
@@ -43,6 +44,21 @@ def pack_tasks(tasks: list[tuple[str, int, bytes, str | None]]) -> bytes:
     return b"".join(parts)
 
 
+def pack_task_records(tasks: list[Task]) -> bytes:
+    """:func:`pack_tasks` of the current delivery of each :class:`Task` (its ``id``,
+    ``attempts``, ``payload`` and ``key``), without a tuple per task: the dispatcher's path."""
+    pack = msgpack.Packer().pack
+    parts = [_array_header(len(tasks))]
+    add = parts.append
+    for task in tasks:
+        attempt, key = task.attempts, task.key
+        add(b"\x94" + pack(task.id) + (_SMALL_INTS[attempt] if attempt < 128 else pack(attempt))
+            + task.payload + (_NIL if key is None else pack(key)))
+    return b"".join(parts)
+
+
+#: Kinds read per message: module globals (an enum class's attribute is slow on Python 3.11).
+_TASK, _RESULT, _CREDIT = Kind.TASK, Kind.RESULT, Kind.CREDIT
 #: msgpack's encodings of 0..127 (positive fixint: the byte itself) and of nil.
 _SMALL_INTS = [bytes((i,)) for i in range(128)]
 _NIL = b"\xc0"
@@ -90,7 +106,7 @@ def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:
         raise RemoteProtocolError(f"task message must be [header, body], got {len(payload)} frames")
     header = unpack_header(payload[0])
     body = unpack_body(payload[1], header.raw)
-    if header.kind is Kind.TASK:
+    if header.kind is _TASK:
         _check_items(body, "task")
         for item in body:
             task_id, attempt, _, key = item
@@ -98,7 +114,7 @@ def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:
             if key is not None and (type(key) is not str or len(key) > MAX_TASK_KEY):
                 raise RemoteProtocolError("task key must be nil or a string of <= 256 characters")
         return header.kind, body
-    if header.kind is Kind.CREDIT:
+    if header.kind is _CREDIT:
         if not isinstance(body, dict):
             raise RemoteProtocolError("credit request body must be a map")
         return header.kind, body
@@ -116,7 +132,7 @@ def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
         )
     header = unpack_header(frames[1])
     body = unpack_body(frames[2], header.raw)
-    if header.kind is Kind.RESULT:
+    if header.kind is _RESULT:
         _check_items(body, "result")
         for item in body:  # the producer's hot path: _check_id inlined for the usual item
             task_id, attempt, ok, value = item
@@ -136,7 +152,7 @@ def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
                     "failed result value must be {'type': str, 'message': str}"
                 )
         return header.kind, body
-    if header.kind is Kind.CREDIT:
+    if header.kind is _CREDIT:
         credit = body.get("credit") if isinstance(body, dict) else None
         if type(credit) is not int or not 1 <= credit <= MAX_TASK_CREDIT:
             raise RemoteProtocolError(f"credit must be an integer from 1 to {MAX_TASK_CREDIT}")

@@ -14,7 +14,9 @@ its decisions into frames, journal writes and dead letters. A task moves through
 
 - **Credit and slots.** Each worker grants a window (its prefetch) and runs ``slots`` tasks at
   once, in the order received. It never holds more than its window of our deliveries, and a
-  delivery stays *held* until answered or the worker is lost, even once its task moved on.
+  delivery stays *held* until answered or the worker is lost, even once its task moved on. A
+  busy worker is refilled in batches: only once half its window beyond its slots is free, or
+  at once when fewer tasks wait (:meth:`~.taskworkers.WorkerView.ready_for`).
 - **Attempts are charged only to deliveries that may have started**: a worker's oldest
   ``slots`` unanswered ones (:mod:`.taskworkers`). Their failures (the handler raised, the
   deadline passed, the worker was lost) use an attempt; deliveries queued behind them go
@@ -62,6 +64,7 @@ __all__ = ["DEADLINE_EXCEEDED", "NOTHING", "WORKER_LOST", "Outcome", "RetryPolic
            "TaskState", "TaskTable", "TaskTableStats", "check_deadline"]
 
 _IN_FLIGHT, _PENDING = TaskState.IN_FLIGHT, TaskState.PENDING
+_DONE, _DEAD = TaskState.DONE, TaskState.DEAD  # per task: globals (enum attributes are slow)
 
 
 class TaskTable:
@@ -211,7 +214,8 @@ class TaskTable:
         return list(batches.items())
 
     def _spread(self, now: float, batches: dict[str, list[Task]]) -> None:
-        ready = [w for w in self._workers.values() if w.room() > 0]
+        waiting = len(self._waiting.pending)  # batching: see WorkerView.ready_for
+        ready = [w for w in self._workers.values() if w.ready_for(waiting)]
         if ready:
             start = self._turn % len(ready)
             self._turn += 1
@@ -283,7 +287,7 @@ class TaskTable:
             if ok:
                 if task.state is _IN_FLIGHT:
                     self.in_flight -= 1
-                task.state = TaskState.DONE
+                task.state = _DONE
                 task.value = value
                 task.worker = None
                 del tasks[task_id]
@@ -370,7 +374,7 @@ class TaskTable:
         task.charged += 1
         if task.charged < task.max_attempts:
             return True
-        task.state = TaskState.DEAD
+        task.state = _DEAD
         del self._tasks[task.id]
         self.dead += 1
         dead.append(task)
@@ -386,14 +390,6 @@ class TaskTable:
         """A snapshot of the counters (safe to call from another thread; may be a tick old)."""
         in_flight = self.in_flight
         return TaskTableStats(
-            queued=max(0, len(self._tasks) - in_flight),
-            in_flight=in_flight,
-            done=self.done,
-            retried=self.retried,
-            redelivered=self.redelivered,
-            dead=self.dead,
-            late=self.late,
-            workers=len(self._workers),
-            requeued=self.requeued,
-            hung=self.hung,
-        )
+            queued=max(0, len(self._tasks) - in_flight), in_flight=in_flight, done=self.done,
+            retried=self.retried, redelivered=self.redelivered, dead=self.dead, late=self.late,
+            workers=len(self._workers), requeued=self.requeued, hung=self.hung)

@@ -51,6 +51,19 @@ class WorkerView:
             return 0
         return max(0, self.window - len(self.held))
 
+    def low_water(self) -> int:
+        """The room below which this worker is not refilled while more tasks than that wait:
+        half its window beyond its slots (at least 1). It then still holds at least ``slots``
+        deliveries, so no slot goes idle, and its tasks arrive in messages of that many or more,
+        not one message per result that came back."""
+        return max(1, (self.window - self.slots) // 2)
+
+    def ready_for(self, waiting: int) -> bool:
+        """Whether to give this worker tasks now, ``waiting`` of them: room for its low water
+        mark, or for every one (a lone task leaves at once)."""
+        room = self.room()
+        return room > 0 and room >= min(self.low_water(), waiting)
+
     def idle(self) -> bool:
         """Nothing of ours runs or waits here but overdue deliveries, and a slot is free: a
         delivery sent now starts at once, with nothing unanswered before it."""

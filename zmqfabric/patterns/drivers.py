@@ -151,9 +151,11 @@ class ThreadDriver:
         assert self._waker is not None
         token = self._waker.token
         flushes = ep.flushes
-        #: An endpoint's own hot path for a message it serves whole (optional; see Served).
-        serve_one: Callable[[list[bytes]], tuple[Status, Any] | None] | None = (
-            None if flushes else getattr(ep, "serve_one", None))
+        #: An endpoint's own hot path for a message it serves whole (optional; see Served): an
+        #: endpoint that flushes names it ``serve_batch`` (a task endpoint: a batch of tasks,
+        #: outcomes held for ``flush`` as ``done`` holds them), one that does not ``serve_one``.
+        serve_one: Callable[[list[bytes]], tuple[Status, Any] | None] | None = getattr(
+            ep, "serve_batch" if flushes else "serve_one", None)
         sock.setsockopt(zmq.RCVTIMEO, _IDLE_MS)
         held = 0
         while not self._stopping:
@@ -171,6 +173,11 @@ class ThreadDriver:
                 if done[0] is FATAL:  # served whole by the endpoint's hot path
                     self._fatal(done[1])
                     return
+                if flushes:
+                    held += 1
+                    if held >= _BATCH or not _GET(sock, _EVENTS) & _POLLIN:
+                        held = 0
+                        ep.flush()
             else:
                 # Served even if a stop came meanwhile: taken off the socket, it would be lost
                 # (run() in a loop restarts its drivers); one not yet read waits in the socket.

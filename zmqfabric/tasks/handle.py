@@ -36,7 +36,8 @@ class HandleState(enum.IntEnum):
 
 #: Read for every task (submit, dispatcher thread): a module global reads ~8 times faster than
 #: an enum member.
-_QUEUED, _DONE = HandleState.QUEUED, HandleState.DONE
+_QUEUED, _RECORDED = HandleState.QUEUED, HandleState.RECORDED
+_DONE, _FAILED = HandleState.DONE, HandleState.FAILED
 
 
 class HandleOwner(Protocol):
@@ -77,16 +78,16 @@ class TaskHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ``done()``; False after ``timeout`` seconds."""
-        return self._wait(HandleState.DONE, timeout)
+        return self._wait(_DONE, timeout)
 
     def result(self, timeout: float | None = None) -> Any:
         """The handler's return value. Raises TaskFailedError (dead-lettered), ClosedError (the
         node closed before the task settled), FabricTimeoutError (not done within ``timeout``)."""
-        if not self._wait(HandleState.DONE, timeout):
+        if not self._wait(_DONE, timeout):
             raise FabricTimeoutError(
                 f"task {self.id} of {self.name!r} not done within {timeout:g} s", timeout=timeout
             )
-        if self._state is HandleState.FAILED:
+        if self._state is _FAILED:
             raise self._value
         return self._value
 
@@ -158,6 +159,12 @@ class TaskHandle:
             self._waiters.append((level, event.set))
         return event.wait(timeout)
 
+    def mark_recorded(self) -> None:
+        """In the journal now: for a handle no other thread can have yet (not returned by
+        ``submit``, no key), so without the lock and with no waiter to wake."""
+        if self._state is _QUEUED:
+            self._state = _RECORDED
+
     def advance(self, state: HandleState, value: Any, fire: list[Callable[[], Any]]) -> None:
         """Move to ``state`` (call with the owner's handle_lock held); collect due waiters."""
         if state <= self._state:
@@ -183,5 +190,17 @@ def settle(owner: HandleOwner, changes: list[tuple[TaskHandle, HandleState, Any]
     with owner.handle_lock:
         for handle, state, value in changes:
             handle.advance(state, value, fire)
+    for fn in fire:
+        fn()
+
+
+def settle_done(owner: HandleOwner, tasks: list[Any]) -> None:
+    """Settle the handles (``task.ref``, None for a task without one) of tasks done with
+    ``task.value``: :func:`settle` without a tuple per task (dispatcher thread, hot path)."""
+    fire: list[Callable[[], Any]] = []
+    with owner.handle_lock:
+        for task in tasks:
+            if task.ref is not None:
+                task.ref.advance(_DONE, task.value, fire)
     for fn in fire:
         fn()

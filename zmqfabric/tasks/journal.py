@@ -44,7 +44,6 @@ import contextlib
 import errno
 import logging
 import os
-import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -87,18 +86,6 @@ class JournalEntry:
     max_attempts: int
 
 
-#: Open journals, so that a process forked from the producer does not keep the lock for as long as
-#: it lives (the lock belongs to the open file, which a fork shares): the child closes its copies.
-_OPEN: weakref.WeakSet[Journal] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for journal in list(_OPEN):
-        journal.drop_after_fork()
-    _OPEN.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Journal:
@@ -126,12 +113,12 @@ class Journal:
         if self._fd is not None:
             raise JournalError(self.path, "already open")
         self._fd = journal_file.lock(self.path)
-        _OPEN.add(self)
+        journal_file.OPEN.add(self)  # a forked child drops its copy of the lock
         try:
             return self._load(self._fd)
         except BaseException:
             fd, self._fd = self._fd, None  # a conversion may have replaced the first one
-            _OPEN.discard(self)
+            journal_file.OPEN.discard(self)
             if fd is not None:
                 os.close(fd)
             raise
@@ -190,15 +177,10 @@ class Journal:
 
     def _convert(self) -> list[JournalEntry]:
         """The file is a journal of the previous release: carry its tasks over."""
-        rows, bad = journal_legacy.read(self.path)
         assert self._fd is not None
-        aside = journal_file.keep_legacy(self.path, self._fd, journal_legacy.SIDE_FILES)
-        if bad:
-            self.quarantined += len(bad)
-            log.warning("journal %s: %d malformed rows of the sqlite journal not carried over "
-                        "(first: %s); they stay in %s", self.path, len(bad), bad[0][0], aside)
-            journal_file.set_aside(self.path + QUARANTINE_SUFFIX, [
-                {"reason": r, "sqlite_row": repr(row)[:4096], "file": aside} for r, row in bad])
+        rows, aside, bad = journal_legacy.take_over(self.path, self._fd,
+                                                    self.path + QUARANTINE_SUFFIX)
+        self.quarantined += bad
         records = ((row[0], frame(self._pack((ADD, *row)))) for row in rows)
         if not self._rewrite(records):
             raise JournalError(self.path, "cannot convert the previous release's journal")
@@ -388,13 +370,14 @@ class Journal:
         finally:
             fd, self._fd = self._fd, None
             self._pending = []
-            _OPEN.discard(self)
+            journal_file.OPEN.discard(self)
             if fd is not None:
                 os.close(fd)
 
     def drop_after_fork(self) -> None:
-        """In a process forked from the one that opened it (the fork hook calls it): close this
-        copy of the file without writing, so that the lock goes with the opener. Idempotent."""
+        """In a process forked from the one that opened it (:data:`journal_file.OPEN`'s fork
+        hook calls it): close this copy of the file without writing, so that the lock goes with
+        the opener. Idempotent."""
         fd, self._fd = self._fd, None
         self._pending = []
         if fd is not None:

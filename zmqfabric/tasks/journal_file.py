@@ -1,8 +1,9 @@
-"""File plumbing of the task journal (:mod:`.journal`): the lock, whole-file reads and writes,
-a new file renamed into place, the quarantine file, the previous release's file kept aside.
+"""File plumbing of the task journal (:mod:`.journal`): the lock (and the open journals, whose
+copies of it a forked child lets go), whole-file reads and writes, a new file renamed into
+place, the quarantine file, the previous release's file kept aside.
 
-Every file is opened through :mod:`.files` (0600, no link, regular, ours). Thread-safe (no
-state); errors are OSError unless a function says otherwise.
+Every file is opened through :mod:`.files` (0600, no link, regular, ours). Thread-safe (the one
+state, :data:`OPEN`, is a WeakSet); errors are OSError unless a function says otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Iterable
+import weakref
+from typing import Any, Iterable, Protocol
 
 from ..errors import JournalError
 from .files import open_private
@@ -26,6 +28,25 @@ LEGACY_SUFFIX = ".sqlite"
 #: Compaction's new file, until it is renamed over the journal.
 COMPACT_SUFFIX = ".compact"
 _CHUNK = 1 << 20  # bytes written at a time when a file is rewritten
+
+
+class Droppable(Protocol):
+    def drop_after_fork(self) -> None: ...
+
+
+#: Open journals (each adds itself when it opens, and leaves when it closes), so that a process
+#: forked from the producer does not keep the lock for as long as it lives (the lock belongs to
+#: the open file, which a fork shares): the child closes its copies.
+OPEN: weakref.WeakSet[Droppable] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for journal in list(OPEN):
+        journal.drop_after_fork()
+    OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def lock(path: str) -> int:

@@ -12,13 +12,17 @@ Thread-safe (no state).
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 from typing import Any
 from urllib.parse import quote
 
 from ..errors import JournalError
+from . import journal_file
 from .files import check_existing
 from .journal_log import Row, check_task
+
+log = logging.getLogger(__name__)
 
 #: Files sqlite may keep beside a journal of the previous release.
 SIDE_FILES = ("-wal", "-journal", "-shm")
@@ -67,3 +71,18 @@ def read(path: str) -> tuple[list[Row], list[tuple[str, Any]]]:
         else:
             bad.append((why, row))
     return good, bad
+
+
+def take_over(path: str, fd: int, quarantine: str) -> tuple[list[Row], str, int]:
+    """The journal at ``path`` (open as ``fd``, locked) is of the previous release: read its
+    tasks, set the sqlite file aside (returns where) and its malformed rows in ``quarantine``
+    (logged). Returns (tasks, the file set aside, how many rows were malformed). Raises
+    JournalError."""
+    rows, bad = read(path)
+    aside = journal_file.keep_legacy(path, fd, SIDE_FILES)
+    if bad:
+        log.warning("journal %s: %d malformed rows of the sqlite journal not carried over "
+                    "(first: %s); they stay in %s", path, len(bad), bad[0][0], aside)
+        journal_file.set_aside(quarantine, [
+            {"reason": r, "sqlite_row": repr(row)[:4096], "file": aside} for r, row in bad])
+    return rows, aside, len(bad)

@@ -20,6 +20,8 @@ from ..core import task_frames, wire
 from ..core.tasktable import Task, TaskTable
 from ..transport.frames import NOBLOCK, send_frames
 
+_TASK = wire.Kind.TASK  # per message: a module global, not an enum class attribute
+
 
 @dataclass(slots=True)
 class WorkerLink:
@@ -66,8 +68,8 @@ class WorkerLink:
         return len(tasks) if self._send_batch(tasks[start:]) else start
 
     def _send_batch(self, tasks: list[Task]) -> bool:
-        body = task_frames.pack_tasks([(t.id, t.attempts, t.payload, t.key) for t in tasks])
-        header = wire.pack_header(wire.Kind.TASK, 0, time.time())
+        body = task_frames.pack_task_records(tasks)
+        header = wire.pack_header(_TASK, 0, time.time())
         try:
             send_frames(self.sock, [b"", header, body], NOBLOCK)
         except zmq.ZMQError:

@@ -3,20 +3,23 @@
 It owns every socket it uses: one DEALER per worker of each task name (so it chooses the worker of
 every task), a socket monitor on each (:mod:`.links`) and the dead-letter publishers; it shares
 the journal with the submitters (:mod:`.recorder`: they record, it forgets). Other threads only
-post callables to its :class:`~zmqfabric.transport.inbox.Inbox` (a deque, and a pipe written
-once per sleep): ``submit`` (any thread) posts the taking of tasks, already on disk when there is
-a journal; the directory's watchers (discovery's thread) post the connection to a worker, or its
-loss. What is posted once the thread has ended runs in the poster's thread and fails the tasks.
+hand it work: ``submit`` (any thread) appends tasks, already on disk when there is a journal, to
+a deque, and posts one ``_take`` per batch of them to its
+:class:`~zmqfabric.transport.inbox.Inbox` (a deque of callables, and a pipe written once per
+sleep); the directory's watchers (discovery's thread) post the connection to a worker, or its
+loss. Tasks handed over once the thread has ended fail in the submitter's thread.
 
 Each round: wait or nap (:meth:`Dispatcher._wait`), read results and credit, then monitor events
 (a worker whose connection drops is lost: its tasks are redelivered at once), then new tasks,
 deadlines and retry timers, then dispatch to workers with credit (task messages split to stay
-under the size workers accept), then completions (journal deletes batched) and waiters. The
-decisions are the pure state machine's (:class:`zmqfabric.core.tasktable.TaskTable`).
+under the size workers accept), then completions (:mod:`.settling`: journal deletes batched,
+handles and waiters). The decisions are the pure state machine's
+(:class:`zmqfabric.core.tasktable.TaskTable`).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -25,24 +28,24 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
-from ..constants import JOURNAL_COMMIT_S, TASK_FRAME_OVERHEAD, TASK_NAP_MS, TASK_TICK_MS
+from ..constants import TASK_FRAME_OVERHEAD, TASK_NAP_MS, TASK_TICK_MS
 from ..core import task_frames, wire
 from ..core.records import EndpointKind
-from ..core.tasktable import Outcome, Task, TaskTable
+from ..core.tasktable import Task, TaskTable
 from ..errors import (
     ClosedError,
     FabricError,
     MessageTooLargeError,
     RemoteProtocolError,
-    TaskFailedError,
 )
 from ..stats import RateLimitedLog
 from ..transport.frames import NOBLOCK, recv_frames
 from ..transport.inbox import Inbox
 from .deadletters import DeadLetters
-from .handle import HandleOwner, HandleState, TaskHandle, settle
+from .handle import HandleOwner
 from .links import Links, WorkerLink
 from .recorder import Recorder
+from .settling import Settler
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -51,8 +54,9 @@ log = logging.getLogger(__name__)
 _rlog = RateLimitedLog(log)
 
 _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-#: Messages read from one worker per round, and posts (submissions...) taken per round (fairness).
+#: Messages read from one worker per round, and submitted tasks taken per round (fairness).
 _READ_BATCH = 256
+_RESULT = wire.Kind.RESULT  # per message: a module global, not an enum class attribute
 _TAKE_BATCH = 8192
 
 
@@ -65,9 +69,10 @@ class Dispatcher:
         self._tasks = tasks
         config = tasks.config
         self._retry = config.retry
-        self._recorder = recorder
         self._size_limit = node.config.max_message_size
         self._dead = DeadLetters(node, config.dead_letter_path)
+        self._settler = Settler(tasks, recorder, self._dead, node.name)
+        self._collect = self._settler.collect
         self._thread = threading.Thread(target=self._run, name=f"zmqfabric-tasks-{node.name}")
         self._inbox = Inbox()
         self._stopping = False
@@ -78,10 +83,9 @@ class Dispatcher:
         self._links = Links(self._poller)
         self._resumed: list[tuple[str, Task]] = []
         self._new: list[tuple[str, list[Task]]] = []
-        self._removals: list[str] = []
-        self._changes: list[tuple[TaskHandle, HandleState, Any]] = []
-        self._settled = 0
-        self._last_commit = 0.0
+        #: Submitted tasks not taken yet (see ``submit``); a ``_take`` is posted for them.
+        self._incoming: collections.deque[tuple[str, list[Task]]] = collections.deque()
+        self._take_posted = False
         self._hello = wire.pack_body({"from": node.name})
         self._napping = False
         #: Tasks wait for credit (after the round's dispatch): a nap ends with a result.
@@ -104,13 +108,22 @@ class Dispatcher:
         self._thread.start()
 
     def submit(self, name: str, tasks: list[Task]) -> None:
-        """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe."""
+        """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe.
+
+        The tasks go to a deque the thread empties each round; the inbox carries one post
+        (``_take``) per such batch, not one per call. Appended before ``_take_posted`` is read
+        and lowered by ``_take`` before it empties the deque, so a batch is either taken by a
+        ``_take`` under way or posts one itself (at worst a spare one)."""
         if self._stopping:
             raise ClosedError(f"node {self._node.name!r} is closing")
-        if not self._inbox.post(self._take, name, tasks):
-            self._fail(tasks)  # the inbox is closed: the thread is long gone
-        elif self.closed:  # the thread ended between our check and the post
-            self._inbox.run_leftovers()
+        self._incoming.append((name, tasks))
+        if not self._take_posted:
+            self._take_posted = True
+            if not self._inbox.post(self._take):
+                self._fail_incoming()  # the inbox is closed: the thread is long gone
+                return
+        if self.closed:  # the thread ended between our check and the append
+            self._fail_incoming()
 
     def _post(self, op: str, name: str, url: str) -> None:
         # discovery's thread: queue and wake (even a napping thread), never touch a socket
@@ -178,7 +191,7 @@ class Dispatcher:
                 self._collect(table.name, table.tick(now))
         self._dispatch(now)
         self._starved = any(t.waiting for t in self._tables.values())
-        self._finish(now)
+        self._settler.finish(now)
 
     def _wait(self, inbox: Inbox) -> dict[Any, int]:
         """Sleep until a post, a result or a timer, or nap (TASK_NAP_MS): a round, sends and
@@ -201,21 +214,40 @@ class Dispatcher:
         return min(TASK_TICK_MS, max(1, math.ceil((due - now) * 1000)))
 
     def _take_posts(self) -> None:
-        """Run what was posted (``_take``, ``_connect``, ``_drop``), also what is posted
-        meanwhile, up to _TAKE_BATCH: a busy submitter's tasks leave in large batches."""
-        inbox, taken = self._inbox, 0
-        while inbox.pending and taken < _TAKE_BATCH:
-            taken += inbox.run_pending(_TAKE_BATCH - taken)
+        """Run what was posted (``_take``, ``_connect``, ``_drop``); ``_take`` takes what was
+        submitted up to then, so a busy submitter's tasks leave in large batches."""
+        self._inbox.run_pending()
 
-    def _take(self, name: str, tasks: list[Task]) -> None:
-        """Posted by ``submit``: new tasks, queued at the round's ``_queue_new``. Once the thread
-        has ended (a leftover, run by any thread), they fail instead."""
+    def _take(self) -> None:
+        """Posted by ``submit``: take the new tasks (up to _TAKE_BATCH, the rest at the next
+        round), queued at the round's ``_queue_new``. Once the thread has ended (a leftover,
+        run by any thread), they fail instead."""
+        self._take_posted = False  # before emptying: see submit
         if self.closed:
-            self._fail(tasks)
+            self._fail_incoming()
             return
-        if name not in self._tables:
-            self._table(name)
-        self._new.append((name, tasks))
+        incoming, new, tables = self._incoming, self._new, self._tables
+        taken = 0
+        while incoming and taken < _TAKE_BATCH:
+            name, tasks = incoming.popleft()
+            if name not in tables:
+                self._table(name)
+            new.append((name, tasks))
+            taken += len(tasks)
+        if incoming and not self._take_posted:
+            self._take_posted = True
+            self._inbox.post(self._take)
+
+    def _fail_incoming(self) -> None:
+        """Fail what ``submit`` queued (any thread, once the dispatcher is gone): each batch is
+        taken by one thread only."""
+        incoming = self._incoming
+        while True:
+            try:
+                _, tasks = incoming.popleft()
+            except IndexError:
+                return
+            self._settler.fail_submitted(tasks)
 
     def _table(self, name: str) -> TaskTable:
         table = self._tables.get(name)
@@ -278,7 +310,7 @@ class Dispatcher:
                 _rlog.warning("task-results", "task %r: dropped a malformed message from %s: %s",
                               link.name, url, exc)
                 continue
-            if kind is wire.Kind.RESULT:
+            if kind is _RESULT:
                 self._collect(link.name, table.on_results(url, body, now))
             else:
                 table.set_credit(url, body[0], now, body[1])
@@ -292,8 +324,17 @@ class Dispatcher:
             return
         self._new = []
         tables = self._tables
-        for name, tasks in batch:
-            tables[name].submit_many(tasks)
+        if len(batch) == 1:
+            tables[batch[0][0]].submit_many(batch[0][1])
+            return
+        run: list[Task] = []
+        last = batch[0][0]
+        for name, tasks in batch:  # one call per run of a name, not one per submit
+            if name != last:
+                tables[last].submit_many(run)
+                run, last = [], name
+            run += tasks
+        tables[last].submit_many(run)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
@@ -331,75 +372,15 @@ class Dispatcher:
                 f"max_message_size of {self._size_limit}")))
         self._resumed = []
 
-    def _collect(self, name: str, outcome: Outcome) -> None:
-        if not outcome:
-            return
-        changes, removals, done_state = self._changes, self._removals, HandleState.DONE
-        journaled = self._recorder is not None
-        for task in outcome.done:
-            if task.ref is not None:
-                changes.append((task.ref, done_state, task.value))
-            if journaled:
-                removals.append(task.id)
-        for task in outcome.dead:
-            error_type, error = task.error or ("Error", "")
-            failure = TaskFailedError(name, task.id, task.charged, error_type, error)
-            if task.ref is not None:
-                changes.append((task.ref, HandleState.FAILED, failure))
-            removals.append(task.id)
-            self._dead.send(name, task, failure)
-        self._settled += len(outcome.done) + len(outcome.dead)
-
-    def _finish(self, now: float) -> None:
-        """Journal completions (batched), then wake the handles' waiters."""
-        if self._removals:
-            if self._recorder is None:
-                self._removals = []
-            elif now - self._last_commit >= JOURNAL_COMMIT_S:
-                self._recorder.forget(self._removals)
-                self._removals = []
-                self._last_commit = now
-        if self._changes:
-            changes, self._changes = self._changes, []
-            settle(self._tasks, changes)
-        if self._settled:
-            self._tasks.settled(self._settled)
-            self._settled = 0
-
     # --- closing -------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch = []
-        now = time.monotonic()
-        self._queue_new()  # taken but not queued yet: they fail below with the rest
-        try:
-            if self._recorder is not None and self._removals:
-                self._recorder.forget(self._removals)
-            self._removals = []
-        except Exception:
-            log.exception("%s: cannot save the task journal on close", self._node.name)
-        closed = ClosedError(f"node {self._node.name!r} closed before the task settled")
-        for table in self._tables.values():
-            for task in table.drain():
-                if task.ref is not None:  # a resumed task without a key has no handle
-                    self._changes.append((task.ref, HandleState.FAILED, closed))
-                self._settled += 1
-        self._finish(now)
+        self._queue_new()  # taken but not queued yet: they fail with the rest
+        self._settler.close(list(self._tables.values()), time.monotonic())
         self._links.close()
-        self._dead.close()
-        if self._recorder is not None:
-            self._recorder.close()
         self.closed = True
         self._inbox.run_leftovers()  # posted after the thread's last look: _take fails them
-
-    def _fail(self, tasks: list[Task]) -> None:
-        """Fail submitted tasks that the thread will never take (any thread)."""
-        closed = ClosedError(f"node {self._node.name!r} is closed")
-        changes: list[tuple[TaskHandle, HandleState, Any]] = [
-            (task.ref, HandleState.FAILED, closed) for task in tasks]
-        if changes:
-            settle(self._tasks, changes)
-            self._tasks.settled(len(changes))
-
+        self._fail_incoming()

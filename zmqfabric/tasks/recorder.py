@@ -52,7 +52,13 @@ class Recorder:
         if self._commit_lock.acquire(blocking=False):  # nobody committing: no queue either
             try:
                 if not self._queue:  # else others wait for this lock: take theirs along
-                    self._write(rows)
+                    journal = self.journal  # _write inlined (a thread submitting in a loop)
+                    try:
+                        journal.add_now(rows)
+                    except JournalError:
+                        journal.rollback()
+                        raise
+                    self.commits += 1
                     return
             finally:
                 self._commit_lock.release()

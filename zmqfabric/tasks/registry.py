@@ -26,6 +26,8 @@ import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
+import msgpack
+
 from ..constants import (
     MAX_TASK_KEY,
     TASK_DEDUPE_MAX_KEYS,
@@ -34,6 +36,7 @@ from ..constants import (
 )
 from ..core import wire
 from ..core.tasktable import Task, check_deadline
+from ..core.wire import PACK_ERRORS
 from ..errors import ClosedError, FabricTimeoutError, LocalProtocolError, MessageTooLargeError
 from ..runtime import NodeState
 from .config import TaskConfig, check_prefetch, validate_task_name
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 F = TypeVar("F", bound=Callable[..., Any])
+_Packer = msgpack.Packer
+_RECORDED = HandleState.RECORDED
 
 
 class NodeTasks:
@@ -69,6 +74,7 @@ class NodeTasks:
         self._cond = threading.Condition(self._count_lock)
         self._submitted = 0
         self._settled = 0
+        self._limit = config.queue_limit
         self._prefix = secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._names: set[str] = set()
@@ -174,7 +180,16 @@ class NodeTasks:
             deadline_s, attempts = config.deadline_s, config.max_attempts
         else:
             deadline_s, attempts = self._options(name, deadline, max_attempts)
-        payload = self._encode(body, key)
+        if key is None:  # the hot path: _encode inlined
+            try:
+                payload = _Packer().pack(body)  # what msgpack.packb does, one frame less
+            except PACK_ERRORS:
+                payload = wire.pack_body(body)  # raises LocalProtocolError
+            limit = self._node.config.max_message_size
+            if len(payload) + TASK_FRAME_OVERHEAD > limit:
+                raise MessageTooLargeError(len(payload) + TASK_FRAME_OVERHEAD, limit)
+        else:
+            payload = self._encode(body, key)
         dispatcher = self._dispatcher or self._start_dispatcher()
         handle = TaskHandle(f"{self._prefix}-{next(self._ids)}", name, key, self)
         if key is not None:
@@ -261,13 +276,24 @@ class NodeTasks:
         freed, and it is raised."""
         admitted = False
         try:
-            self._admit(len(tasks), timeout)
-            admitted = True
+            count = len(tasks)
+            with self._count_lock:  # the common case, room at once: _admit inlined
+                if not self._closed and self._submitted - self._settled + count <= self._limit:
+                    self._submitted += count
+                    admitted = True
+            if not admitted:
+                self._admit(count, timeout)
+                admitted = True
             recorder = self._recorder
             if recorder is not None:
-                recorder.record([(t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts)
-                                 for t in tasks])
-                settle(self, [(t.ref, HandleState.RECORDED, None) for t in tasks])
+                rows = []  # a loop, not a comprehension: no function made per call
+                for t in tasks:
+                    rows.append((t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts))
+                recorder.record(rows)
+                if count == 1 and tasks[0].key is None:  # nobody else has its handle yet
+                    tasks[0].ref.mark_recorded()
+                else:  # a keyed handle may be another submitter's already: under the lock
+                    settle(self, [(t.ref, _RECORDED, None) for t in tasks])
             dispatcher.submit(name, tasks)
         except BaseException as exc:
             for task in tasks:
@@ -281,11 +307,7 @@ class NodeTasks:
             raise
 
     def _admit(self, count: int, timeout: float | None) -> None:
-        limit = self.config.queue_limit
-        with self._count_lock:  # the common case: room at once
-            if not self._closed and self._submitted - self._settled + count <= limit:
-                self._submitted += count
-                return
+        limit = self._limit
         with self._cond:
             if self._closed:
                 raise ClosedError(f"node {self._node.name!r} is closed")
