@@ -73,14 +73,14 @@ def test_a_reply_arriving_between_requests_does_not_spin_the_loop(name) -> None:
         async with provider, Serving(provider), AioNode(name("client")) as client:
             requester = client.requester(service)
             calls = 0
-            wake = requester._wake
+            wake = requester._replies._wake
 
             def counted() -> None:
                 nonlocal calls
                 calls += 1
                 wake()
 
-            requester._wake = counted  # type: ignore[method-assign]  # before the first wait
+            requester._replies._wake = counted  # type: ignore[method-assign]  # before the first wait
             assert await bound(requester.request("warm", timeout=SLOW)) == "warm"
             with pytest.raises(zf.RequestTimeoutError):
                 await bound(requester.request("late", timeout=0.1))
