@@ -2,7 +2,7 @@
 side: load and the other processes on the machine do not change them, so they compare builds on
 a busy machine where wirebench's latencies cannot.
 
-One side (``client`` or ``service``) runs wirebench's ``rr`` half under
+One side (``client`` or ``service``; ``aio``: the asyncio one) runs wirebench's ``rr`` half under
 ``valgrind --tool=callgrind --separate-threads=yes``, the other runs plainly; this is done for
 two request counts, and the figure is the largest difference of one thread's instructions (the
 working thread: the service's driver, the client's main thread) over the difference of the
@@ -49,9 +49,36 @@ def aio_client(url: str, name: str, n: int) -> None:
     sys.stdin.readline()
 
 
+def aio_service() -> None:
+    """The asyncio service half: an ``aio.Node`` echo service, served until stdin says done."""
+    import asyncio
+
+    import zmqfabric.aio as zfa
+
+    async def run() -> None:
+        node = zfa.Node(f"rrcost-s-{os.getpid()}")
+        name = f"rrcost-echo-{os.getpid()}"
+
+        @node.reply(name)
+        async def echo(body: object) -> object:
+            return body
+
+        async with node:
+            serving = asyncio.create_task(node.run(handle_signals=False))
+            port = next(ep.port for ep in node._services.endpoints() if ep.name == name)
+            print(json.dumps({"url": f"tcp://127.0.0.1:{port}", "name": name}), flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            node.stop()
+            await serving
+
+    asyncio.run(run())
+
+
 def _child(args: list[str], build: str, under: str | None) -> subprocess.Popen[str]:
-    if args[2] == "aio":  # the asyncio client
+    if args[2] == "aio":  # the asyncio client or service
         cmd = [sys.executable, __file__, "--aio-client", *args[4:7:2], args[3]]
+        if args[0] == "bind":
+            cmd = [sys.executable, __file__, "--aio-service"]
     else:
         cmd = [sys.executable, WIREBENCH, "half", *args]
     if under is not None:
@@ -81,7 +108,8 @@ def instructions(side: str, impl: str, build: str, n: int) -> dict[str, int]:
     """Each thread's instructions of ``side`` (see :func:`_threads`) for 200 + ``n`` round
     trips."""
     with tempfile.TemporaryDirectory(prefix="rrcost-") as out_dir:
-        bind = _child(["bind", "rr", "fabric" if impl == "aio" else impl, str(n)], build,
+        bind = _child(["bind", "rr", "aio" if impl == "aio" and side == "service" else
+                       "fabric" if impl == "aio" else impl, str(n)], build,
                       out_dir if side == "service" else None)
         conn = None
         try:
@@ -106,13 +134,14 @@ def instructions(side: str, impl: str, build: str, n: int) -> dict[str, int]:
               type=click.Choice(["client", "service"]))
 @click.option("--n1", default=1000, show_default=True)
 @click.option("--n2", default=3000, show_default=True)
-def main(builds: str, sides: tuple[str, ...], n1: int, n2: int) -> None:
+@click.option("--only", default="", help="Measure only these, e.g. 'raw,new,new aio'.")
+def main(builds: str, sides: tuple[str, ...], n1: int, n2: int, only: str) -> None:
     named = dict(item.split("=", 1) for item in builds.split(","))
     impls = [("raw", "raw", next(iter(named.values())))]
     impls += [(name, "fabric", os.path.abspath(path)) for name, path in named.items()]
     for side in sides:
         for name, impl, path in impls + [(f"{n} aio", "aio", p) for n, _, p in impls[1:]]:
-            if impl == "aio" and side != "client":
+            if only and name not in only.split(","):
                 continue
             low, high = (instructions(side, impl, path, n) for n in (n1, n2))
             grown = max(high[t] - low.get(t, 0) for t in high)
@@ -123,5 +152,7 @@ def main(builds: str, sides: tuple[str, ...], n1: int, n2: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--aio-client"]:
         aio_client(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif sys.argv[1:2] == ["--aio-service"]:
+        aio_service()
     else:
         main()

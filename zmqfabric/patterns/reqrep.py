@@ -132,7 +132,7 @@ class RequesterBase(Connector):
             if last is None:
                 continue
             while (reply := (yield RECV, deadline)) is not None:
-                ok, result = self._match(reply[1:], msg_id)
+                ok, result = self._match(reply, msg_id)
                 if ok:
                     return result
         raise self._failure(timeout, attempt)
@@ -286,9 +286,9 @@ class Requester(RequesterBase, SyncConnector):
                 sent = self._send_to_one(frames, copy, None)
             if sent is not None:
                 while (reply := self._await_reply(deadline)) is not None:
-                    # _match's fast path inlined: [route, "", canonical one-frame reply].
-                    if len(reply) == 3 and not reply[1]:
-                        data = reply[2]
+                    # _match's fast path inlined: ["", canonical one-frame reply].
+                    if len(reply) == 2 and not reply[0]:
+                        data = reply[1]
                         if (data.startswith(_REPLY) and len(data) <= DECODE_CHECK_SIZE
                                 and data[FLOAT64_AT] == FLOAT64):
                             try:
@@ -297,7 +297,7 @@ class Requester(RequesterBase, SyncConnector):
                                 fields = None
                             if fields is not None and fields[2] == msg_id:
                                 return fields[4]
-                    ok, result = self._match(reply[1:], msg_id)
+                    ok, result = self._match(reply, msg_id)
                     if ok:
                         return result
                 raise self._failure(timeout, 1)
@@ -305,11 +305,13 @@ class Requester(RequesterBase, SyncConnector):
         return drive(self._plan(body, timeout, retries), self._waits)
 
     def _await_reply(self, deadline: float | None) -> list[bytes] | None:
-        """The next message on the socket, or None at ``deadline``: a blocking receive, as a raw
-        REQ socket does. The request has just gone out, so trying without blocking first would
-        only fail (a raised zmq.Again) and polling would add syscalls to every round trip.
-        Directory changes that arrive meanwhile wait for the next send. The receive timeout may
-        overshoot the deadline by 1/64 of the time left, so that it is rarely reset."""
+        """The frames of the next message on the socket after its routing id (which no caller
+        needs: replies are matched by message id), or None at ``deadline``: a blocking receive,
+        as a raw REQ socket does. The request has just gone out, so trying without blocking
+        first would only fail (a raised zmq.Again) and polling would add syscalls to every
+        round trip. Directory changes that arrive meanwhile wait for the next send. The receive
+        timeout may overshoot the deadline by 1/64 of the time left, so that it is rarely
+        reset."""
         if deadline is None:
             left = -1  # no deadline: wait as long as it takes
         else:  # ms_left inlined
@@ -321,12 +323,9 @@ class Requester(RequesterBase, SyncConnector):
         if left != self._rcvtimeo:  # a call only when the wait changes (see sticky_rcvtimeo)
             self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, left)
         try:
-            route = _RECV(sock, 0)  # recv_routed inlined: the routing id as bytes
+            _RECV(sock, 0)  # the routing id (as bytes: recv_routed inlined), not needed
         except zmq.Again:
             return None
         except zmq.ZMQError as exc:
             raise self._zmq_error(exc) from exc
-        frames = recv_frames(sock, NOBLOCK)  # the rest is there once the first frame is
-        if frames:
-            frames.insert(0, route)
-        return frames
+        return recv_frames(sock, NOBLOCK)  # the rest is there once the first frame is

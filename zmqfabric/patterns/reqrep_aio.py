@@ -49,7 +49,7 @@ class AsyncRequester(RequesterBase, AsyncConnector):
             deadline = _monotonic() + timeout
             if sent is not None:
                 while (reply := await self._await_reply(deadline)) is not None:
-                    ok, result = self._match(reply[1:], msg_id)
+                    ok, result = self._match(reply, msg_id)
                     if ok:
                         return result
                 raise self._failure(timeout, 1)
@@ -57,22 +57,20 @@ class AsyncRequester(RequesterBase, AsyncConnector):
         return await drive_async(self._plan(body, timeout, retries), self._waits)
 
     async def _await_reply(self, deadline: float | None) -> list[bytes] | None:
-        """The next message on the socket, or None at ``deadline`` (None: no deadline): its
-        first frame (the routing id) by the :class:`Receiver`, the rest, there with it, at once.
+        """The frames of the next message on the socket after its routing id (see
+        :meth:`~zmqfabric.patterns.reqrep.Requester._await_reply`), or None at ``deadline``
+        (None: no deadline): the routing id by the :class:`Receiver`, the rest, there with it,
+        at once.
         Raises ClosedError when the handle is closed meanwhile. Call from the loop's thread."""
         try:
-            route = await self._replies.recv(deadline)
-            if route is None:
+            if await self._replies.recv(deadline) is None:  # the routing id, not needed
                 return None
-            frames = recv_frames(self._out, NOBLOCK)
+            return recv_frames(self._out, NOBLOCK)  # the rest is there with it
         except zmq.ZMQError as exc:
             raise self._zmq_error(exc) from exc
         except asyncio.CancelledError:
             self._closed_meanwhile()
             raise
-        if frames:
-            frames.insert(0, route)
-        return frames
 
     def _on_close(self) -> None:
         super()._on_close()
