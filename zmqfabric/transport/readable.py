@@ -84,8 +84,10 @@ class Receiver:
         """The descriptor is readable (the loop calls this)."""
         waiter = self._waiter
         if waiter is None:
-            if self._fd >= 0:
+            try:
                 _GET(self._sock, _EVENTS)  # clear the signal nobody waits for
+            except zmq.ZMQError:  # the socket was closed first: nothing to clear
+                pass
         elif not waiter.done():
             waiter.set_result(None)
 
