@@ -45,6 +45,7 @@ import time
 from typing import Any
 
 import click
+from common import latency_figures, merge_runs  # perf/common.py (the script's directory)
 
 HERE = os.path.abspath(__file__)
 #: Bounds: a child that does not finish in this long is killed and the run counted as failed.
@@ -96,9 +97,8 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         if case == "rr":
             sock.setsockopt(zmq.RCVTIMEO, 30000)
             recv, send, packb, unpackb = sock.recv, sock.send, msgpack.packb, msgpack.unpackb
-            data = recv()
-            _mark()
-            send(packb(unpackb(data)))
+            _mark()  # a blocking receive takes no CPU
+            send(packb(unpackb(recv())))
             sock.setsockopt(zmq.RCVTIMEO, 1000)
             try:
                 while True:
@@ -144,16 +144,13 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
         node.close()
 
 
-_CPU0: list[float] = []  # process CPU time (s) when this half began its work (``_mark``)
-
-
-def _cpu() -> float:
-    return sum(os.times()[:2])
+#: Process CPU time (s, every thread) when this half began its work (``_mark``).
+_CPU0: list[float] = []
 
 
 def _mark() -> None:
     """Start this half's CPU clock (once): the messages, not the setup, are measured."""
-    _CPU0[:] = _CPU0 or [_cpu()]
+    _CPU0[:] = _CPU0 or [time.process_time()]
 
 
 def _done(result: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +158,7 @@ def _done(result: dict[str, Any]) -> dict[str, Any]:
     drops what is queued), then print the process CPU time used since ``_mark``."""
     print(json.dumps(result), flush=True)
     sys.stdin.readline()
-    print(json.dumps({"cpu_s": _cpu() - (_CPU0[0] if _CPU0 else 0.0)}), flush=True)
+    print(json.dumps({"cpu_s": time.process_time() - (_CPU0[0] if _CPU0 else 0.0)}), flush=True)
     return result
 
 
@@ -169,16 +166,12 @@ def _raw_receive(sock: Any, case: str, n: int) -> dict[str, Any]:
     import msgpack
     import zmq
 
-    sock.setsockopt(zmq.RCVTIMEO, 30000)
-    if case == "pp1m":
-        recv = sock.recv
-        recv(copy=False)
-        sock.setsockopt(zmq.RCVTIMEO, IDLE_MS)
-        return _done(_count(lambda: recv(copy=False), n, zmq.Again))
     recv, unpackb = sock.recv, msgpack.unpackb
-    unpackb(recv())
+    take = (lambda: recv(copy=False)) if case == "pp1m" else (lambda: unpackb(recv()))
+    sock.setsockopt(zmq.RCVTIMEO, 30000)
+    take()
     sock.setsockopt(zmq.RCVTIMEO, IDLE_MS)
-    return _done(_count(lambda: unpackb(recv()), n, zmq.Again))
+    return _done(_count(take, n, zmq.Again))
 
 
 def _count(recv: Any, n: int, stop: Any) -> dict[str, Any]:
@@ -276,9 +269,7 @@ def _latency(call: Any, n: int, seconds: float) -> dict[str, Any]:
         samples.append(pc() - t0)
         if not i & 63 and time.monotonic() > end:
             break
-    samples.sort()
-    return {"p50_us": samples[len(samples) // 2] * 1e6,
-            "p99_us": samples[int(len(samples) * 0.99)] * 1e6, "samples": len(samples)}
+    return latency_figures(samples)
 
 
 def _announce(out: Any, info: dict[str, Any]) -> None:
@@ -376,9 +367,7 @@ def main(ctx: click.Context, builds: str, cases: str, runs: int, pin: str, secon
                 print(f"{case} {name} run {run + 1}: {fig}", file=sys.stderr, flush=True)
     rows = []
     for (case, name), figs in figures.items():
-        row: dict[str, Any] = {"case": case, "impl": name, "pin": pin, "runs": len(figs)}
-        for key in figs[0]:
-            row[key] = statistics.median(f[key] for f in figs if key in f)
+        row = {"case": case, "impl": name, "pin": pin, **merge_runs(figs)}
         raw = figures.get((case, "raw"))
         if raw and name != "raw":
             key = "p50_us" if case == "rr" else "msgs_per_s"

@@ -35,7 +35,7 @@ from .patterns.drivers import LoopDriver
 from .patterns.pipeline import AsyncPuller, AsyncPusher
 from .patterns.plan import AWAITING, drive_async
 from .patterns.pubsub import AsyncPublisher, AsyncSubscription
-from .patterns.reqrep import AsyncRequester
+from .patterns.reqrep_aio import AsyncRequester
 from .tasks.handle import TaskHandle
 from .transport.frames import deadline_after, s_left
 

@@ -35,6 +35,7 @@ import zmq
 from ..constants import POLL_INTERVAL_MS, THREAD_JOIN_TIMEOUT_S
 from ..transport.frames import NOBLOCK, SocketWaker, recv_frames
 from ..transport.inbox import Inbox
+from ..transport.readable import Receiver
 from ..transport.sockets import sync_view
 from .handlers import FATAL, Job, Served, Status, ThreadSlots, acall, call, is_coroutine_handler
 
@@ -316,27 +317,33 @@ class LoopDriver:
         # A ROUTER's routing id is always followed by the peer's frames.
         routed = rest.get(zmq.TYPE) == zmq.ROUTER
         limit = ep.concurrency
-        while True:
-            if pool is not None:
-                while pool.waiting >= limit:
-                    self._room.clear()
-                    await self._room.wait()
-            if routed:
-                # The routing id awaited, the rest (there with it) read at once: recv_multipart
-                # asks the socket for RCVMORE after every frame, a slow call in pyzmq.
-                route = await sock.recv()
-                frames = recv_frames(rest, NOBLOCK)
-                if frames:
-                    frames.insert(0, route)
-            else:
-                frames = await sock.recv_multipart()
-            for job in ep.accept(frames):
+        # The routing id awaited on the socket's descriptor (pyzmq's asyncio receive costs
+        # several get(EVENTS) a message), the rest, there with it, read at once: recv_multipart
+        # asks the socket for RCVMORE after every frame, a slow call in pyzmq.
+        receiver = Receiver(rest, self._loop) if routed else None
+        try:
+            while True:
                 if pool is not None:
-                    pool.submit(job)
+                    while pool.waiting >= limit:
+                        self._room.clear()
+                        await self._room.wait()
+                if receiver is not None:
+                    route = cast(bytes, await receiver.recv())  # no deadline: never None
+                    frames = recv_frames(rest, NOBLOCK)
+                    if frames:
+                        frames.insert(0, route)
                 else:
-                    await queue.put(job)  # waits while `concurrency` jobs wait for a slot
-            if self._stopping:
-                return
+                    frames = await sock.recv_multipart()
+                for job in ep.accept(frames):
+                    if pool is not None:
+                        pool.submit(job)
+                    else:
+                        await queue.put(job)  # waits while `concurrency` jobs wait for a slot
+                if self._stopping:
+                    return
+        finally:
+            if receiver is not None:
+                receiver.close()
 
     async def _work(self, slot: int) -> None:
         queue, ep = self._queue, self._ep

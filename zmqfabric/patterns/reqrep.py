@@ -4,11 +4,11 @@ is dropped rather than returned to the wrong call). Services are in
 :mod:`zmqfabric.patterns.service`.
 
 A request is one plan (``RequesterBase._plan``: wait for providers, send, receive, retry), driven
-by :class:`Requester` (blocking) and :class:`AsyncRequester` (awaiting); see :mod:`.plan`."""
+by :class:`Requester` (blocking) and :class:`~zmqfabric.patterns.reqrep_aio.AsyncRequester`
+(awaiting); see :mod:`.plan`."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import itertools
 import logging
@@ -43,8 +43,8 @@ from ..transport.frames import (
 from ..transport.sockets import sync_view
 from .base import Connector
 from .encoder import BINARY, nbytes
-from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_USABLE, Plan, drive, drive_async
-from .waiting import AsyncConnector, SyncConnector
+from .plan import RECV, WAIT_CHANGE, WAIT_PROVIDERS, WAIT_USABLE, Plan, drive
+from .waiting import SyncConnector
 
 if TYPE_CHECKING:
     from ..runtime import NodeRuntime
@@ -132,7 +132,7 @@ class RequesterBase(Connector):
             if last is None:
                 continue
             while (reply := (yield RECV, deadline)) is not None:
-                ok, result = self._match(reply[1:], msg_id)
+                ok, result = self._match(reply, msg_id)
                 if ok:
                     return result
         raise self._failure(timeout, attempt)
@@ -286,9 +286,9 @@ class Requester(RequesterBase, SyncConnector):
                 sent = self._send_to_one(frames, copy, None)
             if sent is not None:
                 while (reply := self._await_reply(deadline)) is not None:
-                    # _match's fast path inlined: [route, "", canonical one-frame reply].
-                    if len(reply) == 3 and not reply[1]:
-                        data = reply[2]
+                    # _match's fast path inlined: ["", canonical one-frame reply].
+                    if len(reply) == 2 and not reply[0]:
+                        data = reply[1]
                         if (data.startswith(_REPLY) and len(data) <= DECODE_CHECK_SIZE
                                 and data[FLOAT64_AT] == FLOAT64):
                             try:
@@ -297,7 +297,7 @@ class Requester(RequesterBase, SyncConnector):
                                 fields = None
                             if fields is not None and fields[2] == msg_id:
                                 return fields[4]
-                    ok, result = self._match(reply[1:], msg_id)
+                    ok, result = self._match(reply, msg_id)
                     if ok:
                         return result
                 raise self._failure(timeout, 1)
@@ -305,11 +305,13 @@ class Requester(RequesterBase, SyncConnector):
         return drive(self._plan(body, timeout, retries), self._waits)
 
     def _await_reply(self, deadline: float | None) -> list[bytes] | None:
-        """The next message on the socket, or None at ``deadline``: a blocking receive, as a raw
-        REQ socket does. The request has just gone out, so trying without blocking first would
-        only fail (a raised zmq.Again) and polling would add syscalls to every round trip.
-        Directory changes that arrive meanwhile wait for the next send. The receive timeout may
-        overshoot the deadline by 1/64 of the time left, so that it is rarely reset."""
+        """The frames of the next message on the socket after its routing id (which no caller
+        needs: replies are matched by message id), or None at ``deadline``: a blocking receive,
+        as a raw REQ socket does. The request has just gone out, so trying without blocking
+        first would only fail (a raised zmq.Again) and polling would add syscalls to every
+        round trip. Directory changes that arrive meanwhile wait for the next send. The receive
+        timeout may overshoot the deadline by 1/64 of the time left, so that it is rarely
+        reset."""
         if deadline is None:
             left = -1  # no deadline: wait as long as it takes
         else:  # ms_left inlined
@@ -321,60 +323,9 @@ class Requester(RequesterBase, SyncConnector):
         if left != self._rcvtimeo:  # a call only when the wait changes (see sticky_rcvtimeo)
             self._rcvtimeo = sticky_rcvtimeo(sock, self._rcvtimeo, left)
         try:
-            route = _RECV(sock, 0)  # recv_routed inlined: the routing id as bytes
+            _RECV(sock, 0)  # the routing id (as bytes: recv_routed inlined), not needed
         except zmq.Again:
             return None
         except zmq.ZMQError as exc:
             raise self._zmq_error(exc) from exc
-        frames = recv_frames(sock, NOBLOCK)  # the rest is there once the first frame is
-        if frames:
-            frames.insert(0, route)
-        return frames
-
-
-class AsyncRequester(RequesterBase, AsyncConnector):
-    """Calls one service by name from one asyncio loop."""
-
-    async def request(self, body: Any, timeout: float | None = None, retries: int = 0) -> Any:
-        """Coroutine of :meth:`Requester.request` (the same plan, awaited)."""
-        if retries == 0 and self._routes and not self._secured and type(body) in _PACKED:
-            # Hot path, as the sync one: one attempt to a connected provider without the
-            # generator and the driver.
-            if self._closed:
-                self._check_open()
-            if timeout is None:
-                timeout = self._rt.config.request_timeout_s
-            msg_id, sent = self._send_packed(body)
-            deadline = _monotonic() + timeout
-            if sent is not None:
-                while (reply := await self._await_reply(deadline)) is not None:
-                    ok, result = self._match(reply[1:], msg_id)
-                    if ok:
-                        return result
-                raise self._failure(timeout, 1)
-            timeout = max(0.0, deadline - _monotonic())  # none took it: the plan waits
-        return await drive_async(self._plan(body, timeout, retries), self._waits)
-
-    async def _await_reply(self, deadline: float) -> list[bytes] | None:
-        """The next message on the socket, or None at ``deadline``: its first frame (the
-        routing id) awaited with pyzmq's asyncio ``recv``, the rest, there with it, received
-        at once (``recv_multipart`` asks the socket for RCVMORE after every frame, a slow call in
-        pyzmq); ``asyncio.timeout`` rather than ``wait_for``, which wraps the receive in a
-        task. Raises ClosedError when the handle is closed meanwhile."""
-        left = deadline - _monotonic()
-        if left <= 0:
-            return None
-        try:
-            async with asyncio.timeout(left):
-                route = await self._aio_sock.recv()
-        except TimeoutError:
-            return None
-        except zmq.ZMQError as exc:
-            raise self._zmq_error(exc) from exc
-        except asyncio.CancelledError:
-            self._closed_meanwhile()
-            raise
-        frames = recv_frames(self._out, NOBLOCK)
-        if frames:
-            frames.insert(0, route)
-        return frames
+        return recv_frames(sock, NOBLOCK)  # the rest is there once the first frame is
