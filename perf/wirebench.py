@@ -132,10 +132,8 @@ def bind_half(case: str, impl: str, n: int, out: Any) -> dict[str, Any]:
             for i in range(n):
                 send("m", message(i))
             return _done({"sent": n})
-        try:
-            pull = node.puller(f"wbpipe-{os.getpid()}", copy=False)  # as raw's recv(copy=False)
-        except TypeError:  # a build before ``copy=``: its large bodies were memoryviews or copies
-            pull = node.puller(f"wbpipe-{os.getpid()}")
+        copy = {"copy": False} if "copy" in node.puller.__code__.co_varnames else {}  # as raw
+        pull = node.puller(f"wbpipe-{os.getpid()}", **copy)
         _announce(out, {"url": f"tcp://127.0.0.1:{pull.port}", "name": pull.name})
         recv = pull.recv
         recv(30)
