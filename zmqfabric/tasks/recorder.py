@@ -52,13 +52,7 @@ class Recorder:
         if self._commit_lock.acquire(blocking=False):  # nobody committing: no queue either
             try:
                 if not self._queue:  # else others wait for this lock: take theirs along
-                    journal = self.journal  # _write inlined (a thread submitting in a loop)
-                    try:
-                        journal.add_now(rows)
-                    except JournalError:
-                        journal.rollback()
-                        raise
-                    self.commits += 1
+                    self._write(rows)
                     return
             finally:
                 self._commit_lock.release()
