@@ -1,6 +1,6 @@
 """No public API of the asyncio node blocks its event loop.
 
-The loop runs in debug mode with a slow-callback threshold of 50 ms: asyncio then logs
+The loop runs in debug mode with a slow-callback threshold of 200 ms: asyncio then logs
 "Executing <callback> took N seconds" for every callback (a task's step between two awaits) that
 held the loop longer. Each API call below runs as a labelled step; the test fails, naming the
 calls and the callbacks, if any step logged such a line.
@@ -27,10 +27,13 @@ from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
 
 #: Bound for any one wait that should succeed (s).
 SLOW = 20.0
-#: The asyncio slow-callback threshold the test holds every call to (s).
-THRESHOLD_S = 0.05
+#: The asyncio slow-callback threshold the test holds every call to (s). asyncio measures wall
+#: time, so on a loaded 2-core machine a callback that never blocks can still read tens of ms
+#: (CI once logged pyzmq's own event handler at 72 ms while the node's threads held the GIL);
+#: a call that blocks instead of awaiting holds the loop LATER_S, well over this.
+THRESHOLD_S = 0.2
 #: How long the other side of a wait lets it wait before acting (s): well over THRESHOLD_S.
-LATER_S = 0.25
+LATER_S = 0.6
 
 
 class SlowCallbacks(logging.Handler):
