@@ -316,6 +316,27 @@ def test_a_former_back_at_its_buried_incarnation_ignores_old_accusations() -> No
     assert members.apply(Update(Kind.DEAD, node_id(1), 3, "n1"), 1.3).removed
 
 
+def test_a_stale_death_asks_once_per_incarnation_whether_the_port_still_listens() -> None:
+    """A node that missed a member's refutation finds it dead and gossips that at the older
+    incarnation: the nodes that knew the later one must not just drop it (only the member's ring
+    predecessors probe it), nor check its port again for every copy of the same news."""
+    members = table(0, range(4))
+    one = node_id(1)
+    members.acked(one, 3, now=0.0)  # it refuted a suspicion: we know incarnation 3
+    member = members.get(one)
+    out = members.apply(Update(Kind.DEAD, one, 2, "n1"), 0.1)
+    assert out.check == [member] and not out.removed and not out.gossip
+    assert not members.apply(Update(Kind.DEAD, one, 2, "n1"), 0.2).check  # once per incarnation
+    assert not members.apply(Update(Kind.SUSPECT, one, 2, "n1"), 0.2).check  # deaths only
+    members.acked(one, 4, now=0.3)
+    assert members.apply(Update(Kind.DEAD, one, 3, "n1"), 0.4).check == [member]
+    # A death we buried (it came back at that incarnation) asks too.
+    members.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 0.5)
+    members.join(record(2), "tcp://127.0.0.1:7002", 0.6)
+    assert members.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 0.7).check == [
+        members.get(node_id(2))]
+
+
 def test_anti_entropy_learns_what_gossip_missed() -> None:
     ours = table(0, [1, 2])
     theirs = table(3, [0, 1, 2, 4])

@@ -78,6 +78,8 @@ class Member:
     known: bool = False
     #: It missed our probes while its host still accepted connections at its port (see failed).
     slow: bool = False
+    #: The incarnation at which a stale "dead" about it last asked for a port check (-1: never).
+    checked: int = -1
 
     @property
     def node_id(self) -> str:
@@ -94,13 +96,16 @@ class Effects:
     """What the caller must do after a call: gossip ``gossip``; remove ``removed`` from the
     directory (the dead ones are kept as formers); verify ``verify`` directly (alive updates
     about nodes we do not hold); maybe probe ``confirm`` now, each member accused at the
-    incarnation given (new suspects: a probe that fails is an independent confirmation); and
-    let discovery find ``forgotten`` (formers no longer looked for) again by itself."""
+    incarnation given (new suspects: a probe that fails is an independent confirmation); ask the
+    hosts of ``check`` whether anything still listens at their control port (a "dead" about an
+    older incarnation than ours: see :meth:`Members.apply`); and let discovery find
+    ``forgotten`` (formers no longer looked for) again by itself."""
 
     gossip: list[Update] = field(default_factory=list)
     removed: list[tuple[Member, str]] = field(default_factory=list)
     verify: list[Update] = field(default_factory=list)
     confirm: list[tuple[Member, int]] = field(default_factory=list)
+    check: list[Member] = field(default_factory=list)
     forgotten: list[Member] = field(default_factory=list)
 
 
@@ -278,7 +283,14 @@ class Members:
         A suspicion about a member whose incarnation we never heard from it (it joined our
         table from its record) starts no timer here: it may be about an incarnation the member
         already refuted before we knew it. It only asks for a confirmation probe, whose failure
-        makes it our own suspicion. Deaths are taken as they come (the member refutes)."""
+        makes it our own suspicion. Deaths are taken as they come (the member refutes).
+
+        A death about an older incarnation than ours (or one we buried) is old news, but it may
+        be news of a real death from a node that missed the member's last refutation: its
+        finder gossips it at the incarnation it knew, every node that knew a later one drops it,
+        and a member's probers are only its ring predecessors. So each such node asks once per
+        incarnation (``check``) whether the member's port still listens: a process that is gone
+        is then dead at our incarnation, and that "dead" counts everywhere."""
         out = Effects()
         if update.node_id == self.me:
             return out
@@ -294,6 +306,9 @@ class Members:
             return out
         if update.inc < member.inc or (update.kind in (Kind.SUSPECT, Kind.DEAD)
                                        and update.inc <= member.buried):
+            if update.kind is Kind.DEAD and member.checked < member.inc:
+                member.checked = member.inc
+                out.check.append(member)
             return out
         if update.kind is Kind.SUSPECT and not member.known and member.state is State.ALIVE:
             out.confirm.append((member, update.inc))

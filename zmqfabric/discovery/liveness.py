@@ -351,6 +351,8 @@ class Liveness:
             self._discovery.forget(former.record)
         for update in out.verify:
             self._admission.verify(update.url, update.key, update.node_id)
+        for member in out.check:
+            self._probing.check(member)  # closed: dead at our incarnation (see Members.apply)
         if out.confirm:
             chance = 2 * self._timing.confirmations / max(1, len(self._members))
             now = self._clock()
