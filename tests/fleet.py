@@ -53,7 +53,7 @@ signal.signal(signal.SIGTERM, lambda *_: stop.set())
 signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=lambda: emit(
     "stats", node.counters.snapshot(), [r.name for r in node.directory.records()])).start())
 node.start()
-emit("ready", time.monotonic())
+emit("ready", time.monotonic(), node.node_id)
 emit("threads", {str(t.native_id): t.name for t in threading.enumerate()})
 while not stop.wait(1.0):
     pass
@@ -70,6 +70,7 @@ class Member:
     proc: subprocess.Popen[bytes]
     buf: bytes = b""
     ready: float | None = None
+    node_id: str = ""
     closed: float | None = None
     killed: float | None = None
     view: set[str] = field(default_factory=set)
@@ -153,6 +154,7 @@ class Fleet:
         kind = fields[0]
         if kind == "ready":
             member.ready = fields[1]
+            member.node_id = fields[2] if len(fields) > 2 else ""
         elif kind == "closed":
             member.closed = fields[1]
         elif kind in ("joined", "left"):

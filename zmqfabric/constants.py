@@ -174,6 +174,9 @@ RETRANSMIT_MULT = 3
 #: Updates carried by one probe or answer; by one gossip message.
 MAX_PIGGYBACK = 8
 MAX_GOSSIP = 32
+#: Accusations (suspect, dead, left) remembered as taken, one per node id, so that the copies
+#: of one that keep arriving are skipped undecoded (bounded: a peer can make us hold them).
+MAX_TAKEN = 4096
 #: Updates waiting to be sent, and former members kept (bounded: a peer can make us hold them).
 MAX_BROADCASTS = 1024
 MAX_FORMERS = 1024

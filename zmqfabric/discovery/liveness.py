@@ -318,7 +318,7 @@ class Liveness:
 
     def apply_wire(self, raw: object) -> None:
         """Take the gossip of a message (its ``g``)."""
-        updates, refused = decode_updates(raw)
+        updates, refused = decode_updates(raw, taken=self.local.taken)
         if refused:
             self._node.counters.add("refused_gossip", refused)
         self._apply(updates)
@@ -332,6 +332,9 @@ class Liveness:
                     self._refuted()
             else:
                 self._effects(self._members.apply(update, now), "gossip")
+                if (self._members.get(update.node_id) is not None
+                        or self._members.former(update.node_id) is not None):
+                    self.local.took(update)
 
     def _effects(self, out: Effects, source: str = "") -> None:
         self.local.add(out.gossip)
