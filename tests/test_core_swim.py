@@ -378,3 +378,15 @@ def test_a_slow_member_that_refuted_is_not_slow_next_time() -> None:
     members.apply(Update(Kind.ALIVE, node_id(1), 1, "n1"), 1.0)  # it refuted (gossip)
     members.failed(node_id(1), 2.0)
     assert members.deadline(slow) < 2.0 + C.SLOW_PEER_S
+
+
+def test_alive_ids_are_the_members_not_suspect() -> None:
+    members = table(0, range(6))
+    assert members.alive_ids() == {node_id(i) for i in range(1, 6)}
+    members.apply(Update(Kind.SUSPECT, node_id(1), 0, "n1", origin=node_id(2)), 0.0)
+    members.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 0.0)
+    members.leave(node_id(3))
+    assert members.alive_ids() == {node_id(4), node_id(5)}
+    members.acked(node_id(1), 1, 0.1)  # refuted
+    members.join(record(2), "tcp://127.0.0.1:7002", 0.2)  # back
+    assert members.alive_ids() == {node_id(i) for i in (1, 2, 4, 5)}

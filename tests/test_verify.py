@@ -364,3 +364,30 @@ def test_a_message_of_many_frames_under_the_frame_limit_is_dropped(raw) -> None:
         assert dealer.poll(int(WAIT * 1000))
         reply_header, body = wire.parse_reply(dealer.recv_multipart())
         assert reply_header.msg_id == 2 and body == "small"
+
+
+def test_decided_claims_are_forgotten_by_node_and_bounded() -> None:
+    """Forgetting a dead node's claims touches its own entries only (an index, not a scan at
+    every death), and stays right when the oldest claims are evicted."""
+    from zmqfabric.constants import MAX_VERIFY_CACHE
+    from zmqfabric.discovery.hints import Decided
+
+    def key(name: str, node: str, seq: int) -> tuple[str, str, int, str, int, str, str]:
+        return (name, node, seq, "127.0.0.1", 7000, "", "")
+
+    decided = Decided()
+    decided.remember(key("a", "1" * 16, 1), 10.0)
+    decided.remember(key("a", "1" * 16, 2), 11.0)
+    decided.remember(key("b", "2" * 16, 1), 12.0)
+    decided.forget("a", "1" * 16)
+    assert decided.until(key("a", "1" * 16, 1)) is None
+    assert decided.until(key("a", "1" * 16, 2)) is None
+    assert decided.until(key("b", "2" * 16, 1)) == 12.0
+    for seq in range(MAX_VERIFY_CACHE + 5):  # evicts b's claim, the oldest
+        decided.remember(key("c", "3" * 16, seq), 20.0)
+    assert decided.until(key("b", "2" * 16, 1)) is None
+    decided.forget("b", "2" * 16)  # already evicted: nothing left to drop, no error
+    decided.forget("c", "3" * 16)
+    assert decided.until(key("c", "3" * 16, MAX_VERIFY_CACHE)) is None
+    decided.remember(key("c", "3" * 16, 1), 30.0)
+    assert decided.until(key("c", "3" * 16, 1)) == 30.0

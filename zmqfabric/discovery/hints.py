@@ -6,6 +6,7 @@ sockets.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from ..constants import MAX_CONTROL_MESSAGE
+from ..constants import MAX_CONTROL_MESSAGE, MAX_VERIFY_CACHE
 from ..core import wire
 from ..core.records import NodeRecord, confirm_record
 from ..errors import RemoteProtocolError
@@ -60,6 +61,39 @@ def hint_key(hint: NodeRecord) -> HintKey:
     control = hint.control
     return (hint.name, hint.node_id, hint.seq, hint.address,
             control.port if control else 0, hint.curve_key or "", hint.fabric)
+
+
+class Decided:
+    """Claims decided (verified, or refused), each not checked again until its time, the most
+    recent MAX_VERIFY_CACHE of them; indexed by node, so that forgetting a node that died costs
+    its own entries, not a scan of all of them (once per death at every node). Not
+    thread-safe: the verifier holds its lock."""
+
+    def __init__(self) -> None:
+        self._until: collections.OrderedDict[HintKey, float] = collections.OrderedDict()
+        self._by_node: dict[tuple[str, str], set[HintKey]] = {}
+
+    def until(self, key: HintKey) -> float | None:
+        return self._until.get(key)
+
+    def remember(self, key: HintKey, until: float) -> None:
+        self._until[key] = until
+        self._until.move_to_end(key)
+        self._by_node.setdefault((key[0], key[1]), set()).add(key)
+        while len(self._until) > MAX_VERIFY_CACHE:
+            self._drop(self._until.popitem(last=False)[0])
+
+    def forget(self, name: str, node_id: str) -> None:
+        """Drop every claim about node ``name`` with ``node_id``."""
+        for key in self._by_node.pop((name, node_id), ()):
+            del self._until[key]
+
+    def _drop(self, key: HintKey) -> None:
+        keys = self._by_node.get((key[0], key[1]))
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_node[(key[0], key[1])]
 
 
 @dataclass(slots=True)

@@ -64,6 +64,7 @@ from ..transport.sockets import SocketFactory
 from .hints import (
     REACHED,
     WHY,
+    Decided,
     HintKey,
     Probe,
     close_call,
@@ -106,7 +107,7 @@ class Verifier:
         self._clock = clock
         self._lock = threading.Lock()
         self._queued: collections.OrderedDict[HintKey, NodeRecord] = collections.OrderedDict()
-        self._cache: collections.OrderedDict[HintKey, float] = collections.OrderedDict()
+        self._cache = Decided()
         self._buckets = AddressBuckets(VERIFY_BURST, VERIFY_RATE_PER_S, VERIFY_LOCAL_FACTOR,
                                        MAX_VERIFY_CACHE)
         self._pending: dict[HintKey, Probe] = {}
@@ -158,7 +159,7 @@ class Verifier:
         key = hint_key(hint)
         now = self._clock()
         with self._lock:
-            expiry = self._cache.get(key)
+            expiry = self._cache.until(key)
             if expiry is not None and expiry > now:
                 self._counters.add("hints_known")
                 return
@@ -198,8 +199,7 @@ class Verifier:
         """Drop the cached outcomes for node ``name`` with ``node_id`` (it said goodbye: if it
         comes back with the same record, verify it again)."""
         with self._lock:
-            for key in [k for k in self._cache if k[0] == name and k[1] == node_id]:
-                del self._cache[key]
+            self._cache.forget(name, node_id)
 
     def claims(self, retries: bool = True) -> list[HintKey]:
         """The hints waiting, being verified and (``retries``) waiting to be called again."""
@@ -386,10 +386,7 @@ class Verifier:
 
     def _remember(self, key: HintKey, until: float) -> None:
         """A claim decided, not checked again until ``until`` (under the lock)."""
-        self._cache[key] = until
-        self._cache.move_to_end(key)
-        while len(self._cache) > MAX_VERIFY_CACHE:
-            self._cache.popitem(last=False)
+        self._cache.remember(key, until)
         self._settled.notify_all()
 
     def _close(self, probe: Probe) -> None:
