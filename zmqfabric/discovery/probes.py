@@ -44,6 +44,7 @@ from ..constants import (
 from ..core import wire
 from ..core.timers import RoundTrip
 from ..errors import FabricError, RemoteProtocolError
+from ..transport.frames import NOBLOCK, recv_frames, send_frames
 
 if TYPE_CHECKING:
     from .local import LocalNode
@@ -199,7 +200,7 @@ class Prober:
             return True
         while self._conns.get(conn.url) is conn:  # a callback may have closed it
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)  # C-level receives, bounded in all
             except zmq.Again:
                 break
             try:
@@ -276,7 +277,7 @@ class Prober:
     def _send(self, conn: _Conn, msg_id: int, body: dict[str, Any]) -> bool:
         header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
         try:
-            conn.sock.send_multipart([b"", header, wire.pack_body(body)], zmq.NOBLOCK)
+            send_frames(conn.sock, [b"", header, wire.pack_body(body)], NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("cannot send to %s: %s", conn.url, exc)
             return False
