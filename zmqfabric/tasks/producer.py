@@ -24,7 +24,7 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import zmq
 
@@ -82,9 +82,9 @@ class Dispatcher:
         self._poller = zmq.Poller()
         self._links = Links(self._poller)
         self._resumed: list[tuple[str, Task]] = []
-        self._new: list[tuple[str, list[Task]]] = []
+        self._new: list[tuple[str, Sequence[Task]]] = []
         #: Submitted tasks not taken yet (see ``submit``); a ``_take`` is posted for them.
-        self._incoming: collections.deque[tuple[str, list[Task]]] = collections.deque()
+        self._incoming: collections.deque[tuple[str, Sequence[Task]]] = collections.deque()
         self._take_posted = False
         self._hello = wire.pack_body({"from": node.name})
         self._napping = False
@@ -107,7 +107,7 @@ class Dispatcher:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, name: str, tasks: list[Task]) -> None:
+    def submit(self, name: str, tasks: Sequence[Task]) -> None:
         """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe.
 
         The tasks go to a deque the thread empties each round; the inbox carries one post
