@@ -133,8 +133,11 @@ def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
     header = unpack_header(frames[1])
     body = unpack_body(frames[2], header.raw)
     if header.kind is _RESULT:
-        _check_items(body, "result")
-        for item in body:  # the producer's hot path: _check_id inlined for the usual item
+        if type(body) is not list or not 1 <= len(body) <= MAX_TASK_CREDIT:
+            _check_items(body, "result")  # raises
+        for item in body:  # the producer's hot path: checks inlined for the usual item
+            if type(item) is not list or len(item) != 4:
+                _check_items(body, "result")  # raises
             task_id, attempt, ok, value = item
             if (type(task_id) is not str or not 0 < len(task_id) <= MAX_TASK_ID
                     or type(attempt) is not int or not 1 <= attempt <= 0xFFFFFFFF):

@@ -264,10 +264,11 @@ class TaskTable:
         if known is None:
             self.late += len(results)
             return NOTHING
-        held, started, tasks = known.held, known.started, self._tasks
+        held, started, tasks, overdue = known.held, known.started, self._tasks, known.overdue
         done: list[Task] = []
         dead: list[Task] = []
         freed = False
+        answered = 0  # ok results for current deliveries (in flight until now)
         for task_id, attempt, ok, value in results:
             key = (task_id, attempt)
             task = held.pop(key, None)
@@ -276,23 +277,26 @@ class TaskTable:
                 continue
             if started.pop(key, None) is not None:
                 freed = True  # its slot goes to the oldest waiting delivery, below
-                if known.overdue and key in known.overdue:
-                    known.overdue.discard(key)
+                if overdue and key in overdue:
+                    overdue.discard(key)
                     self.hung -= 1
             if known.probe is not None and known.probe == key:
                 known.probe = None
-            if task is not tasks.get(task_id):
-                self.late += 1  # settled already
-                continue
             if ok:
+                current = tasks.pop(task_id, None)  # one lookup: the usual case settles it
+                if current is not task:
+                    if current is not None:
+                        tasks[task_id] = current  # not the task this delivery was of
+                    self.late += 1  # settled already
+                    continue
                 if task.state is _IN_FLIGHT:
-                    self.in_flight -= 1
+                    answered += 1
                 task.state = _DONE
                 task.value = value
                 task.worker = None
-                del tasks[task_id]
-                self.done += 1
                 done.append(task)
+            elif task is not tasks.get(task_id):
+                self.late += 1  # settled already
             elif is_current(task, key, worker):
                 self.in_flight -= 1
                 task.worker = None
@@ -307,6 +311,8 @@ class TaskTable:
                 self.next_due = due
         if not done and not dead:
             return NOTHING
+        self.in_flight -= answered
+        self.done += len(done)
         return Outcome(tuple(done), tuple(dead))
 
     def tick(self, now: float) -> Outcome:

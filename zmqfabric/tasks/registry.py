@@ -198,6 +198,18 @@ class NodeTasks:
             held = self._keys.claim(handle)
             if held is not handle:
                 return held
+        elif self._recorder is None:  # the hot path: _queue inlined, room at once
+            with self._count_lock:
+                admitted = not self._closed and self._submitted - self._settled < self._limit
+                if admitted:
+                    self._submitted += 1
+            if admitted:
+                try:
+                    dispatcher.submit(handle)
+                except BaseException as exc:
+                    self._failed([handle], exc, True)
+                    raise
+                return handle
         self._queue(dispatcher, name, [handle], timeout)
         return handle
 
@@ -294,17 +306,23 @@ class NodeTasks:
                     tasks[0].mark_recorded()
                 else:  # a keyed handle may be another submitter's already: under the lock
                     settle(self, [(t, _RECORDED, None) for t in tasks])
-            dispatcher.submit(name, tasks)
+            dispatcher.submit(tasks if count > 1 else tasks[0])
         except BaseException as exc:
-            for task in tasks:
-                if task.key is not None:
-                    self._keys.release(task)
-            settle(self, [(t, HandleState.FAILED, exc) for t in tasks])
-            if admitted:
-                self.settled(len(tasks))
-            if self._closed and not isinstance(exc, ClosedError):
-                raise ClosedError(f"node {self._node.name!r} is closed") from exc
+            self._failed(tasks, exc, admitted)
             raise
+
+    def _failed(self, tasks: list[TaskHandle], exc: BaseException, admitted: bool) -> None:
+        """Queuing ``tasks`` raised ``exc``: fail their handles with it, free their keys and
+        (``admitted``) their room. Raises ClosedError (from ``exc``) when the node closed;
+        returns otherwise, for the caller to raise ``exc``."""
+        for task in tasks:
+            if task.key is not None:
+                self._keys.release(task)
+        settle(self, [(t, HandleState.FAILED, exc) for t in tasks])
+        if admitted:
+            self.settled(len(tasks))
+        if self._closed and not isinstance(exc, ClosedError):
+            raise ClosedError(f"node {self._node.name!r} is closed") from exc
 
     def _admit(self, count: int, timeout: float | None) -> None:
         limit = self._limit
