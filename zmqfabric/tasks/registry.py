@@ -198,13 +198,18 @@ class NodeTasks:
             held = self._keys.claim(handle)
             if held is not handle:
                 return held
-        elif self._recorder is None:  # the hot path: _queue inlined, room at once
+        else:  # the hot path, room at once: _queue inlined
             with self._count_lock:
                 admitted = not self._closed and self._submitted - self._settled < self._limit
                 if admitted:
                     self._submitted += 1
             if admitted:
                 try:
+                    recorder = self._recorder
+                    if recorder is not None:
+                        recorder.record_one(handle.id, name, payload, None, deadline_s,
+                                            attempts)
+                        handle.handle_state = _RECORDED  # nobody else has it: no lock
                     dispatcher.submit(handle)
                 except BaseException as exc:
                     self._failed([handle], exc, True)
