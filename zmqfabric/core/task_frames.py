@@ -49,11 +49,11 @@ def pack_task_records(tasks: list[Task]) -> bytes:
     ``attempts``, ``payload`` and ``key``), without a tuple per task: the dispatcher's path."""
     pack = msgpack.Packer().pack
     parts = [_array_header(len(tasks))]
-    add = parts.append
+    add = parts.extend  # the item's five parts, joined once for the whole message
     for task in tasks:
         attempt, key = task.attempts, task.key
-        add(b"\x94" + pack(task.id) + (_SMALL_INTS[attempt] if attempt < 128 else pack(attempt))
-            + task.payload + (_NIL if key is None else pack(key)))
+        add((b"\x94", pack(task.id), _SMALL_INTS[attempt] if attempt < 128 else pack(attempt),
+             task.payload, _NIL if key is None else pack(key)))
     return b"".join(parts)
 
 

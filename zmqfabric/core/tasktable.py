@@ -101,7 +101,7 @@ class TaskTable:
                 raise LocalProtocolError(f"task id {task.id!r} is already queued")
             task.state = _PENDING
             table[task.id] = task
-            append(task)
+            append(task)  # per task, not extend() after: those before a duplicate are queued
 
     def refuse(self, task: Task, error: tuple[str, str]) -> Outcome:
         """A task that must never be sent (it cannot be delivered): dead at once, no attempt
