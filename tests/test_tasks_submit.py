@@ -310,3 +310,18 @@ def test_a_handle_is_its_task_with_every_task_field_set() -> None:
     settle_done(owner, [handle, plain, waited])  # a plain Task (resumed, no key): no handle
     waiter.join(SLOW)
     assert handle.result(0) == "a" and got == ["b"] and waited.waiters is None
+
+
+def test_submit_before_start_and_after_close_raises_closed(name) -> None:
+    """Node.submit leaves the started check to the registry (one call per task): it still
+    raises ClosedError before start and after close, and queues nothing."""
+    node = zf.Node(unique("producer"))
+    with pytest.raises(zf.ClosedError, match="use it inside"):
+        node.submit(name, 1)
+    node.start()
+    node.close()
+    for call in (lambda: node.submit(name, 1), lambda: node.submit(name, 1, key="k"),
+                 lambda: node.submit_many(name, [1])):
+        with pytest.raises(zf.ClosedError):
+            call()
+    assert node.task_stats()["submit"] == {}

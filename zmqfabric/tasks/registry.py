@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 _Packer = msgpack.Packer
 _RECORDED = HandleState.RECORDED
+_STARTED = NodeState.STARTED  # per submit: a module global, not an enum class attribute
 
 
 class NodeTasks:
@@ -169,13 +170,16 @@ class NodeTasks:
         self,
         name: str,
         body: Any,
-        *,
-        key: str | None,
-        deadline: float | None,
-        max_attempts: int | None,
-        timeout: float | None,
+        key: str | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
     ) -> TaskHandle:
-        """See :meth:`zmqfabric.Node.submit`. Thread-safe."""
+        """See :meth:`zmqfabric.Node.submit` (which calls this with positional arguments: one
+        call per submit, no keywords). Raises ClosedError unless the node is started.
+        Thread-safe."""
+        if self._node.state is not _STARTED:
+            self._node.check_started()  # raises
         if deadline is None and max_attempts is None and name in self._names:
             config = self.config  # the common case, the hot path: checked once, at first use
             deadline_s, attempts = config.deadline_s, config.max_attempts
