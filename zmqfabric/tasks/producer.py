@@ -377,10 +377,11 @@ class Dispatcher:
     # --- closing -------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        self._queue_new()  # taken but not queued yet: they fail with the rest (a table it
+        # makes for a new name is unwatched below with the others)
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch = []
-        self._queue_new()  # taken but not queued yet: they fail with the rest
         self._settler.close(list(self._tables.values()), time.monotonic())
         self._links.close()
         self.closed = True
