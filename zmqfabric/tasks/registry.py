@@ -203,10 +203,14 @@ class NodeTasks:
             if held is not handle:
                 return held
         else:  # the hot path, room at once: _queue inlined
-            with self._count_lock:
+            count_lock = self._count_lock
+            count_lock.acquire()  # not `with`: its __exit__ call costs twice the lock itself
+            try:
                 admitted = not self._closed and self._submitted - self._settled < self._limit
                 if admitted:
                     self._submitted += 1
+            finally:
+                count_lock.release()
             if admitted:
                 try:
                     recorder = self._recorder
