@@ -267,8 +267,7 @@ class TaskTable:
         held, started, tasks, overdue = known.held, known.started, self._tasks, known.overdue
         done: list[Task] = []
         dead: list[Task] = []
-        freed = False
-        answered = 0  # ok results for current deliveries (in flight until now)
+        freed, answered = False, 0  # answered: ok results of deliveries in flight until now
         for task_id, attempt, ok, value in results:
             key = (task_id, attempt)
             task = held.pop(key, None)
@@ -284,10 +283,10 @@ class TaskTable:
                 known.probe = None
             if ok:
                 current = tasks.pop(task_id, None)  # one lookup: the usual case settles it
-                if current is not task:
+                if current is not task:  # settled already (put back what was another's)
                     if current is not None:
-                        tasks[task_id] = current  # not the task this delivery was of
-                    self.late += 1  # settled already
+                        tasks[task_id] = current
+                    self.late += 1
                     continue
                 if task.state is _IN_FLIGHT:
                     answered += 1
@@ -295,8 +294,8 @@ class TaskTable:
                 task.value = value
                 task.worker = None
                 done.append(task)
-            elif task is not tasks.get(task_id):
-                self.late += 1  # settled already
+            elif task is not tasks.get(task_id):  # settled already
+                self.late += 1
             elif is_current(task, key, worker):
                 self.in_flight -= 1
                 task.worker = None
@@ -305,10 +304,8 @@ class TaskTable:
                     self._retry_later(task, now)
             else:
                 self.late += 1
-        if freed:
-            due = known.refill(now)
-            if due < self.next_due:
-                self.next_due = due
+        if freed:  # per message
+            self.next_due = min(self.next_due, known.refill(now))
         if not done and not dead:
             return NOTHING
         self.in_flight -= answered
