@@ -30,7 +30,7 @@ from zmqfabric.errors import LocalProtocolError, RemoteProtocolError
 
 
 def task(n: int | str, *, attempts: int = 3, deadline: float = 10.0) -> Task:
-    return Task(str(n), b"\xc0", None, deadline_s=deadline, max_attempts=attempts, ref=n)
+    return Task(str(n), b"\xc0", None, deadline_s=deadline, max_attempts=attempts)
 
 
 def ok(t: Task, value: Any = None) -> list[Any]:

@@ -278,3 +278,50 @@ def test_a_journaled_task_over_a_lowered_size_limit_is_dead_lettered_at_resume(
         assert "max_message_size" in letter["error"]["message"]
         assert second.task_stats()["submit"][task]["dead"] == 1
     assert ran == ["fits"] and small.id != big.id
+
+
+def test_a_handle_is_its_task_with_every_task_field_set() -> None:
+    """A handle is the dispatcher's Task (one object per task) and sets Task's fields itself:
+    a field added to Task but not to the handle's ``__init__`` fails here. A handle settled
+    while a waiter waits, and one settled in place (no waiter), both give the table's value."""
+    from zmqfabric.core.tasktable import Task, TaskState
+    from zmqfabric.tasks.handle import settle_done
+
+    class Owner:
+        config = zf.TaskConfig()
+        handle_lock = threading.Lock()
+
+        def settled(self, count: int) -> None:
+            pass
+
+    owner = Owner()
+    handle = TaskHandle("t-1", "job", None, owner, b"\xc0", 7.0, 2)
+    assert isinstance(handle, Task)
+    plain = Task("t-1", b"\xc0", None, deadline_s=7.0, max_attempts=2)
+    assert {f: getattr(handle, f) for f in Task.FIELDS} == {f: getattr(plain, f)
+                                                            for f in Task.FIELDS}
+    assert handle.state is TaskState.PENDING and not handle.done()
+    waited = TaskHandle("t-2", "job", None, owner)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(waited.result(SLOW)))
+    waiter.start()
+    wait_until(lambda: waited.waiters, SLOW)
+    handle.value, waited.value = "a", "b"
+    settle_done(owner, [handle, plain, waited])  # a plain Task (resumed, no key): no handle
+    waiter.join(SLOW)
+    assert handle.result(0) == "a" and got == ["b"] and waited.waiters is None
+
+
+def test_submit_before_start_and_after_close_raises_closed(name) -> None:
+    """Node.submit leaves the started check to the registry (one call per task): it still
+    raises ClosedError before start and after close, and queues nothing."""
+    node = zf.Node(unique("producer"))
+    with pytest.raises(zf.ClosedError, match="use it inside"):
+        node.submit(name, 1)
+    node.start()
+    node.close()
+    for call in (lambda: node.submit(name, 1), lambda: node.submit(name, 1, key="k"),
+                 lambda: node.submit_many(name, [1])):
+        with pytest.raises(zf.ClosedError):
+            call()
+    assert node.task_stats()["submit"] == {}

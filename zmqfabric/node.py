@@ -268,9 +268,8 @@ class Node(NodeBase):
         task is on disk, and a producer started again with that journal resends what did not
         settle.
         """
-        self._check_started()
-        return self._tasks.submit(name, body, key=key, deadline=deadline,
-                                  max_attempts=max_attempts, timeout=timeout)
+        # NodeTasks.submit checks that the node is started: one call per task, not three.
+        return self._tasks.submit(name, body, key, deadline, max_attempts, timeout)
 
     def submit_many(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..constants import (
@@ -62,35 +62,61 @@ def check_deadline(deadline_s: float) -> float:
     return float(deadline_s)
 
 
-@dataclass(slots=True, eq=False)
 class Task:
     """One task in a :class:`TaskTable`. Owned by its table: read it, do not change it.
 
-    ``payload`` is the encoded body; ``ref`` is whatever the owner wants back with the task (the
-    submitter's handle). ``attempts`` counts deliveries (the wire's ``attempt`` of the latest);
-    ``charged`` counts the attempts used up: failures of deliveries that may have started running
-    (the handler raised, it overran its deadline, or its worker was lost while it was one of the
-    worker's running slots); the task is dead once ``charged`` reaches ``max_attempts``.
+    ``payload`` is the encoded body. ``attempts`` counts deliveries (the wire's ``attempt`` of the
+    latest); ``charged`` counts the attempts used up: failures of deliveries that may have started
+    running (the handler raised, it overran its deadline, or its worker was lost while it was one
+    of the worker's running slots); the task is dead once ``charged`` reaches ``max_attempts``.
     ``suspect``: it was at a worker that was lost, so it is sent alone until it answers (see
     :class:`TaskTable`); ``hung_on``: the workers where a delivery of it overran its deadline.
     ``value`` is the ok result; ``error`` the last failure, ``(type, text)``.
+
+    A plain class with ``__slots__``, not a dataclass: one is made per submitted task, and the
+    submitter's handle (:class:`zmqfabric.tasks.handle.TaskHandle`) is a subclass that sets these
+    fields itself (``FIELDS``), so a task is one object, not a task and a handle.
     """
 
+    __slots__ = ("id", "payload", "key", "deadline_s", "max_attempts", "attempts", "charged",
+                 "suspect", "hung_on", "state", "worker", "value", "error")
+    #: Every field; a subclass's ``__init__`` sets each (tests check it).
+    FIELDS = __slots__
+
     id: str
-    payload: bytes = field(repr=False)
-    key: str | None = None
-    _: KW_ONLY
-    deadline_s: float = TASK_DEADLINE_S
-    max_attempts: int = TASK_MAX_ATTEMPTS
-    ref: Any = field(default=None, repr=False)
-    attempts: int = field(default=0, init=False)
-    charged: int = field(default=0, init=False)
-    suspect: bool = field(default=False, init=False)
-    hung_on: list[str] | None = field(default=None, init=False, repr=False)
-    state: TaskState = field(default=TaskState.PENDING, init=False)
-    worker: str | None = field(default=None, init=False)
-    value: Any = field(default=None, init=False, repr=False)
-    error: tuple[str, str] | None = field(default=None, init=False)
+    payload: bytes
+    key: str | None
+    deadline_s: float
+    max_attempts: int
+    attempts: int
+    charged: int
+    suspect: bool
+    hung_on: list[str] | None
+    state: TaskState
+    worker: str | None
+    value: Any
+    error: tuple[str, str] | None
+
+    def __init__(self, id: str, payload: bytes, key: str | None = None, *,  # noqa: A002
+                 deadline_s: float = TASK_DEADLINE_S,
+                 max_attempts: int = TASK_MAX_ATTEMPTS) -> None:
+        self.id = id
+        self.payload = payload
+        self.key = key
+        self.deadline_s = deadline_s
+        self.max_attempts = max_attempts
+        self.attempts = self.charged = 0
+        self.suspect = False
+        self.hung_on = self.worker = self.value = self.error = None
+        self.state = _PENDING
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(id={self.id!r}, key={self.key!r}, "
+                f"state={self.state.name}, attempts={self.attempts}, charged={self.charged}, "
+                f"worker={self.worker!r}, error={self.error!r})")
+
+
+_PENDING = TaskState.PENDING
 
 
 @dataclass(frozen=True, slots=True)

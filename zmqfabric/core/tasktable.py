@@ -101,7 +101,7 @@ class TaskTable:
                 raise LocalProtocolError(f"task id {task.id!r} is already queued")
             task.state = _PENDING
             table[task.id] = task
-            append(task)
+            append(task)  # per task, not extend() after: those before a duplicate are queued
 
     def refuse(self, task: Task, error: tuple[str, str]) -> Outcome:
         """A task that must never be sent (it cannot be delivered): dead at once, no attempt
@@ -264,10 +264,10 @@ class TaskTable:
         if known is None:
             self.late += len(results)
             return NOTHING
-        held, started, tasks = known.held, known.started, self._tasks
+        held, started, tasks, overdue = known.held, known.started, self._tasks, known.overdue
         done: list[Task] = []
         dead: list[Task] = []
-        freed = False
+        freed, answered = False, 0  # answered: ok results of deliveries in flight until now
         for task_id, attempt, ok, value in results:
             key = (task_id, attempt)
             task = held.pop(key, None)
@@ -276,23 +276,26 @@ class TaskTable:
                 continue
             if started.pop(key, None) is not None:
                 freed = True  # its slot goes to the oldest waiting delivery, below
-                if known.overdue and key in known.overdue:
-                    known.overdue.discard(key)
+                if overdue and key in overdue:
+                    overdue.discard(key)
                     self.hung -= 1
             if known.probe is not None and known.probe == key:
                 known.probe = None
-            if task is not tasks.get(task_id):
-                self.late += 1  # settled already
-                continue
             if ok:
+                current = tasks.pop(task_id, None)  # one lookup: the usual case settles it
+                if current is not task:  # settled already (put back what was another's)
+                    if current is not None:
+                        tasks[task_id] = current
+                    self.late += 1
+                    continue
                 if task.state is _IN_FLIGHT:
-                    self.in_flight -= 1
+                    answered += 1
                 task.state = _DONE
                 task.value = value
                 task.worker = None
-                del tasks[task_id]
-                self.done += 1
                 done.append(task)
+            elif task is not tasks.get(task_id):  # settled already
+                self.late += 1
             elif is_current(task, key, worker):
                 self.in_flight -= 1
                 task.worker = None
@@ -301,12 +304,12 @@ class TaskTable:
                     self._retry_later(task, now)
             else:
                 self.late += 1
-        if freed:
-            due = known.refill(now)
-            if due < self.next_due:
-                self.next_due = due
+        if freed:  # per message
+            self.next_due = min(self.next_due, known.refill(now))
         if not done and not dead:
             return NOTHING
+        self.in_flight -= answered
+        self.done += len(done)
         return Outcome(tuple(done), tuple(dead))
 
     def tick(self, now: float) -> Outcome:

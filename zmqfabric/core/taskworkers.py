@@ -180,8 +180,13 @@ def _fill(
     batches: dict[str, list[Task]],
 ) -> tuple[int, float]:
     # The hot path of dispatch: inlined, no method calls per task.
-    held, started, slots, key_of = worker.held, worker.started, worker.slots, worker.key
+    held, started, key_of = worker.held, worker.started, worker.key
+    free = worker.slots - len(started)  # deliveries that start at once
     batch = batches.get(key_of)
+    new_batch = batch is None
+    if batch is None:
+        batch = batches[key_of] = []
+    append = batch.append
     given = 0
     due = math.inf
     while given < count and pending:
@@ -193,11 +198,13 @@ def _fill(
         task.worker = key_of
         key = (task.id, attempt)
         held[key] = task
-        if len(started) < slots:
+        if free > 0:
+            free -= 1
             started[key] = now
-            due = min(due, now + task.deadline_s)
-        if batch is None:
-            batch = batches[key_of] = []
-        batch.append(task)
+            if now + task.deadline_s < due:
+                due = now + task.deadline_s
+        append(task)
         given += 1
+    if new_batch and not batch:
+        del batches[key_of]  # nothing given: no empty message
     return given, due

@@ -1,6 +1,10 @@
 """The submitter's side of one task: :class:`TaskHandle`, its :class:`HandleState`, and
 :func:`settle`, which the dispatcher calls to move handles on.
 
+A handle *is* the task the dispatcher's table holds (a subclass of
+:class:`~zmqfabric.core.tasktable.Task`): one object per submitted task, not a task and a handle
+(fewer allocations and fewer objects for the garbage collector while tasks queue).
+
 The registry (:mod:`.registry`) creates handles and the dispatcher (:mod:`.producer`) settles them;
 both import this module, and it imports neither: handles and the dispatcher see the registry
 through the :class:`HandleOwner` Protocol.
@@ -14,6 +18,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, Protocol
 
+from ..constants import TASK_DEADLINE_S, TASK_MAX_ATTEMPTS
+from ..core.tasktable import Task, TaskState
 from ..errors import FabricTimeoutError, JournalError, LocalProtocolError
 
 if TYPE_CHECKING:
@@ -38,6 +44,7 @@ class HandleState(enum.IntEnum):
 #: an enum member.
 _QUEUED, _RECORDED = HandleState.QUEUED, HandleState.RECORDED
 _DONE, _FAILED = HandleState.DONE, HandleState.FAILED
+_PENDING = TaskState.PENDING
 
 
 class HandleOwner(Protocol):
@@ -52,29 +59,46 @@ class HandleOwner(Protocol):
         """``count`` more tasks settled (dispatcher thread)."""
 
 
-class TaskHandle:
+class TaskHandle(Task):
     """What ``submit`` returns: the task's ``id``, and its result once a worker has run it.
 
     Wait with ``result(timeout)`` (sync) or ``await handle`` (asyncio), or ignore it: the task runs
     either way. Thread-safe.
+
+    It is also the task in the dispatcher's table: the fields of
+    :class:`~zmqfabric.core.tasktable.Task` (``payload``, ``attempts``, ``state`` ...) belong to
+    the dispatcher thread and are not part of the handle's API. Its result is the task's
+    ``value`` (set by the table before the handle is settled), or the error once failed.
     """
 
-    __slots__ = ("id", "name", "key", "settled_at", "_owner", "_state", "_value", "_waiters")
+    __slots__ = ("name", "settled_at", "_owner", "handle_state", "waiters")
 
-    def __init__(self, task_id: str, name: str, key: str | None, owner: HandleOwner) -> None:
+    def __init__(self, task_id: str, name: str, key: str | None, owner: HandleOwner,
+                 payload: bytes = b"", deadline_s: float = TASK_DEADLINE_S,
+                 max_attempts: int = TASK_MAX_ATTEMPTS) -> None:
+        # Task's fields (Task.FIELDS) set here, not by Task.__init__: one call per submit.
         self.id = task_id
-        self.name = name
+        self.payload = payload
         self.key = key
+        self.deadline_s = deadline_s
+        self.max_attempts = max_attempts
+        self.attempts = self.charged = 0
+        self.suspect = False
+        self.hung_on = self.worker = self.value = self.error = None
+        self.state = _PENDING
+        self.name = name
         self._owner = owner
-        self._state = _QUEUED
+        #: Where it stands for its submitter (read ``done()``): moved on by :func:`settle` and
+        #: :func:`settle_done` only, under the owner's handle_lock.
+        self.handle_state = _QUEUED
         #: time.monotonic() when it became done (idempotency keys are kept a while after that)
         self.settled_at = 0.0
-        self._value: Any = None
-        self._waiters: list[tuple[HandleState, Callable[[], Any]]] | None = None
+        #: (state, callback) to call once it reaches that state; guarded as ``handle_state``.
+        self.waiters: list[tuple[HandleState, Callable[[], Any]]] | None = None
 
     def done(self) -> bool:
         """True once the task succeeded, failed for good, or its node closed first."""
-        return self._state >= _DONE
+        return self.handle_state >= _DONE
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ``done()``; False after ``timeout`` seconds."""
@@ -87,9 +111,9 @@ class TaskHandle:
             raise FabricTimeoutError(
                 f"task {self.id} of {self.name!r} not done within {timeout:g} s", timeout=timeout
             )
-        if self._state is _FAILED:
-            raise self._value
-        return self._value
+        if self.handle_state is _FAILED:
+            raise self.value
+        return self.value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error ``result()`` would raise, or None. Raises FabricTimeoutError."""
@@ -97,8 +121,8 @@ class TaskHandle:
             raise FabricTimeoutError(
                 f"task {self.id} of {self.name!r} not done within {timeout:g} s", timeout=timeout
             )
-        if self._state is HandleState.FAILED:
-            return self._value  # type: ignore[no-any-return]
+        if self.handle_state is HandleState.FAILED:
+            return self.value  # type: ignore[no-any-return]
         return None
 
     def wait_recorded(self, timeout: float | None = None) -> bool:
@@ -110,18 +134,18 @@ class TaskHandle:
             raise LocalProtocolError("this node has no task journal (TaskConfig(journal=...))")
         if not self._wait(HandleState.RECORDED, timeout):
             return False
-        if self._state is HandleState.FAILED and isinstance(self._value, JournalError):
-            raise self._value
+        if self.handle_state is HandleState.FAILED and isinstance(self.value, JournalError):
+            raise self.value
         return True
 
     def add_done_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
         """Call ``callback(handle)`` once done: at once if it is, else in the dispatcher thread
         (keep it short; it must not block)."""
         with self._owner.handle_lock:
-            if self._state < HandleState.DONE:
-                if self._waiters is None:
-                    self._waiters = []
-                self._waiters.append((HandleState.DONE, lambda: callback(self)))
+            if self.handle_state < HandleState.DONE:
+                if self.waiters is None:
+                    self.waiters = []
+                self.waiters.append((HandleState.DONE, lambda: callback(self)))
                 return
         callback(self)
 
@@ -133,10 +157,10 @@ class TaskHandle:
         def copy() -> None:
             if future.done():
                 return  # the awaiting task was cancelled
-            if self._state is HandleState.FAILED:
-                future.set_exception(self._value)
+            if self.handle_state is HandleState.FAILED:
+                future.set_exception(self.value)
             else:
-                future.set_result(self._value)
+                future.set_result(self.value)
 
         def on_done(_: TaskHandle) -> None:
             try:
@@ -148,40 +172,42 @@ class TaskHandle:
         return future.__await__()
 
     def _wait(self, level: HandleState, timeout: float | None) -> bool:
-        if self._state >= level:
+        if self.handle_state >= level:
             return True
         event = threading.Event()
         with self._owner.handle_lock:
-            if self._state >= level:
+            if self.handle_state >= level:
                 return True
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append((level, event.set))
+            if self.waiters is None:
+                self.waiters = []
+            self.waiters.append((level, event.set))
         return event.wait(timeout)
 
     def mark_recorded(self) -> None:
         """In the journal now: for a handle no other thread can have yet (not returned by
         ``submit``, no key), so without the lock and with no waiter to wake."""
-        if self._state is _QUEUED:
-            self._state = _RECORDED
+        if self.handle_state is _QUEUED:
+            self.handle_state = _RECORDED
 
     def advance(self, state: HandleState, value: Any, fire: list[Callable[[], Any]]) -> None:
-        """Move to ``state`` (call with the owner's handle_lock held); collect due waiters."""
-        if state <= self._state:
+        """Move to ``state`` (call with the owner's handle_lock held); collect due waiters. A
+        settled handle's value is set before its state: readers check the state without the
+        lock."""
+        if state <= self.handle_state:
             return
-        self._state = state
         if state >= _DONE:
-            self._value = value
+            self.value = value
             if self.key is not None:
                 self.settled_at = time.monotonic()
-        waiters = self._waiters
+        self.handle_state = state
+        waiters = self.waiters
         if waiters:
             due = [w for w in waiters if w[0] <= state]
-            self._waiters = [w for w in waiters if w[0] > state] or None
+            self.waiters = [w for w in waiters if w[0] > state] or None
             fire.extend(fn for _, fn in due)
 
     def __repr__(self) -> str:
-        return f"<TaskHandle {self.name!r} {self.id} {self._state.name.lower()}>"
+        return f"<TaskHandle {self.name!r} {self.id} {self.handle_state.name.lower()}>"
 
 
 def settle(owner: HandleOwner, changes: list[tuple[TaskHandle, HandleState, Any]]) -> None:
@@ -194,13 +220,17 @@ def settle(owner: HandleOwner, changes: list[tuple[TaskHandle, HandleState, Any]
         fn()
 
 
-def settle_done(owner: HandleOwner, tasks: list[Any]) -> None:
-    """Settle the handles (``task.ref``, None for a task without one) of tasks done with
-    ``task.value``: :func:`settle` without a tuple per task (dispatcher thread, hot path)."""
+def settle_done(owner: HandleOwner, tasks: list[Task]) -> None:
+    """Settle the handles of tasks done (their ``value`` set by the table); a task that is not a
+    handle (resumed from a journal without a key) has nobody to tell. :func:`settle` without a
+    tuple or a call per task (dispatcher thread, hot path)."""
     fire: list[Callable[[], Any]] = []
     with owner.handle_lock:
         for task in tasks:
-            if task.ref is not None:
-                task.ref.advance(_DONE, task.value, fire)
+            if type(task) is TaskHandle:
+                if task.waiters is None and task.key is None and task.handle_state < _DONE:
+                    task.handle_state = _DONE  # advance() without a call: nobody to wake
+                else:
+                    task.advance(_DONE, task.value, fire)
     for fn in fire:
         fn()

@@ -42,7 +42,7 @@ from ..stats import RateLimitedLog
 from ..transport.frames import NOBLOCK, recv_frames
 from ..transport.inbox import Inbox
 from .deadletters import DeadLetters
-from .handle import HandleOwner
+from .handle import HandleOwner, TaskHandle
 from .links import Links, WorkerLink
 from .recorder import Recorder
 from .settling import Settler
@@ -82,9 +82,12 @@ class Dispatcher:
         self._poller = zmq.Poller()
         self._links = Links(self._poller)
         self._resumed: list[tuple[str, Task]] = []
-        self._new: list[tuple[str, list[Task]]] = []
-        #: Submitted tasks not taken yet (see ``submit``); a ``_take`` is posted for them.
-        self._incoming: collections.deque[tuple[str, list[Task]]] = collections.deque()
+        #: Taken from ``_incoming``, queued at the round's ``_queue_new`` (handles: each knows
+        #: its task name).
+        self._new: list[TaskHandle] = []
+        #: Submitted tasks not taken yet (see ``submit``): a handle, or a list of them from one
+        #: ``submit_many``; a ``_take`` is posted for them.
+        self._incoming: collections.deque[TaskHandle | list[TaskHandle]] = collections.deque()
         self._take_posted = False
         self._hello = wire.pack_body({"from": node.name})
         self._napping = False
@@ -107,8 +110,9 @@ class Dispatcher:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, name: str, tasks: list[Task]) -> None:
-        """Hand tasks to the thread. Raises ClosedError once closing. Thread-safe.
+    def submit(self, tasks: TaskHandle | list[TaskHandle]) -> None:
+        """Hand a task, or a list of tasks, to the thread (each handle knows its task name).
+        Raises ClosedError once closing. Thread-safe.
 
         The tasks go to a deque the thread empties each round; the inbox carries one post
         (``_take``) per such batch, not one per call. Appended before ``_take_posted`` is read
@@ -116,7 +120,7 @@ class Dispatcher:
         ``_take`` under way or posts one itself (at worst a spare one)."""
         if self._stopping:
             raise ClosedError(f"node {self._node.name!r} is closing")
-        self._incoming.append((name, tasks))
+        self._incoming.append(tasks)
         if not self._take_posted:
             self._take_posted = True
             if not self._inbox.post(self._take):
@@ -226,14 +230,16 @@ class Dispatcher:
         if self.closed:
             self._fail_incoming()
             return
-        incoming, new, tables = self._incoming, self._new, self._tables
+        incoming, new = self._incoming, self._new
         taken = 0
         while incoming and taken < _TAKE_BATCH:
-            name, tasks = incoming.popleft()
-            if name not in tables:
-                self._table(name)
-            new.append((name, tasks))
-            taken += len(tasks)
+            item = incoming.popleft()
+            if isinstance(item, list):
+                new += item
+                taken += len(item)
+            else:
+                new.append(item)
+                taken += 1
         if incoming and not self._take_posted:
             self._take_posted = True
             self._inbox.post(self._take)
@@ -244,10 +250,10 @@ class Dispatcher:
         incoming = self._incoming
         while True:
             try:
-                _, tasks = incoming.popleft()
+                item = incoming.popleft()
             except IndexError:
                 return
-            self._settler.fail_submitted(tasks)
+            self._settler.fail_submitted(item if isinstance(item, list) else [item])
 
     def _table(self, name: str) -> TaskTable:
         table = self._tables.get(name)
@@ -324,17 +330,13 @@ class Dispatcher:
             return
         self._new = []
         tables = self._tables
-        if len(batch) == 1:
-            tables[batch[0][0]].submit_many(batch[0][1])
-            return
-        run: list[Task] = []
-        last = batch[0][0]
-        for name, tasks in batch:  # one call per run of a name, not one per submit
-            if name != last:
-                tables[last].submit_many(run)
-                run, last = [], name
-            run += tasks
-        tables[last].submit_many(run)
+        name = batch[0].name
+        start = 0
+        for end, task in enumerate(batch):  # one call per run of a name, not one per task
+            if task.name != name:
+                (tables.get(name) or self._table(name)).submit_many(batch[start:end])
+                start, name = end, task.name
+        (tables.get(name) or self._table(name)).submit_many(batch[start:] if start else batch)
 
     def _dispatch(self, now: float) -> None:
         links = self._links
@@ -375,10 +377,11 @@ class Dispatcher:
     # --- closing -------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        self._queue_new()  # taken but not queued yet: they fail with the rest (a table it
+        # makes for a new name is unwatched below with the others)
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch = []
-        self._queue_new()  # taken but not queued yet: they fail with the rest
         self._settler.close(list(self._tables.values()), time.monotonic())
         self._links.close()
         self.closed = True

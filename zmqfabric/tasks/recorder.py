@@ -70,6 +70,26 @@ class Recorder:
             if first < ticket <= last:
                 raise error
 
+    def record_one(self, task_id: str, name: str, payload: bytes, key: str | None,
+                   deadline_s: float, max_attempts: int) -> None:
+        """``record`` of one task, its row's fields as arguments: the uncontended commit
+        without a row, a list or a call to ``_write``. Raises JournalError. Thread-safe."""
+        lock = self._commit_lock
+        if lock.acquire(blocking=False):
+            try:
+                if not self._queue:  # else others wait for this lock: take theirs along
+                    journal = self.journal
+                    try:
+                        journal.add_one(task_id, name, payload, key, deadline_s, max_attempts)
+                    except JournalError:
+                        journal.rollback()
+                        raise
+                    self.commits += 1
+                    return
+            finally:
+                lock.release()
+        self.record([(task_id, name, payload, key, deadline_s, max_attempts)])
+
     def _commit(self, parts: list[tuple[int, list[Row]]]) -> None:
         """One transaction for every part; if it fails, one per part, so that a part the journal
         refuses fails its own submitter only."""

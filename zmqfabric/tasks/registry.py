@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 _Packer = msgpack.Packer
 _RECORDED = HandleState.RECORDED
+_STARTED = NodeState.STARTED  # per submit: a module global, not an enum class attribute
 
 
 class NodeTasks:
@@ -151,13 +152,14 @@ class NodeTasks:
     def _resume(self, entry: JournalEntry) -> Task:
         """A task from the journal. Only keyed ones get a handle: a later submit with the key
         returns it (nobody else can ask for one)."""
-        handle = None
-        if entry.key is not None:
-            handle = TaskHandle(entry.task_id, entry.name, entry.key, self)
-            settle(self, [(handle, HandleState.RECORDED, None)])
-            self._keys.claim(handle)
-        return Task(entry.task_id, entry.payload, entry.key, deadline_s=entry.deadline_s,
-                    max_attempts=entry.max_attempts, ref=handle)
+        if entry.key is None:
+            return Task(entry.task_id, entry.payload, None, deadline_s=entry.deadline_s,
+                        max_attempts=entry.max_attempts)
+        handle = TaskHandle(entry.task_id, entry.name, entry.key, self, entry.payload,
+                            entry.deadline_s, entry.max_attempts)
+        settle(self, [(handle, HandleState.RECORDED, None)])
+        self._keys.claim(handle)
+        return handle
 
     @property
     def journaled(self) -> bool:
@@ -168,13 +170,16 @@ class NodeTasks:
         self,
         name: str,
         body: Any,
-        *,
-        key: str | None,
-        deadline: float | None,
-        max_attempts: int | None,
-        timeout: float | None,
+        key: str | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
     ) -> TaskHandle:
-        """See :meth:`zmqfabric.Node.submit`. Thread-safe."""
+        """See :meth:`zmqfabric.Node.submit` (which calls this with positional arguments: one
+        call per submit, no keywords). Raises ClosedError unless the node is started.
+        Thread-safe."""
+        if self._node.state is not _STARTED:
+            self._node.check_started()  # raises
         if deadline is None and max_attempts is None and name in self._names:
             config = self.config  # the common case, the hot path: checked once, at first use
             deadline_s, attempts = config.deadline_s, config.max_attempts
@@ -191,14 +196,34 @@ class NodeTasks:
         else:
             payload = self._encode(body, key)
         dispatcher = self._dispatcher or self._start_dispatcher()
-        handle = TaskHandle(f"{self._prefix}-{next(self._ids)}", name, key, self)
+        handle = TaskHandle(f"{self._prefix}-{next(self._ids)}", name, key, self, payload,
+                            deadline_s, attempts)
         if key is not None:
             held = self._keys.claim(handle)
             if held is not handle:
                 return held
-        task = Task(handle.id, payload, key, deadline_s=deadline_s, max_attempts=attempts,
-                    ref=handle)
-        self._queue(dispatcher, name, [task], timeout)
+        else:  # the hot path, room at once: _queue inlined
+            count_lock = self._count_lock
+            count_lock.acquire()  # not `with`: its __exit__ call costs twice the lock itself
+            try:
+                admitted = not self._closed and self._submitted - self._settled < self._limit
+                if admitted:
+                    self._submitted += 1
+            finally:
+                count_lock.release()
+            if admitted:
+                try:
+                    recorder = self._recorder
+                    if recorder is not None:
+                        recorder.record_one(handle.id, name, payload, None, deadline_s,
+                                            attempts)
+                        handle.handle_state = _RECORDED  # nobody else has it: no lock
+                    dispatcher.submit(handle)
+                except BaseException as exc:
+                    self._failed([handle], exc, True)
+                    raise
+                return handle
+        self._queue(dispatcher, name, [handle], timeout)
         return handle
 
     def submit_many(
@@ -223,18 +248,18 @@ class NodeTasks:
         payloads = [self._encode(body, key) for body, key in zip(bodies, key_list, strict=True)]
         dispatcher = self._dispatcher or self._start_dispatcher()
         handles: list[TaskHandle] = []
-        tasks: list[Task] = []
+        tasks: list[TaskHandle] = []
         prefix, ids = self._prefix, self._ids
         for payload, key in zip(payloads, key_list, strict=True):
-            handle = TaskHandle(f"{prefix}-{next(ids)}", name, key, self)
+            handle = TaskHandle(f"{prefix}-{next(ids)}", name, key, self, payload, deadline_s,
+                                attempts)
             if key is not None:
                 held = self._keys.claim(handle)
                 if held is not handle:
                     handles.append(held)
                     continue
             handles.append(handle)
-            tasks.append(Task(handle.id, payload, key, deadline_s=deadline_s,
-                              max_attempts=attempts, ref=handle))
+            tasks.append(handle)
         if tasks:
             self._queue(dispatcher, name, tasks, timeout)
         return handles
@@ -269,7 +294,7 @@ class NodeTasks:
         return payload
 
     def _queue(
-        self, dispatcher: Dispatcher, name: str, tasks: list[Task], timeout: float | None
+        self, dispatcher: Dispatcher, name: str, tasks: list[TaskHandle], timeout: float | None
     ) -> None:
         """Admit ``tasks``, record them (with a journal: returns once they are on disk) and hand
         them to the dispatcher. On any failure their handles fail with the error, their keys are
@@ -291,20 +316,26 @@ class NodeTasks:
                     rows.append((t.id, name, t.payload, t.key, t.deadline_s, t.max_attempts))
                 recorder.record(rows)
                 if count == 1 and tasks[0].key is None:  # nobody else has its handle yet
-                    tasks[0].ref.mark_recorded()
+                    tasks[0].mark_recorded()
                 else:  # a keyed handle may be another submitter's already: under the lock
-                    settle(self, [(t.ref, _RECORDED, None) for t in tasks])
-            dispatcher.submit(name, tasks)
+                    settle(self, [(t, _RECORDED, None) for t in tasks])
+            dispatcher.submit(tasks if count > 1 else tasks[0])
         except BaseException as exc:
-            for task in tasks:
-                if task.key is not None:
-                    self._keys.release(task.ref)
-            settle(self, [(t.ref, HandleState.FAILED, exc) for t in tasks])
-            if admitted:
-                self.settled(len(tasks))
-            if self._closed and not isinstance(exc, ClosedError):
-                raise ClosedError(f"node {self._node.name!r} is closed") from exc
+            self._failed(tasks, exc, admitted)
             raise
+
+    def _failed(self, tasks: list[TaskHandle], exc: BaseException, admitted: bool) -> None:
+        """Queuing ``tasks`` raised ``exc``: fail their handles with it, free their keys and
+        (``admitted``) their room. Raises ClosedError (from ``exc``) when the node closed;
+        returns otherwise, for the caller to raise ``exc``."""
+        for task in tasks:
+            if task.key is not None:
+                self._keys.release(task)
+        settle(self, [(t, HandleState.FAILED, exc) for t in tasks])
+        if admitted:
+            self.settled(len(tasks))
+        if self._closed and not isinstance(exc, ClosedError):
+            raise ClosedError(f"node {self._node.name!r} is closed") from exc
 
     def _admit(self, count: int, timeout: float | None) -> None:
         limit = self._limit

@@ -12,7 +12,7 @@ gone. Not thread-safe otherwise.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from ..constants import JOURNAL_COMMIT_S
 from ..core.tasktable import Outcome, Task, TaskTable
@@ -53,8 +53,8 @@ class Settler:
         for task in outcome.dead:
             error_type, error = task.error or ("Error", "")
             failure = TaskFailedError(name, task.id, task.charged, error_type, error)
-            if task.ref is not None:
-                self._changes.append((task.ref, HandleState.FAILED, failure))
+            if type(task) is TaskHandle:  # else resumed without a key: nobody to tell
+                self._changes.append((task, HandleState.FAILED, failure))
             if self._recorder is not None:
                 self._removals.append(task.id)
             self._dead.send(name, task, failure)
@@ -90,19 +90,19 @@ class Settler:
         closed = ClosedError(f"node {self._node_name!r} closed before the task settled")
         for table in tables:
             for task in table.drain():
-                if task.ref is not None:  # a resumed task without a key has no handle
-                    self._changes.append((task.ref, HandleState.FAILED, closed))
+                if type(task) is TaskHandle:  # a resumed task without a key has no handle
+                    self._changes.append((task, HandleState.FAILED, closed))
                 self._settled += 1
         self.finish(now)
         self._dead.close()
         if self._recorder is not None:
             self._recorder.close()
 
-    def fail_submitted(self, tasks: list[Task]) -> None:
+    def fail_submitted(self, tasks: Sequence[Task]) -> None:
         """Fail submitted tasks that the dispatcher will never take (any thread)."""
         closed = ClosedError(f"node {self._node_name!r} is closed")
         changes: list[tuple[TaskHandle, HandleState, Any]] = [
-            (task.ref, HandleState.FAILED, closed) for task in tasks]
+            (task, HandleState.FAILED, closed) for task in tasks if type(task) is TaskHandle]
         if changes:
             settle(self._tasks, changes)
             self._tasks.settled(len(changes))
