@@ -390,3 +390,21 @@ def test_alive_ids_are_the_members_not_suspect() -> None:
     members.acked(node_id(1), 1, 0.1)  # refuted
     members.join(record(2), "tcp://127.0.0.1:7002", 0.2)  # back
     assert members.alive_ids() == {node_id(i) for i in (1, 2, 4, 5)}
+
+
+def test_anti_entropy_lists_recent_deaths_after_the_members() -> None:
+    """A node that missed a death's gossip learns it at the next swap: the list carries the
+    formers found dead, most recent first, after every member."""
+    ours = table(0, range(5))
+    ours.failed(node_id(1), 0.0)
+    ours.expire(100.0)  # 1 is dead: a former
+    ours.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 200.0)
+    listed = [Update.decode(item) for item in ours.summary()]
+    assert [(u.kind, u.node_id) for u in listed] == [
+        (Kind.ALIVE, node_id(3)), (Kind.ALIVE, node_id(4)),
+        (Kind.DEAD, node_id(2)), (Kind.DEAD, node_id(1))]
+    theirs = table(9, range(5))  # still holds 1 and 2
+    for update in listed:
+        if update.kind is Kind.DEAD:
+            theirs.apply(update, 300.0)
+    assert theirs.get(node_id(1)) is None and theirs.get(node_id(2)) is None

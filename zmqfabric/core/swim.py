@@ -144,8 +144,14 @@ class Members:
         return frozenset(self._members.keys() - self._suspects.keys())
 
     def summary(self) -> list[list[Any]]:
-        """Every member as an ``alive`` update on the wire (for anti-entropy)."""
-        return [m.update(Kind.ALIVE, self.me).encode() for m in self._members.values()]
+        """Every member as ``alive`` on the wire, then the latest formers as ``dead``, MAX_SYNC
+        in all (anti-entropy: a node that missed a death learns it at the next swap)."""
+        out = [m.update(Kind.ALIVE, self.me).encode() for m in self._members.values()]
+        room = C.MAX_SYNC - len(out)
+        if room > 0 and self._formers:
+            recent = sorted(self._formers.values(), key=lambda f: f.since, reverse=True)
+            out += [f.update(Kind.DEAD, self.me).encode() for f in recent[:room]]
+        return out[:C.MAX_SYNC]
 
     def merge(self, update: Update, now: float) -> Effects:
         """Take an entry of a peer's member list (anti-entropy): the peer holds ``update``'s
@@ -287,12 +293,10 @@ class Members:
         already refuted before we knew it. It only asks for a confirmation probe, whose failure
         makes it our own suspicion. Deaths are taken as they come (the member refutes).
 
-        A death about an older incarnation than ours (or one we buried) is old news, but it may
-        be news of a real death from a node that missed the member's last refutation: its
-        finder gossips it at the incarnation it knew, every node that knew a later one drops it,
-        and a member's probers are only its ring predecessors. So each such node asks once per
-        incarnation (``check``) whether the member's port still listens: a process that is gone
-        is then dead at our incarnation, and that "dead" counts everywhere."""
+        A death at an older incarnation than ours (or one we buried) may be a real death found by
+        a node that missed a refutation, and only ring predecessors probe a member: so we ask
+        once per incarnation (``check``) whether its port still listens; a process that is gone
+        is then dead at our incarnation, which counts everywhere."""
         out = Effects()
         if update.node_id == self.me:
             return out

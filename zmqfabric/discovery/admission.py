@@ -125,6 +125,9 @@ class Admission:
             self._node.counters.add("refused_gossip", refused)
         now = self._clock()
         for update in updates:
+            if update.kind is Kind.DEAD:  # a death we may have missed (or taken as old news)
+                self._effects(self._members.apply(update, now), "anti-entropy")
+                continue
             if update.kind is not Kind.ALIVE:
                 continue
             out = self._members.merge(update, now)
