@@ -269,6 +269,8 @@ class LoopDriver:
             ep, self._deliver_from_slot, f"zmqfabric-{ep.noun.replace(' ', '-')}-{node_name}-"
             f"{ep.name}"))
         self._tasks: list[asyncio.Task[None]] = []
+        #: The receive loop's Receiver (a ROUTER socket), while it runs.
+        self._receiver: Receiver | None = None
 
     def start(self) -> None:
         if self._pool is not None:
@@ -320,7 +322,7 @@ class LoopDriver:
         # The routing id awaited on the socket's descriptor (pyzmq's asyncio receive costs
         # several get(EVENTS) a message), the rest, there with it, read at once: recv_multipart
         # asks the socket for RCVMORE after every frame, a slow call in pyzmq.
-        receiver = Receiver(rest, self._loop) if routed else None
+        receiver = self._receiver = Receiver(rest, self._loop) if routed else None
         try:
             while True:
                 if pool is not None:
@@ -343,6 +345,7 @@ class LoopDriver:
                     return
         finally:
             if receiver is not None:
+                self._receiver = None
                 receiver.close()
 
     async def _work(self, slot: int) -> None:
@@ -360,6 +363,8 @@ class LoopDriver:
     def _deliver(self, job: Job, status: Status, value: Any) -> None:
         ep = self._ep
         ep.done(job, status, value)
+        if self._receiver is not None:
+            self._receiver.check()  # the reply's send may have taken a request's wake-up
         self._room.set()
         if not ep.slots.busy():
             self._idle.set()
@@ -373,3 +378,5 @@ class LoopDriver:
     def _flush(self) -> None:
         self._flush_soon = False
         self._ep.flush()
+        if self._receiver is not None:
+            self._receiver.check()

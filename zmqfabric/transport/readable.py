@@ -80,6 +80,16 @@ class Receiver:
         finally:
             self._waiter = None
 
+    def check(self) -> None:
+        """Call after using the socket otherwise while a receive may wait (a send from the same
+        loop): that call may have taken the descriptor's signal for a message that arrived
+        meanwhile, and the loop would never report it. Wakes the waiting receive if a message is
+        there."""
+        waiter = self._waiter
+        if (waiter is not None and not waiter.done() and self._fd >= 0
+                and _GET(self._sock, _EVENTS) & _POLLIN):
+            waiter.set_result(None)
+
     def _wake(self) -> None:
         """The descriptor is readable (the loop calls this)."""
         waiter = self._waiter
