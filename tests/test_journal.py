@@ -65,12 +65,12 @@ def test_uncommitted_changes_are_not_durable_and_rollback_drops_them(tmp_path: P
 def test_a_second_process_cannot_open_a_journal_in_use(tmp_path: Path, procs: ProcessGroup) -> None:
     path = tmp_path / "j.db"
     holder = procs.python(f"""
-        import time
+        import signal
         from zmqfabric.tasks.journal import Journal
         journal = Journal({str(path)!r})
         journal.open()
         print("READY", flush=True)
-        time.sleep(30)
+        signal.sigtimedwait([signal.SIGTERM], 30)  # held until the test kills it
     """)
     with pytest.raises(JournalError) as info:
         Journal(path).open()
@@ -89,7 +89,7 @@ def test_a_process_forked_from_the_producer_does_not_keep_the_lock(
     so the journal is free once the producer closed it (or died), whatever the child does."""
     path = tmp_path / "j.db"
     producer = procs.python(f"""
-        import os, time
+        import os, signal
         from zmqfabric.tasks.journal import Journal
         journal = Journal({str(path)!r})
         journal.open()
@@ -97,12 +97,12 @@ def test_a_process_forked_from_the_producer_does_not_keep_the_lock(
         pid = os.fork()
         if pid == 0:  # the fork hooks have run by now
             os.write(running, b"x")
-            time.sleep(60)
+            signal.sigtimedwait([signal.SIGTERM], 60)  # held until the test kills it
             os._exit(0)
         os.read(started, 1)
         journal.close()
         print("READY", pid, flush=True)
-        time.sleep(60)
+        signal.sigtimedwait([signal.SIGTERM], 60)  # held until the test kills it
     """, ready=False)
     forked = int(producer.expect("READY", 120))
     try:
@@ -116,7 +116,7 @@ def test_a_process_forked_from_the_producer_does_not_keep_the_lock(
 def test_committed_tasks_survive_sigkill(tmp_path: Path, procs: ProcessGroup) -> None:
     path = tmp_path / "j.db"
     child = procs.python(f"""
-        import time
+        import signal
         from zmqfabric.tasks.journal import Journal
         journal = Journal({str(path)!r})
         journal.open()
@@ -126,7 +126,7 @@ def test_committed_tasks_survive_sigkill(tmp_path: Path, procs: ProcessGroup) ->
         journal.commit()
         journal.add([("never", "resize", b"\\xc0", None, 1.0, 3)])  # not committed
         print("READY", flush=True)
-        time.sleep(30)
+        signal.sigtimedwait([signal.SIGTERM], 30)  # held until the test kills it
     """)
     child.signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL
