@@ -230,18 +230,22 @@ def test_a_producer_resumes_past_malformed_journal_rows(worker_node, name,
     assert sorted(ran) == [0, 2, 4]
 
 
+class _Owner:
+    """The registry's side of handles (HandleOwner), for tests that settle handles directly."""
+
+    def __init__(self) -> None:
+        self.config = zf.TaskConfig()
+        self.handle_lock = threading.Lock()
+
+    def settled(self, count: int) -> None:
+        pass
+
+
 def test_settled_keys_kept_are_bounded() -> None:
     """Past ``limit`` settled keys the oldest are forgotten, even within the window; keys of
     unsettled tasks never are."""
 
-    class Owner:
-        config = zf.TaskConfig()
-        handle_lock = threading.Lock()
-
-        def settled(self, count: int) -> None:
-            pass
-
-    owner = Owner()
+    owner = _Owner()
     index = KeyIndex(window=3600.0, limit=10)
     pending = TaskHandle("p", "job", "pending", owner)
     assert index.claim(pending) is pending
@@ -287,14 +291,7 @@ def test_a_handle_is_its_task_with_every_task_field_set() -> None:
     from zmqfabric.core.tasktable import Task, TaskState
     from zmqfabric.tasks.handle import settle_done
 
-    class Owner:
-        config = zf.TaskConfig()
-        handle_lock = threading.Lock()
-
-        def settled(self, count: int) -> None:
-            pass
-
-    owner = Owner()
+    owner = _Owner()
     handle = TaskHandle("t-1", "job", None, owner, b"\xc0", 7.0, 2)
     assert isinstance(handle, Task)
     plain = Task("t-1", b"\xc0", None, deadline_s=7.0, max_attempts=2)
