@@ -203,6 +203,9 @@ MAX_SYNC = 1024
 #: Outgoing probe connections open at once; an idle one closes after PROBE_IDLE_S (s).
 MAX_PROBE_SOCKETS = 16
 PROBE_IDLE_S = 1.0
+#: Port checks (at most MAX_PROBE_SOCKETS under way) that may wait for a socket: a death storm
+#: asks for many at once.
+MAX_QUEUED_CHECKS = 256
 #: Unknown nodes being verified at once (a hint is checked by probing the node itself), and how
 #: long (s) a node that did not answer is not tried again on another hint.
 MAX_VERIFYING = 64

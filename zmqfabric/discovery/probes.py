@@ -28,6 +28,7 @@ import logging
 import random
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,6 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..constants import (
     LATE_ANSWER_S,
     MAX_PROBE_SOCKETS,
+    MAX_QUEUED_CHECKS,
     MAX_VERIFYING,
     PORT_CHECK_S,
     PROBE_IDLE_S,
@@ -107,6 +109,9 @@ class Prober:
         self._late: dict[int, _Request] = {}
         #: Port checks under way: fd -> (socket, callback, deadline).
         self._checks: dict[int, tuple[socket.socket, PortCallback, float]] = {}
+        #: Port checks waiting for one of those MAX_PROBE_SOCKETS to end: (url, callback,
+        #: deadline), oldest first.
+        self._queued: deque[tuple[str, PortCallback, float]] = deque()
         self._ids = itertools.count(random.randrange(1, 2**31))
 
     def __len__(self) -> int:
@@ -158,27 +163,41 @@ class Prober:
             del self._late[msg_id]
         for fd in [fd for fd, c in self._checks.items() if c[2] <= now]:
             self._end_check(fd, None)
+        while self._queued and self._queued[0][2] <= now:
+            self._queued.popleft()[1](None)
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` or :meth:`close_idle` has work next."""
         times = [r.deadline for r in self._requests.values()]
         times += [c[2] for c in self._checks.values()]
+        if self._queued:
+            times.append(self._queued[0][2])
         idle = [c.used for c in self._conns.values() if not (c.waiting or c.watched)]
         if idle:
             times.append(min(idle) + PROBE_IDLE_S)
         return min(times, default=None)
 
     def check_port(self, url: str, on_result: PortCallback) -> None:
-        """Whether anything listens at ``url`` (tcp://IPv4:port): see :data:`PortCallback`."""
-        host, _, port = url[len("tcp://"):].rpartition(":")
-        if len(self._checks) >= MAX_PROBE_SOCKETS:
+        """Whether anything listens at ``url`` (tcp://IPv4:port): see :data:`PortCallback`.
+        When MAX_PROBE_SOCKETS checks are under way, this one waits for a free socket (within
+        its PORT_CHECK_S): a death storm asks for many at once, and a check skipped left a
+        killed node in the table until anti-entropy. Beyond MAX_QUEUED_CHECKS waiting, the
+        answer is None at once (counted: ``port_checks_dropped``)."""
+        if len(self._checks) < MAX_PROBE_SOCKETS:
+            self._start_check(url, on_result, self._clock() + PORT_CHECK_S)
+        elif len(self._queued) < MAX_QUEUED_CHECKS:
+            self._queued.append((url, on_result, self._clock() + PORT_CHECK_S))
+        else:
+            self._node.counters.add("port_checks_dropped")
             on_result(None)
-            return
+
+    def _start_check(self, url: str, on_result: PortCallback, deadline: float) -> None:
+        host, _, port = url[len("tcp://"):].rpartition(":")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         err = sock.connect_ex((host, int(port)))
         if err in (errno.EINPROGRESS, errno.EAGAIN):
-            self._checks[sock.fileno()] = (sock, on_result, self._clock() + PORT_CHECK_S)
+            self._checks[sock.fileno()] = (sock, on_result, deadline)
             self._poller.register(sock.fileno(), zmq.POLLOUT)
             return
         sock.close()
@@ -230,12 +249,15 @@ class Prober:
         for fd in list(self._checks):
             self._poller.unregister(fd)
             self._checks.pop(fd)[0].close()
+        self._queued.clear()
 
     def _end_check(self, fd: int, closed: bool | None) -> None:
         sock, callback, _ = self._checks.pop(fd)
         self._poller.unregister(fd)
         sock.close()
         callback(closed)
+        while self._queued and len(self._checks) < MAX_PROBE_SOCKETS:
+            self._start_check(*self._queued.popleft())
 
     # --- internals -----------------------------------------------------------------------------
 
