@@ -7,6 +7,7 @@ inside namespaces the test creates; they are removed afterwards even when a test
 from __future__ import annotations
 
 import json
+import signal
 import time
 from typing import Any, Iterator
 
@@ -192,7 +193,8 @@ def test_two_subnets_joined_by_seed_peers(lan: Lan) -> None:
     b1 = lan.host("b1", switch_b, "198.18.2.1/24", gateway="198.18.2.254")
     b2 = lan.host("b2", switch_b, "198.18.2.2/24", gateway="198.18.2.254")
     node = """
-        import time, zmqfabric as zf
+        import signal, time, zmqfabric as zf
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})  # for sigtimedwait below
         config = zf.NodeConfig(scope=zf.Scope.from_env(), peers={peers!r}, control_port={port})
         node = zf.Node({name!r}, config=config)
         @node.reply("where-" + {name!r})
@@ -205,7 +207,7 @@ def test_two_subnets_joined_by_seed_peers(lan: Lan) -> None:
             node.directory.wait_for(lambda: len(node.directory.records()) >= 4, 20)
             print("SEES", sorted(r.name for r in node.nodes()), flush=True)
             print("CALL", node.request("where-" + {other!r}, None, timeout=10), flush=True)
-            time.sleep(0.5)  # keep answering the others' calls for a moment
+            signal.sigtimedwait({{signal.SIGTERM}}, 60)  # keep answering until all have called
     """
     children = [
         lan.python(b1, node.format(name="b1", peers=(), port=7400, other="a2")),
@@ -217,3 +219,7 @@ def test_two_subnets_joined_by_seed_peers(lan: Lan) -> None:
     for child, name in zip(children, ["b1", "b2", "a1", "a2"], strict=True):
         assert child.expect("SEES", 25) == "['a1', 'a2', 'b1', 'b2']"
         assert child.expect("CALL", 15) == expected[name]
+    for child in children:
+        child.signal(signal.SIGTERM)
+    for child in children:
+        assert child.wait(10) == 0, child.err_tail()
