@@ -28,8 +28,9 @@ from .child import PROGRESS_S, TICK_S, Child, Controls, RoleSpec, Stopped
 
 log = logging.getLogger(__name__)
 
-#: Pipeline queue depth per connection: backpressure instead of an unbounded backlog, so the
-#: pipeline drains in a moment when the sources stop.
+#: Pipeline queue depth per connection: backpressure instead of an unbounded backlog. The
+#: kernel's socket buffers hold more (tens of thousands of small jobs per connection on a loaded
+#: host), which the parent waits for once the sources stop (run.py, DRAIN_STALL_S).
 PIPELINE_HWM = 200
 #: Each request waits this long (s) for its answer; a miss is counted, not fatal.
 REQUEST_TIMEOUT_S = 2.0
