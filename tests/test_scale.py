@@ -35,10 +35,12 @@ def start(fleet: Fleet, names: list[str]) -> list[Member]:
     return members
 
 
-def idle_fds(members: list[Member], timeout: float = 20.0) -> int:
-    """The most file descriptors an idle node holds: each node's least over five looks 0.4 s
-    apart (a probe or sync connection lives about a second), once the joins' short-lived
-    connections have closed (two such rounds agree)."""
+def idle_fds(members: list[Member], timeout: float = 20.0) -> tuple[int, int]:
+    """The file descriptors of an idle node, most and median over the nodes: each node's least
+    over five looks 0.4 s apart (a probe or sync connection lives about a second), once the
+    joins' short-lived connections have closed (two such rounds agree). On a loaded host one
+    node can be amid a probe at every look: the median says what a node holds, the most bounds
+    every node."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -46,7 +48,8 @@ def idle_fds(members: list[Member], timeout: float = 20.0) -> int:
         for _ in range(5):
             looks.append([fds(m.pid) for m in members])
             time.sleep(0.4)
-        now = max(min(column) for column in zip(*looks, strict=True))
+        least = sorted(min(column) for column in zip(*looks, strict=True))
+        now = (least[-1], least[len(least) // 2])
         if now == last:
             return now
         last = now
@@ -67,12 +70,14 @@ def gone_within(fleet: Fleet, name: str, since: float, timeout: float) -> float:
 def test_idle_sockets_do_not_grow_and_deaths_and_leaves_are_seen_quickly(tmp_path: Path) -> None:
     with Fleet(unique("scale"), logs=tmp_path) as fleet:
         small = start(fleet, [f"n{i:02d}" for i in range(10)])
-        fds_10 = idle_fds(small)
+        most_10, median_10 = idle_fds(small)
         everyone = small + start(fleet, [f"n{i:02d}" for i in range(10, 30)])
-        fds_30 = idle_fds(everyone)
-        print(f"\nidle fds per node: {fds_10} at 10 nodes, {fds_30} at 30")
-        assert fds_30 <= FDS_MAX
-        assert fds_30 <= fds_10 + 2, "a node's sockets grow with the fabric"
+        most_30, median_30 = idle_fds(everyone)
+        print(f"\nidle fds per node (most, median): {most_10}, {median_10} at 10 nodes, "
+              f"{most_30}, {median_30} at 30")
+        assert most_30 <= FDS_MAX
+        # A socket per peer would add 20 or more to every node.
+        assert median_30 <= median_10 + 2, "a node's sockets grow with the fabric"
 
         victim = everyone[7]
         killed_s = gone_within(fleet, victim.name, fleet.kill(victim), 2 * DEAD_WITHIN_S)
