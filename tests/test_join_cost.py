@@ -113,3 +113,29 @@ def test_a_node_learned_from_its_call_leaves_at_its_goodbye(make_node) -> None:
     assert wait_until(lambda: older.name not in [n.name for n in newcomer.nodes()], SLOW)
     gone = time.monotonic() - stopped
     assert gone < QUICK, f"{older.name} was listed {gone:.2f} s after its clean stop"
+
+
+#: How long no hello may arrive once both nodes list each other: the greeting is posted before
+#: the newcomer is listed, and a hello on loopback arrives within milliseconds.
+HELLO_QUIET_S = 1.5
+
+
+def test_nodes_that_verified_each_other_with_their_records_send_no_hello(make_node) -> None:
+    """A newcomer and the node there call each other once, each call carrying the caller's
+    record (``me``), so neither greets the other (PROTOCOL.md 6.4). The node there used to
+    greet it all the same (its directory's listener ran before the call was marked as an
+    introduction): a hello per join at every node, from a socket of its own, and one more record
+    for the newcomer to decode and check."""
+    fabric = unique("hellos")  # a fabric of its own: no other node calls or greets these
+    there = make_node("there", config=zf.NodeConfig(fabric=fabric))
+    new = make_node("new", config=zf.NodeConfig(fabric=fabric))
+    wait_until(lambda: there.directory.get(new.name) and new.directory.get(there.name), SLOW,
+               "both nodes listing each other")
+    for node in (there, new):  # each called the other, with its record
+        wait_until(lambda node=node: node.counters.snapshot().get("hints_verified", 0) >= 1,
+                   SLOW, f"{node.name} verifying its peer")
+    deadline = time.monotonic() + HELLO_QUIET_S
+    while time.monotonic() < deadline:
+        got = {n.name: n.counters.snapshot().get("hellos_received", 0) for n in (there, new)}
+        assert not any(got.values()), f"hellos received after calls that carried 'me': {got}"
+        time.sleep(0.05)

@@ -150,6 +150,7 @@ class ControlServer:
         last = zframes[-1]
         key = _property(last, "User-Id") if self._node.config.keys is not None else None
         if op == "hello":
+            self._node.counters.add("hellos_received")
             self._on_hello(body, _property(last, "Peer-Address"), key or None, False)
             return  # introductions are one-way: no reply
         if op == "peers":

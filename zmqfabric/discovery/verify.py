@@ -380,9 +380,11 @@ class Verifier:
                 # address, and a host of many nodes (one loopback) is not slowed by its count.
                 with self._lock:
                     self._buckets.give(hint.address, self._clock())
-            self._admit(answer)
             if probe is not None and probe.introduced:
+                # Before the admission: the directory's listeners greet a newcomer that does
+                # not know us (a hello per join at every node, and one more for it to check).
                 self._knows_us(answer.node_id)
+            self._admit(answer)
 
     def _remember(self, key: HintKey, until: float) -> None:
         """A claim decided, not checked again until ``until`` (under the lock)."""
