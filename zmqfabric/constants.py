@@ -245,6 +245,10 @@ VERIFY_LOCAL_FACTOR = 4
 #: outcomes are remembered.
 VERIFY_CACHE_S = 30.0
 MAX_VERIFY_CACHE = 4096
+#: Addresses whose parse (and scope check) is remembered, least recently used first out:
+#: records name few distinct addresses (a host's nodes share one), and a flood of distinct ones
+#: only evicts.
+ADDRESS_CACHE = 1024
 #: ...but a hint whose node did not answer (busy, starting, a lost packet) is checked again after
 #: this long (s), and when heard again after this long once refused.
 VERIFY_RETRY_S = 2.0
