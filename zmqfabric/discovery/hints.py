@@ -39,9 +39,11 @@ WHY = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "it could not complete a CURVE handshake with its key",
     zmq.EVENT_DISCONNECTED: "it closed the connection before answering",
 }
-#: ...and the events that say something listens there (a connection was taken): a node busy
+#: ...and the event that says something listens there (a connection was taken): a node busy
 #: starting answers late and is retried longer than an address where nothing takes a connection.
-REACHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+#: (Not also the handshake's success: a monitor message each, per call, at every node of a join;
+#: the answer follows it, and a failed handshake is reported.)
+REACHED = zmq.EVENT_CONNECTED
 HintKey = tuple[str, str, int, str, int, str, str]
 
 
