@@ -24,6 +24,7 @@ from zeroconf import (
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
+    current_time_millis,
 )
 from zeroconf.asyncio import AsyncServiceInfo
 
@@ -55,8 +56,8 @@ from .quickquery import QuickQuery, ask_now, pointers, requery
 from .watch import Watch
 
 log = logging.getLogger(__name__)
-#: DNS record type PTR and class IN (RFC 1035).
-_PTR, _IN = 12, 1
+#: DNS record types PTR and SRV, class IN (RFC 1035, 2782).
+_PTR, _SRV, _IN = 12, 33, 1
 
 
 class Discovery:
@@ -188,20 +189,17 @@ class Discovery:
             zc.loop.call_soon_threadsafe(_forget, zc, names)
 
     def _remember(self, record: NodeRecord) -> None:
-        """A verified peer goes into zeroconf's cache as if its announcement had been heard
-        (most peers are learned from their calls, not from mDNS): its goodbye then removes it at
-        once, and our queries list it as a known answer, so it does not answer them. Any
-        thread."""
+        """A verified peer goes into zeroconf's cache as if its announcement had been heard (a
+        newcomer learns most peers from their calls): its goodbye then removes it at once, and
+        our queries list it as a known answer. Any thread."""
         zc = self._zc
         if zc is None or zc.loop is None or self._closing or not record.control:
             return
-        info = _service_info(record, self._config.record_ttl_s)
-        zc.loop.call_soon_threadsafe(_cache_info, zc, info)
+        zc.loop.call_soon_threadsafe(_cache_info, zc, record, self._config.record_ttl_s)
 
     def reverify(self, record: NodeRecord) -> None:
-        """Liveness dropped ``record``'s node: forget that its record was verified, so that the
-        same record heard again (the node is back after a partition) is verified and admitted
-        again instead of being skipped as known. Thread-safe."""
+        """Liveness dropped ``record``'s node: forget that its record was verified, so that it
+        is verified again when heard again (back after a partition). Thread-safe."""
         self._intake.forget(record.name, record.node_id)
 
     def requery(self) -> None:
@@ -380,11 +378,16 @@ def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
     asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
 
 
-def _cache_info(zc: Zeroconf, info: ServiceInfo) -> None:
-    """Zeroconf's loop: put ``info``'s PTR, SRV, TXT and address records into the cache (no
-    listener hears of it: the record is already known)."""
+def _cache_info(zc: Zeroconf, record: NodeRecord, ttl: int) -> None:
+    """Zeroconf's loop: cache ``record``'s PTR, SRV, TXT and A (no listener hears of it), unless
+    its announcement did (a newcomer's, at every node there: the PTR came with the SRV)."""
     if zc.done:
         return
+    instance = instance_name(record.name, record.node_id)
+    if any(r.type == _SRV and not r.is_expired(current_time_millis())
+           for r in zc.cache.async_entries_with_name(instance)):
+        return
+    info = _service_info(record, ttl)
     zc.cache.async_add_records(
         [info.dns_pointer(), info.dns_service(), info.dns_text(), *info.dns_addresses()])
 
