@@ -21,8 +21,9 @@ from zeroconf import DNSIncoming
 
 import zmqfabric as zf
 from tests.helpers import unique, wait_until
+from tests.test_verify_load import _control_dealer, _send_control
 from zmqfabric.constants import JOIN_QUERY_DELAY_S
-from zmqfabric.core.records import instance_name
+from zmqfabric.core.records import encode_txt, instance_name
 
 pytestmark = pytest.mark.slow
 
@@ -139,3 +140,29 @@ def test_nodes_that_verified_each_other_with_their_records_send_no_hello(make_no
         got = {n.name: n.counters.snapshot().get("hellos_received", 0) for n in (there, new)}
         assert not any(got.values()), f"hellos received after calls that carried 'me': {got}"
         time.sleep(0.05)
+
+
+def test_a_hello_of_the_record_held_is_not_checked_again_and_a_newer_one_is(make_node,
+                                                                             raw) -> None:
+    """The newcomer's call back to each node there carries the newcomer's record, which that
+    node holds already (it verified it): skipped undecoded (``hellos_known``), no call made. The
+    same record at a higher seq is news, and is verified with its node."""
+    fabric = unique("known")
+    there = make_node("there", config=zf.NodeConfig(fabric=fabric))
+    peer = make_node("peer", config=zf.NodeConfig(fabric=fabric))
+    wait_until(lambda: there.directory.get(peer.name) and peer.directory.get(there.name), SLOW,
+               "both nodes listing each other")
+    before = there.counters.snapshot()
+    dealer = _control_dealer(raw, there)  # from 127.0.0.1, the peer's address
+    held = {"name": peer.name, "txt": encode_txt(peer.record)}
+    _send_control(dealer, 0, {"op": "hello", **held})
+    wait_until(lambda: there.counters.snapshot().get("hellos_known", 0)
+               > before.get("hellos_known", 0), SLOW, "the held record skipped")
+    newer = {"name": peer.name, "txt": {**held["txt"], "seq": str(peer.record.seq + 1)}}
+    _send_control(dealer, 0, {"op": "hello", **newer})
+    wait_until(lambda: there.counters.snapshot().get("hints_corrected", 0)
+               > before.get("hints_corrected", 0), SLOW,
+               "the newer claim verified with its node (which answers its true seq)")
+    after = there.counters.snapshot()
+    assert after.get("verifications", 0) == before.get("verifications", 0) + 1
+    assert after.get("hellos_known", 0) == before.get("hellos_known", 0) + 1

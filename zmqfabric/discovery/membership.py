@@ -152,6 +152,16 @@ class Membership:
                 raise RemoteProtocolError("hello must carry a TXT map of strings")
             if peer_address is None:
                 raise RemoteProtocolError("hello has no peer address")
+            held = node.directory.get(name) if isinstance(name, str) else None
+            if (held is not None and held.address == peer_address
+                    and txt.get("id") == held.node_id and txt.get("seq") == str(held.seq)):
+                # The record we hold, from its address: no news (a reader ignores a record of
+                # an id at a seq it holds, PROTOCOL.md 4.7). Every node there gets one such in
+                # the call that verifies it back when a newcomer joins: not decoded again.
+                node.counters.add("hellos_known")
+                if verifying:
+                    self._discovery.introduced(held.node_id)
+                return
             try:
                 peer = validate_node_name(name)
             except InvalidNameError as exc:
