@@ -195,7 +195,8 @@ class Discovery:
         zc = self._zc
         if zc is None or zc.loop is None or self._closing or not record.control:
             return
-        zc.loop.call_soon_threadsafe(_cache_info, zc, record, self._config.record_ttl_s)
+        if not _cached(zc.cache.entries_with_name(instance_name(record.name, record.node_id))):
+            zc.loop.call_soon_threadsafe(_cache_info, zc, record, self._config.record_ttl_s)
 
     def reverify(self, record: NodeRecord) -> None:
         """Liveness dropped ``record``'s node: forget that its record was verified, so that it
@@ -381,15 +382,19 @@ def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
 def _cache_info(zc: Zeroconf, record: NodeRecord, ttl: int) -> None:
     """Zeroconf's loop: cache ``record``'s PTR, SRV, TXT and A (no listener hears of it), unless
     its announcement did (a newcomer's, at every node there: the PTR came with the SRV)."""
-    if zc.done:
-        return
-    instance = instance_name(record.name, record.node_id)
-    if any(r.type == _SRV and not r.is_expired(current_time_millis())
-           for r in zc.cache.async_entries_with_name(instance)):
+    if zc.done or _cached(zc.cache.async_entries_with_name(instance_name(record.name,
+                                                                        record.node_id))):
         return
     info = _service_info(record, ttl)
     zc.cache.async_add_records(
         [info.dns_pointer(), info.dns_service(), info.dns_text(), *info.dns_addresses()])
+
+
+def _cached(entries: list[Any]) -> bool:
+    """Whether an instance's cached ``entries`` hold its SRV record, unexpired (read from any
+    thread too, as zeroconf's ``load_from_cache`` does: a copy of a dict's values)."""
+    now = current_time_millis()
+    return any(r.type == _SRV and not r.is_expired(now) for r in entries)
 
 
 def _forget(zc: Zeroconf, names: tuple[str, str]) -> None:
