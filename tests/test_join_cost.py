@@ -22,7 +22,7 @@ from zeroconf import DNSIncoming
 import zmqfabric as zf
 from tests.helpers import unique, wait_until
 from tests.test_verify_load import _control_dealer, _send_control
-from zmqfabric.constants import JOIN_QUERY_DELAY_S
+from zmqfabric.constants import ANNOUNCE_INTERVAL_S, ANNOUNCEMENTS, JOIN_QUERY_DELAY_S
 from zmqfabric.core.records import encode_txt, instance_name
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def test_the_nodes_there_send_nothing_on_mdns_for_a_newcomer(make_node) -> None:
     with mdns_listener() as sock:
         there = make_node("there")
         mine = instance_name(there.name, there.node_id)
-        # Past its announcements (three, 225 ms apart): what follows would be answers.
+        # Past its announcements (two, 225 ms apart): what follows would be answers.
         assert quiet(sock, mine, 0.6, SLOW), f"{there.name} kept announcing"
         newcomer = make_node("newcomer")
         started = time.monotonic()
@@ -166,3 +166,16 @@ def test_a_hello_of_the_record_held_is_not_checked_again_and_a_newer_one_is(make
     after = there.counters.snapshot()
     assert after.get("verifications", 0) == before.get("verifications", 0) + 1
     assert after.get("hellos_known", 0) == before.get("hellos_known", 0) + 1
+
+
+def test_a_node_announces_its_record_twice_not_three_times(make_node) -> None:
+    """Every node of a host parses every announcement of every newcomer: python-zeroconf's
+    third copy cost each node there a packet per join. Two (RFC 6762 8.3's least), at start
+    and at each update. (Another program's query on this loopback could add an answer: more,
+    never fewer.)"""
+    with mdns_listener() as sock:
+        node = make_node("announcer", config=zf.NodeConfig(fabric=unique("announce")))
+        mine = instance_name(node.name, node.node_id)
+        started = time.monotonic()
+        heard = answers_naming(sock, mine, started + 4 * ANNOUNCE_INTERVAL_S + 1.0)
+        assert heard == ANNOUNCEMENTS, f"{heard} announcements at start"

@@ -83,6 +83,11 @@ DEFAULT_FABRIC = "default"
 RECORD_TTL_S = 4500
 #: Registering our record is local work in zeroconf's loop; more than this means it is stuck.
 REGISTER_TIMEOUT_S = 5.0
+#: A node announces its record this many times when it registers or updates it, this far apart
+#: (s): RFC 6762 8.3 asks for at least two; python-zeroconf sends three. Every node of a host
+#: parses every copy, so each one more costs every node there a packet per join.
+ANNOUNCEMENTS = 2
+ANNOUNCE_INTERVAL_S = 0.225
 #: After advertising, a node listens this long (s) for another live node of its name. Peers
 #: introduce themselves over ZeroMQ within milliseconds; mDNS answers take 20-120 ms.
 CONFLICT_WINDOW_S = 0.2

@@ -30,6 +30,8 @@ from zeroconf.asyncio import AsyncServiceInfo
 
 from ..config import NodeConfig
 from ..constants import (
+    ANNOUNCE_INTERVAL_S,
+    ANNOUNCEMENTS,
     JOIN_QUERY_DELAY_S,
     JOIN_QUERY_MAX_WAIT_S,
     JOIN_QUERY_QUIET_S,
@@ -157,15 +159,10 @@ class Discovery:
             if self._broadcast is not None:
                 # Repeat announcements of the previous version would re-announce stale endpoints.
                 loop.call_soon_threadsafe(self._broadcast.cancel)
-            if self._info is None:
-                coro = zc.async_register_service(info, cooperating_responders=True)
-            else:
-                coro = zc.async_update_service(info)
             # Wait until the record is registered and its first announcement is queued, not for
             # the repeat announcements (zeroconf's blocking call waits ~450 ms for those).
-            self._broadcast = asyncio.run_coroutine_threadsafe(coro, loop).result(
-                REGISTER_TIMEOUT_S
-            )
+            self._broadcast = asyncio.run_coroutine_threadsafe(
+                _register(zc, info, self._info is None), loop).result(REGISTER_TIMEOUT_S)
             self._info = info
             self._intake.advertised(record)
         # Our own record goes straight into our directory: no need to hear our own multicast.
@@ -360,6 +357,24 @@ def _service_info(record: NodeRecord, ttl: int) -> ServiceInfo:
         other_ttl=ttl,
         addresses=[socket.inet_aton(record.address)],
     )
+
+
+async def _register(zc: Zeroconf, info: ServiceInfo, first: bool) -> asyncio.Future[None]:
+    """Zeroconf's loop: register (``first``) or update ``info``, and announce it ANNOUNCEMENTS
+    times, not zeroconf's three: every node of a host parses each copy. Returns the task."""
+    if first:
+        theirs = await zc.async_register_service(info, cooperating_responders=True)
+    else:
+        theirs = await zc.async_update_service(info)
+    theirs.cancel()  # type: ignore[attr-defined]  # (not started yet: it sends nothing)
+
+    async def announce() -> None:
+        for i in range(ANNOUNCEMENTS):
+            if i:
+                await asyncio.sleep(ANNOUNCE_INTERVAL_S)
+            zc.async_send(zc.generate_service_broadcast(info, None))
+
+    return asyncio.ensure_future(announce())
 
 
 def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
