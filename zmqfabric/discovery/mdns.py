@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import logging
 import random
-import socket
 import threading
 import time
 from typing import Any, Callable
@@ -24,7 +23,6 @@ from zeroconf import (
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
-    current_time_millis,
 )
 from zeroconf.asyncio import AsyncServiceInfo
 
@@ -44,7 +42,6 @@ from ..constants import (
 from ..core.records import (
     NodeRecord,
     decode_txt,
-    encode_txt,
     instance_name,
     parse_instance,
     server_name,
@@ -55,11 +52,9 @@ from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
 from .intake import Intake
 from .quickquery import QuickQuery, ask_now, pointers, requery
-from .watch import Watch
+from .watch import Watch, cache_record, cached, forget_instance, service_info
 
 log = logging.getLogger(__name__)
-#: DNS record types PTR and SRV, class IN (RFC 1035, 2782).
-_PTR, _SRV, _IN = 12, 33, 1
 
 
 class Discovery:
@@ -152,7 +147,7 @@ class Discovery:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
         zc = self._zc
         assert zc is not None, "start() first"
-        info = _service_info(record, self._config.record_ttl_s)
+        info = service_info(record, self._config.record_ttl_s)
         loop = zc.loop
         assert loop is not None
         with self._lock:
@@ -183,7 +178,7 @@ class Discovery:
         zc = self._zc
         if zc is not None and zc.loop is not None:
             names = (instance_name(record.name, record.node_id), server_name(record.node_id))
-            zc.loop.call_soon_threadsafe(_forget, zc, names)
+            zc.loop.call_soon_threadsafe(forget_instance, zc, names)
 
     def _remember(self, record: NodeRecord) -> None:
         """A verified peer goes into zeroconf's cache as if its announcement had been heard (a
@@ -192,8 +187,8 @@ class Discovery:
         zc = self._zc
         if zc is None or zc.loop is None or self._closing or not record.control:
             return
-        if not _cached(zc.cache.entries_with_name(instance_name(record.name, record.node_id))):
-            zc.loop.call_soon_threadsafe(_cache_info, zc, record, self._config.record_ttl_s)
+        if not cached(zc.cache.entries_with_name(instance_name(record.name, record.node_id))):
+            zc.loop.call_soon_threadsafe(cache_record, zc, record, self._config.record_ttl_s)
 
     def reverify(self, record: NodeRecord) -> None:
         """Liveness dropped ``record``'s node: forget that its record was verified, so that it
@@ -345,20 +340,6 @@ class Discovery:
         return self._intake.refused()
 
 
-def _service_info(record: NodeRecord, ttl: int) -> ServiceInfo:
-    """``record`` as DNS-SD records (PTR, SRV, TXT, A), each with ``ttl``."""
-    return ServiceInfo(
-        SERVICE_TYPE,
-        instance_name(record.name, record.node_id),
-        port=record.control.port if record.control else 0,
-        properties=encode_txt(record),
-        server=server_name(record.node_id),
-        host_ttl=ttl,
-        other_ttl=ttl,
-        addresses=[socket.inet_aton(record.address)],
-    )
-
-
 async def _register(zc: Zeroconf, info: ServiceInfo, first: bool) -> asyncio.Future[None]:
     """Zeroconf's loop: register (``first``) or update ``info``, and announce it ANNOUNCEMENTS
     times, not zeroconf's three: every node of a host parses each copy. Returns the task."""
@@ -392,32 +373,3 @@ def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
 
     assert zc.loop is not None
     asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
-
-
-def _cache_info(zc: Zeroconf, record: NodeRecord, ttl: int) -> None:
-    """Zeroconf's loop: cache ``record``'s PTR, SRV, TXT and A (no listener hears of it), unless
-    its announcement did (a newcomer's, at every node there: the PTR came with the SRV)."""
-    if zc.done or _cached(zc.cache.async_entries_with_name(instance_name(record.name,
-                                                                        record.node_id))):
-        return
-    info = _service_info(record, ttl)
-    zc.cache.async_add_records(
-        [info.dns_pointer(), info.dns_service(), info.dns_text(), *info.dns_addresses()])
-
-
-def _cached(entries: list[Any]) -> bool:
-    """Whether an instance's cached ``entries`` hold its SRV record, unexpired (read from any
-    thread too, as zeroconf's ``load_from_cache`` does: a copy of a dict's values)."""
-    now = current_time_millis()
-    return any(r.type == _SRV and not r.is_expired(now) for r in entries)
-
-
-def _forget(zc: Zeroconf, names: tuple[str, str]) -> None:
-    """Zeroconf's loop: remove the PTR, SRV, TXT and address records of one instance."""
-    cache = zc.cache
-    instance, server = names
-    stale = [r for r in cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN)
-             if getattr(r, "alias", None) == instance]
-    stale += cache.async_entries_with_name(instance) + cache.async_entries_with_name(server)
-    cache.async_remove_records(stale)
-
