@@ -254,6 +254,12 @@ MAX_VERIFY_CACHE = 4096
 #: records name few distinct addresses (a host's nodes share one), and a flood of distinct ones
 #: only evicts.
 ADDRESS_CACHE = 1024
+#: A newcomer of an unsecured fabric that answered our call carrying ``me`` calls us back within
+#: moments to verify us (PROTOCOL.md 6.2), which proves it took our record: it is greeted only if
+#: that call has not come after this long (s; at most LIVENESS_TICK_MS later), so a program that
+#: ignores ``me`` still hears of us. At most MAX_PENDING_GREETS wait (more are greeted at once).
+GREET_WAIT_S = 2.0
+MAX_PENDING_GREETS = 1024
 #: ...but a hint whose node did not answer (busy, starting, a lost packet) is checked again after
 #: this long (s), and when heard again after this long once refused.
 VERIFY_RETRY_S = 2.0

@@ -13,9 +13,10 @@ caller's (``claim_name``); it touches no socket, and only posts to the housekeep
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..constants import MAX_ENDPOINTS, MAX_NAME_SUFFIX, VERIFY_TIMEOUT_S
 from ..core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
@@ -39,7 +40,7 @@ class Introducer(Protocol):
     def introduce(self, url: str, key: str | None = None) -> None: ...
     def watch(self, record: NodeRecord) -> None: ...
     def unwatch(self, record: NodeRecord) -> None: ...
-    def greet(self, record: NodeRecord) -> None: ...
+    def greet(self, record: NodeRecord, known: Callable[[], bool] | None = None) -> None: ...
     def share(self, record: NodeRecord) -> None: ...
 
 
@@ -128,7 +129,8 @@ class Membership:
         control.watch(record)
         if event.change is Change.JOINED and node.advertised and record.control is not None:
             if not self._discovery.knows_us(record.node_id):  # (it verified us: it has us)
-                control.greet(record)
+                # Not before it had time to call us back (it then has our record: no hello).
+                control.greet(record, functools.partial(self._discovery.knows_us, record.node_id))
             if node.config.peers or not address_in_scope(
                 record.address, node.config.scope.networks
             ):

@@ -380,9 +380,10 @@ class Verifier:
                 # address, and a host of many nodes (one loopback) is not slowed by its count.
                 with self._lock:
                     self._buckets.give(hint.address, self._clock())
-            if probe is not None and probe.introduced:
-                # Before the admission: the directory's listeners greet a newcomer that does
-                # not know us (a hello per join at every node, and one more for it to check).
+            if probe is not None and probe.introduced and answer.curve_key:
+                # Before the admission, whose listeners greet a newcomer that does not know us:
+                # over CURVE our 'me' is our proven word, taken without a call back. (Without
+                # keys the newcomer's call back proves it: Membership waits for it.)
                 self._knows_us(answer.node_id)
             self._admit(answer)
 
