@@ -83,6 +83,11 @@ DEFAULT_FABRIC = "default"
 RECORD_TTL_S = 4500
 #: Registering our record is local work in zeroconf's loop; more than this means it is stuck.
 REGISTER_TIMEOUT_S = 5.0
+#: A node announces its record this many times when it registers or updates it, this far apart
+#: (s): RFC 6762 8.3 asks for at least two; python-zeroconf sends three. Every node of a host
+#: parses every copy, so each one more costs every node there a packet per join.
+ANNOUNCEMENTS = 2
+ANNOUNCE_INTERVAL_S = 0.225
 #: After advertising, a node listens this long (s) for another live node of its name. Peers
 #: introduce themselves over ZeroMQ within milliseconds; mDNS answers take 20-120 ms.
 CONFLICT_WINDOW_S = 0.2
@@ -245,6 +250,16 @@ VERIFY_LOCAL_FACTOR = 4
 #: outcomes are remembered.
 VERIFY_CACHE_S = 30.0
 MAX_VERIFY_CACHE = 4096
+#: Addresses whose parse (and scope check) is remembered, least recently used first out:
+#: records name few distinct addresses (a host's nodes share one), and a flood of distinct ones
+#: only evicts.
+ADDRESS_CACHE = 1024
+#: A newcomer of an unsecured fabric that answered our call carrying ``me`` calls us back within
+#: moments to verify us (PROTOCOL.md 6.2), which proves it took our record: it is greeted only if
+#: that call has not come after this long (s; at most LIVENESS_TICK_MS later), so a program that
+#: ignores ``me`` still hears of us. At most MAX_PENDING_GREETS wait (more are greeted at once).
+GREET_WAIT_S = 2.0
+MAX_PENDING_GREETS = 1024
 #: ...but a hint whose node did not answer (busy, starting, a lost packet) is checked again after
 #: this long (s), and when heard again after this long once refused.
 VERIFY_RETRY_S = 2.0

@@ -21,6 +21,7 @@ The client side, asking another node, is :mod:`zmqfabric.calls`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -35,7 +36,7 @@ from .constants import (
     THREAD_JOIN_TIMEOUT_S,
     VERIFY_TIMEOUT_MAX_S,
 )
-from .core.records import EndpointKind, encode_txt
+from .core.records import EndpointKind, NodeRecord, encode_txt
 from .discovery.hints import on_loopback
 from .discovery.swim import OPS as PROBE_OPS
 from .errors import (
@@ -150,6 +151,7 @@ class ControlServer:
         last = zframes[-1]
         key = _property(last, "User-Id") if self._node.config.keys is not None else None
         if op == "hello":
+            self._node.counters.add("hellos_received")
             self._on_hello(body, _property(last, "Peer-Address"), key or None, False)
             return  # introductions are one-way: no reply
         if op == "peers":
@@ -220,6 +222,12 @@ def _property(frame: zmq.Frame, name: str) -> str | None:
 
 def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     """The answer to control op ``op`` (the control thread: reads only thread-safe state)."""
+    if op == "record":
+        # What peers verify a discovery hint against: this node's own word, over a connection
+        # that CURVE authenticated with the key the hint names (zmqfabric.discovery.verify).
+        # Asked twice per join at every node (the newcomer asks each): encoded once per version.
+        own = runtime.record
+        return {"name": own.name, "txt": _own_txt(own)}
     base: dict[str, Any] = {
         "node": runtime.name,
         "id": runtime.node_id,
@@ -229,11 +237,6 @@ def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     }
     if op == "ping":
         return base
-    if op == "record":
-        # What peers verify a discovery hint against: this node's own word, over a connection
-        # that CURVE authenticated with the key the hint names (zmqfabric.discovery.verify).
-        own = runtime.record
-        return {"name": own.name, "txt": encode_txt(own)}
     record = runtime.record
     base["address"] = record.address
     base["endpoints"] = [
@@ -245,3 +248,10 @@ def control_answer(runtime: NodeRuntime, op: str) -> dict[str, Any]:
     base["counters"] = runtime.counters.snapshot()
     base.update(runtime.stats_sections())
     return base
+
+
+@functools.lru_cache(maxsize=4)
+def _own_txt(record: NodeRecord) -> dict[str, str]:
+    """``record``'s TXT map (a node's own record changes seldom: its latest few are kept). The
+    map is shared: callers only pack it."""
+    return encode_txt(record)

@@ -25,12 +25,19 @@ validated here and refused with :class:`RemoteProtocolError` when it does not fi
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Final, Mapping
 
-from ..constants import DEFAULT_FABRIC, MAX_ENDPOINTS, MAX_TXT_VALUE, SERVICE_TYPE
+from ..constants import (
+    ADDRESS_CACHE,
+    DEFAULT_FABRIC,
+    MAX_ENDPOINTS,
+    MAX_TXT_VALUE,
+    SERVICE_TYPE,
+)
 from ..errors import InvalidNameError, LocalProtocolError, RemoteProtocolError
 from .curve import Z85_KEY
 
@@ -303,16 +310,27 @@ def _int_field(node: str, key: str, value: str | None, low: int, high: int) -> i
 
 def _valid_address(node: str, address: str) -> str:
     try:
-        ip = ipaddress.ip_address(address)
+        ip, usable = _parsed_address(address)
     except ValueError as exc:
         raise RemoteProtocolError(f"record {node!r}: bad address {address[:64]!r}") from exc
-    if ip.is_multicast or ip.is_unspecified:
+    if not usable:
         raise RemoteProtocolError(f"record {node!r}: address {address} cannot host endpoints")
-    return str(ip)
+    return ip
 
 
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
+def _parsed_address(address: str) -> tuple[str, bool]:
+    """``address`` written canonically, and whether it can host endpoints (not multicast nor
+    unspecified). Raises ValueError. Cached: every node of a host has the host's address, and
+    parsing it (Python's ipaddress) was a sizeable part of each record decoded in a join."""
+    ip = ipaddress.ip_address(address)
+    return str(ip), not (ip.is_multicast or ip.is_unspecified)
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
 def address_in_scope(address: str, networks: tuple[str, ...]) -> bool:
-    """True when ``address`` lies in one of ``networks`` (CIDR strings)."""
+    """True when ``address`` lies in one of ``networks`` (CIDR strings). Raises ValueError for
+    a malformed address. Cached (see ``_parsed_address``)."""
     ip = ipaddress.ip_address(address)
     return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
 

@@ -29,10 +29,12 @@ import zmq
 
 from ..config import peer_url
 from ..constants import (
+    GREET_WAIT_S,
     HELLO_LINGER_MS,
     INTRODUCE_BURST,
     INTRODUCE_RATE_PER_S,
     MAX_INTRODUCED_PER_HOST,
+    MAX_PENDING_GREETS,
     MAX_SHARED,
     MAX_VERIFY_CACHE,
     SEED_RETRY_S,
@@ -59,13 +61,20 @@ class Gossip:
         self._seeds = [peer_url(peer) for peer in node.config.peers]  # (url, CURVE key)
         self._next_seeding = 0.0
         self._introductions = Introductions()
+        #: Greetings waiting for a newcomer's call back: node id -> (due, record, known).
+        self._greetings: dict[str, tuple[float, NodeRecord, Callable[[], bool]]] = {}
 
     def introduce(self, url: str, key: str | None) -> None:
         """Send our record to the control endpoint at ``url`` (a fresh connection)."""
         self._send_hello(url, key)
 
-    def greet(self, record: NodeRecord) -> None:
-        """Introduce ourselves to a newcomer."""
+    def greet(self, record: NodeRecord, known: Callable[[], bool] | None = None) -> None:
+        """Introduce ourselves to a newcomer: now, or (``known``) GREET_WAIT_S later unless
+        ``known()`` then says it has our record (it called us back: a hello per join at every
+        node spared). At most MAX_PENDING_GREETS wait; more are greeted at once."""
+        if known is not None and len(self._greetings) < MAX_PENDING_GREETS:
+            self._greetings[record.node_id] = (self._clock() + GREET_WAIT_S, record, known)
+            return
         if self._node.advertised and record.control is not None:
             self._send_hello(record.url(record.control), record.curve_key)
 
@@ -81,8 +90,15 @@ class Gossip:
         self._send_oneway(record.url(record.control), record.curve_key, body)
 
     def reseed(self) -> None:
-        """Say hello to every seed peer we do not know yet, at most every SEED_RETRY_S (call it
-        each turn of the loop)."""
+        """Say hello to every seed peer we do not know yet, at most every SEED_RETRY_S, and
+        to each newcomer whose greeting is due and who has not called us back (call it each
+        turn of the loop)."""
+        now = self._clock()
+        if self._greetings and min(due for due, _, _ in self._greetings.values()) <= now:
+            for node_id in [n for n, (due, _, _) in self._greetings.items() if due <= now]:
+                _, record, has_us = self._greetings.pop(node_id)
+                if not has_us():
+                    self.greet(record)
         if not self._seeds or self._clock() < self._next_seeding:
             return
         self._next_seeding = self._clock() + SEED_RETRY_S

@@ -7,6 +7,7 @@ sockets.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from ..constants import MAX_CONTROL_MESSAGE, MAX_VERIFY_CACHE
+from ..constants import ADDRESS_CACHE, MAX_CONTROL_MESSAGE, MAX_VERIFY_CACHE
 from ..core import wire
 from ..core.records import NodeRecord, confirm_record
 from ..errors import RemoteProtocolError
@@ -39,12 +40,15 @@ WHY = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "it could not complete a CURVE handshake with its key",
     zmq.EVENT_DISCONNECTED: "it closed the connection before answering",
 }
-#: ...and the events that say something listens there (a connection was taken): a node busy
+#: ...and the event that says something listens there (a connection was taken): a node busy
 #: starting answers late and is retried longer than an address where nothing takes a connection.
-REACHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+#: (Not also the handshake's success: a monitor message each, per call, at every node of a join;
+#: the answer follows it, and a failed handshake is reported.)
+REACHED = zmq.EVENT_CONNECTED
 HintKey = tuple[str, str, int, str, int, str, str]
 
 
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
 def on_loopback(address: str) -> bool:
     """A loopback address: its kernel answers every connect at once (taken or refused), so a
     silent call there is a node too busy to be scheduled (its listen queue full), not a host
@@ -114,13 +118,16 @@ class Probe:
 def open_call(sockets: SocketFactory, hint: NodeRecord, key: HintKey, msg_id: int, now: float,
               timeout: float) -> Probe:
     """The sockets of a call to ``hint``'s control endpoint (a DEALER and its monitor), not
-    connected yet. A failed connection is not retried within ``timeout``."""
+    connected yet. A failed connection is not retried within ``timeout``. On loopback the
+    monitor reports failures only: a silent call there is a busy node whether or not its
+    connection was taken (:func:`on_loopback`), so an answered call costs no monitor message."""
     sock = sockets.socket(zmq.DEALER, sync=True)
     sock.setsockopt(zmq.IMMEDIATE, 0)  # the request waits in the socket for the connection
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, int(timeout * 2000))
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)  # an answer is a few kilobytes
-    monitor = sockets.monitor(sock, FAIL_EVENTS | REACHED, sync=True)
+    events = FAIL_EVENTS if on_loopback(hint.address) else FAIL_EVENTS | REACHED
+    monitor = sockets.monitor(sock, events, sync=True)
     return Probe(hint, key, sock, monitor, msg_id, now + timeout, timeout)
 
 

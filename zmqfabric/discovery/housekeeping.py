@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
@@ -94,10 +94,11 @@ class Housekeeping:
         if not self._stopping:
             self._inbox.post(self._liveness.leave, record)
 
-    def greet(self, record: NodeRecord) -> None:
-        """Introduce ourselves to a newcomer."""
+    def greet(self, record: NodeRecord, known: Callable[[], bool] | None = None) -> None:
+        """Introduce ourselves to a newcomer (unless ``known()`` says it has our record by
+        GREET_WAIT_S later: :meth:`Gossip.greet`)."""
         if not self._stopping:
-            self._inbox.post(self._gossip.greet, record)
+            self._inbox.post(self._gossip.greet, record, known)
 
     def share(self, record: NodeRecord) -> None:
         """Tell ``record``'s node the control URLs of every node we know."""

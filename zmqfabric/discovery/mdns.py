@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import logging
 import random
-import socket
 import threading
 import time
 from typing import Any, Callable
@@ -29,6 +28,8 @@ from zeroconf.asyncio import AsyncServiceInfo
 
 from ..config import NodeConfig
 from ..constants import (
+    ANNOUNCE_INTERVAL_S,
+    ANNOUNCEMENTS,
     JOIN_QUERY_DELAY_S,
     JOIN_QUERY_MAX_WAIT_S,
     JOIN_QUERY_QUIET_S,
@@ -41,7 +42,6 @@ from ..constants import (
 from ..core.records import (
     NodeRecord,
     decode_txt,
-    encode_txt,
     instance_name,
     parse_instance,
     server_name,
@@ -52,11 +52,9 @@ from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
 from .intake import Intake
 from .quickquery import QuickQuery, ask_now, pointers, requery
-from .watch import Watch
+from .watch import Watch, cache_record, cached, forget_instance, service_info
 
 log = logging.getLogger(__name__)
-#: DNS record type PTR and class IN (RFC 1035).
-_PTR, _IN = 12, 1
 
 
 class Discovery:
@@ -149,22 +147,17 @@ class Discovery:
         """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
         zc = self._zc
         assert zc is not None, "start() first"
-        info = _service_info(record, self._config.record_ttl_s)
+        info = service_info(record, self._config.record_ttl_s)
         loop = zc.loop
         assert loop is not None
         with self._lock:
             if self._broadcast is not None:
                 # Repeat announcements of the previous version would re-announce stale endpoints.
                 loop.call_soon_threadsafe(self._broadcast.cancel)
-            if self._info is None:
-                coro = zc.async_register_service(info, cooperating_responders=True)
-            else:
-                coro = zc.async_update_service(info)
             # Wait until the record is registered and its first announcement is queued, not for
             # the repeat announcements (zeroconf's blocking call waits ~450 ms for those).
-            self._broadcast = asyncio.run_coroutine_threadsafe(coro, loop).result(
-                REGISTER_TIMEOUT_S
-            )
+            self._broadcast = asyncio.run_coroutine_threadsafe(
+                _register(zc, info, self._info is None), loop).result(REGISTER_TIMEOUT_S)
             self._info = info
             self._intake.advertised(record)
         # Our own record goes straight into our directory: no need to hear our own multicast.
@@ -185,23 +178,21 @@ class Discovery:
         zc = self._zc
         if zc is not None and zc.loop is not None:
             names = (instance_name(record.name, record.node_id), server_name(record.node_id))
-            zc.loop.call_soon_threadsafe(_forget, zc, names)
+            zc.loop.call_soon_threadsafe(forget_instance, zc, names)
 
     def _remember(self, record: NodeRecord) -> None:
-        """A verified peer goes into zeroconf's cache as if its announcement had been heard
-        (most peers are learned from their calls, not from mDNS): its goodbye then removes it at
-        once, and our queries list it as a known answer, so it does not answer them. Any
-        thread."""
+        """A verified peer goes into zeroconf's cache as if its announcement had been heard (a
+        newcomer learns most peers from their calls): its goodbye then removes it at once, and
+        our queries list it as a known answer. Any thread."""
         zc = self._zc
         if zc is None or zc.loop is None or self._closing or not record.control:
             return
-        info = _service_info(record, self._config.record_ttl_s)
-        zc.loop.call_soon_threadsafe(_cache_info, zc, info)
+        if not cached(zc.cache.entries_with_name(instance_name(record.name, record.node_id))):
+            zc.loop.call_soon_threadsafe(cache_record, zc, record, self._config.record_ttl_s)
 
     def reverify(self, record: NodeRecord) -> None:
-        """Liveness dropped ``record``'s node: forget that its record was verified, so that the
-        same record heard again (the node is back after a partition) is verified and admitted
-        again instead of being skipped as known. Thread-safe."""
+        """Liveness dropped ``record``'s node: forget that its record was verified, so that it
+        is verified again when heard again (back after a partition). Thread-safe."""
         self._intake.forget(record.name, record.node_id)
 
     def requery(self) -> None:
@@ -349,18 +340,22 @@ class Discovery:
         return self._intake.refused()
 
 
-def _service_info(record: NodeRecord, ttl: int) -> ServiceInfo:
-    """``record`` as DNS-SD records (PTR, SRV, TXT, A), each with ``ttl``."""
-    return ServiceInfo(
-        SERVICE_TYPE,
-        instance_name(record.name, record.node_id),
-        port=record.control.port if record.control else 0,
-        properties=encode_txt(record),
-        server=server_name(record.node_id),
-        host_ttl=ttl,
-        other_ttl=ttl,
-        addresses=[socket.inet_aton(record.address)],
-    )
+async def _register(zc: Zeroconf, info: ServiceInfo, first: bool) -> asyncio.Future[None]:
+    """Zeroconf's loop: register (``first``) or update ``info``, and announce it ANNOUNCEMENTS
+    times, not zeroconf's three: every node of a host parses each copy. Returns the task."""
+    if first:
+        theirs = await zc.async_register_service(info, cooperating_responders=True)
+    else:
+        theirs = await zc.async_update_service(info)
+    theirs.cancel()  # type: ignore[attr-defined]  # (not started yet: it sends nothing)
+
+    async def announce() -> None:
+        for i in range(ANNOUNCEMENTS):
+            if i:
+                await asyncio.sleep(ANNOUNCE_INTERVAL_S)
+            zc.async_send(zc.generate_service_broadcast(info, None))
+
+    return asyncio.ensure_future(announce())
 
 
 def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
@@ -378,23 +373,3 @@ def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
 
     assert zc.loop is not None
     asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
-
-
-def _cache_info(zc: Zeroconf, info: ServiceInfo) -> None:
-    """Zeroconf's loop: put ``info``'s PTR, SRV, TXT and address records into the cache (no
-    listener hears of it: the record is already known)."""
-    if zc.done:
-        return
-    zc.cache.async_add_records(
-        [info.dns_pointer(), info.dns_service(), info.dns_text(), *info.dns_addresses()])
-
-
-def _forget(zc: Zeroconf, names: tuple[str, str]) -> None:
-    """Zeroconf's loop: remove the PTR, SRV, TXT and address records of one instance."""
-    cache = zc.cache
-    instance, server = names
-    stale = [r for r in cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN)
-             if getattr(r, "alias", None) == instance]
-    stale += cache.async_entries_with_name(instance) + cache.async_entries_with_name(server)
-    cache.async_remove_records(stale)
-

@@ -13,9 +13,10 @@ caller's (``claim_name``); it touches no socket, and only posts to the housekeep
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..constants import MAX_ENDPOINTS, MAX_NAME_SUFFIX, VERIFY_TIMEOUT_S
 from ..core.records import NodeRecord, address_in_scope, decode_txt, validate_node_name
@@ -39,7 +40,7 @@ class Introducer(Protocol):
     def introduce(self, url: str, key: str | None = None) -> None: ...
     def watch(self, record: NodeRecord) -> None: ...
     def unwatch(self, record: NodeRecord) -> None: ...
-    def greet(self, record: NodeRecord) -> None: ...
+    def greet(self, record: NodeRecord, known: Callable[[], bool] | None = None) -> None: ...
     def share(self, record: NodeRecord) -> None: ...
 
 
@@ -128,7 +129,8 @@ class Membership:
         control.watch(record)
         if event.change is Change.JOINED and node.advertised and record.control is not None:
             if not self._discovery.knows_us(record.node_id):  # (it verified us: it has us)
-                control.greet(record)
+                # Not before it had time to call us back (it then has our record: no hello).
+                control.greet(record, functools.partial(self._discovery.knows_us, record.node_id))
             if node.config.peers or not address_in_scope(
                 record.address, node.config.scope.networks
             ):
@@ -152,6 +154,16 @@ class Membership:
                 raise RemoteProtocolError("hello must carry a TXT map of strings")
             if peer_address is None:
                 raise RemoteProtocolError("hello has no peer address")
+            held = node.directory.get(name) if isinstance(name, str) else None
+            if (held is not None and held.address == peer_address
+                    and txt.get("id") == held.node_id and txt.get("seq") == str(held.seq)):
+                # The record we hold, from its address: no news (a reader ignores a record of
+                # an id at a seq it holds, PROTOCOL.md 4.7). Every node there gets one such in
+                # the call that verifies it back when a newcomer joins: not decoded again.
+                node.counters.add("hellos_known")
+                if verifying:
+                    self._discovery.introduced(held.node_id)
+                return
             try:
                 peer = validate_node_name(name)
             except InvalidNameError as exc:

@@ -380,9 +380,12 @@ class Verifier:
                 # address, and a host of many nodes (one loopback) is not slowed by its count.
                 with self._lock:
                     self._buckets.give(hint.address, self._clock())
-            self._admit(answer)
-            if probe is not None and probe.introduced:
+            if probe is not None and probe.introduced and answer.curve_key:
+                # Before the admission, whose listeners greet a newcomer that does not know us:
+                # over CURVE our 'me' is our proven word, taken without a call back. (Without
+                # keys the newcomer's call back proves it: Membership waits for it.)
                 self._knows_us(answer.node_id)
+            self._admit(answer)
 
     def _remember(self, key: HintKey, until: float) -> None:
         """A claim decided, not checked again until ``until`` (under the lock)."""

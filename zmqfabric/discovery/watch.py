@@ -15,25 +15,30 @@ not call.
 cache is "added", an expired one (a goodbye, or its TTL ran out) "removed", a new SRV, TXT or
 address record of a known instance "updated". Changes are handed to ``handler`` in the watch's
 own thread, in order, so the handler may take locks and call other threads but never runs in
-zeroconf's loop.
+zeroconf's loop. The functions at the end write the cache: a peer verified from its call put
+there as if its announcement had been heard, a dead one forgotten.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from zeroconf import (
     DNSQuestion,
     RecordUpdate,
     RecordUpdateListener,
+    ServiceInfo,
     ServiceStateChange,
     Zeroconf,
+    current_time_millis,
 )
 
-from ..constants import THREAD_JOIN_TIMEOUT_S
+from ..constants import SERVICE_TYPE, THREAD_JOIN_TIMEOUT_S
+from ..core.records import NodeRecord, encode_txt, instance_name, server_name
 
 log = logging.getLogger(__name__)
 #: DNS record types PTR, SRV, TXT, A, AAAA and class IN (RFC 1035, 2782, 3596).
@@ -129,3 +134,49 @@ class Watch(RecordUpdateListener):
                 self._handler(*item)
             except Exception:  # the handler counts its own errors; a bug must not end the watch
                 log.exception("error handling discovery change %s of %r", item[0], item[1][:120])
+
+
+# --- zeroconf's cache, written (zeroconf's loop unless said) -----------------------------
+
+
+def service_info(record: NodeRecord, ttl: int) -> ServiceInfo:
+    """``record`` as DNS-SD records (PTR, SRV, TXT, A), each with ``ttl``."""
+    return ServiceInfo(
+        SERVICE_TYPE,
+        instance_name(record.name, record.node_id),
+        port=record.control.port if record.control else 0,
+        properties=encode_txt(record),
+        server=server_name(record.node_id),
+        host_ttl=ttl,
+        other_ttl=ttl,
+        addresses=[socket.inet_aton(record.address)],
+    )
+
+
+def cache_record(zc: Zeroconf, record: NodeRecord, ttl: int) -> None:
+    """Zeroconf's loop: cache ``record``'s PTR, SRV, TXT and A (no listener hears of it), unless
+    its announcement did (a newcomer's, at every node there: the PTR came with the SRV)."""
+    if zc.done or cached(zc.cache.async_entries_with_name(instance_name(record.name,
+                                                                        record.node_id))):
+        return
+    info = service_info(record, ttl)
+    zc.cache.async_add_records(
+        [info.dns_pointer(), info.dns_service(), info.dns_text(), *info.dns_addresses()])
+
+
+def cached(entries: list[Any]) -> bool:
+    """Whether an instance's cached ``entries`` hold its SRV record, unexpired (read from any
+    thread too, as zeroconf's ``load_from_cache`` does: a copy of a dict's values)."""
+    now = current_time_millis()
+    return any(r.type == _SRV and not r.is_expired(now) for r in entries)
+
+
+def forget_instance(zc: Zeroconf, names: tuple[str, str]) -> None:
+    """Zeroconf's loop: remove the PTR, SRV, TXT and address records of one instance."""
+    cache = zc.cache
+    instance, server = names
+    stale = [r for r in cache.async_all_by_details(SERVICE_TYPE, _PTR, _IN)
+             if getattr(r, "alias", None) == instance]
+    stale += cache.async_entries_with_name(instance) + cache.async_entries_with_name(server)
+    cache.async_remove_records(stale)
+
