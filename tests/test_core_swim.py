@@ -110,6 +110,35 @@ def test_a_newer_update_about_a_node_replaces_the_queued_one() -> None:
     assert queue.take(5, limit=2) == [alive] and len(queue) == 1
 
 
+def test_each_update_is_pushed_to_each_target_once() -> None:
+    """Gossip pushed to the ring successors (kept TCP connections): a second copy to the same
+    target carries nothing, and such copies were most of a node's messages in a death storm.
+    A new target gets everything still queued; a queue longer than a message continues in the
+    next round; piggybacking (take) is unaffected."""
+    queue = Broadcasts()
+    a = Update(Kind.DEAD, node_id(1), 0, "a")
+    b = Update(Kind.DEAD, node_id(2), 0, "b")
+    s1, s2, s3 = node_id(11), node_id(12), node_id(13)
+    queue.add(a)
+    assert queue.unspread
+    assert queue.spread([s1, s2], 32, limit=9) == {s1: [a.encode()], s2: [a.encode()]}
+    assert not queue.unspread
+    assert queue.spread([s1, s2], 32, limit=9) == {s1: [], s2: []}  # nothing new for them
+    queue.add(b)
+    assert queue.spread([s1, s2], 32, limit=9) == {s1: [b.encode()], s2: [b.encode()]}
+    queue.retarget()  # s2 died; s3 follows us now
+    assert queue.unspread
+    assert queue.spread([s1, s3], 32, limit=9) == {s1: [], s3: [a.encode(), b.encode()]}
+    assert queue.take(5, limit=9) == [a, b]  # still piggybacked until the limit
+    out = queue.spread([node_id(14)], 1, limit=9)  # one a message: the rest waits a round
+    assert len(out[node_id(14)]) == 1 and queue.unspread
+    # A push counts as one transmission, however many targets it went to.
+    gone = Broadcasts()
+    gone.add(a)
+    gone.spread([s1, s2, s3], 32, limit=1)
+    assert len(gone) == 0
+
+
 # --- the probe schedule ---------------------------------------------------------------------------
 
 

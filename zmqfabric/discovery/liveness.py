@@ -34,7 +34,6 @@ import zmq
 from ..constants import (
     HELLO_LINGER_MS,
     LEAVE_FANOUT,
-    MAX_GOSSIP,
     REQUERY_SENDERS,
     SUSPICION_RTO_MULT,
     SYNC_FIRST_S,
@@ -202,8 +201,7 @@ class Liveness:
             left = self.local.me()
             left = Update(Kind.LEFT, left.node_id, left.inc, left.name, left.url, left.key)
             for member in self._members.targets()[:LEAVE_FANOUT]:
-                body = self._probing.body(member)
-                body["g"] = [left.encode()]
+                body = self._probing.body(member, [left.encode()])
                 self._prober.send(member.url, member.record.curve_key, body)
         self._prober.close(HELLO_LINGER_MS)
 
@@ -305,14 +303,18 @@ class Liveness:
         return inc
 
     def _spread(self) -> None:
-        """Send the pending news to our successors on the rings (kept connections); their
-        answers bring theirs back."""
-        news = self.local.take(MAX_GOSSIP)
-        for member in self._members.targets() if news else ():
-            body = self._probing.body(member)
-            body["g"] = news
-            self._ask(member.url, member.record.curve_key, body, self._timing.probe_interval_s,
-                      functools.partial(self._answer, member.node_id))
+        """Send our successors on the rings (kept connections) the news they were not sent
+        yet, each update once to each (see :meth:`Local.spread`); their answers bring theirs
+        back."""
+        targets = self._members.targets()
+        batches = self.local.spread([m.node_id for m in targets])
+        for member in targets:
+            news = batches[member.node_id]
+            if news:
+                body = self._probing.body(member, news)
+                self._ask(member.url, member.record.curve_key, body,
+                          self._timing.probe_interval_s,
+                          functools.partial(self._answer, member.node_id))
 
     # --- applying -------------------------------------------------------------------------------
 
@@ -371,6 +373,7 @@ class Liveness:
 
     def _changed(self) -> None:
         self.local.sized(len(self._members))
+        self.local.retarget()  # our ring successors may be others now
         self.responder.known = self._members.alive_ids()
         if self._summary_due == float("inf"):  # refreshed at most once a second
             self._summary_due = self._clock() + 1.0

@@ -132,12 +132,14 @@ class Probing:
         floor = self._timing.probe_timeout_s
         return self._prober.rtt.timeout(floor, PROBE_TIMEOUT_MAX_S, floor)
 
-    def body(self, member: Member) -> dict[str, Any]:
+    def body(self, member: Member, gossip: list[Any] | None = None) -> dict[str, Any]:
         """A probe of ``member`` (accusing it if we hold it suspect or buried it at its
-        incarnation, so that it refutes), with our gossip."""
+        incarnation, so that it refutes), with ``gossip`` (on the wire), else our piggyback."""
         accused = member.state is not State.ALIVE or member.inc <= member.buried
+        if gossip is None:
+            gossip = self._local.take(MAX_PIGGYBACK)
         return {"op": "probe", "to": [member.node_id, member.inc, accused],
-                "from": self._local.sender(), "g": self._local.take(MAX_PIGGYBACK)}
+                "from": self._local.sender(), "g": gossip}
 
     def probe(self, member: Member, now: float, accuse: int | None = None) -> None:
         """Probe ``member`` (accusing it at ``accuse``, if given, so that it refutes), unless a

@@ -185,12 +185,24 @@ class Local:
                     self._broadcasts.add(update)
 
     def take(self, count: int) -> list[list[Any]]:
-        """Up to ``count`` updates to send, on the wire."""
+        """Up to ``count`` updates to piggyback on a probe or an answer, on the wire."""
         with self._lock:
-            return [u.encode() for u in self._broadcasts.take(count, self._limit)]
+            return self._broadcasts.take_wire(count, self._limit)
+
+    def spread(self, targets: list[str]) -> dict[str, list[list[Any]]]:
+        """What to push to each of our gossip ``targets`` (node ids): the updates not pushed
+        to it yet (see :class:`~zmqfabric.core.updates.Broadcasts`), on the wire."""
+        with self._lock:
+            return self._broadcasts.spread(targets, MAX_GOSSIP, self._limit)
+
+    def retarget(self) -> None:
+        """Our gossip targets may have changed: a new one is sent what is queued."""
+        with self._lock:
+            self._broadcasts.retarget()
 
     def news(self) -> bool:
-        return len(self._broadcasts) > 0
+        """Some queued update was not pushed to every gossip target yet."""
+        return self._broadcasts.unspread
 
     def sender(self) -> list[Any] | None:
         """Our ``from``: None for a node that is not listed."""
