@@ -79,8 +79,9 @@ class ControlServer:
     peer_key, verifying)`` takes a peer's introduction (a hello, or with ``verifying`` the
     ``me`` of a ``record`` call: the peer is verifying our record) and
     ``on_peers(peers)`` a peer's list of control URLs;
-    ``on_probe(body, peer_address, peer_key)`` answers a liveness op (the reply body, or None:
-    no reply). All are called in the control thread and must not block it.
+    ``on_probe(body, peer_address, peer_key, one_way)`` answers a liveness op (the reply body,
+    or None: no reply; ``one_way``: the message wants none). All are called in the control
+    thread and must not block it.
     """
 
     def __init__(
@@ -88,7 +89,8 @@ class ControlServer:
         runtime: NodeRuntime,
         on_hello: Callable[[dict[str, Any], str | None, str | None, bool], None],
         on_peers: Callable[[object], None],
-        on_probe: Callable[[dict[str, Any], str | None, str | None], dict[str, Any] | None],
+        on_probe: Callable[[dict[str, Any], str | None, str | None, bool],
+                           dict[str, Any] | None],
     ) -> None:
         self._node = runtime
         self._on_hello = on_hello
@@ -156,8 +158,10 @@ class ControlServer:
             self._on_peers(body.get("peers"))
             return
         if op in PROBE_OPS:
-            answer = self._on_probe(body, _property(last, "Peer-Address"), key or None)
-            if answer is not None and header.msg_id:  # id 0: one-way, no reply
+            # id 0: one-way (gossip pushed to us), no reply: none is built
+            answer = self._on_probe(body, _property(last, "Peer-Address"), key or None,
+                                    not header.msg_id)
+            if answer is not None and header.msg_id:
                 self._endpoint.reply(route, header.msg_id, answer)
             return
         if op == "record" and _given_up(header.timestamp, _property(last, "Peer-Address")):

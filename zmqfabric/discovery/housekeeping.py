@@ -117,10 +117,10 @@ class Housekeeping:
         if not self._stopping:
             self._inbox.post(self._liveness.leave_fabric)
 
-    def answer_probe(self, body: dict[str, Any], address: str | None,
-                     key: str | None) -> dict[str, Any] | None:
+    def answer_probe(self, body: dict[str, Any], address: str | None, key: str | None,
+                     one_way: bool = False) -> dict[str, Any] | None:
         """Answer a liveness op (control thread; see :class:`~.swim.Responder`)."""
-        return self._liveness.responder.answer(body, address, key)
+        return self._liveness.responder.answer(body, address, key, one_way)
 
     # --- the thread ------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ with :attr:`Liveness.responder`, which only posts to this thread.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import random
@@ -303,18 +302,17 @@ class Liveness:
         return inc
 
     def _spread(self) -> None:
-        """Send our successors on the rings (kept connections) the news they were not sent
-        yet, each update once to each (see :meth:`Local.spread`); their answers bring theirs
-        back."""
+        """Push our successors on the rings (kept connections) the news they were not sent
+        yet, each update once to each (see :meth:`Local.spread`), as one-way probes: an answer
+        would cost both sides a message more, and its news (theirs) reach us anyway, pushed by
+        our predecessors, piggybacked on probes and their answers."""
         targets = self._members.targets()
         batches = self.local.spread([m.node_id for m in targets])
         for member in targets:
             news = batches[member.node_id]
             if news:
-                body = self._probing.body(member, news)
-                self._ask(member.url, member.record.curve_key, body,
-                          self._timing.probe_interval_s,
-                          functools.partial(self._answer, member.node_id))
+                self._prober.send(member.url, member.record.curve_key,
+                                  self._probing.body(member, news))
 
     # --- applying -------------------------------------------------------------------------------
 

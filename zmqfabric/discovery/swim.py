@@ -245,10 +245,11 @@ class Responder:
         #: Our member list on the wire (set by that thread, read here): anti-entropy answers.
         self.summary: list[list[Any]] = []
 
-    def answer(self, body: dict[str, Any], address: str | None,
-               key: str | None) -> dict[str, Any] | None:
+    def answer(self, body: dict[str, Any], address: str | None, key: str | None,
+               one_way: bool = False) -> dict[str, Any] | None:
         """The reply to a liveness op from ``address`` (``key``: the sender's CURVE key on a
-        secured node), or None for a one-way message."""
+        secured node), or None for a one-way message (``one_way``: sent with id 0, such as the
+        gossip pushed to us; no reply is built, so none of our gossip is spent on it)."""
         op = body.get("op")
         local, me = self._local, self._node.node_id
         if local.leaving:
@@ -274,6 +275,8 @@ class Responder:
             return None
         if op == "probe-req":
             self._take_request(body, address, key)
+        if one_way:
+            return None
         reply: dict[str, Any] = {"id": me, "inc": local.inc, "g": local.take(MAX_PIGGYBACK)}
         if op == "probe" and "sync" in body:
             self._post(self._listener.synced, body["sync"])
