@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from zmqfabric import constants as C
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
 from zmqfabric.core.rings import phase
-from zmqfabric.core.swim import Members, State, Timing
+from zmqfabric.core.swim import NOTHING, Members, State, Timing
 from zmqfabric.core.updates import (
     MAX_INCARNATION,
     Broadcasts,
@@ -296,12 +296,28 @@ def test_a_former_that_refuted_its_death_is_verified_and_a_leave_forgets_it() ->
 
 
 def test_formers_are_forgotten_after_former_keep_s() -> None:
-    members = table(0, range(3))
+    members = table(0, range(4))
     members.failed(node_id(1), 0.0)
     members.expire(100.0)
+    members.dead(node_id(2), 200.0)
+    assert members.formers() == 2
+    # Each in its turn (expire looks at the table only once the oldest is due).
+    assert [f.node_id for f in members.expire(100.0 + T.former_keep_s + 1).forgotten] == [
+        node_id(1)]
     assert members.formers() == 1
-    members.expire(100.0 + T.former_keep_s + 1)
+    assert members.expire(150.0 + T.former_keep_s).forgotten == ()
+    members.expire(200.0 + T.former_keep_s + 1)
     assert members.formers() == 0
+
+
+def test_nothing_is_shared_and_read_only() -> None:
+    """Calls that change nothing return NOTHING (no six lists built per update); an append to
+    it would leak to every caller, so it fails."""
+    members = table(0, range(3))
+    assert members.apply(Update(Kind.DEAD, node_id(9), 0, "n9"), 0.0) is NOTHING
+    assert members.acked(node_id(1), 0, 0.0) is NOTHING
+    with pytest.raises(AttributeError):
+        NOTHING.gossip.append(Update(Kind.DEAD, node_id(9), 0, "n9"))  # type: ignore[attr-defined]
 
 
 def test_updates_about_this_node_are_left_to_the_caller() -> None:
@@ -379,7 +395,7 @@ def test_anti_entropy_learns_what_gossip_missed() -> None:
     assert ours.merge(listed[node_id(4)], 1.0).verify == [listed[node_id(4)]]
     assert ours.get(node_id(4)) is None
     # Ourselves, and members at our incarnation: nothing.
-    assert ours.merge(listed[node_id(0)], 1.0) == type(ours.merge(listed[node_id(0)], 1.0))()
+    assert ours.merge(listed[node_id(0)], 1.0) is NOTHING
     assert not ours.merge(listed[node_id(2)], 1.0).gossip
     # A member we buried that they still list: verify it (the caller reports it dead again).
     ours.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 2.0)

@@ -39,7 +39,7 @@ from ..constants import (
 )
 from ..core.records import NodeRecord
 from ..core.rings import phase
-from ..core.swim import Effects, Kind, Member, Members, Update
+from ..core.swim import NOTHING, Effects, Kind, Member, Members, Update
 from .admission import Admission, Rediscovery
 from .probes import Prober
 from .probing import Probing
@@ -337,6 +337,8 @@ class Liveness:
                     self.local.took(update)
 
     def _effects(self, out: Effects, source: str = "") -> None:
+        if out is NOTHING:
+            return
         self.local.add(out.gossip)
         for member, why in out.removed:
             if why == "dead":
