@@ -143,6 +143,8 @@ class Liveness:
             times.append(self._next_gossip)
         if self._members.formers():
             times.append(self._next_former)
+        if self._summary_due != float("inf"):
+            times.append(self._summary_due)
         when = self._prober.next_deadline()
         if when is not None:
             times.append(when)
@@ -154,10 +156,13 @@ class Liveness:
         if self._left:
             return
         now = self._clock()
-        if self._planned is not None and now - self._planned > self._probing.rto():
+        planned, self._planned = self._planned, None
+        if planned is not None and now - planned > self._probing.rto():
             self._probing.sick()  # we slept through our own deadline: this host is overloaded
-        self._planned = None
         self._members.floor = SUSPICION_RTO_MULT * self._probing.settled_rto()
+        if (planned is not None and now < planned and not self._successor_died
+                and not (now >= self._next_gossip and self.local.news())):
+            return  # woken early (a post, an answer) and no timer is due: the storm's common case
         self._prober.expire(now)
         self._probing.tick(now)
         for _ in range(len(self._members) + 1):
