@@ -22,6 +22,7 @@ with :attr:`Liveness.responder`, which only posts to this thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -310,14 +311,23 @@ class Liveness:
         """Push our successors on the rings (kept connections) the news they were not sent
         yet, each update once to each (see :meth:`Local.spread`), as one-way probes: an answer
         would cost both sides a message more, and its news (theirs) reach us anyway, pushed by
-        our predecessors, piggybacked on probes and their answers."""
+        our predecessors, piggybacked on probes and their answers. Except a push that carries a
+        suspicion: it is a probe answered as any, so that a refutation comes straight back
+        (the suspect, often our successor, refutes before it answers; others may have heard
+        it), instead of going round the rings while the suspicion runs out."""
         targets = self._members.targets()
         batches = self.local.spread([m.node_id for m in targets])
         for member in targets:
             news = batches[member.node_id]
-            if news:
-                self._prober.send(member.url, member.record.curve_key,
-                                  self._probing.body(member, news))
+            if not news:
+                continue
+            body = self._probing.body(member, news)
+            if any(update[0] == Kind.SUSPECT for update in news):
+                self._ask(member.url, member.record.curve_key, body,
+                          self._timing.probe_interval_s,
+                          functools.partial(self._answer, member.node_id))
+            else:
+                self._prober.send(member.url, member.record.curve_key, body)
 
     # --- applying -------------------------------------------------------------------------------
 
