@@ -137,6 +137,10 @@ class Housekeeping:
                     for sock in events:
                         if sock != fd:
                             liveness.on_readable(sock)
+                    if inbox.pending:
+                        # What that work posted back (membership's unwatch of each node
+                        # liveness removed): now, not after one more poll and tick per death.
+                        inbox.run_pending()
                     liveness.tick()
                 except Exception:  # a bug here must not end liveness for the node's lifetime
                     self._node.counters.add("housekeeping_errors")

@@ -118,9 +118,9 @@ class Liveness:
         """``record``'s node left the directory (a goodbye, or our own removal). A goodbye is
         passed on as gossip: mDNS is multicast, and a node may have missed it."""
         member = self._members.leave(record.node_id)
-        if member is not None and member.node_id == record.node_id:
+        if member is not None:  # else we removed it ourselves (dead): nothing changes now
             self.local.add([member.update(Kind.LEFT, self._node.node_id)])
-        self._changed()
+            self._changed()
 
     # --- sockets and time ------------------------------------------------------------------
 
