@@ -36,7 +36,12 @@ def responder() -> tuple[Responder, Local, list[Any]]:
     posted: list[Any] = []
     listener: Any = SimpleNamespace(heard="heard", relayed="relayed", synced="synced",
                                     probe_for="probe_for")
-    return Responder(node, local, listener, lambda *a: posted.append(a) or True), local, posted
+
+    def post(*call: Any) -> bool:
+        posted.append(call)
+        return True
+
+    return Responder(node, local, listener, post), local, posted
 
 
 def test_a_one_way_probe_builds_no_reply_and_spends_no_gossip() -> None:
