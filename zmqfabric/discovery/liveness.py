@@ -314,15 +314,19 @@ class Liveness:
         our predecessors, piggybacked on probes and their answers. Except a push that carries a
         suspicion: it is a probe answered as any, so that a refutation comes straight back
         (the suspect, often our successor, refutes before it answers; others may have heard
-        it), instead of going round the rings while the suspicion runs out."""
+        it), instead of going round the rings while the suspicion runs out. And until we have
+        timed an answer: a node that has not waits 1 s for each (PROBE_TIMEOUT_INITIAL_S, as
+        TCP), and a young fabric's pushes were what timed its first answers (a pulled cable
+        took 4-5 s to be seen instead of 2 when they were one-way)."""
         targets = self._members.targets()
         batches = self.local.spread([m.node_id for m in targets])
+        untimed = self._prober.rtt.srtt is None
         for member in targets:
             news = batches[member.node_id]
             if not news:
                 continue
             body = self._probing.body(member, news)
-            if any(update[0] == Kind.SUSPECT for update in news):
+            if untimed or any(update[0] == Kind.SUSPECT for update in news):
                 self._ask(member.url, member.record.curve_key, body,
                           self._timing.probe_interval_s,
                           functools.partial(self._answer, member.node_id))
