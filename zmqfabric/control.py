@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import zmq
 
@@ -145,8 +145,6 @@ class ControlServer:
                         self._node.counters.add("control_errors")
                         _rlog.exception("control", "%s: error in the control thread",
                                         self._node.name)
-                    if not cast(int, _get(sock, _EVENTS)) & _POLLIN:  # cheaper than an Again
-                        break
 
     def _serve_one(self) -> bool:
         """Serve one message; False if none was waiting."""
@@ -200,12 +198,6 @@ def _given_up(sent: float, peer: str | None) -> bool:
     kept a starting node from ever catching up."""
     return (sent > 0 and time.time() - sent > VERIFY_TIMEOUT_MAX_S and peer is not None
             and on_loopback(peer))
-
-
-#: The C-level getsockopt, and its ints (see :mod:`.transport.frames`).
-_get = zmq.backend.Socket.get
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 
 
 def _recv_bounded(sock: zmq.Socket) -> list[zmq.Frame] | None:
