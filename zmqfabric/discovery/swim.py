@@ -14,7 +14,8 @@ are not listed, such as the CLI's observers):
   asks for it.
 - A probe with id 0 is one-way: gossip pushed to a ring successor (each update once to each),
   taken like any probe's but never answered (no reply is built: none of our gossip is spent).
-  A push that carries a suspicion is a probe with an id, answered (with the refutation).
+  A push that carries a suspicion is a probe with an id, answered (with the refutation), and so
+  is every push of a node that has not timed an answer yet.
 - A probe may carry ``"sync": UPDATES``, the sender's whole member list as ``alive`` updates
   (anti-entropy, every ``sync_s``); the answer then carries the answerer's list as ``"sync"``.
 - ``{"op": "probe-req", "nonce": n, "target": [id, name, url, key, inc], "from": FROM,
