@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from zmqfabric import constants as C
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
 from zmqfabric.core.rings import phase
-from zmqfabric.core.swim import Members, State, Timing
+from zmqfabric.core.swim import NOTHING, Members, State, Timing
 from zmqfabric.core.updates import (
     MAX_INCARNATION,
     Broadcasts,
@@ -108,6 +108,35 @@ def test_a_newer_update_about_a_node_replaces_the_queued_one() -> None:
     alive = Update(Kind.ALIVE, node_id(1), 4, "a")
     queue.add(alive)
     assert queue.take(5, limit=2) == [alive] and len(queue) == 1
+
+
+def test_each_update_is_pushed_to_each_target_once() -> None:
+    """Gossip pushed to the ring successors (kept TCP connections): a second copy to the same
+    target carries nothing, and such copies were most of a node's messages in a death storm.
+    A new target gets everything still queued; a queue longer than a message continues in the
+    next round; piggybacking (take) is unaffected."""
+    queue = Broadcasts()
+    a = Update(Kind.DEAD, node_id(1), 0, "a")
+    b = Update(Kind.DEAD, node_id(2), 0, "b")
+    s1, s2, s3 = node_id(11), node_id(12), node_id(13)
+    queue.add(a)
+    assert queue.unspread
+    assert queue.spread([s1, s2], 32, limit=9) == {s1: [a.encode()], s2: [a.encode()]}
+    assert not queue.unspread
+    assert queue.spread([s1, s2], 32, limit=9) == {s1: [], s2: []}  # nothing new for them
+    queue.add(b)
+    assert queue.spread([s1, s2], 32, limit=9) == {s1: [b.encode()], s2: [b.encode()]}
+    queue.retarget()  # s2 died; s3 follows us now
+    assert queue.unspread
+    assert queue.spread([s1, s3], 32, limit=9) == {s1: [], s3: [a.encode(), b.encode()]}
+    assert queue.take(5, limit=9) == [a, b]  # still piggybacked until the limit
+    out = queue.spread([node_id(14)], 1, limit=9)  # one a message: the rest waits a round
+    assert len(out[node_id(14)]) == 1 and queue.unspread
+    # A push counts as one transmission, however many targets it went to.
+    gone = Broadcasts()
+    gone.add(a)
+    gone.spread([s1, s2, s3], 32, limit=1)
+    assert len(gone) == 0
 
 
 # --- the probe schedule ---------------------------------------------------------------------------
@@ -267,12 +296,28 @@ def test_a_former_that_refuted_its_death_is_verified_and_a_leave_forgets_it() ->
 
 
 def test_formers_are_forgotten_after_former_keep_s() -> None:
-    members = table(0, range(3))
+    members = table(0, range(4))
     members.failed(node_id(1), 0.0)
     members.expire(100.0)
+    members.dead(node_id(2), 200.0)
+    assert members.formers() == 2
+    # Each in its turn (expire looks at the table only once the oldest is due).
+    assert [f.node_id for f in members.expire(100.0 + T.former_keep_s + 1).forgotten] == [
+        node_id(1)]
     assert members.formers() == 1
-    members.expire(100.0 + T.former_keep_s + 1)
+    assert members.expire(150.0 + T.former_keep_s).forgotten == ()
+    members.expire(200.0 + T.former_keep_s + 1)
     assert members.formers() == 0
+
+
+def test_nothing_is_shared_and_read_only() -> None:
+    """Calls that change nothing return NOTHING (no six lists built per update); an append to
+    it would leak to every caller, so it fails."""
+    members = table(0, range(3))
+    assert members.apply(Update(Kind.DEAD, node_id(9), 0, "n9"), 0.0) is NOTHING
+    assert members.acked(node_id(1), 0, 0.0) is NOTHING
+    with pytest.raises(AttributeError):
+        NOTHING.gossip.append(Update(Kind.DEAD, node_id(9), 0, "n9"))  # type: ignore[attr-defined]
 
 
 def test_updates_about_this_node_are_left_to_the_caller() -> None:
@@ -350,7 +395,7 @@ def test_anti_entropy_learns_what_gossip_missed() -> None:
     assert ours.merge(listed[node_id(4)], 1.0).verify == [listed[node_id(4)]]
     assert ours.get(node_id(4)) is None
     # Ourselves, and members at our incarnation: nothing.
-    assert ours.merge(listed[node_id(0)], 1.0) == type(ours.merge(listed[node_id(0)], 1.0))()
+    assert ours.merge(listed[node_id(0)], 1.0) is NOTHING
     assert not ours.merge(listed[node_id(2)], 1.0).gossip
     # A member we buried that they still list: verify it (the caller reports it dead again).
     ours.apply(Update(Kind.DEAD, node_id(2), 0, "n2"), 2.0)

@@ -68,6 +68,10 @@ HEARTBEAT_TTL_MS = 3_000
 #: pings cost about 0.08 % of a core per node, a third of its idle cost; probes are the
 #: heartbeats there, and these pings only clear connections from hosts that vanished.
 CONTROL_HEARTBEAT_IVL_MS = 10_000
+#: The control thread serves up to this many queued messages per poll (a death storm queues
+#: gossip faster than a loaded host serves it: a poll per message costs it more); bounded, so
+#: that it looks at its inbox (a stop) between batches.
+CONTROL_BATCH = 64
 #: Reconnect quickly on loopback/LAN; back off to 2 s for peers that stay away.
 RECONNECT_IVL_MS = 50
 RECONNECT_IVL_MAX_MS = 2_000

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import zmq
 
 from .constants import (
+    CONTROL_BATCH,
     CONTROL_HEARTBEAT_IVL_MS,
     MAX_CONTROL_MESSAGE,
     THREAD_JOIN_TIMEOUT_S,
@@ -45,6 +46,7 @@ from .errors import (
 from .patterns.service import ServiceEndpoint
 from .runtime import NodeRuntime, host_name
 from .stats import RateLimitedLog
+from .transport.frames import NOBLOCK, crecv
 from .transport.inbox import Inbox
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,9 @@ class ControlServer:
     peer_key, verifying)`` takes a peer's introduction (a hello, or with ``verifying`` the
     ``me`` of a ``record`` call: the peer is verifying our record) and
     ``on_peers(peers)`` a peer's list of control URLs;
-    ``on_probe(body, peer_address, peer_key)`` answers a liveness op (the reply body, or None:
-    no reply). All are called in the control thread and must not block it.
+    ``on_probe(body, peer_address, peer_key, one_way)`` answers a liveness op (the reply body,
+    or None: no reply; ``one_way``: the message wants none). All are called in the control
+    thread and must not block it.
     """
 
     def __init__(
@@ -89,7 +92,8 @@ class ControlServer:
         runtime: NodeRuntime,
         on_hello: Callable[[dict[str, Any], str | None, str | None, bool], None],
         on_peers: Callable[[object], None],
-        on_probe: Callable[[dict[str, Any], str | None, str | None], dict[str, Any] | None],
+        on_probe: Callable[[dict[str, Any], str | None, str | None, bool],
+                           dict[str, Any] | None],
     ) -> None:
         self._node = runtime
         self._on_hello = on_hello
@@ -132,20 +136,27 @@ class ControlServer:
         poller.register(inbox.fd, zmq.POLLIN)
         while not self._stopping:
             if sock in inbox.poll(poller, None):
-                try:
-                    self._serve_one()
-                except Exception:  # a bug here must not silence the node's control endpoint
-                    self._node.counters.add("control_errors")
-                    _rlog.exception("control", "%s: error in the control thread",
-                                    self._node.name)
+                # What is queued is served without polling again in between (a death storm
+                # queues gossip here faster than a loaded host serves it), boundedly.
+                for _ in range(CONTROL_BATCH):
+                    try:
+                        if not self._serve_one() or self._stopping:
+                            break
+                    except Exception:  # a bug here must not silence the node's control endpoint
+                        self._node.counters.add("control_errors")
+                        _rlog.exception("control", "%s: error in the control thread",
+                                        self._node.name)
 
-    def _serve_one(self) -> None:
+    def _serve_one(self) -> bool:
+        """Serve one message; False if none was waiting."""
         zframes = _recv_bounded(self._endpoint.socket)
         if zframes is None:
-            return
+            return False
+        if not zframes:
+            return True  # an oversized message, dropped
         parsed = self._endpoint.parse([f.bytes for f in zframes])
         if parsed is None:
-            return
+            return True
         route, header, body = parsed
         op = body.get("op") if isinstance(body, dict) else None
         last = zframes[-1]
@@ -153,18 +164,20 @@ class ControlServer:
         if op == "hello":
             self._node.counters.add("hellos_received")
             self._on_hello(body, _property(last, "Peer-Address"), key or None, False)
-            return  # introductions are one-way: no reply
+            return True  # introductions are one-way: no reply
         if op == "peers":
             self._on_peers(body.get("peers"))
-            return
+            return True
         if op in PROBE_OPS:
-            answer = self._on_probe(body, _property(last, "Peer-Address"), key or None)
-            if answer is not None and header.msg_id:  # id 0: one-way, no reply
+            # id 0: one-way (gossip pushed to us), no reply: none is built
+            answer = self._on_probe(body, _property(last, "Peer-Address"), key or None,
+                                    not header.msg_id)
+            if answer is not None and header.msg_id:
                 self._endpoint.reply(route, header.msg_id, answer)
-            return
+            return True
         if op == "record" and _given_up(header.timestamp, _property(last, "Peer-Address")):
             self._node.counters.add("stale_calls")  # its caller has given up: no answer, no work
-            return
+            return True
         try:
             result = self._answer(op)
         except LocalProtocolError as exc:
@@ -173,6 +186,7 @@ class ControlServer:
             self._endpoint.reply(route, header.msg_id, result)
             if op == "record" and isinstance(body.get("me"), dict):  # a verifier introduces itself
                 self._on_hello(body["me"], _property(last, "Peer-Address"), key or None, True)
+        return True
 
     def _answer(self, op: object) -> Any:
         if op not in OPS:
@@ -189,25 +203,27 @@ def _given_up(sent: float, peer: str | None) -> bool:
 
 
 def _recv_bounded(sock: zmq.Socket) -> list[zmq.Frame] | None:
-    """One control message (frames kept for their Peer-Address), or None: nothing there, or a
-    message of more than MAX_CONTROL_MESSAGE bytes in all, read to its end and dropped (each
-    frame is bounded by the socket's MAXMSGSIZE, the whole message here)."""
+    """One control message (frames kept for their Peer-Address); None: nothing there; ``[]``:
+    a message of more than MAX_CONTROL_MESSAGE bytes in all, read to its end and dropped (each
+    frame is bounded by the socket's MAXMSGSIZE, the whole message here).
+    C-level receives (:data:`~.transport.frames.crecv`): pyzmq's Python wrapper costs a few
+    microseconds a frame, on every message of the liveness hot path."""
     try:
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        frame = crecv(sock, NOBLOCK, False)
     except zmq.Again:
         return None
     frames = [frame]
-    total = len(frame.buffer)
+    total = len(frame)
     while frame.more:
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
-        total += len(frame.buffer)
+        frame = crecv(sock, NOBLOCK, False)
+        total += len(frame)
         frames.append(frame)
         if total > MAX_CONTROL_MESSAGE:
             while frame.more:
-                frame = sock.recv(zmq.NOBLOCK, copy=False)
+                frame = crecv(sock, NOBLOCK, False)
             _rlog.warning("oversized", "dropped a control message of more than %d bytes",
                           MAX_CONTROL_MESSAGE)
-            return None
+            return []
     return frames
 
 

@@ -1,29 +1,25 @@
 """SWIM membership without IO: who is alive, suspect or dead, and what to gossip about it.
 
 The protocol is SWIM (Das, Gupta, Motivala 2002) with the Lifeguard refinements that HashiCorp's
-memberlist uses (Dadgar et al. 2018):
-
-- each protocol period a node probes one member; on a miss (``probe_timeout_s``) it asks
-  ``indirect_probes`` others to probe it; with no answer within three times ``probe_timeout_s``
-  the member becomes *suspect*;
-- a suspect that does not refute in time is *dead*. The time allowed scales with log10 of the
-  fabric's size, and shrinks from ``suspicion_max_factor`` times that to it as other members
-  independently confirm the suspicion (Lifeguard's dynamic suspicion);
-- a member refutes by raising its *incarnation*: ``alive(n)`` overrides ``suspect(m)`` and
-  ``dead(m)`` for n > m, and only the member itself ever raises its own number;
-- updates travel as gossip piggybacked on probes and their answers, each retransmitted about
-  ``retransmit_mult * log10(N + 1)`` times, the least sent first.
+memberlist uses (Dadgar et al. 2018): each protocol period a node probes one member; on a miss
+(``probe_timeout_s``) it asks ``indirect_probes`` others to probe it; with no answer within three
+times ``probe_timeout_s`` the member is *suspect*, and *dead* unless it refutes in time (log10 of
+the fabric's size, shrinking from ``suspicion_max_factor`` times that as others independently
+confirm the suspicion: Lifeguard's dynamic suspicion). A member refutes by raising its
+*incarnation*: ``alive(n)`` overrides ``suspect(m)`` and ``dead(m)`` for n > m, and only the
+member itself raises its own number. Updates travel as gossip piggybacked on probes and their
+answers, each sent about ``retransmit_mult * log10(N + 1)`` times, the least sent first.
 
 What is not SWIM: a node does not pick a random member to probe, nor random members to gossip
 to. Members sit on PROBE_SPREAD rings, each ordered by its own hash of the node ids (as in
 Rapid, Suresh et al. 2018); a node probes its successor on ring ``r mod PROBE_SPREAD`` in period
 ``r`` (periods follow the wall clock, so every node uses the same ring in a period and every
 member is probed by exactly one node each period: a random choice leaves a member unprobed with
-probability 1/e, and 30 dead nodes are then all found only after about four periods), and sends
-its news to its successors on all rings. So a node keeps PROBE_SPREAD connections open and
-reuses them, and news crosses the union of the rings, a random graph of degree 2 * PROBE_SPREAD,
-in O(log N) hops. Members that die become *formers*: kept for ``former_keep_s`` and probed now
-and then, so a partition heals when the link comes back.
+probability 1/e, and 30 dead nodes are then all found only after about four periods), and pushes
+each update once to each of its successors on all rings. So a node keeps PROBE_SPREAD
+connections open and reuses them, and news crosses the union of the rings, a random graph of
+degree 2 * PROBE_SPREAD, in O(log N) hops. Members that die become *formers*: kept for
+``former_keep_s`` and probed now and then, so a partition heals when the link comes back.
 
 The updates and their queue: :mod:`.updates`; the timers (configured, the answer-time estimate,
 the suspicion time): :mod:`.timers`; the rings: :mod:`.rings`.
@@ -48,7 +44,8 @@ from .rings import Rings
 from .timers import RoundTrip, Timing, suspicion_timeout
 from .updates import Kind, Update
 
-__all__ = ["Effects", "Kind", "Member", "Members", "RoundTrip", "State", "Timing", "Update"]
+__all__ = ["NOTHING", "Effects", "Kind", "Member", "Members", "RoundTrip", "State", "Timing",
+           "Update"]
 
 
 class State(enum.Enum):
@@ -109,6 +106,11 @@ class Effects:
     forgotten: list[Member] = field(default_factory=list)
 
 
+#: What a call that changes nothing returns (most updates of a death storm), shared: no six lists
+#: built per update. Its fields are empty tuples: an append to it fails instead of leaking.
+NOTHING: Effects = Effects(*([()] * 6))  # type: ignore[arg-type]
+
+
 class Members:
     """The member table of node ``me`` (its node id). See the module docstring."""
 
@@ -123,8 +125,6 @@ class Members:
         #: The least time (s) a suspect gets, whatever N: set from the answer times seen.
         self.floor = 0.0
 
-    # --- reads ---------------------------------------------------------------------------------
-
     def __len__(self) -> int:
         """Members (alive and suspect), not counting this node."""
         return len(self._members)
@@ -136,7 +136,7 @@ class Members:
         return self._formers.get(node_id)
 
     def formers(self) -> int:
-        return len(self._formers)
+        return len(self._formers)  # in the order they died (see expire)
 
     def alive_ids(self) -> frozenset[str]:
         # Members are alive or suspect, and _suspects holds the suspect ones (see _set): a set
@@ -159,16 +159,14 @@ class Members:
         ``alive``; a node we do not hold, or buried, is a hint to verify (the caller reports a
         buried one dead again if it does not answer)."""
         if update.node_id == self.me:
-            return Effects()
+            return NOTHING
         member = self._members.get(update.node_id)
         if member is not None:
-            return self.apply(update, now) if update.inc > member.inc else Effects()
-        return Effects(verify=[update] if update.url else [])
+            return self.apply(update, now) if update.inc > member.inc else NOTHING
+        return Effects(verify=[update]) if update.url else NOTHING
 
     def suspects(self) -> list[Member]:
         return list(self._suspects.values())
-
-    # --- the directory ---------------------------------------------------------------------------
 
     def join(self, record: NodeRecord, url: str, now: float, inc: int | None = None) -> Member:
         """``record``'s node is in the directory: a member (again), alive at ``inc`` (what the
@@ -191,9 +189,8 @@ class Members:
         return member
 
     def leave(self, node_id: str) -> Member | None:
-        """``node_id`` left the directory. Members that we found dead are already formers;
-        one that was still a member here left cleanly (a goodbye): it is dropped and returned
-        (gossip its leave: whoever missed the goodbye learns it so)."""
+        """``node_id`` left the directory. One still a member here left cleanly (a goodbye): it
+        is dropped and returned (to gossip its leave); the dead are formers already."""
         member = self._members.pop(node_id, None)
         if member is not None:
             self._rings.remove(node_id)
@@ -209,13 +206,10 @@ class Members:
 
     def target(self, round_no: int, busy: set[str] | frozenset[str] = frozenset()) -> Member | None:
         """The member to probe in period ``round_no``: our successor on ring ``round_no`` mod
-        PROBE_SPREAD. Every node uses the same ring in a period, so every member is probed by
-        exactly one node (its predecessor on that ring).
-
-        Members in ``busy`` (being probed already) and members we suspect ourselves (probed
-        again until they refute or die) are skipped for the next on that ring: so a node cut
-        off from the others suspects all its members within a few periods, not only its
-        successors (whose deaths would only then make the next ones its successors)."""
+        PROBE_SPREAD (every node uses the same ring in a period: every member is probed by
+        exactly one node). Members in ``busy`` (being probed already) and members we suspect
+        ourselves are skipped for the next on that ring: so a node cut off from the others
+        suspects all its members within a few periods, not only its successors."""
         skip = set(busy)
         skip.update(i for i, m in self._suspects.items() if self.me in m.suspecters)
         node_id = self._rings.successor(round_no % C.PROBE_SPREAD, skip)
@@ -234,11 +228,12 @@ class Members:
 
     def acked(self, node_id: str, inc: int, now: float) -> Effects:
         """``node_id`` answered us at incarnation ``inc`` (directly, or through a helper)."""
-        out = Effects()
         member = self._members.get(node_id)
         if member is None or inc < member.inc:
-            return out
+            return NOTHING
+        out = NOTHING
         if member.state is State.SUSPECT and inc > member.inc:
+            out = Effects()
             self._set(member, State.ALIVE, now)
             member.inc = inc
             out.gossip.append(member.update(Kind.ALIVE, self.me))  # its refutation, relayed
@@ -297,9 +292,8 @@ class Members:
         a node that missed a refutation, and only ring predecessors probe a member: so we ask
         once per incarnation (``check``) whether its port still listens; a process that is gone
         is then dead at our incarnation, which counts everywhere."""
-        out = Effects()
         if update.node_id == self.me:
-            return out
+            return NOTHING
         member = self._members.get(update.node_id)
         if member is None:
             former = self._formers.get(update.node_id)
@@ -308,17 +302,17 @@ class Members:
             elif update.kind is Kind.ALIVE and update.url and (
                 former is None or update.inc > former.inc
             ):
-                out.verify.append(update)
-            return out
+                return Effects(verify=[update])
+            return NOTHING
         if update.inc < member.inc or (update.kind in (Kind.SUSPECT, Kind.DEAD)
                                        and update.inc <= member.buried):
             if update.kind is Kind.DEAD and member.checked < member.inc:
                 member.checked = member.inc
-                out.check.append(member)
-            return out
+                return Effects(check=[member])
+            return NOTHING
         if update.kind is Kind.SUSPECT and not member.known and member.state is State.ALIVE:
-            out.confirm.append((member, update.inc))
-            return out
+            return Effects(confirm=[(member, update.inc)])
+        out = Effects()
         if update.kind is Kind.ALIVE:
             member.known = True
             if update.inc > member.inc:
@@ -357,14 +351,17 @@ class Members:
         suspicion of our own runs out here (we failed to reach the member ourselves); one we only
         heard of waits for its "dead" or its refutation (the member's probers on the rings each
         reach it every few periods, so someone with evidence decides)."""
-        out = Effects()
+        out = NOTHING
         for member in self._own_suspects():
             if now >= self.deadline(member):
+                out = Effects() if out is NOTHING else out
                 self._remove(member, Kind.DEAD, now, out)
                 out.gossip.append(member.update(Kind.DEAD, self.me))
-        keep = self.timing.former_keep_s
-        for node_id in [i for i, f in self._formers.items() if now - f.since > keep]:
-            out.forgotten.append(self._formers.pop(node_id))
+        if self._formers and now - next(iter(self._formers.values())).since > (
+                keep := self.timing.former_keep_s):  # the oldest first (see _remove)
+            out = Effects() if out is NOTHING else out
+            for node_id in [i for i, f in self._formers.items() if now - f.since > keep]:
+                out.forgotten.append(self._formers.pop(node_id))
         return out
 
     def next_deadline(self) -> float | None:

@@ -88,33 +88,78 @@ def transmit_limit(nodes: int, mult: int) -> int:
 class Broadcasts:
     """Updates waiting to go out, each sent at most ``transmit_limit`` times, the least sent
     first; a new update about a node replaces the one queued about it. Bounded by MAX_BROADCASTS
-    (the most sent are dropped first)."""
+    (the most sent are dropped first).
+
+    Two ways out: piggybacked on probes and answers (:meth:`take`, to whoever is asked or
+    answered), and pushed to the node's gossip targets (:meth:`spread`), each update to each
+    target once: the targets are kept connections (TCP), so a second copy to the same target
+    carries nothing new, and in a death storm those copies were most of a node's messages."""
 
     def __init__(self) -> None:
-        self._queue: dict[str, list[Any]] = {}  # node id -> [update, times sent]
+        #: node id -> [update, times sent, targets pushed to, the update on the wire]
+        self._queue: dict[str, list[Any]] = {}
+        #: Some update was not pushed to every target yet (set by :meth:`add` and
+        #: :meth:`retarget`, cleared by :meth:`spread`).
+        self.unspread = False
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def add(self, update: Update) -> None:
         self._queue.pop(update.node_id, None)
-        self._queue[update.node_id] = [update, 0]
+        self._queue[update.node_id] = [update, 0, set(), update.encode()]
+        self.unspread = True
         if len(self._queue) > C.MAX_BROADCASTS:
             worst = max(self._queue, key=lambda k: self._queue[k][1])
             del self._queue[worst]
 
+    def retarget(self) -> None:
+        """The targets may have changed: a new one gets every update queued."""
+        self.unspread = bool(self._queue)
+
     def take(self, count: int, limit: int) -> list[Update]:
         """Up to ``count`` updates to send now, each counted as sent once more."""
+        return [entry[0] for entry in self._take(count, limit)]
+
+    def take_wire(self, count: int, limit: int) -> list[list[Any]]:
+        """:meth:`take`, on the wire (each update encoded once, when queued)."""
+        return [entry[3] for entry in self._take(count, limit)]
+
+    def spread(self, targets: list[str], count: int, limit: int) -> dict[str, list[list[Any]]]:
+        """What to push to each of ``targets`` (node ids), on the wire: the updates not pushed
+        to it yet, up to ``count``, the least sent first. An update pushed to any counts as
+        sent once more. :attr:`unspread` stays set if some did not fit."""
+        out: dict[str, list[list[Any]]] = {t: [] for t in targets}
+        self.unspread = False
+        if not self._queue or not targets:
+            return out
+        for node_id, entry in sorted(self._queue.items(), key=lambda item: item[1][1]):
+            pushed = entry[2]
+            went = False
+            for target in targets:
+                if target not in pushed:
+                    batch = out[target]
+                    if len(batch) < count:
+                        batch.append(entry[3])
+                        pushed.add(target)
+                        went = True
+                    else:
+                        self.unspread = True
+            if went:
+                entry[1] += 1
+                if entry[1] >= limit:
+                    del self._queue[node_id]
+        return out
+
+    def _take(self, count: int, limit: int) -> list[list[Any]]:
         if not self._queue:
             return []
         chosen = sorted(self._queue.items(), key=lambda item: item[1][1])[:count]
-        out = []
         for node_id, entry in chosen:
-            out.append(entry[0])
             entry[1] += 1
             if entry[1] >= limit:
                 del self._queue[node_id]
-        return out
+        return [entry for _, entry in chosen]
 
 
 def refutes(update: Update, inc: int) -> bool:

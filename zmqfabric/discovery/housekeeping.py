@@ -118,10 +118,10 @@ class Housekeeping:
         if not self._stopping:
             self._inbox.post(self._liveness.leave_fabric)
 
-    def answer_probe(self, body: dict[str, Any], address: str | None,
-                     key: str | None) -> dict[str, Any] | None:
+    def answer_probe(self, body: dict[str, Any], address: str | None, key: str | None,
+                     one_way: bool = False) -> dict[str, Any] | None:
         """Answer a liveness op (control thread; see :class:`~.swim.Responder`)."""
-        return self._liveness.responder.answer(body, address, key)
+        return self._liveness.responder.answer(body, address, key, one_way)
 
     # --- the thread ------------------------------------------------------------------------------
 
@@ -138,6 +138,10 @@ class Housekeeping:
                     for sock in events:
                         if sock != fd:
                             liveness.on_readable(sock)
+                    if inbox.pending:
+                        # What that work posted back (membership's unwatch of each node
+                        # liveness removed): now, not after one more poll and tick per death.
+                        inbox.run_pending()
                     liveness.tick()
                 except Exception:  # a bug here must not end liveness for the node's lifetime
                     self._node.counters.add("housekeeping_errors")

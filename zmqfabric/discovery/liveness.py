@@ -34,14 +34,13 @@ import zmq
 from ..constants import (
     HELLO_LINGER_MS,
     LEAVE_FANOUT,
-    MAX_GOSSIP,
     REQUERY_SENDERS,
     SUSPICION_RTO_MULT,
     SYNC_FIRST_S,
 )
 from ..core.records import NodeRecord
 from ..core.rings import phase
-from ..core.swim import Effects, Kind, Member, Members, Update
+from ..core.swim import NOTHING, Effects, Kind, Member, Members, Update
 from .admission import Admission, Rediscovery
 from .probes import Prober
 from .probing import Probing
@@ -119,9 +118,9 @@ class Liveness:
         """``record``'s node left the directory (a goodbye, or our own removal). A goodbye is
         passed on as gossip: mDNS is multicast, and a node may have missed it."""
         member = self._members.leave(record.node_id)
-        if member is not None and member.node_id == record.node_id:
+        if member is not None:  # else we removed it ourselves (dead): nothing changes now
             self.local.add([member.update(Kind.LEFT, self._node.node_id)])
-        self._changed()
+            self._changed()
 
     # --- sockets and time ------------------------------------------------------------------
 
@@ -145,6 +144,8 @@ class Liveness:
             times.append(self._next_gossip)
         if self._members.formers():
             times.append(self._next_former)
+        if self._summary_due != float("inf"):
+            times.append(self._summary_due)
         when = self._prober.next_deadline()
         if when is not None:
             times.append(when)
@@ -156,10 +157,13 @@ class Liveness:
         if self._left:
             return
         now = self._clock()
-        if self._planned is not None and now - self._planned > self._probing.rto():
+        planned, self._planned = self._planned, None
+        if planned is not None and now - planned > self._probing.rto():
             self._probing.sick()  # we slept through our own deadline: this host is overloaded
-        self._planned = None
         self._members.floor = SUSPICION_RTO_MULT * self._probing.settled_rto()
+        if (planned is not None and now < planned and not self._successor_died
+                and not (now >= self._next_gossip and self.local.news())):
+            return  # woken early (a post, an answer) and no timer is due: the storm's common case
         self._prober.expire(now)
         self._probing.tick(now)
         for _ in range(len(self._members) + 1):
@@ -202,8 +206,7 @@ class Liveness:
             left = self.local.me()
             left = Update(Kind.LEFT, left.node_id, left.inc, left.name, left.url, left.key)
             for member in self._members.targets()[:LEAVE_FANOUT]:
-                body = self._probing.body(member)
-                body["g"] = [left.encode()]
+                body = self._probing.body(member, [left.encode()])
                 self._prober.send(member.url, member.record.curve_key, body)
         self._prober.close(HELLO_LINGER_MS)
 
@@ -305,14 +308,30 @@ class Liveness:
         return inc
 
     def _spread(self) -> None:
-        """Send the pending news to our successors on the rings (kept connections); their
-        answers bring theirs back."""
-        news = self.local.take(MAX_GOSSIP)
-        for member in self._members.targets() if news else ():
-            body = self._probing.body(member)
-            body["g"] = news
-            self._ask(member.url, member.record.curve_key, body, self._timing.probe_interval_s,
-                      functools.partial(self._answer, member.node_id))
+        """Push our successors on the rings (kept connections) the news they were not sent
+        yet, each update once to each (see :meth:`Local.spread`), as one-way probes: an answer
+        would cost both sides a message more, and its news (theirs) reach us anyway, pushed by
+        our predecessors, piggybacked on probes and their answers. Except a push that carries a
+        suspicion: it is a probe answered as any, so that a refutation comes straight back
+        (the suspect, often our successor, refutes before it answers; others may have heard
+        it), instead of going round the rings while the suspicion runs out. And until we have
+        timed an answer: a node that has not waits 1 s for each (PROBE_TIMEOUT_INITIAL_S, as
+        TCP), and a young fabric's pushes were what timed its first answers (a pulled cable
+        took 4-5 s to be seen instead of 2 when they were one-way)."""
+        targets = self._members.targets()
+        batches = self.local.spread([m.node_id for m in targets])
+        untimed = self._prober.rtt.srtt is None
+        for member in targets:
+            news = batches[member.node_id]
+            if not news:
+                continue
+            body = self._probing.body(member, news)
+            if untimed or any(update[0] == Kind.SUSPECT for update in news):
+                self._ask(member.url, member.record.curve_key, body,
+                          self._timing.probe_interval_s,
+                          functools.partial(self._answer, member.node_id))
+            else:
+                self._prober.send(member.url, member.record.curve_key, body)
 
     # --- applying -------------------------------------------------------------------------------
 
@@ -337,6 +356,8 @@ class Liveness:
                     self.local.took(update)
 
     def _effects(self, out: Effects, source: str = "") -> None:
+        if out is NOTHING:
+            return
         self.local.add(out.gossip)
         for member, why in out.removed:
             if why == "dead":
@@ -371,6 +392,7 @@ class Liveness:
 
     def _changed(self) -> None:
         self.local.sized(len(self._members))
+        self.local.retarget()  # our ring successors may be others now
         self.responder.known = self._members.alive_ids()
         if self._summary_due == float("inf"):  # refreshed at most once a second
             self._summary_due = self._clock() + 1.0

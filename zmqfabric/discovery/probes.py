@@ -6,10 +6,11 @@ something to ask or tell it (an indirect probe, gossip, a verification), and clo
 has been idle for PROBE_IDLE_S; at most MAX_PROBE_SOCKETS are open at once. Requests use the
 control endpoint's request/reply format; the peer's control thread answers them.
 
-Every connection has a monitor. When a watched one drops (the peer's process died and the kernel
-closed its socket), ``on_lost(url)`` is called at once, without waiting for the peer's turn to be
-probed. They send no ZeroMQ heartbeats: the probes are the heartbeats (a silent peer is found
-when its turn comes), and heartbeats would wake every node's IO thread several times a second.
+Watched connections have a monitor (and, on a secured node, every connection). When a watched
+one drops (the peer's process died and the kernel closed its socket), ``on_lost(url)`` is called
+at once, without waiting for the peer's turn to be probed. They send no ZeroMQ heartbeats: the
+probes are the heartbeats (a silent peer is found when its turn comes), and heartbeats would wake
+every node's IO thread several times a second.
 On a secured node every connection is a CURVE client of the peer's key: a peer that refuses our
 key in the handshake is reported (:data:`REFUSED`) instead of looking dead.
 
@@ -67,7 +68,7 @@ _AUTH = zmq.EVENT_HANDSHAKE_FAILED_AUTH
 class _Conn:
     url: str
     sock: zmq.Socket
-    monitor: zmq.Socket
+    monitor: zmq.Socket | None  # see _open
     used: float
     watched: bool = False
     waiting: set[int] = field(default_factory=set)
@@ -123,9 +124,12 @@ class Prober:
         for conn in self._conns.values():
             conn.watched = conn.url in peers
         for url, key in peers.items():
-            opened = self._conns.get(url) or self._open(url, key)
+            opened = self._conns.get(url) or self._open(url, key, watched=True)
             if opened is not None:
                 opened.watched = True
+                if opened.monitor is None:  # opened for a request: watch its drops from now
+                    opened.monitor = self._monitor(opened.sock)
+                    self._by_sock[opened.monitor] = opened
 
     def request(self, url: str, key: str | None, body: dict[str, Any], timeout: float,
                 on_answer: Callback, on_timeout: Callable[[], None] | None = None) -> bool:
@@ -274,27 +278,40 @@ class Prober:
             self._close(min(idle, key=lambda c: c.used))
         return self._open(url, key)
 
-    def _open(self, url: str, key: str | None) -> _Conn | None:
+    def _open(self, url: str, key: str | None, watched: bool = False) -> _Conn | None:
+        """A connection to ``url``, monitored if it is ``watched`` (its drops are news) or
+        CURVE (a refused key is news): a short-lived one of an unsecured node has nothing to
+        report, and each socket polled costs every wake of the thread (a death storm opens a
+        dozen)."""
         sockets = self._node.sockets
         sock = sockets.socket(zmq.DEALER, sync=True)
         sock.setsockopt(zmq.IMMEDIATE, 0)  # queue the first message while connecting
         sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
-        monitor = sockets.monitor(sock, _LOST | _AUTH, sync=True)
+        monitor = self._monitor(sock) if watched or key is not None else None
         try:
             sockets.connect(sock, url, key)
         except FabricError as exc:
             log.debug("cannot connect to %s: %s", url, exc)
-            sock.disable_monitor()
-            monitor.close(0)
+            if monitor is not None:
+                self._poller.unregister(monitor)
+                sock.disable_monitor()
+                monitor.close(0)
             sock.close(0)
             return None
         conn = _Conn(url, sock, monitor, self._clock())
         self._conns[url] = conn
         self._by_sock[sock] = conn
-        self._by_sock[monitor] = conn
+        if monitor is not None:
+            self._by_sock[monitor] = conn
         self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(monitor, zmq.POLLIN)
         return conn
+
+    def _monitor(self, sock: zmq.Socket) -> zmq.Socket:
+        """A monitor of ``sock``'s drops and refused handshakes, polled (mapped to its
+        connection by the caller, through ``_by_sock``)."""
+        monitor = self._node.sockets.monitor(sock, _LOST | _AUTH, sync=True)
+        self._poller.register(monitor, zmq.POLLIN)
+        return monitor
 
     def _send(self, conn: _Conn, msg_id: int, body: dict[str, Any]) -> bool:
         header = wire.pack_header(wire.Kind.REQUEST, msg_id, time.time())
@@ -306,10 +323,10 @@ class Prober:
         return True
 
     def _on_monitor(self, conn: _Conn) -> None:
-        seen = 0
-        while True:
+        seen, monitor = 0, conn.monitor
+        while monitor is not None:
             try:
-                seen |= recv_monitor_message(conn.monitor, zmq.NOBLOCK)["event"]
+                seen |= recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 break
         if seen & _AUTH:
@@ -334,10 +351,11 @@ class Prober:
         conn.waiting.clear()
         for msg_id in [i for i, late in self._late.items() if late.conn is conn]:
             del self._late[msg_id]
-        self._by_sock.pop(conn.monitor, None)
-        self._poller.unregister(conn.monitor)
-        conn.sock.disable_monitor()
-        conn.monitor.close(0)
+        if conn.monitor is not None:
+            self._by_sock.pop(conn.monitor, None)
+            self._poller.unregister(conn.monitor)
+            conn.sock.disable_monitor()
+            conn.monitor.close(0)
         conn.sock.close(linger_ms)
 
 

@@ -3,12 +3,12 @@ protocol: :mod:`zmqfabric.core.swim`), and the prober's own state: how long answ
 Lifeguard's local health.
 
 A probe asks the member directly; after one answer timeout (:meth:`Probing.rto`, stretched by
-the node's local health) it asks ``indirect_probes`` others to try (``probe-req``) and checks the
-member's control port (a TCP connect: "refused" is certain death, an accepted connect a process
-that is there, only slow); with no answer after three timeouts the member fails (our suspicion,
-or our confirmation of another's), and is probed again at once so that it learns it and refutes
-(Lifeguard's buddy system). A member that asked us to probe another is told if it answers
-(``probe-ack``), and a silence we find ourselves is our own suspicion.
+the node's local health) it checks the member's control port (a TCP connect: "refused" is certain
+death, an accepted connect a process that is there, only slow) and, unless it is closed, asks
+``indirect_probes`` others to try (``probe-req``); with no answer after three timeouts the member
+fails (our suspicion, or our confirmation of another's), and is probed again at once so that it
+learns it and refutes (Lifeguard's buddy system). A member that asked us to probe another is told
+if it answers (``probe-ack``), and a silence we find ourselves is our own suspicion.
 
 Local health (Lifeguard): a node that wakes up later than it planned, or has to refute, is
 probably the slow one; it waits up to (1 + HEALTH_MAX) times longer for answers instead of
@@ -132,12 +132,14 @@ class Probing:
         floor = self._timing.probe_timeout_s
         return self._prober.rtt.timeout(floor, PROBE_TIMEOUT_MAX_S, floor)
 
-    def body(self, member: Member) -> dict[str, Any]:
+    def body(self, member: Member, gossip: list[Any] | None = None) -> dict[str, Any]:
         """A probe of ``member`` (accusing it if we hold it suspect or buried it at its
-        incarnation, so that it refutes), with our gossip."""
+        incarnation, so that it refutes), with ``gossip`` (on the wire), else our piggyback."""
         accused = member.state is not State.ALIVE or member.inc <= member.buried
+        if gossip is None:
+            gossip = self._local.take(MAX_PIGGYBACK)
         return {"op": "probe", "to": [member.node_id, member.inc, accused],
-                "from": self._local.sender(), "g": self._local.take(MAX_PIGGYBACK)}
+                "from": self._local.sender(), "g": gossip}
 
     def probe(self, member: Member, now: float, accuse: int | None = None) -> None:
         """Probe ``member`` (accusing it at ``accuse``, if given, so that it refutes), unless a
@@ -225,22 +227,33 @@ class Probing:
     # --- internals ---------------------------------------------------------------------------
 
     def _indirect(self, probe: _Probe, now: float) -> None:
+        """The direct probe went unanswered: check the member's port, and unless it is closed
+        (the process is gone: dead at once) ask helpers. The check comes first: in a death
+        storm most of these members are dead, and helpers asked for nothing cost each of them
+        a connection to the dead member and a port check of their own."""
         target = probe.member
+        probe.asked = True
+
         def checked(listening: bool) -> None:
             probe.listening, probe.checked = listening, True
+            if self._probes.get(target.node_id) is probe and not probe.acked:
+                self._ask_helpers(probe)
 
         self.check(target, checked)
-        helpers = self._members.helpers(target.node_id, self._timing.indirect_probes)
-        probe.asked = True
+
+    def _ask_helpers(self, probe: _Probe) -> None:
+        target = probe.member
         control = self._node.record.control
         if control is None:
             return
+        helpers = self._members.helpers(target.node_id, self._timing.indirect_probes)
         body = {"op": "probe-req", "nonce": probe.nonce, "port": control.port,
                 "target": [target.node_id, target.record.name, target.url,
                            target.record.curve_key, target.inc],
                 "from": self._local.sender(), "g": self._local.take(MAX_PIGGYBACK)}
+        left = probe.ends - self._clock()
         for helper in helpers:
-            self._prober.request(helper.url, helper.record.curve_key, body, probe.ends - now,
+            self._prober.request(helper.url, helper.record.curve_key, body, left,
                                  functools.partial(self._answer, helper.node_id))
 
     def _finish(self, probe: _Probe) -> None:

@@ -12,6 +12,10 @@ are not listed, such as the CLI's observers):
   it answers. Answered by every node's control thread with ``{"id": id, "inc": inc,
   "g": UPDATES}``, plus ``"name"`` and ``"txt"`` (the node's TXT record as a map) when ``rec``
   asks for it.
+- A probe with id 0 is one-way: gossip pushed to a ring successor (each update once to each),
+  taken like any probe's but never answered (no reply is built: none of our gossip is spent).
+  A push that carries a suspicion is a probe with an id, answered (with the refutation), and so
+  is every push of a node that has not timed an answer yet.
 - A probe may carry ``"sync": UPDATES``, the sender's whole member list as ``alive`` updates
   (anti-entropy, every ``sync_s``); the answer then carries the answerer's list as ``"sync"``.
 - ``{"op": "probe-req", "nonce": n, "target": [id, name, url, key, inc], "from": FROM,
@@ -185,12 +189,24 @@ class Local:
                     self._broadcasts.add(update)
 
     def take(self, count: int) -> list[list[Any]]:
-        """Up to ``count`` updates to send, on the wire."""
+        """Up to ``count`` updates to piggyback on a probe or an answer, on the wire."""
         with self._lock:
-            return [u.encode() for u in self._broadcasts.take(count, self._limit)]
+            return self._broadcasts.take_wire(count, self._limit)
+
+    def spread(self, targets: list[str]) -> dict[str, list[list[Any]]]:
+        """What to push to each of our gossip ``targets`` (node ids): the updates not pushed
+        to it yet (see :class:`~zmqfabric.core.updates.Broadcasts`), on the wire."""
+        with self._lock:
+            return self._broadcasts.spread(targets, MAX_GOSSIP, self._limit)
+
+    def retarget(self) -> None:
+        """Our gossip targets may have changed: a new one is sent what is queued."""
+        with self._lock:
+            self._broadcasts.retarget()
 
     def news(self) -> bool:
-        return len(self._broadcasts) > 0
+        """Some queued update was not pushed to every gossip target yet."""
+        return self._broadcasts.unspread
 
     def sender(self) -> list[Any] | None:
         """Our ``from``: None for a node that is not listed."""
@@ -233,10 +249,11 @@ class Responder:
         #: Our member list on the wire (set by that thread, read here): anti-entropy answers.
         self.summary: list[list[Any]] = []
 
-    def answer(self, body: dict[str, Any], address: str | None,
-               key: str | None) -> dict[str, Any] | None:
+    def answer(self, body: dict[str, Any], address: str | None, key: str | None,
+               one_way: bool = False) -> dict[str, Any] | None:
         """The reply to a liveness op from ``address`` (``key``: the sender's CURVE key on a
-        secured node), or None for a one-way message."""
+        secured node), or None for a one-way message (``one_way``: sent with id 0, such as the
+        gossip pushed to us; no reply is built, so none of our gossip is spent on it)."""
         op = body.get("op")
         local, me = self._local, self._node.node_id
         if local.leaving:
@@ -262,6 +279,8 @@ class Responder:
             return None
         if op == "probe-req":
             self._take_request(body, address, key)
+        if one_way:
+            return None
         reply: dict[str, Any] = {"id": me, "inc": local.inc, "g": local.take(MAX_PIGGYBACK)}
         if op == "probe" and "sync" in body:
             self._post(self._listener.synced, body["sync"])

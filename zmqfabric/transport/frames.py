@@ -74,6 +74,8 @@ _RECV = zmq.backend.Socket.recv
 #: For hot paths that send a known frame layout inline: ``csend(sock, data, flags)`` is the C
 #: send (copy by default), ``MORE_NOBLOCK`` the flags of a frame that is not the last.
 csend = _SEND
+#: ``crecv(sock, flags, copy)``: the C receive (a Frame with copy=False), for the same use.
+crecv = _RECV
 MORE_NOBLOCK = NOBLOCK | _MORE
 
 
