@@ -78,6 +78,8 @@ class Intake:
         #: verify it): no hello of ours needed. Forgotten when they leave our view; bounded,
         #: oldest forgotten first.
         self._know_us: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Nodes dropped from our view (:meth:`forget`), until they come back (:meth:`returning`).
+        self._dropped: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def advertised(self, record: NodeRecord) -> None:
         """Our own record is advertised: ignore it when heard back, and introduce ourselves with
@@ -166,8 +168,18 @@ class Intake:
         died, a partition) has likely dropped us too, so it is greeted when it comes back."""
         with self._lock:
             self._know_us.pop(node_id, None)
+            self._dropped[node_id] = None
+            while len(self._dropped) > MAX_VERIFY_CACHE:
+                self._dropped.popitem(last=False)
         if self._verifier is not None:
             self._verifier.forget(name, node_id)
+
+    def returning(self, node_id: str) -> bool:
+        """Whether node ``node_id`` comes back after we dropped it (asked once per return): it
+        likely dropped us too (a partition), and it does not call back a node it buried, so it
+        is greeted at once instead of after GREET_WAIT_S. Any thread."""
+        with self._lock:
+            return self._dropped.pop(node_id, 0) is None
 
     def checking(self, node_id: str) -> bool:
         """A hint about node ``node_id`` is being verified, waits to be, or waits for a retry."""

@@ -321,6 +321,10 @@ class Discovery:
         that carried it. Thread-safe."""
         return self._intake.knows_us(node_id)
 
+    def returning(self, node_id: str) -> bool:
+        """See :meth:`Intake.returning`. Thread-safe."""
+        return self._intake.returning(node_id)
+
     def checking(self, node_id: str) -> bool:
         """A hint about node ``node_id`` is being verified, waits to be, or waits for a retry
         (liveness need not call it as well). Thread-safe."""

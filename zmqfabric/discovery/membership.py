@@ -128,8 +128,12 @@ class Membership:
             return
         control.watch(record)
         if event.change is Change.JOINED and node.advertised and record.control is not None:
-            if not self._discovery.knows_us(record.node_id):  # (it verified us: it has us)
-                # Not before it had time to call us back (it then has our record: no hello).
+            returning = self._discovery.returning(record.node_id)
+            if self._discovery.knows_us(record.node_id):
+                pass  # it verified us: it has our record
+            elif returning:
+                control.greet(record)  # back after we dropped it: it has likely dropped us too
+            else:  # not before it had time to call us back (then it has our record: no hello)
                 control.greet(record, functools.partial(self._discovery.knows_us, record.node_id))
             if node.config.peers or not address_in_scope(
                 record.address, node.config.scope.networks
