@@ -310,16 +310,21 @@ class Dispatcher:
             except zmq.Again:
                 return
             try:
-                kind, body = task_frames.parse_from_worker(frames)
+                kind, body = task_frames.read_from_worker(frames)
             except RemoteProtocolError as exc:
-                self._node.counters.add("refused_task_results")
-                _rlog.warning("task-results", "task %r: dropped a malformed message from %s: %s",
-                              link.name, url, exc)
+                self._refused(link, f"dropped a malformed message: {exc}")
                 continue
             if kind is _RESULT:
+                refused = table.refused  # the table checks each result as it takes it
                 self._collect(link.name, table.on_results(url, body, now))
+                if table.refused != refused:
+                    self._refused(link, f"dropped {table.refused - refused} malformed results")
             else:
                 table.set_credit(url, body[0], now, body[1])
+
+    def _refused(self, link: WorkerLink, what: str) -> None:
+        self._node.counters.add("refused_task_results")
+        _rlog.warning("task-results", "task %r: %s from %s", link.name, what, link.url)
 
     # --- tasks ---------------------------------------------------------------------------------
 
