@@ -20,6 +20,7 @@ started again with that journal resends every task that had not settled.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import secrets
 import threading
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 _Packer = msgpack.Packer
+#: Idle Packers' ``pack`` for ``submit``: pop and append are atomic, so no two threads share one
+#: even if packing runs Python code (a dict subclass's ``items``) and another thread submits.
+_PACKERS: collections.deque[Callable[[Any], bytes]] = collections.deque(maxlen=16)
 _RECORDED = HandleState.RECORDED
 _STARTED = NodeState.STARTED  # per submit: a module global, not an enum class attribute
 
@@ -166,15 +170,9 @@ class NodeTasks:
         """True when submit waits for a journal commit."""
         return self.config.journal is not None
 
-    def submit(
-        self,
-        name: str,
-        body: Any,
-        key: str | None = None,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-    ) -> TaskHandle:
+    def submit(self, name: str, body: Any, key: str | None = None,
+               deadline: float | None = None, max_attempts: int | None = None,
+               timeout: float | None = None) -> TaskHandle:
         """See :meth:`zmqfabric.Node.submit` (which calls this with positional arguments: one
         call per submit, no keywords). Raises ClosedError unless the node is started.
         Thread-safe."""
@@ -186,10 +184,16 @@ class NodeTasks:
         else:
             deadline_s, attempts = self._options(name, deadline, max_attempts)
         if key is None:  # the hot path: _encode inlined
+            try:  # a Packer per call costs more than packing a small body: borrow one
+                pack = _PACKERS.pop()
+            except IndexError:  # none idle
+                pack = _Packer().pack
             try:
-                payload = _Packer().pack(body)  # what msgpack.packb does, one frame less
+                payload = pack(body)  # (a Packer that raised is reset: it can be reused)
             except PACK_ERRORS:
                 payload = wire.pack_body(body)  # raises LocalProtocolError
+            finally:
+                _PACKERS.append(pack)
             limit = self._node.config.max_message_size
             if len(payload) + TASK_FRAME_OVERHEAD > limit:
                 raise MessageTooLargeError(len(payload) + TASK_FRAME_OVERHEAD, limit)
