@@ -49,11 +49,12 @@ def test_a_malformed_result_is_refused_and_the_others_of_its_message_count(bad: 
     outcome = table.on_results("w", [["t2", 1, True, "two"], bad, ["t3", 1, True, None]], 1.0)
     assert [(t.id, t.value) for t in outcome.done] == [("t2", "two"), ("t3", None)]
     assert table.refused == 1 and table.late == 0
-    assert table.get("t1").state is TaskState.IN_FLIGHT  # still held: its result may come
+    t1 = table.get("t1")
+    assert t1 is not None and t1.state is TaskState.IN_FLIGHT  # held: its result may come
     assert table.held("w") == [("t1", 1)]
     assert table.stats().refused == 1 and table.stats().done == 2
     outcome = table.on_results("w", [["t1", 1, False, {"type": "E", "message": "m"}]], 2.0)
-    assert table.get("t1").state is TaskState.DELAYED and table.get("t1").error == ("E", "m")
+    assert t1.state is TaskState.DELAYED and t1.error == ("E", "m")
 
 
 def test_results_that_answer_no_delivery_are_late_whatever_their_id() -> None:

@@ -236,7 +236,7 @@ class Dispatcher:
         taken = 0
         while incoming and taken < _TAKE_BATCH:
             item = incoming.popleft()
-            if type(item) is list:  # a submit_many: one name
+            if isinstance(item, list):  # a submit_many: one name
                 if run:
                     (tables.get(name) or self._table(name)).submit_many(run)
                     run = []
