@@ -82,8 +82,8 @@ class Dispatcher:
         self._poller = zmq.Poller()
         self._links = Links(self._poller)
         self._resumed: list[tuple[str, Task]] = []
-        #: Whether this round's ``_take`` took tasks.
-        self._took = False
+        #: How many tasks this round's ``_take`` took (queued in their tables already).
+        self._took = 0
         #: Submitted tasks not taken yet (see ``submit``): a handle, or a list of them from one
         #: ``submit_many``; a ``_take`` is posted for them.
         self._incoming: collections.deque[TaskHandle | list[TaskHandle]] = collections.deque()
@@ -181,11 +181,11 @@ class Dispatcher:
             link = self._links.with_monitor(sock)
             if link is not None:
                 self._on_monitor(link, now)
-        self._took = False
+        self._took = 0
         self._take_posts()
         if self._took:  # tasks that follow others while those are unsettled: nap (see _wait)
             self._napping = (now - self._last_new < TASK_NAP_MS / 1000
-                             and any(t.unsettled for t in self._tables.values()))
+                             and sum(t.unsettled for t in self._tables.values()) > self._took)
             self._last_new = now
         else:
             self._napping = False
@@ -252,7 +252,7 @@ class Dispatcher:
             taken += 1
         if run:
             (tables.get(name) or self._table(name)).submit_many(run)
-        self._took = self._took or taken > 0
+        self._took += taken
         if incoming and not self._take_posted:
             self._take_posted = True
             self._inbox.post(self._take)
