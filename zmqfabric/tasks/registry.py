@@ -20,14 +20,11 @@ started again with that journal resends every task that had not settled.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import secrets
 import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
-
-import msgpack
 
 from ..constants import (
     MAX_TASK_KEY,
@@ -44,6 +41,7 @@ from .config import TaskConfig, check_prefetch, validate_task_name
 from .handle import HandleState, TaskHandle, settle
 from .journal import Journal, JournalEntry
 from .keys import KeyIndex
+from .packing import PACKERS, new_packer, pack_all
 from .producer import Dispatcher
 from .recorder import Recorder
 from .worker import TaskEndpoint
@@ -52,10 +50,6 @@ if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 F = TypeVar("F", bound=Callable[..., Any])
-_Packer = msgpack.Packer
-#: Idle Packers' ``pack`` for ``submit``: pop and append are atomic, so no two threads share one
-#: even if packing runs Python code (a dict subclass's ``items``) and another thread submits.
-_PACKERS: collections.deque[Callable[[Any], bytes]] = collections.deque(maxlen=16)
 _RECORDED = HandleState.RECORDED
 _STARTED = NodeState.STARTED  # per submit: a module global, not an enum class attribute
 
@@ -185,15 +179,15 @@ class NodeTasks:
             deadline_s, attempts = self._options(name, deadline, max_attempts)
         if key is None:  # the hot path: _encode inlined
             try:  # a Packer per call costs more than packing a small body: borrow one
-                pack = _PACKERS.pop()
+                pack = PACKERS.pop()
             except IndexError:  # none idle
-                pack = _Packer().pack
+                pack = new_packer().pack
             try:
                 payload = pack(body)  # (a Packer that raised is reset: it can be reused)
             except PACK_ERRORS:
                 payload = wire.pack_body(body)  # raises LocalProtocolError
             finally:
-                _PACKERS.append(pack)
+                PACKERS.append(pack)
             limit = self._node.config.max_message_size
             if len(payload) + TASK_FRAME_OVERHEAD > limit:
                 raise MessageTooLargeError(len(payload) + TASK_FRAME_OVERHEAD, limit)
@@ -249,7 +243,11 @@ class NodeTasks:
         if len(bodies) > self.config.queue_limit:
             raise LocalProtocolError(f"{len(bodies)} bodies in one call; at most "
                                      f"{self.config.queue_limit} (TaskConfig.queue_limit)")
-        payloads = [self._encode(body, key) for body, key in zip(bodies, key_list, strict=True)]
+        payloads = None if keys is not None else pack_all(
+            bodies, self._node.config.max_message_size - TASK_FRAME_OVERHEAD)
+        if payloads is None:  # keys, or a body that does not fit: checked one by one
+            payloads = [self._encode(body, key) for body, key in zip(bodies, key_list,
+                                                                       strict=True)]
         dispatcher = self._dispatcher or self._start_dispatcher()
         handles: list[TaskHandle] = []
         tasks: list[TaskHandle] = []
