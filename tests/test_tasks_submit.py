@@ -80,6 +80,11 @@ def test_a_70_mb_task_raises_at_submit_and_nothing_is_queued(make_node, name) ->
     assert info.value.limit == limit and info.value.size > 70 * MB
     with pytest.raises(zf.MessageTooLargeError):
         producer.submit_many(task, [1, huge, 3])  # checked before any is queued
+    with pytest.raises(zf.MessageTooLargeError) as info:  # the first that does not fit
+        producer.submit_many(task, [1, b"x" * limit, huge])
+    assert info.value.size < 70 * MB
+    with pytest.raises(zf.LocalProtocolError):  # a body msgpack cannot encode
+        producer.submit_many(task, [1, object(), 3])
     assert producer.wait_tasks(0)  # nothing unsettled
     assert table_stats(producer, task).get("queued", 0) == 0
 

@@ -27,7 +27,7 @@ import msgpack
 
 from ..constants import MAX_TASK_CREDIT, MAX_TASK_ID, MAX_TASK_KEY
 from ..errors import LocalProtocolError, RemoteProtocolError
-from .taskrecords import Task
+from .taskrecords import Task, is_failure
 from .wire import PACK_ERRORS, Kind, error_body, unpack_body, unpack_header
 
 
@@ -124,8 +124,31 @@ def parse_to_worker(payload: list[bytes]) -> tuple[Kind, Any]:
 def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
     """Decode ``["", header, body]`` as a producer's DEALER receives it: ``(Kind.RESULT, items)``
     with items ``[task_id, attempt, ok, value]``, or ``(Kind.CREDIT, (credit, slots))`` (slots
-    1 when the worker did not say).
+    1 when the worker did not say). Every result item is checked (the dispatcher reads with
+    :func:`read_from_worker` instead).
     Raises RemoteProtocolError."""
+    kind, body = read_from_worker(frames)
+    if kind is _RESULT:
+        for item in body:
+            if type(item) is not list or len(item) != 4:
+                _check_items(body, "result")  # raises
+            task_id, attempt, ok, value = item
+            _check_id(task_id, attempt)
+            if ok is not True and not is_failure(ok, value):
+                if ok is not False:
+                    raise RemoteProtocolError("result ok flag must be a boolean")
+                raise RemoteProtocolError(
+                    "failed result value must be {'type': str, 'message': str}"
+                )
+    return kind, body
+
+
+def read_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
+    """:func:`parse_from_worker` without checking each result item: the body of results is an
+    array of 1 to 65535 items, each unchecked. The producer's hot path: its table judges each
+    result on its own (:meth:`~zmqfabric.core.tasktable.TaskTable.on_results`: a result that
+    answers one of its deliveries has that delivery's id and attempt, so only ``ok`` and a
+    failure's value are left to check). Raises RemoteProtocolError."""
     if len(frames) != 3 or frames[0]:
         raise RemoteProtocolError(
             f"worker message must be ['', header, body], got {len(frames)} frames"
@@ -135,25 +158,6 @@ def parse_from_worker(frames: list[bytes]) -> tuple[Kind, Any]:
     if header.kind is _RESULT:
         if type(body) is not list or not 1 <= len(body) <= MAX_TASK_CREDIT:
             _check_items(body, "result")  # raises
-        for item in body:  # the producer's hot path: checks inlined for the usual item
-            if type(item) is not list or len(item) != 4:
-                _check_items(body, "result")  # raises
-            task_id, attempt, ok, value = item
-            if (type(task_id) is not str or not 0 < len(task_id) <= MAX_TASK_ID
-                    or type(attempt) is not int or not 1 <= attempt <= 0xFFFFFFFF):
-                _check_id(task_id, attempt)
-            if ok is True:
-                continue
-            if ok is not False:
-                raise RemoteProtocolError("result ok flag must be a boolean")
-            if not (
-                isinstance(value, dict)
-                and isinstance(value.get("type"), str)
-                and isinstance(value.get("message"), str)
-            ):
-                raise RemoteProtocolError(
-                    "failed result value must be {'type': str, 'message': str}"
-                )
         return header.kind, body
     if header.kind is _CREDIT:
         credit = body.get("credit") if isinstance(body, dict) else None

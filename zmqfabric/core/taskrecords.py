@@ -56,6 +56,13 @@ def check_count(value: Any, what: str) -> int:
     return value
 
 
+def is_failure(ok: Any, value: Any) -> bool:
+    """Whether a result's ``ok`` and ``value`` are a well-formed failure: ``ok`` false and
+    ``value`` ``{"type": str, "message": str}`` (docs/PROTOCOL.md, section 7.4)."""
+    return (ok is False and isinstance(value, dict) and isinstance(value.get("type"), str)
+            and isinstance(value.get("message"), str))
+
+
 def check_deadline(deadline_s: float) -> float:
     if not isinstance(deadline_s, (int, float)) or not 0 < deadline_s < math.inf:
         raise LocalProtocolError("a task deadline must be a number of seconds > 0")
@@ -140,7 +147,8 @@ class TaskTableStats:
     ``redelivered`` counts deliveries given to another worker at once (worker lost, deadline,
     worker stuck), ``requeued`` the part of them that was not charged an attempt (the delivery
     could not have started); ``hung`` is deliveries past their deadline that workers still hold
-    (each holds a slot and a unit of credit there until it answers)."""
+    (each holds a slot and a unit of credit there until it answers); ``refused`` counts malformed
+    results dropped."""
 
     queued: int
     in_flight: int
@@ -152,3 +160,4 @@ class TaskTableStats:
     workers: int
     requeued: int = 0
     hung: int = 0
+    refused: int = 0

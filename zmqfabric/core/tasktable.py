@@ -32,7 +32,7 @@ its decisions into frames, journal writes and dead letters. A task moves through
   workers is charged every time. While suspects wait, so does the rest (workers drain).
 - **Results.** The first ok result settles a task, whichever delivery it answers; a failure
   counts only for the current delivery. Other results (settled task, moved delivery, lost
-  worker) are counted as late and dropped.
+  worker, no delivery of ours) are late, malformed ones refused (``on_results``): dropped.
 
 The tasks that wait for a worker (suspects, tasks that overran, pending ones, retries in their
 backoff) are the table's :class:`~.taskbacklog.Backlog`, which also knows the order they go out
@@ -57,6 +57,7 @@ from .taskrecords import (
     TaskTableStats,
     check_count,
     check_deadline,
+    is_failure,
 )
 from .taskworkers import Key, WorkerView, is_current, spread
 
@@ -80,11 +81,10 @@ class TaskTable:
         self._waiting = Backlog()
         self._workers: dict[str, WorkerView] = {}
         self._turn = 0
-        #: The earliest time at which tick() may have something to do.
-        self.next_due = math.inf
+        self.next_due = math.inf  # the earliest time at which tick() may have work
         self.in_flight = 0
         self.done = self.dead = self.retried = self.redelivered = self.late = 0
-        self.requeued = self.hung = 0
+        self.requeued = self.hung = self.refused = 0  # refused: malformed results dropped
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -104,8 +104,7 @@ class TaskTable:
             append(task)  # per task, not extend() after: those before a duplicate are queued
 
     def refuse(self, task: Task, error: tuple[str, str]) -> Outcome:
-        """A task that must never be sent (it cannot be delivered): dead at once, no attempt
-        used; it is not kept in the table."""
+        """A task that can never be sent: dead at once, no attempt used, not kept here."""
         task.error = error
         self.dead += 1
         return Outcome((), (task,))
@@ -176,18 +175,15 @@ class TaskTable:
 
     def credit(self, worker: str) -> int:
         """Deliveries the worker may still take now (0 when unknown, stuck or probing)."""
-        known = self._workers.get(worker)
-        return 0 if known is None else known.room()
+        return 0 if (known := self._workers.get(worker)) is None else known.room()
 
     def held(self, worker: str) -> list[Key]:
         """``(task id, attempt)`` of every delivery the worker holds, oldest first (a copy)."""
-        known = self._workers.get(worker)
-        return [] if known is None else list(known.held)
+        return [] if (known := self._workers.get(worker)) is None else list(known.held)
 
     def started(self, worker: str) -> list[Key]:
         """The deliveries the worker may have started: its oldest ``slots`` (a copy)."""
-        known = self._workers.get(worker)
-        return [] if known is None else list(known.started)
+        return [] if (known := self._workers.get(worker)) is None else list(known.started)
 
     # --- dispatch ------------------------------------------------------------------------------
 
@@ -224,9 +220,8 @@ class TaskTable:
             self.in_flight += given
             self.next_due = min(self.next_due, due)
 
-    def _deliver(
-        self, worker: WorkerView, task: Task, now: float, batches: dict[str, list[Task]]
-    ) -> Key:
+    def _deliver(self, worker: WorkerView, task: Task, now: float,
+                 batches: dict[str, list[Task]]) -> Key:
         task.attempts += 1
         task.state = _IN_FLIGHT
         task.worker = worker.key
@@ -257,9 +252,11 @@ class TaskTable:
 
     # --- results and time ----------------------------------------------------------------------
 
-    def on_results(self, worker: str, results: list[list[Any]], now: float) -> Outcome:
+    def on_results(self, worker: str, results: list[Any], now: float) -> Outcome:
         """Results ``[task_id, attempt, ok, value]`` from ``worker`` (value: the return value, or
-        ``{"type", "message"}`` for a failure)."""
+        ``{"type", "message"}`` for a failure), unchecked: each is judged alone. A malformed one
+        (not four items, ``ok`` not a boolean, a failure's value not that map, an unhashable id)
+        is refused; one that matches a delivery repeats its id and attempt: no other check."""
         known = self._workers.get(worker)
         if known is None:
             self.late += len(results)
@@ -268,9 +265,16 @@ class TaskTable:
         done: list[Task] = []
         dead: list[Task] = []
         freed, answered = False, 0  # answered: ok results of deliveries in flight until now
-        for task_id, attempt, ok, value in results:
-            key = (task_id, attempt)
-            task = held.pop(key, None)
+        for item in results:
+            try:
+                task_id, attempt, ok, value = item
+                if ok is not True and not is_failure(ok, value):
+                    raise ValueError(ok)
+                key = (task_id, attempt)
+                task = held.pop(key, None)  # TypeError: unhashable
+            except (TypeError, ValueError):
+                self.refused += 1
+                continue
             if task is None:
                 self.late += 1  # never ours to answer: a stray or forged result
                 continue
@@ -313,8 +317,7 @@ class TaskTable:
         return Outcome(tuple(done), tuple(dead))
 
     def tick(self, now: float) -> Outcome:
-        """Time-based work: deadlines and retries whose backoff is over. Cheap before
-        ``next_due``."""
+        """Time-based work: deadlines, retries whose backoff is over. Cheap before next_due."""
         if now < self.next_due:
             return NOTHING
         self._waiting.promote(now)
@@ -346,9 +349,7 @@ class TaskTable:
         self.in_flight -= 1
         task.worker = None
         task.suspect = False
-        if task.hung_on is None:
-            task.hung_on = []
-        task.hung_on.append(worker)
+        task.hung_on = (task.hung_on or []) + [worker]
         times, where = len(task.hung_on), len(set(task.hung_on))
         why = f"ran longer than {task.deadline_s:g} s" + (f" {times} times" * (times != where))
         why += f" on {where} worker{'s' * (where != 1)}"
@@ -367,8 +368,7 @@ class TaskTable:
                 task.state = _PENDING
                 back.append(task)
         self._waiting.pending.extendleft(reversed(back))
-        self.requeued += len(back)
-        self.redelivered += len(back)
+        self.requeued, self.redelivered = self.requeued + len(back), self.redelivered + len(back)
 
     def _charge(self, task: Task, error: tuple[str, str], dead: list[Task]) -> bool:
         """A delivery that may have run failed: use an attempt. Returns False (and settles the
@@ -395,4 +395,5 @@ class TaskTable:
         return TaskTableStats(
             queued=max(0, len(self._tasks) - in_flight), in_flight=in_flight, done=self.done,
             retried=self.retried, redelivered=self.redelivered, dead=self.dead, late=self.late,
-            workers=len(self._workers), requeued=self.requeued, hung=self.hung)
+            workers=len(self._workers), requeued=self.requeued, hung=self.hung,
+            refused=self.refused)

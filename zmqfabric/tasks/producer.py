@@ -82,9 +82,8 @@ class Dispatcher:
         self._poller = zmq.Poller()
         self._links = Links(self._poller)
         self._resumed: list[tuple[str, Task]] = []
-        #: Taken from ``_incoming``, queued at the round's ``_queue_new`` (handles: each knows
-        #: its task name).
-        self._new: list[TaskHandle] = []
+        #: How many tasks this round's ``_take`` took (queued in their tables already).
+        self._took = 0
         #: Submitted tasks not taken yet (see ``submit``): a handle, or a list of them from one
         #: ``submit_many``; a ``_take`` is posted for them.
         self._incoming: collections.deque[TaskHandle | list[TaskHandle]] = collections.deque()
@@ -182,14 +181,14 @@ class Dispatcher:
             link = self._links.with_monitor(sock)
             if link is not None:
                 self._on_monitor(link, now)
+        self._took = 0
         self._take_posts()
-        if self._new:  # tasks that follow others while those are unsettled: nap (see _wait)
+        if self._took:  # tasks that follow others while those are unsettled: nap (see _wait)
             self._napping = (now - self._last_new < TASK_NAP_MS / 1000
-                             and any(t.unsettled for t in self._tables.values()))
+                             and sum(t.unsettled for t in self._tables.values()) > self._took)
             self._last_new = now
         else:
             self._napping = False
-        self._queue_new()
         for table in self._tables.values():
             if now >= table.next_due:
                 self._collect(table.name, table.tick(now))
@@ -223,23 +222,37 @@ class Dispatcher:
         self._inbox.run_pending()
 
     def _take(self) -> None:
-        """Posted by ``submit``: take the new tasks (up to _TAKE_BATCH, the rest at the next
-        round), queued at the round's ``_queue_new``. Once the thread has ended (a leftover,
-        run by any thread), they fail instead."""
+        """Posted by ``submit``: queue the new tasks (already in the journal, if there is one)
+        in their tables, up to _TAKE_BATCH (the rest at the next round): one ``submit_many``
+        per run of a task name, not a call per task. Once the thread has ended (a leftover, run
+        by any thread), they fail instead."""
         self._take_posted = False  # before emptying: see submit
         if self.closed:
             self._fail_incoming()
             return
-        incoming, new = self._incoming, self._new
+        incoming, tables = self._incoming, self._tables
+        run: list[TaskHandle] = []  # submitted one by one, of one name
+        name = ""
         taken = 0
         while incoming and taken < _TAKE_BATCH:
             item = incoming.popleft()
-            if isinstance(item, list):
-                new += item
+            if isinstance(item, list):  # a submit_many: one name
+                if run:
+                    (tables.get(name) or self._table(name)).submit_many(run)
+                    run = []
+                (tables.get(item[0].name) or self._table(item[0].name)).submit_many(item)
                 taken += len(item)
-            else:
-                new.append(item)
-                taken += 1
+                continue
+            if item.name != name:
+                if run:
+                    (tables.get(name) or self._table(name)).submit_many(run)
+                    run = []
+                name = item.name
+            run.append(item)
+            taken += 1
+        if run:
+            (tables.get(name) or self._table(name)).submit_many(run)
+        self._took += taken
         if incoming and not self._take_posted:
             self._take_posted = True
             self._inbox.post(self._take)
@@ -310,33 +323,23 @@ class Dispatcher:
             except zmq.Again:
                 return
             try:
-                kind, body = task_frames.parse_from_worker(frames)
+                kind, body = task_frames.read_from_worker(frames)
             except RemoteProtocolError as exc:
-                self._node.counters.add("refused_task_results")
-                _rlog.warning("task-results", "task %r: dropped a malformed message from %s: %s",
-                              link.name, url, exc)
+                self._refused(link, f"dropped a malformed message: {exc}")
                 continue
             if kind is _RESULT:
+                refused = table.refused  # the table checks each result as it takes it
                 self._collect(link.name, table.on_results(url, body, now))
+                if table.refused != refused:
+                    self._refused(link, f"dropped {table.refused - refused} malformed results")
             else:
                 table.set_credit(url, body[0], now, body[1])
 
-    # --- tasks ---------------------------------------------------------------------------------
+    def _refused(self, link: WorkerLink, what: str) -> None:
+        self._node.counters.add("refused_task_results")
+        _rlog.warning("task-results", "task %r: %s from %s", link.name, what, link.url)
 
-    def _queue_new(self) -> None:
-        """Queue new submissions (already in the journal, if there is one)."""
-        batch = self._new
-        if not batch:
-            return
-        self._new = []
-        tables = self._tables
-        name = batch[0].name
-        start = 0
-        for end, task in enumerate(batch):  # one call per run of a name, not one per task
-            if task.name != name:
-                (tables.get(name) or self._table(name)).submit_many(batch[start:end])
-                start, name = end, task.name
-        (tables.get(name) or self._table(name)).submit_many(batch[start:] if start else batch)
+    # --- tasks ---------------------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> None:
         links = self._links
@@ -377,8 +380,6 @@ class Dispatcher:
     # --- closing -------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        self._queue_new()  # taken but not queued yet: they fail with the rest (a table it
-        # makes for a new name is unwatched below with the others)
         for unwatch in self._unwatch:
             unwatch()
         self._unwatch = []

@@ -49,7 +49,7 @@ class Recorder:
     def record(self, rows: list[Row]) -> None:
         """Add ``rows`` to the journal; return once they are committed. Raises JournalError
         (then none of them is recorded). Thread-safe; blocks for a commit or two."""
-        if self._commit_lock.acquire(blocking=False):  # nobody committing: no queue either
+        if self._commit_lock.acquire(False):  # nobody committing: no queue either
             try:
                 if not self._queue:  # else others wait for this lock: take theirs along
                     self._write(rows)
@@ -75,7 +75,7 @@ class Recorder:
         """``record`` of one task, its row's fields as arguments: the uncontended commit
         without a row, a list or a call to ``_write``. Raises JournalError. Thread-safe."""
         lock = self._commit_lock
-        if lock.acquire(blocking=False):
+        if lock.acquire(False):  # positional: a keyword costs as much as the lock itself
             try:
                 if not self._queue:  # else others wait for this lock: take theirs along
                     journal = self.journal

@@ -26,8 +26,6 @@ import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-import msgpack
-
 from ..constants import (
     MAX_TASK_KEY,
     TASK_DEDUPE_MAX_KEYS,
@@ -43,6 +41,7 @@ from .config import TaskConfig, check_prefetch, validate_task_name
 from .handle import HandleState, TaskHandle, settle
 from .journal import Journal, JournalEntry
 from .keys import KeyIndex
+from .packing import PACKERS, new_packer, pack_all
 from .producer import Dispatcher
 from .recorder import Recorder
 from .worker import TaskEndpoint
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
     from ..runtime import NodeRuntime
 
 F = TypeVar("F", bound=Callable[..., Any])
-_Packer = msgpack.Packer
 _RECORDED = HandleState.RECORDED
 _STARTED = NodeState.STARTED  # per submit: a module global, not an enum class attribute
 
@@ -166,15 +164,9 @@ class NodeTasks:
         """True when submit waits for a journal commit."""
         return self.config.journal is not None
 
-    def submit(
-        self,
-        name: str,
-        body: Any,
-        key: str | None = None,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-    ) -> TaskHandle:
+    def submit(self, name: str, body: Any, key: str | None = None,
+               deadline: float | None = None, max_attempts: int | None = None,
+               timeout: float | None = None) -> TaskHandle:
         """See :meth:`zmqfabric.Node.submit` (which calls this with positional arguments: one
         call per submit, no keywords). Raises ClosedError unless the node is started.
         Thread-safe."""
@@ -186,10 +178,16 @@ class NodeTasks:
         else:
             deadline_s, attempts = self._options(name, deadline, max_attempts)
         if key is None:  # the hot path: _encode inlined
+            try:  # a Packer per call costs more than packing a small body: borrow one
+                pack = PACKERS.pop()
+            except IndexError:  # none idle
+                pack = new_packer().pack
             try:
-                payload = _Packer().pack(body)  # what msgpack.packb does, one frame less
+                payload = pack(body)  # (a Packer that raised is reset: it can be reused)
             except PACK_ERRORS:
                 payload = wire.pack_body(body)  # raises LocalProtocolError
+            finally:
+                PACKERS.append(pack)
             limit = self._node.config.max_message_size
             if len(payload) + TASK_FRAME_OVERHEAD > limit:
                 raise MessageTooLargeError(len(payload) + TASK_FRAME_OVERHEAD, limit)
@@ -245,7 +243,11 @@ class NodeTasks:
         if len(bodies) > self.config.queue_limit:
             raise LocalProtocolError(f"{len(bodies)} bodies in one call; at most "
                                      f"{self.config.queue_limit} (TaskConfig.queue_limit)")
-        payloads = [self._encode(body, key) for body, key in zip(bodies, key_list, strict=True)]
+        payloads = None if keys is not None else pack_all(
+            bodies, self._node.config.max_message_size - TASK_FRAME_OVERHEAD)
+        if payloads is None:  # keys, or a body that does not fit: checked one by one
+            payloads = [self._encode(body, key) for body, key in zip(bodies, key_list,
+                                                                       strict=True)]
         dispatcher = self._dispatcher or self._start_dispatcher()
         handles: list[TaskHandle] = []
         tasks: list[TaskHandle] = []
