@@ -76,8 +76,11 @@ def test_idle_sockets_do_not_grow_and_deaths_and_leaves_are_seen_quickly(tmp_pat
         print(f"\nidle fds per node (most, median): {most_10}, {median_10} at 10 nodes, "
               f"{most_30}, {median_30} at 30")
         assert most_30 <= FDS_MAX
-        # A socket per peer would add 20 or more to every node.
-        assert median_30 <= median_10 + 2, "a node's sockets grow with the fabric"
+        # A socket per peer would add 20 or more to every node. A node keeps a connection to
+        # each of its successors on the PROBE_SPREAD rings: at 10 nodes these coincide more
+        # often (fewer kept), so the typical node at 30 is compared with the fullest at 10, give or
+        # take one kept connection (4 descriptors with its monitor).
+        assert median_30 <= most_10 + 4, "a node's sockets grow with the fabric"
 
         victim = everyone[7]
         killed_s = gone_within(fleet, victim.name, fleet.kill(victim), 2 * DEAD_WITHIN_S)
