@@ -23,7 +23,8 @@ from zmqfabric.tasks.journal_log import FILE_HEADER
 #: A producer of the previous release, as its journal.py opened and wrote the file: holds it
 #: (sqlite's exclusive lock) until killed; its last commits are only in the WAL then.
 OLD_PRODUCER = """
-import sqlite3, time
+import signal, sqlite3
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 db = sqlite3.connect(PATH, isolation_level=None)
 for pragma in ("locking_mode=EXCLUSIVE", "page_size=1024", "journal_mode=WAL",
                "synchronous=NORMAL"):
@@ -42,7 +43,7 @@ for i in range(50):
 db.execute("INSERT INTO tasks VALUES ('bad', 1000, 'resize', x'c1', NULL, 2.5, 4)")
 db.execute("DELETE FROM tasks WHERE id = 'old-7'")
 print("READY", flush=True)
-time.sleep(60)
+signal.sigtimedwait({signal.SIGTERM}, 60)  # held until the test kills it (at most 60 s)
 """
 
 
