@@ -1,7 +1,7 @@
 """Batching in the task dispatcher (tasks/producer.py): tasks that follow others within a nap while
-earlier ones are unsettled are taken by the batch after it (counted as ``task_naps``); a lone task,
-and the next task of a caller that waits for each result, leave at once with no nap. Real sockets,
-one process."""
+earlier ones are unsettled are taken by the batch after it (counted as ``task_naps``; the rounds
+that take tasks, as ``task_takes``); a lone task, and the next task of a caller that waits for each
+result, leave at once with no nap. Real sockets, one process."""
 
 from __future__ import annotations
 
@@ -40,11 +40,15 @@ def test_a_burst_is_taken_by_the_batch_and_every_task_completes(
     for journal in (None, str(tmp_path / "j.db")):
         producer = make_node("producer", tasks=zf.TaskConfig(journal=journal))
         wait_workers(producer, task, 1)
+        takes = producer.counters.get("task_takes")
         handles = [producer.submit(task, i) for i in range(3000)]
         assert producer.wait_tasks(SLOW * 4)
         assert [h.result(0) for h in handles] == [2 * i for i in range(3000)]
-        if journal is not None:  # without one, the GIL's switch interval batches them anyway
-            assert producer.counters.get("task_naps") > 0  # durable submits come a commit apart
+        # Taken by the batch, not a dispatcher round per task (3000): by the GIL's switch interval
+        # (the submitter runs ~5 ms between the dispatcher's turns), by naps while earlier tasks
+        # are unsettled, or all at once when the submitter outran the dispatcher. 1-23 rounds
+        # seen, loaded or not, naps or none; whether naps pay is perf/tasks.py's to measure.
+        assert producer.counters.get("task_takes") - takes < 300
         stats = producer.task_stats()["submit"][task]
         assert stats["done"] == 3001 and stats["in_flight"] == 0 and stats["queued"] == 0
         producer.close()

@@ -184,6 +184,7 @@ class Dispatcher:
         self._took = 0
         self._take_posts()
         if self._took:  # tasks that follow others while those are unsettled: nap (see _wait)
+            self._node.counters.add("task_takes")
             self._napping = (now - self._last_new < TASK_NAP_MS / 1000
                              and sum(t.unsettled for t in self._tables.values()) > self._took)
             self._last_new = now
