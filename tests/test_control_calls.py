@@ -320,13 +320,34 @@ def test_cli_against_a_silent_control_port_exits_4_at_the_timeout(
     with silent_port(port_kind) as port:
         target = silent_record(port)
         with advertised(target):
-            for command in ("ping", "stats"):
-                code, elapsed, err = cli_run(procs, "--timeout", str(timeout), command,
-                                             target.name)
+            start = time.monotonic()  # both commands at once: each waits its own timeout
+            children = {command: procs.cli("--timeout", str(timeout), command, target.name)
+                        for command in ("ping", "stats")}
+            ended = exit_times(children, start)
+            for command, child in children.items():
+                code, elapsed = ended[command]
+                child.stop()
+                err = child.err_tail()
                 assert code == EXIT_TIMEOUT, err
                 assert "did not answer" in err, err
                 # At the timeout: not before it, and not a hang (start-up is the rest).
                 assert timeout <= elapsed < timeout + 5.0, f"{command}: {elapsed:.2f} s"
+
+
+def exit_times(children: dict[str, Child], start: float) -> dict[str, tuple[int, float]]:
+    """Each child's exit code and the seconds from ``start`` to its exit (seen within POLL_S),
+    waiting at most WAIT for all of them."""
+    ended: dict[str, tuple[int, float]] = {}
+    deadline = start + WAIT
+    while len(ended) < len(children):
+        for key, child in children.items():
+            code = child.proc.poll()
+            if key not in ended and code is not None:
+                ended[key] = (code, time.monotonic() - start)
+        assert time.monotonic() < deadline or len(ended) == len(children), (
+            f"still running after {WAIT} s: {sorted(set(children) - set(ended))}")
+        time.sleep(POLL_S)
+    return ended
 
 
 def test_top_ends_on_the_first_ctrl_c_with_a_silent_node(
