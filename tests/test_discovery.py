@@ -8,6 +8,7 @@ so a child's timestamps compare with ours. They are printed (``pytest -s``) and 
 
 from __future__ import annotations
 
+import logging
 import signal
 import textwrap
 import threading
@@ -169,6 +170,26 @@ def test_clean_stop_disappears_quickly(procs, make_node, name, record_property, 
     assert child.wait(SLOW) == 0, child.err_tail()
     with pytest.raises(zf.NoProviderError):
         existing.request(service, {}, timeout=0.2)
+
+
+def test_a_killed_node_leaves_in_one_log_line_that_says_why(procs, make_node, name,
+                                                             caplog) -> None:
+    """A SIGKILLed node is dropped with one INFO line that names it, its id and why ("dead"
+    and how it was found), not a line for the death and another for the directory."""
+    caplog.set_level(logging.INFO, logger="zmqfabric")
+    existing = make_node("existing")
+    victim = name("victim")
+    watch = Watch(existing, victim)
+    child = start_member(procs, victim, existing.name)
+    assert watch.joined.wait(SLOW)
+    node_id = existing.directory.get(victim).node_id
+    child.kill()
+    assert watch.left.wait(SLOW), f"{victim} still listed {SLOW} s after SIGKILL"
+    lines = [r.getMessage() for r in caplog.records
+             if r.name.startswith("zmqfabric") and victim in r.getMessage()
+             and "joined" not in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"{existing.name}: node {victim} left (id {node_id}): dead (" in lines[0], lines
 
 
 def test_observer_is_not_listed_but_can_call(procs, make_node, name) -> None:

@@ -85,9 +85,9 @@ class Directory:
         self._emit(events)
         return True
 
-    def remove(self, name: str, node_id: str | None = None) -> NodeRecord | None:
+    def remove(self, name: str, node_id: str | None = None, why: str = "") -> NodeRecord | None:
         """Drop node ``name`` (only the node with id ``node_id``, when given); a held-back
-        candidate of the same name, if any, takes its place."""
+        candidate of the same name, if any, takes its place. ``why`` ends the "left" log line."""
         events: list[DirectoryEvent] = []
         with self._cond:
             old = self._records.get(name)
@@ -108,7 +108,7 @@ class Directory:
                     self._candidates[name] = candidates
                 self._activate(None, successor, events)
             self._cond.notify_all()
-        self._emit(events)
+        self._emit(events, why)
         return old
 
     def _activate(
@@ -119,7 +119,7 @@ class Directory:
         events.append(DirectoryEvent(Change.JOINED if old is None else Change.UPDATED, record))
         self._cond.notify_all()
 
-    def _emit(self, events: list[DirectoryEvent]) -> None:
+    def _emit(self, events: list[DirectoryEvent], why: str = "") -> None:
         with self._cond:
             listeners = list(self._listeners)
         for event in events:
@@ -127,8 +127,8 @@ class Directory:
                 log.info("%snode %s joined at %s (id %s)", self._who, event.record.name,
                          event.record.address, event.record.node_id)
             elif event.change is Change.LEFT:
-                log.info("%snode %s left (id %s)", self._who, event.record.name,
-                         event.record.node_id)
+                log.info("%snode %s left (id %s)%s", self._who, event.record.name,
+                         event.record.node_id, f": {why}" if why else "")
             for listener in listeners:
                 listener(event)
 

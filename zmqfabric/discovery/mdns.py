@@ -244,7 +244,7 @@ class Discovery:
             if state_change is ServiceStateChange.Removed:
                 self._stop_resolving(name)
                 self._intake.forget(node, node_id)
-                self._directory.remove(node, node_id)
+                self._directory.remove(node, node_id, "its mDNS record was withdrawn")
                 return
             record = self._from_cache(name, node)
             if record is not None:
