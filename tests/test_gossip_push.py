@@ -83,3 +83,30 @@ def test_a_node_answers_a_probe_and_not_a_push(make_node: Callable[..., zf.Node]
     # Answers come in order on one connection: a reply to the push would have come first.
     assert header.msg_id == 7 and answer["id"] == node.node_id
     assert not dealer.poll(300)
+
+
+def test_suspicions_and_refutations_are_pushed_sooner_than_other_news() -> None:
+    """Local.gossip_due: news waits GOSSIP_BATCH_S after the last push (deaths, leaves, joins:
+    fewer, fuller pushes in a storm), a suspicion or a refutation (alive above incarnation 0)
+    only GOSSIP_INTERVAL_S; nothing is due without news, and a push clears both."""
+    timing = NodeConfig().liveness
+    assert timing.gossip_interval_s < timing.gossip_batch_s
+    _, local, _ = responder()
+    local.sized(10)  # each update is pushed a few times before it leaves the queue
+    last = 100.0
+    assert local.gossip_due(last) == float("inf")
+    for kind, inc, due in [(Kind.DEAD, 0, timing.gossip_batch_s),
+                           (Kind.LEFT, 3, timing.gossip_batch_s),
+                           (Kind.ALIVE, 0, timing.gossip_batch_s),  # a join
+                           (Kind.ALIVE, 2, timing.gossip_interval_s),  # a refutation
+                           (Kind.SUSPECT, 0, timing.gossip_interval_s)]:
+        local.add([Update(kind, OTHER, inc, "other", "tcp://127.0.0.1:7001", None,
+                          ME if kind is Kind.SUSPECT else "")])
+        assert local.gossip_due(last) == last + due, (kind, inc)
+        assert local.spread([ME])[ME]  # pushed: nothing is due until the next news
+        assert local.gossip_due(last) == float("inf")
+    # A refutation queued behind others is still urgent after a retarget (a new successor).
+    local.add([Update(Kind.ALIVE, OTHER, 5, "other", "tcp://127.0.0.1:7001", None, "")])
+    local.spread([ME])
+    local.retarget()
+    assert local.gossip_due(last) == last + timing.gossip_interval_s

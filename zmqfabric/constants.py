@@ -174,9 +174,15 @@ SUSPICION_MAX_FACTOR = 3.0
 SLOW_PEER_S = 30.0
 #: Independent confirmations that bring a suspicion down to its minimum time.
 SUSPICION_CONFIRMATIONS = 2
-#: While there is news, a node also sends it to its PROBE_SPREAD ring successors this often (s),
-#: besides piggybacking it on probes and answers: a death reaches 300 nodes in about four rounds.
+#: While there is news, a node also pushes it to its PROBE_SPREAD ring successors, besides
+#: piggybacking it on probes and answers: suspicions and refutations at most this often (s), so
+#: that a suspect hears it in time to refute, and the refutation outruns the suspicion...
 GOSSIP_INTERVAL_S = 0.1
+#: ...and other news (deaths, leaves, joins) at most this often (s): a death storm is CPU-bound
+#: on a crowded host (every survivor handles every death), and fewer, fuller pushes cost less.
+#: 250 nodes on 2 cores, 30 SIGKILLed: 0.98 -> 0.44 ms a death per survivor, every survivor
+#: dropped all 30 in 1.5 s instead of 2.9 s (at 0.1 s; at 150 nodes it cost ~0.2 s more).
+GOSSIP_BATCH_S = 0.3
 #: Each update goes out in RETRANSMIT_MULT * ceil(log10(N + 1)) messages (or rounds) from every
 #: node that knows it (memberlist: 4, over UDP; ours travel over TCP).
 RETRANSMIT_MULT = 3

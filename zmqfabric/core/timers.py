@@ -26,6 +26,7 @@ class Timing:
     suspicion_max_factor: float = C.SUSPICION_MAX_FACTOR
     confirmations: int = C.SUSPICION_CONFIRMATIONS
     gossip_interval_s: float = C.GOSSIP_INTERVAL_S
+    gossip_batch_s: float = C.GOSSIP_BATCH_S
     retransmit_mult: int = C.RETRANSMIT_MULT
     former_keep_s: float = C.FORMER_KEEP_S
     former_probe_s: float = C.FORMER_PROBE_S
@@ -34,8 +35,8 @@ class Timing:
 
     def __post_init__(self) -> None:
         times = (self.probe_interval_s, self.probe_timeout_s, self.suspicion_s,
-                 self.gossip_interval_s, self.former_keep_s, self.former_probe_s, self.requery_s,
-                 self.sync_s)
+                 self.gossip_interval_s, self.gossip_batch_s, self.former_keep_s,
+                 self.former_probe_s, self.requery_s, self.sync_s)
         if min(times) <= 0 or self.probe_timeout_s * 3 > self.probe_interval_s:
             raise LocalProtocolError("liveness timers must be > 0, probe_timeout_s <= interval/3")
         if self.suspicion_max_factor < 1 or min(self.indirect_probes, self.confirmations,

@@ -101,6 +101,8 @@ class Broadcasts:
         #: Some update was not pushed to every target yet (set by :meth:`add` and
         #: :meth:`retarget`, cleared by :meth:`spread`).
         self.unspread = False
+        #: ...and one of those is urgent: a suspicion or a refutation (:func:`urgent`).
+        self.urgent = False
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -109,6 +111,7 @@ class Broadcasts:
         self._queue.pop(update.node_id, None)
         self._queue[update.node_id] = [update, 0, set(), update.encode()]
         self.unspread = True
+        self.urgent = self.urgent or urgent(update)
         if len(self._queue) > C.MAX_BROADCASTS:
             worst = max(self._queue, key=lambda k: self._queue[k][1])
             del self._queue[worst]
@@ -116,6 +119,7 @@ class Broadcasts:
     def retarget(self) -> None:
         """The targets may have changed: a new one gets every update queued."""
         self.unspread = bool(self._queue)
+        self.urgent = any(urgent(entry[0]) for entry in self._queue.values())
 
     def take(self, count: int, limit: int) -> list[Update]:
         """Up to ``count`` updates to send now, each counted as sent once more."""
@@ -130,7 +134,7 @@ class Broadcasts:
         to it yet, up to ``count``, the least sent first. An update pushed to any counts as
         sent once more. :attr:`unspread` stays set if some did not fit."""
         out: dict[str, list[list[Any]]] = {t: [] for t in targets}
-        self.unspread = False
+        self.unspread = self.urgent = False
         if not self._queue or not targets:
             return out
         for node_id, entry in sorted(self._queue.items(), key=lambda item: item[1][1]):
@@ -145,6 +149,7 @@ class Broadcasts:
                         went = True
                     else:
                         self.unspread = True
+                        self.urgent = self.urgent or urgent(entry[0])
             if went:
                 entry[1] += 1
                 if entry[1] >= limit:
@@ -160,6 +165,14 @@ class Broadcasts:
             if entry[1] >= limit:
                 del self._queue[node_id]
         return [entry for _, entry in chosen]
+
+
+def urgent(update: Update) -> bool:
+    """Whether ``update`` races a clock: a suspicion (the suspect must hear it soon enough to
+    refute before it runs out; it hears it in gossip) or a refutation (an ``alive`` above
+    incarnation 0: only a refuting node raises its own), which must reach every node holding
+    the suspicion before it runs out there, or that node takes a live member for dead."""
+    return update.kind is Kind.SUSPECT or (update.kind is Kind.ALIVE and update.inc > 0)
 
 
 def refutes(update: Update, inc: int) -> bool:

@@ -6,9 +6,11 @@ period, probes one member through its control endpoint, taking turns over its su
 PROBE_SPREAD rings (connections it keeps and watches); a silent member is tried through a few
 others, then suspect, then dead unless it refutes in time. A member whose host refuses a connect
 to its control port is dead at once, and a kept connection that drops is checked so at once.
-News travels as gossip on probes and answers and, while there is some, to the ring successors
-every GOSSIP_INTERVAL_S. A node's work and sockets do not grow with the fabric: about one probe
-sent and one answered per period, PROBE_SPREAD kept connections, a few short-lived ones
+News travels as gossip on probes and answers and, while there is some, is pushed to the ring
+successors: suspicions and refutations at most every GOSSIP_INTERVAL_S, the rest (deaths,
+leaves, joins) every GOSSIP_BATCH_S, fewer and fuller pushes where a death storm is CPU-bound.
+A node's work and sockets do not grow with the fabric: about one probe sent and one answered per
+period, PROBE_SPREAD kept connections, a few short-lived ones
 (:class:`~.probes.Prober`), a member table that costs memory only. Timeouts follow the answer
 times seen: a loaded host slows the verdicts, not the fabric.
 
@@ -85,7 +87,8 @@ class Liveness:
                                 self._effects, clock)
         self._watched: dict[str, Member] = {}  # url -> the members we take turns probing
         now = clock()
-        self._next_round = self._next_gossip = now
+        self._next_round = now
+        self._last_gossip = -math.inf  # when we last pushed news (see Local.gossip_due)
         self._next_former = now + self._timing.former_probe_s
         self._next_requery = now + self._timing.requery_s * self._rng.random()
         self._next_sync = now + SYNC_FIRST_S * (1 + self._rng.random())
@@ -95,6 +98,10 @@ class Liveness:
         self._due: tuple[float, Member] | None = None
         #: One of the members we probe died: check the new ones at once (see tick).
         self._successor_died = False
+        #: While a message's updates are applied (_apply), a removal defers _changed to the end:
+        #: a death storm's gossip removes many members in one message.
+        self._applying = False
+        self._removed_while_applying = False
         self._members.floor = SUSPICION_RTO_MULT * self._probing.settled_rto()
         self._planned: float | None = None
         self._left = False
@@ -140,8 +147,8 @@ class Liveness:
         suspect = self._members.next_deadline()
         if suspect is not None:
             times.append(suspect)
-        if self.local.news() and len(self._members):
-            times.append(self._next_gossip)
+        if len(self._members):
+            times.append(self.local.gossip_due(self._last_gossip))
         if self._members.formers():
             times.append(self._next_former)
         if self._summary_due != float("inf"):
@@ -162,7 +169,7 @@ class Liveness:
             self._probing.sick()  # we slept through our own deadline: this host is overloaded
         self._members.floor = SUSPICION_RTO_MULT * self._probing.settled_rto()
         if (planned is not None and now < planned and not self._successor_died
-                and not (now >= self._next_gossip and self.local.news())):
+                and now < self.local.gossip_due(self._last_gossip)):
             return  # woken early (a post, an answer) and no timer is due: the storm's common case
         self._prober.expire(now)
         self._probing.tick(now)
@@ -177,8 +184,8 @@ class Liveness:
         if self._due is not None and now >= self._due[0]:
             self._start_due(now)
         self._effects(self._members.expire(now), "no answer")
-        if now >= self._next_gossip and self.local.news():
-            self._next_gossip = now + self._timing.gossip_interval_s
+        if now >= self.local.gossip_due(self._last_gossip):
+            self._last_gossip = now
             self._spread()
         if now >= self._next_former:
             self._next_former = now + self._timing.former_probe_s
@@ -345,15 +352,22 @@ class Liveness:
     def _apply(self, updates: list[Update]) -> None:
         now = self._clock()
         me = self._node.node_id
-        for update in updates:
-            if update.node_id == me:
-                if self.local.consider(update):
-                    self._refuted()
-            else:
-                self._effects(self._members.apply(update, now), "gossip")
-                if (self._members.get(update.node_id) is not None
-                        or self._members.former(update.node_id) is not None):
-                    self.local.took(update)
+        self._applying = True
+        try:
+            for update in updates:
+                if update.node_id == me:
+                    if self.local.consider(update):
+                        self._refuted()
+                else:
+                    self._effects(self._members.apply(update, now), "gossip")
+                    if (self._members.get(update.node_id) is not None
+                            or self._members.former(update.node_id) is not None):
+                        self.local.took(update)
+        finally:
+            self._applying = False
+            if self._removed_while_applying:
+                self._removed_while_applying = False
+                self._changed()
 
     def _effects(self, out: Effects, source: str = "") -> None:
         if out is NOTHING:
@@ -362,12 +376,16 @@ class Liveness:
         for member, why in out.removed:
             if why == "dead":
                 self._node.counters.add("peers_lost")
-                log.info("%s: node %s (%s) is gone: %s", self._node.name,
-                         member.record.name, member.record.address, source)
-            self._node.directory.remove(member.record.name, member.node_id)
+                why = f"dead ({source})" if source else why
+            elif why == "left":
+                why = f"said goodbye ({source})" if source else "said goodbye"
+            self._node.directory.remove(member.record.name, member.node_id, why)
             self._discovery.reverify(member.record)
         if out.removed:
-            self._changed()
+            if self._applying:
+                self._removed_while_applying = True
+            else:
+                self._changed()
             if any(m.url in self._watched for m, _ in out.removed):
                 self._successor_died = True
         for former in out.forgotten:

@@ -29,6 +29,7 @@ Everything received is validated here; what does not validate is counted
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeGuard
@@ -207,6 +208,16 @@ class Local:
     def news(self) -> bool:
         """Some queued update was not pushed to every gossip target yet."""
         return self._broadcasts.unspread
+
+    def gossip_due(self, last: float) -> float:
+        """When the news not pushed yet is due, for a node that last pushed at ``last``
+        (monotonic): GOSSIP_INTERVAL_S after it for suspicions and refutations, GOSSIP_BATCH_S
+        for the rest; inf without news."""
+        broadcasts = self._broadcasts
+        if not broadcasts.unspread:
+            return math.inf
+        timing = self._node.config.liveness
+        return last + (timing.gossip_interval_s if broadcasts.urgent else timing.gossip_batch_s)
 
     def sender(self) -> list[Any] | None:
         """Our ``from``: None for a node that is not listed."""
