@@ -19,6 +19,7 @@ import zmqfabric as zf
 from zmqfabric.config import NodeConfig
 from zmqfabric.core import wire
 from zmqfabric.core.records import Endpoint, EndpointKind, NodeRecord
+from zmqfabric.core.timers import Timing
 from zmqfabric.core.updates import Kind, Update
 from zmqfabric.discovery.swim import Local, Responder
 from zmqfabric.stats import Counters
@@ -27,10 +28,10 @@ ME = "00000000000000aa"
 OTHER = "00000000000000bb"
 
 
-def responder() -> tuple[Responder, Local, list[Any]]:
+def responder(config: NodeConfig | None = None) -> tuple[Responder, Local, list[Any]]:
     record = NodeRecord("me", ME, "host", 1, "127.0.0.1",
                         (Endpoint(EndpointKind.CONTROL, "control", 7001),), 1)
-    node: Any = SimpleNamespace(config=NodeConfig(), node_id=ME, counters=Counters(),
+    node: Any = SimpleNamespace(config=config or NodeConfig(), node_id=ME, counters=Counters(),
                                 record=record)
     local = Local(node)
     posted: list[Any] = []
@@ -89,9 +90,8 @@ def test_suspicions_and_refutations_are_pushed_sooner_than_other_news() -> None:
     """Local.gossip_due: news waits GOSSIP_BATCH_S after the last push (deaths, leaves, joins:
     fewer, fuller pushes in a storm), a suspicion or a refutation (alive above incarnation 0)
     only GOSSIP_INTERVAL_S; nothing is due without news, and a push clears both."""
-    timing = NodeConfig().liveness
-    assert timing.gossip_interval_s < timing.gossip_batch_s
-    _, local, _ = responder()
+    timing = Timing(gossip_batch_s=0.3)  # off by default (0.1: constants.GOSSIP_BATCH_S)
+    _, local, _ = responder(NodeConfig(liveness=timing))
     local.sized(10)  # each update is pushed a few times before it leaves the queue
     last = 100.0
     assert local.gossip_due(last) == float("inf")

@@ -8,7 +8,8 @@ others, then suspect, then dead unless it refutes in time. A member whose host r
 to its control port is dead at once, and a kept connection that drops is checked so at once.
 News travels as gossip on probes and answers and, while there is some, is pushed to the ring
 successors: suspicions and refutations at most every GOSSIP_INTERVAL_S, the rest (deaths,
-leaves, joins) every GOSSIP_BATCH_S, fewer and fuller pushes where a death storm is CPU-bound.
+leaves, joins) every GOSSIP_BATCH_S (the same by default; longer, fewer and fuller pushes where
+a death storm is CPU-bound).
 A node's work and sockets do not grow with the fabric: about one probe sent and one answered per
 period, PROBE_SPREAD kept connections, a few short-lived ones
 (:class:`~.probes.Prober`), a member table that costs memory only. Timeouts follow the answer
