@@ -181,9 +181,9 @@ GOSSIP_INTERVAL_S = 0.1
 #: ...and other news (deaths, leaves, joins) at most this often (s). Above GOSSIP_INTERVAL_S a
 #: death storm goes in fewer, fuller pushes, which is what a crowded host needs (250 nodes on 2
 #: cores, 30 SIGKILLed after a fast start, one run each: at 0.3 s 0.81 ms a death per survivor
-#: and all dropped within 2.55 s, against 0.98 ms and 2.88 s), but 2 of the 3 runs at 250 nodes
-#: with it did not reach all-see-all within 20 minutes, against 2 of 2 without; until that is
-#: understood it stays off (NodeConfig.liveness.gossip_batch_s sets it).
+#: and all dropped within 2.55 s, against 0.98 ms and 2.88 s), but 2 of the 4 runs at 250 nodes
+#: with some news paced did not reach all-see-all in 20 minutes, against 2 of 2 without; until
+#: that is understood it stays off (NodeConfig.liveness.gossip_batch_s sets it).
 GOSSIP_BATCH_S = 0.1
 #: Each update goes out in RETRANSMIT_MULT * ceil(log10(N + 1)) messages (or rounds) from every
 #: node that knows it (memberlist: 4, over UDP; ours travel over TCP).
