@@ -263,8 +263,9 @@ class Probing:
             self._health_moved = True
             return
         member = probe.member
-        log.debug("%s: no answer from %s (rto %.3f, health %d, srtt %s)", self._node.name,
-                  member.record.name, self.rto(), self.health, self._prober.rtt.srtt)
+        log.debug("%s: no answer from %s within %.3f s (rto now %.3f, health %d, srtt %s)",
+                  self._node.name, member.record.name, 1.5 * (probe.ends - probe.indirect_at),
+                  self.rto(), self.health, self._prober.rtt.srtt)
         # A port check still unanswered on loopback: the host is starved, not the member dead
         # (check()); a dead process's port refuses at once.
         listening = probe.listening or (probe.asked and not probe.checked and _starved(member))

@@ -1,0 +1,35 @@
+"""A node that has timed no answer yet probes the first member it admits at once
+(zmqfabric.discovery.liveness ``Liveness.join``), not at that member's turn.
+
+Until it has timed an answer, each of its probes waits PROBE_TIMEOUT_INITIAL_S (1 s, as TCP's
+first timeout) and ends after three: a cable pulled right after a young fabric converged was
+seen in 4.1 s instead of about 2 when a node's first probe went to the cut host
+(tests/lan/test_partition.py). Here the probe period is ten minutes, so no turn comes within
+the test: only the probe at first contact can time the answer. White-box: the answer time is
+the prober's own state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import zmqfabric as zf
+from zmqfabric.core.timers import Timing
+
+from .helpers import wait_until
+
+SLOW = Timing(probe_interval_s=600.0)
+
+
+def _round_trip(node: zf.Node) -> Any:
+    return node._parts._housekeeping._liveness._prober.rtt  # type: ignore[union-attr]  # noqa: SLF001
+
+
+def test_a_young_node_times_an_answer_at_first_contact(make_node: Callable[..., zf.Node]) -> None:
+    first = make_node("young", config=zf.NodeConfig(liveness=SLOW))
+    assert _round_trip(first).srtt is None  # alone: nothing timed
+    second = make_node("other", config=zf.NodeConfig(liveness=SLOW))
+    first.wait_for_node(second.name, 10.0)
+    wait_until(lambda: _round_trip(first).srtt is not None, timeout=3,
+               what="the young node timed its first answer")
+    assert _round_trip(first).srtt < 1.0  # an answer on loopback, not the initial timeout
