@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fleet import Fleet, Member, cpu_ns, fds, rss_mib  # noqa: E402
+from zmqfabric.core.timers import Timing  # noqa: E402
 from zmqfabric.security import keys  # noqa: E402
 
 
@@ -96,11 +97,13 @@ def rejoins(member: Member) -> int:
 
 def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str | None,
         logs: Path | None, say: Any, start_timeout: float = 600.0,
-        keydir: Path | None = None, settle: bool = False) -> dict[str, Any]:
-    fleet = Fleet(f"scale-{uuid.uuid4().hex[:8]}", netns=netns, logs=logs, source=source)
+        keydir: Path | None = None, settle: bool = False,
+        timing: dict[str, float] | None = None) -> dict[str, Any]:
+    fleet = Fleet(f"scale-{uuid.uuid4().hex[:8]}", netns=netns, logs=logs, source=source,
+                  timing=timing)
     row: dict[str, Any] = {"nodes": count, "kill": kill, "source": str(source),
                            "private_loopback": netns is not None, "secured": keydir is not None,
-                           "batch": batch, "settle": settle}
+                           "batch": batch, "settle": settle, "timing": timing or {}}
 
     def spawn(name: str) -> Member:
         if keydir is not None:
@@ -211,11 +214,26 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
               help="A secured fabric: every node has keys (one keypair, made for the run).")
 @click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write each node's log (liveness at DEBUG) to DIR/NAME.log.")
+@click.option("--timing", "timings", multiple=True, metavar="NAME=SECONDS",
+              help="A liveness timer of every node (zmqfabric.core.timers.Timing), e.g. "
+                   "gossip_batch_s=0.3 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of text.")
 @click.option("--verbose", is_flag=True, help="Say how far each run got, on stderr.")
 def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: int,
          start_timeout: float, settle: bool, netns: bool, secured: bool, logs: Path | None,
-         as_json: bool, verbose: bool) -> None:
+         timings: tuple[str, ...], as_json: bool, verbose: bool) -> None:
+    timing: dict[str, float] = {}
+    for item in timings:
+        name, _, value = item.partition("=")
+        if name not in Timing.__dataclass_fields__:
+            raise click.BadParameter(f"{name!r} is not a liveness timer (see Timing)",
+                                     param_hint="--timing")
+        try:
+            kind = int if Timing.__dataclass_fields__[name].type in (int, "int") else float
+            timing[name] = kind(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: the value must be a number",
+                                     param_hint="--timing") from None
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C: the fleet's nodes are stopped and the namespace removed.
@@ -231,7 +249,7 @@ def main(counts: tuple[int, ...], kill: int, idle: float, source: Path, batch: i
             if keydir is not None:
                 keys.generate(keydir)
             row = run(count, max(0, min(kill, count - 2)), idle, source.resolve(), batch, ns,
-                      logs, say, start_timeout, keydir, settle)
+                      logs, say, start_timeout, keydir, settle, timing)
         row["loadavg_1m"] = round(os.getloadavg()[0], 1)
         if as_json:
             click.echo(json.dumps(row))
