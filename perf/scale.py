@@ -80,7 +80,18 @@ def drop_times(survivors: list[Member], gone: set[str], since: float) -> list[fl
 
 
 def all_ready(members: list[Member]) -> bool:
-    return all(m.ready for m in members)
+    """Every one of ``members`` started, or one of them exited without (see started)."""
+    return all(m.ready or m.proc.poll() is not None for m in members)
+
+
+def started(fleet: Fleet, members: list[Member]) -> None:
+    """Raise, naming it and quoting its log, if a node exited before it was ready (else the run
+    would wait for it until --start-timeout)."""
+    for m in members:
+        if not m.ready and m.proc.poll() is not None:
+            tail = "\n".join(fleet.log(m.name)[-6:]) or "(no log: --logs DIR keeps them)"
+            raise click.ClickException(f"node {m.name} exited ({m.proc.returncode}) before it "
+                                       f"was ready:\n{tail}")
 
 
 def rejoins(member: Member) -> int:
@@ -116,6 +127,7 @@ def run(count: int, kill: int, idle: float, source: Path, batch: int, netns: str
             members = [spawn(f"n{j:03d}") for j in range(i, min(count, i + batch))]
             if not fleet.wait(functools.partial(all_ready, members), start_timeout):
                 raise click.ClickException(f"nodes did not start: {[m.name for m in members]}")
+            started(fleet, members)
             say(f"{len(fleet.members)} started")
             if settle and not fleet.wait(fleet.full, start_timeout):
                 raise click.ClickException(f"{len(fleet.members)} nodes did not converge")

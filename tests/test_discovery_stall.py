@@ -13,15 +13,21 @@ the browser thread moves on: measured 0.005-0.007 s.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import time
-from typing import Callable
+from typing import Any, Callable
+
+import pytest
 
 from zeroconf import DNSOutgoing, DNSPointer
 
 import zmqfabric as zf
 from zmqfabric.constants import SERVICE_TYPE
+from zmqfabric.discovery import mdns
+
+from .helpers import unique
 
 #: A response's flags (QR, AA); PTR; IN.
 RESPONSE, TYPE_PTR, CLASS_IN = 0x8400, 12, 1
@@ -56,3 +62,45 @@ def test_unresolvable_records_do_not_delay_a_peers_new_endpoint(
         took = time.monotonic() - start
     print(f"\nnew endpoint seen after {took:.3f} s")
     assert took < 0.5, f"the watcher saw the new endpoint after {took:.2f} s"
+
+
+# --- a starved zeroconf thread ------------------------------------------------------------------
+
+
+def _starved_register(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Registration runs in zeroconf's loop after ``seconds`` in which that loop runs nothing
+    (as a node's loop on a host running hundreds of nodes: it got no CPU)."""
+    register = mdns._register
+
+    async def starved(*args: Any) -> Any:
+        time.sleep(seconds)  # noqa: ASYNC251 - the point: the loop gets nothing done meanwhile
+        return await register(*args)
+
+    monkeypatch.setattr(mdns, "_register", starved)
+    monkeypatch.setattr(mdns, "REGISTER_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(mdns, "REGISTER_TIMEOUT_MAX_S", 2.0)
+
+
+def test_a_node_whose_zeroconf_thread_is_starved_still_starts(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        make_node: Callable[..., zf.Node]) -> None:
+    """At a load average of 775 (250 nodes starting on 2 cores), a node gave up registering its
+    record after 5 s and died in start() with a bare TimeoutError. Past REGISTER_TIMEOUT_S it
+    warns and waits on, up to REGISTER_TIMEOUT_MAX_S."""
+    _starved_register(monkeypatch, 0.8)
+    with caplog.at_level(logging.WARNING, logger="zmqfabric.discovery.mdns"):
+        node = make_node("starved")
+    assert node.directory.get(node.name) is not None
+    assert any("registering its mDNS record has taken" in r.getMessage() and node.name in
+               r.getMessage() for r in caplog.records)
+
+
+def test_a_node_whose_zeroconf_thread_is_stuck_fails_to_start_clearly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _starved_register(monkeypatch, 3.0)
+    node = zf.Node(unique("stuck"))
+    start = time.monotonic()
+    with pytest.raises(zf.FabricTimeoutError, match="could not register its mDNS record"):
+        node.start()
+    assert time.monotonic() - start < 2.0 + 2.0
+    node.close()

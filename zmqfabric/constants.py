@@ -85,8 +85,10 @@ DEFAULT_FABRIC = "default"
 #: at 75 % of its TTL and every node hears every refresh, so a short TTL costs O(N) packets per
 #: node (15 s: about 2 N / 11 per second). 75 min is the DNS-SD default (RFC 6762, section 10).
 RECORD_TTL_S = 4500
-#: Registering our record is local work in zeroconf's loop; more than this means it is stuck.
+#: Registering our record is local work in zeroconf's loop: past this (s) the host is very busy
+#: (a warning), and past REGISTER_TIMEOUT_MAX_S the node gives up (FabricTimeoutError).
 REGISTER_TIMEOUT_S = 5.0
+REGISTER_TIMEOUT_MAX_S = 60.0
 #: A node announces its record this many times when it registers or updates it, this far apart
 #: (s): RFC 6762 8.3 asks for at least two; python-zeroconf sends three. Every node of a host
 #: parses every copy, so each one more costs every node there a packet per join.

@@ -35,6 +35,7 @@ from ..constants import (
     JOIN_QUERY_QUIET_S,
     JOIN_QUERY_RECHECK_S,
     MAX_RESOLVING,
+    REGISTER_TIMEOUT_MAX_S,
     REGISTER_TIMEOUT_S,
     RESOLVE_TIMEOUT_S,
     SERVICE_TYPE,
@@ -46,7 +47,7 @@ from ..core.records import (
     parse_instance,
     server_name,
 )
-from ..errors import FabricError, RemoteProtocolError
+from ..errors import FabricError, FabricTimeoutError, RemoteProtocolError
 from ..stats import Counters, RateLimitedLog
 from ..transport.sockets import SocketFactory, peer_capacity
 from .directory import Directory
@@ -156,8 +157,8 @@ class Discovery:
                 loop.call_soon_threadsafe(self._broadcast.cancel)
             # Wait until the record is registered and its first announcement is queued, not for
             # the repeat announcements (zeroconf's blocking call waits ~450 ms for those).
-            self._broadcast = asyncio.run_coroutine_threadsafe(
-                _register(zc, info, self._info is None), loop).result(REGISTER_TIMEOUT_S)
+            self._broadcast = _wait_registered(asyncio.run_coroutine_threadsafe(
+                _register(zc, info, self._info is None), loop), record.name)
             self._info = info
             self._intake.advertised(record)
         # Our own record goes straight into our directory: no need to hear our own multicast.
@@ -344,6 +345,29 @@ class Discovery:
         return self._intake.refused()
 
 
+def _wait_registered(call: concurrent.futures.Future[asyncio.Future[None]],
+                     name: str) -> asyncio.Future[None]:
+    """The result of :func:`_register` run in zeroconf's loop. That is local work, but on a host
+    so busy that the loop gets no CPU for seconds (hundreds of nodes starting on two cores, each
+    loop parsing every announcement) it takes longer: past REGISTER_TIMEOUT_S we say so and
+    wait up to REGISTER_TIMEOUT_MAX_S in all, then give up with a clear error. (A node that gave
+    up at 5 s died in its start() with a bare TimeoutError, at a load average of 775.)"""
+    try:
+        return call.result(REGISTER_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        log.warning("node %s: registering its mDNS record has taken %.0f s so far (zeroconf's "
+                    "thread gets no CPU: is this host overloaded?); waiting up to %.0f s",
+                    name, REGISTER_TIMEOUT_S, REGISTER_TIMEOUT_MAX_S)
+    try:
+        return call.result(REGISTER_TIMEOUT_MAX_S - REGISTER_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        call.cancel()
+        raise FabricTimeoutError(
+            f"node {name} could not register its mDNS record within {REGISTER_TIMEOUT_MAX_S:.0f}"
+            " s: zeroconf's thread is stuck, or this host is too busy to run it",
+            timeout=REGISTER_TIMEOUT_MAX_S) from None
+
+
 async def _register(zc: Zeroconf, info: ServiceInfo, first: bool) -> asyncio.Future[None]:
     """Zeroconf's loop: register (``first``) or update ``info``, and announce it ANNOUNCEMENTS
     times, not zeroconf's three: every node of a host parses each copy. Returns the task."""
@@ -376,4 +400,11 @@ def _say_goodbye(zc: Zeroconf, info: ServiceInfo, announcing: Any) -> None:
         broadcasts.cancel()  # type: ignore[attr-defined]
 
     assert zc.loop is not None
-    asyncio.run_coroutine_threadsafe(goodbye(), zc.loop).result(REGISTER_TIMEOUT_S)
+    call = asyncio.run_coroutine_threadsafe(goodbye(), zc.loop)
+    try:
+        call.result(REGISTER_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        # A close must end: peers see our control port close, and drop us, without it.
+        call.cancel()
+        log.warning("mDNS goodbye for %s not sent within %.0f s (zeroconf's thread gets no "
+                    "CPU): closing without it", info.name, REGISTER_TIMEOUT_S)
