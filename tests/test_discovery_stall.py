@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable
 
 import pytest
-
 from zeroconf import DNSOutgoing, DNSPointer
 
 import zmqfabric as zf

@@ -130,7 +130,10 @@ class Housekeeping:
         try:
             while not self._stopping:
                 wait = liveness.next_deadline() - time.monotonic()
-                timeout = min(LIVENESS_TICK_MS, max(0, math.ceil(wait * 1000)))
+                # Bounded whatever the deadline (a NaN or an infinity from a bug there must
+                # not end this thread: OverflowError once did, and the node's view froze).
+                timeout = (min(LIVENESS_TICK_MS, max(0, math.ceil(wait * 1000)))
+                           if math.isfinite(wait) else 0 if wait < 0 else LIVENESS_TICK_MS)
                 events = inbox.poll(self._poller, timeout)
                 try:
                     inbox.run_pending()

@@ -89,7 +89,11 @@ class Liveness:
         self._watched: dict[str, Member] = {}  # url -> the members we take turns probing
         now = clock()
         self._next_round = now
-        self._last_gossip = -math.inf  # when we last pushed news (see Local.gossip_due)
+        # When we last pushed news (see Local.gossip_due): as if long ago, so the first news
+        # goes at once, but finite: news can come before our first push (a refutation the
+        # control thread queued), and -inf made next_deadline -inf, which ended the
+        # housekeeping thread (an OverflowError at 250 nodes; that node's view froze).
+        self._last_gossip = now - max(self._timing.gossip_interval_s, self._timing.gossip_batch_s)
         self._next_former = now + self._timing.former_probe_s
         self._next_requery = now + self._timing.requery_s * self._rng.random()
         self._next_sync = now + SYNC_FIRST_S * (1 + self._rng.random())
