@@ -30,12 +30,18 @@ def _housekeeping(node: zf.Node) -> Any:
 def test_a_deadline_that_is_not_finite_does_not_end_the_thread(
         make_node: Callable[..., zf.Node], deadline: float) -> None:
     housekeeping = _housekeeping(make_node("hk"))
-    liveness, ran = housekeeping._liveness, []
-    housekeeping._inbox.post(setattr, liveness, "next_deadline", lambda: deadline)
-    time.sleep(0.5)  # the loop computes its wait from that deadline, again and again
+    liveness, asked, ran = housekeeping._liveness, [], []
+
+    def next_deadline() -> float:
+        asked.append(deadline)
+        return deadline
+
+    housekeeping._inbox.post(setattr, liveness, "next_deadline", next_deadline)
+    wait_until(lambda: asked, 3, "the loop to compute its wait from that deadline")
+    housekeeping._inbox.post(ran.append, True)  # wakes the loop: it waits, runs this, comes back
+    wait_until(lambda: ran and len(asked) >= 2, 3,
+               "the housekeeping thread to run what was posted after, and wait again")
     housekeeping._inbox.post(delattr, liveness, "next_deadline")
-    housekeeping._inbox.post(ran.append, True)
-    wait_until(lambda: ran, 3, "the housekeeping thread to run what was posted after")
     assert housekeeping._thread.is_alive()
 
 
