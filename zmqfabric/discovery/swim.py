@@ -205,10 +205,6 @@ class Local:
         with self._lock:
             self._broadcasts.retarget()
 
-    def news(self) -> bool:
-        """Some queued update was not pushed to every gossip target yet."""
-        return self._broadcasts.unspread
-
     def gossip_due(self, last: float) -> float:
         """When the news not pushed yet is due, for a node that last pushed at ``last``
         (monotonic): GOSSIP_INTERVAL_S after it for suspicions and refutations, GOSSIP_BATCH_S
