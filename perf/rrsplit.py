@@ -12,9 +12,11 @@ are, not which side the difference is on. Here the raw sides speak the fabric's 
   service (``@node.reply`` returning its argument) does;
 - the fabric sides are wirebench's ``rr`` halves (``requester.request``, ``serve_in_background``).
 
-For each pair: p50 and p99 (µs) and the client's CPU per request, per thread (its main thread,
-ZeroMQ's I/O thread, the rest: from /proc, so 10 ms ticks; runs of 2 s or more), from the first
-measured request. Pairs alternate within each run; figures are medians over ``--runs``.
+For each pair: p50 and p99 (µs) and each side's CPU per request in its working thread (the
+client's main thread, the service's driver thread) and in ZeroMQ's I/O thread (from /proc, so
+10 ms ticks: runs of 2 s or more): the client's over its timed requests, the server's from its
+first request to its last (the 500 unmeasured ones included, in the count too). Pairs alternate
+within each run; figures are medians over ``--runs``.
 
     python3 perf/rrsplit.py --runs 5                      # the four pairs, cross-core
     python3 perf/rrsplit.py --runs 5 --raw-client router  # the raw client with the envelope
