@@ -60,7 +60,7 @@ def handle(body):
     if MODE == "fail":
         raise ValueError(f"always fails: {body.get('i')}")
     if MODE == "block" and body.get("block") and info.attempt == 1:
-        time.sleep(60)
+        threading.Event().wait(60)  # hung: nothing sets it; the test ends the process first
     if body.get("sleep"):
         time.sleep(body["sleep"])
     return {"pid": os.getpid(), "i": body.get("i"), "attempt": info.attempt}

@@ -123,7 +123,7 @@ def slot():
         route, (task_id, attempt, body, key) = jobs.get()
         os.write(log, f"{task_id} {attempt} {body.get('i')}\\n".encode())
         if body.get("hang"):
-            time.sleep(3600)
+            threading.Event().wait(3600)  # hung: nothing sets it; the test ends the process
         time.sleep(body.get("sleep", 0))
         finished.put((route, [task_id, attempt, True, {"pid": os.getpid(), "i": body.get("i")}]))
 
