@@ -13,8 +13,8 @@ are, not which side the difference is on. Here the raw sides speak the fabric's 
 - the fabric sides are wirebench's ``rr`` halves (``requester.request``, ``serve_in_background``).
 
 For each pair: p50 and p99 (µs) and each side's CPU per request in its working thread (the
-client's main thread, the service's driver thread) and in ZeroMQ's I/O thread (from /proc, so
-10 ms ticks: runs of 2 s or more): the client's over its timed requests, the server's from its
+client's main thread, the service's driver thread) and in ZeroMQ's I/O thread (from /proc's
+schedstat, in nanoseconds): the client's over its timed requests, the server's from its
 first request to its last (the 500 unmeasured ones included, in the count too). Pairs alternate
 within each run; figures are medians over ``--runs``.
 
@@ -36,6 +36,10 @@ import click
 
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the checkout, for tests.fleet
+
+from tests.fleet import thread_run_ns  # noqa: E402 - per-thread run time, from schedstat
+
 #: A child that does not finish in this long is killed and the run fails.
 CHILD_TIMEOUT_S = 120
 WARMUP = 500
@@ -44,19 +48,7 @@ PAIRS = (("raw", "raw"), ("fabric", "raw"), ("raw", "fabric"), ("fabric", "fabri
 
 def _threads() -> dict[str, float]:
     """CPU seconds used so far by each thread of this process, keyed ``tid:name``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    base = f"/proc/{os.getpid()}/task"
-    for tid in os.listdir(base):
-        try:
-            with open(f"{base}/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:  # ended meanwhile
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+    return {f"{tid}:{comm}": ns / 1e9 for tid, (comm, ns) in thread_run_ns(os.getpid()).items()}
 
 
 def _split(before: dict[str, float], after: dict[str, float], n: int,

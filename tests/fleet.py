@@ -241,38 +241,36 @@ class Fleet:
         self._sel.close()
 
 
-def cpu_ns(pid: int) -> int:
-    """Run time of every thread of ``pid`` so far (ns), from /proc/PID/task/*/schedstat."""
-    total = 0
+def thread_run_ns(pid: int) -> dict[str, tuple[str, int]]:
+    """Run time (ns) of each thread of ``pid`` so far, from /proc/PID/task/*/schedstat:
+    ``{tid: (kernel thread name, ns)}``; threads that end meanwhile are left out."""
+    out: dict[str, tuple[str, int]] = {}
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
-        return 0
-    for tid in tasks:
+        return out
+    for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
-                total += int(f.read().split()[0])
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="ascii") as f:
+                comm = f.read().strip()
         except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
-    return total
+            continue
+        out[tid] = (comm, ns)
+    return out
+
+
+def cpu_ns(pid: int) -> int:
+    """Run time of every thread of ``pid`` so far (ns)."""
+    return sum(ns for _, ns in thread_run_ns(pid).values())
 
 
 def thread_cpu_ns(member: Member) -> dict[str, int]:
     """Run time (ns) of each thread of ``member`` so far, by kind: its Python thread name
     without the node's name (``zmqfabric-verify``), or the kernel's (``ZMQbg/IO/0``)."""
     out: dict[str, int] = {}
-    try:
-        tids = os.listdir(f"/proc/{member.pid}/task")
-    except FileNotFoundError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{member.pid}/task/{tid}/schedstat", encoding="ascii") as f:
-                ns = int(f.read().split()[0])
-            with open(f"/proc/{member.pid}/task/{tid}/comm", encoding="ascii") as f:
-                comm = f.read().strip()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+    for tid, (comm, ns) in thread_run_ns(member.pid).items():
         name = member.threads.get(tid, comm)
         if name.endswith("-" + member.name):
             name = name[: -len(member.name) - 1]
