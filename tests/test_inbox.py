@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -207,3 +208,75 @@ def test_no_post_is_missed_by_a_sleeping_owner_under_racing_posters(inbox) -> No
         thread.join(10)
     assert seen[0] == total
     assert slowest < 1.5, f"a poll slept {slowest:.2f} s with posts queued: a wake-up was missed"
+
+
+def test_a_nudge_keeps_the_next_poll_from_sleeping_and_writes_once_per_sleep(inbox) -> None:
+    poller = _poller(inbox)
+    # Owner awake: a nudge writes nothing, and the next poll returns at once.
+    inbox.nudge()
+    assert _pipe_bytes(inbox) == 0
+    started = time.monotonic()
+    inbox.poll(poller, 10_000)
+    assert time.monotonic() - started < 1.0
+    # The nudge was taken by that poll: the next one sleeps its timeout out.
+    started = time.monotonic()
+    inbox.poll(poller, 100)
+    assert time.monotonic() - started >= 0.09
+    # Owner asleep: a burst of nudges costs one write.
+    inbox.sleeping = True  # as poll() raises it
+    for _ in range(100):
+        inbox.nudge()
+    assert _pipe_bytes(inbox) == 1
+    inbox.sleeping = False
+    assert inbox.poll(poller, 10_000) == {}  # (the owner wakes and takes those nudges)
+    # A nudge from another thread wakes a sleeper.
+    threading.Timer(0.05, inbox.nudge).start()
+    started = time.monotonic()
+    assert inbox.fd in inbox.poll(poller, 10_000)
+    assert time.monotonic() - started < 5.0
+
+
+def test_no_nudge_is_missed_by_an_owner_that_reads_shared_state(inbox) -> None:
+    """Two threads each add an item to a list, nudge, and wait for the owner to take it, 2,000
+    times; the owner takes what is there and sleeps (2 s timeout). A nudge lost between the
+    owner's look at the list and its sleep leaves its poster waiting: a poll that ran out."""
+    poller = _poller(inbox)
+    rounds, posters = 2_000, 2
+    shared: list[threading.Event] = []
+    lock = threading.Lock()
+
+    def add_share() -> None:
+        taken = threading.Event()
+        for _ in range(rounds):
+            taken.clear()
+            with lock:
+                shared.append(taken)
+            inbox.nudge()
+            if not taken.wait(10):
+                return
+
+    threads = [threading.Thread(target=add_share) for _ in range(posters)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads between almost any two calls: races show
+    try:
+        for thread in threads:
+            thread.start()
+        seen, slowest = 0, 0.0
+        deadline = time.monotonic() + 60
+        while seen < rounds * posters and slowest < 1.5 and time.monotonic() < deadline:
+            with lock:
+                seen += len(shared)
+                for taken in shared:
+                    taken.set()
+                shared.clear()
+            if seen == rounds * posters:
+                break
+            started = time.monotonic()
+            inbox.poll(poller, 2_000)
+            slowest = max(slowest, time.monotonic() - started)
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert slowest < 1.5, f"a poll slept {slowest:.2f} s with an item waiting: a nudge was missed"
+    assert seen == rounds * posters

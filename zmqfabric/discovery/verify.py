@@ -117,6 +117,9 @@ class Verifier:
         self._tries: dict[HintKey, int] = {}
         self._unreached: set[HintKey] = set()  # retries after a failed connect (under the lock)
         self._last_hint = -math.inf  # when a new hint was last queued
+        #: When the thread wakes by itself (its poll's timeout; under the lock): submit() wakes it
+        #: only for a hint due before. inf until it first computes one, and while it has none.
+        self._wake_at = math.inf
         self._by_sock: dict[Any, Probe] = {}
         self._settled = threading.Condition(self._lock)
         self._ids = int(clock() * 1e6) & 0xFFFFFFFF
@@ -177,7 +180,13 @@ class Verifier:
                               "dropping the oldest (a flood of records or hellos?)")
             self._queued[key] = hint
             self._last_hint = now
-        self._inbox.wake()
+            # Wake the thread if it can call now, or would wake later than this hint's token
+            # (it sleeps a tick at least): not once per hint, which in a flood from one address
+            # out of tokens woke it (and its look at every queued hint) for nothing.
+            wait = self._buckets.wait(hint.address, now)
+            due = wait == 0.0 or now + max(wait, VERIFY_TICK_MS / 1000) < self._wake_at
+        if due:
+            self._inbox.nudge()
 
     def vouch(self, record: NodeRecord) -> bool:
         """Take ``record`` as verified without a call (its node sent it itself, over a
@@ -258,11 +267,12 @@ class Verifier:
         with self._lock:
             due.extend(when for when, _ in self._retries.values())
             if self._queued and len(self._pending) < MAX_PENDING_VERIFICATIONS:
-                due.append(now + min(self._buckets.wait(h.address, now)
-                                     for h in self._queued.values()))
-        if not due:
-            return None
-        return max(VERIFY_TICK_MS, math.ceil((min(due) - now) * 1000))
+                # Per address, not per hint: a flood queues hundreds from one address.
+                due.append(now + min(self._buckets.wait(address, now)
+                                     for address in {h.address for h in self._queued.values()}))
+            timeout = max(VERIFY_TICK_MS, math.ceil((min(due) - now) * 1000)) if due else None
+            self._wake_at = math.inf if timeout is None else now + timeout / 1000
+        return timeout
 
     def _launch(self) -> None:
         """Start probes for queued hints while slots are free and their address has tokens."""
@@ -278,10 +288,10 @@ class Verifier:
                         self._queued[key] = retry
                     else:
                         self._tries.pop(key, None)  # no room: dropped like a new hint
+        spent: set[str] = set()  # addresses out of tokens: skip their hints without asking again
         while len(self._pending) < MAX_PENDING_VERIFICATIONS:
             with self._lock:
-                hint = next((h for h in self._queued.values() if self._buckets.has(h.address, now)),
-                            None)
+                hint = self._next_hint(spent, now)
                 if hint is None:
                     return
                 key = hint_key(hint)
@@ -290,6 +300,18 @@ class Verifier:
                     continue  # already being checked: one probe per claim at a time
                 self._buckets.take(hint.address, now)
             self._probe(hint, key, now)
+
+    def _next_hint(self, spent: set[str], now: float) -> NodeRecord | None:
+        """The oldest queued hint whose address has a token (under the lock); adds the addresses
+        found without one to ``spent``."""
+        for hint in self._queued.values():
+            address = hint.address
+            if address in spent:
+                continue
+            if self._buckets.has(address, now):
+                return hint
+            spent.add(address)
+        return None
 
     def _probe(self, hint: NodeRecord, key: HintKey, now: float) -> None:
         if hint.control is None:

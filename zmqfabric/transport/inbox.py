@@ -21,12 +21,15 @@ An owner that cannot use :meth:`poll` everywhere (it polls the fd from several p
 work queued while it sleeps) makes its inbox with ``always_wake=True``: then every post writes.
 An owner that expects a stream of posts a little apart (durable task submissions, a commit apart)
 naps instead of sleeping (``poll(..., wake=False)``): posts do not wake it, it takes them by the
-batch when the nap ends.
+batch when the nap ends. An owner that polls its own state rather than posted calls (a queue it
+shares under a lock) is told of a change with :meth:`nudge`: written like a post (once per sleep),
+and the owner's next poll does not sleep.
 
-Thread-safety: :meth:`post` and :meth:`wake` are thread-safe and signal-safe (a Python signal
-handler may call them); :meth:`poll`, :meth:`run_pending` and :meth:`defer` are for the owner
-only; :meth:`open` and :meth:`close` belong to whoever starts and stops the owner (``close``
-after the owner stopped polling); :meth:`run_leftovers`, once the owner is gone, to any thread.
+Thread-safety: :meth:`post`, :meth:`nudge` and :meth:`wake` are thread-safe and signal-safe
+(a Python signal handler may call them); :meth:`poll`, :meth:`run_pending` and :meth:`defer` are
+for the owner only; :meth:`open` and :meth:`close` belong to whoever starts and stops the owner
+(``close`` after the owner stopped polling); :meth:`run_leftovers`, once the owner is gone, to
+any thread.
 Under asyncio the same job is ``loop.call_soon_threadsafe``.
 """
 
@@ -95,7 +98,7 @@ class Inbox:
     waiting?", one C-level test that a hot path can afford) and never changes it.
     """
 
-    __slots__ = ("pending", "sleeping", "_pipe", "_always_wake", "_woken")
+    __slots__ = ("pending", "sleeping", "_pipe", "_always_wake", "_woken", "_nudged")
 
     def __init__(self, *, always_wake: bool = False) -> None:
         self.pending: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = (
@@ -107,6 +110,8 @@ class Inbox:
         #: A post has written the pipe during this sleep: later posts need not (one system call
         #: per sleep, not one per post, while the owner waits for the GIL after waking).
         self._woken = False
+        #: A nudge since the owner last returned from :meth:`poll`: it must not sleep.
+        self._nudged = False
         self._pipe = WakePipe()
 
     # --- lifetime (whoever starts and stops the owner) ---------------------------------------
@@ -153,6 +158,17 @@ class Inbox:
             self._pipe.wake()
         return True
 
+    def nudge(self) -> None:
+        """Tell the owner that its own state changed (it re-reads it after its next poll, which
+        does not sleep): a write only if it sleeps, once per sleep, as :meth:`post`. For a stream
+        of changes from another thread (a flood of hints): one system call and one wake-up per
+        sleep, not one per change. Thread-safe and signal-safe; never blocks."""
+        self._nudged = True
+        # Read after raising _nudged: poll() looks at it again after raising sleeping.
+        if self.sleeping and not self._woken:
+            self._woken = not self._always_wake
+            self._pipe.wake()
+
     def wake(self) -> None:
         """Wake the owner without posting (it re-reads its own state). Thread-safe, signal-safe."""
         self._pipe.wake()
@@ -169,21 +185,23 @@ class Inbox:
         posts do not cut short (they write nothing and wait for its end; :meth:`wake` still
         does). Raises what ``poller.poll`` raises. Owner only."""
         if self._always_wake:
-            events = dict(poller.poll(timeout_ms))
+            events = dict(poller.poll(0 if self._nudged else timeout_ms))
         elif not wake:
-            events = dict(poller.poll(0 if self.pending else timeout_ms))
+            events = dict(poller.poll(0 if self.pending or self._nudged else timeout_ms))
         else:
             timeout = 0
-            if not self.pending and timeout_ms != 0:
+            if not self.pending and not self._nudged and timeout_ms != 0:
                 self._woken = False  # before sleeping is raised: a late poster only wakes us
                 self.sleeping = True
-                # A post that read sleeping=False appended before we raised it: look again.
-                if not self.pending:
+                # A post or nudge that read sleeping=False came before we raised it: look again.
+                if not self.pending and not self._nudged:
                     timeout = timeout_ms if timeout_ms is not None else -1
             try:
                 events = dict(poller.poll(timeout))
             finally:
                 self.sleeping = False
+        # Lowered before the owner re-reads its state: a nudge from now on is for the next poll.
+        self._nudged = False
         if self._pipe.fd in events:
             self._pipe.drain()
         return events
