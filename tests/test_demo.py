@@ -131,7 +131,7 @@ def test_demo_nodes_serve_metrics_on_consecutive_ports(procs: ProcessGroup) -> N
     """``zmqfabric --metrics-port P demo``: node i serves /metrics on P+i while traffic runs; the
     providers count the requests they handled, the publisher its events."""
     first = free_port_run(10)
-    demo = procs.cli("--metrics-port", str(first), "demo", "--duration", "6", "--workers", "2")
+    demo = procs.cli("--metrics-port", str(first), "demo", "--duration", "3", "--workers", "2")
     demo.expect("all processes found each other", timeout=25)
     served: dict[str, float] = {}
     deadline = time.monotonic() + 15

@@ -47,7 +47,7 @@ FIGURES = os.environ.get("ZF_ATTACK_FIGURES")
 #: The legitimate client's share of calls answered by the right service, during an attack.
 MIN_SUCCESS = 0.99
 #: How long each attack runs while the client calls (s).
-ATTACK_S = 3.0
+ATTACK_S = 2.0
 MIB = 1024 * 1024
 
 
