@@ -145,13 +145,17 @@ class Discovery:
         loop.call_soon_threadsafe(schedule)
 
     def advertise(self, record: NodeRecord) -> None:
-        """Register or update our record. Skips mDNS probing: our own ids detect conflicts."""
-        zc = self._zc
-        assert zc is not None, "start() first"
+        """Register or update our record. Skips mDNS probing: our own ids detect conflicts.
+        Once closing, does nothing: the node has said goodbye (an endpoint made as it closes,
+        such as a task's dead-letter stream, is never advertised)."""
         info = service_info(record, self._config.record_ttl_s)
-        loop = zc.loop
-        assert loop is not None
         with self._lock:
+            if self._closing:
+                return
+            zc = self._zc
+            assert zc is not None, "start() first"
+            loop = zc.loop
+            assert loop is not None
             if self._broadcast is not None:
                 # Repeat announcements of the previous version would re-announce stale endpoints.
                 loop.call_soon_threadsafe(self._broadcast.cancel)

@@ -231,7 +231,7 @@ class Dispatcher:
         if self.closed:
             self._fail_incoming()
             return
-        incoming, tables = self._incoming, self._tables
+        incoming = self._incoming
         run: list[TaskHandle] = []  # submitted one by one, of one name
         name = ""
         taken = 0
@@ -239,20 +239,20 @@ class Dispatcher:
             item = incoming.popleft()
             if isinstance(item, list):  # a submit_many: one name
                 if run:
-                    (tables.get(name) or self._table(name)).submit_many(run)
+                    self._queue(name, run)
                     run = []
-                (tables.get(item[0].name) or self._table(item[0].name)).submit_many(item)
+                self._queue(item[0].name, item)
                 taken += len(item)
                 continue
             if item.name != name:
                 if run:
-                    (tables.get(name) or self._table(name)).submit_many(run)
+                    self._queue(name, run)
                     run = []
                 name = item.name
             run.append(item)
             taken += 1
         if run:
-            (tables.get(name) or self._table(name)).submit_many(run)
+            self._queue(name, run)
         self._took += taken
         if incoming and not self._take_posted:
             self._take_posted = True
@@ -269,14 +269,32 @@ class Dispatcher:
                 return
             self._settler.fail_submitted(item if isinstance(item, list) else [item])
 
+    def _queue(self, name: str, handles: list[TaskHandle]) -> None:
+        """Queue submitted ``handles`` of task ``name`` in its table. If the table cannot be
+        made, they fail with the reason, counted and logged: a task whose ``submit`` returned
+        is never dropped, and the tasks behind them are still taken."""
+        table = self._tables.get(name)
+        if table is None:
+            try:
+                table = self._table(name)
+            except Exception as exc:  # a bug, or the node closing under us: fail, never lose
+                self._node.counters.add("task_dispatcher_errors")
+                log.exception("%s: cannot queue tasks of %r", self._node.name, name)
+                self._settler.fail_submitted(handles, FabricError(
+                    f"node {self._node.name!r} cannot queue task {name!r}: "
+                    f"{type(exc).__name__}: {exc}"))
+                return
+        table.submit_many(handles)
+
     def _table(self, name: str) -> TaskTable:
         table = self._tables.get(name)
         if table is not None:
             return table
-        table = self._tables[name] = TaskTable(name, self._retry)
+        table = TaskTable(name, self._retry)
         self._dead.open(name)
         self._unwatch.append(self._node.directory.watch(
             EndpointKind.TASK, name, lambda op, url: self._post(op, name, url)))
+        self._tables[name] = table  # last: a table is listed once it has its watch
         return table
 
     # --- workers -------------------------------------------------------------------------------

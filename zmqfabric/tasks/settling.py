@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ..constants import JOURNAL_COMMIT_S
 from ..core.tasktable import Outcome, Task, TaskTable
-from ..errors import ClosedError, TaskFailedError
+from ..errors import ClosedError, FabricError, TaskFailedError
 from .deadletters import DeadLetters
 from .handle import HandleOwner, HandleState, TaskHandle, settle, settle_done
 from .recorder import Recorder
@@ -98,11 +98,12 @@ class Settler:
         if self._recorder is not None:
             self._recorder.close()
 
-    def fail_submitted(self, tasks: Sequence[Task]) -> None:
-        """Fail submitted tasks that the dispatcher will never take (any thread)."""
-        closed = ClosedError(f"node {self._node_name!r} is closed")
+    def fail_submitted(self, tasks: Sequence[Task], error: FabricError | None = None) -> None:
+        """Fail submitted tasks that the dispatcher will never take (any thread), with
+        ``error`` (by default ClosedError: the node is closed)."""
+        error = error or ClosedError(f"node {self._node_name!r} is closed")
         changes: list[tuple[TaskHandle, HandleState, Any]] = [
-            (task, HandleState.FAILED, closed) for task in tasks if type(task) is TaskHandle]
+            (task, HandleState.FAILED, error) for task in tasks if type(task) is TaskHandle]
         if changes:
             settle(self._tasks, changes)
             self._tasks.settled(len(changes))
