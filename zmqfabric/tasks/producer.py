@@ -279,7 +279,8 @@ class Dispatcher:
                 table = self._table(name)
             except Exception as exc:  # a bug, or the node closing under us: fail, never lose
                 self._node.counters.add("task_dispatcher_errors")
-                log.exception("%s: cannot queue tasks of %r", self._node.name, name)
+                _rlog.exception("task-queue", "%s: cannot queue tasks of %r", self._node.name,
+                                name)
                 self._settler.fail_submitted(handles, FabricError(
                     f"node {self._node.name!r} cannot queue task {name!r}: "
                     f"{type(exc).__name__}: {exc}"))
