@@ -351,6 +351,38 @@ def test_tasks_whose_table_cannot_be_made_fail_with_the_reason(name, monkeypatch
         producer.close()
 
 
+def test_journaled_tasks_whose_table_cannot_be_made_stay_journaled_and_the_rest_run(
+        name, monkeypatch, tmp_path) -> None:
+    """Resuming a journal, a table that could not be made ended the dispatcher thread: no task
+    of the node went out until it closed."""
+    from zmqfabric.tasks.producer import Dispatcher
+
+    config = zf.TaskConfig(journal=str(tmp_path / "j.log"))
+    broken, fine = name("broken"), name("fine")
+    with zf.Node(unique("producer"), tasks=config) as first:  # no workers: all stay journaled
+        for task in (broken, broken, fine):
+            first.submit(task, 1)
+    make_table = Dispatcher._table  # noqa: SLF001
+
+    def failing_table(self: Dispatcher, task_name: str) -> Any:
+        if task_name == broken:
+            raise RuntimeError("no room for a table")
+        return make_table(self, task_name)
+
+    monkeypatch.setattr(Dispatcher, "_table", failing_table)
+    with zf.Node(unique("producer"), tasks=config) as second:
+        wait_until(lambda: fine in second.task_stats()["submit"], SLOW,
+                   "the dispatcher resumed the task it could")
+        handle = second.submit(fine, 2)  # the thread still takes new tasks
+        wait_until(lambda: second.task_stats()["submit"][fine]["queued"] == 2, SLOW,
+                   "the dispatcher took a new task")
+        assert second.counters.get("task_dispatcher_errors") >= 1
+    with pytest.raises(zf.ClosedError):
+        handle.result(SLOW)
+    with Journal(config.journal) as journal:  # every task is still there for the next producer
+        assert sorted(entry.name for entry in journal.open()) == [broken, broken, fine, fine]
+
+
 def test_submissions_racing_with_close_all_settle(name) -> None:
     """Submitters hammer a producer while it closes: each submit raises ClosedError or returns a
     handle that settles (here ClosedError: nobody works on the task); none is left waiting."""

@@ -271,21 +271,27 @@ class Dispatcher:
 
     def _queue(self, name: str, handles: list[TaskHandle]) -> None:
         """Queue submitted ``handles`` of task ``name`` in its table. If the table cannot be
-        made, they fail with the reason, counted and logged: a task whose ``submit`` returned
-        is never dropped, and the tasks behind them are still taken."""
-        table = self._tables.get(name)
-        if table is None:
-            try:
-                table = self._table(name)
-            except Exception as exc:  # a bug, or the node closing under us: fail, never lose
-                self._node.counters.add("task_dispatcher_errors")
-                _rlog.exception("task-queue", "%s: cannot queue tasks of %r", self._node.name,
-                                name)
-                self._settler.fail_submitted(handles, FabricError(
-                    f"node {self._node.name!r} cannot queue task {name!r}: "
-                    f"{type(exc).__name__}: {exc}"))
-                return
+        made, they fail with the reason: a task whose ``submit`` returned is never dropped, and
+        the tasks behind them are still taken."""
+        table = self._table_or_error(name)
+        if isinstance(table, str):
+            self._settler.fail_submitted(handles, FabricError(
+                f"node {self._node.name!r} cannot queue task {name!r}: {table}"))
+            return
         table.submit_many(handles)
+
+    def _table_or_error(self, name: str) -> TaskTable | str:
+        """The table of task ``name``, made if need be, or why it cannot be made (a bug, or the
+        node closing under us: counted, logged rate-limited)."""
+        table = self._tables.get(name)
+        if table is not None:
+            return table
+        try:
+            return self._table(name)
+        except Exception as exc:
+            self._node.counters.add("task_dispatcher_errors")
+            _rlog.exception("task-queue", "%s: cannot queue tasks of %r", self._node.name, name)
+            return f"{type(exc).__name__}: {exc}"
 
     def _table(self, name: str) -> TaskTable:
         table = self._tables.get(name)
@@ -385,9 +391,12 @@ class Dispatcher:
 
     def _resume(self) -> None:
         """Queue the tasks the journal held; one that no longer fits this node's
-        ``max_message_size`` (lowered since it was submitted) is dead-lettered now, not sent."""
+        ``max_message_size`` (lowered since it was submitted) is dead-lettered now, not sent.
+        Tasks whose table cannot be made stay in the journal; the thread goes on."""
         for name, task in self._resumed:
-            table = self._table(name)
+            table = self._table_or_error(name)
+            if isinstance(table, str):
+                continue  # it stays in the journal, for the next producer
             if len(task.payload) + TASK_FRAME_OVERHEAD <= self._size_limit:
                 table.submit(task)
                 continue
