@@ -304,7 +304,6 @@ def test_full_queue_blocks_submit_and_close_fails_what_is_unsettled(make_node, n
         producer.submit(task, 1)
 
 
-
 def test_a_first_task_submitted_as_the_node_says_goodbye_settles(name) -> None:
     """close() says goodbye (discovery closed) before it stops the dispatcher; a task name's
     first submit in between made its dead-letter stream, whose advertisement asserted "start()
@@ -324,23 +323,28 @@ def test_a_first_task_submitted_as_the_node_says_goodbye_settles(name) -> None:
         handle.result(SLOW)
 
 
-def test_tasks_whose_table_cannot_be_made_fail_with_the_reason(name, monkeypatch) -> None:
-    """A failure while the dispatcher takes a batch lost the batch (the handles never settled)
-    and stranded the tasks queued behind it until the next submit."""
+def _fail_tables_of(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """Make every dispatcher fail to make the table of task ``broken`` (white-box)."""
     from zmqfabric.tasks.producer import Dispatcher
 
     make_table = Dispatcher._table  # noqa: SLF001
 
     def failing_table(self: Dispatcher, task_name: str) -> Any:
-        if task_name.startswith("broken"):
+        if task_name == broken:
             raise RuntimeError("no room for a table")
         return make_table(self, task_name)
 
     monkeypatch.setattr(Dispatcher, "_table", failing_table)
+
+
+def test_tasks_whose_table_cannot_be_made_fail_with_the_reason(name, monkeypatch) -> None:
+    """A failure while the dispatcher takes a batch lost the batch (the handles never settled)
+    and stranded the tasks queued behind it until the next submit."""
+    broken, fine = name("broken"), name("fine")
+    _fail_tables_of(monkeypatch, broken)
     producer = zf.Node(unique("producer"))
     producer.start()
     try:
-        broken, fine = name("broken"), name("fine")
         handles = [producer.submit(broken, 1), producer.submit(fine, 2)]
         with pytest.raises(zf.FabricError, match="no room for a table"):
             handles[0].result(SLOW)
@@ -355,21 +359,12 @@ def test_journaled_tasks_whose_table_cannot_be_made_stay_journaled_and_the_rest_
         name, monkeypatch, tmp_path) -> None:
     """Resuming a journal, a table that could not be made ended the dispatcher thread: no task
     of the node went out until it closed."""
-    from zmqfabric.tasks.producer import Dispatcher
-
     config = zf.TaskConfig(journal=str(tmp_path / "j.log"))
     broken, fine = name("broken"), name("fine")
     with zf.Node(unique("producer"), tasks=config) as first:  # no workers: all stay journaled
         for task in (broken, broken, fine):
             first.submit(task, 1)
-    make_table = Dispatcher._table  # noqa: SLF001
-
-    def failing_table(self: Dispatcher, task_name: str) -> Any:
-        if task_name == broken:
-            raise RuntimeError("no room for a table")
-        return make_table(self, task_name)
-
-    monkeypatch.setattr(Dispatcher, "_table", failing_table)
+    _fail_tables_of(monkeypatch, broken)
     with zf.Node(unique("producer"), tasks=config) as second:
         wait_until(lambda: fine in second.task_stats()["submit"], SLOW,
                    "the dispatcher resumed the task it could")

@@ -184,8 +184,8 @@ class Verifier:
             # (it sleeps a tick at least): not once per hint, which in a flood from one address
             # out of tokens woke it (and its look at every queued hint) for nothing.
             wait = self._buckets.wait(hint.address, now)
-            due = wait == 0.0 or now + max(wait, VERIFY_TICK_MS / 1000) < self._wake_at
-        if due:
+            wake = wait == 0.0 or now + max(wait, VERIFY_TICK_MS / 1000) < self._wake_at
+        if wake:
             self._inbox.nudge()
 
     def vouch(self, record: NodeRecord) -> bool:

@@ -294,9 +294,7 @@ class Dispatcher:
             return f"{type(exc).__name__}: {exc}"
 
     def _table(self, name: str) -> TaskTable:
-        table = self._tables.get(name)
-        if table is not None:
-            return table
+        """Make the table of task ``name`` (it has none yet)."""
         table = TaskTable(name, self._retry)
         self._dead.open(name)
         self._unwatch.append(self._node.directory.watch(
